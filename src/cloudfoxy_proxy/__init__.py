@@ -1,0 +1,3 @@
+"""cloudfoxy-proxy: a smart-card access proxy speaking the CloudFoxy line protocol."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,111 @@
+"""``emulated:`` — built-in virtual cards, the default backend.
+
+``emulated:?cards=4&type=iso7816&latency_ms=0&prefix=Emulated``
+"""
+
+import attr
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from .. import errors
+from ..backend import IBackend, ReaderInfo
+from ..cards.iso7816 import Iso7816Card
+from . import float_param, int_param, query
+
+CARD_TYPES = {"iso7816": Iso7816Card}
+
+
+def from_url(url, config):
+    params = query(url, {"cards", "type", "latency_ms", "prefix", "pin"})
+    cards = int_param(params, "cards", 4, 1, 10000)
+    latency = float_param(params, "latency_ms", 0.0, 0.0, 600000.0) / 1000.0
+    prefix = params.get("prefix", "Emulated").strip()
+    if not prefix:
+        raise ValueError("prefix= must not be empty")
+    kind = params.get("type", "iso7816")
+    if kind not in CARD_TYPES:
+        raise ValueError(f"type={kind!r} is not one of {', '.join(CARD_TYPES)}")
+    factory = CARD_TYPES[kind]
+
+    def make(reactor):
+        return EmulatedBackend(
+            clock=reactor, cards=[factory(serial=i) for i in range(cards)],
+            latency=latency, prefix=prefix, kind=kind)
+
+    return make
+
+
+@implementer(IBackend)
+@attr.s(eq=False)
+class EmulatedBackend:
+    """Cards in readers named ``PREFIX 00``, ``PREFIX 01``…; ``remove`` and
+    ``insert`` pull and put back a card, for tests and demos."""
+
+    clock = attr.ib()
+    cards = attr.ib()
+    latency = attr.ib(default=0.0)
+    prefix = attr.ib(default="Emulated")
+    kind = attr.ib(default="iso7816")
+    _slots = attr.ib(init=False)
+    _registry = attr.ib(init=False, default=None)
+
+    def __attrs_post_init__(self):
+        self._slots = list(self.cards)
+
+    @property
+    def description(self):
+        return f"emulated: {len(self.cards)} {self.kind} cards"
+
+    def name(self, index):
+        return f"{self.prefix} {index:02d}"
+
+    def start(self, registry):
+        self._registry = registry
+        self._report()
+
+    def stop(self):
+        self._registry = None
+
+    def _report(self):
+        if self._registry is not None:
+            self._registry.update(self, [
+                ReaderInfo(i, self.name(i), present=card is not None,
+                           atr=card.atr if card is not None else None)
+                for i, card in enumerate(self._slots)])
+
+    def remove(self, index):
+        self._slots[index] = None
+        self._report()
+
+    def insert(self, index):
+        self._slots[index] = self.cards[index]
+        self.cards[index].reset()
+        self._report()
+
+    def _card(self, key):
+        try:
+            card = self._slots[key]
+        except (IndexError, TypeError):
+            raise errors.CardError(errors.NOT_FOUND, f"no emulated reader {key!r}") from None
+        if card is None:
+            raise errors.CardError(errors.NO_CARD)
+        return card
+
+    def reset(self, key):
+        return self._later(key, self._card(key).reset())
+
+    def transmit(self, key, apdu):
+        return self._later(key, self._card(key).transmit(apdu))
+
+    def _later(self, key, result):
+        if not self.latency:
+            return result
+        d = Deferred(lambda _: call.cancel())
+        call = self.clock.callLater(self.latency, self._deliver, d, key, result)
+        return d
+
+    def _deliver(self, d, key, result):
+        if self._slots[key] is None:
+            d.errback(errors.CardError(errors.NO_CARD, "card pulled mid-command"))
+        else:
+            d.callback(result)

@@ -1,0 +1,1 @@
+"""In-process smart cards for the emulated backend."""

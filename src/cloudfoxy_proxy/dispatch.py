@@ -1,0 +1,220 @@
+"""Runs parsed requests: reader resolution, per-card scheduling, timeouts,
+and the mapping of every outcome to a result line.
+
+``Dispatcher.execute`` returns the response lines directly when every
+command finished at once (the hot path: no Deferred, lock or callback) and
+a Deferred for them otherwise.
+"""
+
+import hmac
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.python.failure import Failure
+
+from . import errors
+from .errors import CardError
+from .logs import Logger
+from .parser import APDU, CARD_COMMANDS, LIST, PERSONALIZE, READERS, RESET
+from .registry import QueueFull
+
+
+class Session:
+    """What a connection remembers between requests (the PERSONALIZE tag)."""
+
+    __slots__ = ("tag", "peer")
+
+    def __init__(self, peer=""):
+        self.tag = None
+        self.peer = peer
+
+
+class Dispatcher:
+    """Executes requests against the reader registry.
+
+    ``clock`` bounds every backend call with ``command_timeout`` seconds;
+    ``password``, when set, is required on the reader line of card commands.
+    """
+
+    log = Logger()
+
+    def __init__(self, registry, clock, command_timeout=15.0, password=None):
+        self.registry = registry
+        self.clock = clock
+        self.command_timeout = command_timeout
+        self.password = password
+
+    def execute(self, request, session):
+        """Response lines (``(id, result)`` pairs) or a Deferred for them;
+        a Deferred's ``cancel()`` abandons the request (client gone)."""
+        run = _Run(self, request, session)
+        if run.step():
+            return run.lines
+        run.deferred = Deferred(run.cancel)
+        return run.deferred
+
+    def simple(self, command, session):
+        """The result of a command that needs no card."""
+        name = command.name
+        if name == READERS or name == LIST:
+            return self.registry.listing
+        if name == PERSONALIZE:
+            session.tag = command.data
+            self.log.info("client {peer} personalized as {tag!r}", peer=session.peer,
+                          tag=command.data[:100])
+            return "OK"
+        # ENUM, ALIASES, CHAIN and SIGN need certificate-aware card profiles.
+        return errors.FAILED
+
+    def target(self, request):
+        """The reader a request's card commands run on, or a result code."""
+        if self.password is not None and not hmac.compare_digest(
+            (request.password or "").encode("utf-8"), self.password.encode("utf-8")
+        ):
+            return errors.BAD_PIN
+        try:
+            return self.registry.resolve(request.reader)
+        except CardError as e:
+            return e.code
+
+
+class _Run:
+    """One request in progress: a trampoline over its commands that only
+    becomes asynchronous when a card is busy or a backend answers later."""
+
+    __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding",
+                 "abandoned", "deferred", "_stepping", "_pending", "_call")
+
+    log = Logger()
+
+    def __init__(self, dispatcher, request, session):
+        self.d = dispatcher
+        self.request = request
+        self.session = session
+        self.lines = []
+        self.i = 0
+        self.reader = None  # a Reader, a result code, or None (not looked up yet)
+        self.holding = False
+        self.abandoned = False
+        self.deferred = None
+        self._stepping = False
+        self._pending = False
+        self._call = None
+
+    def step(self):
+        """Run commands until done (True) or waiting (False)."""
+        self._stepping = True
+        try:
+            commands = self.request.commands
+            while self.i < len(commands):
+                if self.abandoned:
+                    break
+                command = commands[self.i]
+                if command.error is not None:
+                    self._result(command.error)
+                    continue
+                if command.name not in CARD_COMMANDS:
+                    self._result(self.d.simple(command, self.session))
+                    continue
+                reader = self.reader
+                if reader is None:
+                    reader = self.reader = self.d.target(self.request)
+                if isinstance(reader, str):
+                    self._result(reader)
+                    continue
+                if not self.holding:
+                    try:
+                        got = reader.queue.acquire(self)
+                    except QueueFull:
+                        self.log.info("queue of {reader} is full", reader=reader.name)
+                        self._result(errors.UPSTREAM)
+                        continue
+                    if not got:
+                        self._pending = True
+                        return False
+                    self.holding = True
+                if not self._call_backend(reader, command):
+                    return False
+            self._release()
+            return True
+        finally:
+            self._stepping = False
+
+    def _call_backend(self, reader, command):
+        """Run one card command; False if its answer comes later."""
+        backend = reader.backend
+        try:
+            if command.name == APDU:
+                result = backend.transmit(reader.key, command.apdu)
+            else:
+                result = backend.reset(reader.key)
+        except CardError as e:
+            self._result(e.code)
+            return True
+        except Exception:
+            self.log.failure("backend {backend} failed on {reader}",
+                             backend=backend.description, reader=reader.name)
+            self._result(errors.INTERNAL)
+            return True
+        if not isinstance(result, Deferred):
+            self._result(result.hex().upper())
+            return True
+        self._pending = True
+        self._call = result
+        result.addTimeout(self.d.command_timeout, self.d.clock)
+        result.addCallbacks(self._answered, self._failed, errbackArgs=(reader,))
+        return not self._pending
+
+    def _result(self, value):
+        self.lines.append((self.request.commands[self.i].id, value))
+        self.i += 1
+
+    def _answered(self, result):
+        self._call = None
+        self._result(result.hex().upper())
+        self._resume()
+
+    def _failed(self, failure, reader):
+        self._call = None
+        if failure.check(CardError):
+            self._result(failure.value.code)
+        elif failure.check(TimeoutError, CancelledError):
+            if not self.abandoned:
+                self.log.warn("command timed out after {timeout}s on {reader}",
+                              timeout=self.d.command_timeout, reader=reader.name)
+            self._result(errors.UPSTREAM)
+        else:
+            self.log.failure("backend {backend} failed on {reader}", failure,
+                             backend=reader.backend.description, reader=reader.name)
+            self._result(errors.INTERNAL)
+        self._resume()
+
+    def granted(self):
+        """The card queue says it is our turn."""
+        self.holding = True
+        self._resume()
+
+    def _resume(self):
+        self._pending = False
+        if self._stepping:
+            return  # a synchronous answer: step()'s loop carries on
+        try:
+            done = self.step()
+        except Exception:
+            done = True
+            self._release()
+            self.log.failure("request failed")
+            self.lines.extend((c.id, errors.INTERNAL) for c in self.request.commands[self.i:])
+        if done and self.deferred is not None and not self.abandoned:
+            self.deferred.callback(self.lines)
+
+    def _release(self):
+        if self.holding:
+            self.holding = False
+            self.reader.queue.release()
+
+    def cancel(self, _deferred):
+        """The client went away: drop our place in the queue; a command in
+        flight finishes on the card, then the card goes to the next request."""
+        self.abandoned = True
+        if not self._stepping and self._call is None:
+            self._release()

@@ -1,0 +1,173 @@
+"""The line-protocol front end: framing bytes into lines, flow control, and
+writing responses.  Parsing lives in ``parser``, execution in ``dispatch``."""
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from . import errors
+from .dispatch import Session
+from .logs import Logger
+from .parser import MAX_APDU_BYTES, RequestParser
+
+#: Fits ``>ID:APDU:`` plus the longest extended APDU in hex with a space
+#: between every byte (3 characters a byte), with room to spare.
+DEFAULT_MAX_LINE = 256 * 1024
+assert DEFAULT_MAX_LINE > 3 * MAX_APDU_BYTES + 1024
+
+TERMINATOR = "@@\n"
+
+
+def format_response(lines):
+    """``>ID:RESULT`` lines, then ``@@``: one response, as bytes."""
+    return ("".join([f">{cid}:{result}\n" for cid, result in lines]) + TERMINATOR).encode("utf-8")
+
+
+@implementer(IPushProducer)
+class LineProtocol(Protocol):
+    """One client connection.
+
+    Reads lines with its own framer (it must know when it has consumed
+    everything received so far: PROTOCOL.md 1.1 rule 2), runs one request
+    at a time in order, and stops reading while a request waits on a
+    backend or while the client is not reading its answers.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.parser = RequestParser(factory.max_commands)
+        self.session = None
+        self._buf = b""
+        self._pos = 0
+        self._discard = None  # start of an over-long line being skipped
+        self._inflight = None  # Deferred of the request waiting on a backend
+        self._write_paused = False
+        self._closed = False
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.session = Session(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
+        self.transport.registerProducer(self, True)
+        self.factory.connections += 1
+
+    def connectionLost(self, reason):
+        self._closed = True
+        self.factory.connections -= 1
+        d, self._inflight = self._inflight, None
+        if d is not None:
+            d.cancel()
+        self._buf = b""
+
+    # IPushProducer: the transport tells us when the client stops reading.
+    def pauseProducing(self):
+        if not self._write_paused:
+            self._write_paused = True
+            if self._inflight is None:
+                self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        if self._write_paused:
+            self._write_paused = False
+            if self._inflight is None:
+                self.transport.resumeProducing()
+                self._process()
+
+    def stopProducing(self):
+        pass
+
+    def dataReceived(self, data):
+        if self._pos == len(self._buf):
+            self._buf, self._pos = data, 0
+        else:
+            self._buf += data
+        self._process()
+
+    def _process(self):
+        parser = self.parser
+        max_line = self.factory.max_line_length
+        while self._inflight is None and not self._write_paused and not self._closed:
+            buf, pos = self._buf, self._pos
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                rest = len(buf) - pos
+                if self._discard is not None:
+                    self._buf, self._pos = b"", 0  # still inside an over-long line
+                    return
+                if rest > max_line:
+                    self._discard = buf[pos:pos + 80]
+                    self._buf, self._pos = b"", 0
+                    return
+                if rest:
+                    if pos:
+                        self._buf, self._pos = buf[pos:], 0
+                    return
+                request = parser.end_of_input()
+                if request is None:
+                    return
+            else:
+                self._pos = nl + 1
+                if self._discard is not None:
+                    request = parser.overlong(self._discard)
+                    self._discard = None
+                elif nl - pos > max_line:
+                    request = parser.overlong(buf[pos:pos + 80])
+                else:
+                    request = parser.line(buf[pos:nl])
+                if request is None:
+                    continue
+            self._run(request)
+
+    def _run(self, request):
+        try:
+            result = self.factory.dispatcher.execute(request, self.session)
+        except Exception:
+            self.log.failure("request failed")
+            result = [(c.id, errors.INTERNAL) for c in request.commands]
+        if isinstance(result, list):
+            self._respond(result)
+            return
+        self._inflight = result
+        self.transport.pauseProducing()
+        result.addCallbacks(self._answered, self._lost, errbackArgs=(request,))
+
+    def _answered(self, lines):
+        self._inflight = None
+        if self._closed:
+            return
+        self._respond(lines)
+        if not self._write_paused:
+            self.transport.resumeProducing()
+        self._process()
+
+    def _lost(self, failure, request):
+        if failure.check(CancelledError) and self._closed:
+            return None  # the client went away; nothing to answer
+        self.log.failure("request failed", failure)
+        return self._answered([(c.id, errors.INTERNAL) for c in request.commands])
+
+    def _respond(self, lines):
+        self.transport.write(format_response(lines))
+
+
+class LineFactory(Factory):
+    """Builds ``LineProtocol``s sharing one dispatcher and the limits."""
+
+    log = Logger()
+
+    def __init__(self, dispatcher, max_line_length=DEFAULT_MAX_LINE, max_commands=1000,
+                 max_connections=10000):
+        self.dispatcher = dispatcher
+        self.max_line_length = max_line_length
+        self.max_commands = max_commands
+        self.max_connections = max_connections
+        self.connections = 0
+
+    def buildProtocol(self, addr):
+        if self.connections >= self.max_connections:
+            self.log.warn("refusing {peer}: {n} connections open (--max-connections)",
+                          peer=addr, n=self.connections)
+            return None
+        return LineProtocol(self)

@@ -1,0 +1,175 @@
+"""``twistd foxyproxy``: command-line options and the service tree (CLI.md)."""
+
+import os
+import sys
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from . import backends, logs
+from .backend import BackendService
+from .dispatch import Dispatcher
+from .registry import ReaderRegistry
+from .server import DEFAULT_MAX_LINE, LineFactory
+
+DEFAULT_PORT = "4001"
+DEFAULT_BACKEND = "emulated:"
+
+
+def endpoint_string(value):
+    """A bare port number means ``tcp:N``."""
+    value = value.strip()
+    return f"tcp:{value}" if value.isdigit() else value
+
+
+def check_endpoint(option, value):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    description = endpoint_string(value)
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(f"--{option} {value!r}: not a valid endpoint ({e})") from None
+    return description
+
+
+def read_secret(option, path, env):
+    """A secret from a file (first line) or, without one, from the environment."""
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise usage.UsageError(f"--{option} {path!r}: {e.strerror}") from None
+    return os.environ.get(env) or None
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A smart-card access proxy: clients speak the CloudFoxy/FoxyProxy line "
+        "protocol (default port 4001) and reach cards on the configured backends. "
+        "Backend URLs: emulated:?cards=4&type=iso7816&latency_ms=0&prefix=Emulated "
+        "(the default). See docs/ for the protocol and every backend."
+    )
+
+    optParameters = [
+        ["port", "p", DEFAULT_PORT,
+         "Line-protocol listener: a port number or a Twisted endpoint string."],
+        ["command-timeout", None, "15",
+         "Seconds allowed for every backend call; a client gets C086 instead of a hang."],
+        ["max-line-length", None, str(DEFAULT_MAX_LINE),
+         "Longest accepted line in bytes (the default fits the longest extended APDU in hex)."],
+        ["max-commands-per-request", None, "1000",
+         "Commands in one request; a longer batch is run in parts of this size."],
+        ["max-connections", None, "10000",
+         "Client connections served at once; more are closed at once."],
+        ["max-queue", None, "100",
+         "Requests waiting per card; more are answered C086."],
+        ["client-password-file", None, None,
+         "Require this password (file's first line) on clients' reader lines "
+         "(READER:PASSWORD) for card commands; env FOXYPROXY_CLIENT_PASSWORD."],
+        ["log-level", None, "info", "debug, info, warn, error or critical."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["listen"] = []
+        self["backend"] = []
+
+    def opt_listen(self, value):
+        """One more line-protocol listener, a Twisted endpoint string (repeatable)."""
+        self["listen"].append(value)
+
+    def opt_backend(self, value):
+        """A card source URL (repeatable); emulated: when none is given."""
+        self["backend"].append(value)
+
+    def parseOptions(self, options=None):
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # Under twistd: one line naming the problem, not the whole usage text.
+            sys.stderr.write(f"twistd foxyproxy: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1)
+
+    def postOptions(self):
+        self["endpoints"] = [check_endpoint("port", self["port"])] + [
+            check_endpoint("listen", v) for v in self["listen"]]
+        self["command-timeout"] = self._number("command-timeout", float, 0.001, 3600)
+        self["max-line-length"] = self._number("max-line-length", int, 1024, 64 * 1024 * 1024)
+        self["max-commands-per-request"] = self._number("max-commands-per-request", int, 1, 1000000)
+        self["max-connections"] = self._number("max-connections", int, 1, 1000000)
+        self["max-queue"] = self._number("max-queue", int, 1, 1000000)
+        level = self["log-level"].strip().lower()
+        if level not in logs.LEVELS:
+            raise usage.UsageError(
+                f"--log-level {self['log-level']!r}: use one of debug, info, warn, error, critical")
+        self["log-level"] = level
+        self["client-password"] = read_secret(
+            "client-password-file", self["client-password-file"], "FOXYPROXY_CLIENT_PASSWORD")
+        makers = []
+        for url in self["backend"] or [DEFAULT_BACKEND]:
+            try:
+                makers.append(backends.from_url(url, self))
+            except ValueError as e:
+                raise usage.UsageError(f"--backend {url!r}: {e}") from None
+        self["backend-makers"] = makers
+
+    def _number(self, option, kind, low, high):
+        value = self[option]
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            what = "a whole number" if kind is int else "a number"
+            raise usage.UsageError(f"--{option} {value!r}: not {what}") from None
+        if not low <= number <= high:
+            raise usage.UsageError(f"--{option} {value!r}: must be between {low} and {high}")
+        return number
+
+
+def raise_file_limit():
+    """Allow as many open files as the hard limit permits (many clients)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def makeService(config, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    logs.set_level(config["log-level"])
+    raise_file_limit()
+    top = MultiService()
+    registry = ReaderRegistry(max_queue=config["max-queue"])
+    top.registry = registry
+    top.backends = []
+    for make in config["backend-makers"]:
+        backend = make(reactor)
+        top.backends.append(backend)
+        BackendService(backend, registry).setServiceParent(top)
+    dispatcher = Dispatcher(registry, reactor, config["command-timeout"], config["client-password"])
+    factory = LineFactory(
+        dispatcher,
+        max_line_length=config["max-line-length"],
+        max_commands=config["max-commands-per-request"],
+        max_connections=config["max-connections"],
+    )
+    top.dispatcher = dispatcher
+    for description in config["endpoints"]:
+        listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(top)
+    return top
