@@ -37,6 +37,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -428,7 +429,9 @@ class PcscRig:
         path = os.path.join(self.log_dir, "%s.%d.log" % (log_name,
                                                           self._counter))
         log = open(path, "ab", buffering=0)
-        log.write(("# %s\n" % " ".join(cmd)).encode())
+        shown = ["<quickack launcher>" if a == VICC_QUICKACK_LAUNCHER
+                 else shlex.quote(a) for a in cmd]
+        log.write(("# %s\n" % " ".join(shown)).encode())
         kwargs = {}
         # PDEATHSIG fires when the *thread* that forked exits, so only use it
         # from the main thread (the children then die with the test process).
@@ -608,27 +611,59 @@ class PcscRig:
                   timeout: float = DEFAULT_CARD_TIMEOUT, *, t0=None,
                   proc=None) -> float:
         """Wait (bounded) until the slot's card is present / absent as pcscd
-        reports it.  Returns seconds waited; RigError on timeout."""
+        reports it.  Returns seconds waited; RigError on timeout.
+
+        Uses blocking SCardGetStatusChange (in slices of at most 250 ms, so
+        a dying ``proc`` is noticed), not busy polling."""
+        scard = _scard()
         t0 = time.monotonic() if t0 is None else t0
         deadline = t0 + timeout
         name = reader_name(slot)
+        ctx = None
+        current = scard.SCARD_STATE_UNAWARE
         last = None
-        while True:
-            try:
-                if card_state(name)[0] == present:
-                    return time.monotonic() - t0
-                last = "present=%s" % (not present)
-            except RigError as e:
-                last = str(e)
-            if proc is not None and proc.poll() is not None:
-                raise RigError("vicc for slot %d exited with %s; log %s:\n%s"
-                               % (slot, proc.returncode, proc.log_path,
-                                  _tail(proc.log_path)))
-            if time.monotonic() > deadline:
-                raise RigError("card in %r not %s after %.1fs (%s)"
-                               % (name, "present" if present else "absent",
-                                  timeout, last))
-            time.sleep(0.01)
+        try:
+            while True:
+                hr = None
+                if ctx is None:
+                    hr, c = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+                    if hr == scard.SCARD_S_SUCCESS:
+                        ctx, current = c, scard.SCARD_STATE_UNAWARE
+                    else:
+                        last = scard.SCardGetErrorMessage(hr)
+                if ctx is not None:
+                    left = max(0.0, deadline - time.monotonic())
+                    wait_ms = (0 if current == scard.SCARD_STATE_UNAWARE
+                               else int(min(0.25, left) * 1000))
+                    hr, states = scard.SCardGetStatusChange(
+                        ctx, wait_ms, [(name, current)])
+                    if hr == scard.SCARD_S_SUCCESS:
+                        _, event, _atr = states[0]
+                        if event & scard.SCARD_STATE_UNKNOWN:
+                            last = "no reader %r" % name
+                        elif bool(event & scard.SCARD_STATE_PRESENT) == present:
+                            return time.monotonic() - t0
+                        else:
+                            last = "present=%s" % (not present)
+                        current = event & ~scard.SCARD_STATE_CHANGED
+                    elif hr != scard.SCARD_E_TIMEOUT:
+                        # pcscd gone or restarted: a context does not survive
+                        last = scard.SCardGetErrorMessage(hr)
+                        scard.SCardReleaseContext(ctx)
+                        ctx = None
+                if proc is not None and proc.poll() is not None:
+                    raise RigError("vicc for slot %d exited with %s; log %s:\n%s"
+                                   % (slot, proc.returncode, proc.log_path,
+                                      _tail(proc.log_path)))
+                if time.monotonic() > deadline:
+                    raise RigError("card in %r not %s after %.1fs (%s)"
+                                   % (name, "present" if present else "absent",
+                                      timeout, last))
+                if hr not in (scard.SCARD_S_SUCCESS, scard.SCARD_E_TIMEOUT):
+                    time.sleep(0.02)
+        finally:
+            if ctx is not None:
+                scard.SCardReleaseContext(ctx)
 
     def stop_card(self, slot: int, wait_absent: bool = True,
                   timeout: float = DEFAULT_STOP_TIMEOUT) -> float:

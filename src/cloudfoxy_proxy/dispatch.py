@@ -8,13 +8,12 @@ a Deferred for them otherwise.
 
 import hmac
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.python.failure import Failure
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 
 from . import errors
 from .errors import CardError
 from .logs import Logger
-from .parser import APDU, CARD_COMMANDS, LIST, PERSONALIZE, READERS, RESET
+from .parser import APDU, CARD_COMMANDS, LIST, PERSONALIZE, READERS, Request
 from .registry import QueueFull
 
 
@@ -51,6 +50,16 @@ class Dispatcher:
             return run.lines
         run.deferred = Deferred(run.cancel)
         return run.deferred
+
+    def submit(self, reader, commands, password=None, session=None):
+        """For front ends other than the line protocol (REST, vpcd bridge):
+        run ``commands`` (parser.Command objects, e.g. from
+        ``parser.make_command(["1", "APDU", hex])``) on the reader line
+        ``reader`` under the same per-card scheduling; a Deferred firing
+        with the ``(id, result)`` pairs.  ``errors.is_error(result)`` tells
+        a result code from an answer."""
+        result = self.execute(Request(reader, password, list(commands)), session or Session())
+        return result if isinstance(result, Deferred) else succeed(result)
 
     def simple(self, command, session):
         """The result of a command that needs no card."""

@@ -21,6 +21,11 @@ MEANING = {
 }
 
 
+def is_error(result):
+    """True when a command's result is one of the codes above, not an answer."""
+    return result in MEANING
+
+
 class CardError(Exception):
     """A command ended with one of the C08x result codes.
 

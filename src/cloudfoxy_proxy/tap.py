@@ -72,12 +72,22 @@ class Options(usage.Options):
          "Require this password (file's first line) on clients' reader lines "
          "(READER:PASSWORD) for card commands; env FOXYPROXY_CLIENT_PASSWORD."],
         ["log-level", None, "info", "debug, info, warn, error or critical."],
+        ["rest", None, None,
+         "Serve the CloudFoxy REST API (/api/v1/basic, /inventory, /hello) on this endpoint."],
+        ["rest-token-file", None, None,
+         "File with the token REST clients must send as X-Auth-Token; env FOXYPROXY_REST_TOKEN."],
+        ["token-file", None, None,
+         "File with the X-Auth-Token for cloudfoxy+http(s) backends; env FOXYPROXY_TOKEN."],
+        ["password-file", None, None,
+         "File with the reader-line password for tcp:// and tls:// backends; env FOXYPROXY_PASSWORD."],
+        ["ca-certs", None, None, "File or directory of issuer certificates used to complete CHAIN."],
     ]
 
     def __init__(self):
         super().__init__()
         self["listen"] = []
         self["backend"] = []
+        self["vpcd"] = []
 
     def opt_listen(self, value):
         """One more line-protocol listener, a Twisted endpoint string (repeatable)."""
@@ -86,6 +96,15 @@ class Options(usage.Options):
     def opt_backend(self, value):
         """A card source URL (repeatable); emulated: when none is given."""
         self["backend"].append(value)
+
+    def opt_vpcd(self, value):
+        """HOST:PORT=READER: bridge the card READER (resolved like a reader line)
+        into the vpcd slot listening on HOST:PORT (slot n: port 35963+n); repeatable."""
+        where, eq, reader = value.partition("=")
+        host, colon, port = where.rpartition(":")
+        if not (eq and colon and host and port.isdigit() and 0 < int(port) < 65536):
+            raise usage.UsageError(f"--vpcd {value!r}: expected HOST:PORT=READER, e.g. 127.0.0.1:35963=Emulated 00")
+        self["vpcd"].append((host.strip("[]"), int(port), reader))
 
     def parseOptions(self, options=None):
         try:
@@ -113,6 +132,15 @@ class Options(usage.Options):
         self["log-level"] = level
         self["client-password"] = read_secret(
             "client-password-file", self["client-password-file"], "FOXYPROXY_CLIENT_PASSWORD")
+        self["token"] = read_secret("token-file", self["token-file"], "FOXYPROXY_TOKEN")
+        self["password"] = read_secret("password-file", self["password-file"], "FOXYPROXY_PASSWORD")
+        if self["rest"] is not None:
+            self["rest"] = check_endpoint("rest", self["rest"])
+            self["rest-token"] = read_secret(
+                "rest-token-file", self["rest-token-file"], "FOXYPROXY_REST_TOKEN")
+            if not self["rest-token"]:
+                raise usage.UsageError(
+                    "--rest needs a token: --rest-token-file FILE or env FOXYPROXY_REST_TOKEN")
         makers = []
         for url in self["backend"] or [DEFAULT_BACKEND]:
             try:
@@ -172,4 +200,12 @@ def makeService(config, reactor=None):
         listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
+    if config["rest"]:
+        from .restapi import make_rest_service
+
+        make_rest_service(config, dispatcher, registry, reactor).setServiceParent(top)
+    for host, port, reader in config["vpcd"]:
+        from .vpcd import make_vpcd_service
+
+        make_vpcd_service(host, port, reader, dispatcher, registry, reactor).setServiceParent(top)
     return top

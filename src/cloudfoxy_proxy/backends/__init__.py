@@ -11,6 +11,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 SCHEMES = {
     "emulated": "cloudfoxy_proxy.backends.emulated",
+    "pcsc": "cloudfoxy_proxy.backends.pcsc",
+    "cloudfoxy+http": "cloudfoxy_proxy.backends.rest",
+    "cloudfoxy+https": "cloudfoxy_proxy.backends.rest",
+    "tcp": "cloudfoxy_proxy.backends.tcp",
+    "tls": "cloudfoxy_proxy.backends.tcp",
 }
 
 

@@ -1,0 +1,140 @@
+"""Helpers for integration tests: a real ``twistd foxyproxy`` process on a
+free loopback port, and a blocking line-protocol client."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HOST = "127.0.0.1"
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+_LISTENING = re.compile(r"(\w+) starting on (\d+)")
+
+
+class ProxyProcess:
+    """``twistd -n foxyproxy ARGS`` listening on a free loopback port.
+
+    ``port`` is the line-protocol port; ``ports`` maps each listening
+    factory's class name (``LineFactory``, ``Site``…) to its ports in the
+    order they were logged.
+    """
+
+    def __init__(self, *args, env=None, listeners=1, timeout=20.0, port=None):
+        self.args = list(args)
+        self.logdir = tempfile.mkdtemp(prefix="foxyproxy-test-")
+        self.logfile = os.path.join(self.logdir, "twistd.log")
+        self.env = dict(os.environ, **(env or {}))
+        self.listeners = listeners
+        self.timeout = timeout
+        self.requested_port = port
+        self.proc = None
+        self.ports = {}
+        self.port = None
+
+    def start(self):
+        port = self.requested_port or f"tcp:0:interface={HOST}"
+        cmd = [TWISTD, "-n", "--pidfile=", "--logfile", self.logfile, "foxyproxy", "-p", str(port)]
+        cmd += self.args
+        self._out = open(os.path.join(self.logdir, "stdout"), "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=self.logdir)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            found = _LISTENING.findall(self.log())
+            if len(found) >= self.listeners:
+                for name, number in found:
+                    self.ports.setdefault(name, []).append(int(number))
+                self.port = self.ports.get("LineFactory", [None])[0]
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"proxy did not start: {' '.join(cmd)}\n{self.log()}{self.output()}")
+
+    def log(self):
+        try:
+            with open(self.logfile, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def output(self):
+        with open(os.path.join(self.logdir, "stdout"), encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._out.close()
+
+    def kill(self):
+        self.stop(signal.SIGKILL)
+
+    def client(self, **kw):
+        return LineClient(HOST, self.port, **kw)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class LineClient:
+    """A blocking client: ``request(text)`` sends and reads until ``@@``."""
+
+    def __init__(self, host=HOST, port=4001, timeout=10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data):
+        self.sock.sendall(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def read_response(self):
+        """The ``>ID:RESULT`` lines of one response, as [(id, result)]."""
+        while b"@@\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed before @@; got {self.buf!r}")
+            self.buf += chunk
+        text, _, self.buf = self.buf.partition(b"@@\n")
+        lines = []
+        for line in text.decode("utf-8").splitlines():
+            assert line.startswith(">"), line
+            cid, _, result = line[1:].partition(":")
+            lines.append((cid, result))
+        return lines
+
+    def request(self, text):
+        self.send(text)
+        return self.read_response()
+
+    def results(self, text):
+        """Just the result strings of one request."""
+        return [r for _, r in self.request(text)]
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
