@@ -19,6 +19,9 @@ interpreter's sys.path) and needs ``Crypto`` (pycryptodome), so it is run
 with the current interpreter (whose environment gets pycryptodome from
 :func:`ensure_packages`) and that directory on ``PYTHONPATH``.
 
+vicc is started through a tiny launcher that sets TCP_QUICKACK (see
+:data:`VICC_QUICKACK_LAUNCHER`): without it every APDU costs ~44 ms.
+
 Plain stdlib + pyscard; no Twisted.  Every wait is bounded in time.  The
 stdout/stderr of every child goes to a log file in :attr:`PcscRig.log_dir`.
 
@@ -36,8 +39,8 @@ import ctypes
 import importlib
 import importlib.util
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,7 +96,9 @@ VPCD_FRIENDLY_NAME = "Virtual PCD"
 #: length, which Linux delays by ~40 ms: every APDU (and every 400 ms
 #: presence poll) then takes ~44 ms.  This launcher runs /usr/bin/vicc with
 #: TCP_QUICKACK set before every recv(), which brings an APDU down to ~0.3 ms.
-#: Used when PcscRig(quickack=True) (the default).
+#: Used when PcscRig(quickack=True) (the default): written to
+#: LOG_DIR/vicc_quickack.py and run as ``python vicc_quickack.py /usr/bin/vicc
+#: ARGS``.
 VICC_QUICKACK_LAUNCHER = """\
 import runpy, socket, sys
 _recv = socket.socket.recv
@@ -419,8 +424,14 @@ class PcscRig:
         return d
 
     @property
-    def pcscd_log(self) -> str:
-        return os.path.join(self.log_dir, "pcscd.log")
+    def pcscd_log(self):
+        """Log file of the current (last started) pcscd."""
+        return self.pcscd.log_path if self.pcscd else None
+
+    def card_log(self, slot: int):
+        """Log file of the slot's current vicc."""
+        p = self.cards.get(slot)
+        return p.log_path if p else None
 
     # -- child processes ---------------------------------------------------
 
@@ -429,9 +440,7 @@ class PcscRig:
         path = os.path.join(self.log_dir, "%s.%d.log" % (log_name,
                                                           self._counter))
         log = open(path, "ab", buffering=0)
-        shown = ["<quickack launcher>" if a == VICC_QUICKACK_LAUNCHER
-                 else shlex.quote(a) for a in cmd]
-        log.write(("# %s\n" % " ".join(shown)).encode())
+        log.write(("# %s\n" % shlex.join(cmd)).encode())
         kwargs = {}
         # PDEATHSIG fires when the *thread* that forked exits, so only use it
         # from the main thread (the children then die with the test process).
@@ -491,8 +500,9 @@ class PcscRig:
         if busy:
             raise RigError("vpcd port(s) %s already in use by another process"
                            % busy)
-        # no pcscd runs: leftovers of a killed one would block the start
-        # ("file /run/pcscd/pcscd.comm already exists")
+        # No pcscd runs, so these are leftovers of a killed one.  pcscd 1.9.9
+        # copes with most, but refuses to start ("Another pcscd seems to be
+        # running") if a stale pcscd.pid names a live process (PID reuse).
         for path in (PCSCD_SOCKET, PCSCD_PIDFILE):
             if os.path.lexists(path):
                 os.unlink(path)
@@ -533,15 +543,23 @@ class PcscRig:
             return took
 
     def stop_pcscd(self, timeout: float = DEFAULT_STOP_TIMEOUT, kill: bool = False):
-        """Stop pcscd (SIGTERM, or SIGKILL if ``kill``).  vicc processes exit
-        by themselves when pcscd closes their connection; they are reaped."""
+        """Stop pcscd (SIGTERM, or SIGKILL if ``kill``).
+
+        vicc exits by itself (status 0) when pcscd closes its connection; the
+        cards are reaped, and any still running after 1 s (a frozen one
+        cannot exit) are terminated, so no card survives its pcscd."""
         with self._lock:
             if self.pcscd is not None:
                 if kill and self.pcscd.poll() is None:
                     self.pcscd.kill()
                     self.pcscd.wait(timeout)
                 self._terminate(self.pcscd, timeout)
-            self._reap_cards(timeout)
+            for slot in self.frozen & set(self.cards):
+                self._terminate(self.cards[slot], timeout)
+            self._reap_cards(1.0)
+            for slot in list(self.cards):
+                self._terminate(self.cards[slot], timeout)
+            self._reap_cards(0)
 
     def restart_pcscd(self, restart_cards: bool = True,
                       timeout: float = DEFAULT_PCSCD_TIMEOUT) -> float:
@@ -563,7 +581,11 @@ class PcscRig:
     def _vicc_cmd(self, slot, card_type, extra_args):
         cmd = [self.python]
         if self.quickack:
-            cmd += ["-c", VICC_QUICKACK_LAUNCHER]
+            launcher = os.path.join(self.log_dir, "vicc_quickack.py")
+            if not os.path.exists(launcher):
+                with open(launcher, "w") as f:
+                    f.write(VICC_QUICKACK_LAUNCHER)
+            cmd.append(launcher)
         cmd += [VICC, "-t", card_type, "-H", "127.0.0.1",
                 "-P", str(self.port(slot))]
         if self.vicc_verbosity:
@@ -821,7 +843,10 @@ def _cmd_check(args) -> int:
         ok = False
     finally:
         rig.stop()
-    print("logs in %s" % rig.log_dir)
+    if ok and not args.log_dir:
+        shutil.rmtree(rig.log_dir, ignore_errors=True)
+    else:
+        print("logs in %s" % rig.log_dir)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
