@@ -27,3 +27,32 @@ def proxy_factory():
 def proxy(proxy_factory):
     """One proxy on the default emulated backend."""
     return proxy_factory()
+
+
+@pytest.fixture(scope="session")
+def pcsc_rig(tmp_path_factory):
+    """A running pcscd with vsmartcard's vpcd readers "Virtual PCD 00 00" and
+    "Virtual PCD 00 01", and no cards; installs what it needs (as root)."""
+    import pcsc_rig as rigmod
+
+    rigmod.ensure_packages()
+    rig = rigmod.PcscRig(log_dir=str(tmp_path_factory.mktemp("pcsc-rig")))
+    try:
+        rig.start()
+        yield rig
+    finally:
+        rig.stop()
+
+
+@pytest.fixture
+def card0(pcsc_rig):
+    """``pcsc_rig`` with a vicc iso7816 card present in slot 0."""
+    rig = pcsc_rig
+    if rig.pcscd is None or rig.pcscd.poll() is not None:
+        rig.start()
+    if 0 in rig.frozen:
+        rig.thaw_card(0)
+    if rig.card_pid(0) is None or rig.cards[0].poll() is not None:
+        rig.stop_card(0, wait_absent=False)
+        rig.start_card(0)
+    return rig

@@ -514,6 +514,7 @@ class PcscRig:
         with self._lock:
             if self.pcscd and self.pcscd.poll() is None:
                 return 0.0
+            self._take_machine_lock()
             self._preflight()
             t0 = time.monotonic()
             self.pcscd = self._spawn(self._pcscd_cmd(), "pcscd")
@@ -753,6 +754,35 @@ class PcscRig:
             self.frozen.clear()
             if self.pcscd is not None:
                 self._terminate(self.pcscd, timeout)
+            self._drop_machine_lock()
+
+    # One pcscd (one socket, fixed vpcd ports) per machine: rigs in
+    # concurrent test runs take turns instead of failing.
+    MACHINE_LOCK = "/tmp/cloudfoxy-pcsc-rig.lock"
+    MACHINE_LOCK_WAIT = 900.0
+
+    def _take_machine_lock(self):
+        if getattr(self, "_lock_fd", None) is not None:
+            return
+        import fcntl
+        fd = os.open(self.MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + self.MACHINE_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RigError("another PC/SC rig held %s for %.0fs"
+                                   % (self.MACHINE_LOCK, self.MACHINE_LOCK_WAIT))
+                time.sleep(0.2)
+        self._lock_fd = fd
+
+    def _drop_machine_lock(self):
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self):
         self.start()

@@ -5,6 +5,7 @@ import sys
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from . import backends, logs
@@ -161,6 +162,25 @@ class Options(usage.Options):
         return number
 
 
+class Listener(StreamServerEndpointService):
+    """A listening endpoint that fails start-up with one clear line (e.g.
+    address in use) instead of a traceback."""
+
+    def __init__(self, endpoint, factory, description):
+        super().__init__(endpoint, factory)
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            sys.stderr.write(f"twistd foxyproxy: cannot listen on {self.description}: {reason}\n")
+            sys.stderr.flush()
+            raise SystemExit(1)
+
+
 def raise_file_limit():
     """Allow as many open files as the hard limit permits (many clients)."""
     try:
@@ -197,9 +217,7 @@ def makeService(config, reactor=None):
     )
     top.dispatcher = dispatcher
     for description in config["endpoints"]:
-        listener = StreamServerEndpointService(serverFromString(reactor, description), factory)
-        listener._raiseSynchronously = True
-        listener.setServiceParent(top)
+        Listener(serverFromString(reactor, description), factory, description).setServiceParent(top)
     if config["rest"]:
         from .restapi import make_rest_service
 

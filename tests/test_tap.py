@@ -1,0 +1,108 @@
+import os
+import subprocess
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from cloudfoxy_proxy import tap
+from cloudfoxy_proxy.backend import BackendService
+from cloudfoxy_proxy.backends.emulated import EmulatedBackend
+
+from support import TWISTD
+
+
+def parse(*args):
+    o = tap.Options()
+    o.parseOptions(list(args))
+    return o
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self):
+        o = parse()
+        self.assertEqual(o["endpoints"], ["tcp:4001"])
+        self.assertEqual(o["command-timeout"], 15.0)
+        self.assertGreaterEqual(o["max-line-length"], 3 * 65544)
+        self.assertEqual(o["backend"], [])
+        self.assertEqual(len(o["backend-makers"]), 1)  # emulated:
+        self.assertEqual(o["log-level"], "info")
+        self.assertIsNone(o["rest"])
+
+    def test_listeners_and_backends(self):
+        o = parse("-p", "tcp:5000:interface=127.0.0.1", "--listen", "4002", "--listen", "tcp6:4003",
+                  "--backend", "emulated:?cards=2", "--backend", "emulated:?prefix=Other")
+        self.assertEqual(o["endpoints"], ["tcp:5000:interface=127.0.0.1", "tcp:4002", "tcp6:4003"])
+        self.assertEqual(len(o["backend-makers"]), 2)
+
+    def test_invalid_values_name_the_option(self):
+        for args, option in [
+            (["--command-timeout", "soon"], "--command-timeout"),
+            (["--command-timeout", "0"], "--command-timeout"),
+            (["--max-line-length", "12"], "--max-line-length"),
+            (["--max-connections", "-1"], "--max-connections"),
+            (["--max-queue", "x"], "--max-queue"),
+            (["--max-commands-per-request", "0"], "--max-commands-per-request"),
+            (["--log-level", "loud"], "--log-level"),
+            (["-p", "bogus:1"], "--port"),
+            (["--listen", "tcp:notaport"], "--listen"),
+            (["--backend", "nosuch://x"], "--backend"),
+            (["--backend", "emulated:?cards=-3"], "--backend"),
+            (["--vpcd", "localhost=Emulated 00"], "--vpcd"),
+            (["--client-password-file", "/nonexistent/pw"], "--client-password-file"),
+            (["--rest", "tcp:0"], "--rest"),
+        ]:
+            e = self.assertRaises(usage.UsageError, parse, *args)
+            self.assertIn(option, str(e), args)
+
+    def test_secret_from_file_and_environment(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("hunter2\n")
+        self.assertEqual(parse("--client-password-file", path)["client-password"], "hunter2")
+        os.environ["FOXYPROXY_REST_TOKEN"] = "tok"
+        self.addCleanup(os.environ.pop, "FOXYPROXY_REST_TOKEN")
+        self.assertEqual(parse("--rest", "tcp:0")["rest-token"], "tok")
+
+    def test_vpcd(self):
+        o = parse("--vpcd", "127.0.0.1:35963=Emulated 00", "--vpcd", "[::1]:35964=Em")
+        self.assertEqual(o["vpcd"], [("127.0.0.1", 35963, "Emulated 00"), ("::1", 35964, "Em")])
+
+    def test_service_tree(self):
+        o = parse("--listen", "4002", "--backend", "emulated:?cards=3")
+        top = tap.makeService(o, MemoryReactorClock())
+        children = list(top)
+        backends = [s for s in children if isinstance(s, BackendService)]
+        listeners = [s for s in children if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(len(backends), 1)
+        self.assertIsInstance(backends[0].backend, EmulatedBackend)
+        self.assertEqual(len(backends[0].backend.cards), 3)
+        self.assertEqual(len(listeners), 2)
+        self.assertEqual(top.dispatcher.command_timeout, 15.0)
+
+
+class CommandLineTests(SynchronousTestCase):
+    """twistd itself: help documents every option; bad values give one line."""
+
+    def run_twistd(self, *args):
+        return subprocess.run([TWISTD, "-n", "--pidfile=", "foxyproxy", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    def test_help_documents_every_option(self):
+        out = self.run_twistd("--help").stdout
+        for option in ["--port", "--listen", "--backend", "--command-timeout", "--max-line-length",
+                       "--max-commands-per-request", "--max-connections", "--max-queue", "--log-level",
+                       "--rest", "--rest-token-file", "--token-file", "--password-file", "--vpcd", "--ca-certs"]:
+            self.assertIn(option, out)
+
+    def test_bad_value_is_one_line(self):
+        r = self.run_twistd("--command-timeout", "soon")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertEqual(r.stdout, "")
+        self.assertEqual(r.stderr.strip().splitlines(),
+                         ["twistd foxyproxy: --command-timeout 'soon': not a number"])
+        r = self.run_twistd("--no-such-option")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertNotIn("Traceback", r.stderr + r.stdout)
