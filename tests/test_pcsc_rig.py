@@ -1,17 +1,11 @@
 """Tests of the PC/SC test rig (tests/pcsc_rig.py): a real pcscd with
 vsmartcard's vpcd driver and vicc virtual cards, checked with pyscard."""
 
-import os
-import sys
 import time
 
 import pytest
 
-try:
-    from . import pcsc_rig as rigmod  # tests/ is a package
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import pcsc_rig as rigmod
+import pcsc_rig as rigmod
 
 SLOT0 = rigmod.reader_name(0)  # "Virtual PCD 00 00"
 SLOT1 = rigmod.reader_name(1)  # "Virtual PCD 00 01"
@@ -19,33 +13,7 @@ GET_CHALLENGE = [0x00, 0x84, 0x00, 0x00, 0x08]
 SELECT_MF = [0x00, 0xA4, 0x00, 0x0C, 0x02, 0x3F, 0x00]
 
 
-# -- fixtures (pcsc_rig is meant to move to tests/conftest.py) ---------------
-
-@pytest.fixture(scope="session")
-def pcsc_rig(tmp_path_factory):
-    """A running pcscd (vpcd readers "Virtual PCD 00 00"/"00 01"), no cards.
-
-    Logs of pcscd and vicc go to pytest's tmp dir (kept for the last runs)."""
-    rigmod.ensure_packages()
-    rig = rigmod.PcscRig(log_dir=str(tmp_path_factory.mktemp("pcsc-rig")))
-    try:
-        rig.start()
-        yield rig
-    finally:
-        rig.stop()
-
-
-@pytest.fixture
-def card0(pcsc_rig):
-    """pcsc_rig with an iso7816 vicc card present in slot 0."""
-    if pcsc_rig.pcscd is None or pcsc_rig.pcscd.poll() is not None:
-        pcsc_rig.start()
-    if pcsc_rig.card_pid(0) is None or pcsc_rig.cards[0].poll() is not None:
-        pcsc_rig.stop_card(0, wait_absent=False)
-        pcsc_rig.start_card(0)
-    if 0 in pcsc_rig.frozen:
-        pcsc_rig.thaw_card(0)
-    return pcsc_rig
+# Fixtures pcsc_rig and card0 live in tests/conftest.py.
 
 
 # -- helpers using pyscard directly ------------------------------------------
