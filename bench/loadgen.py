@@ -107,7 +107,7 @@ def pick_readers(host, port, count=None, match=None, names=None):
 
 class _Conn:
     __slots__ = ("sock", "fd", "client", "seq", "buf", "expect", "sent_at", "connecting",
-                 "out", "reader", "fresh", "measured")
+                 "out", "reader", "fresh", "measured", "done")
 
     def __init__(self, client):
         self.client = client
@@ -122,6 +122,7 @@ class _Conn:
         self.reader = 0
         self.fresh = True  # no request sent on this socket yet
         self.measured = False
+        self.done = 0  # answers counted in the measured window
 
 
 def _percentile(sorted_values, q):
@@ -271,6 +272,7 @@ class LoadGenerator:
                 st["ok"] += 1
                 if conn.measured and now <= mend:
                     lat.append(now - conn.sent_at)
+                    conn.done += 1
             else:
                 st["mismatch"] += 1
                 if len(samples) < self.max_samples:
@@ -283,8 +285,8 @@ class LoadGenerator:
                 send(conn, now)
 
         cpu_self0 = None
+        clients = [_Conn(i) for i in range(self.clients)]
         try:
-            clients = [_Conn(i) for i in range(self.clients)]
             for c in clients:
                 c.reader = c.client % nreaders
                 open_socket(c)
@@ -418,6 +420,8 @@ class LoadGenerator:
                             "connect": st["connect_errors"], "unanswered": st["unanswered"]},
             "error_samples": samples,
             "connections_opened": st["connections"],
+            "per_client_min": min(c.done for c in clients),
+            "per_client_max": max(c.done for c in clients),
             "loadgen_cpu_util": (window.get("self_cpu", 0.0) / elapsed) if elapsed > 0 else None,
         }
         cpu0, cpu1 = window.get("cpu0"), window.get("cpu1")

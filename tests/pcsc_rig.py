@@ -65,18 +65,16 @@ __all__ = [
 #: Debian packages the rig needs.  swig + libpcsclite-dev are only needed when
 #: pip has to build pyscard from source; opensc / pcsc-tools are debugging aids
 #: (opensc-tool, pcsc_scan).
-DEBIAN_PACKAGES = (
-    "pcscd",
-    "vsmartcard-vpcd",
-    "vsmartcard-vpicc",
-    "python3-virtualsmartcard",
-    "swig",
-    "libpcsclite-dev",
-    "opensc",
-    "pcsc-tools",
-)
+def _read_package_list(path=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "debian-packages.txt")):
+    with open(path, encoding="utf-8") as f:
+        return tuple(line.split("#", 1)[0].strip() for line in f
+                     if line.split("#", 1)[0].strip())
 
-#: import name -> PyPI distribution, needed in the current interpreter.
+
+#: One list for the whole suite: tests/debian-packages.txt.
+DEBIAN_PACKAGES = _read_package_list()
+
 PIP_PACKAGES = {"smartcard": "pyscard", "Crypto": "pycryptodome"}
 
 VICC = "/usr/bin/vicc"

@@ -1,0 +1,541 @@
+"""``cloudfoxy+http://HOST:PORT`` and ``cloudfoxy+https://HOST:PORT?ca=FILE&cert=FILE&key=FILE``:
+the cards of a CloudFoxy RESTful server (PROTOCOL.md section 2), over treq.
+
+URL parameters (all optional): ``token_file=FILE`` (else ``--token-file``,
+else env ``FOXYPROXY_TOKEN``), ``poll=SECONDS`` (how often ``/api/v1/hello``
+is asked whether the server restarted; default 10), ``prefix=NAME`` (reader
+names are ``PREFIX IP@id``; default ``CloudFoxy``), ``connections=N``
+(persistent connections kept open; default 128, raised to the card count),
+and for ``cloudfoxy+https`` only ``ca=FILE`` (PEM bundle of the CAs to trust
+instead of the system's), ``cert=FILE`` and ``key=FILE`` (client
+certificate; ``key=`` may be left out when ``cert=`` holds the key too).
+
+One request per command: ``RESET`` is ``GET /api/v1/basic?terminal=T&reset=1``,
+``APDU`` is ``...&reset=0&apdu=HEX``.  An answer whose first line has SW1
+``C0`` (a hardware error at the CloudFoxy box) is asked again, three tries
+in all, as CloudFoxy's own clients do; nothing else is ever retried, since
+an APDU is not idempotent.  Every failure (server unreachable, HTTP error,
+bad body) is the result ``C086`` plus one log line.  The dispatcher bounds
+each call with the command timeout and cancels it; cancelling aborts the
+HTTP request, body included.  See docs/rest.md.
+"""
+
+import re
+from urllib.parse import urlsplit
+
+import attr
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.protocol import Protocol
+from twisted.web import client as wclient
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from .. import errors
+from ..backend import IBackend, ReaderInfo
+from ..errors import CardError
+from ..logs import Logger
+from . import float_param, int_param, query
+
+BASIC = "/api/v1/basic"
+INVENTORY = "/api/v1/inventory"
+HELLO = "/api/v1/hello"
+
+#: Tries of one command while the card's answer says "hardware error" (SW1 C0).
+HW_TRIES = 3
+#: Idle persistent connections are closed after this many seconds, well
+#: before servers usually drop them, so a request never races the server
+#: closing an idle connection (such a request could not be safely retried).
+IDLE_TIMEOUT = 20.0
+#: Largest body accepted: an extended response APDU in hex is ~128 KiB.
+MAX_BODY = 1024 * 1024
+#: How soon to ask again while the first inventory has not come (doubles up to ``poll``).
+FIRST_RETRY = 0.5
+
+_PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key"}
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+_HEX = re.compile(r"[0-9A-Fa-f]*\Z")
+
+
+# --- parsing of the server's answers (pure) --------------------------------
+
+def body_lines(body):
+    """The result lines of a body: ``null`` and empty lines are ignored."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    return [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "null"]
+
+
+def parse_hex(line, what):
+    """``line`` (hex, white space allowed) as bytes; CardError(C086) if it is not."""
+    text = "".join(line.split())
+    if len(text) < 4 or len(text) % 2 or not _HEX.match(text):
+        raise CardError(errors.UPSTREAM, f"malformed {what} {line[:80]!r}")
+    return bytes.fromhex(text)
+
+
+def looks_like_atr(token):
+    token = token.upper()
+    return len(token) >= 4 and len(token) % 2 == 0 and token[:2] in ("3B", "3F") and bool(_HEX.match(token))
+
+
+def parse_inventory(body):
+    """``[(native_name, atr_or_None)]`` from ``/api/v1/inventory``: one card a
+    line, ``/IP@id`` optionally followed by white space and the ATR."""
+    cards = []
+    seen = set()
+    for line in body_lines(body):
+        name, atr = line, None
+        parts = line.rsplit(None, 1)
+        if len(parts) == 2 and looks_like_atr(parts[1]):
+            name, atr = parts[0].strip(), bytes.fromhex(parts[1])
+        if name not in seen:
+            seen.add(name)
+            cards.append((name, atr))
+    return cards
+
+
+def parse_uptime(body):
+    """The server's uptime in seconds: line 2, second token, of ``/api/v1/hello``."""
+    lines = body_lines(body)
+    try:
+        return int(lines[1].split()[1])
+    except (IndexError, ValueError):
+        raise CardError(errors.UPSTREAM, f"malformed hello {' | '.join(lines)[:120]!r}") from None
+
+
+def hardware_error(line, reset):
+    """True when the first answer line reports a CloudFoxy hardware error:
+    SW1 ``C0`` of a response APDU (for a reset, a bare ``C0xx`` status
+    instead of an ATR; an ATR never starts with ``C0``)."""
+    text = "".join(line.split()).upper()
+    if reset:
+        return len(text) == 4 and text.startswith("C0")
+    return text[-4:-2] == "C0"
+
+
+def foxy_name(native):
+    """The name foxyproxy 2.10 shows for a CloudFoxy terminal (its
+    ``encode_cf_reader``): ``/IP@id`` -> ``Foxy NET IP-id``."""
+    if native.startswith("/") and native.find("@") > 1:
+        return "Foxy NET " + native[1:].replace("@", "-")
+    return "Foxy USB " + native
+
+
+# --- HTTP plumbing -----------------------------------------------------------
+
+class _Body(Protocol):
+    """Collects a response body; the Deferred's cancel aborts the transfer
+    (treq's own ``content()`` cannot be cancelled)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.chunks = []
+        self.size = 0
+        self.deferred = Deferred(self._cancel)
+
+    def dataReceived(self, data):
+        self.size += len(data)
+        if self.size > self.limit:
+            d, self.deferred = self.deferred, None
+            self.transport.stopProducing()
+            if d is not None and not d.called:
+                d.errback(CardError(errors.UPSTREAM, f"response body over {self.limit} bytes"))
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason):
+        d, self.deferred = self.deferred, None
+        if d is None or d.called:
+            return
+        if reason.check(wclient.ResponseDone, PotentialDataLoss):
+            d.callback(b"".join(self.chunks))
+        else:
+            d.errback(reason)
+
+    def _cancel(self, d):
+        self.deferred = None
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def read_body(response, limit=MAX_BODY):
+    """A cancellable Deferred for the whole body of ``response``."""
+    collector = _Body(limit)
+    d = collector.deferred
+    response.deliverBody(collector)
+    return d
+
+
+def describe(failure):
+    """A short human reason for a failed HTTP exchange (for one log line)."""
+    value = failure.value
+    reasons = getattr(value, "reasons", None)
+    if reasons:
+        inner = "; ".join(r.getErrorMessage() or r.type.__name__ for r in reasons)
+        return f"{type(value).__name__}: {inner}"
+    if isinstance(value, ierror.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(value, ierror.ConnectError):
+        return f"cannot connect ({value})"
+    text = str(value) or type(value).__name__
+    return f"{type(value).__name__}: {text}" if type(value).__name__ not in text else text
+
+
+@implementer(IPolicyForHTTPS)
+@attr.s(frozen=True)
+class TLSPolicy:
+    """Verifies the server's certificate and host name (service-identity)
+    against ``trust_root`` (None: the system's CAs), optionally presenting
+    ``client_cert`` (a PrivateCertificate)."""
+
+    trust_root = attr.ib(default=None)
+    client_cert = attr.ib(default=None)
+
+    def creatorForNetloc(self, hostname, port):
+        from twisted.internet.ssl import optionsForClientTLS
+
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self.trust_root,
+                                   clientCertificate=self.client_cert)
+
+
+def _read(path, option):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{option}={path!r}: {e.strerror}") from None
+
+
+def load_tls(params):
+    """A TLSPolicy from ``ca=``, ``cert=``, ``key=``; ValueError if a file is bad."""
+    from twisted.internet import ssl
+
+    trust_root = None
+    if params.get("ca"):
+        blocks = _PEM_CERT.findall(_read(params["ca"], "ca"))
+        if not blocks:
+            raise ValueError(f"ca={params['ca']!r}: no PEM certificate in it")
+        try:
+            trust_root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+        except Exception as e:
+            raise ValueError(f"ca={params['ca']!r}: not a usable certificate ({e})") from None
+    client = None
+    if params.get("key") and not params.get("cert"):
+        raise ValueError("key= needs cert= too")
+    if params.get("cert"):
+        pem = _read(params["cert"], "cert")
+        if params.get("key"):
+            pem = pem + b"\n" + _read(params["key"], "key")
+        try:
+            client = ssl.PrivateCertificate.loadPEM(pem)
+        except Exception as e:
+            raise ValueError(f"cert={params['cert']!r}: not a usable certificate and private key ({e})") from None
+    return TLSPolicy(trust_root, client)
+
+
+def read_token(path):
+    data = _read(path, "token_file").decode("utf-8", "replace")
+    lines = data.splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def from_url(url, config):
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    tls = scheme == "cloudfoxy+https"
+    params = query(url, _PARAMS)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as e:
+        raise ValueError(f"bad host or port ({e})") from None
+    if not host:
+        raise ValueError("needs a server: cloudfoxy+http://HOST:PORT")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("put no credentials in the URL: the token comes from token_file=, "
+                         "--token-file or env FOXYPROXY_TOKEN")
+    if parts.fragment:
+        raise ValueError("a #fragment means nothing here")
+    if not tls and any(k in params for k in ("ca", "cert", "key")):
+        raise ValueError("ca=, cert= and key= need cloudfoxy+https://")
+    if params.get("token_file"):
+        token = read_token(params["token_file"])
+        if not token:
+            raise ValueError(f"token_file={params['token_file']!r} is empty")
+    else:
+        token = config.get("token")
+    if not token:
+        raise ValueError("no token: give token_file=FILE in the URL, --token-file FILE or env FOXYPROXY_TOKEN")
+    poll = float_param(params, "poll", 10.0, 0.05, 86400.0)
+    connections = int_param(params, "connections", 128, 1, 100000)
+    prefix = params.get("prefix", "CloudFoxy").strip()
+    policy = load_tls(params) if tls else None
+    timeout = float(config.get("command-timeout") or 15.0)
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    base = f"{'https' if tls else 'http'}://{netloc}{parts.path.rstrip('/')}"
+
+    def make(reactor):
+        from treq.client import HTTPClient
+
+        pool = wclient.HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = connections
+        pool.cachedConnectionTimeout = IDLE_TIMEOUT
+        pool.retryAutomatically = False  # an APDU must never be sent twice
+        agent = wclient.Agent(reactor, contextFactory=policy or wclient.BrowserLikePolicyForHTTPS(),
+                              pool=pool, connectTimeout=timeout)
+        return RestBackend(base_url=base, token=token, clock=reactor, http=HTTPClient(agent),
+                           pool=pool, poll=poll, timeout=timeout, prefix=prefix,
+                           connections=connections)
+
+    return make
+
+
+# --- the backend --------------------------------------------------------------
+
+class _Exchange:
+    """One card command: its HTTP request(s) (three tries on a hardware
+    error), cancellable as a whole."""
+
+    __slots__ = ("backend", "key", "params", "reset", "what", "tries", "current", "cancelled", "deferred")
+
+    def __init__(self, backend, key, params, reset, what):
+        self.backend = backend
+        self.key = key
+        self.params = params
+        self.reset = reset
+        self.what = what
+        self.tries = 0
+        self.current = None
+        self.cancelled = False
+        self.deferred = Deferred(self._cancel)
+
+    def start(self):
+        self._attempt()
+        return self.deferred
+
+    def _attempt(self):
+        self.tries += 1
+        self.current = self.backend.get(BASIC, self.params)
+        self.current.addCallbacks(self._got, self._failed)
+
+    def _got(self, body):
+        self.current = None
+        if self.cancelled:
+            return
+        try:
+            lines = body_lines(body)
+            if not lines:
+                raise CardError(errors.UPSTREAM, "empty answer")
+            if hardware_error(lines[0], self.reset) and self.tries < HW_TRIES:
+                self.backend.log.info("{server}: hardware error {sw} on {terminal}, try {n} of {max}",
+                                      server=self.backend.base_url, sw=lines[0][-4:],
+                                      terminal=self.key, n=self.tries + 1, max=HW_TRIES)
+                self._attempt()
+                return
+            value = parse_hex(lines[0], "ATR" if self.reset else "response APDU")
+        except CardError as e:
+            self.backend.log_failure(self.what, self.key, e.reason)
+            self.deferred.errback(e)
+            return
+        self.deferred.callback(value)
+
+    def _failed(self, failure):
+        self.current = None
+        if self.cancelled:
+            return
+        self.deferred.errback(self.backend.upstream_error(failure, self.what, self.key))
+
+    def _cancel(self, _d):
+        self.cancelled = True
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
+
+
+@implementer(IBackend)
+@attr.s(eq=False)
+class RestBackend:
+    """The cards of one CloudFoxy RESTful server.
+
+    ``http`` is a treq ``HTTPClient`` (or ``treq.testing.StubTreq``) whose
+    agent uses one persistent ``pool``; ``clock`` schedules the polling of
+    ``/api/v1/hello`` every ``poll`` seconds and bounds those calls by
+    ``timeout``.  Reader keys are the server's terminal names (``/IP@id``).
+    """
+
+    base_url = attr.ib()
+    token = attr.ib(repr=False)
+    clock = attr.ib()
+    http = attr.ib()
+    pool = attr.ib(default=None)
+    poll = attr.ib(default=10.0)
+    timeout = attr.ib(default=15.0)
+    prefix = attr.ib(default="CloudFoxy")
+    connections = attr.ib(default=128)
+    log = Logger()
+
+    _registry = attr.ib(init=False, default=None)
+    _headers = attr.ib(init=False, default=None)
+    _uptime = attr.ib(init=False, default=None)
+    _loaded = attr.ib(init=False, default=False)
+    _cards = attr.ib(init=False, factory=list)
+    _call = attr.ib(init=False, default=None)
+    _polling = attr.ib(init=False, default=None)
+    _retry = attr.ib(init=False, default=FIRST_RETRY)
+    _poll_error = attr.ib(init=False, default=None)
+
+    def __attrs_post_init__(self):
+        self._headers = {"X-Auth-Token": [self.token], "Accept": ["text/plain"]}
+
+    @property
+    def description(self):
+        return f"cloudfoxy REST {self.base_url}"
+
+    # -- naming
+
+    def display_name(self, native):
+        bare = native[1:] if native.startswith("/") else native
+        return f"{self.prefix} {bare}" if self.prefix else bare
+
+    def reader_info(self, native, atr):
+        aliases = tuple(dict.fromkeys(a for a in (native, foxy_name(native)) if a != self.display_name(native)))
+        return ReaderInfo(native, self.display_name(native), aliases=aliases, present=True, atr=atr)
+
+    # -- HTTP
+
+    def get(self, path, params=None):
+        """GET ``path``: a cancellable Deferred for the body of a 200 answer;
+        any other status is a CardError(C086) (after reading the body)."""
+        d = self.http.get(self.base_url + path, params=params, headers=self._headers,
+                          unbuffered=True, allow_redirects=False)
+        d.addCallback(self._check)
+        return d
+
+    def _check(self, response):
+        d = read_body(response)
+        if response.code == 200:
+            return d
+
+        def refuse(body):
+            text = " ".join(body_lines(body))[:160]
+            hint = " (is the token right?)" if response.code in (401, 403) else ""
+            raise CardError(errors.UPSTREAM, f"HTTP {response.code}{hint}: {text!r}")
+
+        return d.addCallback(refuse)
+
+    def upstream_error(self, failure, what, key):
+        """The CardError for a failed exchange, logged once; a cancellation
+        (the dispatcher's timeout, or the client gone) passes through as is."""
+        if failure.check(CancelledError, TimeoutError):
+            return failure
+        if failure.check(CardError):
+            reason = failure.value.reason
+            error = failure.value
+        else:
+            reason = describe(failure)
+            error = CardError(errors.UPSTREAM, reason)
+        self.log_failure(what, key, reason)
+        return error
+
+    def log_failure(self, what, key, reason):
+        self.log.warn("{server}: {what} on {terminal} failed: {reason}",
+                      server=self.base_url, what=what, terminal=key, reason=reason)
+
+    # -- IBackend
+
+    def reset(self, key):
+        return _Exchange(self, key, [("terminal", key), ("reset", "1")], True, "RESET").start()
+
+    def transmit(self, key, apdu):
+        params = [("terminal", key), ("reset", "0"), ("apdu", apdu.hex().upper())]
+        return _Exchange(self, key, params, False, "APDU").start()
+
+    def start(self, registry):
+        self._registry = registry
+        registry.update(self, [])  # keep this backend's place in the listing
+        self._poll()
+
+    def stop(self):
+        self._registry = None
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        polling, self._polling = self._polling, None
+        if polling is not None:
+            polling.cancel()
+        if self.pool is not None:
+            return self.pool.closeCachedConnections()
+        return None
+
+    # -- readers: /api/v1/hello and /api/v1/inventory
+
+    def _bounded(self, d):
+        return d.addTimeout(self.timeout, self.clock)
+
+    def _poll(self):
+        self._call = None
+        if self._registry is None or self._polling is not None:
+            return
+        d = self._polling = self._bounded(self.get(HELLO))
+        d.addCallback(self._hello)
+        d.addCallbacks(self._poll_ok, self._poll_failed)
+        d.addBoth(self._poll_done)
+
+    def _hello(self, body):
+        uptime = parse_uptime(body)
+        restarted = self._uptime is not None and uptime < self._uptime
+        self._uptime = uptime
+        if restarted:
+            self.log.info("{server} restarted (uptime {uptime}s): reading its inventory",
+                          server=self.base_url, uptime=uptime)
+        if restarted or not self._loaded or not self._cards:
+            return self._bounded(self.get(INVENTORY)).addCallback(self._inventory)
+        return None
+
+    def _inventory(self, body):
+        cards = parse_inventory(body)
+        if self._registry is None:
+            return
+        first = not self._loaded
+        self._loaded = True
+        self._cards = cards
+        if self.pool is not None:
+            self.pool.maxPersistentPerHost = max(self.connections, len(cards) + 8)
+        self._registry.update(self, [self.reader_info(name, atr) for name, atr in cards])
+        self.log.info("{server}: {count} cards{first}", server=self.base_url, count=len(cards),
+                      first=" (first inventory)" if first else "")
+
+    def _poll_ok(self, _):
+        if self._poll_error is not None:
+            self.log.info("{server} answers again", server=self.base_url)
+        self._poll_error = None
+        self._retry = FIRST_RETRY
+
+    def _poll_failed(self, failure):
+        if self._registry is None:
+            return  # stopped
+        if failure.check(CardError):
+            reason = failure.value.reason
+        elif failure.check(CancelledError, TimeoutError):
+            reason = f"no answer within {self.timeout:g}s"
+        else:
+            reason = describe(failure)
+        if reason != self._poll_error:
+            self.log.warn("{server}: cannot read hello/inventory: {reason}", server=self.base_url,
+                          reason=reason)
+        else:
+            self.log.debug("{server}: still failing: {reason}", server=self.base_url, reason=reason)
+        self._poll_error = reason
+
+    def _poll_done(self, _):
+        self._polling = None
+        if self._registry is None:
+            return
+        if self._loaded:
+            delay = self.poll
+        else:
+            delay = min(self._retry, self.poll)
+            self._retry = min(self._retry * 2, self.poll)
+        self._call = self.clock.callLater(delay, self._poll)

@@ -1,0 +1,44 @@
+"""``pip install .`` and ``pip install -e .`` both leave the twistd plugin
+working.  Each install goes into a fresh virtualenv that borrows the
+dependencies (Twisted, treq...) of the test environment, so no download is
+needed."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def make_venv(path):
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+    python = os.path.join(str(path), "bin", "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "borrowed-deps.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
+def test_plugin_after_install(tmp_path, editable):
+    python = make_venv(tmp_path / "venv")
+    cmd = [python, "-m", "pip", "install", "-q", "--no-deps"]
+    cmd += ["-e", ROOT] if editable else [ROOT]
+    subprocess.run(cmd, check=True, timeout=300, cwd=str(tmp_path))
+    workdir = tmp_path / "elsewhere"  # not the source tree, so only the installed plugin can be found
+    workdir.mkdir()
+    out = subprocess.run([python, "-c", RUN_TWISTD, "foxyproxy", "--help"], capture_output=True,
+                         text=True, timeout=120, cwd=str(workdir))
+    assert out.returncode == 0, out.stderr
+    assert "--backend" in out.stdout and "--command-timeout" in out.stdout
+    where = subprocess.run([python, "-c", "import cloudfoxy_proxy; print(cloudfoxy_proxy.__file__)"],
+                           capture_output=True, text=True, cwd=str(workdir)).stdout
+    if editable:
+        assert where.startswith(os.path.join(ROOT, "src"))
+    else:
+        assert where.startswith(str(tmp_path / "venv"))

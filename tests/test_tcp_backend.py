@@ -1,0 +1,566 @@
+"""Unit tests of the tcp:// / tls:// backend, in memory: a fake endpoint
+hands out StringTransports, a Clock drives reconnection and timeouts."""
+
+import base64
+import os
+import tempfile
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from cloudfoxy_proxy import errors
+from cloudfoxy_proxy.backend import IBackend
+from cloudfoxy_proxy.backends import from_url as backend_from_url
+from cloudfoxy_proxy.backends import tcp
+from cloudfoxy_proxy.dispatch import Dispatcher, Session
+from cloudfoxy_proxy.errors import CardError
+from cloudfoxy_proxy.parser import Request, make_command
+from cloudfoxy_proxy.registry import ReaderRegistry
+
+
+def b64(name):
+    return base64.b64encode(name.encode()).decode()
+
+
+@implementer(IStreamClientEndpoint)
+class FakeEndpoint:
+    """Records connection attempts; the test completes or fails each."""
+
+    def __init__(self):
+        self.attempts = []
+
+    def connect(self, factory):
+        d = Deferred()
+        self.attempts.append((factory, d))
+        return d
+
+    def succeed(self):
+        factory, d = self.attempts.pop(0)
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        d.callback(proto)
+        return Conn(proto, transport)
+
+    def fail(self):
+        factory, d = self.attempts.pop(0)
+        d.errback(ConnectionRefusedError("refused"))
+
+
+class Conn:
+    """One fake upstream connection: read what we sent, answer it."""
+
+    def __init__(self, proto, transport):
+        self.proto = proto
+        self.transport = transport
+        self.seen = 0
+
+    def requests(self):
+        """The requests written since the last call: [(reader_line, id, command)]."""
+        data = self.transport.value()[self.seen:]
+        self.seen += len(data)
+        out = []
+        for chunk in data.split(b"\n\n"):
+            if not chunk:
+                continue
+            lines = chunk.decode().split("\n")
+            assert len(lines) == 2, chunk
+            assert lines[0].startswith(">") and lines[0].endswith("|"), lines
+            assert lines[1].startswith(">") and lines[1].endswith("|"), lines
+            cid, _, command = lines[1][1:-1].partition(":")
+            out.append((lines[0][1:-1], cid, command))
+        assert data == b"" or data.endswith(b"\n\n"), data
+        return out
+
+    def answer(self, cid, result):
+        self.proto.dataReceived(f">{cid}:{result}\n@@\n".encode())
+
+    def lose(self, why=None):
+        self.proto.connectionLost(Failure(why or ConnectionLost("gone")))
+
+
+def cancel(d):
+    """Cancel like the dispatcher's timeout does, and consume the CancelledError."""
+    d.cancel()
+    assert outcome(d) == "cancelled"
+
+
+def outcome(d):
+    """A fired Deferred's result, or the CardError code it failed with."""
+    box = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    r = box[0]
+    if isinstance(r, Failure):
+        if r.check(CardError):
+            return r.value.code
+        if r.check(CancelledError):
+            return "cancelled"
+        r.raiseException()
+    return r
+
+
+NAMES = ["Emulated 00", "Emulated 01"]
+
+
+class Base(SynchronousTestCase):
+    connections = 1
+    password = None
+    prefix = "B "
+    tls = False
+
+    def setUp(self):
+        self.clock = Clock()
+        self.endpoint = FakeEndpoint()
+        self.registry = ReaderRegistry()
+        self.backend = tcp.TcpBackend(
+            endpoint=self.endpoint, clock=self.clock, where="tcp://upstream:4001",
+            password=self.password, prefix=self.prefix, connections=self.connections,
+            refresh=10.0, timeout=5.0, tls=self.tls, retry_delay=lambda failures: 1.0)
+        self.backend.start(self.registry)
+        self.addCleanup(self._stop)
+
+    def _stop(self):
+        # Calls a test left unanswered end as C086 here; consume those.
+        pending = list(self.backend._queue)
+        for conn in self.backend._live:
+            pending.extend(conn.calls)
+        for call in pending:
+            call.d.addErrback(lambda f: None)
+        self.backend.stop()
+        for conn in list(self.backend._live):
+            conn.connectionLost(Failure(ConnectionLost("test over")))
+
+    def connect(self, names=NAMES):
+        """Complete the next connection attempt and answer its READERS."""
+        conn = self.endpoint.succeed()
+        if names is not None:
+            reqs = conn.requests()
+            self.assertEqual([(r, c) for r, _, c in reqs], [("*" + self.pw_suffix(), "READERS")])
+            conn.answer(reqs[0][1], "|".join(b64(n) for n in names))
+        return conn
+
+    def pw_suffix(self):
+        return ":" + self.password if self.password else ""
+
+    def key(self, name):
+        return self.registry.get(self.prefix + name).key
+
+
+class FramingTests(Base):
+    def test_provides_ibackend(self):
+        verifyObject(IBackend, self.backend)
+        self.assertIn("tcp://upstream:4001", self.backend.description)
+
+    def test_readers_appear_with_prefix(self):
+        self.connect()
+        self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00", "B Emulated 01"])
+        self.assertEqual(self.key("Emulated 01"), "Emulated 01")
+
+    def test_request_framing_and_answer(self):
+        conn = self.connect()
+        d = self.backend.transmit("Emulated 00", bytes.fromhex("00a4000c023f00"))
+        reqs = conn.requests()
+        self.assertEqual(reqs, [("Emulated 00", reqs[0][1], "APDU:00A4000C023F00")])
+        self.assertNoResult(d)
+        conn.answer(reqs[0][1], "9000")
+        self.assertEqual(outcome(d), b"\x90\x00")
+        d = self.backend.reset("Emulated 01")
+        [(reader, cid, command)] = conn.requests()
+        self.assertEqual((reader, command), ("Emulated 01", "RESET"))
+        conn.answer(cid, "3B8B8001466F7879456D753738313677")
+        self.assertEqual(outcome(d).hex().upper(), "3B8B8001466F7879456D753738313677")
+
+    def test_exact_bytes_on_the_wire(self):
+        conn = self.connect()
+        conn.requests()
+        self.backend.transmit("Emulated 00", b"\x00\x84\x00\x00\x08")
+        self.assertEqual(conn.transport.value()[conn.seen:],
+                         b">Emulated 00|\n>2:APDU:0084000008|\n\n")
+
+    def test_answer_split_across_reads_and_crlf(self):
+        conn = self.connect()
+        d = self.backend.transmit("Emulated 00", b"\x00\x84\x00\x00\x08")
+        [(_, cid, _)] = conn.requests()
+        wire = f"#comment\r\n>{cid}:0102030405060708 9000\r\n@@\r\n".encode()
+        for i in range(len(wire)):
+            conn.proto.dataReceived(wire[i:i + 1])
+        self.assertEqual(outcome(d).hex().upper(), "01020304050607089000")
+
+    def test_name_with_colon_uses_base64_alias(self):
+        conn = self.connect(names=["odd:name", " padded "])
+        self.backend.transmit("odd:name", b"\x00\xa4\x00\x0c")
+        self.backend.transmit(" padded ", b"\x00\xa4\x00\x0c")
+        readers = [r for r, _, _ in conn.requests()]
+        self.assertEqual(readers, [b64("odd:name"), b64(" padded ")])
+
+    def test_error_codes_pass_through(self):
+        conn = self.connect()
+        results = []
+        for code in ["C080", "C081", "C082", "C084", "C085", "C086", "C090"]:
+            d = self.backend.transmit("Emulated 00", b"\x00\xa4\x00\x0c")
+            [(_, cid, _)] = conn.requests()
+            conn.answer(cid, code)
+            results.append(outcome(d))
+        self.assertEqual(results, ["C080", "C081", "C082", "C084", "C085", "C086", "C090"])
+
+    def test_not_hex_or_missing_result_is_c086(self):
+        conn = self.connect()
+        d = self.backend.transmit("Emulated 00", b"\x00\xa4\x00\x0c")
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "OK?")
+        self.assertEqual(outcome(d), errors.UPSTREAM)
+        d = self.backend.transmit("Emulated 00", b"\x00\xa4\x00\x0c")
+        conn.requests()
+        conn.proto.dataReceived(b"@@\n")
+        self.assertEqual(outcome(d), errors.UPSTREAM)
+        self.assertFalse(conn.transport.disconnecting)
+
+    def test_not_found_triggers_refresh(self):
+        conn = self.connect()
+        d = self.backend.transmit("Emulated 01", b"\x00\xa4\x00\x0c")
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "C083")
+        self.assertEqual(outcome(d), errors.NOT_FOUND)
+        [(reader, cid, command)] = conn.requests()
+        self.assertEqual((reader, command), ("*", "READERS"))
+        conn.answer(cid, b64("Emulated 00"))
+        self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00"])
+
+    def test_periodic_refresh(self):
+        conn = self.connect()
+        self.clock.advance(10)
+        [(_, cid, command)] = conn.requests()
+        self.assertEqual(command, "READERS")
+        conn.answer(cid, "|".join(b64(n) for n in NAMES + ["Emulated 02"]))
+        self.assertEqual(len(self.registry.readers), 3)
+        self.clock.advance(10)
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "not base64!|" + b64("Emulated 00"))
+        self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00"])
+
+    def test_readers_error_keeps_the_list(self):
+        conn = self.connect()
+        self.clock.advance(10)
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "C086")
+        self.assertEqual(len(self.registry.readers), 2)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class PasswordTests(Base):
+    password = "s3cret:with colon"
+
+    def test_password_on_reader_line(self):
+        conn = self.connect()
+        self.backend.transmit("Emulated 00", b"\x00\xa4\x00\x0c")
+        [(reader, _, _)] = conn.requests()
+        self.assertEqual(reader, "Emulated 00:s3cret:with colon")
+
+
+class PipelineTests(Base):
+    connections = 1
+
+    def test_pipelined_answers_matched_in_order(self):
+        conn = self.connect()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
+        reqs = conn.requests()
+        self.assertEqual([r for r, _, _ in reqs], ["Emulated 00", "Emulated 01"])
+        conn.proto.dataReceived(f">{reqs[0][1]}:6100\n@@\n>{reqs[1][1]}:6101\n@@\n".encode())
+        self.assertEqual((outcome(d0), outcome(d1)), (b"\x61\x00", b"\x61\x01"))
+
+    def test_wrong_id_drops_the_connection(self):
+        conn = self.connect()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
+        reqs = conn.requests()
+        conn.answer(reqs[1][1], "9000")  # out of order: never attributed
+        self.assertTrue(conn.transport.disconnecting)
+        conn.lose()
+        self.assertEqual((outcome(d0), outcome(d1)), ("C086", "C086"))
+
+    def test_cancelled_call_late_answer_discarded(self):
+        conn = self.connect()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        cancel(d0)  # what the dispatcher's timeout does
+        d1 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x01")
+        reqs = conn.requests()
+        self.assertEqual(len(reqs), 2)
+        conn.answer(reqs[0][1], "6A82")  # the late answer to the cancelled call
+        self.assertNoResult(d1)
+        conn.answer(reqs[1][1], "9000")
+        self.assertEqual(outcome(d1), b"\x90\x00")
+        self.assertFalse(conn.transport.disconnecting)
+
+    def test_stuck_connection_is_dropped(self):
+        conn = self.connect()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
+        cancel(d0)
+        self.clock.advance(4.9)
+        self.assertFalse(conn.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(conn.transport.disconnecting)
+        conn.lose()
+        self.assertEqual(outcome(d1), "C086")
+
+    def test_answer_stops_the_watch(self):
+        conn = self.connect()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        cancel(d0)
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "9000")
+        self.assertEqual(self.clock.getDelayedCalls().__len__(), 1)  # only the refresh loop
+        self.clock.advance(6)
+        self.assertFalse(conn.transport.disconnecting)
+
+
+class PoolTests(Base):
+    connections = 2
+
+    def test_idle_connection_preferred_and_card_affinity(self):
+        c1 = self.connect()
+        c2 = self.connect(names=None)  # the refresh went to c1 only
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        self.assertEqual(len(c1.requests()), 1)
+        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
+        self.assertEqual(len(c2.requests()), 1)  # not behind the busy c1
+        # A timed-out call keeps its card on its connection, for the card's order.
+        cancel(d0)
+        d2 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x02")
+        reqs = c1.requests()
+        self.assertEqual([c for _, _, c in reqs], ["APDU:00000002"])
+        self.assertEqual(c2.requests(), [])
+        self.assertNoResult(d1)
+        self.assertNoResult(d2)
+
+    def test_losing_one_connection_keeps_the_other(self):
+        c1 = self.connect()
+        c2 = self.connect(names=None)
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        c1.requests()
+        c1.lose()
+        self.assertEqual(outcome(d0), "C086")
+        d1 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x01")
+        [(_, cid, _)] = c2.requests()
+        c2.answer(cid, "9000")
+        self.assertEqual(outcome(d1), b"\x90\x00")
+
+
+class FailureTests(Base):
+    def test_in_flight_answered_c086_and_never_resent(self):
+        conn = self.connect()
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        conn.requests()
+        conn.lose()
+        self.assertEqual(outcome(d), "C086")
+        self.clock.advance(1.0)
+        conn2 = self.connect()
+        self.assertEqual(conn2.requests(), [])  # the APDU was not sent again
+
+    def test_queued_requests_go_out_on_reconnect(self):
+        conn = self.connect()
+        conn.lose()
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")  # no connection yet
+        d2 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x08")
+        cancel(d2)  # cancelled before it was sent: never sent
+        self.assertNoResult(d)
+        self.clock.advance(1.0)
+        conn2 = self.endpoint.succeed()
+        reqs = conn2.requests()
+        self.assertEqual([c for _, _, c in reqs], ["APDU:00000007", "READERS"])
+        conn2.answer(reqs[0][1], "9000")
+        self.assertEqual(outcome(d), b"\x90\x00")
+
+    def test_requests_before_first_connection_wait(self):
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        self.assertNoResult(d)
+        conn = self.endpoint.succeed()
+        reqs = conn.requests()
+        self.assertEqual([c for _, _, c in reqs], ["APDU:00000007", "READERS"])
+
+    def test_fail_fast_when_down(self):
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        self.endpoint.fail()
+        self.assertEqual(outcome(d), "C086")  # the waiting call fails with the attempt
+        exc = self.assertRaises(CardError, self.backend.transmit, "Emulated 00", b"\x00\x00\x00\x00")
+        self.assertEqual(exc.code, errors.UPSTREAM)
+        self.assertRaises(CardError, self.backend.reset, "Emulated 00")
+        # Back up: served again.
+        self.clock.advance(1.0)
+        conn = self.connect()
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "9000")
+        self.assertEqual(outcome(d), b"\x90\x00")
+
+    def test_down_after_losing_connection_and_failed_retry(self):
+        conn = self.connect()
+        conn.lose()
+        self.clock.advance(1.0)
+        self.endpoint.fail()
+        self.assertRaises(CardError, self.backend.transmit, "Emulated 00", b"\x00\x00\x00\x00")
+        self.assertEqual(len(self.registry.readers), 2)  # last known readers stay listed
+
+    def test_stop_fails_queued_and_refuses_new(self):
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        self.backend.stop()
+        self.assertEqual(outcome(d), "C086")
+        self.assertRaises(CardError, self.backend.transmit, "Emulated 00", b"\x00\x00\x00\x00")
+
+    def test_stop_answers_in_flight(self):
+        conn = self.connect()
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        stopped = self.backend.stop()
+        self.assertTrue(conn.transport.disconnecting)
+        conn.lose()
+        self.assertEqual(outcome(d), "C086")
+        self.successResultOf(stopped)
+
+    def test_overlong_line_drops_connection(self):
+        conn = self.connect()
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        conn.proto.dataReceived(b">" + b"9" * (tcp.MAX_LINE + 1))
+        self.assertTrue(conn.transport.disconnecting)
+        conn.lose()
+        self.assertEqual(outcome(d), "C086")
+
+    def test_default_backoff_is_bounded(self):
+        backend = tcp.TcpBackend(endpoint=self.endpoint, clock=self.clock)
+        for failures in range(0, 40):
+            backend._failures = failures
+            delay = backend._retry(1)
+            self.assertTrue(tcp.MIN_BACKOFF / 2 <= delay <= tcp.MAX_BACKOFF, delay)
+
+    def test_quick_close_counts_as_failure(self):
+        conn = self.connect(names=None)  # never answers anything
+        conn.lose()
+        self.assertEqual(self.backend._failures, 1)
+        self.clock.advance(1.0)
+        conn = self.connect()
+        self.clock.advance(2.0)
+        conn.lose()
+        self.assertEqual(self.backend._failures, 0)
+
+
+class TLSTests(Base):
+    tls = True
+
+    def test_usable_only_after_handshake(self):
+        conn = self.endpoint.succeed()
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        self.assertEqual(conn.requests(), [])  # nothing before the peer is verified
+        conn.proto.handshakeCompleted()
+        reqs = conn.requests()
+        self.assertEqual([c for _, _, c in reqs], ["APDU:00000007", "READERS"])
+        conn.answer(reqs[0][1], "9000")
+        self.assertEqual(outcome(d), b"\x90\x00")
+
+    def test_failed_handshake_is_a_failed_attempt(self):
+        conn = self.endpoint.succeed()
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        conn.lose(ConnectionLost("certificate verify failed"))
+        self.assertEqual(outcome(d), "C086")
+        self.assertEqual(conn.requests(), [])
+        self.assertRaises(CardError, self.backend.transmit, "Emulated 00", b"\x00\x00\x00\x00")
+
+
+class DispatcherTests(Base):
+    """Through the real Dispatcher: its timeout cancels our Deferred."""
+
+    def test_timeout_then_next_command(self):
+        conn = self.connect()
+        dispatcher = Dispatcher(self.registry, self.clock, command_timeout=2.0)
+        request = Request("B Emulated 00", None, [make_command(["1", "APDU", "00A4000C023F00"])])
+        d1 = dispatcher.execute(request, Session())
+        self.clock.advance(2.0)
+        self.assertEqual(self.successResultOf(d1), [("1", "C086")])
+        request = Request("B Emulated 00", None, [make_command(["2", "APDU", "0084000008"])])
+        d2 = dispatcher.execute(request, Session())
+        reqs = conn.requests()
+        self.assertEqual([c for _, _, c in reqs], ["APDU:00A4000C023F00", "APDU:0084000008"])
+        conn.answer(reqs[0][1], "9000")  # late: discarded
+        self.assertNoResult(d2)
+        conn.answer(reqs[1][1], "01020304050607089000")
+        self.assertEqual(self.successResultOf(d2), [("2", "01020304050607089000")])
+
+    def test_fail_fast_through_dispatcher(self):
+        self.connect().lose()
+        self.clock.advance(1.0)
+        self.endpoint.fail()
+        dispatcher = Dispatcher(self.registry, self.clock, command_timeout=2.0)
+        request = Request("B Emulated 00", None, [make_command(["1", "RESET"])])
+        self.assertEqual(dispatcher.execute(request, Session()), [("1", "C086")])
+
+
+class FromUrlTests(SynchronousTestCase):
+    def tmpfile(self, text):
+        fd, path = tempfile.mkstemp()
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        self.addCleanup(os.unlink, path)
+        return path
+
+    def make(self, url, config=None):
+        return backend_from_url(url, config or {})(MemoryReactorClock())
+
+    def test_defaults(self):
+        b = self.make("tcp://127.0.0.1:4001")
+        verifyObject(IBackend, b)
+        self.assertEqual((b.where, b.connections, b.refresh, b.prefix, b.password, b.tls),
+                         ("tcp://127.0.0.1:4001", 4, 10.0, "", None, False))
+        self.assertEqual(self.make("tcp://[::1]").where, "tcp://[::1]:4001")
+
+    def test_params(self):
+        b = self.make("tcp://h:5?prefix=B%20&connections=2&refresh=0",
+                      {"command-timeout": 3.0, "password": "pw"})
+        self.assertEqual((b.prefix, b.connections, b.refresh, b.timeout, b.password),
+                         ("B ", 2, 0.0, 3.0, "pw"))
+
+    def test_password_file_wins(self):
+        path = self.tmpfile("from-file\nsecond line\n")
+        b = self.make(f"tcp://h:5?password_file={path}", {"password": "from-config"})
+        self.assertEqual(b.password, "from-file")
+        self.assertNotIn("from-file", b.description + repr(b))
+
+    def test_bad_urls(self):
+        for url, words in [
+            ("tcp://h:5?password=x", "password_file"),
+            ("tcp://user:pw@h:5", "credentials"),
+            ("tcp://:5", "HOST"),
+            ("tcp://h:99999", "port"),
+            ("tcp://h:5/path", "path"),
+            ("tcp://h:5?ca=x", "unknown parameter"),
+            ("tcp://h:5?connections=0", "out of range"),
+            ("tcp://h:5?refresh=0.01", "refresh"),
+            ("tcp://h:5?password_file=/nonexistent/pw", "password_file"),
+            ("tls://h:5?ca=/nonexistent/ca.pem", "ca="),
+            ("tls://h:5?cert=/x.pem", "key="),
+        ]:
+            with self.assertRaises(ValueError) as cm:
+                backend_from_url(url, {})
+            self.assertIn(words, str(cm.exception), url)
+
+    def test_password_that_reads_as_a_command(self):
+        with self.assertRaises(ValueError) as cm:
+            backend_from_url("tcp://h:5", {"password": "apdu"})
+        self.assertIn("command", str(cm.exception))
+
+    def test_ca_without_certificate(self):
+        path = self.tmpfile("not a certificate")
+        with self.assertRaises(ValueError) as cm:
+            backend_from_url(f"tls://h:5?ca={path}", {})
+        self.assertIn("no PEM certificate", str(cm.exception))
+
+    def test_tls_builds(self):
+        b = self.make("tls://localhost:4002?prefix=T%20")
+        self.assertTrue(b.tls)
+        self.assertEqual(b.where, "tls://localhost:4002")
