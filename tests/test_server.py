@@ -243,3 +243,15 @@ class SchedulingTests(SynchronousTestCase):
         self.h.dispatcher.submit("Emulated 00", [make_command(["1", "APDU", "00A4000C023F00"])]).addCallback(
             results.append)
         self.assertEqual(results, [[("1", "9000")]])
+
+
+class HalfCloseTests(SynchronousTestCase):
+    def test_eof_answers_everything_then_closes(self):
+        h = Harness()
+        p, t = h.connect()
+        p.dataReceived(b">Slow A|\n>1:RESET|\n\n>Emulated 00|\n>2:APDU:00A4000C023F00|")
+        p.readConnectionLost()
+        self.assertFalse(t.disconnecting)  # still waiting on the slow card
+        h.manual.calls[0][2].callback(b"\x3b\x00")
+        self.assertEqual(take(t), ">1:3B00\n@@\n>2:9000\n@@\n")
+        self.assertTrue(t.disconnecting)

@@ -232,7 +232,9 @@ class RestResource(Resource):
         for _, result in lines:
             if errors.is_error(result):
                 return self._error(request, result, terminal)
-        return "".join(result + "\n" for _, result in lines).encode("ascii")
+        # One line: the ATR of a reset, else the response APDU (a reset
+        # before an APDU is done, but only the APDU's answer is returned).
+        return (lines[-1][1] + "\n").encode("ascii")
 
     def _error(self, request, code, terminal):
         if code == errors.NOT_FOUND:

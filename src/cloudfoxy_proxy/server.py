@@ -2,7 +2,7 @@
 writing responses.  Parsing lives in ``parser``, execution in ``dispatch``."""
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
@@ -24,7 +24,7 @@ def format_response(lines):
     return ("".join([f">{cid}:{result}\n" for cid, result in lines]) + TERMINATOR).encode("utf-8")
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class LineProtocol(Protocol):
     """One client connection.
 
@@ -46,6 +46,7 @@ class LineProtocol(Protocol):
         self._inflight = None  # Deferred of the request waiting on a backend
         self._write_paused = False
         self._closed = False
+        self._eof = False  # the client half-closed: answer what it sent, then close
 
     def connectionMade(self):
         peer = self.transport.getPeer()
@@ -77,6 +78,22 @@ class LineProtocol(Protocol):
 
     def stopProducing(self):
         pass
+
+    # IHalfCloseableProtocol: ``printf ... | nc -N`` sends its requests, then
+    # EOF; it gets every answer, then the connection closes.
+    def readConnectionLost(self):
+        self._eof = True
+        if self._pos < len(self._buf):
+            self._buf += b"\n"  # a last line without its newline still counts
+        self._process()
+        self._close_if_done()
+
+    def writeConnectionLost(self):
+        self.transport.loseConnection()
+
+    def _close_if_done(self):
+        if self._eof and self._inflight is None and not self._closed:
+            self.transport.loseConnection()
 
     def dataReceived(self, data):
         if self._pos == len(self._buf):
@@ -138,9 +155,10 @@ class LineProtocol(Protocol):
         if self._closed:
             return
         self._respond(lines)
-        if not self._write_paused:
+        if not self._write_paused and not self._eof:
             self.transport.resumeProducing()
         self._process()
+        self._close_if_done()
 
     def _lost(self, failure, request):
         if failure.check(CancelledError) and self._closed:

@@ -199,6 +199,10 @@ class TLSPolicy:
                                    clientCertificate=self.client_cert)
 
 
+class _QuietHTTP11ClientFactory(wclient._HTTP11ClientFactory):
+    noisy = False
+
+
 def _read(path, option):
     try:
         with open(path, "rb") as f:
@@ -283,6 +287,7 @@ def from_url(url, config):
         pool.maxPersistentPerHost = connections
         pool.cachedConnectionTimeout = IDLE_TIMEOUT
         pool.retryAutomatically = False  # an APDU must never be sent twice
+        pool._factory = _QuietHTTP11ClientFactory  # no log line per connection
         agent = wclient.Agent(reactor, contextFactory=policy or wclient.BrowserLikePolicyForHTTPS(),
                               pool=pool, connectTimeout=timeout)
         return RestBackend(base_url=base, token=token, clock=reactor, http=HTTPClient(agent),

@@ -331,6 +331,8 @@ class _TLSUpstreamProtocol(_UpstreamProtocol):
 
 
 class _UpstreamFactory(Factory):
+    noisy = False  # no "Starting factory" line for every connection attempt
+
     def __init__(self, backend):
         self.backend = backend
 

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Profile the proxy under the 50-client K=1 emulated load with py-spy.
+
+    .venv/bin/python bench/profiling.py [--seconds 8]     # or: bench/run.py --profile-only
+
+Starts ``twistd -n foxyproxy`` (tests/support.py ProxyProcess), drives it
+with bench/loadgen.py, and samples it twice with ``py-spy record
+--nonblocking`` (no ptrace stops): once as collapsed stacks
+(bench/results/profile.txt, summarised here) and once as a flame graph
+(bench/results/profile.svg).  Prints the top costs as shares of the
+proxy's busy CPU: py-spy does not sample a thread idle in epoll.
+"""
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, REPO)
+
+from support import HOST, ProxyProcess  # noqa: E402
+
+from bench import loadgen  # noqa: E402
+
+#: (substring of a frame's file, area) — first match wins.
+AREAS = [
+    ("cloudfoxy_proxy/server.py", "server.py: framing, flow control, response writing"),
+    ("cloudfoxy_proxy/parser.py", "parser.py: request parsing"),
+    ("cloudfoxy_proxy/dispatch.py", "dispatch.py: request execution"),
+    ("cloudfoxy_proxy/registry.py", "registry.py: reader resolution, card queue"),
+    ("cloudfoxy_proxy/backends/", "backends (emulated)"),
+    ("cloudfoxy_proxy/cards/", "emulated card model (ISO 7816)"),
+    ("cloudfoxy_proxy/logs.py", "logging"),
+    ("twisted/internet/defer.py", "Twisted Deferreds"),
+    ("twisted/logger/", "logging"),
+    ("twisted/python/log.py", "Twisted reactor loop (callWithLogger/context)"),
+    ("twisted/python/context.py", "Twisted reactor loop (callWithLogger/context)"),
+    ("twisted/internet/tcp.py", "Twisted TCP transport (incl. send/recv syscalls)"),
+    ("twisted/internet/abstract.py", "Twisted TCP transport (incl. send/recv syscalls)"),
+    ("twisted/internet/_newtls.py", "Twisted TCP transport (incl. send/recv syscalls)"),
+    ("twisted/internet/", "Twisted reactor loop (epoll, dispatch)"),
+    ("attr", "attrs"),
+]
+
+
+def area(frame):
+    for needle, name in AREAS:
+        if needle in frame:
+            return name
+    return "other"
+
+
+def parse_collapsed(path):
+    """[(frames, count)] from py-spy's raw (collapsed) output."""
+    stacks = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            frames, _, count = line.rpartition(" ")
+            try:
+                n = int(count)
+            except ValueError:
+                continue
+            stacks.append((frames.split(";"), n))
+    return stacks
+
+
+def summarise(stacks, top=15):
+    total = sum(n for _, n in stacks) or 1
+    self_t = collections.Counter()
+    incl = collections.Counter()
+    areas = collections.Counter()
+    for frames, n in stacks:
+        leaf = frames[-1]
+        self_t[leaf] += n
+        areas[area(leaf)] += n
+        for fr in set(frames):
+            incl[fr] += n
+    skip = ("<module> (twistd", "run (twisted/scripts", "run (twisted/application", "runApp",
+            "ApplicationRunner", "UnixApplicationRunner", "runReactorWithLogging", "ReactorBase.run ",
+            "ReactorBase.mainLoop")
+    inclusive = [(f, n / total) for f, n in incl.most_common() if not f.startswith(skip)]
+    return {
+        "samples": total,
+        "self": [(f, n / total) for f, n in self_t.most_common(top)],
+        "inclusive": inclusive[:top],
+        "areas": [(a, n / total) for a, n in areas.most_common()],
+    }
+
+
+def profile(spy, seconds=8.0, outdir=None, log=print, clients=50, rate=500):
+    """Run the load, sample it, return the summary dict (also written as JSON)."""
+    outdir = outdir or os.path.join(BENCH, "results")
+    os.makedirs(outdir, exist_ok=True)
+    raw = os.path.join(outdir, "profile.txt")
+    svg = os.path.join(outdir, "profile.svg")
+    p = ProxyProcess().start()
+    errors = []
+    try:
+        pid = p.proc.pid
+
+        def sample():
+            time.sleep(1.0)  # after the warm-up
+            for fmt_, out in (("raw", raw), ("flamegraph", svg)):
+                cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate",
+                       str(rate), "--nonblocking", "--function", "--format", fmt_, "-o", out]
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+                    if done.returncode:
+                        errors.append(done.stderr[-2000:])
+                except subprocess.TimeoutExpired as e:
+                    errors.append(f"py-spy timed out: {e}")
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        r = loadgen.run(HOST, p.port, clients=clients, k=1, duration=2 * int(seconds) + 1.5,
+                        warmup=0.8, pid=pid)
+        th.join(seconds * 2 + 60)
+    finally:
+        p.stop()
+    if errors or not os.path.exists(raw):
+        raise RuntimeError(f"py-spy failed: {errors}")
+    s = summarise(parse_collapsed(raw))
+    s.update({"rate": rate, "seconds": int(seconds), "svg": svg, "raw": raw, "load": r})
+    log(f"  profiled {s['samples']} samples while serving {r['apdus_per_s']:.0f} APDUs/s "
+        f"({r.get('proxy_cpu_us_per_apdu', 0):.1f} us/APDU, {r['errors']} errors)")
+    with open(os.path.join(outdir, "profile.json"), "w") as f:
+        json.dump(s, f, indent=1)
+    return s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="py-spy profile of the proxy under load")
+    p.add_argument("--seconds", type=float, default=8.0, help="seconds per py-spy recording")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--rate", type=int, default=500, help="samples per second")
+    a = p.parse_args(argv)
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        print("py-spy is not installed: pip install py-spy", file=sys.stderr)
+        return 2
+    s = profile(spy, a.seconds, clients=a.clients, rate=a.rate)
+    print(f"\n{s['samples']} samples; shares of the proxy's busy CPU\n\nby area:")
+    for name, share in s["areas"]:
+        print(f"  {100 * share:5.1f}%  {name}")
+    print("\nself time:")
+    for name, share in s["self"]:
+        print(f"  {100 * share:5.1f}%  {name}")
+    print("\ninclusive time:")
+    for name, share in s["inclusive"]:
+        print(f"  {100 * share:5.1f}%  {name}")
+    print(f"\nflame graph: {s['svg']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,479 @@
+"""The vpcd bridge: one backend card shown as a local PC/SC reader.
+
+vsmartcard's vpcd is a pcsc-lite reader driver that listens on TCP port
+35963 + slot and waits for a "virtual card" to connect (PROTOCOL.md
+section 3).  ``--vpcd HOST:PORT=READER`` makes the proxy that virtual card:
+it connects to vpcd and forwards what vpcd asks to the card READER (resolved
+like a reader line) through :meth:`Dispatcher.submit`, so the card's
+per-card queue and the command timeout apply as for every other client.
+
+The pieces, from the wire inwards:
+
+* :class:`FrameDecoder`, :func:`encode`, :func:`parse_message`,
+  :func:`apdu_answer`: pure framing and mapping, no I/O.
+* :class:`VpcdProtocol`: thin; frames bytes, runs one message at a time in
+  order, writes each answer with one write.
+* :class:`BridgedCard`: what power on/off, reset, get ATR and an APDU mean
+  for the backend card (RESET and APDU through the dispatcher; ATR cached).
+* :class:`VpcdBridge`: the lifecycle.  A ``ClientService`` (reconnects with
+  a capped back-off when vpcd or pcscd restarts) that runs only while the
+  reader exists and holds a card; a failed card makes it disconnect, so
+  pcscd reports the card removed, and reconnect when the card is back.
+"""
+
+import random
+import socket
+from collections import deque
+
+import attr
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, fail, succeed
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from . import errors
+from .errors import CardError
+from .logs import Logger
+from .parser import make_command
+
+# -- wire format (pure) --------------------------------------------------------
+
+#: vpcd's one-byte control messages (vpcd -> card).
+POWER_OFF, POWER_ON, RESET, GET_ATR = 0x00, 0x01, 0x02, 0x04
+APDU = "APDU"
+CONTROL_NAMES = {POWER_OFF: "power off", POWER_ON: "power on", RESET: "reset", GET_ATR: "get ATR"}
+
+#: The 2-byte length field's ceiling.  Every command APDU pcscd can send
+#: (extended length included) fits, so the decoder's real job is refusing
+#: length 0 and garbage; a lower ``max_length`` is for tests.
+MAX_FRAME = 0xFFFF
+
+#: Messages from vpcd queued behind one that waits on the backend.  vpcd
+#: waits for each answer, so more than a few means the peer is not vpcd.
+MAX_PENDING = 64
+
+#: Result codes that mean the card is gone or failed: the bridge
+#: disconnects so that pcscd reports the card removed.
+CARD_FAILED = frozenset((errors.NO_CARD, errors.NOT_FOUND, errors.AMBIGUOUS, errors.UPSTREAM))
+
+SW_WRONG_LENGTH = b"\x67\x00"
+SW_NO_DIAGNOSIS = b"\x6F\x00"
+
+#: Set TCP_QUICKACK whenever data arrives (Linux).  Debian's vpcd writes the
+#: 2-byte length and the APDU separately without TCP_NODELAY, so the APDU
+#: waits until its length is ACKed; a delayed ACK makes that ~40 ms.
+QUICKACK = hasattr(socket, "TCP_QUICKACK")
+
+
+class FrameError(ValueError):
+    """vpcd sent something that is not a vpcd message."""
+
+
+class FrameDecoder:
+    """Splits a byte stream into vpcd messages (2-byte big-endian length,
+    then that many bytes).  ``feed`` returns the complete messages so far
+    and keeps the rest; it raises :class:`FrameError` on length 0 or a
+    length above ``max_length``."""
+
+    __slots__ = ("max_length", "_buf")
+
+    def __init__(self, max_length=MAX_FRAME):
+        self.max_length = max_length
+        self._buf = b""
+
+    @property
+    def partial(self):
+        """True while part of a message is buffered."""
+        return bool(self._buf)
+
+    def feed(self, data):
+        buf = self._buf + data if self._buf else data
+        frames = []
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            length = (buf[pos] << 8) | buf[pos + 1]
+            if length == 0:
+                raise FrameError("a message of length 0")
+            if length > self.max_length:
+                raise FrameError(f"a message of {length} bytes (limit {self.max_length})")
+            stop = pos + 2 + length
+            if stop > end:
+                break
+            frames.append(bytes(buf[pos + 2:stop]))
+            pos = stop
+        self._buf = bytes(buf[pos:])
+        return frames
+
+
+def encode(payload):
+    """One message: 2-byte big-endian length, then ``payload`` (1..65535 bytes)."""
+    if not 0 < len(payload) <= MAX_FRAME:
+        raise ValueError(f"cannot send a message of {len(payload)} bytes to vpcd")
+    return len(payload).to_bytes(2, "big") + payload
+
+
+@attr.s(slots=True, frozen=True)
+class Message:
+    """A message from vpcd: ``kind`` is POWER_OFF, POWER_ON, RESET, GET_ATR or
+    APDU (then ``apdu`` holds the command APDU)."""
+
+    kind = attr.ib()
+    apdu = attr.ib(default=None)
+
+
+_CONTROLS = {code: Message(code) for code in CONTROL_NAMES}
+
+
+def parse_message(payload):
+    """A :class:`Message` from one frame's payload; FrameError for an
+    unknown one-byte control code."""
+    if len(payload) == 1:
+        message = _CONTROLS.get(payload[0])
+        if message is None:
+            raise FrameError(f"unknown control byte 0x{payload[0]:02X}")
+        return message
+    return Message(APDU, payload)
+
+
+def apdu_answer(result):
+    """The response APDU to give vpcd for a dispatcher result, or None when
+    the result means the card failed (:data:`CARD_FAILED`).  Other result
+    codes become status words, as a card would answer: malformed data
+    ``6700``, anything else ``6F00``.  vpcd takes an empty answer for a
+    dead card, so an empty one becomes ``6F00`` too."""
+    if errors.is_error(result):
+        if result in CARD_FAILED:
+            return None
+        return SW_WRONG_LENGTH if result == errors.MALFORMED else SW_NO_DIAGNOSIS
+    answer = bytes.fromhex(result)
+    return answer if len(answer) >= 2 else SW_NO_DIAGNOSIS
+
+
+# -- the card ------------------------------------------------------------------
+
+@attr.s(eq=False)
+class BridgedCard:
+    """The backend card as vpcd's virtual card.
+
+    Power on and reset reset the backend card (power on skips it while the
+    card is still fresh from a reset nobody has sent an APDU after); power
+    off only marks the card unpowered; get ATR answers from the cached ATR
+    (a reset first if there is none); an APDU goes to the card.  Each method
+    of :meth:`handle` gives a Deferred firing with the answer bytes, or None
+    for no answer, or failing with CardError when the card failed.
+    """
+
+    reader = attr.ib()
+    dispatcher = attr.ib()
+    atr = attr.ib(default=None, init=False)
+    fresh = attr.ib(default=False, init=False)
+
+    log = Logger()
+
+    def _submit(self, fields):
+        return self.dispatcher.submit(self.reader, [make_command(fields)],
+                                      password=self.dispatcher.password)
+
+    def reset(self):
+        """Reset the backend card; a Deferred for its ATR."""
+        d = self._submit(["r", "RESET"])
+        d.addCallback(self._reset_done)
+        return d
+
+    def _reset_done(self, lines):
+        result = lines[0][1]
+        if errors.is_error(result) or not result:
+            self.forget()
+            raise CardError(result or errors.UPSTREAM, f"RESET of {self.reader!r} gave {result!r}")
+        self.atr = bytes.fromhex(result)
+        self.fresh = True
+        return self.atr
+
+    def transmit(self, apdu):
+        self.fresh = False
+        d = self._submit(["a", "APDU", apdu.hex()])
+        d.addCallback(self._transmit_done)
+        return d
+
+    def _transmit_done(self, lines):
+        result = lines[0][1]
+        answer = apdu_answer(result)
+        if answer is None:
+            self.forget()
+            raise CardError(result, f"APDU to {self.reader!r} gave {result}")
+        return answer
+
+    def forget(self):
+        """The card failed or went away: the next connection starts with a reset."""
+        self.atr = None
+        self.fresh = False
+
+    def handle(self, message):
+        kind = message.kind
+        if kind == APDU:
+            return self.transmit(message.apdu)
+        if kind == GET_ATR:
+            return succeed(self.atr) if self.atr is not None else self.reset()
+        if kind == POWER_OFF:
+            self.fresh = False
+            return succeed(None)
+        if kind == POWER_ON and self.fresh:
+            return succeed(None)
+        return self.reset().addCallback(lambda _: None)  # power on, reset
+
+
+# -- the protocol ----------------------------------------------------------------
+
+class VpcdProtocol(Protocol):
+    """One connection to vpcd: frames messages, runs them one at a time in
+    arrival order (each answer before the next message starts), and closes
+    the connection when vpcd sends garbage or the card fails."""
+
+    log = Logger()
+
+    def __init__(self, card, bridge=None, quickack=QUICKACK):
+        self.card = card
+        self.bridge = bridge
+        self.quickack = quickack
+        self.decoder = FrameDecoder()
+        self.pending = deque()
+        self.inflight = None  # Deferred of the message being handled
+        self.closed = False
+        self._sock = None
+        self._running = False
+
+    def connectionMade(self):
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+        if self.quickack:
+            handle = getattr(self.transport, "getHandle", lambda: None)()
+            if hasattr(handle, "setsockopt"):
+                self._sock = handle
+        if self.bridge is not None:
+            self.bridge.connected(self)
+
+    def connectionLost(self, reason):
+        self.closed = True
+        self.pending.clear()
+        d, self.inflight = self.inflight, None
+        if d is not None:
+            d.cancel()
+        if self.bridge is not None:
+            self.bridge.disconnected(self)
+
+    def dataReceived(self, data):
+        if self.closed:
+            return
+        if self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                self._sock = None
+        try:
+            for payload in self.decoder.feed(data):
+                self.pending.append(parse_message(payload))
+            if len(self.pending) > MAX_PENDING:
+                raise FrameError(f"more than {MAX_PENDING} messages without waiting for answers")
+        except FrameError as e:
+            self.log.warn("vpcd sent {problem}; closing the connection", problem=str(e))
+            self.close()
+            return
+        self._run()
+
+    def close(self):
+        """Stop handling messages and close the connection (answers already
+        written are still delivered)."""
+        if not self.closed:
+            self.closed = True
+            self.pending.clear()
+            self.transport.loseConnection()
+
+    def _run(self):
+        if self._running:
+            return  # an answer that came at once: the loop below carries on
+        self._running = True
+        try:
+            while self.pending and self.inflight is None and not self.closed:
+                message = self.pending.popleft()
+                try:
+                    d = self.card.handle(message)
+                except Exception:
+                    d = fail()
+                self.inflight = d
+                d.addCallbacks(self._answered, self._failed, errbackArgs=(message,))
+        finally:
+            self._running = False
+
+    def _answered(self, answer):
+        self.inflight = None
+        if self.closed:
+            return
+        if answer is not None:
+            self.transport.write(encode(answer))
+        self._run()
+
+    def _failed(self, failure, message):
+        self.inflight = None
+        if self.closed:
+            if not failure.check(CancelledError, CardError):
+                self.log.failure("vpcd bridge failed", failure)
+            return
+        what = CONTROL_NAMES.get(message.kind, "APDU")
+        if failure.check(CardError):
+            self.log.warn("card {reader} failed ({code}) on {what}; disconnecting from vpcd",
+                          reader=self.card.reader, code=failure.value.code, what=what)
+        else:
+            self.log.failure("vpcd bridge failed on {what}", failure, what=what)
+            self.card.forget()
+        self.close()
+
+
+@attr.s(eq=False)
+class VpcdFactory(Factory):
+    card = attr.ib()
+    noisy = False
+    bridge = attr.ib(default=None)
+    quickack = attr.ib(default=QUICKACK)
+
+    def buildProtocol(self, addr):
+        return VpcdProtocol(self.card, self.bridge, self.quickack)
+
+
+# -- lifecycle ---------------------------------------------------------------------
+
+def retry_policy(initial=0.25, cap=3.0, jitter=0.1):
+    """Seconds to wait before connection attempt n: doubling from
+    ``initial``, capped at ``cap``, plus up to ``jitter`` seconds."""
+    return backoffPolicy(initialDelay=initial, factor=2.0, maxDelay=cap,
+                         jitter=lambda: random.random() * jitter)
+
+
+@implementer(IStreamClientEndpoint)
+@attr.s(eq=False, repr=False)
+class WhenCardReady:
+    """Connects to vpcd only after the bridge's card is found, present and
+    reset (its ATR cached); otherwise the attempt fails and ClientService
+    retries after its back-off."""
+
+    bridge = attr.ib()
+    endpoint = attr.ib()
+
+    def connect(self, factory):
+        d = self.bridge.prepare()
+        d.addCallback(lambda _: self.endpoint.connect(factory))
+        d.addErrback(self.bridge.attempt_failed)
+        return d
+
+    def __repr__(self):
+        return f"<vpcd {self.bridge.where} for {self.bridge.card.reader!r}>"
+
+
+@attr.s(eq=False)
+class VpcdBridge(Service):
+    """Keeps the card ``card`` connected to vpcd at ``endpoint`` while the
+    backend reader exists and holds a card."""
+
+    card = attr.ib()
+    registry = attr.ib()
+    endpoint = attr.ib()
+    clock = attr.ib()
+    where = attr.ib(default="vpcd")
+    retry = attr.ib(factory=retry_policy)
+    quickack = attr.ib(default=QUICKACK)
+    client = attr.ib(init=False, default=None)
+    protocol = attr.ib(init=False, default=None)
+    _listening = attr.ib(init=False, default=False)
+    _problem = attr.ib(init=False, default=None)
+
+    log = Logger()
+
+    def __attrs_post_init__(self):
+        self.factory = VpcdFactory(self.card, self, self.quickack)
+        self.client = ClientService(WhenCardReady(self, self.endpoint), self.factory,
+                                    retryPolicy=self.retry, clock=self.clock)
+
+    def startService(self):
+        Service.startService(self)
+        if not self._listening:
+            self._listening = True
+            self.registry.add_listener(self._changed)
+        self._changed(self.registry)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self.client.running:
+            return self.client.stopService()
+        return None
+
+    def available(self):
+        """None when the card can be bridged, else what is wrong."""
+        try:
+            reader = self.registry.resolve(self.card.reader)
+        except CardError as e:
+            if e.code == errors.AMBIGUOUS:
+                return "the reader matches several readers"
+            return "no such reader"
+        if not reader.present:
+            return f"no card in {reader.name}"
+        return None
+
+    def _changed(self, registry):
+        if not self.running:
+            return
+        problem = self.available()
+        if problem is None and not self.client.running:
+            self._note(None)
+            self.log.info("vpcd bridge {where}: card {reader} available; connecting",
+                          where=self.where, reader=self.card.reader)
+            self.client.startService()
+        elif problem is not None and self.client.running:
+            self._note(problem)
+            self.card.forget()
+            self.client.stopService()
+
+    def prepare(self):
+        """Before each connection attempt: the card is there and reset."""
+        problem = self.available()
+        if problem is not None:
+            return fail(CardError(errors.NO_CARD, problem))
+        return self.card.reset()
+
+    def attempt_failed(self, failure):
+        if failure.check(CardError):
+            self._note(failure.value.reason or str(failure.value))
+        elif not failure.check(CancelledError):
+            self._note(failure.getErrorMessage())
+        return failure
+
+    def _note(self, problem):
+        """Log a reason for not being connected once, not at every retry."""
+        if problem != self._problem:
+            self._problem = problem
+            if problem is not None:
+                self.log.info("vpcd bridge {where} for {reader}: not connected: {problem}",
+                              where=self.where, reader=self.card.reader, problem=problem)
+
+    def connected(self, protocol):
+        self.protocol = protocol
+        self._problem = None
+        self.log.info("vpcd bridge {where}: card {reader} connected to vpcd",
+                      where=self.where, reader=self.card.reader)
+
+    def disconnected(self, protocol):
+        if self.protocol is protocol:
+            self.protocol = None
+        self.log.info("vpcd bridge {where}: card {reader} disconnected from vpcd",
+                      where=self.where, reader=self.card.reader)
+
+
+def make_vpcd_service(host, port, reader, dispatcher, registry, reactor):
+    """The service behind ``--vpcd HOST:PORT=READER``."""
+    from twisted.internet.endpoints import HostnameEndpoint
+
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+    return VpcdBridge(BridgedCard(reader, dispatcher), registry, endpoint, reactor, where=where,
+                      quickack=QUICKACK)

@@ -1,0 +1,239 @@
+"""Unit tests of the CloudFoxy-compatible REST front end (``--rest``), in
+memory: ``treq.testing.StubTreq`` speaks real HTTP to the resource; the
+cards are emulated; a Clock drives card latency and timeouts."""
+
+import base64
+
+from treq.testing import StubTreq
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from cloudfoxy_proxy import restapi
+from cloudfoxy_proxy.backend import IBackend, ReaderInfo
+from cloudfoxy_proxy.backends.emulated import EmulatedBackend
+from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
+from cloudfoxy_proxy.dispatch import Dispatcher
+from cloudfoxy_proxy.registry import ReaderRegistry
+
+TOKEN = "front-token"
+ATR = "3B8B8001466F7879456D753738313677"
+BASE = "http://proxy.test"
+
+
+@implementer(IBackend)
+class ManualBackend:
+    """Cards whose answers the test gives by hand (``pending``)."""
+
+    description = "manual"
+
+    def __init__(self, infos):
+        self.infos = infos
+        self.pending = []
+
+    def start(self, registry):
+        registry.update(self, self.infos)
+
+    def stop(self):
+        pass
+
+    def reset(self, key):
+        return bytes.fromhex(ATR)
+
+    def transmit(self, key, apdu):
+        d = Deferred(lambda _: self.pending.remove((key, apdu, d)))
+        self.pending.append((key, apdu, d))
+        return d
+
+    def answer(self, result):
+        """Answer the oldest command waiting on a card."""
+        self.pending.pop(0)[2].callback(result)
+
+
+def result_of(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+class RestApiTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.registry = ReaderRegistry()
+        self.emulated = EmulatedBackend(clock=self.clock, cards=[Iso7816Card(serial=i) for i in range(3)])
+        self.emulated.start(self.registry)
+        self.manual = ManualBackend([
+            ReaderInfo("/10.0.0.1@1", "CloudFoxy 10.0.0.1@1", aliases=("/10.0.0.1@1", "Foxy NET 10.0.0.1-1"),
+                       atr=bytes.fromhex(ATR)),
+            ReaderInfo("/10.0.0.1@2", "CloudFoxy 10.0.0.1@2", aliases=("/10.0.0.1@2", "shared alias")),
+            ReaderInfo("/10.0.0.1@3", "CloudFoxy 10.0.0.1@3", aliases=("shared alias",), present=False),
+        ])
+        self.manual.start(self.registry)
+        self.dispatcher = Dispatcher(self.registry, self.clock, command_timeout=5.0)
+        self.resource = restapi.RestResource(self.dispatcher, self.registry, TOKEN, self.clock)
+        self.http = StubTreq(self.resource)
+
+    def get(self, path, token=TOKEN, **params):
+        headers = {"X-Auth-Token": token} if token is not None else {}
+        return self.http.get(BASE + path, params=params or None, headers=headers)
+
+    def answer(self, d):
+        """(status, body text) of a finished request."""
+        self.http.flush()
+        response = result_of(d)
+        body = result_of(response.text("utf-8"))
+        return response.code, body
+
+    def basic(self, **params):
+        return self.answer(self.get("/api/v1/basic", **params))
+
+    def test_hello(self):
+        code, body = self.answer(self.get("/api/v1/hello"))
+        lines = body.splitlines()
+        self.assertEqual(code, 200)
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(int(lines[1].split()[1]), 0)  # the uptime, in line 2's second token
+        self.clock.advance(42)
+        self.assertEqual(self.answer(self.get("/api/v1/hello"))[1].splitlines()[1], "Uptime: 42 s")
+
+    def test_inventory_lists_present_cards(self):
+        code, body = self.answer(self.get("/api/v1/inventory"))
+        self.assertEqual(code, 200)
+        self.assertEqual(body, f"/Emulated 00 {ATR}\n/Emulated 01 {ATR}\n/Emulated 02 {ATR}\n"
+                               f"/CloudFoxy 10.0.0.1@1 {ATR}\n/CloudFoxy 10.0.0.1@2\n")
+
+    def test_uptime_restarts_when_the_inventory_changes(self):
+        self.clock.advance(100)
+        self.emulated.remove(1)
+        self.registry.update(self.manual, self.manual.infos)  # no change: no restart
+        self.clock.advance(7)
+        self.assertEqual(self.answer(self.get("/api/v1/hello"))[1].splitlines()[1], "Uptime: 7 s")
+        self.assertNotIn("/Emulated 01", self.answer(self.get("/api/v1/inventory"))[1])
+
+    def test_token_is_required(self):
+        with capturedLogs() as events:
+            for token in (None, "bad-guess", TOKEN + "x", ""):
+                code, body = self.answer(self.get("/api/v1/hello", token=token))
+                self.assertEqual(code, 401, token)
+                self.assertIn("X-Auth-Token", body)
+                code, _ = self.basic(token=token, terminal="/Emulated 00", apdu="00A4000C023F00")
+                self.assertEqual(code, 401)
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn("refused", text)
+        self.assertNotIn("bad-guess", text)  # never log what was sent
+        self.assertEqual(self.emulated.cards[0].transmit(bytes.fromhex("00A4000C023F00")), b"\x90\x00")
+
+    def test_apdu_reset_and_both(self):
+        self.assertEqual(self.basic(terminal="/Emulated 01", reset="1"), (200, ATR + "\n"))
+        self.assertEqual(self.basic(terminal="/Emulated 01", reset="0", apdu="00A4000C023F00"), (200, "9000\n"))
+        code, body = self.basic(terminal="/Emulated 01", apdu="00 84 00 00 08")
+        self.assertEqual((code, len(body), body[-5:]), (200, 21, "9000\n"))
+        self.assertEqual(self.basic(terminal="/Emulated 02", reset="1", apdu="00A4000C023F00"), (200, "9000\n"))
+
+    def test_terminal_names(self):
+        for terminal in ("/Emulated 02", "Emulated 02", base64.b64encode(b"Emulated 02").decode()):
+            self.assertEqual(self.basic(terminal=terminal, reset="1"), (200, ATR + "\n"), terminal)
+        for terminal in ("/10.0.0.1@1", "Foxy NET 10.0.0.1-1", "/CloudFoxy 10.0.0.1@1"):
+            self.assertEqual(self.basic(terminal=terminal, reset="1"), (200, ATR + "\n"), terminal)
+
+    def test_unknown_and_ambiguous_terminals(self):
+        for terminal in ("/Nope", "Emulated", "Emulated 0", "/emulated 00", ".*"):
+            code, body = self.basic(terminal=terminal, apdu="00A4000C023F00")
+            self.assertEqual(code, 404, terminal)
+            self.assertEqual(body, f"C083 terminal not found: {terminal}\n")
+        code, body = self.basic(terminal="shared alias", apdu="00A4000C023F00")
+        self.assertEqual((code, body[:4]), (400, "C082"))
+
+    def test_bad_parameters_are_400_with_a_reason(self):
+        cases = [
+            ({}, "terminal= is missing"),
+            ({"terminal": "/Emulated 00"}, "give apdu=HEX, reset=1, or both"),
+            ({"terminal": "/Emulated 00", "reset": "2"}, "reset='2' must be 0 or 1"),
+            ({"terminal": "/Emulated 00", "apdu": "zz"}, "apdu= is not a command APDU"),
+            ({"terminal": "/Emulated 00", "apdu": "00A4"}, "apdu= is not a command APDU"),
+            ({"terminal": ["/Emulated 00", "/Emulated 01"], "reset": "1"}, "terminal= given more than once"),
+        ]
+        for params, reason in cases:
+            code, body = self.basic(**params)
+            self.assertEqual(code, 400, params)
+            self.assertIn(reason, body)
+            self.assertTrue(body.startswith("bad request: "))
+
+    def test_wrong_method_and_path(self):
+        self.http.flush()
+        d = self.http.post(BASE + "/api/v1/basic", headers={"X-Auth-Token": TOKEN}, data=b"x")
+        self.assertEqual(self.answer(d)[0], 405)
+        self.assertEqual(self.answer(self.get("/api/v2/basic"))[0], 404)
+
+    def test_card_errors_map_to_statuses(self):
+        self.emulated.remove(0)
+        self.assertEqual(self.basic(terminal="/Emulated 00", apdu="00A4000C023F00"),
+                         (503, "C080 no card in the reader\n"))
+        # an unknown INS is a card answer, not an error
+        self.assertEqual(self.basic(terminal="/Emulated 01", apdu="00EE0000"), (200, "6D00\n"))
+
+    def test_slow_card_does_not_block_others_and_times_out(self):
+        slow = self.get("/api/v1/basic", terminal="/10.0.0.1@1", apdu="00A4000C023F00")
+        self.http.flush()
+        self.assertNoResult(slow)
+        self.assertEqual(len(self.manual.pending), 1)
+        self.assertEqual(self.basic(terminal="/Emulated 01", apdu="00A4000C023F00"), (200, "9000\n"))
+        with capturedLogs():
+            self.clock.advance(5.0)  # the command timeout
+        self.assertEqual(self.answer(slow), (502, "C086 upstream error or timeout\n"))
+        self.assertEqual(self.manual.pending, [])
+
+    def test_same_card_requests_run_in_order(self):
+        first = self.get("/api/v1/basic", terminal="/10.0.0.1@2", apdu="00A4000C023F00")
+        second = self.get("/api/v1/basic", terminal="/10.0.0.1@2", apdu="00B0000000")
+        self.http.flush()
+        self.assertEqual([p[1].hex() for p in self.manual.pending], ["00a4000c023f00"])  # one at a time
+        self.manual.answer(b"\x90\x00")
+        self.http.flush()
+        self.assertEqual([p[1].hex() for p in self.manual.pending], ["00b0000000"])
+        self.manual.answer(b"\x6a\x82")
+        self.assertEqual(self.answer(first), (200, "9000\n"))
+        self.assertEqual(self.answer(second), (200, "6A82\n"))
+
+    def test_client_gone_leaves_the_queue(self):
+        first = self.get("/api/v1/basic", terminal="/10.0.0.1@2", apdu="00A4000C023F00")
+        second = self.get("/api/v1/basic", terminal="/10.0.0.1@2", apdu="00B0000000")
+        self.http.flush()
+        second.cancel()  # the client hangs up while queued
+        gone = []
+        second.addErrback(gone.append)
+        self.http.flush()
+        self.assertEqual(len(gone), 1)
+        self.manual.answer(b"\x90\x00")
+        self.http.flush()
+        self.assertEqual(self.manual.pending, [])  # the abandoned request never reached the card
+        self.assertEqual(self.answer(first), (200, "9000\n"))
+        self.assertEqual(self.basic(terminal="/Emulated 00", reset="1"), (200, ATR + "\n"))
+
+    def test_client_password_does_not_apply_to_rest(self):
+        self.dispatcher.password = "line-password"
+        self.assertEqual(self.basic(terminal="/Emulated 00", apdu="00A4000C023F00"), (200, "9000\n"))
+
+
+class ServiceTests(SynchronousTestCase):
+    def test_make_rest_service(self):
+        reactor = MemoryReactorClock()
+        registry = ReaderRegistry()
+        config = {"rest": "tcp:0:interface=127.0.0.1", "rest-token": TOKEN}
+        service = restapi.make_rest_service(config, Dispatcher(registry, reactor), registry, reactor)
+        self.assertIsInstance(service, StreamServerEndpointService)
+        self.assertIsInstance(service.factory, restapi.RestSite)
+        self.assertEqual(service.factory.logPrefix(), "Site")  # tests find the port by "Site starting on N"
+        service.startService()
+        self.assertEqual(reactor.tcpServers[0][0], 0)
+        self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
+        service.stopService()
+
+    def test_token_is_needed(self):
+        registry = ReaderRegistry()
+        self.assertRaises(ValueError, restapi.RestResource, Dispatcher(registry, Clock()), registry, "", Clock())
