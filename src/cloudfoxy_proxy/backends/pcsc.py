@@ -26,6 +26,7 @@ talks to the reactor through return values and exceptions; everything in
 import re
 import shutil
 import threading
+import time
 
 import attr
 from twisted.internet.defer import Deferred, DeferredList
@@ -165,7 +166,7 @@ class _Link:
         s = scard
         #: results meaning the context or handle is dead (pcscd restarted or gone)
         self.dead = {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
-                     s.SCARD_E_INVALID_HANDLE, s.SCARD_E_INVALID_PARAMETER}
+                     s.SCARD_E_INVALID_HANDLE}
         #: results meaning "reconnect first; nothing was sent to the card"
         self.stale = {s.SCARD_W_REMOVED_CARD, s.SCARD_W_RESET_CARD, s.SCARD_W_UNPOWERED_CARD}
         self.no_card = {s.SCARD_E_NO_SMARTCARD, s.SCARD_W_REMOVED_CARD}
@@ -286,7 +287,7 @@ class _Link:
             raise _Retry()
         if again != s.SCARD_S_SUCCESS:
             self._drop_handle()
-            raise self._error("reconnect", again if again in self.no_card else hr)
+            raise self._error("reconnect", again)
 
     def _send(self, apdu):
         s = self.scard
@@ -313,14 +314,22 @@ class _Link:
         hr, states = s.SCardGetStatusChange(self.ctx, 0, [(self.name, s.SCARD_STATE_UNAWARE)])
         if hr != s.SCARD_S_SUCCESS:
             return hr in self.no_card or hr == s.SCARD_E_UNKNOWN_READER
-        event = states[0][1]
-        if not event & s.SCARD_STATE_PRESENT:
-            return True
-        hr, states = s.SCardGetStatusChange(
-            self.ctx, int(self.removal_wait * 1000), [(self.name, event & ~s.SCARD_STATE_CHANGED)])
-        if hr != s.SCARD_S_SUCCESS:
-            return hr == s.SCARD_E_UNKNOWN_READER
-        return True  # the state changed: the card was pulled (maybe put back)
+        first = states[0][1]
+        deadline = time.monotonic() + self.removal_wait
+        event = first
+        while True:
+            if not event & s.SCARD_STATE_PRESENT or event >> 16 != first >> 16:
+                return True  # absent, or pulled and put back (pcsc-lite counts events)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            hr, states = s.SCardGetStatusChange(
+                self.ctx, max(1, int(left * 1000)), [(self.name, event & ~s.SCARD_STATE_CHANGED)])
+            if hr == s.SCARD_E_TIMEOUT:
+                return False
+            if hr != s.SCARD_S_SUCCESS:
+                return hr == s.SCARD_E_UNKNOWN_READER
+            event = states[0][1]
 
     def _follow(self, apdu, response):
         """chain=1: 6Cxx -> re-send with Le=xx; 61xx -> GET RESPONSE."""
@@ -411,7 +420,7 @@ class _Monitor:
         self.unknown = None  # reader list of the last SCARD_E_UNKNOWN_READER
         s = scard
         self.dead = {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
-                     s.SCARD_E_INVALID_HANDLE, s.SCARD_E_INVALID_PARAMETER}
+                     s.SCARD_E_INVALID_HANDLE}
 
     def close(self):
         ctx, self.ctx = self.ctx, None
@@ -447,6 +456,8 @@ class _Monitor:
         asked = [(n, self.states.get(n, s.SCARD_STATE_UNAWARE)) for n in names]
         if self.pnp:
             asked.append((PNP_NOTIFICATION, self.pnp_state))
+        if not asked:
+            return _Scan((), delay=self.poll_ms / 1000.0)
         fresh = any(n not in self.states for n in names)
         hr, result = s.SCardGetStatusChange(self.ctx, 0 if fresh else self.poll_ms, asked)
         delay = 0.0
@@ -478,7 +489,7 @@ class _Monitor:
             event = self.states[name]
             present = bool(event & s.SCARD_STATE_PRESENT) and not event & (
                 s.SCARD_STATE_UNKNOWN | s.SCARD_STATE_UNAVAILABLE | s.SCARD_STATE_IGNORE)
-            out.append((name, present, self.atrs.get(name) or None if present else None))
+            out.append((name, present, (self.atrs.get(name) or None) if present else None))
         return tuple(out)
 
 
@@ -488,13 +499,17 @@ class _Worker:
     """A single-thread pool and whether a call is running in it (which it
     may still be after the caller gave up on it)."""
 
-    __slots__ = ("pool", "busy", "since", "idle")
+    __slots__ = ("pool", "calls", "since", "idle")
 
     def __init__(self, pool):
         self.pool = pool
-        self.busy = False
+        self.calls = 0  # calls handed to the thread that have not returned
         self.since = None
-        self.idle = []  # Deferreds fired when the running call ends
+        self.idle = []  # Deferreds fired when no call is left
+
+    @property
+    def busy(self):
+        return self.calls > 0
 
 
 class _Reader:
@@ -607,6 +622,9 @@ class PcscBackend:
             else:
                 worker.pool.stop()
         self._registry = None
+        self._readers = {}
+        self._listing = None
+        self._monitor = self._monitor_worker = None
 
     # -- calls into threads
 
@@ -615,8 +633,9 @@ class PcscBackend:
         Cancelling the Deferred does not stop the thread: ``worker.busy``
         stays set until ``fn`` returns."""
         d = Deferred(canceller)
-        worker.busy = True
-        worker.since = self.reactor.seconds()
+        if not worker.calls:
+            worker.since = self.reactor.seconds()
+        worker.calls += 1
 
         def in_thread(ok, result):
             self.reactor.callFromThread(self._returned, worker, d, ok, result)
@@ -625,7 +644,7 @@ class PcscBackend:
         return d
 
     def _returned(self, worker, d, ok, result):
-        worker.busy = False
+        worker.calls -= 1
         if d.called:  # the caller gave up (timeout): nobody waits for this
             self.log.info("{pool}: a call given up on returned after {s:.1f}s",
                           pool=worker.pool.name, s=self.reactor.seconds() - worker.since)
@@ -633,9 +652,10 @@ class PcscBackend:
             d.callback(result)
         else:
             d.errback(result)
-        idle, worker.idle = worker.idle, []
-        for waiter in idle:
-            waiter.callback(None)
+        if not worker.calls:
+            idle, worker.idle = worker.idle, []
+            for waiter in idle:
+                waiter.callback(None)
 
     # -- monitor
 
