@@ -178,3 +178,15 @@ def test_max_connections_closes_extra(proxy_factory, max_conn):
         extra.request(">Emulated 00|\n>1:RESET|\n\n")
     for c in keep:
         c.close()
+
+
+def test_log_level(proxy_factory):
+    quiet = proxy_factory("--log-level", "warn")
+    chatty = proxy_factory("--log-level", "debug")
+    for p in (quiet, chatty):
+        with p.client() as c:
+            assert c.request(">Emulated 00|\n#a client signal\n>1:PERSONALIZE:tester|\n\n") == [("1", "OK")]
+    time.sleep(0.3)
+    assert "reader added" not in quiet.log() and "personalized" not in quiet.log()
+    assert "reader added: Emulated 00" in chatty.log()
+    assert "client signal '#a client signal'" in chatty.log()
