@@ -158,12 +158,18 @@ class SchedulingTests(SynchronousTestCase):
     def test_pause_while_waiting_then_resume_in_order(self):
         proto, t = self.h.connect()
         proto.dataReceived(b">Slow A|\n>1:APDU:00A4000C023F00|\n\n>2:APDU:0084000008|\n\n")
-        self.assertEqual(t.producerState, "paused")
+        self.assertEqual(t.producerState, "producing")  # little is waiting: no need to pause
+        proto.dataReceived(b">3:APDU:00000000|\n\n" * 5000)
+        self.assertEqual(t.producerState, "paused")  # a pipelining client is throttled
         self.assertEqual(len(self.calls), 1)
         self.calls[0][2].callback(b"\x90\x00")
         self.assertEqual(len(self.calls), 2)
         self.calls[1][2].callback(b"\x01\x90\x00")
         self.assertEqual(take(t), ">1:9000\n@@\n>2:019000\n@@\n")
+        self.assertEqual(t.producerState, "paused")  # 5000 requests still to run
+        for i in range(2, 5002):
+            self.calls[i][2].callback(b"\x90\x00")
+        self.assertEqual(take(t), ">3:9000\n@@\n" * 5000)
         self.assertEqual(t.producerState, "producing")
 
     def test_one_command_at_a_time_per_card_fifo_and_back_to_back(self):
@@ -231,11 +237,14 @@ class SchedulingTests(SynchronousTestCase):
     def test_back_pressure_stops_reading(self):
         p, t = self.h.connect()
         p.pauseProducing()  # the transport's buffer is full: the client is not reading
-        self.assertEqual(t.producerState, "paused")
         p.dataReceived(b">Emulated 00|\n>1:RESET|\n\n>2:RESET|\n\n")
         self.assertEqual(take(t), "")
+        self.assertEqual(t.producerState, "producing")
+        p.dataReceived(b">3:RESET|\n\n" * 10000)
+        self.assertEqual(t.producerState, "paused")  # no more reading, no unbounded buffer
+        self.assertEqual(take(t), "")
         p.resumeProducing()
-        self.assertEqual(take(t), f">1:{ATR}\n@@\n>2:{ATR}\n@@\n")
+        self.assertEqual(take(t), f">1:{ATR}\n@@\n>2:{ATR}\n@@\n" + f">3:{ATR}\n@@\n" * 10000)
         self.assertEqual(t.producerState, "producing")
 
     def test_submit_for_other_front_ends(self):

@@ -18,6 +18,12 @@ assert DEFAULT_MAX_LINE > 3 * MAX_APDU_BYTES + 1024
 
 TERMINATOR = "@@\n"
 
+#: While a connection's requests cannot run (one waits on a card, or the
+#: client is not reading its answers), the proxy goes on reading until this
+#: many bytes wait unprocessed, then stops reading from it.  Below that,
+#: nothing is paused or resumed: no system call on the hot path.
+READ_AHEAD = 64 * 1024
+
 
 def format_response(lines):
     """``>ID:RESULT`` lines, then ``@@``: one response, as bytes."""
@@ -30,8 +36,9 @@ class LineProtocol(Protocol):
 
     Reads lines with its own framer (it must know when it has consumed
     everything received so far: PROTOCOL.md 1.1 rule 2), runs one request
-    at a time in order, and stops reading while a request waits on a
-    backend or while the client is not reading its answers.
+    at a time in order, and stops reading when more than READ_AHEAD bytes
+    wait while a request waits on a backend or the client is not reading
+    its answers.
     """
 
     log = Logger()
@@ -45,6 +52,7 @@ class LineProtocol(Protocol):
         self._discard = None  # start of an over-long line being skipped
         self._inflight = None  # Deferred of the request waiting on a backend
         self._write_paused = False
+        self._reading = True  # False while we have paused the transport
         self._closed = False
         self._eof = False  # the client half-closed: answer what it sent, then close
 
@@ -64,17 +72,14 @@ class LineProtocol(Protocol):
 
     # IPushProducer: the transport tells us when the client stops reading.
     def pauseProducing(self):
-        if not self._write_paused:
-            self._write_paused = True
-            if self._inflight is None:
-                self.transport.pauseProducing()
+        self._write_paused = True
 
     def resumeProducing(self):
         if self._write_paused:
             self._write_paused = False
-            if self._inflight is None:
-                self.transport.resumeProducing()
-                self._process()
+            self._process()
+            self._throttle()
+            self._close_if_done()
 
     def stopProducing(self):
         pass
@@ -101,6 +106,18 @@ class LineProtocol(Protocol):
         else:
             self._buf += data
         self._process()
+        self._throttle()
+
+    def _throttle(self):
+        """Read while requests can run or little is waiting; else stop."""
+        want = (self._inflight is None and not self._write_paused) or (
+            len(self._buf) - self._pos < READ_AHEAD)
+        if want != self._reading and not self._closed and not self._eof:
+            self._reading = want
+            if want:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
 
     def _process(self):
         parser = self.parser
@@ -147,7 +164,6 @@ class LineProtocol(Protocol):
             self._respond(result)
             return
         self._inflight = result
-        self.transport.pauseProducing()
         result.addCallbacks(self._answered, self._lost, errbackArgs=(request,))
 
     def _answered(self, lines):
@@ -155,9 +171,8 @@ class LineProtocol(Protocol):
         if self._closed:
             return
         self._respond(lines)
-        if not self._write_paused and not self._eof:
-            self.transport.resumeProducing()
         self._process()
+        self._throttle()
         self._close_if_done()
 
     def _lost(self, failure, request):
