@@ -51,6 +51,18 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def machine_busy():
+    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle
+    and iowait), or None."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICK
+
+
 def proc_status(pid, key):
     """A ``kB`` value (``VmRSS``, ``VmHWM``...) of /proc/PID/status in bytes, or None."""
     if not pid:
@@ -138,7 +150,7 @@ class LoadGenerator:
     def __init__(self, host, port, clients=10, k=1, duration=5.0, warmup=1.0, persistent=True,
                  readers=None, reader_count=None, reader_match=None, rotate=False, sticky=False,
                  apdu=DEFAULT_APDU, expect=DEFAULT_EXPECT, empty_line=True, pid=None,
-                 drain=5.0, connect_timeout=5.0, linger_reset=True, max_samples=5):
+                 drain=5.0, connect_timeout=5.0, linger_reset=True, max_samples=5, watch=None):
         if k < 1:
             raise ValueError("k must be at least 1")
         if not empty_line and k != 1:
@@ -152,6 +164,7 @@ class LoadGenerator:
         self.expect = expect.upper()
         self.empty_line = empty_line
         self.pid = pid
+        self.watch = dict(watch or {})
         self.connect_timeout = connect_timeout
         self.linger_reset = linger_reset
         self.max_samples = max_samples
@@ -296,12 +309,16 @@ class LoadGenerator:
                 if not state["measuring"] and now >= mstart:
                     state["measuring"] = True
                     window["cpu0"] = proc_cpu(self.pid)
+                    window["machine0"] = machine_busy()
+                    window["watch0"] = {k: proc_cpu(v) for k, v in self.watch.items()}
                     window["answered0"] = st["ok"]
                     cpu_self0 = time.process_time()
                     window["t0"] = now
                 if not state["stopping"] and now >= mend:
                     state["stopping"] = True
                     window["cpu1"] = proc_cpu(self.pid)
+                    window["machine1"] = machine_busy()
+                    window["watch1"] = {k: proc_cpu(v) for k, v in self.watch.items()}
                     window["t1"] = now
                     window["self_cpu"] = time.process_time() - (cpu_self0 or 0.0)
                     window["ok_in_window"] = len(lat)
@@ -424,6 +441,14 @@ class LoadGenerator:
             "per_client_max": max(c.done for c in clients),
             "loadgen_cpu_util": (window.get("self_cpu", 0.0) / elapsed) if elapsed > 0 else None,
         }
+        if self.watch and "watch1" in window and elapsed > 0:
+            w0, w1 = window["watch0"], window["watch1"]
+            result["watch_cpu_util"] = {k: (w1[k] - w0[k]) / elapsed
+                                        for k in self.watch if w0[k] is not None and w1[k] is not None}
+        m0, m1 = window.get("machine0"), window.get("machine1")
+        if m0 is not None and m1 is not None and elapsed > 0:
+            # busy cores of the whole machine: proxy + load generator + the rest
+            result["machine_cpu_util"] = (m1 - m0) / elapsed
         cpu0, cpu1 = window.get("cpu0"), window.get("cpu1")
         if cpu0 is not None and cpu1 is not None:
             cpu = cpu1 - cpu0
@@ -443,7 +468,7 @@ def _ms(seconds):
 
 def run(host, port, clients=10, k=1, duration=5.0, warmup=1.0, persistent=True, readers=None,
         reader_count=None, reader_match=None, rotate=False, sticky=False, apdu=DEFAULT_APDU,
-        expect=DEFAULT_EXPECT, empty_line=True, pid=None, drain=5.0, connect_timeout=5.0):
+        expect=DEFAULT_EXPECT, empty_line=True, pid=None, drain=5.0, connect_timeout=5.0, watch=None):
     """Run a closed-loop load and return a dict of results.
 
     ``clients`` connections each send a request of ``k`` APDU commands
@@ -461,13 +486,14 @@ def run(host, port, clients=10, k=1, duration=5.0, warmup=1.0, persistent=True, 
     answered (and checked) before they count as ``unanswered`` errors.
     With ``pid`` (the proxy's process id) the proxy's CPU seconds (utime +
     stime) over the measured window, the CPU per APDU and its RSS / peak
-    RSS (VmHWM) are reported.
+    RSS (VmHWM) are reported; ``watch`` ({name: pid}) adds the CPU share
+    of other processes (e.g. a fake upstream server) over the same window.
     """
     return LoadGenerator(
         host, port, clients=clients, k=k, duration=duration, warmup=warmup, persistent=persistent,
         readers=readers, reader_count=reader_count, reader_match=reader_match, rotate=rotate,
         sticky=sticky, apdu=apdu, expect=expect, empty_line=empty_line, pid=pid, drain=drain,
-        connect_timeout=connect_timeout).run()
+        connect_timeout=connect_timeout, watch=watch).run()
 
 
 # -- many connections at once -------------------------------------------------
@@ -600,6 +626,9 @@ def _human(r):
                      f"{(r.get('proxy_peak_rss_bytes') or 0) / 2**20:.1f} MiB")
     if r.get("loadgen_cpu_util") is not None:
         lines.append(f"  load generator CPU {100 * r['loadgen_cpu_util']:.0f}% of a core")
+    if r.get("machine_cpu_util") is not None:
+        lines.append(f"  whole machine {100 * r['machine_cpu_util']:.0f}% of a core busy "
+                     f"({os.cpu_count()} cores)")
     for s in r["error_samples"]:
         lines.append(f"  ! {s}")
     return "\n".join(lines)

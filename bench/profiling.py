@@ -29,6 +29,7 @@ sys.path.insert(0, REPO)
 from support import HOST, ProxyProcess  # noqa: E402
 
 from bench import loadgen  # noqa: E402
+from bench.helpers import fake_cloudfoxy, rest_args  # noqa: E402
 
 #: (substring of a frame's file, area) — first match wins.
 AREAS = [
@@ -43,11 +44,18 @@ AREAS = [
     ("twisted/logger/", "logging"),
     ("twisted/python/log.py", "Twisted reactor loop (callWithLogger/context)"),
     ("twisted/python/context.py", "Twisted reactor loop (callWithLogger/context)"),
+    ("untilConcludes (twisted/python/util.py", "send() syscall (untilConcludes in writeSomeData)"),
     ("twisted/internet/tcp.py", "Twisted TCP transport (incl. send/recv syscalls)"),
     ("twisted/internet/abstract.py", "Twisted TCP transport (incl. send/recv syscalls)"),
     ("twisted/internet/_newtls.py", "Twisted TCP transport (incl. send/recv syscalls)"),
     ("twisted/internet/", "Twisted reactor loop (epoll, dispatch)"),
+    ("twisted/web/", "twisted.web (HTTP client)"),
+    ("twisted/protocols/", "twisted.protocols (HTTP parsing)"),
+    ("treq/", "treq"),
+    ("urllib/", "urllib (URL building)"),
+    ("hyperlink/", "hyperlink (URL objects)"),
     ("attr", "attrs"),
+    ("zope/interface", "zope.interface"),
 ]
 
 
@@ -98,16 +106,50 @@ def summarise(stacks, top=15):
     }
 
 
-def profile(spy, seconds=8.0, outdir=None, log=print, clients=50, rate=500):
-    """Run the load, sample it, return the summary dict (also written as JSON)."""
+#: What each profile runs: proxy arguments, clients, readers to use.
+SETUPS = {
+    "emulated": ([], 50, None),
+    "latency": (["--backend", "emulated:?cards=120&latency_ms=5"], 240, 120),
+    "rest": (None, 50, 120),  # the REST backend on the fake CloudFoxy server
+}
+TITLES = {
+    "emulated": "emulated, 4 cards, no card latency, 50 clients, K=1",
+    "latency": "120 emulated cards with 5 ms latency, 240 clients, K=1 (the Deferred path)",
+    "rest": "CloudFoxy REST backend against the fake server, 120 cards, 50 clients, K=1",
+}
+
+
+def profile(spy, seconds=8.0, outdir=None, log=print, clients=None, rate=500, backend="emulated"):
+    """Run the load of ``SETUPS[backend]`` (``emulated``: 4 emulated cards;
+    ``latency``: 120 cards with 5 ms latency; ``rest``: the REST backend on
+    the fake CloudFoxy server with 120 cards), sample it, return the summary
+    dict (also written as JSON)."""
+    args, default_clients, nreaders = SETUPS[backend]
+    clients = clients or default_clients
     outdir = outdir or os.path.join(BENCH, "results")
     os.makedirs(outdir, exist_ok=True)
-    raw = os.path.join(outdir, "profile.txt")
-    svg = os.path.join(outdir, "profile.svg")
-    p = ProxyProcess().start()
+    name = "profile" if backend == "emulated" else f"profile-{backend}"
+    raw = os.path.join(outdir, f"{name}.txt")
+    svg = os.path.join(outdir, f"{name}.svg")
+    fake = None
+    readers = None
+    if backend == "rest":
+        fake = fake_cloudfoxy(cards=120)
+        args, env = rest_args(fake.port)
+        p = ProxyProcess(*args, env=env)
+    else:
+        p = ProxyProcess(*args)
     errors = []
     try:
+        p.start()
         pid = p.proc.pid
+        if nreaders:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                readers = loadgen.list_readers(HOST, p.port)[:nreaders]
+                if len(readers) >= nreaders:
+                    break
+                time.sleep(0.05)
 
         def sample():
             time.sleep(1.0)  # after the warm-up
@@ -124,17 +166,20 @@ def profile(spy, seconds=8.0, outdir=None, log=print, clients=50, rate=500):
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         r = loadgen.run(HOST, p.port, clients=clients, k=1, duration=2 * int(seconds) + 1.5,
-                        warmup=0.8, pid=pid)
+                        warmup=0.8, pid=pid, readers=readers)
         th.join(seconds * 2 + 60)
     finally:
         p.stop()
+        if fake is not None:
+            fake.stop()
     if errors or not os.path.exists(raw):
         raise RuntimeError(f"py-spy failed: {errors}")
     s = summarise(parse_collapsed(raw))
-    s.update({"rate": rate, "seconds": int(seconds), "svg": svg, "raw": raw, "load": r})
+    s.update({"rate": rate, "seconds": int(seconds), "svg": svg, "raw": raw, "load": r,
+              "backend": backend, "title": TITLES[backend]})
     log(f"  profiled {s['samples']} samples while serving {r['apdus_per_s']:.0f} APDUs/s "
         f"({r.get('proxy_cpu_us_per_apdu', 0):.1f} us/APDU, {r['errors']} errors)")
-    with open(os.path.join(outdir, "profile.json"), "w") as f:
+    with open(os.path.join(outdir, f"{name}.json"), "w") as f:
         json.dump(s, f, indent=1)
     return s
 
@@ -142,14 +187,17 @@ def profile(spy, seconds=8.0, outdir=None, log=print, clients=50, rate=500):
 def main(argv=None):
     p = argparse.ArgumentParser(description="py-spy profile of the proxy under load")
     p.add_argument("--seconds", type=float, default=8.0, help="seconds per py-spy recording")
-    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--clients", type=int, default=None, help="default: 50 (240 for latency)")
     p.add_argument("--rate", type=int, default=500, help="samples per second")
+    p.add_argument("--backend", choices=sorted(SETUPS), default="emulated",
+                   help="emulated (4 cards), latency (120 cards, 5 ms), rest (REST backend on "
+                        "bench/fake_cloudfoxy.py)")
     a = p.parse_args(argv)
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(spy):
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
         return 2
-    s = profile(spy, a.seconds, clients=a.clients, rate=a.rate)
+    s = profile(spy, a.seconds, clients=a.clients, rate=a.rate, backend=a.backend)
     print(f"\n{s['samples']} samples; shares of the proxy's busy CPU\n\nby area:")
     for name, share in s["areas"]:
         print(f"  {100 * share:5.1f}%  {name}")

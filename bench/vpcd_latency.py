@@ -86,10 +86,10 @@ def time_line(port, reader, n, timeout):
     deadline = time.monotonic() + timeout
     with LineClient("127.0.0.1", port) as c:
         for _ in range(20):
-            c.request(f"{reader}\n1:APDU:00A4000C023F00\n\n")
+            c.request(f">{reader}|\n>1:APDU:00A4000C023F00|\n\n")
         for _ in range(n):
             t = time.perf_counter()
-            got = c.request("1:APDU:00A4000C023F00\n\n")
+            got = c.request(">1:APDU:00A4000C023F00|\n\n")
             samples.append(time.perf_counter() - t)
             if got != [("1", "9000")]:
                 raise RuntimeError(f"line protocol: {got}")

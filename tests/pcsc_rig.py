@@ -260,6 +260,15 @@ def _port_in_use(port: int) -> bool:
             return False
 
 
+def _vpcd_bind_failed(log_path: str) -> bool:
+    """Whether pcscd's log says vpcd could not open a slot's TCP port."""
+    try:
+        with open(log_path, errors="replace") as f:
+            return "Could not initialize connection to virtual ICC" in f.read()
+    except OSError:
+        return False
+
+
 def _read_vpcd_base_port(path: str = VPCD_CONF) -> int:
     """CHANNELID from vpcd's reader.conf (the port of slot 0)."""
     try:
@@ -485,7 +494,25 @@ class PcscRig:
             cmd.append("--apdu")
         return cmd + self.pcscd_args
 
+    def _reserve_vpcd_ports(self):
+        """Keep the kernel from handing vpcd's ports to outgoing connections
+        (they lie in the ephemeral range; a load test's client socket on
+        35964 in TIME_WAIT would stop pcscd from listening for a minute).
+        Root only, runtime only; adds to what is reserved already."""
+        path = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+        want = "%d-%d" % (self.base_port, self.base_port + len(self.slots) - 1)
+        try:
+            with open(path) as f:
+                current = f.read().strip()
+            if want in current.split(","):
+                return
+            with open(path, "w") as f:
+                f.write(",".join(x for x in (current, want) if x))
+        except OSError:
+            pass  # not root, or no such knob: the rig's retries remain
+
     def _preflight(self):
+        self._reserve_vpcd_ports()
         foreign = foreign_pcscd_pids(own=[self.pcscd_pid] if self.pcscd else [])
         if foreign:
             desc = "; ".join("pid %d: %s" % (p, _proc_cmdline(p))
@@ -518,6 +545,8 @@ class PcscRig:
             self.pcscd = self._spawn(self._pcscd_cmd(), "pcscd")
             deadline = t0 + timeout
             last = None
+            started = t0
+            retries = 3
             while True:
                 if self.pcscd.poll() is not None:
                     raise RigError("pcscd exited with %s during start; log %s:\n%s"
@@ -536,6 +565,18 @@ class PcscRig:
                     raise RigError("pcscd not ready after %.1fs (%s); log %s:\n%s"
                                    % (timeout, last, self.pcscd.log_path,
                                       _tail(self.pcscd.log_path)))
+                if (time.monotonic() - started > 1.0 and retries > 0
+                        and _vpcd_bind_failed(self.pcscd.log_path)):
+                    # vpcd could not listen on a slot's port: another
+                    # process's ephemeral (client) port or a TIME_WAIT held
+                    # it.  pcscd never retries, so start it again.
+                    retries -= 1
+                    self._terminate(self.pcscd)
+                    time.sleep(0.5)
+                    self._preflight()
+                    self.pcscd = self._spawn(self._pcscd_cmd(), "pcscd")
+                    started = time.monotonic()
+                    continue
                 time.sleep(0.02)
             took = time.monotonic() - t0
             self.timings["pcscd_start"] = took

@@ -6,7 +6,8 @@ import datetime
 import os
 import tempfile
 
-from treq.testing import StubTreq
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -80,6 +81,11 @@ class FakeCloudFoxy(Resource):
         return [r for r in self.requests if r[0] == "/api/v1/basic"]
 
 
+class Flusher:
+    def __init__(self, flush):
+        self.flush = flush
+
+
 def result_of(d):
     """The result of a fired Deferred, or the Failure it failed with."""
     out = []
@@ -93,12 +99,20 @@ def messages(events):
 
 
 class RestBackendTests(SynchronousTestCase):
+    """The production wiring: treq's HTTPClient over an Agent, and commands
+    straight on that Agent (here treq.testing's in-memory one)."""
+
+    def make_http(self):
+        agent = RequestTraversalAgent(self.server)
+        return HTTPClient(agent), agent, agent.flush
+
     def setUp(self):
         self.server = FakeCloudFoxy()
-        self.stub = StubTreq(self.server)
+        http, agent, flush = self.make_http()
+        self.stub = Flusher(flush)
         self.clock = Clock()
         self.backend = rest.RestBackend(base_url="http://cloudfoxy.test:8081", token=TOKEN,
-                                        clock=self.clock, http=self.stub, poll=10.0, timeout=5.0)
+                                        clock=self.clock, http=http, agent=agent, poll=10.0, timeout=5.0)
         self.registry = ReaderRegistry()
 
     def start(self):
@@ -132,6 +146,14 @@ class RestBackendTests(SynchronousTestCase):
         self.assertEqual((len(answer), answer[-2:]), (10, b"\x90\x00"))
         self.assertEqual(result_of(self.backend.reset("/10.0.0.1@3")).hex().upper(), ATR)
         self.assertEqual(self.server.requests[-1][1], {"terminal": "/10.0.0.1@3", "reset": "1"})
+
+    def test_terminal_names_are_quoted(self):
+        odd = "/Box 1&2+3=4?#%@5"
+        self.server.cards = {odd: Iso7816Card(serial=9)}
+        self.start()
+        self.assertEqual(self.registry.readers[0].name, "CloudFoxy Box 1&2+3=4?#%@5")
+        self.assertEqual(result_of(self.backend.transmit(odd, bytes.fromhex("00A4000C023F00"))), b"\x90\x00")
+        self.assertEqual(self.server.requests[-1][1]["terminal"], odd)
 
     def test_body_lines_null_and_empty_are_ignored(self):
         self.start()
@@ -202,7 +224,12 @@ class RestBackendTests(SynchronousTestCase):
             def get(self, url, **kw):
                 return fail(ConnectionRefusedError())
 
+            def request(self, method, url, headers=None, bodyProducer=None):
+                return fail(ConnectionRefusedError())
+
         self.backend.http = Refusing()
+        if self.backend.agent is not None:
+            self.backend.agent = Refusing()
         with capturedLogs() as events:
             self.assertUpstreamError(self.backend.transmit("/10.0.0.1@1", b"\x00\xa4\x00\x00"), "refused")
         self.assertEqual(len([m for m in messages(events) if "connection refused" in m]), 1)
@@ -287,6 +314,14 @@ class RestBackendTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         self.backend.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class TreqOnlyTests(RestBackendTests):
+    """The same, every request through treq (``treq.testing.StubTreq``)."""
+
+    def make_http(self):
+        stub = StubTreq(self.server)
+        return stub, None, stub.flush
 
 
 class ParsingTests(SynchronousTestCase):
@@ -445,3 +480,17 @@ class FromUrlTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as caught:
             rest.load_tls({"cert": paths["client-cert"]})  # no key anywhere
         self.assertIn("cert=", str(caught.exception))
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_one_endpoint_per_server(self):
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import URI, BrowserLikePolicyForHTTPS, SchemeNotSupported
+
+        endpoints = rest.OneServer(MemoryReactorClock(), BrowserLikePolicyForHTTPS(), 3.0)
+        first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8081/api/v1/basic?x=1"))
+        self.assertIs(endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8081/api/v1/hello")), first)
+        secure = endpoints.endpointForURI(URI.fromBytes(b"https://localhost:8443/"))
+        self.assertIsNot(secure, first)
+        self.assertIsNot(getattr(secure, "_wrappedEndpoint", None), None)  # wrapClientTLS around it
+        self.assertRaises(SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://x:1/"))

@@ -57,8 +57,11 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(option, str(e), args)
 
     def test_secret_from_file_and_environment(self):
-        path = self.mktemp()
-        with open(path, "w") as f:
+        import tempfile
+
+        fd, path = tempfile.mkstemp()
+        self.addCleanup(os.remove, path)
+        with os.fdopen(fd, "w") as f:
             f.write("hunter2\n")
         self.assertEqual(parse("--client-password-file", path)["client-password"], "hunter2")
         os.environ["FOXYPROXY_REST_TOKEN"] = "tok"

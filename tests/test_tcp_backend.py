@@ -3,13 +3,16 @@ hands out StringTransports, a Clock drives reconnection and timeouts."""
 
 import base64
 import os
+import pathlib
+import shutil
 import tempfile
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -115,6 +118,7 @@ class Base(SynchronousTestCase):
     password = None
     prefix = "B "
     tls = False
+    persistent = True  # most tests: an upstream known to keep connections (ModeTests learn it)
 
     def setUp(self):
         self.clock = Clock()
@@ -123,9 +127,17 @@ class Base(SynchronousTestCase):
         self.backend = tcp.TcpBackend(
             endpoint=self.endpoint, clock=self.clock, where="tcp://upstream:4001",
             password=self.password, prefix=self.prefix, connections=self.connections,
-            refresh=10.0, timeout=5.0, tls=self.tls, retry_delay=lambda failures: 1.0)
+            refresh=10.0, timeout=5.0, tls=self.tls, retry_delay=lambda failures: 1.0,
+            persistent=self.persistent)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
         self.backend.start(self.registry)
         self.addCleanup(self._stop)
+
+    def logged(self, text):
+        """Messages logged by the backend that contain ``text``."""
+        return [m for m in (formatEvent(e) for e in self.events) if text in m]
 
     def _stop(self):
         # Calls a test left unanswered end as C086 here; consume those.
@@ -246,6 +258,23 @@ class FramingTests(Base):
         conn.answer(cid, "not base64!|" + b64("Emulated 00"))
         self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00"])
 
+    def test_empty_list_is_asked_again_soon(self):
+        """An upstream proxy that has not found its own cards yet."""
+        conn = self.connect(names=[])
+        self.assertEqual(self.registry.readers, [])
+        self.clock.advance(tcp.EMPTY_RETRY)
+        [(_, cid, command)] = conn.requests()
+        self.assertEqual(command, "READERS")
+        conn.answer(cid, "")
+        self.clock.advance(tcp.EMPTY_RETRY)
+        self.assertEqual(conn.requests(), [])  # backing off: 1 s now
+        self.clock.advance(tcp.EMPTY_RETRY)
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, b64("Emulated 00"))
+        self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00"])
+        self.clock.advance(5)
+        self.assertEqual(conn.requests(), [])  # then only every `refresh` seconds
+
     def test_readers_error_keeps_the_list(self):
         conn = self.connect()
         self.clock.advance(10)
@@ -260,9 +289,14 @@ class PasswordTests(Base):
 
     def test_password_on_reader_line(self):
         conn = self.connect()
-        self.backend.transmit("Emulated 00", b"\x00\xa4\x00\x0c")
+        d = self.backend.transmit("Emulated 00", b"\x00\xa4\x00\x0c")
         [(reader, _, _)] = conn.requests()
         self.assertEqual(reader, "Emulated 00:s3cret:with colon")
+        conn.lose()
+        self.assertEqual(outcome(d), "C086")
+        self.clock.advance(1.0)
+        self.endpoint.fail()
+        self.assertNotIn("s3cret", repr(self.backend) + " ".join(formatEvent(e) for e in self.events))
 
 
 class PipelineTests(Base):
@@ -362,6 +396,7 @@ class FailureTests(Base):
         conn.requests()
         conn.lose()
         self.assertEqual(outcome(d), "C086")
+        self.assertEqual(len(self.logged("1 command(s) in flight answered C086")), 1)
         self.clock.advance(1.0)
         conn2 = self.connect()
         self.assertEqual(conn2.requests(), [])  # the APDU was not sent again
@@ -437,7 +472,7 @@ class FailureTests(Base):
         backend = tcp.TcpBackend(endpoint=self.endpoint, clock=self.clock)
         for failures in range(0, 40):
             backend._failures = failures
-            delay = backend._retry(1)
+            delay = backend._retry(tcp._Slot(self.endpoint, None))
             self.assertTrue(tcp.MIN_BACKOFF / 2 <= delay <= tcp.MAX_BACKOFF, delay)
 
     def test_quick_close_counts_as_failure(self):
@@ -543,7 +578,8 @@ class FromUrlTests(SynchronousTestCase):
             ("tcp://h:5?refresh=0.01", "refresh"),
             ("tcp://h:5?password_file=/nonexistent/pw", "password_file"),
             ("tls://h:5?ca=/nonexistent/ca.pem", "ca="),
-            ("tls://h:5?cert=/x.pem", "key="),
+            ("tls://h:5?key=/x.pem", "cert="),
+            ("tls://h:5?cert=/nonexistent/x.pem", "cert="),
         ]:
             with self.assertRaises(ValueError) as cm:
                 backend_from_url(url, {})
@@ -564,3 +600,127 @@ class FromUrlTests(SynchronousTestCase):
         b = self.make("tls://localhost:4002?prefix=T%20")
         self.assertTrue(b.tls)
         self.assertEqual(b.where, "tls://localhost:4002")
+
+    def test_tls_client_certificate(self):
+        from test_tcp_integration import make_pki
+
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        pki = make_pki(pathlib.Path(tmp), "unit")
+        b = self.make(f"tls://127.0.0.1:4002?ca={pki['ca']}&cert={pki['cert']}&key={pki['key']}")
+        self.assertTrue(b.tls)
+        both = os.path.join(tmp, "both.pem")
+        with open(both, "w") as f:
+            f.write(open(pki["cert"]).read() + open(pki["key"]).read())
+        self.assertTrue(self.make(f"tls://127.0.0.1:4002?cert={both}").tls)
+        with self.assertRaises(ValueError) as cm:
+            backend_from_url(f"tls://h:5?cert={pki['cert']}", {})  # no key anywhere
+        self.assertIn("not a usable certificate and private key", str(cm.exception))
+
+
+class ModeTests(Base):
+    """What the backend learns about connection reuse (foxyproxy 2.10 closes
+    after every answer; our proxy keeps connections)."""
+
+    persistent = None
+    connections = 2
+
+    def test_learns_persistent_and_then_pipelines(self):
+        c1 = self.connect()  # READERS answered on c1: not reused yet
+        c2 = self.endpoint.succeed()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        self.assertEqual(c1.requests(), [])
+        [(_, cid0, _)] = c2.requests()
+        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")  # no free connection: waits
+        self.assertEqual(c1.requests() + c2.requests(), [])
+        self.clock.advance(tcp.PROBE_DELAY)  # c1 stayed open after its answer
+        self.assertTrue(self.backend.persistent)
+        [(_, cid1, command)] = c1.requests()
+        self.assertEqual(command, "APDU:00000001")
+        c2.answer(cid0, "9000")
+        c1.answer(cid1, "9001")
+        self.assertEqual((outcome(d0), outcome(d1)), (b"\x90\x00", b"\x90\x01"))
+        # Now pipelined: two calls on one connection when both are busy.
+        self.backend.transmit("Emulated 00", b"\x00\x00\x00\x02")
+        self.backend.transmit("Emulated 01", b"\x00\x00\x00\x03")
+        self.backend.transmit("Emulated 02", b"\x00\x00\x00\x04")
+        self.assertEqual(len(c1.requests()) + len(c2.requests()), 3)
+
+    def test_learns_one_request_per_connection(self):
+        c1 = self.endpoint.succeed()
+        [(_, cid, _)] = c1.requests()
+        c1.proto.dataReceived(f">{cid}:{b64('Foxy NET 127.0.0.1-1')}\n@@\n".encode())
+        c1.lose(ConnectionDone())  # closed right after the answer, like foxyproxy 2.10
+        self.assertIs(self.backend.persistent, False)
+        self.assertEqual([r.name for r in self.registry.readers], ["B Foxy NET 127.0.0.1-1"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertTrue(self.backend.services[0].parked)  # the pool rests
+        # The second slot's connection has nothing to do: closed at once (an
+        # idle connection would stall foxyproxy, which reads one at a time).
+        c2 = self.endpoint.succeed()
+        self.assertTrue(c2.transport.disconnecting)
+        c2.lose(ConnectionDone())
+        self.assertEqual(self.endpoint.attempts, [])
+        # Each request gets a connection of its own.
+        d0 = self.backend.transmit("Foxy NET 127.0.0.1-1", b"\x00\x00\x00\x00")
+        d1 = self.backend.reset("Foxy NET 127.0.0.1-1")
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        c3, c4 = self.endpoint.succeed(), self.endpoint.succeed()
+        [(_, cid0, command0)] = c3.requests()
+        [(_, cid1, command1)] = c4.requests()
+        self.assertEqual((command0, command1), ("APDU:00000000", "RESET"))
+        c4.answer(cid1, "3B00")
+        c3.answer(cid0, "9000")
+        c3.lose(ConnectionDone())
+        c4.lose(ConnectionDone())
+        self.assertEqual((outcome(d0), outcome(d1)), (b"\x90\x00", b"\x3b\x00"))
+        self.assertEqual(self.endpoint.attempts, [])
+        # foxyproxy's answer to an unknown reader: a bare C083, no newline, closed.
+        d2 = self.backend.transmit("Foxy NET 127.0.0.1-1", b"\x00\x00\x00\x02")
+        c5 = self.endpoint.succeed()
+        c5.requests()
+        c5.proto.dataReceived(b"C083")
+        c5.lose(ConnectionDone())
+        self.assertEqual(outcome(d2), "C083")
+        # ... which re-reads the readers, on a connection of its own.
+        c6 = self.endpoint.succeed()
+        [(_, cid, command)] = c6.requests()
+        self.assertEqual(command, "READERS")
+        c6.answer(cid, "")
+        c6.lose(ConnectionDone())
+        self.assertEqual(self.registry.readers, [])
+        self.assertEqual(self.logged("lost a connection"), [])
+        self.assertEqual(len(self.logged("a new connection for every request")), 1)
+
+    def test_one_off_connections_fail_fast_when_down(self):
+        c1 = self.connect()
+        c1.lose(ConnectionDone())
+        self.endpoint.succeed().lose(ConnectionDone())  # slot 2: idle, closed, parked
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        self.endpoint.fail()
+        self.assertEqual(outcome(d), "C086")
+        self.assertRaises(CardError, self.backend.transmit, "Emulated 00", b"\x00\x00\x00\x00")
+        # Down: the pool retries with back-off and brings it back.
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        conn = self.endpoint.succeed()
+        [(_, cid, command)] = conn.requests()  # the readers are re-read first
+        self.assertEqual(command, "READERS")
+        conn.answer(cid, "|".join(b64(n) for n in NAMES))
+        conn.lose(ConnectionDone())
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        self.assertNoResult(d)
+
+    def test_false_single_detection_heals(self):
+        c1 = self.connect()
+        c1.lose(ConnectionDone())  # e.g. the upstream restarted just then
+        self.assertIs(self.backend.persistent, False)
+        self.endpoint.succeed().lose(ConnectionDone())
+        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        c2 = self.endpoint.succeed()
+        [(_, cid, _)] = c2.requests()
+        c2.answer(cid, "9000")
+        self.assertEqual(outcome(d), b"\x90\x00")
+        self.clock.advance(tcp.PROBE_DELAY)  # ... and c2 stays open
+        self.assertIs(self.backend.persistent, True)
+        self.assertEqual(len(self.endpoint.attempts), 2)  # the pool is back
+        self.assertFalse(any(slot.parked for slot in self.backend.services))

@@ -4,14 +4,18 @@ loopback: client -> proxy B (tcp backend) -> proxy A (emulated cards)."""
 import base64
 import datetime
 import ipaddress
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from support import HOST, LineClient, ProxyProcess, free_port
+from support import HOST, LineClient, free_port
 
 ATR = "3B8B8001466F7879456D753738313677"
 CHALLENGE = re.compile(r"[0-9A-F]{16}9000")
@@ -119,9 +123,10 @@ def test_wrong_password_gives_c085(proxy_factory, tmp_path):
 
 
 def test_slow_upstream_card_does_not_block_another(proxy_factory):
-    a = proxy_factory("--backend", "emulated:?latency_ms=2000&prefix=Slow&cards=1",
+    # --no-signing: no certificate probe keeps the slow card busy first.
+    a = proxy_factory("--no-signing", "--backend", "emulated:?latency_ms=2000&prefix=Slow&cards=1",
                       "--backend", "emulated:?cards=2")
-    b = proxy_factory("--backend", tcp_url(a, prefix="B%20"))
+    b = proxy_factory("--no-signing", "--backend", tcp_url(a, prefix="B%20"))
     wait_for_readers(b, ["B Slow 00", "B Emulated 00", "B Emulated 01"])
     slow = {}
 
@@ -348,3 +353,78 @@ def test_tls_chain_verified(proxy_factory, tmp_path):
         time.sleep(0.05)
     assert "unreachable" in bad.log(), bad.log()
     assert listing(bad) == []
+
+
+# -- foxyproxy 2.10 as the upstream --------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FOXYPROXY = os.path.join(ROOT, ".venv-foxyproxy", "bin", "foxyproxy")
+
+
+@pytest.fixture
+def foxyproxy_upstream(tmp_path):
+    """foxyproxy 2.10 (if its virtualenv exists: tests/test_rest_foxyproxy.py
+    creates it) in front of the fake CloudFoxy REST server of bench/."""
+    if not os.path.exists(FOXYPROXY):
+        pytest.skip("foxyproxy 2.10 is not installed in .venv-foxyproxy")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from fake_cloudfoxy import FakeCloudFoxy
+    finally:
+        sys.path.pop(0)
+    fake = FakeCloudFoxy(cards=4, token="fake-token")
+    rest_port = fake.start_in_thread()
+    port = free_port()
+    out = open(tmp_path / "foxyproxy.out", "wb")
+    proc = subprocess.Popen(
+        [FOXYPROXY, "-p", str(port), "-s", f"http://{HOST}:{rest_port}", "-t", "fake-token"],
+        stdout=out, stderr=subprocess.STDOUT, cwd=str(tmp_path), start_new_session=True,
+        env=dict(os.environ, HOME=str(tmp_path), PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while "TCP API of FoxyProxy is up" not in (tmp_path / "foxyproxy.out").read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, "foxyproxy did not start"
+            time.sleep(0.1)
+        yield port
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # it and its worker processes
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        out.close()
+        fake.stop()
+
+
+def test_foxyproxy_210_upstream(proxy_factory, foxyproxy_upstream):
+    """foxyproxy 2.10 answers one request per connection and closes it; the
+    backend learns that and never loses or repeats a command over it."""
+    b = proxy_factory("--backend", f"tcp://{HOST}:{foxyproxy_upstream}?prefix=F%20")
+    deadline = time.monotonic() + 20
+    while len(listing(b)) < 2:
+        assert time.monotonic() < deadline, b.log()
+        time.sleep(0.1)
+    names = listing(b)
+    assert all(n.startswith("F Foxy NET ") for n in names), names  # foxyproxy lists at most 2
+    with b.client() as c:
+        assert c.request(f">{names[0]}|\n>1:RESET|\n>2:APDU:00A4000C023F00|\n\n") == [
+            ("1", ATR), ("2", "9000")]
+        for i in range(30):
+            [(cid, result)] = c.request(f">{names[i % 2]}|\n>{i}:APDU:0084000008|\n\n")
+            assert cid == str(i) and CHALLENGE.fullmatch(result), result
+    results = []
+
+    def worker(name):
+        with b.client() as c:
+            for i in range(20):
+                results.extend(c.results(f">{name}|\n>{i}:APDU:00A4000C023F00|\n\n"))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in names[:2] * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == ["9000"] * 80
+    log = b.log()
+    assert "a new connection for every request" in log
+    assert "lost a connection" not in log, log

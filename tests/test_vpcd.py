@@ -7,6 +7,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -111,7 +112,8 @@ class FramingTests(SynchronousTestCase):
         for gone in (errors.NO_CARD, errors.NOT_FOUND, errors.AMBIGUOUS, errors.UPSTREAM):
             self.assertIsNone(apdu_answer(gone))
         self.assertEqual(apdu_answer(errors.MALFORMED), b"\x67\x00")
-        for other in (errors.FAILED, errors.INTERNAL, errors.BAD_PIN, ""):
+        self.assertEqual(apdu_answer("00" * 0xFFFD + "9000"), b"\x00" * 0xFFFD + OK)
+        for other in (errors.FAILED, errors.INTERNAL, errors.BAD_PIN, "", "00" * 0xFFFE + "9000"):
             self.assertEqual(apdu_answer(other), b"\x6F\x00")
 
     def test_retry_policy_is_capped(self):
@@ -146,13 +148,13 @@ class RecordingBackend(EmulatedBackend):
 
 
 class Harness:
-    def __init__(self, latency=0.0, reader="Emulated 00", cards=2):
+    def __init__(self, latency=0.0, reader="Emulated 00", cards=2, password=None):
         self.clock = Clock()
         self.registry = ReaderRegistry()
         self.backend = RecordingBackend(
             clock=self.clock, cards=[Iso7816Card(serial=i) for i in range(cards)], latency=latency)
         self.backend.start(self.registry)
-        self.dispatcher = Dispatcher(self.registry, self.clock, 15.0)
+        self.dispatcher = Dispatcher(self.registry, self.clock, 15.0, password)
         self.card = BridgedCard(reader, self.dispatcher)
 
     def connect(self):
@@ -240,6 +242,14 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(h.backend.calls, ["RESET", "00A4000C023F00", "0084000008"])
         self.assertFalse(h.clock.getDelayedCalls())
 
+    def test_works_when_clients_need_a_password(self):
+        # --client-password-file guards the line protocol; the bridge is
+        # configured by the operator and passes it itself.
+        h = Harness(password="s3cret")
+        proto, t = h.connect()
+        proto.dataReceived(ctrl(GET_ATR) + frame(SELECT_MF))
+        self.assertEqual(answers(t), [ATR, OK])
+
     def test_short_apdu_gets_wrong_length(self):
         self.proto.dataReceived(frame(b"\x00\xA4\x00"))
         self.assertEqual(answers(self.t), [b"\x67\x00"])
@@ -291,7 +301,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertIn("0x03", self._bad_input(ctrl(3)))
 
     def test_garbage_closes(self):
-        self._bad_input(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertIn("0x99", self._bad_input(b"\x00\x01\x99" + b"junk" * 50))
         self.assertEqual(self.h.backend.calls, [])
 
     def test_oversized_closes(self):
@@ -301,6 +311,7 @@ class ProtocolTests(SynchronousTestCase):
     def test_flood_closes(self):
         h = Harness(latency=1.0)
         proto, t = h.connect()
+        proto.dataReceived(frame(SELECT_MF))
         with capturedLogs() as events:
             proto.dataReceived(frame(SELECT_MF) * 100)
         self.assertTrue(t.disconnecting)
@@ -308,6 +319,17 @@ class ProtocolTests(SynchronousTestCase):
         h.clock.advance(1.0)  # the one APDU in flight finishes on the card
         self.assertEqual(t.value(), b"")
         self.assertEqual(h.backend.calls, ["00A4000C023F00"])
+
+    def test_self_connection_is_dropped(self):
+        # With nothing listening on vpcd's port, Linux can connect a socket
+        # in the ephemeral range to itself; that socket would hold the port.
+        me = IPv4Address("TCP", "127.0.0.1", 35964)
+        proto = VpcdProtocol(self.h.card, quickack=False)
+        t = StringTransport(hostAddress=me, peerAddress=me)
+        proto.makeConnection(t)
+        self.assertTrue(t.disconnected)
+        proto.dataReceived(ctrl(GET_ATR))
+        self.assertEqual(t.value(), b"")
 
     def test_connection_lost_mid_command(self):
         h = Harness(latency=1.0)
@@ -481,16 +503,24 @@ class BridgeTests(SynchronousTestCase):
 
     def test_reconnects_when_vpcd_closes(self):
         self.start()
-        self.vpcd.current.drop()  # pcscd restarted
         self.vpcd.refuse = True
-        self.h.clock.advance(0.5)
-        self.assertEqual(self.vpcd.attempts, 2)
-        delays = []
-        for _ in range(6):
-            calls = self.h.clock.getDelayedCalls()
-            delays.append(calls[0].getTime() - self.h.clock.seconds())
-            self.h.clock.advance(delays[-1])
+        with capturedLogs() as events:
+            self.vpcd.current.drop()  # pcscd stopped
+            self.h.clock.advance(0.5)
+            self.assertEqual(self.vpcd.attempts, 2)
+            delays = []
+            for _ in range(20):
+                calls = self.h.clock.getDelayedCalls()
+                delays.append(calls[0].getTime() - self.h.clock.seconds())
+                self.h.clock.advance(delays[-1])
+        self.assertEqual(self.vpcd.attempts, 22)
         self.assertEqual(max(delays), 3.0)
+        # one line says why; the retries themselves are not logged at info
+        text = [formatEvent(e) for e in events]
+        self.assertEqual(len(text), 2, text)
+        self.assertIn("disconnected from vpcd", text[0])
+        self.assertIn("not connected", text[1])
+        self.assertIn("refused", text[1])
         self.vpcd.refuse = False
         self.h.clock.advance(3.0)
         self.assertIsNotNone(self.vpcd.current)

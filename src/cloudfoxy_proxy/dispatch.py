@@ -13,8 +13,11 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 from . import errors
 from .errors import CardError
 from .logs import Logger
-from .parser import APDU, CARD_COMMANDS, LIST, PERSONALIZE, READERS, Request
+from .parser import (
+    ALIASES, APDU, CARD_COMMANDS, CHAIN, ENUM, LIST, PERSONALIZE, READERS, RESET, Request,
+)
 from .registry import QueueFull
+from .timeouts import Deadlines
 
 
 class Session:
@@ -31,7 +34,10 @@ class Dispatcher:
     """Executes requests against the reader registry.
 
     ``clock`` bounds every backend call with ``command_timeout`` seconds;
-    ``password``, when set, is required on the reader line of card commands.
+    ``password``, when set, is required on the reader line of card commands
+    (``READER:PASSWORD``; for SIGN ``ALIAS:PASSWORD:PIN``, see
+    docs/signing.md).  ``signing``, when set (tap.py sets a
+    certindex.CertIndex), answers ENUM, ALIASES, CHAIN and SIGN.
     """
 
     log = Logger()
@@ -41,6 +47,8 @@ class Dispatcher:
         self.clock = clock
         self.command_timeout = command_timeout
         self.password = password
+        self.signing = None
+        self.deadlines = Deadlines(clock, command_timeout)
 
     def execute(self, request, session):
         """Response lines (``(id, result)`` pairs) or a Deferred for them;
@@ -61,7 +69,7 @@ class Dispatcher:
         result = self.execute(Request(reader, password, list(commands)), session or Session())
         return result if isinstance(result, Deferred) else succeed(result)
 
-    def simple(self, command, session):
+    def simple(self, command, session, request=None):
         """The result of a command that needs no card."""
         name = command.name
         if name == READERS or name == LIST:
@@ -71,19 +79,39 @@ class Dispatcher:
             self.log.info("client {peer} personalized as {tag!r}", peer=session.peer,
                           tag=command.data[:100])
             return "OK"
-        # ENUM, ALIASES, CHAIN and SIGN need certificate-aware card profiles.
+        if self.signing is not None and (name == ENUM or name == ALIASES or name == CHAIN):
+            return self.signing.command(name, command, request)
         return errors.FAILED
 
     def target(self, request):
         """The reader a request's card commands run on, or a result code."""
-        if self.password is not None and not hmac.compare_digest(
-            (request.password or "").encode("utf-8"), self.password.encode("utf-8")
-        ):
+        if self.password is not None and not self._client_ok(request.password or ""):
             return errors.BAD_PIN
         try:
             return self.registry.resolve(request.reader)
         except CardError as e:
             return e.code
+
+    def _client_ok(self, given):
+        """The reader line's password is the client password, alone or
+        followed by ``:PIN`` (SIGN)."""
+        n = len(self.password)
+        return hmac.compare_digest(given[:n].encode("utf-8"), self.password.encode("utf-8")) and (
+            len(given) == n or given[n] == ":")
+
+    def pin(self, request):
+        """SIGN's PIN: the reader line's password, after the client password
+        and its ``:`` when a client password is configured."""
+        given = request.password
+        if given is None or self.password is None:
+            return given
+        return given[len(self.password) + 1:] or None
+
+    def sign(self, reader, command, request):
+        """SIGN on ``reader`` (held by the request): signature bytes or a Deferred."""
+        if self.signing is None:
+            raise CardError(errors.FAILED, "no certificate index")
+        return self.signing.sign(reader, request.reader, self.pin(request), command.data, command.obj)
 
 
 class _Run:
@@ -122,7 +150,7 @@ class _Run:
                     self._result(command.error)
                     continue
                 if command.name not in CARD_COMMANDS:
-                    self._result(self.d.simple(command, self.session))
+                    self._result(self.d.simple(command, self.session, self.request))
                     continue
                 reader = self.reader
                 if reader is None:
@@ -154,8 +182,12 @@ class _Run:
         try:
             if command.name == APDU:
                 result = backend.transmit(reader.key, command.apdu)
-            else:
+            elif command.name == RESET:
+                if self.d.signing is not None:
+                    self.d.signing.after_reset(reader)
                 result = backend.reset(reader.key)
+            else:
+                result = self.d.sign(reader, command, self.request)
         except CardError as e:
             self._result(e.code)
             return True
@@ -169,7 +201,7 @@ class _Run:
             return True
         self._pending = True
         self._call = result
-        result.addTimeout(self.d.command_timeout, self.d.clock)
+        self.d.deadlines.watch(result)
         result.addCallbacks(self._answered, self._failed, errbackArgs=(reader,))
         return not self._pending
 
@@ -178,11 +210,13 @@ class _Run:
         self.i += 1
 
     def _answered(self, result):
+        self.d.deadlines.forget(self._call)
         self._call = None
         self._result(result.hex().upper())
         self._resume()
 
     def _failed(self, failure, reader):
+        self.d.deadlines.forget(self._call)
         self._call = None
         if failure.check(CardError):
             self._result(failure.value.code)

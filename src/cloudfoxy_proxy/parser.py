@@ -23,7 +23,7 @@ COMMANDS = frozenset(
     (RESET, APDU, READERS, LIST, ENUM, ALIASES, CHAIN, SIGN, PERSONALIZE, EMPTYLINE)
 )
 #: Commands that run on one card, under that card's queue.
-CARD_COMMANDS = frozenset((RESET, APDU))
+CARD_COMMANDS = frozenset((RESET, APDU, SIGN))
 
 
 @attr.s(slots=True, frozen=True)

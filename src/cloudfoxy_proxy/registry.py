@@ -73,7 +73,7 @@ class Reader:
     same (backend, key) for the life of the process, so its name and its
     card queue survive the reader vanishing and coming back."""
 
-    __slots__ = ("name", "backend", "key", "aliases", "present", "queue", "info")
+    __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info")
 
     def __init__(self, name, backend, key, queue):
         self.name = name
@@ -81,6 +81,7 @@ class Reader:
         self.key = key
         self.queue = queue
         self.aliases = ()
+        self.extra_aliases = ()  # from the certificate index (set_extra_aliases)
         self.present = False
         self.info = None
 
@@ -140,6 +141,14 @@ class ReaderRegistry:
             self.log.info("reader removed: {reader}", reader=name)
         self._rebuild()
 
+    def set_extra_aliases(self, reader, aliases):
+        """More names for ``reader`` besides its backend's (the certificate
+        index's aliases of the card in it); ``()`` removes them."""
+        aliases = tuple(aliases)
+        if aliases != reader.extra_aliases:
+            reader.extra_aliases = aliases
+            self._rebuild()
+
     def _unique(self, name):
         if name not in self._names:
             return name
@@ -155,7 +164,7 @@ class ReaderRegistry:
         aliases = {}
         for r in self.readers:
             exact[r.name] = r
-            for alias in (b64name(r.name),) + r.aliases:
+            for alias in (b64name(r.name),) + r.aliases + r.extra_aliases:
                 aliases.setdefault(alias, []).append(r)
         self._exact = exact
         self._aliases = aliases

@@ -56,6 +56,12 @@ class Options(usage.Options):
         "(the default). See docs/ for the protocol and every backend."
     )
 
+    optFlags = [
+        ["no-signing", None,
+         "Do not look for certificates on cards: no card is probed when it arrives or "
+         "after RESET, and ENUM, ALIASES, CHAIN and SIGN answer C081."],
+    ]
+
     optParameters = [
         ["port", "p", DEFAULT_PORT,
          "Line-protocol listener: a port number or a Twisted endpoint string."],
@@ -149,6 +155,14 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--backend {url!r}: {e}") from None
         self["backend-makers"] = makers
+        self["ca-cert-list"] = []
+        if self["ca-certs"]:
+            from .certindex import load_ca_certs
+
+            try:
+                self["ca-cert-list"] = load_ca_certs(self["ca-certs"])
+            except ValueError as e:
+                raise usage.UsageError(f"--ca-certs: {e}") from None
 
     def _number(self, option, kind, low, high):
         value = self[option]
@@ -209,6 +223,16 @@ def makeService(config, reactor=None):
         top.backends.append(backend)
         BackendService(backend, registry).setServiceParent(top)
     dispatcher = Dispatcher(registry, reactor, config["command-timeout"], config["client-password"])
+    # Certificates on signing cards (ENUM, ALIASES, CHAIN, SIGN): probes
+    # cards as they arrive, so it watches the registry before backends start.
+    top.certindex = None
+    if not config.get("no-signing"):
+        from .certindex import CertIndex
+
+        dispatcher.signing = CertIndex(registry, reactor, config["command-timeout"],
+                                       ca_certs=config.get("ca-cert-list", ()))
+        dispatcher.signing.start()
+        top.certindex = dispatcher.signing
     factory = LineFactory(
         dispatcher,
         max_line_length=config["max-line-length"],

@@ -31,6 +31,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel
 from zope.interface import implementer
 
 from . import errors
@@ -142,13 +143,14 @@ def apdu_answer(result):
     the result means the card failed (:data:`CARD_FAILED`).  Other result
     codes become status words, as a card would answer: malformed data
     ``6700``, anything else ``6F00``.  vpcd takes an empty answer for a
-    dead card, so an empty one becomes ``6F00`` too."""
+    dead card, so an empty one becomes ``6F00`` too, as does one longer
+    than a vpcd message can carry (65535 bytes)."""
     if errors.is_error(result):
         if result in CARD_FAILED:
             return None
         return SW_WRONG_LENGTH if result == errors.MALFORMED else SW_NO_DIAGNOSIS
     answer = bytes.fromhex(result)
-    return answer if len(answer) >= 2 else SW_NO_DIAGNOSIS
+    return answer if 2 <= len(answer) <= MAX_FRAME else SW_NO_DIAGNOSIS
 
 
 # -- the card ------------------------------------------------------------------
@@ -160,8 +162,8 @@ class BridgedCard:
     Power on and reset reset the backend card (power on skips it while the
     card is still fresh from a reset nobody has sent an APDU after); power
     off only marks the card unpowered; get ATR answers from the cached ATR
-    (a reset first if there is none); an APDU goes to the card.  Each method
-    of :meth:`handle` gives a Deferred firing with the answer bytes, or None
+    (a reset first if there is none); an APDU goes to the card.
+    :meth:`handle` gives a Deferred firing with the answer bytes, or None
     for no answer, or failing with CardError when the card failed.
     """
 
@@ -169,8 +171,6 @@ class BridgedCard:
     dispatcher = attr.ib()
     atr = attr.ib(default=None, init=False)
     fresh = attr.ib(default=False, init=False)
-
-    log = Logger()
 
     def _submit(self, fields):
         return self.dispatcher.submit(self.reader, [make_command(fields)],
@@ -245,6 +245,15 @@ class VpcdProtocol(Protocol):
         self._running = False
 
     def connectionMade(self):
+        host, peer = self.transport.getHost(), self.transport.getPeer()
+        if getattr(host, "port", None) and (host.host, host.port) == (peer.host, peer.port):
+            # Nothing listened on vpcd's port and Linux connected the socket
+            # to itself (a port in the ephemeral range): that would keep
+            # vpcd from binding its port once pcscd starts.
+            self.log.debug("connected to itself on port {port}; retrying", port=host.port)
+            self.closed = True
+            self.transport.abortConnection()
+            return
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
@@ -333,8 +342,9 @@ class VpcdProtocol(Protocol):
 
 @attr.s(eq=False)
 class VpcdFactory(Factory):
-    card = attr.ib()
     noisy = False
+
+    card = attr.ib()
     bridge = attr.ib(default=None)
     quickack = attr.ib(default=QUICKACK)
 
@@ -349,6 +359,19 @@ def retry_policy(initial=0.25, cap=3.0, jitter=0.1):
     ``initial``, capped at ``cap``, plus up to ``jitter`` seconds."""
     return backoffPolicy(initialDelay=initial, factor=2.0, maxDelay=cap,
                          jitter=lambda: random.random() * jitter)
+
+
+class _RetryLogger(Logger):
+    """ClientService logs every retry at info level; with pcscd stopped (or
+    idle-exited) that is a line every few seconds forever.  Those go to
+    debug: the bridge logs why it is not connected once instead."""
+
+    def emit(self, level, format=None, **kwargs):
+        super().emit(LogLevel.debug if level == LogLevel.info else level, format, **kwargs)
+
+
+class VpcdClientService(ClientService):
+    _log = _RetryLogger()
 
 
 @implementer(IStreamClientEndpoint)
@@ -392,8 +415,8 @@ class VpcdBridge(Service):
 
     def __attrs_post_init__(self):
         self.factory = VpcdFactory(self.card, self, self.quickack)
-        self.client = ClientService(WhenCardReady(self, self.endpoint), self.factory,
-                                    retryPolicy=self.retry, clock=self.clock)
+        self.client = VpcdClientService(WhenCardReady(self, self.endpoint), self.factory,
+                                        retryPolicy=self.retry, clock=self.clock)
 
     def startService(self):
         Service.startService(self)
@@ -429,10 +452,11 @@ class VpcdBridge(Service):
             self.log.info("vpcd bridge {where}: card {reader} available; connecting",
                           where=self.where, reader=self.card.reader)
             self.client.startService()
-        elif problem is not None and self.client.running:
+        elif problem is not None:
             self._note(problem)
-            self.card.forget()
-            self.client.stopService()
+            if self.client.running:
+                self.card.forget()
+                self.client.stopService()
 
     def prepare(self):
         """Before each connection attempt: the card is there and reset."""
@@ -463,8 +487,9 @@ class VpcdBridge(Service):
                       where=self.where, reader=self.card.reader)
 
     def disconnected(self, protocol):
-        if self.protocol is protocol:
-            self.protocol = None
+        if self.protocol is not protocol:
+            return
+        self.protocol = None
         self.log.info("vpcd bridge {where}: card {reader} disconnected from vpcd",
                       where=self.where, reader=self.card.reader)
 

@@ -1,6 +1,10 @@
 """``emulated:`` — built-in virtual cards, the default backend.
 
 ``emulated:?cards=4&type=iso7816&latency_ms=0&prefix=Emulated``
+
+Signing cards (``type=piv`` or ``type=openpgp``) take ``pin=`` (default
+123456) and ``keys=DIR`` (keep their PKI as PEM files in DIR; see
+cards/pki.py and docs/signing.md).
 """
 
 import attr
@@ -12,11 +16,26 @@ from ..backend import IBackend, ReaderInfo
 from ..cards.iso7816 import Iso7816Card
 from . import float_param, int_param, query
 
-CARD_TYPES = {"iso7816": Iso7816Card}
+
+def _piv(**kw):
+    from ..cards.piv import PivCard
+
+    return PivCard(**kw)
+
+
+def _openpgp(**kw):
+    from ..cards.openpgp import OpenPgpCard
+
+    return OpenPgpCard(**kw)
+
+
+CARD_TYPES = {"iso7816": Iso7816Card, "piv": _piv, "openpgp": _openpgp}
+#: Card types that hold keys: they take pin=, keys= and the prefix as label.
+SIGNING_TYPES = frozenset(("piv", "openpgp"))
 
 
 def from_url(url, config):
-    params = query(url, {"cards", "type", "latency_ms", "prefix", "pin"})
+    params = query(url, {"cards", "type", "latency_ms", "prefix", "pin", "keys"})
     cards = int_param(params, "cards", 4, 1, 10000)
     latency = float_param(params, "latency_ms", 0.0, 0.0, 600000.0) / 1000.0
     prefix = params.get("prefix", "Emulated").strip()
@@ -26,13 +45,31 @@ def from_url(url, config):
     if kind not in CARD_TYPES:
         raise ValueError(f"type={kind!r} is not one of {', '.join(CARD_TYPES)}")
     factory = CARD_TYPES[kind]
+    options = {}
+    if kind in SIGNING_TYPES:
+        options = _signing_options(params, kind, prefix)
+    elif "pin" in params or "keys" in params:
+        raise ValueError(f"pin= and keys= are for type=piv or type=openpgp, not type={kind}")
 
     def make(reactor):
         return EmulatedBackend(
-            clock=reactor, cards=[factory(serial=i) for i in range(cards)],
+            clock=reactor, cards=[factory(serial=i, **options) for i in range(cards)],
             latency=latency, prefix=prefix, kind=kind)
 
     return make
+
+
+def _signing_options(params, kind, prefix):
+    pin = params.get("pin", "123456")
+    longest = 8 if kind == "piv" else 127
+    if not 6 <= len(pin.encode("utf-8")) <= longest:
+        raise ValueError(f"pin= must have 6 to {longest} characters for type={kind}")
+    keys = params.get("keys") or None
+    if keys is not None:
+        from ..cards.pki import check_keys_dir
+
+        check_keys_dir(keys)
+    return {"pin": pin, "label": prefix, "keys": keys}
 
 
 @implementer(IBackend)

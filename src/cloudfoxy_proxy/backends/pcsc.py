@@ -200,6 +200,10 @@ class _Link:
             except Exception:
                 pass
 
+    def forget(self):
+        """Disconnect from a card that left; keep the context."""
+        self._drop_handle()
+
     def _drop_handle(self):
         s = self.scard
         handle, self.handle, self.active = self.handle, None, None
@@ -418,6 +422,7 @@ class _Monitor:
         self.pnp = True
         self.pnp_state = 0
         self.unknown = None  # reader list of the last SCARD_E_UNKNOWN_READER
+        self.fresh = True  # no wait on the first look with a new context
         s = scard
         self.dead = {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
                      s.SCARD_E_INVALID_HANDLE}
@@ -442,6 +447,7 @@ class _Monitor:
             if hr != s.SCARD_S_SUCCESS:
                 return _Down(f"SCardEstablishContext: {_message(s, hr)}")
             self.ctx, self.states, self.atrs, self.pnp_state = ctx, {}, {}, 0
+            self.fresh = True
         hr, names = s.SCardListReaders(self.ctx, [])
         if hr == s.SCARD_E_NO_READERS_AVAILABLE:
             names = []
@@ -458,7 +464,8 @@ class _Monitor:
             asked.append((PNP_NOTIFICATION, self.pnp_state))
         if not asked:
             return _Scan((), delay=self.poll_ms / 1000.0)
-        fresh = any(n not in self.states for n in names)
+        fresh = self.fresh or any(n not in self.states for n in names)
+        self.fresh = False
         hr, result = s.SCardGetStatusChange(self.ctx, 0 if fresh else self.poll_ms, asked)
         delay = 0.0
         if hr == s.SCARD_S_SUCCESS:
@@ -648,7 +655,7 @@ class PcscBackend:
         if d.called:  # the caller gave up (timeout): nobody waits for this
             self.log.info("{pool}: a call given up on returned after {s:.1f}s",
                           pool=worker.pool.name, s=self.reactor.seconds() - worker.since)
-        if ok:
+        elif ok:
             d.callback(result)
         else:
             d.errback(result)
@@ -725,6 +732,8 @@ class PcscBackend:
             if present != reader.present and self._service:
                 self.log.info("card {what} {reader}", what="inserted in" if present else "removed from",
                               reader=name)
+                if not present:  # let go of the handle now, not at the next command
+                    self._after_idle(reader.worker, reader.link.forget)
             reader.present = present
             reader.atr = atr
         for reader in self._readers.values():
@@ -744,11 +753,11 @@ class PcscBackend:
         reader = self._readers.get(key)
         if reader is None or not reader.listed or not self._running:
             raise CardError(errors.NOT_FOUND, f"no PC/SC reader {key!r}")
+        if not reader.present:
+            raise CardError(errors.NO_CARD, f"{key}: no card")
         if reader.worker.busy:
             raise CardError(errors.UPSTREAM, f"{key}: still waiting for the card to answer an "
                                              "earlier command that timed out")
-        if not reader.present:
-            raise CardError(errors.NO_CARD, f"{key}: no card")
         return reader
 
     def transmit(self, key, apdu):

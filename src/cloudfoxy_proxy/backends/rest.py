@@ -21,7 +21,7 @@ HTTP request, body included.  See docs/rest.md.
 """
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import attr
 from twisted.internet import error as ierror
@@ -29,7 +29,8 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.web import client as wclient
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from .. import errors
@@ -56,6 +57,8 @@ FIRST_RETRY = 0.5
 _PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key"}
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 _HEX = re.compile(r"[0-9A-Fa-f]*\Z")
+#: Characters left as they are in query values (terminal names are ``/IP@id``).
+_SAFE = "/@:"
 
 
 # --- parsing of the server's answers (pure) --------------------------------
@@ -172,14 +175,28 @@ def describe(failure):
     value = failure.value
     reasons = getattr(value, "reasons", None)
     if reasons:
-        inner = "; ".join(r.getErrorMessage() or r.type.__name__ for r in reasons)
-        return f"{type(value).__name__}: {inner}"
+        return "; ".join(_reason(r) for r in reasons)
     if isinstance(value, ierror.ConnectionRefusedError):
         return "connection refused"
     if isinstance(value, ierror.ConnectError):
         return f"cannot connect ({value})"
     text = str(value) or type(value).__name__
     return f"{type(value).__name__}: {text}" if type(value).__name__ not in text else text
+
+
+def _reason(failure):
+    """One inner failure of a twisted.web client error, readably."""
+    from OpenSSL import SSL
+
+    if failure.check(SSL.Error):
+        try:
+            details = ", ".join(item[-1] for item in failure.value.args[0] if item[-1])
+        except (IndexError, TypeError):
+            details = str(failure.value)
+        return f"TLS failed: {details or 'handshake error'}"
+    if failure.check(ierror.ConnectionDone, ierror.ConnectionLost):
+        return "connection closed by the server before the answer"
+    return failure.getErrorMessage() or failure.type.__name__
 
 
 @implementer(IPolicyForHTTPS)
@@ -197,6 +214,33 @@ class TLSPolicy:
 
         return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self.trust_root,
                                    clientCertificate=self.client_cert)
+
+
+@implementer(IAgentEndpointFactory)
+class OneServer:
+    """Endpoints for the Agent, made once per (scheme, host, port) rather
+    than once per request as Agent's default does (that re-encodes the host
+    name with IDNA and, for https, builds new TLS options every time)."""
+
+    def __init__(self, reactor, policy, timeout):
+        self.reactor = reactor
+        self.policy = policy
+        self.timeout = timeout
+        self.cache = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self.cache.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise wclient.SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+            from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            self.cache[key] = endpoint
+        return endpoint
 
 
 class _QuietHTTP11ClientFactory(wclient._HTTP11ClientFactory):
@@ -275,10 +319,16 @@ def from_url(url, config):
     prefix = params.get("prefix", "CloudFoxy").strip()
     policy = load_tls(params) if tls else None
     timeout = float(config.get("command-timeout") or 15.0)
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"bad host name {host!r}") from None
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
         netloc += f":{port}"
-    base = f"{'https' if tls else 'http'}://{netloc}{parts.path.rstrip('/')}"
+    path = quote(parts.path.rstrip("/"), safe="/%")
+    base = f"{'https' if tls else 'http'}://{netloc}{path}"
 
     def make(reactor):
         from treq.client import HTTPClient
@@ -288,10 +338,10 @@ def from_url(url, config):
         pool.cachedConnectionTimeout = IDLE_TIMEOUT
         pool.retryAutomatically = False  # an APDU must never be sent twice
         pool._factory = _QuietHTTP11ClientFactory  # no log line per connection
-        agent = wclient.Agent(reactor, contextFactory=policy or wclient.BrowserLikePolicyForHTTPS(),
-                              pool=pool, connectTimeout=timeout)
+        endpoints = OneServer(reactor, policy or wclient.BrowserLikePolicyForHTTPS(), timeout)
+        agent = wclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         return RestBackend(base_url=base, token=token, clock=reactor, http=HTTPClient(agent),
-                           pool=pool, poll=poll, timeout=timeout, prefix=prefix,
+                           agent=agent, pool=pool, poll=poll, timeout=timeout, prefix=prefix,
                            connections=connections)
 
     return make
@@ -322,7 +372,7 @@ class _Exchange:
 
     def _attempt(self):
         self.tries += 1
-        self.current = self.backend.get(BASIC, self.params)
+        self.current = self.backend.basic(self.params)
         self.current.addCallbacks(self._got, self._failed)
 
     def _got(self, body):
@@ -374,6 +424,7 @@ class RestBackend:
     token = attr.ib(repr=False)
     clock = attr.ib()
     http = attr.ib()
+    agent = attr.ib(default=None)
     pool = attr.ib(default=None)
     poll = attr.ib(default=10.0)
     timeout = attr.ib(default=15.0)
@@ -383,6 +434,8 @@ class RestBackend:
 
     _registry = attr.ib(init=False, default=None)
     _headers = attr.ib(init=False, default=None)
+    _raw_headers = attr.ib(init=False, default=None)
+    _basic_url = attr.ib(init=False, default=None)
     _uptime = attr.ib(init=False, default=None)
     _loaded = attr.ib(init=False, default=False)
     _cards = attr.ib(init=False, factory=list)
@@ -393,6 +446,9 @@ class RestBackend:
 
     def __attrs_post_init__(self):
         self._headers = {"X-Auth-Token": [self.token], "Accept": ["text/plain"]}
+        self._raw_headers = Headers({b"X-Auth-Token": [self.token.encode("utf-8")],
+                                     b"Accept": [b"text/plain"]})
+        self._basic_url = self.base_url + BASIC + "?"
 
     @property
     def description(self):
@@ -415,6 +471,19 @@ class RestBackend:
         any other status is a CardError(C086) (after reading the body)."""
         d = self.http.get(self.base_url + path, params=params, headers=self._headers,
                           unbuffered=True, allow_redirects=False)
+        d.addCallback(self._check)
+        return d
+
+    def basic(self, params):
+        """GET ``/api/v1/basic`` with ``params``, like :meth:`get`.
+
+        The hot path: with an ``agent`` (the same Agent and pool that
+        ``http`` wraps) the request skips treq's per-request URL, cookie and
+        redirect handling (~85 us of CPU an APDU, a fifth of the total)."""
+        if self.agent is None:
+            return self.get(BASIC, params)
+        url = self._basic_url + "&".join(f"{k}={quote(v, safe=_SAFE)}" for k, v in params)
+        d = self.agent.request(b"GET", url.encode("ascii"), self._raw_headers)
         d.addCallback(self._check)
         return d
 

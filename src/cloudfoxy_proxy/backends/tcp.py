@@ -21,6 +21,18 @@ Failure semantics (nothing silently lost, nothing repeated):
   connection's queue so that the late answer is recognised by its id and
   discarded, never given to another command.  A connection that still has
   not answered a command that long after its timeout is dropped.
+
+Connection reuse is learnt, not assumed: foxyproxy 2.10 answers one request
+per connection and closes it; it reads its connections one at a time, in
+the order it accepted them (an idle connection stalls it), and would run a
+second request that arrived in the same read on the wrong reader.  Until a
+connection has stayed open for PROBE_DELAY after an answer, each
+connection carries one request and is not reused; once one has, the
+upstream is "persistent" and requests are pipelined over the pool.  A
+connection closed right after its first answer marks the upstream "one
+request per connection": the pool is parked and every request gets a
+connection of its own, opened when it is needed (no idle connections, no
+warnings).  A later connection that stays open switches back.
 """
 
 import base64
@@ -32,10 +44,12 @@ from urllib.parse import parse_qsl, urlsplit
 import attr
 from twisted.application.internet import ClientService
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import errors
@@ -57,6 +71,13 @@ MIN_HEALTHY_LIFETIME = 1.0
 #: The longest line accepted from an upstream (a READERS answer of thousands
 #: of readers, or an extended response APDU in hex, fits easily).
 MAX_LINE = 8 * 1024 * 1024
+#: A connection still open this long after an answer proves the upstream
+#: keeps connections (pipelining allowed); one closed sooner, right after its
+#: first answer, marks an upstream that closes after every answer.
+PROBE_DELAY = 0.5
+#: An empty or failed READERS answer is asked again after this, doubling up
+#: to ``refresh`` (an upstream proxy that has not found its own cards yet).
+EMPTY_RETRY = 0.5
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
@@ -109,15 +130,17 @@ def tls_options(host, params):
         except Exception as e:
             raise ValueError(f"ca={params['ca']!r}: not a usable certificate ({e})") from None
     client = None
-    if ("cert" in params) != ("key" in params):
-        raise ValueError("cert= and key= go together (a client certificate and its private key)")
+    if "key" in params and "cert" not in params:
+        raise ValueError("key= needs cert= (the client certificate)")
     if "cert" in params:
-        pem = _read_bytes("cert", params["cert"]) + b"\n" + _read_bytes("key", params["key"])
+        pem = _read_bytes("cert", params["cert"])
+        if "key" in params:
+            pem += b"\n" + _read_bytes("key", params["key"])
         try:
             client = PrivateCertificate.loadPEM(pem)
         except Exception as e:
-            raise ValueError(f"cert={params['cert']!r}/key={params['key']!r}: "
-                             f"not a usable certificate and key ({e})") from None
+            raise ValueError(f"cert={params['cert']!r}: not a usable certificate and private key "
+                             f"(key= may be left out when the file holds both) ({e})") from None
     try:
         return optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
     except Exception as e:
@@ -234,7 +257,10 @@ class _UpstreamProtocol(Protocol):
         self.keys = {}  # reader key -> number of its calls in self.calls
         self.ready = False
         self.ready_at = None
-        self.answered = False
+        self.answers = 0
+        self.first_answer_at = None
+        self.spent = False  # not to be reused (the upstream may close it)
+        self.probe = None  # DelayedCall: is it still open PROBE_DELAY after an answer?
         self.broken = False
         self._buf = b""
 
@@ -300,16 +326,28 @@ class _UpstreamProtocol(Protocol):
             if not self.calls:
                 self.log.debug("ignored a stray @@ from {upstream}", upstream=self.backend.where)
                 return
-            call = self.calls.popleft()
-            key = call.key
-            n = self.keys[key] - 1
-            if n:
-                self.keys[key] = n
-            else:
-                del self.keys[key]
-            self.answered = True
-            self.backend._answer(call)
+            self._complete()
+        elif self.calls and line.decode("ascii", "replace") in errors.MEANING:
+            # A bare result code instead of a response: foxyproxy 2.10 answers
+            # an unknown reader with "C083" and closes the connection.
+            head = self.calls[0]
+            if head.result is None:
+                head.result = line.decode("ascii")
+            self._complete()
         # Anything else ("#" signals, junk) is ignored, as a server would.
+
+    def _complete(self):
+        call = self.calls.popleft()
+        key = call.key
+        n = self.keys[key] - 1
+        if n:
+            self.keys[key] = n
+        else:
+            del self.keys[key]
+        self.answers += 1
+        if self.first_answer_at is None:
+            self.first_answer_at = self.backend.clock.seconds()
+        self.backend._answer(self, call)
 
     def _violation(self, what):
         self.log.warn("upstream {upstream} broke the protocol ({what}); reconnecting",
@@ -318,7 +356,12 @@ class _UpstreamProtocol(Protocol):
         self.transport.abortConnection()
 
     def connectionLost(self, reason):
+        if not self.broken and self.calls and self._buf.strip():
+            self._line(self._buf.strip())  # a last line without its newline ("C083")
+        self._buf = b""
         self.broken = True
+        if self.probe is not None and self.probe.active():
+            self.probe.cancel()
         calls = list(self.calls)
         self.calls.clear()
         self.keys.clear()
@@ -331,10 +374,14 @@ class _TLSUpstreamProtocol(_UpstreamProtocol):
 
 
 class _UpstreamFactory(Factory):
+    """Builds the protocol of one connection; ``slot`` is the ClientService
+    that keeps it (None: a one-off connection opened for a request)."""
+
     noisy = False  # no "Starting factory" line for every connection attempt
 
-    def __init__(self, backend):
+    def __init__(self, backend, slot=None):
         self.backend = backend
+        self.slot = slot
 
     def buildProtocol(self, addr):
         kind = _TLSUpstreamProtocol if self.backend.tls else _UpstreamProtocol
@@ -347,10 +394,12 @@ class _UpstreamFactory(Factory):
 @attr.s(eq=False)
 class _WatchedEndpoint:
     """An endpoint that tells ``failed(failure)`` about every failed attempt
-    (ClientService retries by itself but does not say when one failed)."""
+    (ClientService retries by itself but does not say when one failed) and
+    ``started()`` about every attempt."""
 
     endpoint = attr.ib()
     failed = attr.ib()
+    started = attr.ib(default=None)
 
     def connect(self, factory):
         def failed(f):
@@ -358,6 +407,8 @@ class _WatchedEndpoint:
                 self.failed(f)
             return f
 
+        if self.started is not None:
+            self.started()
         return self.endpoint.connect(factory).addErrback(failed)
 
 
@@ -370,7 +421,18 @@ class _QuietLogger(Logger):
 
 
 class _Slot(ClientService):
+    """One persistent connection of the pool.  ``waiting``: between
+    attempts (stopping and starting it again is then harmless);
+    ``parked``: waiting without a deadline (an upstream that closes after
+    every answer gets one-off connections instead)."""
+
     _log = _QuietLogger()
+    waiting = False
+    parked = False
+
+
+#: How long a parked slot waits before it reconnects on its own.
+PARKED = 3600.0
 
 
 @implementer(IBackend)
@@ -383,7 +445,11 @@ class TcpBackend:
     how often (seconds, 0: never) the reader list is re-read; ``timeout``
     bounds a READERS call and is the grace a connection gets to answer a
     command that already timed out.  ``retry_delay(failures)``, if given,
-    replaces the randomised back-off (tests).
+    replaces the randomised back-off (tests).  ``persistent`` is what has
+    been learnt about the upstream: None (not yet known), True (keeps
+    connections open: a pool of ClientServices, pipelining) or False (one
+    request per connection: a new connection for every request, at most
+    ``connections`` at once, and the pool parked).
     """
 
     endpoint = attr.ib()
@@ -396,18 +462,23 @@ class TcpBackend:
     timeout = attr.ib(default=15.0)
     tls = attr.ib(default=False)
     retry_delay = attr.ib(default=None)
-    services = attr.ib(init=False, factory=list)
-    listing = attr.ib(init=False, default=None)  # upstream names, as last read
-    _live = attr.ib(init=False, factory=list)  # ready connections
-    _queue = attr.ib(init=False, factory=collections.deque)  # calls waiting for one
-    _lines = attr.ib(init=False, factory=dict)  # key -> reader line bytes
-    _registry = attr.ib(init=False, default=None)
-    _running = attr.ib(init=False, default=False)
-    _down = attr.ib(init=False, default=False)
-    _failures = attr.ib(init=False, default=0)
-    _next_id = attr.ib(init=False, default=0)
-    _refreshing = attr.ib(init=False, default=None)
-    _loop = attr.ib(init=False, default=None)
+    persistent = attr.ib(default=None)
+    services = attr.ib(init=False, factory=list, repr=False)
+    listing = attr.ib(init=False, default=None, repr=False)  # upstream names, as last read
+    _live = attr.ib(init=False, factory=list, repr=False)  # ready connections, oldest first
+    _queue = attr.ib(init=False, factory=collections.deque, repr=False)  # calls waiting for one
+    _opening = attr.ib(init=False, factory=set, repr=False)  # one-off connection attempts
+    _lines = attr.ib(init=False, factory=dict, repr=False)  # key -> reader line bytes
+    _registry = attr.ib(init=False, default=None, repr=False)
+    _running = attr.ib(init=False, default=False, repr=False)
+    _down = attr.ib(init=False, default=False, repr=False)
+    _stale = attr.ib(init=False, default=True, repr=False)  # re-read the readers on connecting
+    _failures = attr.ib(init=False, default=0, repr=False)
+    _next_id = attr.ib(init=False, default=0, repr=False)
+    _refreshing = attr.ib(init=False, default=None, repr=False)
+    _loop = attr.ib(init=False, default=None, repr=False)
+    _soon = attr.ib(init=False, default=None, repr=False)  # DelayedCall: re-read an empty list
+    _soon_delay = attr.ib(init=False, default=EMPTY_RETRY, repr=False)
 
     log = Logger()
 
@@ -425,12 +496,10 @@ class TcpBackend:
     def start(self, registry):
         self._registry = registry
         self._running = True
-        factory = _UpstreamFactory(self)
-        endpoint = _WatchedEndpoint(self.endpoint, self._attempt_failed)
         for _ in range(self.connections):
-            service = _Slot(endpoint, factory, retryPolicy=self._retry, clock=self.clock)
-            self.services.append(service)
-            service.startService()
+            slot = self._slot()
+            self.services.append(slot)
+            slot.startService()
         if self.refresh:
             self._loop = LoopingCall(self._refresh)
             self._loop.clock = self.clock
@@ -442,9 +511,25 @@ class TcpBackend:
         self._running = False
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
         self._fail_queue("backend stopped")
+        for d in list(self._opening):
+            d.cancel()
+        for conn in list(self._live):
+            if conn.factory.slot is None:
+                conn.transport.loseConnection()  # one-off connections; slots close their own
         services, self.services = self.services, []
         return gatherResults([s.stopService() for s in services])
+
+    def _slot(self):
+        endpoint = _WatchedEndpoint(self.endpoint, self._attempt_failed)
+        factory = _UpstreamFactory(self)
+        slot = _Slot(endpoint, factory, retryPolicy=lambda attempt: self._retry(slot),
+                     clock=self.clock)
+        endpoint.started = lambda: setattr(slot, "waiting", False)
+        factory.slot = slot
+        return slot
 
     def reset(self, key):
         return self._submit(key, b"RESET")
@@ -485,44 +570,79 @@ class TcpBackend:
         if conn is not None:
             conn.send(call)
         else:
-            self._queue.append(call)  # goes out on the next connection
+            self._wait(call)
         return call.d
 
-    def _pick(self, key):
-        """The connection for a call on ``key``: the one still holding an
-        earlier (timed-out) call for that card, to keep the card's order;
-        else an idle one; else the least busy (pipelining)."""
-        best = None
-        for conn in self._live:
-            if key in conn.keys:
-                return conn
-            if best is None or len(conn.calls) < len(best.calls):
-                best = conn
-        return best
+    def _wait(self, call):
+        """No connection for ``call`` now: it goes out on the next free one."""
+        self._queue.append(call)
+        self._open_more()
 
-    def _answer(self, call):
+    def _pick(self, key):
+        """The connection for a call on ``key``, or None (wait for one).
+
+        A persistent upstream: the connection still holding an earlier
+        (timed-out) call for that card, to keep the card's order; else an
+        idle one; else the least busy (pipelining).  Otherwise: the oldest
+        idle connection not used before (foxyproxy 2.10 reads its
+        connections one at a time, in the order it accepted them)."""
+        if self.persistent:
+            best = None
+            for conn in self._live:
+                if key in conn.keys:
+                    return conn
+                if best is None or len(conn.calls) < len(best.calls):
+                    best = conn
+            return best
+        for conn in self._live:
+            if not conn.calls and not conn.spent:
+                return conn
+        return None
+
+    def _answer(self, conn, call):
         call.stop_watch()
+        if not self.persistent:
+            # Not known to keep connections: do not reuse this one until it
+            # has stayed open a while (then the upstream is persistent).
+            conn.spent = True
+            if conn.probe is None:
+                conn.probe = self.clock.callLater(PROBE_DELAY, self._probed, conn)
         if call.state == _CANCELLED:
             self.log.debug("discarded the late answer to {id} from {upstream}",
                            id=call.id, upstream=self.where)
-            return
-        call.state = _DONE
-        result = call.result
-        if call.readers:
-            call.d.callback(result)
-        elif result is None:
-            call.d.errback(CardError(errors.UPSTREAM, "upstream gave no result"))
-        elif result in errors.MEANING:
-            call.d.errback(CardError(result, f"upstream {self.where} answered {result}"))
-            if result == errors.NOT_FOUND:
-                self._refresh()
         else:
-            try:
-                answer = bytes.fromhex(result)
-            except ValueError:
-                call.d.errback(CardError(errors.UPSTREAM, "upstream answer is not hex"))
+            call.state = _DONE
+            result = call.result
+            if call.readers:
+                call.d.callback(result)
+            elif result is None:
+                call.d.errback(CardError(errors.UPSTREAM, "upstream gave no result"))
+            elif result in errors.MEANING:
+                call.d.errback(CardError(result, f"upstream {self.where} answered {result}"))
+                if result == errors.NOT_FOUND:
+                    self._refresh()
             else:
-                call.d.callback(answer)
+                try:
+                    answer = bytes.fromhex(result)
+                except ValueError:
+                    call.d.errback(CardError(errors.UPSTREAM, "upstream answer is not hex"))
+                else:
+                    call.d.callback(answer)
+        if self._queue:
+            self._flush()
+
+    def _probed(self, conn):
+        conn.probe = None
+        if conn.broken or not self._running:
+            return
+        if not self.persistent:
+            self.log.info("upstream {upstream} keeps connections open: pipelining requests",
+                          upstream=self.where)
+            self.persistent = True
+            self._unpark()
+        for c in self._live:
+            c.spent = False
+        self._flush()
 
     def _watch(self, call):
         """``call`` timed out while on a connection: if the connection has
@@ -545,43 +665,94 @@ class TcpBackend:
             call.fail(reason)
 
     def _flush(self):
-        while self._queue and self._live:
-            call = self._queue.popleft()
-            if call.state == _QUEUED:
-                self._pick(call.key).send(call)
+        queue = self._queue
+        while queue:
+            call = queue[0]
+            if call.state != _QUEUED:
+                queue.popleft()  # cancelled while waiting: never sent
+                continue
+            conn = self._pick(call.key)
+            if conn is None:
+                break
+            queue.popleft()
+            conn.send(call)
+        if queue:
+            self._open_more()
 
     # -- connections ------------------------------------------------------
 
-    def _retry(self, attempt):
-        """ClientService's retry policy; ``attempt`` is ignored in favour of
-        our own count, which also knows about handshake failures."""
+    def _retry(self, slot):
+        """ClientService's retry policy for ``slot``; the attempt count is
+        ours (it also knows about failed handshakes)."""
+        slot.waiting = True
+        if self.persistent is False and not self._down:
+            slot.parked = True  # one-off connections serve an upstream that closes
+            return PARKED
         if self.retry_delay is not None:
             return self.retry_delay(self._failures)
         delay = min(MAX_BACKOFF, MIN_BACKOFF * 2 ** min(self._failures, 20))
         return delay * (0.5 + random.random() / 2)
 
+    def _unpark(self):
+        """Parked slots try to connect again now (upstream down, or it
+        turned out to keep connections after all)."""
+        for slot in self.services:
+            if slot.parked and slot.waiting and slot.running:
+                slot.parked = False
+                slot.stopService()  # waiting: stops at once, no connection to close
+                slot.startService()
+
+    def _open_more(self):
+        """For an upstream that closes after every answer: a new connection
+        per waiting call, at most ``connections`` opening at once."""
+        if self.persistent is not False or not self._running or self._down:
+            return
+        while len(self._opening) < min(self.connections, len(self._queue)):
+            d = _WatchedEndpoint(self.endpoint, self._attempt_failed).connect(
+                _UpstreamFactory(self))
+            if d.called:  # failed at once (the errback has run)
+                d.addErrback(lambda f: None)
+                break
+            self._opening.add(d)
+            d.addBoth(self._opened, d)
+
+    def _opened(self, result, d):
+        self._opening.discard(d)
+        if isinstance(result, Failure):
+            return None  # _attempt_failed has dealt with it
+        if self._queue:
+            self._flush()
+        return None
+
     def _attempt_failed(self, reason):
         self._failures += 1
         if self._live or not self._running:
             return
+        self._stale = True
         if not self._down:
             self._down = True
             self.log.warn("upstream {upstream} is unreachable ({why}); retrying",
                           upstream=self.where, why=reason.getErrorMessage())
+            self._unpark()  # the pool retries with back-off until it is back
         self._fail_queue(f"upstream {self.where} unreachable")
 
     def _ready(self, conn):
         if not self._running:
             conn.transport.loseConnection()
             return
-        first = not self._live
-        self._live.append(conn)
-        if first:
+        if not self._live and (self._down or self.listing is None):
             self.log.info("connected to upstream {upstream}", upstream=self.where)
+        self._live.append(conn)
         self._down = False
         self._flush()
-        if first:
+        if self._stale:
+            self._stale = False
             self._refresh()
+        if self.persistent is False and not conn.calls:
+            # Nothing for it to do: an idle connection would stall an
+            # upstream that reads its connections one at a time.
+            conn.spent = True
+            conn.transport.loseConnection()
 
     def _lost(self, conn, reason, calls):
         for call in calls:
@@ -591,29 +762,52 @@ class TcpBackend:
             self._attempt_failed(reason)
         else:
             self._live.remove(conn)
-            healthy = conn.answered or (
-                self.clock.seconds() - conn.ready_at >= MIN_HEALTHY_LIFETIME)
+            now = self.clock.seconds()
+            healthy = conn.answers or now - conn.ready_at >= MIN_HEALTHY_LIFETIME
             self._failures = 0 if healthy else self._failures + 1
+            closes_after_answer = (
+                conn.answers == 1 and reason.check(ConnectionDone) is not None
+                and now - conn.first_answer_at < PROBE_DELAY)
+            if closes_after_answer and self.persistent is not False:
+                self.log.info("upstream {upstream} closes the connection after each answer: "
+                              "a new connection for every request", upstream=self.where)
+                self.persistent = False
+                for c in list(self._live):
+                    if not c.calls and not c.spent:
+                        c.spent = True
+                        c.transport.loseConnection()  # idle: it would stall the upstream
             in_flight = sum(1 for c in calls if c.state == _SENT)
-            if self._running and (in_flight or not self._live):
+            expected = conn.spent and not in_flight and self.persistent is not True
+            if self._running and not expected and (in_flight or not self._live):
+                if not self._live:
+                    self._stale = True
                 self.log.warn(
                     "lost a connection to upstream {upstream} ({why}); {n} command(s) in "
                     "flight answered C086; reconnecting",
                     upstream=self.where, why=reason.getErrorMessage(), n=in_flight)
         for call in calls:
             call.fail(f"connection to upstream {self.where} lost")
+        if self._queue and self._running:
+            self._flush()
 
     # -- readers ----------------------------------------------------------
 
     def _refresh(self):
         """Re-read the upstream's reader list (one READERS call at a time)."""
-        if self._refreshing is not None or not self._live or not self._running:
+        if self._refreshing is not None or not self._running:
+            return
+        if self._down or (not self._live and self.persistent is not False):
+            self._stale = True  # on the next connection
             return
         cid = self._id()
         data = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") \
             + b"|\n>" + cid + b":READERS|\n\n"
         call = _Call(self, cid, None, data, readers=True)
-        self._pick(None).send(call)
+        conn = self._pick(None)
+        if conn is not None:
+            conn.send(call)
+        else:
+            self._wait(call)
         d = self._refreshing = call.d
         d.addTimeout(self.timeout, self.clock)
         d.addCallbacks(self._got_readers, self._readers_failed)
@@ -625,11 +819,23 @@ class TcpBackend:
     def _readers_failed(self, failure):
         self.log.warn("reading the readers of {upstream} failed: {why}",
                       upstream=self.where, why=failure.getErrorMessage())
+        self._again_soon()
+
+    def _again_soon(self):
+        """Ask READERS again shortly (not only at the next ``refresh``)."""
+        if not self._running or (self._soon is not None and self._soon.active()):
+            return
+        delay = self._soon_delay
+        if self.refresh:
+            delay = min(delay, self.refresh)
+        self._soon_delay = min(delay * 2, self.refresh or 60.0)
+        self._soon = self.clock.callLater(delay, self._refresh)
 
     def _got_readers(self, result):
         if result is None or errors.is_error(result):
             self.log.warn("upstream {upstream} answered READERS with {result}",
                           upstream=self.where, result=result)
+            self._again_soon()
             return
         names = []
         for token in result.split("|"):
@@ -642,6 +848,10 @@ class TcpBackend:
                 self.log.warn("upstream {upstream} listed a reader name that is not "
                               "base64 UTF-8: {token!r}", upstream=self.where, token=token[:100])
         names = tuple(dict.fromkeys(names))
+        if names:
+            self._soon_delay = EMPTY_RETRY
+        else:
+            self._again_soon()  # e.g. an upstream proxy still finding its cards
         if names == self.listing or self._registry is None:
             return
         self.listing = names

@@ -1,0 +1,482 @@
+"""The certificate index: which card holds which signing certificate, and
+the signing commands ENUM, ALIASES, CHAIN and SIGN (PROTOCOL.md 1.3).
+
+Each card is probed once when it arrives (a registry listener) and again
+after every RESET: the card profiles (``cloudfoxy_proxy.profiles``) are
+tried in order inside one turn on the card's queue, and the certificates
+found are cached.  ENUM, ALIASES and CHAIN answer from that cache with no
+APDUs.  The certificate aliases (subject common name, and the full RFC 4514
+subject) become extra reader aliases in the registry, so a reader line
+naming an alias selects the card that holds it (two cards with one alias:
+``C082``).
+
+SIGN runs on the card's queue like RESET and APDU (the dispatcher holds
+the card for the whole request): SELECT, VERIFY the PIN and sign, one
+uninterrupted sequence bounded by the command timeout.  A PIN the card has
+just rejected is never presented to it again in a row: the index keeps a
+keyed hash of the last wrong PIN per card (forgotten on success, RESET and
+card change) and answers ``C085`` without touching the card.
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, succeed
+
+from . import errors
+from .errors import CardError
+from .logs import Logger
+from .profiles import HASH_NAMES, HASHES, PROFILES, WrongPin
+from .registry import QueueFull, b64name
+
+
+def load_ca_certs(path):
+    """Certificates (PEM, several per file, or DER) from a file or every
+    file of a directory; ValueError with a clear message otherwise."""
+    if os.path.isdir(path):
+        files = [os.path.join(path, n) for n in sorted(os.listdir(path))
+                 if os.path.isfile(os.path.join(path, n))]
+        strict = False
+    elif os.path.isfile(path):
+        files, strict = [path], True
+    else:
+        raise ValueError(f"{path!r} is neither a file nor a directory")
+    certs = []
+    for name in files:
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError(f"{name!r}: {e.strerror}") from None
+        found = _parse_certs(data)
+        if not found and strict:
+            raise ValueError(f"{name!r} holds no PEM or DER certificate")
+        certs.extend(found)
+    if not certs:
+        raise ValueError(f"no certificates in {path!r}")
+    return certs
+
+
+def _parse_certs(data):
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        try:
+            return x509.load_pem_x509_certificates(data)
+        except ValueError:
+            return []
+    try:
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        return []
+
+
+def _der(cert):
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _ski(cert):
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _aki(cert):
+    try:
+        return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _issued(child, parent):
+    """Did ``parent`` issue ``child`` (names, key identifiers, signature)?"""
+    if child.issuer != parent.subject:
+        return False
+    aki, ski = _aki(child), _ski(parent)
+    if aki is not None and ski is not None and aki != ski:
+        return False
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, Exception):  # InvalidSignature and unsupported keys
+        return False
+    return True
+
+
+def build_chain(leaf, pool, limit=10):
+    """``leaf`` then its issuers found in ``pool`` (x509 certificates), up
+    to a self-signed certificate or the first missing issuer."""
+    chain = [leaf]
+    current = leaf
+    while len(chain) < limit:
+        if current.issuer == current.subject and _issued(current, current):
+            break
+        parent = next((c for c in pool if c not in chain and _issued(current, c)), None)
+        if parent is None:
+            break
+        chain.append(parent)
+        current = parent
+    return chain
+
+
+def parse_digest(data, algorithm=""):
+    """SIGN's DATA (hex hash value) as bytes; CardError C084 when it is not
+    a SHA-1/256/384/512 value or does not match the named algorithm."""
+    try:
+        digest = bytes.fromhex("".join(data.split()))
+    except ValueError:
+        raise CardError(errors.MALFORMED, "SIGN data is not hex") from None
+    if len(digest) not in HASHES:
+        raise CardError(errors.MALFORMED, f"a {len(digest)}-byte digest is not SHA-1/256/384/512")
+    algorithm = algorithm.strip().upper()
+    if algorithm and HASH_NAMES.get(algorithm) != len(digest):
+        raise CardError(errors.MALFORMED, "SIGN algorithm does not match the digest length")
+    return digest
+
+
+class _CardState:
+    """What the index knows about the card in one reader."""
+
+    __slots__ = ("reader", "present", "atr", "generation", "profile", "certs", "probed",
+                 "queued", "running", "again", "wrong_pin")
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.present = False
+        self.atr = None
+        self.generation = 0
+        self.profile = None
+        self.certs = ()
+        self.probed = False
+        self.queued = False  # a probe waits for the card
+        self.running = False  # a probe runs now
+        self.again = False  # probe once more when the running one ends
+        self.wrong_pin = None  # keyed hash of the PIN the card last rejected
+
+    def forget(self):
+        self.generation += 1
+        self.profile = None
+        self.certs = ()
+        self.probed = False
+        self.wrong_pin = None
+
+
+def card_transmit(reader):
+    """``transmit(apdu) -> Deferred[bytes]`` straight to the reader's backend.
+    Only for use while holding the card's queue."""
+    backend, key = reader.backend, reader.key
+
+    def transmit(apdu):
+        try:
+            result = backend.transmit(key, apdu)
+        except Exception:
+            return fail()
+        return result if isinstance(result, Deferred) else succeed(result)
+
+    return transmit
+
+
+class _Turn:
+    """One turn on a card's queue for ``work(transmit)``: waits its turn,
+    runs, releases the card; ``result`` fires with work's outcome."""
+
+    __slots__ = ("reader", "work", "clock", "timeout", "result", "abandoned")
+
+    def __init__(self, reader, work, clock, timeout):
+        self.reader = reader
+        self.work = work
+        self.clock = clock
+        self.timeout = timeout
+        self.result = Deferred()
+        self.abandoned = False
+
+    def start(self):
+        try:
+            got = self.reader.queue.acquire(self)
+        except QueueFull:
+            self.result.errback(CardError(errors.UPSTREAM, "card queue full"))
+            return self.result
+        if got:
+            self.granted()
+        return self.result
+
+    def granted(self):
+        d = maybeDeferred(self.work, card_transmit(self.reader))
+        d.addTimeout(self.timeout, self.clock)
+        d.addBoth(self._finished)
+
+    def _finished(self, outcome):
+        self.reader.queue.release()
+        self.result.callback(outcome)  # a Failure outcome errbacks
+
+
+class CertIndex:
+    """Probes cards, caches their certificates, answers the signing commands.
+
+    ``registry``: the ReaderRegistry; ``clock``: bounds each probe with
+    ``timeout`` seconds; ``profiles``: profile classes to try; ``ca_certs``:
+    extra issuer certificates (x509 objects) for CHAIN.
+    """
+
+    log = Logger()
+
+    def __init__(self, registry, clock, timeout=15.0, profiles=PROFILES, ca_certs=(), secret=None):
+        self.registry = registry
+        self.clock = clock
+        self.timeout = timeout
+        self.profiles = [p() for p in profiles]
+        self.ca_certs = list(ca_certs)
+        self._secret = secret or os.urandom(32)
+        self._cards = {}  # Reader -> _CardState
+        self.started = False
+
+    def start(self):
+        """Watch the registry (probing the cards it already has)."""
+        if not self.started:
+            self.started = True
+            self.registry.add_listener(self._changed)
+            self._changed(self.registry)
+
+    # Tracking cards ------------------------------------------------------------------
+    def _state(self, reader):
+        state = self._cards.get(reader)
+        if state is None:
+            state = self._cards[reader] = _CardState(reader)
+        return state
+
+    def _changed(self, registry):
+        listed = set()
+        for reader in registry.readers:
+            listed.add(reader)
+            state = self._state(reader)
+            atr = reader.info.atr if reader.info is not None else None
+            if reader.present and (not state.present or atr != state.atr):
+                self._arrived(state, atr)
+            elif not reader.present and state.present:
+                self._departed(state)
+        for reader, state in list(self._cards.items()):
+            if reader not in listed and state.present:
+                self._departed(state)
+
+    def _arrived(self, state, atr):
+        state.present = True
+        state.atr = atr
+        state.forget()
+        self.registry.set_extra_aliases(state.reader, ())
+        # Later, not inside the registry's update (the backend may still be
+        # in the middle of reporting its readers).
+        self.clock.callLater(0, self.probe, state.reader)
+
+    def _departed(self, state):
+        state.present = False
+        state.atr = None
+        state.forget()
+        self.registry.set_extra_aliases(state.reader, ())
+
+    def after_reset(self, reader):
+        """The dispatcher is about to reset the card in ``reader`` (its
+        request holds the card): forget the last wrong PIN and probe the
+        card again once that request is done."""
+        state = self._state(reader)
+        state.wrong_pin = None
+        self.probe(reader)
+
+    # Probing -----------------------------------------------------------------------
+    def probe(self, reader):
+        """Probe the card in ``reader`` in a turn of its own; a Deferred
+        that fires (with None) when the index is up to date."""
+        state = self._state(reader)
+        if state.queued:
+            return succeed(None)  # the queued probe runs after whatever caused this one
+        if state.running:
+            state.again = True
+            return succeed(None)
+        if not reader.present:
+            return succeed(None)
+        state.queued = True
+        generation = state.generation
+        turn = _Turn(reader, lambda transmit: self._started(state, transmit), self.clock, self.timeout)
+        d = turn.start()
+        d.addBoth(self._probed, state, generation)
+        return d
+
+    def _started(self, state, transmit):
+        state.queued = False
+        state.running = True
+        return self.scan(transmit)
+
+    @inlineCallbacks
+    def scan(self, transmit):
+        """(profile, certificates) of the card behind ``transmit``."""
+        for profile in self.profiles:
+            if (yield profile.detect(transmit)):
+                certs = yield profile.certificates(transmit)
+                return (profile, list(certs))
+        return (None, [])
+
+    def _probed(self, outcome, state, generation):
+        state.queued = state.running = False
+        reader = state.reader
+        if isinstance(outcome, tuple):
+            if state.generation == generation and state.present:
+                self._store(state, *outcome)
+        elif outcome.check(CardError) and outcome.value.code == errors.NO_CARD:
+            pass
+        elif outcome.check(CardError):
+            self.log.info("probing {reader} failed: {code}", reader=reader.name, code=outcome.value.code)
+        elif outcome.check(Exception):
+            from twisted.internet.defer import CancelledError, TimeoutError
+
+            if outcome.check(TimeoutError, CancelledError):
+                self.log.warn("probing {reader} timed out", reader=reader.name)
+            else:
+                self.log.failure("probing {reader} failed", outcome, reader=reader.name)
+        if state.again:
+            state.again = False
+            self.probe(reader)
+        return None
+
+    def _store(self, state, profile, certs):
+        state.profile = profile
+        state.certs = tuple(certs)
+        state.probed = True
+        names = []
+        for cert in certs:
+            for name in (cert.alias, cert.subject):
+                if name not in names:
+                    names.append(name)
+        self.registry.set_extra_aliases(state.reader, names)
+        if profile is not None:
+            self.log.info("{reader}: {profile} card with {n} signing certificate(s): {aliases}",
+                          reader=state.reader.name, profile=profile.name, n=len(certs),
+                          aliases=", ".join(c.alias for c in certs))
+
+    # Lookups (no APDUs) ------------------------------------------------------------
+    def _present_states(self):
+        for reader in self.registry.readers:
+            state = self._cards.get(reader)
+            if state is not None and state.present and reader.present:
+                yield state
+
+    def entries(self):
+        """(state, certificate) of every usable certificate on a present card."""
+        for state in self._present_states():
+            for cert in state.certs:
+                if cert.usable:
+                    yield state, cert
+
+    def lookup(self, text):
+        """The (state, certificate) a reader line names; raises CardError.
+
+        Certificate alias or full subject first (two certificates: C082);
+        otherwise the reader (PROTOCOL.md 1.4) and its card's first usable
+        certificate."""
+        if text is None:
+            raise CardError(errors.NOT_FOUND, "no reader line")
+        hits = [(s, c) for s, c in self.entries() if text == c.alias or text == c.subject]
+        if len(hits) > 1:
+            raise CardError(errors.AMBIGUOUS, "alias on more than one card")
+        if hits:
+            return hits[0]
+        reader = self.registry.resolve(text)
+        return reader_entry(self._cards.get(reader), reader, text)
+
+    # Commands --------------------------------------------------------------------------
+    def enum(self, data=""):
+        """ENUM: readers whose card holds a usable signing certificate."""
+        data = data.strip()
+        limit = None
+        if data:
+            if not data.isdigit():
+                return errors.MALFORMED
+            limit = int(data)
+        names = []
+        for state, _cert in self.entries():
+            if state.reader.name not in names:
+                names.append(state.reader.name)
+        if limit is not None:
+            names = names[:limit]
+        return "|".join(b64name(n) for n in names)
+
+    def aliases(self):
+        """ALIASES: base64 of every usable certificate's alias."""
+        return "|".join(b64name(cert.alias) for _state, cert in self.entries())
+
+    def chain(self, text):
+        """CHAIN: base64 DER certificates, leaf first, joined by ``:``."""
+        try:
+            state, cert = self.lookup(text)
+        except CardError as e:
+            return e.code
+        pool = [c.cert for c in state.certs if c.cert is not None and c is not cert] + self.ca_certs
+        return ":".join(base64.b64encode(_der(c)).decode("ascii") for c in build_chain(cert.cert, pool))
+
+    def command(self, name, command, request):
+        """ENUM, ALIASES or CHAIN for the dispatcher (a result string)."""
+        if name == "ENUM":
+            return self.enum(command.data)
+        if name == "ALIASES":
+            return self.aliases()
+        if name == "CHAIN":
+            return self.chain(request.reader)
+        return errors.FAILED
+
+    def sign(self, reader, text, pin, data, algorithm=""):
+        """SIGN on ``reader``, whose card the caller holds: the signature
+        (bytes) or a Deferred for it.  ``text`` is the reader line (the
+        alias), ``pin`` the PIN.  Raises or fails with CardError."""
+        digest = parse_digest(data, algorithm)
+        if not reader.present:
+            raise CardError(errors.NO_CARD)
+        if not pin:
+            raise CardError(errors.BAD_PIN, "no PIN on the reader line")
+        state = self._state(reader)
+        tag = hmac.new(self._secret, pin.encode("utf-8"), hashlib.sha256).digest()
+        if state.wrong_pin is not None and hmac.compare_digest(state.wrong_pin, tag):
+            self.log.info("SIGN on {reader}: refused to present the PIN the card rejected last time",
+                          reader=reader.name)
+            raise CardError(errors.BAD_PIN, "the same wrong PIN again")
+        return self._sign(state, text, pin, tag, digest)
+
+    @inlineCallbacks
+    def _sign(self, state, text, pin, tag, digest):
+        transmit = card_transmit(state.reader)
+        if not state.probed:
+            # The card arrived (or was reset) and its probe has not run yet:
+            # we hold the card, so probe it here.
+            generation = state.generation
+            profile, certs = yield self.scan(transmit)
+            if state.generation == generation and state.present:
+                self._store(state, profile, certs)
+        state_cert = reader_entry(state, state.reader, text)
+        cert = state_cert[1]
+        profile = state.profile
+        try:
+            yield profile.verify_pin(transmit, pin, cert)
+        except WrongPin:
+            state.wrong_pin = tag
+            self.log.info("SIGN on {reader}: wrong PIN", reader=state.reader.name)
+            raise
+        state.wrong_pin = None
+        signature = yield profile.sign(transmit, cert, digest)
+        self.log.info("SIGN on {reader} with {alias!r}: {hash}", reader=state.reader.name,
+                      alias=cert.alias, hash=HASHES[len(digest)][0])
+        return signature
+
+
+def reader_entry(state, reader, text):
+    """The certificate ``text`` names on the card in ``reader`` (its alias
+    or subject), else that card's first usable certificate."""
+    if state is None or not state.present or not reader.present:
+        raise CardError(errors.NO_CARD)
+    usable = [c for c in state.certs if c.usable]
+    named = [c for c in usable if text == c.alias or text == c.subject]
+    if len(named) > 1:
+        raise CardError(errors.AMBIGUOUS, "alias names two certificates on one card")
+    if named:
+        return state, named[0]
+    if not usable:
+        raise CardError(errors.FAILED, "no signing certificate on this card")
+    return state, usable[0]

@@ -1,0 +1,70 @@
+"""Keeps the benchmark tools from rotting: bench/loadgen.py against a real
+proxy (every answer checked, a wrong answer noticed) and
+bench/fake_cloudfoxy.py answering the CloudFoxy REST calls.  No timing
+asserts."""
+
+import http.client
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import loadgen  # noqa: E402
+from bench.fake_cloudfoxy import FakeCloudFoxy  # noqa: E402
+
+
+def test_loadgen_checks_every_answer(proxy):
+    r = loadgen.run("127.0.0.1", proxy.port, clients=2, k=2, duration=1.0, warmup=0.2,
+                    pid=proxy.proc.pid)
+    assert r["errors"] == 0, r["error_samples"]
+    assert r["sent"] > 0
+    assert r["checked"] == r["answered"] == r["ok"] == r["sent"]
+    assert r["requests"] > 0 and r["latency_ms"]["p50"] is not None
+    assert r["readers"] == 4
+    assert r["proxy_cpu_s"] is not None and r["proxy_peak_rss_bytes"] > 0
+
+
+def test_loadgen_notices_a_wrong_answer(proxy):
+    # SELECT MF answers 9000; expecting 6A82 must turn every answer into an error.
+    r = loadgen.run("127.0.0.1", proxy.port, clients=1, duration=0.3, warmup=0.0, expect="6A82",
+                    persistent=False)
+    assert r["sent"] > 0
+    assert r["errors"] == r["error_kinds"]["wrong_answer"] == r["checked"] == r["sent"]
+    assert "9000" in r["error_samples"][0]
+
+
+def test_open_connections(proxy):
+    burst = loadgen.open_connections("127.0.0.1", proxy.port, 20, "Emulated 01")
+    try:
+        assert burst.result["ok"] == 20 and burst.result["errors"] == 0
+    finally:
+        burst.close()
+
+
+def test_fake_cloudfoxy():
+    fake = FakeCloudFoxy(cards=3, token="T")
+    port = fake.start_in_thread()
+    try:
+        def get(path, token="T"):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", path, headers={"X-Auth-Token": token} if token else {})
+            resp = c.getresponse()
+            body = resp.read().decode()
+            c.close()
+            return resp.status, body
+
+        status, body = get("/api/v1/inventory")
+        assert status == 200
+        assert [line.split()[0] for line in body.splitlines()] == [
+            "/127.0.0.1@1", "/127.0.0.1@2", "/127.0.0.1@3"]
+        atr = body.splitlines()[0].split()[1]
+        assert get("/api/v1/basic?terminal=/127.0.0.1@2&reset=1") == (200, atr + "\n")
+        assert get("/api/v1/basic?terminal=%2F127.0.0.1%402&reset=0&apdu=00A4000C023F00") == (200, "9000\n")
+        assert get("/api/v1/hello")[1].splitlines()[1].split()[1].isdigit()
+        assert get("/api/v1/hello", token="wrong")[0] == 401
+        assert get("/api/v1/basic?terminal=/127.0.0.1@9&reset=1")[0] == 404
+        fake.call(fake.remove, 3)
+        assert "/127.0.0.1@3" not in get("/api/v1/inventory")[1]
+        assert fake.stats()["max_inflight"] == 1
+    finally:
+        fake.stop()

@@ -1,0 +1,353 @@
+"""The ``pcsc:`` backend through a real ``twistd foxyproxy`` on the real stack:
+pcscd + vsmartcard's vpcd driver + vicc virtual cards (tests/pcsc_rig.py).
+
+One proxy (``--backend pcsc: --command-timeout 2``) serves the whole
+module; the ``cards`` fixture puts a live, unfrozen card in both vpcd slots
+before each test and repairs whatever a test broke afterwards.
+"""
+
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+import pcsc_rig as rigmod
+from support import TWISTD, LineClient, ProxyProcess
+
+SLOT0 = rigmod.reader_name(0)  # "Virtual PCD 00 00"
+SLOT1 = rigmod.reader_name(1)  # "Virtual PCD 00 01"
+VICC_ATR = "3B951381018073FF01000B"
+SELECT_MF = "00A4000C023F00"  # never P2=00 with vicc: it crashes on that
+GET_CHALLENGE = "0084000008"
+TIMEOUT = 2.0  # --command-timeout of the module's proxy
+
+
+def b64(name):
+    import base64
+
+    return base64.b64encode(name.encode()).decode()
+
+
+def apdu(client, reader, hex_apdu, cid="1"):
+    [(got_id, result)] = client.request(f">{reader}|\n>{cid}:APDU:{hex_apdu}|\n\n")
+    assert got_id == cid
+    return result
+
+
+def wait_for(client, reader, want, timeout, allowed=None, command=SELECT_MF):
+    """Send ``command`` until the result is ``want``; the seconds it took.
+    Every other result must be in ``allowed`` (when given)."""
+    t0 = time.monotonic()
+    seen = []
+    while True:
+        result = apdu(client, reader, command)
+        if result == want:
+            return time.monotonic() - t0
+        if allowed is not None:
+            assert result in allowed, (result, seen)
+        seen.append(result)
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{reader}: no {want} within {timeout}s; got {seen[-5:]}")
+        time.sleep(0.05)
+
+
+def ensure_card(rig, slot):
+    if slot in rig.frozen:
+        rig.thaw_card(slot)
+    proc = rig.cards.get(slot)
+    if proc is None or proc.poll() is not None:
+        rig.stop_card(slot, wait_absent=False)
+        rig.start_card(slot)
+
+
+@pytest.fixture(scope="module")
+def pcsc_proxy(pcsc_rig):
+    rig = pcsc_rig
+    if rig.pcscd is None or rig.pcscd.poll() is not None:
+        rig.start()
+    had = {slot for slot in rig.slots if rig.card_pid(slot) is not None}
+    for slot in rig.slots:
+        ensure_card(rig, slot)
+    proxy = ProxyProcess("--backend", "pcsc:", "--command-timeout", str(TIMEOUT)).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        # leave the rig as we found it: cards we added are taken out again
+        for slot in rig.slots:
+            if slot in rig.frozen:
+                rig.thaw_card(slot)
+            if slot not in had:
+                rig.stop_card(slot, wait_absent=False)
+
+
+@pytest.fixture
+def cards(pcsc_rig, pcsc_proxy):
+    """Both slots hold a working card and the proxy reaches both."""
+    rig = pcsc_rig
+    if rig.pcscd is None or rig.pcscd.poll() is not None:
+        rig.start()
+    for slot in rig.slots:
+        ensure_card(rig, slot)
+    with pcsc_proxy.client() as c:
+        for name in (SLOT0, SLOT1):
+            wait_for(c, name, "9000", 10.0)
+    yield rig
+    for slot in rig.slots:
+        if slot in rig.frozen:
+            rig.thaw_card(slot)
+    for slot in rig.slots:
+        if rig.pcscd is not None and rig.pcscd.poll() is None:
+            ensure_card(rig, slot)
+
+
+def test_select_mf_and_get_challenge(cards, pcsc_proxy):
+    with pcsc_proxy.client() as c:
+        got = c.request(f">{SLOT0}|\n>1:APDU:{SELECT_MF}|\n>2:APDU:{GET_CHALLENGE}|\n"
+                        f">3:APDU:{GET_CHALLENGE}|\n\n")
+    assert [cid for cid, _ in got] == ["1", "2", "3"]
+    assert got[0][1] == "9000"
+    first, second = got[1][1], got[2][1]
+    for challenge in (first, second):
+        assert len(challenge) == 20 and challenge.endswith("9000"), challenge
+    assert first != second  # real random bytes from the card
+
+
+def test_readers_lists_both_slots(cards, pcsc_proxy):
+    with pcsc_proxy.client() as c:
+        [(_, listing)] = c.request(">*|\n>1:READERS|\n\n")
+    assert listing.split("|") == [b64(SLOT0), b64(SLOT1)]
+
+
+def test_reset_returns_the_atr(cards, pcsc_proxy):
+    with pcsc_proxy.client() as c:
+        got = c.results(f">{SLOT1}|\n>1:RESET|\n>2:APDU:{GET_CHALLENGE}|\n>3:RESET|\n\n")
+    assert got[0] == VICC_ATR
+    assert got[1].endswith("9000") and len(got[1]) == 20
+    assert got[2] == VICC_ATR
+
+
+def test_reader_selected_by_pattern(cards, pcsc_proxy):
+    with pcsc_proxy.client() as c:
+        assert c.results(f">00 01$|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
+        assert c.results(f">virtual pcd|\n>1:APDU:{SELECT_MF}|\n\n") == ["C082"]
+
+
+def test_card_removed_and_reinserted(cards, pcsc_proxy):
+    rig = cards
+    with pcsc_proxy.client() as c:
+        assert apdu(c, SLOT0, SELECT_MF) == "9000"
+        rig.kill_card(0)  # pulled without warning
+        # the first command after the pull already fails with C080 (a
+        # transfer error until pcscd notices, then the backend's presence
+        # view); never a C086 or a hang
+        took = wait_for(c, SLOT0, "C080", 2.0, allowed={"9000"})
+        assert took < 2.0
+        assert apdu(c, SLOT0, GET_CHALLENGE) == "C080"
+        assert c.results(f">{SLOT0}|\n>1:RESET|\n\n") == ["C080"]
+        # the other reader is unaffected
+        assert apdu(c, SLOT1, SELECT_MF) == "9000"
+        # put a card back: service resumes with no proxy restart
+        rig.start_card(0)
+        wait_for(c, SLOT0, "9000", 2.0, allowed={"C080"})
+        result = apdu(c, SLOT0, GET_CHALLENGE)
+        assert result.endswith("9000") and len(result) == 20
+        assert c.results(f">{SLOT0}|\n>1:RESET|\n\n") == [VICC_ATR]
+
+
+def test_card_removed_with_wait(cards, pcsc_proxy):
+    """pcscd already knows the card is gone: C080 at once."""
+    rig = cards
+    rig.stop_card(1)  # waits until pcscd reports the slot empty
+    with pcsc_proxy.client() as c:
+        took = wait_for(c, SLOT1, "C080", 2.0, allowed={"9000"})
+        assert took < 2.0
+        t0 = time.monotonic()
+        assert apdu(c, SLOT1, SELECT_MF) == "C080"
+        assert time.monotonic() - t0 < 0.5
+        rig.start_card(1)
+        wait_for(c, SLOT1, "9000", 2.0, allowed={"C080"})
+
+
+def test_frozen_card_times_out_and_other_reader_keeps_working(cards, pcsc_proxy):
+    rig = cards
+    stop = threading.Event()
+    other = {"ok": 0, "bad": []}
+
+    def hammer_slot1():
+        with pcsc_proxy.client() as c:
+            while not stop.is_set() and other["ok"] < 100000:
+                result = apdu(c, SLOT1, SELECT_MF)
+                if result == "9000":
+                    other["ok"] += 1
+                else:
+                    other["bad"].append(result)
+
+    with pcsc_proxy.client(timeout=15) as c:
+        assert apdu(c, SLOT0, SELECT_MF) == "9000"
+        rig.freeze_card(0)
+        worker = threading.Thread(target=hammer_slot1)
+        worker.start()
+        try:
+            t0 = time.monotonic()
+            assert apdu(c, SLOT0, GET_CHALLENGE) == "C086"
+            took = time.monotonic() - t0
+            assert TIMEOUT - 0.2 <= took <= TIMEOUT + 1.5, took
+            # the reader's thread is still stuck: later commands fail fast
+            t0 = time.monotonic()
+            assert c.results(f">{SLOT0}|\n>1:APDU:{SELECT_MF}|\n>2:RESET|\n\n") == ["C086", "C086"]
+            assert time.monotonic() - t0 < 0.5
+            # READERS and the other reader are not held up
+            [(_, listing)] = c.request(">*|\n>1:READERS|\n\n")
+            assert listing.split("|") == [b64(SLOT0), b64(SLOT1)]
+            ok_before = other["ok"]
+            time.sleep(0.3)
+            assert other["ok"] > ok_before
+        finally:
+            stop.set()
+            worker.join(15)
+            rig.thaw_card(0)
+        assert other["bad"] == [] and other["ok"] > 10
+        # thawed: the stuck call completes and the reader serves again
+        wait_for(c, SLOT0, "9000", 3.0, allowed={"C086"})
+
+
+def test_two_clients_on_two_readers_in_parallel(cards, pcsc_proxy):
+    rounds = 150
+    results = {}
+    barrier = threading.Barrier(2)
+
+    def run(reader):
+        with pcsc_proxy.client() as c:
+            barrier.wait(10)
+            t0 = time.monotonic()
+            got = []
+            for i in range(rounds):
+                got.extend(c.results(f">{reader}|\n>a{i}:APDU:{SELECT_MF}|\n>b{i}:APDU:{GET_CHALLENGE}|\n\n"))
+            results[reader] = (got, t0, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (SLOT0, SLOT1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(results) == {SLOT0, SLOT1}
+    for reader, (got, _, _) in results.items():
+        assert got[0::2] == ["9000"] * rounds
+        challenges = got[1::2]
+        assert all(len(r) == 20 and r.endswith("9000") for r in challenges)
+        assert len(set(challenges)) == rounds
+    (_, start0, end0), (_, start1, end1) = results[SLOT0], results[SLOT1]
+    assert max(start0, start1) < min(end0, end1)  # the two runs overlapped
+
+
+def test_transaction_keeps_other_programs_out(cards, pcsc_proxy):
+    """mode=shared wraps every APDU in a PC/SC transaction: while another
+    program holds one, the proxy waits (here until the command timeout)."""
+    from smartcard import scard
+
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert hr == scard.SCARD_S_SUCCESS
+    handle = None
+    try:
+        hr, handle, _ = scard.SCardConnect(ctx, SLOT1, scard.SCARD_SHARE_SHARED,
+                                           scard.SCARD_PROTOCOL_ANY)
+        assert hr == scard.SCARD_S_SUCCESS
+        assert scard.SCardBeginTransaction(handle) == scard.SCARD_S_SUCCESS
+        with pcsc_proxy.client() as c:
+            t0 = time.monotonic()
+            assert apdu(c, SLOT1, SELECT_MF) == "C086"
+            assert time.monotonic() - t0 >= TIMEOUT - 0.2
+            scard.SCardEndTransaction(handle, scard.SCARD_LEAVE_CARD)
+            wait_for(c, SLOT1, "9000", 3.0, allowed={"C086"})
+    finally:
+        if handle is not None:
+            scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+        scard.SCardReleaseContext(ctx)
+
+
+def test_exclusive_mode(cards, pcsc_proxy, proxy_factory):
+    """mode=exclusive: the proxy holds the card; other programs cannot connect."""
+    from smartcard import scard
+
+    rig = cards
+    # The module's proxy lets go of its handle when the card leaves.
+    rig.stop_card(1)
+    with pcsc_proxy.client() as c:
+        wait_for(c, SLOT1, "C080", 2.0, allowed={"9000"})
+    time.sleep(0.2)
+    rig.start_card(1)
+    excl = proxy_factory("--backend", "pcsc:?readers=00 01$&mode=exclusive&protocol=t1",
+                         "--command-timeout", str(TIMEOUT))
+    with excl.client() as c:
+        [(_, listing)] = c.request(">*|\n>1:READERS|\n\n")
+        if not listing:  # the first look at the readers may not be done yet
+            time.sleep(0.5)
+            [(_, listing)] = c.request(">*|\n>1:READERS|\n\n")
+        assert listing == b64(SLOT1)
+        wait_for(c, SLOT1, "9000", 3.0, allowed={"C080", "C083"})
+        hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        try:
+            hr, handle, _ = scard.SCardConnect(ctx, SLOT1, scard.SCARD_SHARE_SHARED,
+                                               scard.SCARD_PROTOCOL_ANY)
+            assert hr == scard.SCARD_E_SHARING_VIOLATION
+        finally:
+            scard.SCardReleaseContext(ctx)
+        assert c.results(f">{SLOT1}|\n>1:RESET|\n>2:APDU:{SELECT_MF}|\n\n") == [VICC_ATR, "9000"]
+    excl.stop()
+
+
+def test_pcscd_restart_is_survived(cards, pcsc_proxy):
+    rig = cards
+    with pcsc_proxy.client() as c:
+        assert apdu(c, SLOT0, SELECT_MF) == "9000"
+        rig.restart_pcscd()  # the cards die with pcscd; the rig restarts them
+        t0 = time.monotonic()
+        for name in (SLOT0, SLOT1):
+            wait_for(c, name, "9000", 5.0, allowed={"C080", "C086"})
+        assert time.monotonic() - t0 < 5.0
+        result = apdu(c, SLOT1, GET_CHALLENGE)
+        assert result.endswith("9000") and len(result) == 20
+        assert c.results(f">{SLOT0}|\n>1:RESET|\n\n") == [VICC_ATR]
+    assert "pcscd is not reachable" in pcsc_proxy.log()
+    assert "pcscd is reachable again" in pcsc_proxy.log()
+
+
+def test_start_without_pcscd_fails_with_one_line(cards, tmp_path):
+    rig = cards
+    rig.stop_pcscd()
+    try:
+        r = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "--logfile", str(tmp_path / "log"), "foxyproxy",
+             "-p", "tcp:0:interface=127.0.0.1", "--backend", "pcsc:"],
+            capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    finally:
+        rig.start()
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("twistd foxyproxy: --backend 'pcsc:': pcscd is not running"), lines
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_bad_url_fails_with_one_line(tmp_path):
+    r = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "--logfile", str(tmp_path / "log"), "foxyproxy",
+         "-p", "tcp:0:interface=127.0.0.1", "--backend", "pcsc:?mode=greedy"],
+        capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        env=dict(os.environ))
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        "twistd foxyproxy: --backend 'pcsc:?mode=greedy': mode='greedy' is not one of shared, exclusive"]
+
+
+def test_client_sees_readers_by_line_client(cards, pcsc_proxy):
+    """A line client on a fresh connection, APDUPlay style (no empty line)."""
+    c = LineClient(port=pcsc_proxy.port)
+    try:
+        c.send(f">{SLOT0}|\n>1:APDU:{SELECT_MF}|\n")
+        assert c.read_response() == [("1", "9000")]
+    finally:
+        c.close()

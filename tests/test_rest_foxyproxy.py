@@ -1,0 +1,151 @@
+"""Compatibility with the original FoxyProxy 2.10.0 (PyPI ``foxyproxy``):
+started as ``foxyproxy -p PORT -s http://127.0.0.1:REST_PORT -t TOKEN``
+against our proxy A's REST front end, it must list A's emulated cards and
+get correct APDU answers, through foxyproxy's own line-protocol port.
+
+foxyproxy 2.10 lives in its own virtualenv (``.venv-foxyproxy`` at the top
+of the repository, created here when missing: on Python 3.11 it needs
+``cryptography==3.3.2`` to import).  Facts about foxyproxy 2.10 these tests
+rely on (read from its source): ``-p`` is its TCP port (it binds all
+interfaces), ``-s`` the CloudFoxy URL, ``-t`` the X-Auth-Token; it also
+starts a Flask/waitress REST API on the fixed port 4443 (a failure to bind
+it is only logged); it answers one request per connection and closes it;
+READERS lists at most 2 readers (its ``max_enum_readers`` default); it
+names a CloudFoxy card ``/X`` as ``Foxy USB /X`` (``Foxy NET IP-id`` for
+``/IP@id``); an unknown reader gets a bare ``C083`` and the connection
+closed.
+"""
+
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from support import HOST, LineClient, free_port
+
+TOKEN = "foxyproxy-compat-token"
+ATR = "3B8B8001466F7879456D753738313677"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(ROOT, ".venv-foxyproxy")
+FOXYPROXY = os.path.join(VENV, "bin", "foxyproxy")
+PACKAGES = ["foxyproxy==2.10.0", "cryptography==3.3.2"]
+
+
+def foxyproxy_venv():
+    """The path of foxyproxy 2.10's console script, installing it if needed."""
+    python = os.path.join(VENV, "bin", "python")
+    check = [python, "-c", "import foxyproxy.__main__, foxyproxy.version as v; "
+                           "assert v.proxy_version.startswith('2.10'), v.proxy_version"]
+    if os.path.exists(FOXYPROXY) and subprocess.run(check, capture_output=True, timeout=60).returncode == 0:
+        return FOXYPROXY
+    base = getattr(sys, "_base_executable", sys.executable)
+    steps = [[base, "-m", "venv", "--clear", VENV],
+             [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"] + PACKAGES]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.skip(f"cannot install foxyproxy 2.10 ({' '.join(step[:3])}): {done.stderr[-500:]}")
+    done = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return FOXYPROXY
+
+
+class FoxyProxy:
+    """foxyproxy 2.10 in its own process group (its worker processes die with it)."""
+
+    def __init__(self, upstream, token, home):
+        self.port = free_port()
+        self.out = os.path.join(home, "foxyproxy.out")
+        self._file = open(self.out, "wb")
+        env = dict(os.environ, HOME=home, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([foxyproxy_venv(), "-p", str(self.port), "-s", upstream, "-t", token],
+                                     stdout=self._file, stderr=subprocess.STDOUT, cwd=home, env=env,
+                                     start_new_session=True)
+
+    def output(self):
+        with open(self.out, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_ready(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "TCP API of FoxyProxy is up and running" in self.output():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"foxyproxy did not start:\n{self.output()}")
+
+    def request(self, text):
+        """One request on a new connection (foxyproxy closes it after answering)."""
+        with LineClient(HOST, self.port, timeout=30) as c:
+            return c.request(text)
+
+    def raw(self, text):
+        """Everything foxyproxy sends back until it closes the connection."""
+        with socket.create_connection((HOST, self.port), timeout=30) as s:
+            s.sendall(text.encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return data.decode()
+                data += chunk
+
+    def stop(self):
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 1.5), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftover workers of its group, if any
+        except ProcessLookupError:
+            pass
+        self._file.close()
+
+
+@pytest.fixture
+def foxyproxy_against_a(proxy_factory, tmp_path):
+    a = proxy_factory("--rest", "tcp:0:interface=127.0.0.1", listeners=2,
+                      env={"FOXYPROXY_REST_TOKEN": TOKEN})
+    fp = FoxyProxy(f"http://127.0.0.1:{a.ports['Site'][0]}", TOKEN, str(tmp_path))
+    try:
+        fp.wait_ready()
+        yield a, fp
+    finally:
+        fp.stop()
+
+
+def test_foxyproxy_210_lists_cards_and_runs_apdus(foxyproxy_against_a):
+    a, fp = foxyproxy_against_a
+    out = fp.output()
+    for i in range(4):
+        assert f"Found a new chip '/Emulated 0{i} {ATR}'" in out
+    assert "4 chips in total" in out
+
+    listing = fp.request(">*|\n>1:READERS|\n\n")
+    assert [base64.b64decode(n).decode() for n in listing[0][1].split("|")] == [
+        "Foxy USB /Emulated 00", "Foxy USB /Emulated 01"]  # foxyproxy lists at most 2
+
+    for i in range(4):
+        name = f"Foxy USB /Emulated 0{i}"
+        assert fp.request(f">{name}|\n>1:RESET|\n\n") == [("1", ATR)]
+        assert fp.request(f">{name}|\n>2:APDU:00A4000C023F00|\n\n") == [("2", "9000")]
+        challenge = fp.request(f">{name}|\n>3:APDU:0084000008|\n\n")
+        assert challenge[0][0] == "3" and re.fullmatch(r"[0-9A-F]{16}9000", challenge[0][1]), challenge
+    b64 = base64.b64encode(b"Foxy USB /Emulated 02").decode()
+    assert fp.request(f">{b64}|\n>4:APDU:00A4000C023F00|\n\n") == [("4", "9000")]
+    assert fp.request(">/Emulated 03|\n>5:APDU:00 A4 00 0C 02 3F 00|\n\n") == [("5", "9000")]
+    assert fp.raw(">Foxy USB /Emulated 09|\n>6:APDU:00A4000C023F00|\n\n") == "C083"
