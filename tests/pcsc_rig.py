@@ -654,6 +654,15 @@ class PcscRig:
             if slot in self.cards:
                 raise RigError("slot %d already has a card (pid %d)"
                                % (slot, self.cards[slot].pid))
+            # A card that just exited may still be "present" until pcscd's
+            # next poll (<= 0.4 s); waiting for "present" now would return
+            # at once, before the new card is there.  Wait for the old one
+            # to be gone first.
+            try:
+                if self.card_present(slot):
+                    self.wait_card(slot, False, 2.0)
+            except RigError:
+                pass
             t0 = time.monotonic()
             proc = self._spawn(self._vicc_cmd(slot, type, extra_args),
                                "vicc-slot%d" % slot, env=self._vicc_env())

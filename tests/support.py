@@ -12,7 +12,7 @@ import time
 
 HOST = "127.0.0.1"
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-_LISTENING = re.compile(r"(\w+) starting on (\d+)")
+_LISTENING = re.compile(r"(\w+)(?: \(TLS\))? starting on (\d+)")
 
 
 class ProxyProcess:

@@ -401,6 +401,13 @@ class FromUrlTests(SynchronousTestCase):
         self.assertRegex(str(e), r"^pcscd is not (running|installed) \(Service not available \(0x8010001D\)\): "
                                  r"install and start it, e\.g\. apt-get install pcscd")
 
+    def test_pcscd_refuses(self):
+        scard = FakeScard()
+        scard.SCardEstablishContext = lambda scope: (scard.SCARD_F_COMM_ERROR, 0)
+        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", {}, scard)
+        self.assertEqual(str(e), "pcscd refused a connection (fake error (0x80100013)); if it runs, "
+                                 "check that this user may use it (polkit, see docs/pcsc.md)")
+
     def test_pyscard_missing(self):
         saved = {k: sys.modules[k] for k in ("smartcard", "smartcard.scard") if k in sys.modules}
         sys.modules["smartcard"] = None

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import pcsc_rig as rigmod
-from support import TWISTD, LineClient, ProxyProcess
+from support import TWISTD, LineClient
 
 SLOT0 = rigmod.reader_name(0)  # "Virtual PCD 00 00"
 SLOT1 = rigmod.reader_name(1)  # "Virtual PCD 00 01"
@@ -63,44 +63,47 @@ def ensure_card(rig, slot):
 
 
 @pytest.fixture(scope="module")
-def pcsc_proxy(pcsc_rig):
+def rig_for_module(pcsc_rig):
+    """The session's rig with a card in both slots; afterwards, the rig is
+    left as this module found it (cards it added are taken out again)."""
     rig = pcsc_rig
     if rig.pcscd is None or rig.pcscd.poll() is not None:
         rig.start()
     had = {slot for slot in rig.slots if rig.card_pid(slot) is not None}
-    for slot in rig.slots:
-        ensure_card(rig, slot)
-    proxy = ProxyProcess("--backend", "pcsc:", "--command-timeout", str(TIMEOUT)).start()
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
-        # leave the rig as we found it: cards we added are taken out again
-        for slot in rig.slots:
-            if slot in rig.frozen:
-                rig.thaw_card(slot)
-            if slot not in had:
-                rig.stop_card(slot, wait_absent=False)
-
-
-@pytest.fixture
-def cards(pcsc_rig, pcsc_proxy):
-    """Both slots hold a working card and the proxy reaches both."""
-    rig = pcsc_rig
-    if rig.pcscd is None or rig.pcscd.poll() is not None:
-        rig.start()
-    for slot in rig.slots:
-        ensure_card(rig, slot)
-    with pcsc_proxy.client() as c:
-        for name in (SLOT0, SLOT1):
-            wait_for(c, name, "9000", 10.0)
     yield rig
     for slot in rig.slots:
         if slot in rig.frozen:
             rig.thaw_card(slot)
+        if slot not in had:
+            rig.stop_card(slot)  # and wait until pcscd reports the slot empty
+
+
+@pytest.fixture
+def cards(rig_for_module):
+    """Both slots hold a live, unfrozen card; repaired after the test."""
+    rig = rig_for_module
+    if rig.pcscd is None or rig.pcscd.poll() is not None:
+        rig.start()
     for slot in rig.slots:
-        if rig.pcscd is not None and rig.pcscd.poll() is None:
-            ensure_card(rig, slot)
+        ensure_card(rig, slot)
+    yield rig
+    for slot in rig.slots:
+        if slot in rig.frozen:
+            rig.thaw_card(slot)
+    if rig.pcscd is None or rig.pcscd.poll() is not None:
+        rig.start()
+    for slot in rig.slots:
+        ensure_card(rig, slot)
+
+
+@pytest.fixture
+def pcsc_proxy(cards, proxy_factory):
+    """``twistd foxyproxy --backend pcsc: --command-timeout 2``, serving both cards."""
+    proxy = proxy_factory("--backend", "pcsc:", "--command-timeout", str(TIMEOUT))
+    with proxy.client() as c:
+        for name in (SLOT0, SLOT1):
+            wait_for(c, name, "9000", 10.0, allowed={"C083", "C080"})
+    return proxy
 
 
 def test_select_mf_and_get_challenge(cards, pcsc_proxy):
@@ -214,6 +217,26 @@ def test_frozen_card_times_out_and_other_reader_keeps_working(cards, pcsc_proxy)
         wait_for(c, SLOT0, "9000", 3.0, allowed={"C086"})
 
 
+def test_shutdown_with_a_frozen_card_is_bounded(cards, pcsc_proxy):
+    """A thread stuck on a frozen card does not hold up the proxy's exit."""
+    rig = cards
+    with pcsc_proxy.client(timeout=15) as c:
+        assert apdu(c, SLOT0, SELECT_MF) == "9000"
+        rig.freeze_card(0)
+        try:
+            assert apdu(c, SLOT0, SELECT_MF) == "C086"
+            t0 = time.monotonic()
+            pcsc_proxy.stop(timeout=15)
+            took = time.monotonic() - t0
+        finally:
+            rig.thaw_card(0)
+    # twistd ends a SIGTERM shutdown by re-raising the signal: -15 is a clean exit
+    assert pcsc_proxy.proc.returncode in (0, -15), pcsc_proxy.log()[-3000:]
+    assert "Server Shut Down." in pcsc_proxy.log()
+    assert took < 6.0, took
+    assert "thread still stuck in a PC/SC call" in pcsc_proxy.log()
+
+
 def test_two_clients_on_two_readers_in_parallel(cards, pcsc_proxy):
     rounds = 150
     results = {}
@@ -268,26 +291,16 @@ def test_transaction_keeps_other_programs_out(cards, pcsc_proxy):
         scard.SCardReleaseContext(ctx)
 
 
-def test_exclusive_mode(cards, pcsc_proxy, proxy_factory):
+def test_exclusive_mode(cards, proxy_factory):
     """mode=exclusive: the proxy holds the card; other programs cannot connect."""
     from smartcard import scard
 
-    rig = cards
-    # The module's proxy lets go of its handle when the card leaves.
-    rig.stop_card(1)
-    with pcsc_proxy.client() as c:
-        wait_for(c, SLOT1, "C080", 2.0, allowed={"9000"})
-    time.sleep(0.2)
-    rig.start_card(1)
     excl = proxy_factory("--backend", "pcsc:?readers=00 01$&mode=exclusive&protocol=t1",
                          "--command-timeout", str(TIMEOUT))
     with excl.client() as c:
+        wait_for(c, SLOT1, "9000", 5.0, allowed={"C083", "C080"})
         [(_, listing)] = c.request(">*|\n>1:READERS|\n\n")
-        if not listing:  # the first look at the readers may not be done yet
-            time.sleep(0.5)
-            [(_, listing)] = c.request(">*|\n>1:READERS|\n\n")
         assert listing == b64(SLOT1)
-        wait_for(c, SLOT1, "9000", 3.0, allowed={"C080", "C083"})
         hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
         try:
             hr, handle, _ = scard.SCardConnect(ctx, SLOT1, scard.SCARD_SHARE_SHARED,
@@ -297,6 +310,15 @@ def test_exclusive_mode(cards, pcsc_proxy, proxy_factory):
             scard.SCardReleaseContext(ctx)
         assert c.results(f">{SLOT1}|\n>1:RESET|\n>2:APDU:{SELECT_MF}|\n\n") == [VICC_ATR, "9000"]
     excl.stop()
+    # stopped: the card is free again
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    try:
+        hr, handle, _ = scard.SCardConnect(ctx, SLOT1, scard.SCARD_SHARE_EXCLUSIVE,
+                                           scard.SCARD_PROTOCOL_ANY)
+        assert hr == scard.SCARD_S_SUCCESS
+        scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+    finally:
+        scard.SCardReleaseContext(ctx)
 
 
 def test_pcscd_restart_is_survived(cards, pcsc_proxy):

@@ -39,8 +39,8 @@ def ga_template(challenge):
 class PivCardTests(SynchronousTestCase):
     def setUp(self):
         self.card = PivCard(serial=3, label="Test")
-        self.assertEqual(tx(self.card, "00A4040005A000000308"), "613B")  # no Le: all waits
-        self.assertTrue(tx(self.card, "00C000003B").startswith("6139"))
+        # no Le: answered anyway, as T=1 cards do
+        self.assertTrue(tx(self.card, "00A4040005A000000308").startswith("6139"))
 
     def test_select_by_partial_and_full_aid_and_unknown(self):
         card = PivCard(serial=3, label="Test")

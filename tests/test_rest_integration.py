@@ -15,7 +15,7 @@ import time
 import urllib.parse
 
 import pytest
-from support import HOST, LineClient
+from support import HOST
 from test_rest_backend import make_tls_files
 
 TOKEN = "rest-integration-token"
@@ -104,6 +104,7 @@ def test_b_reaches_a_cards_over_rest(proxy_factory, proxy_a, token_file):
     assert one(b, "/Emulated 03", f"APDU:{SELECT_MF}") == "9000"
     assert one(b, "Foxy USB /Emulated 03", "RESET") == ATR
     assert one(b, "CloudFoxy Nope", "RESET") == "C083"
+    assert re.fullmatch(r"[0-9A-F]{4}", one(b, "Emulated 01", "APDU:00D60000004E20" + "AB" * 20000))
 
 
 def test_token_from_environment_and_wrong_token(proxy_factory, proxy_a):
@@ -138,6 +139,9 @@ def test_rest_front_end_directly(proxy_a):
         assert rest.get("/api/v1/basic", terminal="/Nope", reset=0, apdu=SELECT_MF) == (
             404, "C083 terminal not found: /Nope\n")
         assert rest.get("/api/v1/basic", terminal="/Emulated 00", apdu="XYZ")[0] == 400
+        # an extended APDU of 20 000 data bytes: a 40 KB request line is accepted
+        status, body = rest.get("/api/v1/basic", terminal="/Emulated 00", apdu="00D60000004E20" + "AB" * 20000)
+        assert status == 200 and re.fullmatch(r"[0-9A-F]{4}\n", body), (status, body)
         rest.token = "wrong"
         assert rest.get("/api/v1/hello")[0] == 401
     finally:
@@ -285,19 +289,20 @@ def test_http_errors_and_hardware_errors(proxy_b, stub):
 
 def test_slow_body_times_out_and_is_aborted(proxy_b, stub):
     b = proxy_b
-    stub.control(slow=4)
+    stub.control(slow=8)
     started = time.monotonic()
     assert one(b, card(3), f"APDU:{SELECT_MF}") == "C086"
-    assert time.monotonic() - started < 2.5  # --command-timeout 1
-    assert wait_for(lambda: stub.stats()["aborted"] == 1, timeout=2)  # the HTTP request was really cut
+    assert time.monotonic() - started < 5  # --command-timeout 1, not the 8 s body
+    assert wait_for(lambda: stub.stats()["aborted"] == 1, timeout=5)  # the HTTP request was really cut
     assert "command timed out after 1.0s" in b.log()
     stub.control(slow=0)
     assert one(b, card(3), f"APDU:{SELECT_MF}") == "9000"
     # other cards were never blocked by the slow one
-    stub.control(slow=4)
+    stub.control(slow=8)
     with b.client(timeout=15) as slow_client:
+        before = stub.stats()["basic"]
         slow_client.send(f">{card(3)}|\n>1:APDU:{SELECT_MF}|\n\n")
-        time.sleep(0.2)
+        assert wait_for(lambda: stub.stats()["basic"] > before, timeout=5)  # at the server, slowly
         stub.control(slow=0)
         assert one(b, card(4), f"APDU:{SELECT_MF}") == "9000"
         assert slow_client.read_response() == [("1", "C086")]
@@ -305,13 +310,13 @@ def test_slow_body_times_out_and_is_aborted(proxy_b, stub):
 
 def test_connection_refused_then_recovery(proxy_b, stub):
     b = proxy_b
-    stub.control(down=2.5)
+    stub.control(down=4)
     time.sleep(0.3)
     started = time.monotonic()
     assert one(b, card(1), f"APDU:{SELECT_MF}") == "C086"
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 1.0 + 2.0  # refused at once, not a timeout
     assert "connection refused" in b.log()
-    assert wait_for(lambda: one(b, card(1), f"APDU:{SELECT_MF}") == "9000", timeout=6)
+    assert wait_for(lambda: one(b, card(1), f"APDU:{SELECT_MF}") == "9000", timeout=12)
     assert readers(b) == [card(n) for n in (1, 2, 3, 4)]  # cards stay listed while the server is away
 
 

@@ -233,15 +233,33 @@ class SignTests(SynchronousTestCase):
         b = self.h.piv
         b.cards[1] = b._slots[1] = PivCard(serial=7, label="P")  # swapped without a removal event
         self.assertEqual(self.h.results(">P 01|\n>1:RESET|\n>2:APDU:00A4040C05A000000308|\n\n")[1], "9000")
+        self.assertIn("P PIV 01 Signing", b64list(self.h.result(">*|\n>1:ALIASES|\n\n")))  # not yet
+        self.h.clock.advance(0.5)
         self.assertIn("P PIV 07 Signing", b64list(self.h.result(">*|\n>1:ALIASES|\n\n")))
         self.assertNotIn("P PIV 01 Signing", b64list(self.h.result(">*|\n>1:ALIASES|\n\n")))
         self.assertEqual(self.h.registry.resolve("P PIV 07 Signing").name, "P 01")
 
-    def test_reset_probe_runs_after_the_request(self):
+    def test_sign_right_after_a_swap_checks_the_card(self):
+        b = self.h.piv
+        b.cards[1] = b._slots[1] = PivCard(serial=7, label="P")
+        self.h.result(">P 01|\n>1:RESET|\n\n")
+        # the alias still names reader P 01, but SIGN looks at the card first
+        self.assertEqual(self.h.sign("P PIV 01 Signing", "123456"), errors.NOT_FOUND)
+        self.assertEqual(self.h.registry.resolve("P PIV 07 Signing").name, "P 01")
+        leaf = self.h.chain("P PIV 07 Signing")[0]
+        verify(leaf, SHA256, bytes.fromhex(self.h.sign("P PIV 07 Signing", "123456")))
+
+    def test_reset_probe_runs_later_once(self):
         before = self.h.piv.apdus
-        results = self.h.results(">P 00|\n>1:RESET|\n>2:APDU:00200080|\n\n")
-        self.assertEqual(results[1], "6D00")  # nothing selected since the reset: the probe came later
-        self.assertGreater(self.h.piv.apdus, before + 1)
+        for _ in range(5):
+            results = self.h.results(">P 00|\n>1:RESET|\n>2:APDU:00200080|\n\n")
+            self.assertEqual(results[1], "6D00")  # nothing selected since the reset
+        self.assertEqual(self.h.piv.apdus, before + 5)  # the RESETs sent no probe
+        self.h.clock.advance(0.5)
+        probe = self.h.piv.apdus - before - 5
+        self.assertGreater(probe, 1)
+        self.h.clock.advance(1)
+        self.assertEqual(self.h.piv.apdus - before - 5, probe)  # one probe for five RESETs
 
     def test_ambiguous_alias(self):
         twin = backend(self.h.clock, "piv", "P", cards=1)

@@ -2,7 +2,8 @@
 the signing commands ENUM, ALIASES, CHAIN and SIGN (PROTOCOL.md 1.3).
 
 Each card is probed once when it arrives (a registry listener) and again
-after every RESET: the card profiles (``cloudfoxy_proxy.profiles``) are
+after a RESET (within ``RESET_PROBE_DELAY`` seconds, so that a burst of
+RESETs costs one probe, and the RESET itself costs a flag): the card profiles (``cloudfoxy_proxy.profiles``) are
 tried in order inside one turn on the card's queue, and the certificates
 found are cached.  ENUM, ALIASES and CHAIN answer from that cache with no
 APDUs.  The certificate aliases (subject common name, and the full RFC 4514
@@ -25,7 +26,9 @@ import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError, Deferred, TimeoutError, fail, inlineCallbacks, maybeDeferred, succeed,
+)
 
 from . import errors
 from .errors import CardError
@@ -136,11 +139,16 @@ def parse_digest(data, algorithm=""):
     return digest
 
 
+#: Seconds between a client's RESET and the probe it causes; RESETs of one
+#: card within this time cause one probe.
+RESET_PROBE_DELAY = 0.5
+
+
 class _CardState:
     """What the index knows about the card in one reader."""
 
     __slots__ = ("reader", "present", "atr", "generation", "profile", "certs", "probed",
-                 "queued", "running", "again", "wrong_pin")
+                 "queued", "running", "again", "wrong_pin", "dirty")
 
     def __init__(self, reader):
         self.reader = reader
@@ -154,6 +162,7 @@ class _CardState:
         self.running = False  # a probe runs now
         self.again = False  # probe once more when the running one ends
         self.wrong_pin = None  # keyed hash of the PIN the card last rejected
+        self.dirty = False  # reset by a client since the last probe
 
     def forget(self):
         self.generation += 1
@@ -230,6 +239,7 @@ class CertIndex:
         self.ca_certs = list(ca_certs)
         self._secret = secret or os.urandom(32)
         self._cards = {}  # Reader -> _CardState
+        self._sweep = None  # DelayedCall probing the cards reset since the last sweep
         self.started = False
 
     def start(self):
@@ -278,10 +288,27 @@ class CertIndex:
     def after_reset(self, reader):
         """The dispatcher is about to reset the card in ``reader`` (its
         request holds the card): forget the last wrong PIN and probe the
-        card again once that request is done."""
-        state = self._state(reader)
+        card again a moment later.  Cheap: RESET is on the hot path."""
+        state = self._cards.get(reader)
+        if state is None:
+            return
         state.wrong_pin = None
-        self.probe(reader)
+        state.dirty = True
+        if self._sweep is None:
+            self._sweep = self.clock.callLater(RESET_PROBE_DELAY, self._probe_reset_cards)
+
+    def _probe_reset_cards(self):
+        self._sweep = None
+        for state in list(self._cards.values()):
+            if state.dirty:
+                state.dirty = False
+                self.probe(state.reader)
+
+    def stop(self):
+        """Cancel a pending probe timer (for an orderly shutdown)."""
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
 
     # Probing -----------------------------------------------------------------------
     def probe(self, reader):
@@ -326,13 +353,10 @@ class CertIndex:
             pass
         elif outcome.check(CardError):
             self.log.info("probing {reader} failed: {code}", reader=reader.name, code=outcome.value.code)
-        elif outcome.check(Exception):
-            from twisted.internet.defer import CancelledError, TimeoutError
-
-            if outcome.check(TimeoutError, CancelledError):
-                self.log.warn("probing {reader} timed out", reader=reader.name)
-            else:
-                self.log.failure("probing {reader} failed", outcome, reader=reader.name)
+        elif outcome.check(TimeoutError, CancelledError):
+            self.log.warn("probing {reader} timed out", reader=reader.name)
+        else:
+            self.log.failure("probing {reader} failed", outcome, reader=reader.name)
         if state.again:
             state.again = False
             self.probe(reader)
@@ -443,13 +467,17 @@ class CertIndex:
     @inlineCallbacks
     def _sign(self, state, text, pin, tag, digest):
         transmit = card_transmit(state.reader)
-        if not state.probed:
-            # The card arrived (or was reset) and its probe has not run yet:
+        by_alias = text in state.reader.extra_aliases and text != state.reader.name
+        if not state.probed or state.dirty:
+            # The card arrived or was reset and its probe has not run yet:
             # we hold the card, so probe it here.
             generation = state.generation
+            state.dirty = False
             profile, certs = yield self.scan(transmit)
             if state.generation == generation and state.present:
                 self._store(state, profile, certs)
+            if by_alias and not any(text in (c.alias, c.subject) for c in state.certs):
+                raise CardError(errors.NOT_FOUND, "the alias is no longer on this card")
         state_cert = reader_entry(state, state.reader, text)
         cert = state_cert[1]
         profile = state.profile

@@ -74,6 +74,9 @@ def check_service(scard):
     hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     if hr != scard.SCARD_S_SUCCESS:
         why = _message(scard, hr)
+        if hr != scard.SCARD_E_NO_SERVICE:
+            raise ValueError(f"pcscd refused a connection ({why}); if it runs, check that this "
+                             "user may use it (polkit, see docs/pcsc.md)")
         if shutil.which("pcscd", path="/usr/local/sbin:/usr/sbin:/sbin:/usr/bin") is None:
             raise ValueError(f"pcscd is not installed ({why}): {INSTALL_PCSCD}")
         raise ValueError(f"pcscd is not running ({why}): {INSTALL_PCSCD}")
@@ -729,7 +732,9 @@ class PcscBackend:
                 self._readers[name] = reader
             if not reader.listed:
                 reader.listed = True
-            if present != reader.present and self._service:
+                self.log.info("PC/SC reader {reader}: {state}", reader=name,
+                              state="card present" if present else "empty")
+            elif present != reader.present and self._service:
                 self.log.info("card {what} {reader}", what="inserted in" if present else "removed from",
                               reader=name)
                 if not present:  # let go of the handle now, not at the next command

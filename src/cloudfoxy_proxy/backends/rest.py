@@ -1,5 +1,6 @@
 """``cloudfoxy+http://HOST:PORT`` and ``cloudfoxy+https://HOST:PORT?ca=FILE&cert=FILE&key=FILE``:
-the cards of a CloudFoxy RESTful server (PROTOCOL.md section 2), over treq.
+the cards of a CloudFoxy RESTful server (PROTOCOL.md section 2), over treq
+and twisted.web's Agent with one persistent connection pool.
 
 URL parameters (all optional): ``token_file=FILE`` (else ``--token-file``,
 else env ``FOXYPROXY_TOKEN``), ``poll=SECONDS`` (how often ``/api/v1/hello``
@@ -394,6 +395,9 @@ class _Exchange:
             self.backend.log_failure(self.what, self.key, e.reason)
             self.deferred.errback(e)
             return
+        except Exception:
+            self.deferred.errback()  # a bug: the dispatcher answers C090 and logs it
+            return
         self.deferred.callback(value)
 
     def _failed(self, failure):
@@ -414,10 +418,12 @@ class _Exchange:
 class RestBackend:
     """The cards of one CloudFoxy RESTful server.
 
-    ``http`` is a treq ``HTTPClient`` (or ``treq.testing.StubTreq``) whose
-    agent uses one persistent ``pool``; ``clock`` schedules the polling of
-    ``/api/v1/hello`` every ``poll`` seconds and bounds those calls by
-    ``timeout``.  Reader keys are the server's terminal names (``/IP@id``).
+    ``http`` is a treq ``HTTPClient`` (or ``treq.testing.StubTreq``) over
+    ``agent``, an Agent using one persistent ``pool``; commands go straight
+    to ``agent`` when there is one (see :meth:`basic`).  ``clock``
+    schedules the polling of ``/api/v1/hello`` every ``poll`` seconds and
+    bounds those calls by ``timeout``.  Reader keys are the server's
+    terminal names (``/IP@id``).
     """
 
     base_url = attr.ib()

@@ -57,11 +57,6 @@ PIN_TRIES = 3
 VERSION = bytes([5, 4, 3])
 
 
-def _tlv3(tag, value):
-    """BER-TLV with a three-byte tag (5FC1xx)."""
-    return tag.to_bytes(3, "big") + tlv(0, value)[1:]
-
-
 def pad_pin(pin):
     """A PIV PIN as VERIFY sends it: 8 bytes, padded with FF."""
     raw = pin.encode("utf-8") if isinstance(pin, str) else bytes(pin)

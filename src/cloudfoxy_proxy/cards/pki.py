@@ -86,10 +86,9 @@ class KeyPair:
         return key_kind(self.key)
 
 
-def _certificate(subject_cn, public_key, issuer, ca, signing=False):
-    """A certificate for ``public_key``; ``issuer`` is a KeyPair or None
-    (self-signed, then ``public_key``'s private key is passed as ``ca``'s
-    signer through ``issuer_key``)."""
+def _certificate(subject_cn, public_key, ca, signing=False):
+    """A certificate builder for ``public_key``, still to be given its
+    issuer and signed (``_sign_builder``)."""
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     subject = _name(subject_cn)
     ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
@@ -143,12 +142,12 @@ class Pki:
 
     def _make_root(self):
         key = new_key(P256)
-        builder = _certificate(ROOT_CN, key.public_key(), None, ca=True)
+        builder = _certificate(ROOT_CN, key.public_key(), ca=True)
         return KeyPair(key, _sign_builder(builder, _name(ROOT_CN), key))
 
     def _make_issuer(self):
         key = new_key(P256)
-        builder = _certificate(ISSUER_CN, key.public_key(), self.root, ca=True)
+        builder = _certificate(ISSUER_CN, key.public_key(), ca=True)
         return KeyPair(key, _sign_builder(builder, self.root.cert.subject, self.root.key))
 
     def leaf(self, cn, kind, signing=True):
@@ -158,7 +157,7 @@ class Pki:
             if pair is None:
                 def make():
                     key = new_key(kind)
-                    builder = _certificate(cn, key.public_key(), self.issuer, ca=False, signing=signing)
+                    builder = _certificate(cn, key.public_key(), ca=False, signing=signing)
                     return KeyPair(key, _sign_builder(builder, self.issuer.cert.subject, self.issuer.key))
 
                 pair = self._pair(f"{_slug(cn)}-{kind}", make)
@@ -313,4 +312,8 @@ class SigningCard(Card):
             data, status = handler(cmd)
         except StatusError as e:
             return sw(e.status)
+        if cmd.ne is None and cmd.ins != INS_GET_RESPONSE:
+            # Like T=1 cards (YubiKey, OpenPGP cards): a command without Le
+            # still gets its answer, up to 256 bytes, then 61xx.
+            cmd = CommandAPDU(cmd.cla, cmd.ins, cmd.p1, cmd.p2, cmd.data, 256, cmd.extended)
         return self._deliver(cmd, data, status)
