@@ -42,3 +42,15 @@ def test_plugin_after_install(tmp_path, editable):
         assert where.startswith(os.path.join(ROOT, "src"))
     else:
         assert where.startswith(str(tmp_path / "venv"))
+
+
+def test_every_package_is_listed_in_setup_cfg():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    listed = set(cfg["options"]["packages"].split())
+    src = os.path.join(ROOT, "src")
+    found = {os.path.relpath(d, src).replace(os.sep, ".")
+             for d, _, files in os.walk(os.path.join(src, "cloudfoxy_proxy")) if "__init__.py" in files}
+    assert found <= listed, f"add to setup.cfg [options] packages: {sorted(found - listed)}"
