@@ -599,6 +599,8 @@ def open_connections(host, port, n, reader, apdu=DEFAULT_APDU, expect=DEFAULT_EX
                 else:
                     bufs[fd] = buf
         errors += waiting
+        if waiting and len(samples) < 5:
+            samples.append(f"{waiting} connections got no answer within {timeout:g} s")
         t2 = perf()
     finally:
         ep.close()

@@ -37,7 +37,7 @@ AREAS = [
     ("cloudfoxy_proxy/parser.py", "parser.py: request parsing"),
     ("cloudfoxy_proxy/dispatch.py", "dispatch.py: request execution"),
     ("cloudfoxy_proxy/registry.py", "registry.py: reader resolution, card queue"),
-    ("cloudfoxy_proxy/backends/", "backends (emulated)"),
+    ("cloudfoxy_proxy/backends/", "backends/ (the backend in use)"),
     ("cloudfoxy_proxy/cards/", "emulated card model (ISO 7816)"),
     ("cloudfoxy_proxy/logs.py", "logging"),
     ("twisted/internet/defer.py", "Twisted Deferreds"),
@@ -89,6 +89,7 @@ def summarise(stacks, top=15):
     incl = collections.Counter()
     areas = collections.Counter()
     for frames, n in stacks:
+        frames = [f or "(unnamed frame)" for f in frames]
         leaf = frames[-1]
         self_t[leaf] += n
         areas[area(leaf)] += n

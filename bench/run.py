@@ -335,11 +335,12 @@ class Bench:
         self.res["memory"] = out
 
     def _burst(self, p):
-        QUIET.settle()
+        bg = QUIET.settle()
         pid = p.proc.pid
         cpu0 = loadgen.proc_cpu(pid)
         b = loadgen.open_connections(HOST, p.port, BURST_CONNECTIONS, "Emulated 00")
         r = dict(b.result)
+        r["background_cores"] = bg
         r["proxy_cpu_s"] = loadgen.proc_cpu(pid) - cpu0
         r["rss"] = loadgen.proc_status(pid, "VmRSS")
         r["peak_rss"] = loadgen.proc_status(pid, "VmHWM")
@@ -384,8 +385,26 @@ ORDER = ["harness", "k1", "k4", "rest", "cards120", "onecard", "startup", "memor
 
 # -- the report ------------------------------------------------------------------------
 
-def verdict(ok):
-    return "**pass**" if ok else "**FAIL**"
+def contaminated(r):
+    bg = (r or {}).get("background_cores")
+    return bg is not None and bg > QUIET_CORES
+
+
+def verdict(ok, r=None):
+    """pass / FAIL; a miss measured while other work kept the machine busy
+    is inconclusive rather than a failure of the proxy."""
+    if ok:
+        return "**pass**"
+    if contaminated(r):
+        return (f"**inconclusive** (other work kept {r['background_cores']:.1f} cores busy "
+                "before the load)")
+    return "**FAIL**"
+
+
+def capacity(r):
+    """APDUs/s one core of proxy CPU would serve at the measured CPU per APDU."""
+    cpu = r.get("proxy_cpu_us_per_apdu")
+    return f"{1e6 / cpu:,.0f} APDUs/s per core of proxy CPU" if cpu else "n/a"
 
 
 def lat(r, key):
@@ -454,8 +473,9 @@ def report(b, elapsed, cmdline):
         w(f"| emulated, 50 persistent clients, K=1: ≤ {BUDGET_CPU_US:g} µs proxy CPU per APDU | "
           f"{fmt(cpu, 1)} µs | {verdict(cpu is not None and cpu <= BUDGET_CPU_US)} |")
         w(f"| same: ≥ {BUDGET_APDUS:,} APDUs/s{note} | {fmt(r['apdus_per_s'])} APDUs/s, p50 {lat(r, 'p50')} ms, "
-          f"p99 {lat(r, 'p99')} ms, {r['errors']} errors; {bound(r)}; load generator ceiling at 50 "
-          f"clients {fmt(ceil50)}/s | {verdict(r['apdus_per_s'] >= target and not r['errors'])} |")
+          f"p99 {lat(r, 'p99')} ms, {r['errors']} errors; {bound(r)}; {capacity(r)}; load generator "
+          f"ceiling at 50 clients {fmt(ceil50)}/s | "
+          f"{verdict(r['apdus_per_s'] >= target and not r['errors'], r)} |".replace("n/a/s", "not measured"))
     if "k4" in R:
         r = R["k4"]
         cpu = r.get("proxy_cpu_us_per_apdu")
@@ -476,11 +496,13 @@ def report(b, elapsed, cmdline):
             w(f"| CloudFoxy REST backend, fake upstream, 120 cards, 50 clients: > {BUDGET_REST_APDUS:,} "
               f"APDUs/s | {fmt(r['apdus_per_s'])} APDUs/s, {r['errors']} errors; "
               f"{bound(r, r.get('fake_cpu_util') or 0)}; fake server CPU {fmt(1e6 * (r['fake_cpu_util'] or 0) / max(1.0, r['requests_per_s']), 1)} µs/request | "
-              f"{verdict(r['apdus_per_s'] > BUDGET_REST_APDUS and not r['errors'])} |")
+              f"{verdict(r['apdus_per_s'] > BUDGET_REST_APDUS and not r['errors'], r)} |")
+            p99 = r["latency_ms"]["p99"]
             w(f"| same: p99 < {BUDGET_REST_P99_MS:g} ms | p50 {lat(r, 'p50')} ms, p99 {lat(r, 'p99')} ms, "
-              f"max {lat(r, 'max')} ms | {verdict(r['latency_ms']['p99'] is not None and r['latency_ms']['p99'] < BUDGET_REST_P99_MS)} |")
-            w(f"| same: proxy CPU per APDU (stated) | {fmt(r.get('proxy_cpu_us_per_apdu'), 1)} µs; most "
-              f"commands one card ever had at once: {fs.get('max_inflight', 'n/a')} | — |")
+              f"max {lat(r, 'max')} ms | {verdict(p99 is not None and p99 < BUDGET_REST_P99_MS, r)} |")
+            w(f"| same: proxy CPU per APDU (stated) | {fmt(r.get('proxy_cpu_us_per_apdu'), 1)} µs "
+              f"({capacity(r)}); most commands one card ever had at once: "
+              f"{fs.get('max_inflight', 'n/a')} | — |")
     if "cards120" in R:
         r = R["cards120"]
         cpu = r.get("proxy_cpu_us_per_apdu")
@@ -496,16 +518,21 @@ def report(b, elapsed, cmdline):
         else:
             which = f"neither bound reached: {100 * share:.0f}% of the card ceiling, {bound(r)}"
             ok = False
+        which += f"; {capacity(r)} (90% of the card ceiling is {0.9 * CARDS_120_CEILING:,.0f})"
         w(f"| 120 emulated cards, 5 ms each, 240 clients: ≥ 90% of {CARDS_120_CEILING:,.0f} APDUs/s, "
           f"or CPU-bound within {BUDGET_CPU_US:g} µs/APDU | {fmt(r['apdus_per_s'])} APDUs/s, CPU "
           f"{fmt(cpu, 1)} µs/APDU ({100 * (r.get('proxy_cpu_util') or 0):.0f}% of a core), p50 "
           f"{lat(r, 'p50')} ms, p99 {lat(r, 'p99')} ms, {r['errors']} errors; {which} | "
-          f"{verdict(ok and not r['errors'])} |")
+          f"{verdict(ok and not r['errors'], r)} |")
     if "onecard" in R:
         for latency, r in R["onecard"].items():
             p50, p99, mx = (r["latency_ms"][k] for k in ("p50", "p99", "max"))
             even = r["per_client_max"] and r["per_client_min"] >= 0.9 * r["per_client_max"]
             stall = mx is None or mx > max(10 * p50, 50.0)
+            if p50 is None:
+                w(f"| 10 clients, one card ({latency} ms) | no answer measured, {r['errors']} errors | "
+                  f"{verdict(False, r)} |")
+                continue
             figures = (f"{fmt(r['apdus_per_s'])} APDUs/s, p50 {p50} ms, p99 {p99} ms (p99/p50 "
                        f"{p99 / p50:.1f}), max {mx} ms, {r['errors']} errors; answers per client "
                        f"{r['per_client_min']:,}–{r['per_client_max']:,}")
@@ -513,11 +540,11 @@ def report(b, elapsed, cmdline):
                 fair = p99 <= 2 * p50
                 w(f"| 10 clients hammering one card ({latency} ms per APDU, so requests queue): no errors, "
                   f"fair FIFO (p99 ≤ 2× p50), no stall | {figures} | "
-                  f"{verdict(fair and even and not r['errors'] and not stall)} |")
+                  f"{verdict(fair and even and not r['errors'] and not stall, r)} |")
             else:
                 w(f"| (extra) 10 clients, one card, no card latency: no errors, even shares, no stall "
                   f"(each request runs synchronously, so there is no queue and p99/p50 only shows "
-                  f"reactor-turn jitter) | {figures} | {verdict(even and not r['errors'] and not stall)} |")
+                  f"reactor-turn jitter) | {figures} | {verdict(even and not r['errors'] and not stall, r)} |")
     if "startup" in R:
         s = R["startup"]["emulated"]
         w(f"| start-up to first correct answer, emulated: < {BUDGET_START_EMU_S:g} s | "
@@ -533,7 +560,9 @@ def report(b, elapsed, cmdline):
     if "memory" in R:
         m = R["memory"]
         idle = m["idle_rss"] / MB
-        w(f"| RSS idle < {BUDGET_IDLE_RSS_MB} MB | {idle:.1f} MB | {verdict(idle * MB < BUDGET_IDLE_RSS_MB * 1e6)} |")
+        w(f"| RSS idle < {BUDGET_IDLE_RSS_MB} MB (10^6 bytes) | {idle:.1f} MB = "
+          f"{m['idle_rss'] / 2 ** 20:.1f} MiB (VmRSS after start-up and one request) | "
+          f"{verdict(idle * MB < BUDGET_IDLE_RSS_MB * 1e6)} |")
         add = (m["rss_1000"] - m["idle_rss"]) / MB
         w(f"| 1,000 idle connections add < {BUDGET_1000_IDLE_MB} MB | +{add:.1f} MB "
           f"({m['idle_1000']['ok']} of 1,000 answered correctly first) | "
@@ -543,8 +572,10 @@ def report(b, elapsed, cmdline):
         w(f"| {BURST_CONNECTIONS:,} concurrent connections served without errors | {bu['ok']:,} correct "
           f"answers, {bu['errors']} errors; all {BURST_CONNECTIONS:,} connected in {bu['connect_s']} s "
           f"(at most 256 connects pending), all answered {bu['serve_s']} s later; RSS with them "
-          f"{bu['rss'] / MB:.1f} MB; proxy answers normally afterwards: {'yes' if m.get('after_ok') else 'NO'} | "
-          f"{verdict(ok)} |")
+          f"{bu['rss'] / MB:.1f} MB; proxy answers normally afterwards: {'yes' if m.get('after_ok') else 'NO'}"
+          + (f"; {bu['unanswered']} connections got no answer within the 60 s bound: Twisted's "
+             "default listen backlog (50) overflows under this connect storm and the kernel drops "
+             "handshakes (see the backlog=1024 line)" if bu.get("unanswered") else "") + f" | {verdict(ok, bu)} |")
         if bb:
             w(f"| (extra) the same with `-p tcp:PORT:backlog=1024` | {bb['ok']:,} correct answers, "
               f"{bb['errors']} errors; connected in {bb['connect_s']} s, answered {bb['serve_s']} s later | "

@@ -33,9 +33,11 @@ class Counting(EmulatedBackend):
     def __attrs_post_init__(self):
         super().__attrs_post_init__()
         self.apdus = 0
+        self.sent = []
 
     def transmit(self, key, apdu):
         self.apdus += 1
+        self.sent.append(apdu.hex().upper())
         return super().transmit(key, apdu)
 
 
@@ -260,6 +262,14 @@ class SignTests(SynchronousTestCase):
         self.assertGreater(probe, 1)
         self.h.clock.advance(1)
         self.assertEqual(self.h.piv.apdus - before - 5, probe)  # one probe for five RESETs
+
+    def test_reprobe_tries_the_known_profile_first(self):
+        self.h.pgp.sent.clear()
+        self.h.result(">G 00|\n>1:RESET|\n\n")
+        self.h.clock.advance(0.5)
+        self.assertTrue(self.h.pgp.sent)
+        self.assertFalse([a for a in self.h.pgp.sent if "A000000308" in a])  # no PIV SELECT
+        self.assertEqual(self.h.pgp.sent[0], "00A4040006D27600012401")
 
     def test_ambiguous_alias(self):
         twin = backend(self.h.clock, "piv", "P", cards=1)

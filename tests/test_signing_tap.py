@@ -2,6 +2,8 @@
 emulated signing-card URLs, and the service tree."""
 
 import os
+import shutil
+import tempfile
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -15,6 +17,13 @@ from cloudfoxy_proxy.cards.pki import get_pki
 from cloudfoxy_proxy.certindex import CertIndex
 
 
+def scratch(case):
+    """A fresh directory name under the system temp dir, removed after the test."""
+    base = tempfile.mkdtemp(prefix="foxy-signing-")
+    case.addCleanup(shutil.rmtree, base, True)
+    return os.path.join(base, "x")
+
+
 def parse(*args):
     o = tap.Options()
     o.parseOptions(list(args))
@@ -23,7 +32,7 @@ def parse(*args):
 
 class OptionTests(SynchronousTestCase):
     def test_ca_certs(self):
-        d = self.mktemp()
+        d = scratch(self)
         os.makedirs(d)
         path = os.path.join(d, "ca.pem")
         with open(path, "wb") as f:
@@ -48,12 +57,12 @@ class OptionTests(SynchronousTestCase):
         for bad in ("emulated:?type=piv&pin=12345", "emulated:?type=piv&pin=123456789",
                     "emulated:?type=openpgp&pin=1", "emulated:?pin=123456", "emulated:?keys=/tmp"):
             self.assertRaises(ValueError, emulated.from_url, bad, {})
-        f = self.mktemp()
+        f = scratch(self)
         open(f, "w").close()
         self.assertRaises(ValueError, emulated.from_url, f"emulated:?type=piv&keys={f}", {})
 
     def test_keys_dir_is_loaded_or_written(self):
-        d = self.mktemp()
+        d = scratch(self)
         make = emulated.from_url(f"emulated:?type=piv&cards=1&prefix=K&keys={d}", {})
         card = make(MemoryReactorClock()).cards[0]
         names = sorted(os.listdir(d))

@@ -332,12 +332,17 @@ class CertIndex:
     def _started(self, state, transmit):
         state.queued = False
         state.running = True
-        return self.scan(transmit)
+        return self.scan(transmit, state.profile)
 
     @inlineCallbacks
-    def scan(self, transmit):
-        """(profile, certificates) of the card behind ``transmit``."""
-        for profile in self.profiles:
+    def scan(self, transmit, first=None):
+        """(profile, certificates) of the card behind ``transmit``; the
+        profile ``first`` (the card's last time) is tried first, so a probe
+        of a known card sends as few APDUs as it can."""
+        profiles = self.profiles
+        if first is not None and first in profiles:
+            profiles = [first] + [p for p in profiles if p is not first]
+        for profile in profiles:
             if (yield profile.detect(transmit)):
                 certs = yield profile.certificates(transmit)
                 return (profile, list(certs))
@@ -473,7 +478,7 @@ class CertIndex:
             # we hold the card, so probe it here.
             generation = state.generation
             state.dirty = False
-            profile, certs = yield self.scan(transmit)
+            profile, certs = yield self.scan(transmit, state.profile)
             if state.generation == generation and state.present:
                 self._store(state, profile, certs)
             if by_alias and not any(text in (c.alias, c.subject) for c in state.certs):
