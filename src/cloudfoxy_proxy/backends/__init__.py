@@ -7,6 +7,7 @@ which builds the IBackend.
 """
 
 import importlib
+import re
 from urllib.parse import parse_qsl, urlsplit
 
 SCHEMES = {
@@ -64,3 +65,50 @@ def float_param(params, key, default, low, high):
     if not low <= number <= high:
         raise ValueError(f"{key}={value} is out of range {low}..{high}")
     return number
+
+
+def read_file(option, path):
+    """The bytes of a file named by a URL parameter; ValueError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{option}={path!r}: {e.strerror}") from None
+
+
+def first_line(option, path):
+    """A secret kept in a file: its first line, without the line end."""
+    lines = read_file(option, path).decode("utf-8", "replace").splitlines()
+    return lines[0].strip() if lines else ""
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def tls_material(params):
+    """``ca=`` (PEM file, one or more certificates) as a trust root and
+    ``cert=``/``key=`` as a client certificate; each None when not given."""
+    from twisted.internet import ssl
+
+    trust_root = None
+    if params.get("ca"):
+        blocks = _PEM_CERT.findall(read_file("ca", params["ca"]))
+        if not blocks:
+            raise ValueError(f"ca={params['ca']!r}: no PEM certificate in it")
+        try:
+            trust_root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+        except Exception as e:
+            raise ValueError(f"ca={params['ca']!r}: not a usable certificate ({e})") from None
+    client = None
+    if params.get("key") and not params.get("cert"):
+        raise ValueError("key= needs cert= (the client certificate)")
+    if params.get("cert"):
+        pem = read_file("cert", params["cert"])
+        if params.get("key"):
+            pem += b"\n" + read_file("key", params["key"])
+        try:
+            client = ssl.PrivateCertificate.loadPEM(pem)
+        except Exception as e:
+            raise ValueError(f"cert={params['cert']!r}: not a usable certificate and private key "
+                             f"(key= may be left out when the file holds both) ({e})") from None
+    return trust_root, client

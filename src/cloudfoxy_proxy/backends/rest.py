@@ -38,7 +38,7 @@ from .. import errors
 from ..backend import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
-from . import float_param, int_param, query
+from . import first_line, float_param, int_param, query, tls_material
 
 BASIC = "/api/v1/basic"
 INVENTORY = "/api/v1/inventory"
@@ -56,7 +56,6 @@ MAX_BODY = 1024 * 1024
 FIRST_RETRY = 0.5
 
 _PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key"}
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 _HEX = re.compile(r"[0-9A-Fa-f]*\Z")
 #: Characters left as they are in query values (terminal names are ``/IP@id``).
 _SAFE = "/@:"
@@ -248,45 +247,13 @@ class _QuietHTTP11ClientFactory(wclient._HTTP11ClientFactory):
     noisy = False
 
 
-def _read(path, option):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"{option}={path!r}: {e.strerror}") from None
-
-
 def load_tls(params):
     """A TLSPolicy from ``ca=``, ``cert=``, ``key=``; ValueError if a file is bad."""
-    from twisted.internet import ssl
-
-    trust_root = None
-    if params.get("ca"):
-        blocks = _PEM_CERT.findall(_read(params["ca"], "ca"))
-        if not blocks:
-            raise ValueError(f"ca={params['ca']!r}: no PEM certificate in it")
-        try:
-            trust_root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
-        except Exception as e:
-            raise ValueError(f"ca={params['ca']!r}: not a usable certificate ({e})") from None
-    client = None
-    if params.get("key") and not params.get("cert"):
-        raise ValueError("key= needs cert= too")
-    if params.get("cert"):
-        pem = _read(params["cert"], "cert")
-        if params.get("key"):
-            pem = pem + b"\n" + _read(params["key"], "key")
-        try:
-            client = ssl.PrivateCertificate.loadPEM(pem)
-        except Exception as e:
-            raise ValueError(f"cert={params['cert']!r}: not a usable certificate and private key ({e})") from None
-    return TLSPolicy(trust_root, client)
+    return TLSPolicy(*tls_material(params))
 
 
 def read_token(path):
-    data = _read(path, "token_file").decode("utf-8", "replace")
-    lines = data.splitlines()
-    return lines[0].strip() if lines else ""
+    return first_line("token_file", path)
 
 
 def from_url(url, config):

@@ -38,7 +38,6 @@ warnings).  A later connection that stays open switches back.
 import base64
 import collections
 import random
-import re
 from urllib.parse import parse_qsl, urlsplit
 
 import attr
@@ -57,7 +56,7 @@ from ..backend import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from ..parser import COMMANDS
-from . import float_param, int_param, query
+from . import first_line, float_param, int_param, query, tls_material
 
 DEFAULT_PORT = 4001
 #: Back-off between connection attempts: the first retry after a lost
@@ -79,23 +78,6 @@ PROBE_DELAY = 0.5
 #: to ``refresh`` (an upstream proxy that has not found its own cards yet).
 EMPTY_RETRY = 0.5
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-
-
-def _read_first_line(option, path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().rstrip("\r\n")
-    except OSError as e:
-        raise ValueError(f"{option}={path!r}: {e.strerror}") from None
-
-
-def _read_bytes(option, path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"{option}={path!r}: {e.strerror}") from None
 
 
 def check_password(password):
@@ -115,32 +97,10 @@ def tls_options(host, params):
     (service_identity) against ``ca=`` (a PEM file, one or more
     certificates) or the platform's trust store; ``cert=``/``key=`` add a
     client certificate."""
-    from twisted.internet.ssl import (
-        Certificate, PrivateCertificate, optionsForClientTLS, platformTrust,
-        trustRootFromCertificates)
+    from twisted.internet.ssl import optionsForClientTLS, platformTrust
 
-    trust = platformTrust()
-    if "ca" in params:
-        data = _read_bytes("ca", params["ca"])
-        blocks = _PEM_CERT.findall(data)
-        if not blocks:
-            raise ValueError(f"ca={params['ca']!r}: no PEM certificate in the file")
-        try:
-            trust = trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
-        except Exception as e:
-            raise ValueError(f"ca={params['ca']!r}: not a usable certificate ({e})") from None
-    client = None
-    if "key" in params and "cert" not in params:
-        raise ValueError("key= needs cert= (the client certificate)")
-    if "cert" in params:
-        pem = _read_bytes("cert", params["cert"])
-        if "key" in params:
-            pem += b"\n" + _read_bytes("key", params["key"])
-        try:
-            client = PrivateCertificate.loadPEM(pem)
-        except Exception as e:
-            raise ValueError(f"cert={params['cert']!r}: not a usable certificate and private key "
-                             f"(key= may be left out when the file holds both) ({e})") from None
+    trust, client = tls_material(params)
+    trust = trust or platformTrust()
     try:
         return optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
     except Exception as e:
@@ -177,7 +137,7 @@ def from_url(url, config):
         raise ValueError("refresh= must be 0 (off) or at least 0.1 seconds")
     prefix = params.get("prefix", "")
     if "password_file" in params:
-        password = _read_first_line("password_file", params["password_file"])
+        password = first_line("password_file", params["password_file"])
     else:
         password = config.get("password")
     password = password or None
