@@ -288,6 +288,9 @@ class FakePool:
         assert self.started and not self.stopped, self.name
         self.jobs.append((on_result, fn, args))
 
+    def callInThread(self, fn, *args):
+        self.callInThreadWithCallback(lambda ok, result: None, fn, *args)
+
     def run(self, n=None):
         """Run queued jobs (all, including ones queued meanwhile, or ``n``)."""
         done = 0
@@ -518,15 +521,24 @@ class CommandTests(SynchronousTestCase):
         self.assertNoResult(d)
         h.run_readers()
         self.assertEqual(self.successResultOf(d), b"\x90\x00")
-        self.assertEqual(h.scard.names()[-4:], ["SCardConnect", "SCardBeginTransaction",
-                                                "SCardTransmit", "SCardEndTransaction"])
+        self.assertEqual(h.scard.names()[-3:], ["SCardConnect", "SCardBeginTransaction",
+                                                "SCardTransmit"])
         connect = [c for c in h.scard.calls if c[0] == "SCardConnect"][0]
         self.assertEqual(connect[2:], (h.scard.SCARD_SHARE_SHARED, 3))
-        # the handle is kept for the next command
+        # the next command of the same request runs in the same transaction,
+        # on the same handle
         d = h.backend.transmit(R0, GET_CHALLENGE)
         h.run_readers()
         self.assertEqual(self.successResultOf(d), b"\x01" * 8 + b"\x90\x00")
         self.assertEqual(h.scard.names().count("SCardConnect"), 1)
+        self.assertEqual(h.scard.names()[-2:], ["SCardTransmit", "SCardTransmit"])
+        # the dispatcher is done with the card: the transaction ends
+        h.backend.release(R0)
+        h.run_readers()
+        self.assertEqual(h.scard.names()[-1], "SCardEndTransaction")
+        d = h.backend.transmit(R0, SELECT_MF)
+        h.run_readers()
+        self.assertEqual(h.scard.names()[-2:], ["SCardBeginTransaction", "SCardTransmit"])
 
     def test_exclusive_t0(self):
         h = Harness(self, mode="exclusive", protocol="t0")
@@ -556,10 +568,14 @@ class CommandTests(SynchronousTestCase):
         card.answers[bytes.fromhex("00B0000000")] = [bytes.fromhex("6C03")]
         card.answers[bytes.fromhex("00B0000003")] = [bytes.fromhex("AABBCC9000")]
         self.assertEqual(self._tx(h, "00B0000000"), "AABBCC9000")
+        h.backend.release(R0)  # end of that request
+        h.run_readers()
         card.answers[bytes.fromhex("01A40000023F00")] = [bytes.fromhex("AA6102")]
         card.answers[bytes.fromhex("01C0000002")] = [bytes.fromhex("BBCC6101")]
         card.answers[bytes.fromhex("01C0000001")] = [bytes.fromhex("DD9000")]
         self.assertEqual(self._tx(h, "01A40000023F00"), "AABBCCDD9000")
+        h.backend.release(R0)
+        h.run_readers()
         # the whole chain ran inside one transaction
         names = h.scard.names()
         last = len(names) - 1 - names[::-1].index("SCardBeginTransaction")

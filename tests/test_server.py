@@ -264,3 +264,19 @@ class HalfCloseTests(SynchronousTestCase):
         h.manual.calls[0][2].callback(b"\x3b\x00")
         self.assertEqual(take(t), ">1:3B00\n@@\n>2:9000\n@@\n")
         self.assertTrue(t.disconnecting)
+
+
+class ReleaseTests(SynchronousTestCase):
+    def test_backend_release_after_each_request(self):
+        h = Harness()
+        released = []
+        h.manual.release = released.append
+        h.registry.update(h.manual, [ReaderInfo("c", "With Release")])
+        h.registry.get("With Release").release = h.manual.release  # registry caches it per reader
+        p, t = h.connect()
+        p.dataReceived(b">With Release|\n>1:RESET|\n>2:APDU:00000000|\n\n")
+        h.manual.calls[0][2].callback(b"\x3b")
+        self.assertEqual(released, [])  # not between the commands of one request
+        h.manual.calls[1][2].callback(b"\x90\x00")
+        self.assertEqual(released, ["c"])
+        self.assertEqual(take(t), ">1:3B\n>2:9000\n@@\n")

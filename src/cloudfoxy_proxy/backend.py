@@ -18,6 +18,10 @@ class IBackend(Interface):
     (``C090``).  The caller bounds every call with the command timeout and
     cancels the Deferred when it expires, and never calls a backend for a
     card that is still busy with a previous command.
+
+    Optionally a backend has ``release(key)``: called when a request is done
+    with the card (after its last command), e.g. to end a PC/SC transaction
+    that spans the request.
     """
 
     description = Attribute("A short human description for logs, e.g. 'emulated: 4 cards'.")

@@ -253,7 +253,10 @@ class _Run:
     def _release(self):
         if self.holding:
             self.holding = False
-            self.reader.queue.release()
+            reader = self.reader
+            if reader.release is not None:
+                reader.release(reader.key)
+            reader.queue.release()
 
     def cancel(self, _deferred):
         """The client went away: drop our place in the queue; a command in

@@ -73,13 +73,16 @@ class Reader:
     same (backend, key) for the life of the process, so its name and its
     card queue survive the reader vanishing and coming back."""
 
-    __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info")
+    __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info",
+                 "release")
 
     def __init__(self, name, backend, key, queue):
         self.name = name
         self.backend = backend
         self.key = key
         self.queue = queue
+        #: the backend's optional ``release(key)``: called when a request is done with the card
+        self.release = getattr(backend, "release", None)
         self.aliases = ()
         self.extra_aliases = ()  # from the certificate index (set_extra_aliases)
         self.present = False

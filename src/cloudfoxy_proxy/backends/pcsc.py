@@ -166,6 +166,7 @@ class _Link:
         self.handle = None
         self.active = None  # the protocol in use
         self.epoch = None
+        self.in_transaction = False  # one PC/SC transaction spans a whole request
         s = scard
         #: results meaning the context or handle is dead (pcscd restarted or gone)
         self.dead = {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
@@ -192,6 +193,7 @@ class _Link:
         s = self.scard
         handle, ctx = self.handle, self.ctx
         self.handle = self.ctx = self.active = None
+        self.in_transaction = False
         if handle is not None:
             try:
                 s.SCardDisconnect(handle, s.SCARD_LEAVE_CARD)
@@ -210,6 +212,7 @@ class _Link:
     def _drop_handle(self):
         s = self.scard
         handle, self.handle, self.active = self.handle, None, None
+        self.in_transaction = False
         if handle is not None:
             try:
                 s.SCardDisconnect(handle, s.SCARD_LEAVE_CARD)
@@ -265,7 +268,10 @@ class _Link:
     def _transmit(self, apdu, epoch):
         s = self.scard
         self._ensure(epoch)
-        if self.transactions:
+        if self.transactions and not self.in_transaction:
+            # The request's first APDU opens a transaction that its last
+            # command's end closes (end(), from the backend's release()), so
+            # no other local program can slip APDUs into one request.
             hr = s.SCardBeginTransaction(self.handle)
             if hr in self.stale:
                 self._recover(hr)
@@ -275,14 +281,25 @@ class _Link:
                 raise _Retry()
             if hr != s.SCARD_S_SUCCESS:
                 raise self._error("begin transaction", hr)
+            self.in_transaction = True
         try:
             response = self._send(apdu)
             if self.chain:
                 response = self._follow(apdu, response)
             return response
-        finally:
-            if self.transactions and self.handle is not None:
-                s.SCardEndTransaction(self.handle, s.SCARD_LEAVE_CARD)
+        except BaseException:
+            self.end()
+            raise
+
+    def end(self):
+        """End the request's transaction, if one is open (errors ignored)."""
+        if self.in_transaction:
+            self.in_transaction = False
+            if self.handle is not None:
+                try:
+                    self.scard.SCardEndTransaction(self.handle, self.scard.SCARD_LEAVE_CARD)
+                except Exception:
+                    pass
 
     def _recover(self, hr):
         """After a result saying the handle is stale (card removed and maybe
@@ -352,6 +369,7 @@ class _Link:
 
     def _reset(self, epoch):
         s = self.scard
+        self.end()
         self._ensure(epoch)
         hr = self._reconnect(s.SCARD_UNPOWER_CARD)
         if hr != s.SCARD_S_SUCCESS and hr not in self.dead and hr not in self.no_card:
@@ -772,6 +790,13 @@ class PcscBackend:
     def reset(self, key):
         reader = self._reader(key)
         return self._command(reader, reader.link.reset, self._epoch)
+
+    def release(self, key):
+        """The dispatcher is done with this card for one request: end its
+        transaction in the reader's thread, after the request's commands."""
+        reader = self._readers.get(key)
+        if reader is not None and reader.link.in_transaction:
+            reader.worker.pool.callInThread(reader.link.end)
 
     def _command(self, reader, fn, *args):
         d = self._call(reader.worker, fn, *args, canceller=lambda d: self._gave_up(reader))
