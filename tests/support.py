@@ -138,3 +138,30 @@ def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FOXYPROXY_VENV = os.path.join(ROOT, ".venv-foxyproxy")
+FOXYPROXY_PACKAGES = ["foxyproxy==2.10.0", "cryptography==3.3.2"]
+
+
+def foxyproxy_venv():
+    """The original FoxyProxy 2.10's console script, in its own virtualenv
+    (``.venv-foxyproxy``), installed from PyPI when missing: on Python 3.11
+    it needs ``cryptography==3.3.2`` to import."""
+    python = os.path.join(FOXYPROXY_VENV, "bin", "python")
+    script = os.path.join(FOXYPROXY_VENV, "bin", "foxyproxy")
+    check = [python, "-c", "import foxyproxy.__main__, foxyproxy.version as v; "
+                           "assert v.proxy_version.startswith('2.10'), v.proxy_version"]
+    if os.path.exists(script) and subprocess.run(check, capture_output=True, timeout=60).returncode == 0:
+        return script
+    base = getattr(sys, "_base_executable", sys.executable)
+    for step in ([base, "-m", "venv", "--clear", FOXYPROXY_VENV],
+                 [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"] + FOXYPROXY_PACKAGES):
+        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"cannot install foxyproxy 2.10 ({' '.join(step[:3])}): {done.stderr[-800:]}")
+    done = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"foxyproxy 2.10 does not import: {done.stderr[-800:]}")
+    return script

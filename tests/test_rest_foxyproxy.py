@@ -22,39 +22,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-from support import HOST, LineClient, free_port
+from support import HOST, LineClient, foxyproxy_venv, free_port
 
 TOKEN = "foxyproxy-compat-token"
 ATR = "3B8B8001466F7879456D753738313677"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.path.join(ROOT, ".venv-foxyproxy")
-FOXYPROXY = os.path.join(VENV, "bin", "foxyproxy")
-PACKAGES = ["foxyproxy==2.10.0", "cryptography==3.3.2"]
-
-
-def foxyproxy_venv():
-    """The path of foxyproxy 2.10's console script, installing it if needed."""
-    python = os.path.join(VENV, "bin", "python")
-    check = [python, "-c", "import foxyproxy.__main__, foxyproxy.version as v; "
-                           "assert v.proxy_version.startswith('2.10'), v.proxy_version"]
-    if os.path.exists(FOXYPROXY) and subprocess.run(check, capture_output=True, timeout=60).returncode == 0:
-        return FOXYPROXY
-    base = getattr(sys, "_base_executable", sys.executable)
-    steps = [[base, "-m", "venv", "--clear", VENV],
-             [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"] + PACKAGES]
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.skip(f"cannot install foxyproxy 2.10 ({' '.join(step[:3])}): {done.stderr[-500:]}")
-    done = subprocess.run(check, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return FOXYPROXY
-
-
 class FoxyProxy:
     """foxyproxy 2.10 in its own process group (its worker processes die with it)."""
 

@@ -3,7 +3,8 @@ vpcd (``--vpcd``) so that OpenSC, yubico-piv-tool and GnuPG's scdaemon use
 it through a real pcscd (the PC/SC test rig, tests/pcsc_rig.py).
 
 Debian packages: opensc (pkcs15-tool, pkcs11-tool), yubico-piv-tool,
-scdaemon (with gnupg).  A test whose tool is missing is skipped.
+scdaemon (with gnupg).  A test whose tool is missing fails: tests/run.sh
+installs them.
 """
 
 import hashlib
@@ -35,7 +36,7 @@ SCDAEMON = "/usr/lib/gnupg/scdaemon"
 def need(*tools):
     for tool in tools:
         if not (shutil.which(tool) or os.path.exists(tool)):
-            pytest.skip(f"{tool} is not installed")
+            pytest.fail(f"{tool} is not installed: tests/run.sh installs it (tests/debian-packages.txt)")
 
 
 def run(*cmd, timeout=60, **kw):

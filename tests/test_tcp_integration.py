@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from support import HOST, LineClient, free_port
+from support import HOST, LineClient, foxyproxy_venv, free_port
 
 ATR = "3B8B8001466F7879456D753738313677"
 CHALLENGE = re.compile(r"[0-9A-F]{16}9000")
@@ -358,15 +358,12 @@ def test_tls_chain_verified(proxy_factory, tmp_path):
 # -- foxyproxy 2.10 as the upstream --------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FOXYPROXY = os.path.join(ROOT, ".venv-foxyproxy", "bin", "foxyproxy")
 
 
 @pytest.fixture
 def foxyproxy_upstream(tmp_path):
-    """foxyproxy 2.10 (if its virtualenv exists: tests/test_rest_foxyproxy.py
-    creates it) in front of the fake CloudFoxy REST server of bench/."""
-    if not os.path.exists(FOXYPROXY):
-        pytest.skip("foxyproxy 2.10 is not installed in .venv-foxyproxy")
+    """foxyproxy 2.10 in front of the fake CloudFoxy REST server of bench/."""
+    foxyproxy = foxyproxy_venv()
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         from fake_cloudfoxy import FakeCloudFoxy
@@ -377,7 +374,7 @@ def foxyproxy_upstream(tmp_path):
     port = free_port()
     out = open(tmp_path / "foxyproxy.out", "wb")
     proc = subprocess.Popen(
-        [FOXYPROXY, "-p", str(port), "-s", f"http://{HOST}:{rest_port}", "-t", "fake-token"],
+        [foxyproxy, "-p", str(port), "-s", f"http://{HOST}:{rest_port}", "-t", "fake-token"],
         stdout=out, stderr=subprocess.STDOUT, cwd=str(tmp_path), start_new_session=True,
         env=dict(os.environ, HOME=str(tmp_path), PYTHONUNBUFFERED="1"))
     try:

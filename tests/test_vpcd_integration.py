@@ -6,7 +6,6 @@ The bridge is the virtual card, so these tests use a vpcd slot with no
 vicc card in it (slot 1).  They leave the slot empty when they finish.
 """
 
-import importlib.util
 import re
 import statistics
 import subprocess
@@ -263,8 +262,6 @@ def test_unknown_reader_never_appears(bridge, slot):
     assert "not connected: no such reader" in proxy.log()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cloudfoxy_proxy.backends.pcsc") is None,
-                    reason="the pcsc: backend is not there yet")
 def test_full_loop_through_a_second_proxy(bridge, slot):
     """emulated card -> proxy A (bridge) -> vpcd/pcscd -> proxy B (pcsc:) ->
     line-protocol client."""
