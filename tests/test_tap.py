@@ -22,7 +22,7 @@ def parse(*args):
 class OptionsTests(SynchronousTestCase):
     def test_defaults(self):
         o = parse()
-        self.assertEqual(o["endpoints"], ["tcp:4001"])
+        self.assertEqual(o["endpoints"], ["tcp:4001:backlog=1024"])
         self.assertEqual(o["command-timeout"], 15.0)
         self.assertGreaterEqual(o["max-line-length"], 3 * 65544)
         self.assertEqual(o["backend"], [])
@@ -33,7 +33,10 @@ class OptionsTests(SynchronousTestCase):
     def test_listeners_and_backends(self):
         o = parse("-p", "tcp:5000:interface=127.0.0.1", "--listen", "4002", "--listen", "tcp6:4003",
                   "--backend", "emulated:?cards=2", "--backend", "emulated:?prefix=Other")
-        self.assertEqual(o["endpoints"], ["tcp:5000:interface=127.0.0.1", "tcp:4002", "tcp6:4003"])
+        self.assertEqual(o["endpoints"], ["tcp:5000:interface=127.0.0.1:backlog=1024", "tcp:4002:backlog=1024",
+                                          "tcp6:4003:backlog=1024"])
+        o2 = parse("-p", "tcp:5000:backlog=10", "--listen", "unix:/tmp/fp.sock")
+        self.assertEqual(o2["endpoints"], ["tcp:5000:backlog=10", "unix:/tmp/fp.sock"])
         self.assertEqual(len(o["backend-makers"]), 2)
 
     def test_invalid_values_name_the_option(self):

@@ -18,10 +18,20 @@ DEFAULT_PORT = "4001"
 DEFAULT_BACKEND = "emulated:"
 
 
+#: Twisted's tcp: endpoints listen with a backlog of 50: a burst of
+#: thousands of clients connecting at once then waits on SYN retries.
+DEFAULT_BACKLOG = 1024
+
+
 def endpoint_string(value):
-    """A bare port number means ``tcp:N``."""
+    """A bare port number means ``tcp:N``; TCP listeners get a backlog of
+    DEFAULT_BACKLOG unless the string sets one."""
     value = value.strip()
-    return f"tcp:{value}" if value.isdigit() else value
+    if value.isdigit():
+        value = f"tcp:{value}"
+    if value.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in value:
+        value += f":backlog={DEFAULT_BACKLOG}"
+    return value
 
 
 def check_endpoint(option, value):

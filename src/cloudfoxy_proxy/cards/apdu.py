@@ -86,6 +86,38 @@ def tlv(tag, value):
     return tag_bytes + length + bytes(value)
 
 
+def parse_tlvs(data):
+    """Top-level BER-TLVs of ``data`` as [(tag, value)]; ValueError if malformed."""
+    out = []
+    i, n = 0, len(data)
+    while i < n:
+        tag = data[i]
+        i += 1
+        if tag & 0x1F == 0x1F:
+            while True:
+                if i >= n:
+                    raise ValueError("truncated tag")
+                tag = tag << 8 | data[i]
+                i += 1
+                if not data[i - 1] & 0x80:
+                    break
+        if i >= n:
+            raise ValueError("missing length")
+        length = data[i]
+        i += 1
+        if length & 0x80:
+            k = length & 0x7F
+            if not 1 <= k <= 3 or i + k > n:
+                raise ValueError("bad length")
+            length = int.from_bytes(data[i:i + k], "big")
+            i += k
+        if i + length > n:
+            raise ValueError("value runs past the end")
+        out.append((tag, bytes(data[i:i + length])))
+        i += length
+    return out
+
+
 def make_atr(historical):
     """A T=1 ATR (TS 3B, T0, TD1 80, TD2 01, historical bytes, TCK)."""
     if len(historical) > 15:

@@ -23,6 +23,7 @@ yubico-piv-tool and the proxy's own PIV profile.
 import os
 
 from .apdu import (
+    parse_tlvs,
     SW_DATA_NOT_FOUND, SW_NOT_FOUND, SW_OK, SW_SECURITY, SW_WRONG_DATA,
     SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, tlv,
 )
@@ -63,36 +64,6 @@ def pad_pin(pin):
     return raw.ljust(8, b"\xff")
 
 
-def parse_tlvs(data):
-    """Top-level BER-TLVs of ``data`` as [(tag, value)]; ValueError if malformed."""
-    out = []
-    i, n = 0, len(data)
-    while i < n:
-        tag = data[i]
-        i += 1
-        if tag & 0x1F == 0x1F:
-            while True:
-                if i >= n:
-                    raise ValueError("truncated tag")
-                tag = tag << 8 | data[i]
-                i += 1
-                if not data[i - 1] & 0x80:
-                    break
-        if i >= n:
-            raise ValueError("missing length")
-        length = data[i]
-        i += 1
-        if length & 0x80:
-            k = length & 0x7F
-            if not 1 <= k <= 3 or i + k > n:
-                raise ValueError("bad length")
-            length = int.from_bytes(data[i:i + k], "big")
-            i += k
-        if i + length > n:
-            raise ValueError("value runs past the end")
-        out.append((tag, bytes(data[i:i + length])))
-        i += length
-    return out
 
 
 class PivCard(SigningCard):

@@ -30,8 +30,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet.defer import inlineCallbacks
 
 from .. import errors
-from ..cards.apdu import BadLength, parse_command
-from ..cards.piv import parse_tlvs
+from ..cards.apdu import BadLength, parse_command, parse_tlvs
 from ..errors import CardError
 
 #: Hash value length -> (name, DER DigestInfo prefix).
