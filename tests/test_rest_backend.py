@@ -99,20 +99,21 @@ def messages(events):
 
 
 class RestBackendTests(SynchronousTestCase):
-    """The production wiring: treq's HTTPClient over an Agent, and commands
-    straight on that Agent (here treq.testing's in-memory one)."""
+    """treq's HTTPClient over an Agent (here treq.testing's in-memory one)
+    for everything; the production hot path (http11.HTTPPool) is tested in
+    test_http11.py and against real servers."""
 
     def make_http(self):
         agent = RequestTraversalAgent(self.server)
-        return HTTPClient(agent), agent, agent.flush
+        return HTTPClient(agent), agent.flush
 
     def setUp(self):
         self.server = FakeCloudFoxy()
-        http, agent, flush = self.make_http()
+        http, flush = self.make_http()
         self.stub = Flusher(flush)
         self.clock = Clock()
         self.backend = rest.RestBackend(base_url="http://cloudfoxy.test:8081", token=TOKEN,
-                                        clock=self.clock, http=http, agent=agent, poll=10.0, timeout=5.0)
+                                        clock=self.clock, http=http, poll=10.0, timeout=5.0)
         self.registry = ReaderRegistry()
 
     def start(self):
@@ -228,8 +229,6 @@ class RestBackendTests(SynchronousTestCase):
                 return fail(ConnectionRefusedError())
 
         self.backend.http = Refusing()
-        if self.backend.agent is not None:
-            self.backend.agent = Refusing()
         with capturedLogs() as events:
             self.assertUpstreamError(self.backend.transmit("/10.0.0.1@1", b"\x00\xa4\x00\x00"), "refused")
         self.assertEqual(len([m for m in messages(events) if "connection refused" in m]), 1)
@@ -321,7 +320,7 @@ class TreqOnlyTests(RestBackendTests):
 
     def make_http(self):
         stub = StubTreq(self.server)
-        return stub, None, stub.flush
+        return stub, stub.flush
 
 
 class ParsingTests(SynchronousTestCase):

@@ -1,0 +1,132 @@
+"""The REST backend's minimal HTTP/1.1 client, in memory."""
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from cloudfoxy_proxy.backends.http11 import HTTPPool
+from cloudfoxy_proxy.errors import CardError
+
+
+class FakeEndpoint:
+    def __init__(self):
+        self.connections = []
+        self.hold = False
+        self.pending = []
+
+    def connect(self, factory):
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        self.connections.append((proto, transport))
+        if self.hold:
+            d = Deferred()
+            self.pending.append((d, proto, transport))
+            return d
+        proto.makeConnection(transport)
+        return succeed(proto)
+
+
+class PoolTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.endpoint = FakeEndpoint()
+        self.pool = HTTPPool(self.clock, self.endpoint, "cf.test:8081", max_body=1000, idle_timeout=20)
+
+    def get(self, target=b"/api/v1/basic?x=1"):
+        return self.pool.get(target, b"X-Auth-Token: t\r\n")
+
+    def test_request_and_keep_alive(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        self.assertEqual(t.value(), b"GET /api/v1/basic?x=1 HTTP/1.1\r\nHost: cf.test:8081\r\n"
+                                    b"X-Auth-Token: t\r\n\r\n")
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n9000\r\n")
+        self.assertEqual(self.successResultOf(d), (200, b"9000\r\n"))
+        t.clear()
+        d = self.get(b"/b")  # the same connection again
+        self.assertEqual(len(self.endpoint.connections), 1)
+        self.assertTrue(t.value().startswith(b"GET /b HTTP/1.1\r\n"))
+        proto.dataReceived(b"HTTP/1.1 404 Not Found\r\n")
+        proto.dataReceived(b"Transfer-Encoding: chunked\r\n\r\n4\r\nC083\r\n")
+        self.assertNoResult(d)
+        proto.dataReceived(b"3\r\n no\r\n0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d), (404, b"C083 no"))
+
+    def test_two_at_once_use_two_connections(self):
+        d1, d2 = self.get(), self.get()
+        self.assertEqual(len(self.endpoint.connections), 2)
+        (p1, _), (p2, _) = self.endpoint.connections
+        p2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+        p1.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        self.assertEqual((self.successResultOf(d1), self.successResultOf(d2)), ((200, b"a"), (200, b"b")))
+        self.assertEqual(len(self.pool.idle), 2)
+
+    def test_close_delimited_and_connection_close(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        proto.dataReceived(b"HTTP/1.0 200 OK\r\n\r\n9000")
+        self.assertNoResult(d)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(d), (200, b"9000"))
+        d = self.get()
+        proto, t = self.endpoint.connections[1]
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.successResultOf(d), (200, b"ok"))
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.pool.idle, [])
+
+    def test_connection_lost_mid_answer_is_an_error_and_never_resent(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n90")
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(d, ConnectionLost)
+        self.assertEqual(len(self.endpoint.connections), 1)
+
+    def test_garbage_and_limits(self):
+        for answer in [b"SSH-2.0-OpenSSH\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n",
+                       b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+                       b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                       b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000]:
+            d = self.get()
+            proto, t = self.endpoint.connections[-1]
+            proto.dataReceived(answer)
+            self.failureResultOf(d, CardError)
+            self.assertTrue(t.disconnecting)
+
+    def test_cancel_aborts_and_the_connection_is_not_reused(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(t.disconnecting)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n9000")  # late: ignored
+        self.get()
+        self.assertEqual(len(self.endpoint.connections), 2)
+
+    def test_cancel_while_connecting(self):
+        self.endpoint.hold = True
+        d = self.get()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+
+    def test_idle_connections_expire(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d), (200, b""))
+        self.clock.advance(21)
+        self.get()
+        self.assertEqual(len(self.endpoint.connections), 2)
+        self.assertTrue(t.disconnecting)
+
+    def test_continue_is_skipped_and_close_closes_idle(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        proto.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+        self.assertEqual(self.successResultOf(d), (200, b"x"))
+        self.pool.close()
+        self.assertTrue(t.disconnecting)
