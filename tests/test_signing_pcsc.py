@@ -52,17 +52,10 @@ def keys(tmp_path_factory):
 
 
 @pytest.fixture
-def slot(pcsc_rig):
+def slot(card0):
     """pcscd running, a vicc card in slot 0 (so the tools must pick the
     right reader) and vpcd slot 1 free; slot 1 empty again afterwards."""
-    rig = pcsc_rig
-    if rig.pcscd is None or rig.pcscd.poll() is not None:
-        rig.start()
-    if 0 in rig.frozen:
-        rig.thaw_card(0)
-    if rig.card_pid(0) is None or rig.cards[0].poll() is not None:
-        rig.stop_card(0, wait_absent=False)
-        rig.start_card(0)
+    rig = card0
     if rig.card_pid(SLOT) is not None:
         rig.stop_card(SLOT)
     yield rig

@@ -190,18 +190,11 @@ class _Link:
 
     def close(self):
         """Disconnect and release the context, ignoring every error."""
-        s = self.scard
-        handle, ctx = self.handle, self.ctx
-        self.handle = self.ctx = self.active = None
-        self.in_transaction = False
-        if handle is not None:
-            try:
-                s.SCardDisconnect(handle, s.SCARD_LEAVE_CARD)
-            except Exception:
-                pass
+        self._drop_handle()
+        ctx, self.ctx = self.ctx, None
         if ctx is not None:
             try:
-                s.SCardReleaseContext(ctx)
+                self.scard.SCardReleaseContext(ctx)
             except Exception:
                 pass
 
