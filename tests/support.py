@@ -165,3 +165,64 @@ def foxyproxy_venv():
     if done.returncode != 0:
         raise RuntimeError(f"foxyproxy 2.10 does not import: {done.stderr[-800:]}")
     return script
+
+
+class FoxyProxy:
+    """foxyproxy 2.10 in its own process group (its worker processes die with it)."""
+
+    def __init__(self, upstream, token, home):
+        self.port = free_port()
+        self.out = os.path.join(home, "foxyproxy.out")
+        self._file = open(self.out, "wb")
+        env = dict(os.environ, HOME=home, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([foxyproxy_venv(), "-p", str(self.port), "-s", upstream, "-t", token],
+                                     stdout=self._file, stderr=subprocess.STDOUT, cwd=home, env=env,
+                                     start_new_session=True)
+
+    def output(self):
+        with open(self.out, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_ready(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "TCP API of FoxyProxy is up and running" in self.output():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"foxyproxy did not start:\n{self.output()}")
+
+    def request(self, text):
+        """One request on a new connection (foxyproxy closes it after answering)."""
+        with LineClient(HOST, self.port, timeout=30) as c:
+            return c.request(text)
+
+    def raw(self, text):
+        """Everything foxyproxy sends back until it closes the connection."""
+        with socket.create_connection((HOST, self.port), timeout=30) as s:
+            s.sendall(text.encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return data.decode()
+                data += chunk
+
+    def stop(self):
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 1.5), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftover workers of its group, if any
+        except ProcessLookupError:
+            pass
+        self._file.close()
