@@ -602,6 +602,21 @@ class CommandTests(SynchronousTestCase):
         e = self.assertRaises(CardError, h.backend.transmit, "Nope", SELECT_MF)
         self.assertEqual(e.code, errors.NOT_FOUND)
 
+    def test_answer_without_status_word(self):
+        """vpcd answers a command with no bytes when its card goes away:
+        C080 once pcscd reports the card gone, C086 while it does not."""
+        h = Harness(self)
+        self._tx(h, "00A4000C023F00")
+        card = h.scard.card(R0)
+        card.answers[SELECT_MF] = [b"", b""]
+        d = h.backend.transmit(R0, SELECT_MF)
+        h.run_readers()
+        self.assertEqual(self.failureResultOf(d, CardError).value.code, errors.UPSTREAM)
+        h.scard.remove(R0)
+        d = h.backend.transmit(R0, SELECT_MF)
+        h.run_readers()
+        self.assertEqual(self.failureResultOf(d, CardError).value.code, errors.NO_CARD)
+
     def test_card_pulled_before_pcscd_noticed(self):
         """A transfer error while the card is still reported present: the
         backend looks again, sees the card gone, and answers C080."""

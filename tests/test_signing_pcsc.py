@@ -234,3 +234,39 @@ def test_scdaemon_pksign(bridged, gnupghome, keys, card, kind):
         assert len(signature) == 256
         key.verify(signature, digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
 
+
+
+# -- a card pulled mid-SIGN, on real processes -----------------------------------------
+
+def test_card_pulled_mid_sign_answers_c080(slot, keys):
+    """Proxy A bridges a slow emulated PIV card into vpcd; proxy B serves it
+    from PC/SC.  A SIGN on B, and A killed while the SIGN's APDUs are on the
+    card: pcscd reports the card removed and B answers C080."""
+    import base64
+    import threading
+    import time
+
+    a = ProxyProcess("--backend", f"emulated:?type=piv&cards=1&prefix=X&keys={keys}&latency_ms=400",
+                     "--vpcd", f"127.0.0.1:{slot.port(SLOT)}=X 00").start()
+    b = None
+    try:
+        slot.wait_card(SLOT, True, 15)
+        b = ProxyProcess("--backend", "pcsc:", "--command-timeout", "30").start()
+        alias = "X PIV 00 Signing"
+        with b.client(timeout=60) as c:
+            deadline = time.monotonic() + 90
+            while alias.encode() not in b"".join(base64.b64decode(x) for x in
+                                                  c.results(">*|\n>1:ALIASES|\n\n")[0].split("|") if x):
+                assert time.monotonic() < deadline, "B never indexed the bridged card"
+                time.sleep(0.5)
+            digest = hashlib.sha256(b"pulled mid-SIGN").hexdigest()
+            started = time.monotonic()
+            killer = threading.Timer(0.6, a.kill)
+            killer.start()
+            assert c.request(f">{alias}:123456|\n>2:SIGN:{digest}|\n\n") == [("2", "C080")]
+            killer.join()
+            assert time.monotonic() - started < 10
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()

@@ -469,6 +469,11 @@ class CertIndex:
             raise CardError(errors.BAD_PIN, "the same wrong PIN again")
         return self._sign(state, text, pin, tag, digest)
 
+    def _sign_failed(self, state, error):
+        # The reason names status words and steps, never the PIN.
+        self.log.info("SIGN on {reader} failed: {code} ({reason})", reader=state.reader.name,
+                      code=error.code, reason=error.reason)
+
     @inlineCallbacks
     def _sign(self, state, text, pin, tag, digest):
         transmit = card_transmit(state.reader)
@@ -492,8 +497,15 @@ class CertIndex:
             state.wrong_pin = tag
             self.log.info("SIGN on {reader}: wrong PIN", reader=state.reader.name)
             raise
+        except CardError as e:
+            self._sign_failed(state, e)
+            raise
         state.wrong_pin = None
-        signature = yield profile.sign(transmit, cert, digest)
+        try:
+            signature = yield profile.sign(transmit, cert, digest)
+        except CardError as e:
+            self._sign_failed(state, e)
+            raise
         self.log.info("SIGN on {reader} with {alias!r}: {hash}", reader=state.reader.name,
                       alias=cert.alias, hash=HASHES[len(digest)][0])
         return signature

@@ -310,7 +310,14 @@ class _Link:
         s = self.scard
         hr, response = s.SCardTransmit(self.handle, self.active, list(apdu))
         if hr == s.SCARD_S_SUCCESS:
-            return bytes(response)
+            if len(response) >= 2:
+                return bytes(response)
+            # No status word: vpcd answers so when its card goes away
+            # mid-command.  Not an answer; like a failed transfer below.
+            if self._gone():
+                self._drop_handle()
+                raise CardError(errors.NO_CARD, f"{self.name}: card removed during the command")
+            raise CardError(errors.UPSTREAM, f"{self.name}: the card's answer has no status word")
         if hr in self.stale:
             self._recover(hr)
             raise _Retry()  # the APDU was not sent: pcsc-lite checks first
