@@ -226,3 +226,18 @@ class FoxyProxy:
         except ProcessLookupError:
             pass
         self._file.close()
+
+
+def card_tx(card, hexstr):
+    """An in-process card's answer to an APDU given in hex (spaces allowed)."""
+    return card.transmit(bytes.fromhex(hexstr.replace(" ", ""))).hex().upper()
+
+
+def card_collect(card, hexstr):
+    """Send, follow 61xx with GET RESPONSE (Le from SW2); data and final SW."""
+    out = card_tx(card, hexstr)
+    data = out[:-4]
+    while out[-4:-2] == "61":
+        out = card_tx(card, "00C00000" + out[-2:])
+        data += out[:-4]
+    return bytes.fromhex(data), out[-4:]

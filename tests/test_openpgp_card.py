@@ -10,22 +10,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from cloudfoxy_proxy.cards.openpgp import HISTORICAL, OpenPgpCard, fingerprint
 from cloudfoxy_proxy.cards.apdu import parse_tlvs
 from cloudfoxy_proxy.profiles import digest_info, raw_to_der
+from support import card_collect, card_tx
 
 PW1 = b"123456".hex()
 PW3 = b"12345678".hex()
 
 
-def tx(card, hexstr):
-    return card.transmit(bytes.fromhex(hexstr.replace(" ", ""))).hex().upper()
-
-
-def collect(card, hexstr):
-    out = tx(card, hexstr)
-    data = out[:-4]
-    while out[-4:-2] == "61":
-        out = tx(card, "00C00000" + out[-2:])
-        data += out[:-4]
-    return bytes.fromhex(data), out[-4:]
+tx, collect = card_tx, card_collect
 
 
 def verify(card, ref, pw=PW1):

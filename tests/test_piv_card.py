@@ -9,22 +9,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy.cards.piv import PIV_AID, PivCard, pad_pin, parse_tlvs
 from cloudfoxy_proxy.profiles import pkcs1_block
+from support import card_collect, card_tx
 
 PIN = pad_pin("123456").hex().upper()
 
 
-def tx(card, hexstr):
-    return card.transmit(bytes.fromhex(hexstr.replace(" ", ""))).hex().upper()
-
-
-def collect(card, hexstr):
-    """Send, follow 61xx with GET RESPONSE (Le from SW2); data and final SW."""
-    out = tx(card, hexstr)
-    data = out[:-4]
-    while out[-4:-2] == "61":
-        out = tx(card, "00C00000" + out[-2:])
-        data += out[:-4]
-    return bytes.fromhex(data), out[-4:]
+tx, collect = card_tx, card_collect
 
 
 def ga_template(challenge):

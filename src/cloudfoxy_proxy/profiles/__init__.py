@@ -203,8 +203,12 @@ class Profile:
 
     name = "?"
 
-    def detect(self, transmit):
+    def select(self, transmit):
+        """SELECT the card application: a Deferred for True when it is there."""
         raise NotImplementedError
+
+    def detect(self, transmit):
+        return self.select(transmit)
 
     def certificates(self, transmit):
         raise NotImplementedError

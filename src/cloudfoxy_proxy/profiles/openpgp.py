@@ -52,9 +52,6 @@ class OpenPgpProfile(Profile):
         _, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, OPENPGP_AID))
         return sw == 0x9000
 
-    def detect(self, transmit):
-        return self.select(transmit)
-
     @inlineCallbacks
     def certificates(self, transmit):
         if not (yield self.select(transmit)):

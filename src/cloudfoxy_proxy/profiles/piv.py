@@ -44,9 +44,6 @@ class PivProfile(Profile):
         data, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, PIV_AID_PREFIX, 0))
         return sw == 0x9000
 
-    def detect(self, transmit):
-        return self.select(transmit)
-
     @inlineCallbacks
     def certificates(self, transmit):
         if not (yield self.select(transmit)):
