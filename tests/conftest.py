@@ -56,3 +56,11 @@ def card0(pcsc_rig):
         rig.stop_card(0, wait_absent=False)
         rig.start_card(0)
     return rig
+
+
+def pytest_configure(config):
+    """Reserve vpcd's ports before any test opens a client socket, so no
+    socket of an earlier test can hold one when the PC/SC rig starts."""
+    import pcsc_rig as rigmod
+
+    rigmod.reserve_vpcd_ports()

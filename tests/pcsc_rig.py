@@ -260,6 +260,47 @@ def _port_in_use(port: int) -> bool:
             return False
 
 
+def _port_held(port: int) -> bool:
+    """True if any TCP socket on this machine (any state, TIME_WAIT
+    included) has ``port`` as its local port: vpcd could not bind it."""
+    want = ":%04X" % port
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 1 and fields[1].endswith(want):
+                        return True
+        except OSError:
+            pass
+    return False
+
+
+def reserve_vpcd_ports(base_port=None, count=None):
+    """Keep the kernel from handing vpcd's ports to outgoing connections
+    (they lie in the ephemeral range; a load test's client socket on
+    35964 in TIME_WAIT would stop pcscd from listening for a minute).
+    Root only, runtime only; adds to what is reserved already."""
+    base_port = _read_vpcd_base_port() if base_port is None else base_port
+    count = VPCD_SLOTS if count is None else count
+    path = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+    want = "%d-%d" % (base_port, base_port + count - 1)
+    try:
+        with open(path) as f:
+            current = f.read().strip()
+        if want in current.split(","):
+            return
+        with open(path, "w") as f:
+            f.write(",".join(x for x in (current, want) if x))
+    except OSError:
+        pass  # not root, or no such knob: the rig's retries remain
+
+
+#: Longest a socket may hold a vpcd port after closing (TIME_WAIT is 60 s).
+PORT_WAIT = 75.0
+
+
 def _vpcd_bind_failed(log_path: str) -> bool:
     """Whether pcscd's log says vpcd could not open a slot's TCP port."""
     try:
@@ -495,21 +536,7 @@ class PcscRig:
         return cmd + self.pcscd_args
 
     def _reserve_vpcd_ports(self):
-        """Keep the kernel from handing vpcd's ports to outgoing connections
-        (they lie in the ephemeral range; a load test's client socket on
-        35964 in TIME_WAIT would stop pcscd from listening for a minute).
-        Root only, runtime only; adds to what is reserved already."""
-        path = "/proc/sys/net/ipv4/ip_local_reserved_ports"
-        want = "%d-%d" % (self.base_port, self.base_port + len(self.slots) - 1)
-        try:
-            with open(path) as f:
-                current = f.read().strip()
-            if want in current.split(","):
-                return
-            with open(path, "w") as f:
-                f.write(",".join(x for x in (current, want) if x))
-        except OSError:
-            pass  # not root, or no such knob: the rig's retries remain
+        reserve_vpcd_ports(self.base_port, len(self.slots))
 
     def _preflight(self):
         self._reserve_vpcd_ports()
@@ -525,6 +552,12 @@ class PcscRig:
         if busy:
             raise RigError("vpcd port(s) %s already in use by another process"
                            % busy)
+        # A client socket that got a vpcd port before it was reserved (in
+        # TIME_WAIT for up to a minute) would stop vpcd from listening.
+        deadline = time.monotonic() + PORT_WAIT
+        while (any(_port_held(self.port(s)) for s in self.slots)
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
         # No pcscd runs, so these are leftovers of a killed one.  pcscd 1.9.9
         # copes with most, but refuses to start ("Another pcscd seems to be
         # running") if a stale pcscd.pid names a live process (PID reuse).
