@@ -64,3 +64,24 @@ def pytest_configure(config):
     import pcsc_rig as rigmod
 
     rigmod.reserve_vpcd_ports()
+
+
+#: Fixtures that start real processes (a proxy, pcscd and virtual cards).
+PROCESS_FIXTURES = {"proxy", "proxy_factory", "pcsc_rig", "card0"}
+#: Modules whose every test runs real processes or tools.
+INTEGRATION_MODULES = {
+    "test_bench_smoke", "test_packaging", "test_pcsc_rig", "test_readme", "test_rest_foxyproxy",
+    "test_signing_pcsc",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests that run real processes ``integration``, so that
+    ``pytest -m "not integration"`` runs the in-memory suite in seconds:
+    every test using a process fixture, every test of a ``*_integration``
+    module or of INTEGRATION_MODULES, and tests marked by hand."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if (module.endswith("_integration") or module in INTEGRATION_MODULES
+                or PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.integration)

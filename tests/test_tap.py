@@ -1,6 +1,8 @@
 import os
 import subprocess
 
+import pytest
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -88,6 +90,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(top.dispatcher.command_timeout, 15.0)
 
 
+@pytest.mark.integration
 class CommandLineTests(SynchronousTestCase):
     """twistd itself: help documents every option; bad values give one line."""
 
