@@ -5,7 +5,6 @@ cards are emulated; a Clock drives card latency and timeouts."""
 import base64
 
 from treq.testing import StubTreq
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -13,7 +12,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from cloudfoxy_proxy import restapi
+from cloudfoxy_proxy import limits, restapi, tap
 from cloudfoxy_proxy.backend import IBackend, ReaderInfo
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
@@ -226,8 +225,10 @@ class ServiceTests(SynchronousTestCase):
         registry = ReaderRegistry()
         config = {"rest": "tcp:0:interface=127.0.0.1", "rest-token": TOKEN}
         service = restapi.make_rest_service(config, Dispatcher(registry, reactor), registry, reactor)
-        self.assertIsInstance(service, StreamServerEndpointService)
-        self.assertIsInstance(service.factory, restapi.RestSite)
+        self.assertIsInstance(service, tap.Listener)  # a busy port is one line, like -p
+        self.assertIsInstance(service.factory, limits.GuardedFactory)  # counted with the other front ends
+        self.assertIsInstance(service.factory.wrappedFactory, restapi.RestSite)
+        self.assertIsNone(service.factory.wrappedFactory.timeOut)  # idle connections: limits.py's job
         self.assertEqual(service.factory.logPrefix(), "Site")  # tests find the port by "Site starting on N"
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 0)

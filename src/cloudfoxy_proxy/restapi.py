@@ -14,14 +14,13 @@ canonical reader name; see docs/rest.md for the mapping and error answers.
 
 import hmac
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import CancelledError
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from . import __version__, errors
-from .logs import Logger
+from .logs import Logger, RateLimitedLog
 from .parser import APDU, MAX_APDU_BYTES, RESET, make_command
 from .registry import b64name
 
@@ -41,10 +40,49 @@ PLAIN = b"text/plain; charset=utf-8"
 
 
 class _Channel(HTTPChannel):
-    """Request lines long enough for the longest extended APDU in hex."""
+    """Request lines long enough for the longest extended APDU in hex.
+
+    Requests are judged right after their headers
+    (``RestResource.refusal``): one without a valid X-Auth-Token, with a
+    body (the API is GET-only) or with another method is answered at once
+    and the connection closed, before any body is read, so nothing a
+    client without the token sends is stored.
+    """
 
     MAX_LENGTH = 2 * MAX_APDU_BYTES + 8192
     totalHeadersSize = MAX_LENGTH + 16384
+    _refused = False
+
+    @property
+    def busy(self):
+        """A request is running (waiting on a card): not idle (limits.py)."""
+        return self._handlingRequest
+
+    def allHeadersReceived(self):
+        request = self.requests[-1]
+        headers = request.requestHeaders
+        body = self.length != 0 or headers.hasHeader(b"transfer-encoding")
+        peer = self.transport.getPeer()
+        refusal = self.site.resource.refusal(self._command, headers.getRawHeaders(b"x-auth-token", [None])[0],
+                                             body, getattr(peer, "host", peer))
+        if refusal is None:
+            return super().allHeadersReceived()
+        code, text, extra = refusal
+        self._refused = True
+        body = text.encode("utf-8") + b"\n"
+        head = [b"HTTP/1.1 %d %s" % (code, RESPONSES.get(code, b"Error")),
+                b"Content-Type: " + PLAIN, b"Content-Length: %d" % len(body), b"Connection: close"]
+        head += [name + b": " + value for name, value in extra]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.loseConnection()
+
+    def allContentReceived(self):
+        if not self._refused:
+            super().allContentReceived()
+
+    def rawDataReceived(self, data):
+        if not self._refused:
+            super().rawDataReceived(data)
 
 
 class RestSite(Site):
@@ -112,6 +150,7 @@ class RestResource(Resource):
         self.dispatcher = dispatcher
         self.registry = registry
         self.token = token.encode("utf-8")
+        self.client_log = RateLimitedLog(clock, self.log, what="refused REST requests")
         self.inventory = Inventory(registry, clock)
         self.routes = {
             b"/api/v1/basic": self.basic,
@@ -124,20 +163,42 @@ class RestResource(Resource):
     def render(self, request):
         request.setHeader(b"content-type", PLAIN)
         request.setHeader(b"cache-control", b"no-store")
-        if request.method != b"GET":
-            request.setHeader(b"allow", b"GET")
-            return self._answer(request, 405, "method not allowed: use GET")
+        peer = request.getClientAddress()
+        content = request.content
+        body = content is not None and content.seek(0, 2) > 0
+        if content is not None:
+            content.seek(0)
+        refusal = self.refusal(request.method, request.getHeader(b"x-auth-token"), body,
+                               getattr(peer, "host", peer))
+        if refusal is not None:
+            code, text, extra = refusal
+            for name, value in extra:
+                request.setHeader(name, value)
+            return self._answer(request, code, text)
         handler = self.routes.get(request.path.rstrip(b"/") or b"/")
         if handler is None:
             return self._answer(request, 404, "not found: use /api/v1/basic, /api/v1/inventory or /api/v1/hello")
-        given = request.getHeader(b"x-auth-token")
-        if given is None or not hmac.compare_digest(given, self.token):
-            peer = request.getClientAddress()
-            self.log.info("REST request from {peer} refused: {why}", peer=getattr(peer, "host", peer),
-                          why="no X-Auth-Token" if given is None else "wrong X-Auth-Token")
-            request.setHeader(b"www-authenticate", b'X-Auth-Token realm="cloudfoxy-proxy"')
-            return self._answer(request, 401, "unauthorized: send the X-Auth-Token header")
         return handler(request)
+
+    def refusal(self, method, token, body, peer):
+        """``(status, text, headers)`` for a request that must not run, else
+        None: another method than GET (405), a body (the API is GET-only:
+        413), no or a wrong X-Auth-Token (401).  Decided from the request
+        line and headers alone (``_Channel`` asks before reading a body);
+        each refusal is logged with the peer, rate-limited."""
+        if method != b"GET":
+            why, answer = "method " + method[:16].decode("ascii", "replace"), (
+                405, "method not allowed: use GET", ((b"allow", b"GET"),))
+        elif body:
+            why, answer = "a request body", (413, "request body not accepted: the API is GET-only", ())
+        elif token is None or not hmac.compare_digest(token, self.token):
+            why = "no X-Auth-Token" if token is None else "wrong X-Auth-Token"
+            answer = (401, "unauthorized: send the X-Auth-Token header",
+                      ((b"www-authenticate", b'X-Auth-Token realm="cloudfoxy-proxy"'),))
+        else:
+            return None
+        self.client_log.info("REST request from {peer} refused: {why}", peer=peer, why=why)
+        return answer
 
     @staticmethod
     def _answer(request, code, text):
@@ -258,12 +319,19 @@ class RestResource(Resource):
             request.finish()
 
 
-def make_rest_service(config, dispatcher, registry, reactor):
-    """The ``--rest`` listener: a StreamServerEndpointService of a RestSite."""
+def make_rest_service(config, dispatcher, registry, reactor, limits=None):
+    """The ``--rest`` listener: a tap.Listener of a RestSite, its connections
+    counted and timed out by ``limits`` (a limits.ConnectionLimits shared
+    with the other front ends; None: a new one with the defaults)."""
     from twisted.internet.endpoints import serverFromString
 
+    from .limits import ConnectionLimits
+    from .tap import Listener
+
     resource = RestResource(dispatcher, registry, config["rest-token"], reactor)
-    site = RestSite(resource, reactor=reactor)
-    service = StreamServerEndpointService(serverFromString(reactor, config["rest"]), site)
-    service._raiseSynchronously = True
-    return service
+    # No idle timeout of twisted.web's own: ``limits`` closes idle
+    # connections (and never one whose request waits on a card).
+    site = RestSite(resource, reactor=reactor, timeout=None)
+    if limits is None:
+        limits = ConnectionLimits(reactor)
+    return Listener(serverFromString(reactor, config["rest"]), limits.wrap(site), config["rest"])
