@@ -6,8 +6,9 @@ import base64
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -217,6 +218,63 @@ class RestApiTests(SynchronousTestCase):
     def test_client_password_does_not_apply_to_rest(self):
         self.dispatcher.password = "line-password"
         self.assertEqual(self.basic(terminal="/Emulated 00", apdu="00A4000C023F00"), (200, "9000\n"))
+
+
+class EarlyRefusalTests(SynchronousTestCase):
+    """The real HTTP channel judges a request by its headers, before any
+    body is read: nothing a client without the token sends is stored."""
+
+    def setUp(self):
+        RestApiTests.setUp(self)
+        self.site = restapi.RestSite(self.resource, reactor=self.clock, timeout=None)
+
+    def connect(self):
+        peer = IPv4Address("TCP", "10.0.0.9", 5555)
+        channel = self.site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_huge_body_without_token_is_refused_after_the_headers(self):
+        channel, t = self.connect()
+        with capturedLogs() as events:
+            channel.dataReceived(b"GET /api/v1/hello HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 314572800\r\nExpect: 100-continue\r\n\r\n")
+        answer = t.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertNotIn(b"100 Continue", answer)
+        self.assertTrue(t.disconnecting)
+        self.assertIsNone(channel.requests[-1].content)  # no body buffer, no temporary file
+        channel.dataReceived(b"a" * (1 << 20))
+        self.assertEqual(t.value(), answer)  # the body goes nowhere
+        self.assertIn("REST request from 10.0.0.9 refused: a request body", formatEvent(events[0]))
+
+    def test_no_token_is_401_before_the_body(self):
+        for token in (b"", b"X-Auth-Token: wrong\r\n"):
+            channel, t = self.connect()
+            channel.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=00A4000C023F00 HTTP/1.1\r\n"
+                                 b"Host: x\r\n" + token + b"\r\n")
+            head, _, body = t.value().partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 401 Unauthorized"), head)
+            self.assertIn(b"www-authenticate: x-auth-token", head.lower())
+            self.assertEqual(body, b"unauthorized: send the X-Auth-Token header\n")
+            self.assertTrue(t.disconnecting)
+        self.assertEqual(self.emulated.cards[0].transmit(bytes.fromhex("00A4000C023F00")), b"\x90\x00")
+
+    def test_chunked_body_with_token_is_413(self):
+        channel, t = self.connect()
+        channel.dataReceived(b"GET /api/v1/hello HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + TOKEN.encode()
+                             + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(t.disconnecting)
+
+    def test_good_request_is_served_and_the_connection_kept(self):
+        channel, t = self.connect()
+        channel.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=00A4000C023F00 HTTP/1.1\r\n"
+                             b"Host: x\r\nContent-Length: 0\r\nX-Auth-Token: " + TOKEN.encode() + b"\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 OK"))
+        self.assertTrue(t.value().endswith(b"\r\n\r\n9000\n"))
+        self.assertFalse(t.disconnecting)
 
 
 class ServiceTests(SynchronousTestCase):
