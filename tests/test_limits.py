@@ -123,17 +123,35 @@ class TotalTests(SynchronousTestCase):
         self.assertTrue(t.aborted)
         self.assertEqual(f.limits.count, 2)
 
-    def test_descriptors_near_the_limit_count_as_full(self):
-        f = Front(per_peer=100, max_connections=100, nofile=256)
-        self.assertEqual(f.limits.fd_ceiling, 256 - default_reserve(256))
-        ok, t1 = f.connect("10.0.0.1", fd=f.limits.fd_ceiling - 1)
+    def test_descriptors_near_the_limit_cap_connections(self):
+        in_use = [100]
+        f = Front(per_peer=100, max_connections=100, nofile=256, count_fds=lambda: in_use[0])
+        ceiling = f.limits.fd_ceiling
+        self.assertEqual(ceiling, 256 - default_reserve(256))
+        _, t1 = f.connect("10.0.0.1", fd=ceiling - 1)
         self.assertFalse(t1.aborted)
-        _, t2 = f.connect("10.0.0.2", fd=f.limits.fd_ceiling)
+        self.assertIsNone(f.limits.fd_cap)  # nothing measured below the ceiling
+        # A descriptor at the ceiling: measured; 223 others + ours leave room for 1.
+        in_use[0] = ceiling + 1
+        _, t2 = f.connect("10.0.0.2", fd=ceiling)
+        self.assertEqual(f.limits.fd_cap, 1)
         self.assertTrue(t2.aborted)  # 10.0.0.1 holds one, as many as the newcomer would: refused
-        f.connect("10.0.0.1", fd=f.limits.fd_ceiling - 1)
-        _, t3 = f.connect("10.0.0.2", fd=f.limits.fd_ceiling)
-        self.assertFalse(t3.aborted)  # 10.0.0.1 held two: its idlest made room
-        self.assertTrue(t1.aborted)
+        # A low descriptor (a hole) does not lift the cap ...
+        _, t3 = f.connect("10.0.0.3", fd=10)
+        self.assertTrue(t3.aborted)
+        # ... a second later, with fewer descriptors in use, it is measured again.
+        f.clock.advance(1)
+        in_use[0] = 150
+        _, t4 = f.connect("10.0.0.3", fd=10)
+        self.assertFalse(t4.aborted)
+        self.assertEqual(f.limits.fd_cap, ceiling - (150 - 2))
+        # At the cap, the address with the most connections gives up an idle one.
+        f.limits.fd_cap = 3
+        _, t5 = f.connect("10.0.0.1", fd=11)
+        self.assertFalse(t5.aborted)
+        _, t6 = f.connect("10.0.0.4", fd=12)
+        self.assertFalse(t6.aborted)
+        self.assertTrue(t1.aborted)  # 10.0.0.1 held two: its idlest made room
 
     def test_reserve(self):
         self.assertEqual(default_reserve(256), 32)

@@ -9,9 +9,13 @@ factory is wrapped with ``limits.wrap(factory)``, and then
   (``--max-connections-per-peer``; IPv4 and IPv6 addresses count one by one,
   UNIX-socket clients only against the total);
 * the process keeps ``fd_reserve`` file descriptors free for everything
-  else (backends, log files): a connection whose descriptor number reaches
-  ``RLIMIT_NOFILE - fd_reserve`` counts as one too many, so ``accept()``
-  never fails with EMFILE;
+  else (backends, log files): when a new connection's descriptor number
+  reaches ``RLIMIT_NOFILE - fd_reserve`` (the kernel hands out the lowest
+  free number, so all below are in use), the descriptors in use are counted
+  (``/proc/self/fd``) and client connections are capped so that the
+  descriptors in use stay below that line; so ``accept()`` never fails
+  with EMFILE (the cap is measured again at most once a second while it
+  holds connections back);
 * when a new connection finds no room, the least recently active *idle*
   connection of the same address (per-peer limit) or of the address holding
   the most connections, if it holds more than the newcomer would (total and
@@ -26,6 +30,10 @@ factory is wrapped with ``limits.wrap(factory)``, and then
 ``BufferBudget`` bounds the bytes that all connections together hold
 unprocessed (partial lines and read-ahead): see its docstring.
 """
+
+import os
+import socket
+import struct
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -53,6 +61,14 @@ def file_limit():
     return None if soft == resource.RLIM_INFINITY else soft
 
 
+def fds_in_use():
+    """How many file descriptors this process has open (Linux), or None."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # not listdir's own
+    except OSError:
+        return None
+
+
 def default_reserve(nofile):
     """Descriptors kept free for the rest of the process: 1/16 of the limit,
     between 32 and 1024."""
@@ -63,13 +79,14 @@ class ConnectionLimits:
     """Shared accounting of client connections; see the module docstring.
 
     ``clock`` is an ``IReactorTime``; ``nofile`` the descriptor limit (None:
-    read it with ``file_limit()``; 0: no descriptor check).
+    read it with ``file_limit()``; 0: no descriptor check); ``count_fds``
+    counts the descriptors in use (``fds_in_use``).
     """
 
     log = Logger()
 
     def __init__(self, clock, max_connections=DEFAULT_MAX_CONNECTIONS, per_peer=DEFAULT_PER_PEER,
-                 idle_timeout=DEFAULT_IDLE_TIMEOUT, nofile=None, fd_reserve=None):
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT, nofile=None, fd_reserve=None, count_fds=fds_in_use):
         self.clock = clock
         self.max_connections = max_connections
         self.per_peer = per_peer
@@ -78,6 +95,9 @@ class ConnectionLimits:
         if self.nofile and fd_reserve is None:
             fd_reserve = default_reserve(self.nofile)
         self.fd_ceiling = self.nofile - fd_reserve if self.nofile else None
+        self.count_fds = count_fds
+        self.fd_cap = None  # client connections the descriptors allow, once measured
+        self._measured = None
         self.count = 0
         self.peers = {}  # peer address -> {guard: None}, in arrival order
         self.client_log = RateLimitedLog(clock, self.log, what="connection log lines")
@@ -97,8 +117,7 @@ class ConnectionLimits:
         victim = None
         if key is not None and have >= self.per_peer:
             victim, why = _idlest(mine), "--max-connections-per-peer"
-        elif self.count >= self.max_connections or (
-                fd is not None and self.fd_ceiling is not None and fd >= self.fd_ceiling):
+        elif self.count >= self.max_connections or self._fds_short(fd):
             why = "--max-connections" if self.count >= self.max_connections else "file descriptors"
             heavy = max(self.peers.values(), key=len, default=None)
             if heavy and len(heavy) > have + 1:
@@ -119,6 +138,22 @@ class ConnectionLimits:
                 mine = self.peers[key] = {}
             mine[guard] = None
         return True
+
+    def _fds_short(self, fd):
+        """True when one more connection would take the descriptors in
+        use to the ceiling (``fd``: the new connection's descriptor)."""
+        if self.fd_ceiling is None or fd is None:
+            return False
+        cap = self.fd_cap
+        if fd >= self.fd_ceiling or (cap is not None and self.count >= cap
+                                     and self.clock.seconds() - self._measured >= 1.0):
+            in_use = self.count_fds()
+            if in_use is None:
+                in_use = fd + 1  # at least: every lower number is in use
+            others = max(0, in_use - (self.count + 1))
+            cap = self.fd_cap = self.fd_ceiling - others
+            self._measured = self.clock.seconds()
+        return cap is not None and self.count >= cap
 
     def release(self, guard):
         """Count ``guard``'s connection out (once)."""
@@ -171,7 +206,7 @@ class _Guard(ProtocolWrapper):
             fd = None
         if not limits.admit(self, fd if isinstance(fd, int) else None):
             self.wrappedProtocol = None
-            transport.abortConnection()
+            _abort_now(transport)
             return
         self.admitted = True
         self.factory.registerProtocol(self)
@@ -198,7 +233,7 @@ class _Guard(ProtocolWrapper):
     def close(self):
         """Close now (idle, or making room): counted out at once."""
         self._leave()
-        self.transport.abortConnection()
+        _abort_now(self.transport)
 
     def _leave(self):
         if self.admitted:
@@ -234,6 +269,23 @@ class _Guard(ProtocolWrapper):
         self.factory.unregisterProtocol(self)
         self.wrappedProtocol.connectionLost(reason)
         self.wrappedProtocol = None
+
+
+def _abort_now(transport):
+    """Abort a connection and free its descriptor at once.
+
+    ``abortConnection`` closes the socket on the reactor's next turn; a
+    burst of accepts in one turn could run out of descriptors before that.
+    The socket is closed (with a reset, as ``abortConnection`` does) here;
+    the transport's own close later finds it closed and carries on."""
+    transport.abortConnection()
+    skt = getattr(transport, "socket", None)  # TCP, also under TLS
+    if isinstance(skt, socket.socket):
+        try:
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        skt.close()
 
 
 class GuardedFactory(WrappingFactory):

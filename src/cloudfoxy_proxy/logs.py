@@ -5,6 +5,9 @@ twistd owns the log observers, so ``--log-level`` is applied at the source:
 which also keeps debug logging free on the hot path.
 """
 
+import weakref
+
+from twisted.application.service import Service
 from twisted.logger import Logger as _TwistedLogger, LogLevel
 
 LEVELS = {
@@ -51,7 +54,8 @@ class RateLimitedLog:
     nothing and counts for nothing.  Within one period the first ``lines``
     lines are written; the rest are counted, and when the period ends one
     summary line says ``N more ... suppressed in the last P s`` (at the
-    highest level among them).  So a flood writes at most ``lines + 1``
+    highest level among them; ``SummaryService`` writes pending summaries
+    at shutdown).  So a flood writes at most ``lines + 1``
     lines per period for each instance: with the defaults (10 lines per
     10 s, lines of about 150 bytes) about 165 bytes/s.
 
@@ -72,6 +76,7 @@ class RateLimitedLog:
         self._suppressed = 0
         self._level = None  # highest level suppressed in this period
         self._summary = None  # DelayedCall of the summary
+        _limited.add(self)
 
     def emit(self, level, format, **fields):
         if not enabled(level):
@@ -94,15 +99,16 @@ class RateLimitedLog:
 
     def _report(self):
         self._summary = None
-        n, level = self._suppressed, self._level
+        n, level, start = self._suppressed, self._level, self._start
         self._suppressed, self._level = 0, None
         self._start = None
         if n:
-            self.logger.emit(level, "{n} more {what} suppressed in the last {period:g} s",
-                             n=n, what=self.what, period=self.period)
+            seconds = round(min(self.period, self.clock.seconds() - start), 1)
+            self.logger.emit(level, "{n} more {what} suppressed in the last {seconds:g} s",
+                             n=n, what=self.what, seconds=seconds)
 
-    def stop(self):
-        """Write the pending summary now (e.g. at shutdown)."""
+    def flush(self):
+        """Write the pending summary now (at shutdown: ``SummaryService``)."""
         if self._summary is not None:
             self._summary.cancel()
             self._report()
@@ -121,6 +127,19 @@ class RateLimitedLog:
 
     def bind(self, **fields):
         return _BoundLog(self, fields)
+
+
+_limited = weakref.WeakSet()
+
+
+class SummaryService(Service):
+    """Writes every RateLimitedLog's pending summary when the process stops,
+    so a flood just before shutdown is still counted in the log."""
+
+    def stopService(self):
+        for limited in list(_limited):
+            limited.flush()
+        return super().stopService()
 
 
 class _BoundLog:

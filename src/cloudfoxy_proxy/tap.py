@@ -243,6 +243,7 @@ def makeService(config, reactor=None):
         reactor, max_connections=config["max-connections"],
         per_peer=config["max-connections-per-peer"], idle_timeout=config["idle-timeout"])
     top = MultiService()
+    logs.SummaryService().setServiceParent(top)
     registry = ReaderRegistry(max_queue=config["max-queue"])
     top.registry = registry
     top.backends = []
