@@ -38,7 +38,25 @@ class Logger(_TwistedLogger):
             super().emit(level, format, **kwargs)
 
 
-class RateLimitedLog:
+class _Levels:
+    """``debug``/``info``/``warn``/``error`` over ``emit``."""
+
+    __slots__ = ()
+
+    def debug(self, format, **fields):
+        self.emit(LogLevel.debug, format, **fields)
+
+    def info(self, format, **fields):
+        self.emit(LogLevel.info, format, **fields)
+
+    def warn(self, format, **fields):
+        self.emit(LogLevel.warn, format, **fields)
+
+    def error(self, format, **fields):
+        self.emit(LogLevel.error, format, **fields)
+
+
+class RateLimitedLog(_Levels):
     """Log lines a client can cause, at most ``lines`` per ``period`` seconds.
 
     Use one instance per kind of client-caused event (refused connections,
@@ -113,18 +131,6 @@ class RateLimitedLog:
             self._summary.cancel()
             self._report()
 
-    def debug(self, format, **fields):
-        self.emit(LogLevel.debug, format, **fields)
-
-    def info(self, format, **fields):
-        self.emit(LogLevel.info, format, **fields)
-
-    def warn(self, format, **fields):
-        self.emit(LogLevel.warn, format, **fields)
-
-    def error(self, format, **fields):
-        self.emit(LogLevel.error, format, **fields)
-
     def bind(self, **fields):
         return _BoundLog(self, fields)
 
@@ -142,7 +148,7 @@ class SummaryService(Service):
         return super().stopService()
 
 
-class _BoundLog:
+class _BoundLog(_Levels):
     """``RateLimitedLog.bind``: the same limiter, with fields added."""
 
     __slots__ = ("_limited", "_fields", "_prefix")
@@ -154,15 +160,3 @@ class _BoundLog:
 
     def emit(self, level, format, **fields):
         self._limited.emit(level, self._prefix + format, **self._fields, **fields)
-
-    def debug(self, format, **fields):
-        self.emit(LogLevel.debug, format, **fields)
-
-    def info(self, format, **fields):
-        self.emit(LogLevel.info, format, **fields)
-
-    def warn(self, format, **fields):
-        self.emit(LogLevel.warn, format, **fields)
-
-    def error(self, format, **fields):
-        self.emit(LogLevel.error, format, **fields)
