@@ -268,6 +268,26 @@ class EarlyRefusalTests(SynchronousTestCase):
         self.assertTrue(t.value().startswith(b"HTTP/1.1 413 "))
         self.assertTrue(t.disconnecting)
 
+    def test_request_heads_share_the_buffered_bytes_budget(self):
+        self.site.buffers = limits.BufferBudget(total=100_000, free=4096)
+        big, tb = self.connect()
+        big.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=" + b"0" * 90_000)
+        self.assertEqual(self.site.buffers.used, len(big._buffer) - 4096)
+        other, to = self.connect()
+        with capturedLogs() as events:
+            other.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=" + b"0" * 20_000)
+        self.assertTrue(to.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), to.value())
+        self.assertTrue(to.disconnecting)
+        self.assertIn("REST request from 10.0.0.9 refused", formatEvent(events[0]))
+        small, ts = self.connect()  # short requests are still served
+        small.dataReceived(b"GET /api/v1/hello HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + TOKEN.encode() + b"\r\n\r\n")
+        self.assertTrue(ts.value().startswith(b"HTTP/1.1 200 OK"))
+        big.dataReceived(b"00 HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + TOKEN.encode() + b"\r\n\r\n")
+        self.assertTrue(tb.value().endswith(b"\r\n\r\n6700\n"), tb.value())  # the card saw the whole APDU
+        self.assertEqual(self.site.buffers.used, 0)
+        other.connectionLost(None)
+        self.assertEqual(self.site.buffers.used, 0)
+
     def test_good_request_is_served_and_the_connection_kept(self):
         channel, t = self.connect()
         channel.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=00A4000C023F00 HTTP/1.1\r\n"

@@ -27,8 +27,9 @@ factory is wrapped with ``limits.wrap(factory)``, and then
   it is busy: a wrapped protocol may have a ``busy`` attribute, true while a
   request of it waits on a card.
 
-``BufferBudget`` bounds the bytes that all connections together hold
-unprocessed (partial lines and read-ahead): see its docstring.
+``limits.buffers``, a ``BufferBudget``, bounds the bytes that all
+connections of every front end together hold unprocessed (partial lines,
+read-ahead, HTTP request heads): see its docstring.
 """
 
 import os
@@ -86,7 +87,8 @@ class ConnectionLimits:
     log = Logger()
 
     def __init__(self, clock, max_connections=DEFAULT_MAX_CONNECTIONS, per_peer=DEFAULT_PER_PEER,
-                 idle_timeout=DEFAULT_IDLE_TIMEOUT, nofile=None, fd_reserve=None, count_fds=fds_in_use):
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT, nofile=None, fd_reserve=None, count_fds=fds_in_use,
+                 buffered_bytes=DEFAULT_BUFFER_BUDGET):
         self.clock = clock
         self.max_connections = max_connections
         self.per_peer = per_peer
@@ -98,6 +100,7 @@ class ConnectionLimits:
         self.count_fds = count_fds
         self.fd_cap = None  # client connections the descriptors allow, once measured
         self._measured = None
+        self.buffers = BufferBudget(buffered_bytes)
         self.count = 0
         self.peers = {}  # peer address -> {guard: None}, in arrival order
         self.client_log = RateLimitedLog(clock, self.log, what="connection log lines")

@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from . import __version__, errors
+from .limits import BufferBudget
 from .logs import Logger, RateLimitedLog
 from .parser import APDU, MAX_APDU_BYTES, RESET, make_command
 from .registry import b64name
@@ -37,6 +38,8 @@ STATUS = {
 }
 
 PLAIN = b"text/plain; charset=utf-8"
+#: Reasons twisted.web does not know (RFC 6585).
+REASONS = {431: b"Request Header Fields Too Large"}
 
 
 class _Channel(HTTPChannel):
@@ -52,6 +55,28 @@ class _Channel(HTTPChannel):
     MAX_LENGTH = 2 * MAX_APDU_BYTES + 8192
     totalHeadersSize = MAX_LENGTH + 16384
     _refused = False
+    _charged = 0  # bytes of an unfinished request head charged to site.buffers
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        # A request head still arriving counts against the process's
+        # buffered-bytes budget (limits.BufferBudget), like a partial line.
+        held = len(self._buffer) + self._receivedHeaderSize
+        budget = self.site.buffers
+        if (held > budget.free or self._charged) and not self._refused and self.transport is not None:
+            self._charged, over = budget.charge(held, self._charged)
+            if over:
+                peer = self.transport.getPeer()
+                self.site.resource.client_log.warn(
+                    "REST request from {peer} refused: its head of {n} bytes would exceed the "
+                    "buffered bytes of all connections (--max-buffered-bytes)",
+                    peer=getattr(peer, "host", peer), n=held)
+                self._refuse(431, "request header fields too large: try again later", ())
+
+    def connectionLost(self, reason):
+        if self._charged:
+            self._charged, _ = self.site.buffers.charge(0, self._charged)
+        super().connectionLost(reason)
 
     @property
     def busy(self):
@@ -67,10 +92,13 @@ class _Channel(HTTPChannel):
                                              body, getattr(peer, "host", peer))
         if refusal is None:
             return super().allHeadersReceived()
-        code, text, extra = refusal
+        self._refuse(*refusal)
+
+    def _refuse(self, code, text, extra):
+        """Answer ``code`` at once and close; read nothing more."""
         self._refused = True
         body = text.encode("utf-8") + b"\n"
-        head = [b"HTTP/1.1 %d %s" % (code, RESPONSES.get(code, b"Error")),
+        head = [b"HTTP/1.1 %d %s" % (code, REASONS.get(code) or RESPONSES.get(code, b"Error")),
                 b"Content-Type: " + PLAIN, b"Content-Length: %d" % len(body), b"Connection: close"]
         head += [name + b": " + value for name, value in extra]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
@@ -79,6 +107,8 @@ class _Channel(HTTPChannel):
     def allContentReceived(self):
         if not self._refused:
             super().allContentReceived()
+            if self._charged:  # the head is parsed: give its bytes back
+                self._charged, _ = self.site.buffers.charge(len(self._buffer), self._charged)
 
     def rawDataReceived(self, data):
         if not self._refused:
@@ -92,6 +122,8 @@ class RestSite(Site):
     protocol = _Channel
     noisy = False
     _logger = Logger()
+    #: limits.BufferBudget shared with the other front ends (make_rest_service)
+    buffers = BufferBudget()
 
     def logPrefix(self):
         return "Site"
@@ -326,7 +358,7 @@ def make_rest_service(config, dispatcher, registry, reactor, limits=None):
     from twisted.internet.endpoints import serverFromString
 
     from .limits import ConnectionLimits
-    from .tap import Listener
+    from .tap import Listener  # tap imports this module only inside makeService
 
     resource = RestResource(dispatcher, registry, config["rest-token"], reactor)
     # No idle timeout of twisted.web's own: ``limits`` closes idle
@@ -334,4 +366,5 @@ def make_rest_service(config, dispatcher, registry, reactor, limits=None):
     site = RestSite(resource, reactor=reactor, timeout=None)
     if limits is None:
         limits = ConnectionLimits(reactor)
+    site.buffers = limits.buffers
     return Listener(serverFromString(reactor, config["rest"]), limits.wrap(site), config["rest"])

@@ -87,8 +87,8 @@ class Options(usage.Options):
         ["idle-timeout", None, str(int(limits.DEFAULT_IDLE_TIMEOUT)),
          "Close client connections idle this many seconds (not those waiting on a card); 0: never."],
         ["max-buffered-bytes", None, str(limits.DEFAULT_BUFFER_BUDGET),
-         "Bytes all line-protocol connections together may hold unprocessed beyond 4096 each; "
-         "over it, a long partial line is dropped (C084) or reading pauses."],
+         "Bytes all client connections together may hold unprocessed beyond 4096 each; over it, "
+         "a long partial line is dropped (C084; REST: 431) or reading pauses."],
         ["max-queue", None, "100",
          "Requests waiting per card; more are answered C086."],
         ["client-password-file", None, None,
@@ -241,7 +241,8 @@ def makeService(config, reactor=None):
     # One account of connections for every front end (limits.py).
     top_limits = limits.ConnectionLimits(
         reactor, max_connections=config["max-connections"],
-        per_peer=config["max-connections-per-peer"], idle_timeout=config["idle-timeout"])
+        per_peer=config["max-connections-per-peer"], idle_timeout=config["idle-timeout"],
+        buffered_bytes=config["max-buffered-bytes"])
     top = MultiService()
     logs.SummaryService().setServiceParent(top)
     registry = ReaderRegistry(max_queue=config["max-queue"])
@@ -266,7 +267,7 @@ def makeService(config, reactor=None):
         dispatcher,
         max_line_length=config["max-line-length"],
         max_commands=config["max-commands-per-request"],
-        buffers=limits.BufferBudget(config["max-buffered-bytes"]),
+        buffers=top_limits.buffers,
     )
     top.dispatcher = dispatcher
     top.limits = top_limits
