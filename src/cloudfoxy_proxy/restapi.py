@@ -97,6 +97,8 @@ class _Channel(HTTPChannel):
     def _refuse(self, code, text, extra):
         """Answer ``code`` at once and close; read nothing more."""
         self._refused = True
+        if self._charged:
+            self._charged, _ = self.site.buffers.charge(0, self._charged)
         body = text.encode("utf-8") + b"\n"
         head = [b"HTTP/1.1 %d %s" % (code, REASONS.get(code) or RESPONSES.get(code, b"Error")),
                 b"Content-Type: " + PLAIN, b"Content-Length: %d" % len(body), b"Connection: close"]
