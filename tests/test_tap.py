@@ -64,6 +64,8 @@ class OptionsTests(SynchronousTestCase):
             (["--vpcd", "localhost=Emulated 00"], "--vpcd"),
             (["--client-password-file", "/nonexistent/pw"], "--client-password-file"),
             (["--rest", "tcp:0"], "--rest"),
+            (["--rest", "bogus:1"], "--rest 'bogus:1': not a valid endpoint"),
+            (["--rest", "tcp:notaport"], "--rest 'tcp:notaport': not a valid endpoint"),
         ]:
             e = self.assertRaises(usage.UsageError, parse, *args)
             self.assertIn(option, str(e), args)
