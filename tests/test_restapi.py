@@ -269,7 +269,8 @@ class EarlyRefusalTests(SynchronousTestCase):
         self.assertTrue(t.disconnecting)
 
     def test_request_heads_share_the_buffered_bytes_budget(self):
-        self.site.buffers = limits.BufferBudget(total=100_000, free=4096)
+        self.site = restapi.RestSite(self.resource, buffers=limits.BufferBudget(total=100_000, free=4096),
+                                     reactor=self.clock, timeout=None)
         big, tb = self.connect()
         big.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=" + b"0" * 90_000)
         self.assertEqual(self.site.buffers.used, len(big._buffer) - 4096)
@@ -307,6 +308,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(service.factory, limits.GuardedFactory)  # counted with the other front ends
         self.assertIsInstance(service.factory.wrappedFactory, restapi.RestSite)
         self.assertIsNone(service.factory.wrappedFactory.timeOut)  # idle connections: limits.py's job
+        self.assertIs(service.factory.wrappedFactory.buffers, service.factory.limits.buffers)
         self.assertEqual(service.factory.logPrefix(), "Site")  # tests find the port by "Site starting on N"
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 0)

@@ -124,8 +124,12 @@ class RestSite(Site):
     protocol = _Channel
     noisy = False
     _logger = Logger()
-    #: limits.BufferBudget shared with the other front ends (make_rest_service)
-    buffers = BufferBudget()
+
+    def __init__(self, resource, buffers=None, **kw):
+        """``buffers``: the limits.BufferBudget shared with the other front
+        ends (make_rest_service); a budget of its own when None."""
+        super().__init__(resource, **kw)
+        self.buffers = buffers if buffers is not None else BufferBudget()
 
     def logPrefix(self):
         return "Site"
@@ -365,8 +369,7 @@ def make_rest_service(config, dispatcher, registry, reactor, limits=None):
     resource = RestResource(dispatcher, registry, config["rest-token"], reactor)
     # No idle timeout of twisted.web's own: ``limits`` closes idle
     # connections (and never one whose request waits on a card).
-    site = RestSite(resource, reactor=reactor, timeout=None)
     if limits is None:
         limits = ConnectionLimits(reactor)
-    site.buffers = limits.buffers
+    site = RestSite(resource, buffers=limits.buffers, reactor=reactor, timeout=None)
     return Listener(serverFromString(reactor, config["rest"]), limits.wrap(site), config["rest"])

@@ -79,8 +79,7 @@ class LineProtocol(Protocol):
             d.cancel()
         self._buf = b""
         if self._charged:
-            self.factory.buffers.used -= self._charged
-            self._charged = 0
+            self._charged, _ = self.factory.buffers.charge(0, self._charged)
 
     # IPushProducer: the transport tells us when the client stops reading.
     def pauseProducing(self):
