@@ -48,6 +48,16 @@ def many_files():
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_file_limit_is_raised_to_the_hard_limit(proxy_factory):
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    p = proxy_factory("--no-signing", preexec_fn=low_soft_limit)
+    with open(f"/proc/{p.proc.pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    assert line.split()[3:5] == ["4096", "4096"], line
+
+
 def test_a_peer_at_its_limit_does_not_lock_out_another(proxy_factory):
     p = proxy_factory("--no-signing", "--max-connections-per-peer", "4", "--command-timeout", "10",
                       "--backend", "emulated:?cards=1&latency_ms=1500&prefix=Slow",

@@ -111,6 +111,8 @@ class OptionsTests(SynchronousTestCase):
             self.assertIs(listener.factory.limits, top.limits)
         self.assertEqual((top.limits.max_connections, top.limits.per_peer, top.limits.idle_timeout), (50, 7, 12.0))
         self.assertEqual(listeners[0].factory.wrappedFactory.buffers.total, 1000000)
+        self.assertIs(listeners[2].factory.wrappedFactory.buffers, top.limits.buffers)  # REST: the same budget
+        self.assertIs(listeners[0].factory.wrappedFactory.buffers, top.limits.buffers)
 
 
 class CommandLineTests(SynchronousTestCase):
