@@ -66,9 +66,12 @@ def test_a_peer_at_its_limit_does_not_lock_out_another(proxy_factory):
     for c in hog:
         c.send(">Slow 00|\n" + SELECT)  # all four wait on the slow card: busy, not idle
     time.sleep(0.3)
-    fifth = socket.create_connection((HOST, p.port), timeout=5)
-    fifth.sendall((">Fast 00|\n" + SELECT).encode())
-    assert closed_by_proxy(fifth), "a fifth connection from 127.0.0.1 was served"
+    try:
+        fifth = socket.create_connection((HOST, p.port), timeout=5)
+        fifth.sendall((">Fast 00|\n" + SELECT).encode())
+        assert closed_by_proxy(fifth), "a fifth connection from 127.0.0.1 was served"
+    except ConnectionResetError:
+        pass  # reset before connect() or send() returned: refused just as well
     start = time.monotonic()
     with LineClient(HOST, p.port, timeout=5, source="127.0.0.2") as other:
         assert other.request(">Fast 00|\n" + SELECT) == [("1", "9000")]
@@ -105,9 +108,13 @@ def test_1100_idle_rest_sockets_do_not_stop_line_clients(proxy_factory):
     try:
         # 11 addresses x 100 sockets: each address within its own limit, together
         # more than the proxy's descriptors
+        refused = 0
         for n in range(1100):
-            idle.append(socket.create_connection((HOST, rest), timeout=5,
-                                                 source_address=(f"127.0.1.{1 + n // 100}", 0)))
+            try:
+                idle.append(socket.create_connection((HOST, rest), timeout=5,
+                                                     source_address=(f"127.0.1.{1 + n // 100}", 0)))
+            except ConnectionResetError:  # refused at once (reset before connect() returned)
+                refused += 1
         time.sleep(1.0)
         in_use = p.fds()
         assert in_use < nofile - 16, f"{in_use} descriptors in use of {nofile}"
@@ -123,7 +130,8 @@ def test_1100_idle_rest_sockets_do_not_stop_line_clients(proxy_factory):
             s.close()
     assert "EMFILE" not in p.log()
     assert "to make room for 127.0.1." in p.log() and "(file descriptors)" in p.log()
-    print(f"1,100 idle REST sockets from 11 addresses: {in_use} of {nofile} descriptors in use")
+    print(f"1,100 idle REST sockets from 11 addresses ({refused} reset while connecting): "
+          f"{in_use} of {nofile} descriptors in use")
 
 
 def test_idle_connections_are_closed_but_not_those_waiting_on_a_card(proxy_factory):
