@@ -23,7 +23,7 @@ class ProxyProcess:
     order they were logged.
     """
 
-    def __init__(self, *args, env=None, listeners=1, timeout=20.0, port=None):
+    def __init__(self, *args, env=None, listeners=1, timeout=20.0, port=None, preexec_fn=None):
         self.args = list(args)
         self.logdir = tempfile.mkdtemp(prefix="foxyproxy-test-")
         self.logfile = os.path.join(self.logdir, "twistd.log")
@@ -31,6 +31,7 @@ class ProxyProcess:
         self.listeners = listeners
         self.timeout = timeout
         self.requested_port = port
+        self.preexec_fn = preexec_fn  # e.g. to set resource limits of the proxy
         self.proc = None
         self.ports = {}
         self.port = None
@@ -41,7 +42,7 @@ class ProxyProcess:
         cmd += self.args
         self._out = open(os.path.join(self.logdir, "stdout"), "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT,
-                                     env=self.env, cwd=self.logdir)
+                                     env=self.env, cwd=self.logdir, preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             found = _LISTENING.findall(self.log())
@@ -84,6 +85,10 @@ class ProxyProcess:
     def client(self, **kw):
         return LineClient(HOST, self.port, **kw)
 
+    def fds(self):
+        """How many file descriptors the proxy process has open."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
     def __enter__(self):
         return self.start()
 
@@ -94,8 +99,11 @@ class ProxyProcess:
 class LineClient:
     """A blocking client: ``request(text)`` sends and reads until ``@@``."""
 
-    def __init__(self, host=HOST, port=4001, timeout=10.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host=HOST, port=4001, timeout=10.0, source=None):
+        """``source``: the local address to connect from, e.g. ``127.0.0.2``
+        (any 127.0.0.0/8 address works on Linux loopback)."""
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
 
     def send(self, data):

@@ -128,7 +128,8 @@ def test_client_that_never_reads(proxy):
     hog.close()
 
 
-def test_thousand_idle_connections(proxy):
+def test_thousand_idle_connections(proxy_factory):
+    proxy = proxy_factory("--max-connections-per-peer", "1100")  # all from 127.0.0.1
     before = rss_kb(proxy.proc.pid)
     idle = [socket.create_connection((HOST, proxy.port)) for _ in range(1000)]
     try:

@@ -5,15 +5,15 @@ cards are emulated; a Clock drives card latency and timeouts."""
 import base64
 
 from treq.testing import StubTreq
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from cloudfoxy_proxy import restapi
+from cloudfoxy_proxy import limits, restapi, tap
 from cloudfoxy_proxy.backend import IBackend, ReaderInfo
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
@@ -220,14 +220,95 @@ class RestApiTests(SynchronousTestCase):
         self.assertEqual(self.basic(terminal="/Emulated 00", apdu="00A4000C023F00"), (200, "9000\n"))
 
 
+class EarlyRefusalTests(SynchronousTestCase):
+    """The real HTTP channel judges a request by its headers, before any
+    body is read: nothing a client without the token sends is stored."""
+
+    def setUp(self):
+        RestApiTests.setUp(self)
+        self.site = restapi.RestSite(self.resource, reactor=self.clock, timeout=None)
+
+    def connect(self):
+        peer = IPv4Address("TCP", "10.0.0.9", 5555)
+        channel = self.site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_huge_body_without_token_is_refused_after_the_headers(self):
+        channel, t = self.connect()
+        with capturedLogs() as events:
+            channel.dataReceived(b"GET /api/v1/hello HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 314572800\r\nExpect: 100-continue\r\n\r\n")
+        answer = t.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertNotIn(b"100 Continue", answer)
+        self.assertTrue(t.disconnecting)
+        self.assertIsNone(channel.requests[-1].content)  # no body buffer, no temporary file
+        channel.dataReceived(b"a" * (1 << 20))
+        self.assertEqual(t.value(), answer)  # the body goes nowhere
+        self.assertIn("REST request from 10.0.0.9 refused: a request body", formatEvent(events[0]))
+
+    def test_no_token_is_401_before_the_body(self):
+        for token in (b"", b"X-Auth-Token: wrong\r\n"):
+            channel, t = self.connect()
+            channel.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=00A4000C023F00 HTTP/1.1\r\n"
+                                 b"Host: x\r\n" + token + b"\r\n")
+            head, _, body = t.value().partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 401 Unauthorized"), head)
+            self.assertIn(b"www-authenticate: x-auth-token", head.lower())
+            self.assertEqual(body, b"unauthorized: send the X-Auth-Token header\n")
+            self.assertTrue(t.disconnecting)
+        self.assertEqual(self.emulated.cards[0].transmit(bytes.fromhex("00A4000C023F00")), b"\x90\x00")
+
+    def test_chunked_body_with_token_is_413(self):
+        channel, t = self.connect()
+        channel.dataReceived(b"GET /api/v1/hello HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + TOKEN.encode()
+                             + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(t.disconnecting)
+
+    def test_request_heads_share_the_buffered_bytes_budget(self):
+        self.site = restapi.RestSite(self.resource, buffers=limits.BufferBudget(total=100_000, free=4096),
+                                     reactor=self.clock, timeout=None)
+        big, tb = self.connect()
+        big.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=" + b"0" * 90_000)
+        self.assertEqual(self.site.buffers.used, len(big._buffer) - 4096)
+        other, to = self.connect()
+        with capturedLogs() as events:
+            other.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=" + b"0" * 20_000)
+        self.assertTrue(to.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), to.value())
+        self.assertTrue(to.disconnecting)
+        self.assertIn("REST request from 10.0.0.9 refused", formatEvent(events[0]))
+        small, ts = self.connect()  # short requests are still served
+        small.dataReceived(b"GET /api/v1/hello HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + TOKEN.encode() + b"\r\n\r\n")
+        self.assertTrue(ts.value().startswith(b"HTTP/1.1 200 OK"))
+        big.dataReceived(b"00 HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + TOKEN.encode() + b"\r\n\r\n")
+        self.assertTrue(tb.value().endswith(b"\r\n\r\n6700\n"), tb.value())  # the card saw the whole APDU
+        self.assertEqual(self.site.buffers.used, 0)
+        other.connectionLost(None)
+        self.assertEqual(self.site.buffers.used, 0)
+
+    def test_good_request_is_served_and_the_connection_kept(self):
+        channel, t = self.connect()
+        channel.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=00A4000C023F00 HTTP/1.1\r\n"
+                             b"Host: x\r\nContent-Length: 0\r\nX-Auth-Token: " + TOKEN.encode() + b"\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 OK"))
+        self.assertTrue(t.value().endswith(b"\r\n\r\n9000\n"))
+        self.assertFalse(t.disconnecting)
+
+
 class ServiceTests(SynchronousTestCase):
     def test_make_rest_service(self):
         reactor = MemoryReactorClock()
         registry = ReaderRegistry()
         config = {"rest": "tcp:0:interface=127.0.0.1", "rest-token": TOKEN}
         service = restapi.make_rest_service(config, Dispatcher(registry, reactor), registry, reactor)
-        self.assertIsInstance(service, StreamServerEndpointService)
-        self.assertIsInstance(service.factory, restapi.RestSite)
+        self.assertIsInstance(service, tap.Listener)  # a busy port is one line, like -p
+        self.assertIsInstance(service.factory, limits.GuardedFactory)  # counted with the other front ends
+        self.assertIsInstance(service.factory.wrappedFactory, restapi.RestSite)
+        self.assertIsNone(service.factory.wrappedFactory.timeOut)  # idle connections: limits.py's job
+        self.assertIs(service.factory.wrappedFactory.buffers, service.factory.limits.buffers)
         self.assertEqual(service.factory.logPrefix(), "Site")  # tests find the port by "Site starting on N"
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 0)

@@ -144,11 +144,6 @@ class ProtocolTests(SynchronousTestCase):
         self.proto.dataReceived(b">Emulated 00|\n>1:APDU:00A4000C023F00|\n\n")
         self.assertEqual(take(self.t), ">1:9000\n@@\n")
 
-    def test_max_connections(self):
-        h = Harness(max_connections=1)
-        h.connect()
-        self.assertIsNone(h.factory.buildProtocol(None))
-
 
 class SchedulingTests(SynchronousTestCase):
     def setUp(self):

@@ -31,6 +31,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(len(o["backend-makers"]), 1)  # emulated:
         self.assertEqual(o["log-level"], "info")
         self.assertIsNone(o["rest"])
+        self.assertEqual(o["max-connections"], 10000)
+        self.assertEqual(o["max-connections-per-peer"], 100)
+        self.assertEqual(o["idle-timeout"], 300.0)
+        self.assertEqual(o["max-buffered-bytes"], 64 * 1024 * 1024)
+        self.assertEqual(parse("--idle-timeout", "0")["idle-timeout"], 0)
 
     def test_listeners_and_backends(self):
         o = parse("-p", "tcp:5000:interface=127.0.0.1", "--listen", "4002", "--listen", "tcp6:4003",
@@ -48,6 +53,10 @@ class OptionsTests(SynchronousTestCase):
             (["--max-line-length", "12"], "--max-line-length"),
             (["--max-connections", "-1"], "--max-connections"),
             (["--max-queue", "x"], "--max-queue"),
+            (["--max-connections-per-peer", "0"], "--max-connections-per-peer"),
+            (["--idle-timeout", "-1"], "--idle-timeout"),
+            (["--idle-timeout", "soon"], "--idle-timeout"),
+            (["--max-buffered-bytes", "100"], "--max-buffered-bytes"),
             (["--max-commands-per-request", "0"], "--max-commands-per-request"),
             (["--log-level", "loud"], "--log-level"),
             (["-p", "bogus:1"], "--port"),
@@ -57,6 +66,8 @@ class OptionsTests(SynchronousTestCase):
             (["--vpcd", "localhost=Emulated 00"], "--vpcd"),
             (["--client-password-file", "/nonexistent/pw"], "--client-password-file"),
             (["--rest", "tcp:0"], "--rest"),
+            (["--rest", "bogus:1"], "--rest 'bogus:1': not a valid endpoint"),
+            (["--rest", "tcp:notaport"], "--rest 'tcp:notaport': not a valid endpoint"),
         ]:
             e = self.assertRaises(usage.UsageError, parse, *args)
             self.assertIn(option, str(e), args)
@@ -89,6 +100,22 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(len(listeners), 2)
         self.assertEqual(top.dispatcher.command_timeout, 15.0)
 
+    def test_every_front_end_shares_one_connection_account(self):
+        os.environ["FOXYPROXY_REST_TOKEN"] = "tok"
+        self.addCleanup(os.environ.pop, "FOXYPROXY_REST_TOKEN")
+        o = parse("--listen", "4002", "--rest", "tcp:0", "--max-connections", "50",
+                  "--max-connections-per-peer", "7", "--idle-timeout", "12", "--max-buffered-bytes", "1000000")
+        top = tap.makeService(o, MemoryReactorClock())
+        listeners = [s for s in top if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(len(listeners), 3)
+        for listener in listeners:
+            self.assertIsInstance(listener, tap.Listener)
+            self.assertIs(listener.factory.limits, top.limits)
+        self.assertEqual((top.limits.max_connections, top.limits.per_peer, top.limits.idle_timeout), (50, 7, 12.0))
+        self.assertEqual(listeners[0].factory.wrappedFactory.buffers.total, 1000000)
+        self.assertIs(listeners[2].factory.wrappedFactory.buffers, top.limits.buffers)  # REST: the same budget
+        self.assertIs(listeners[0].factory.wrappedFactory.buffers, top.limits.buffers)
+
 
 @pytest.mark.integration
 class CommandLineTests(SynchronousTestCase):
@@ -102,7 +129,8 @@ class CommandLineTests(SynchronousTestCase):
         out = self.run_twistd("--help").stdout
         for option in ["--port", "--listen", "--backend", "--command-timeout", "--max-line-length",
                        "--max-commands-per-request", "--max-connections", "--max-queue", "--log-level",
-                       "--rest", "--rest-token-file", "--token-file", "--password-file", "--vpcd", "--ca-certs"]:
+                       "--rest", "--rest-token-file", "--token-file", "--password-file", "--vpcd", "--ca-certs",
+                       "--idle-timeout", "--max-connections-per-peer", "--max-buffered-bytes"]:
             self.assertIn(option, out)
 
     def test_bad_value_is_one_line(self):
@@ -115,3 +143,42 @@ class CommandLineTests(SynchronousTestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
         self.assertNotIn("Traceback", r.stderr + r.stdout)
+
+    def test_empty_secret_stops_start_up_in_one_line(self):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w") as f:
+            f.write("\n")
+            f.flush()
+            r = self.run_twistd("--client-password-file", f.name)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertEqual(r.stderr.strip().splitlines(),
+                         [f"twistd foxyproxy: --client-password-file {f.name!r}: the file is empty "
+                          f"(its first line holds no secret)"])
+
+    def test_busy_port_is_one_line_for_every_listener(self):
+        import socket
+
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", 0))
+                free_port = free.getsockname()[1]
+            env = dict(os.environ, FOXYPROXY_REST_TOKEN="tok")
+            for args, endpoint in [
+                (["-p", f"tcp:{port}:interface=127.0.0.1"], f"tcp:{port}:interface=127.0.0.1:backlog=1024"),
+                (["-p", f"tcp:{free_port}:interface=127.0.0.1", "--rest", f"tcp:{port}:interface=127.0.0.1"],
+                 f"tcp:{port}:interface=127.0.0.1:backlog=1024"),
+                (["-p", f"tcp:{free_port}:interface=127.0.0.1", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                 f"tcp:{port}:interface=127.0.0.1:backlog=1024"),
+            ]:
+                # twistd -n logs to stdout, and the message goes to the log
+                r = subprocess.run([TWISTD, "-n", "--pidfile=", "foxyproxy", "--no-signing", *args],
+                                   capture_output=True, text=True, timeout=60, env=env)
+                self.assertEqual(r.returncode, 1, args)
+                self.assertNotIn("Traceback", r.stderr + r.stdout)
+                problems = [line.split("] ", 1)[1] for line in r.stdout.splitlines() if "#error]" in line]
+                self.assertEqual(problems, [f"twistd foxyproxy: cannot listen on {endpoint}: Address already in use"],
+                                 r.stdout)

@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 
 from . import errors
 from .errors import CardError
-from .logs import Logger
+from .logs import Logger, RateLimitedLog
 from .parser import (
     ALIASES, APDU, CARD_COMMANDS, CHAIN, ENUM, LIST, PERSONALIZE, READERS, RESET, Request,
 )
@@ -49,6 +49,7 @@ class Dispatcher:
         self.password = password
         self.signing = None
         self.deadlines = Deadlines(clock, command_timeout)
+        self.client_log = RateLimitedLog(clock, self.log, what="client log lines")
 
     def execute(self, request, session):
         """Response lines (``(id, result)`` pairs) or a Deferred for them;
@@ -76,8 +77,8 @@ class Dispatcher:
             return self.registry.listing
         if name == PERSONALIZE:
             session.tag = command.data
-            self.log.info("client {peer} personalized as {tag!r}", peer=session.peer,
-                          tag=command.data[:100])
+            self.client_log.info("client {peer} personalized as {tag!r}", peer=session.peer,
+                                 tag=command.data[:100])
             return "OK"
         if self.signing is not None and (name == ENUM or name == ALIASES or name == CHAIN):
             return self.signing.command(name, command, request)
@@ -162,7 +163,8 @@ class _Run:
                     try:
                         got = reader.queue.acquire(self)
                     except QueueFull:
-                        self.log.info("queue of {reader} is full", reader=reader.name)
+                        self.d.client_log.info("client {peer}: queue of {reader} is full (--max-queue)",
+                                               peer=self.session.peer, reader=reader.name)
                         self._result(errors.UPSTREAM)
                         continue
                     if not got:

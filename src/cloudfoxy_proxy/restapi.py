@@ -14,14 +14,14 @@ canonical reader name; see docs/rest.md for the mapping and error answers.
 
 import hmac
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import CancelledError
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from . import __version__, errors
-from .logs import Logger
+from .limits import BufferBudget
+from .logs import Logger, RateLimitedLog
 from .parser import APDU, MAX_APDU_BYTES, RESET, make_command
 from .registry import b64name
 
@@ -38,13 +38,83 @@ STATUS = {
 }
 
 PLAIN = b"text/plain; charset=utf-8"
+#: Reasons twisted.web does not know (RFC 6585).
+REASONS = {431: b"Request Header Fields Too Large"}
 
 
 class _Channel(HTTPChannel):
-    """Request lines long enough for the longest extended APDU in hex."""
+    """Request lines long enough for the longest extended APDU in hex.
+
+    Requests are judged right after their headers
+    (``RestResource.refusal``): one without a valid X-Auth-Token, with a
+    body (the API is GET-only) or with another method is answered at once
+    and the connection closed, before any body is read, so nothing a
+    client without the token sends is stored.
+    """
 
     MAX_LENGTH = 2 * MAX_APDU_BYTES + 8192
     totalHeadersSize = MAX_LENGTH + 16384
+    _refused = False
+    _charged = 0  # bytes of an unfinished request head charged to site.buffers
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        # A request head still arriving counts against the process's
+        # buffered-bytes budget (limits.BufferBudget), like a partial line.
+        held = len(self._buffer) + self._receivedHeaderSize
+        budget = self.site.buffers
+        if (held > budget.free or self._charged) and not self._refused and self.transport is not None:
+            self._charged, over = budget.charge(held, self._charged)
+            if over:
+                peer = self.transport.getPeer()
+                self.site.resource.client_log.warn(
+                    "REST request from {peer} refused: its head of {n} bytes would exceed the "
+                    "buffered bytes of all connections (--max-buffered-bytes)",
+                    peer=getattr(peer, "host", peer), n=held)
+                self._refuse(431, "request header fields too large: try again later", ())
+
+    def connectionLost(self, reason):
+        if self._charged:
+            self._charged, _ = self.site.buffers.charge(0, self._charged)
+        super().connectionLost(reason)
+
+    @property
+    def busy(self):
+        """A request is running (waiting on a card): not idle (limits.py)."""
+        return self._handlingRequest
+
+    def allHeadersReceived(self):
+        request = self.requests[-1]
+        headers = request.requestHeaders
+        body = self.length != 0 or headers.hasHeader(b"transfer-encoding")
+        peer = self.transport.getPeer()
+        refusal = self.site.resource.refusal(self._command, headers.getRawHeaders(b"x-auth-token", [None])[0],
+                                             body, getattr(peer, "host", peer))
+        if refusal is None:
+            return super().allHeadersReceived()
+        self._refuse(*refusal)
+
+    def _refuse(self, code, text, extra):
+        """Answer ``code`` at once and close; read nothing more."""
+        self._refused = True
+        if self._charged:
+            self._charged, _ = self.site.buffers.charge(0, self._charged)
+        body = text.encode("utf-8") + b"\n"
+        head = [b"HTTP/1.1 %d %s" % (code, REASONS.get(code) or RESPONSES.get(code, b"Error")),
+                b"Content-Type: " + PLAIN, b"Content-Length: %d" % len(body), b"Connection: close"]
+        head += [name + b": " + value for name, value in extra]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.loseConnection()
+
+    def allContentReceived(self):
+        if not self._refused:
+            super().allContentReceived()
+            if self._charged:  # the head is parsed: give its bytes back
+                self._charged, _ = self.site.buffers.charge(len(self._buffer), self._charged)
+
+    def rawDataReceived(self, data):
+        if not self._refused:
+            super().rawDataReceived(data)
 
 
 class RestSite(Site):
@@ -54,6 +124,12 @@ class RestSite(Site):
     protocol = _Channel
     noisy = False
     _logger = Logger()
+
+    def __init__(self, resource, buffers=None, **kw):
+        """``buffers``: the limits.BufferBudget shared with the other front
+        ends (make_rest_service); a budget of its own when None."""
+        super().__init__(resource, **kw)
+        self.buffers = buffers if buffers is not None else BufferBudget()
 
     def logPrefix(self):
         return "Site"
@@ -112,6 +188,7 @@ class RestResource(Resource):
         self.dispatcher = dispatcher
         self.registry = registry
         self.token = token.encode("utf-8")
+        self.client_log = RateLimitedLog(clock, self.log, what="refused REST requests")
         self.inventory = Inventory(registry, clock)
         self.routes = {
             b"/api/v1/basic": self.basic,
@@ -124,20 +201,42 @@ class RestResource(Resource):
     def render(self, request):
         request.setHeader(b"content-type", PLAIN)
         request.setHeader(b"cache-control", b"no-store")
-        if request.method != b"GET":
-            request.setHeader(b"allow", b"GET")
-            return self._answer(request, 405, "method not allowed: use GET")
+        peer = request.getClientAddress()
+        content = request.content
+        body = content is not None and content.seek(0, 2) > 0
+        if content is not None:
+            content.seek(0)
+        refusal = self.refusal(request.method, request.getHeader(b"x-auth-token"), body,
+                               getattr(peer, "host", peer))
+        if refusal is not None:
+            code, text, extra = refusal
+            for name, value in extra:
+                request.setHeader(name, value)
+            return self._answer(request, code, text)
         handler = self.routes.get(request.path.rstrip(b"/") or b"/")
         if handler is None:
             return self._answer(request, 404, "not found: use /api/v1/basic, /api/v1/inventory or /api/v1/hello")
-        given = request.getHeader(b"x-auth-token")
-        if given is None or not hmac.compare_digest(given, self.token):
-            peer = request.getClientAddress()
-            self.log.info("REST request from {peer} refused: {why}", peer=getattr(peer, "host", peer),
-                          why="no X-Auth-Token" if given is None else "wrong X-Auth-Token")
-            request.setHeader(b"www-authenticate", b'X-Auth-Token realm="cloudfoxy-proxy"')
-            return self._answer(request, 401, "unauthorized: send the X-Auth-Token header")
         return handler(request)
+
+    def refusal(self, method, token, body, peer):
+        """``(status, text, headers)`` for a request that must not run, else
+        None: another method than GET (405), a body (the API is GET-only:
+        413), no or a wrong X-Auth-Token (401).  Decided from the request
+        line and headers alone (``_Channel`` asks before reading a body);
+        each refusal is logged with the peer, rate-limited."""
+        if method != b"GET":
+            why, answer = "method " + method[:16].decode("ascii", "replace"), (
+                405, "method not allowed: use GET", ((b"allow", b"GET"),))
+        elif body:
+            why, answer = "a request body", (413, "request body not accepted: the API is GET-only", ())
+        elif token is None or not hmac.compare_digest(token, self.token):
+            why = "no X-Auth-Token" if token is None else "wrong X-Auth-Token"
+            answer = (401, "unauthorized: send the X-Auth-Token header",
+                      ((b"www-authenticate", b'X-Auth-Token realm="cloudfoxy-proxy"'),))
+        else:
+            return None
+        self.client_log.info("REST request from {peer} refused: {why}", peer=peer, why=why)
+        return answer
 
     @staticmethod
     def _answer(request, code, text):
@@ -258,12 +357,19 @@ class RestResource(Resource):
             request.finish()
 
 
-def make_rest_service(config, dispatcher, registry, reactor):
-    """The ``--rest`` listener: a StreamServerEndpointService of a RestSite."""
+def make_rest_service(config, dispatcher, registry, reactor, limits=None):
+    """The ``--rest`` listener: a tap.Listener of a RestSite, its connections
+    counted and timed out by ``limits`` (a limits.ConnectionLimits shared
+    with the other front ends; None: a new one with the defaults)."""
     from twisted.internet.endpoints import serverFromString
 
+    from .limits import ConnectionLimits
+    from .tap import Listener  # tap imports this module only inside makeService
+
     resource = RestResource(dispatcher, registry, config["rest-token"], reactor)
-    site = RestSite(resource, reactor=reactor)
-    service = StreamServerEndpointService(serverFromString(reactor, config["rest"]), site)
-    service._raiseSynchronously = True
-    return service
+    # No idle timeout of twisted.web's own: ``limits`` closes idle
+    # connections (and never one whose request waits on a card).
+    if limits is None:
+        limits = ConnectionLimits(reactor)
+    site = RestSite(resource, buffers=limits.buffers, reactor=reactor, timeout=None)
+    return Listener(serverFromString(reactor, config["rest"]), limits.wrap(site), config["rest"])

@@ -8,7 +8,8 @@ from zope.interface import implementer
 
 from . import errors
 from .dispatch import Session
-from .logs import Logger
+from .limits import BufferBudget
+from .logs import Logger, RateLimitedLog
 from .parser import MAX_APDU_BYTES, RequestParser
 
 #: Fits ``>ID:APDU:`` plus the longest extended APDU in hex with a space
@@ -55,20 +56,30 @@ class LineProtocol(Protocol):
         self._reading = True  # False while we have paused the transport
         self._closed = False
         self._eof = False  # the client half-closed: answer what it sent, then close
+        self._charged = 0  # bytes held beyond the free allowance (factory.buffers)
 
     def connectionMade(self):
         peer = self.transport.getPeer()
         self.session = Session(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
+        # The parser's lines (over-long lines, client signals) name the peer
+        # and are rate-limited with the factory's other client-caused lines.
+        self.parser.log = self.factory.client_log.bind(peer=self.session.peer)
         self.transport.registerProducer(self, True)
-        self.factory.connections += 1
+
+    @property
+    def busy(self):
+        """True while a request of this connection waits on a card (it is
+        not idle: limits.ConnectionLimits does not time it out)."""
+        return self._inflight is not None
 
     def connectionLost(self, reason):
         self._closed = True
-        self.factory.connections -= 1
         d, self._inflight = self._inflight, None
         if d is not None:
             d.cancel()
         self._buf = b""
+        if self._charged:
+            self._charged, _ = self.factory.buffers.charge(0, self._charged)
 
     # IPushProducer: the transport tells us when the client stops reading.
     def pauseProducing(self):
@@ -110,14 +121,39 @@ class LineProtocol(Protocol):
 
     def _throttle(self):
         """Read while requests can run or little is waiting; else stop."""
-        want = (self._inflight is None and not self._write_paused) or (
-            len(self._buf) - self._pos < READ_AHEAD)
+        held = len(self._buf) - self._pos
+        if (held > self.factory.buffers.free or self._charged) and self._over_budget(held):
+            want = False
+        else:
+            want = (self._inflight is None and not self._write_paused) or held < READ_AHEAD
         if want != self._reading and not self._closed and not self._eof:
             self._reading = want
             if want:
                 self.transport.resumeProducing()
             else:
                 self.transport.pauseProducing()
+
+    def _over_budget(self, held):
+        """Charge what this connection holds to the process's budget
+        (limits.BufferBudget).  Over it, a partial line with nothing else
+        to run is dropped (its command gets C084 when its end arrives, as
+        for an over-long line); True means: stop reading until the
+        running request is answered."""
+        budget = self.factory.buffers
+        self._charged, over = budget.charge(held, self._charged)
+        if not over:
+            return False
+        if self._inflight is None and not self._write_paused:
+            self.factory.client_log.warn(
+                "client {peer}: dropped a partial line of {n} bytes: the buffered bytes of all "
+                "connections reached {total} (--max-buffered-bytes)",
+                peer=self.session.peer, n=held, total=budget.total)
+            if self._discard is None:
+                self._discard = self._buf[self._pos:self._pos + 80]
+            self._buf, self._pos = b"", 0
+            self._charged, _ = budget.charge(0, self._charged)
+            return False
+        return True
 
     def _process(self):
         parser = self.parser
@@ -186,21 +222,18 @@ class LineProtocol(Protocol):
 
 
 class LineFactory(Factory):
-    """Builds ``LineProtocol``s sharing one dispatcher and the limits."""
+    """Builds ``LineProtocol``s sharing one dispatcher, the line limits and
+    ``buffers`` (a limits.BufferBudget).  Connection counts and idle
+    timeouts are limits.ConnectionLimits' job (tap.py wraps this factory)."""
 
     log = Logger()
 
-    def __init__(self, dispatcher, max_line_length=DEFAULT_MAX_LINE, max_commands=1000,
-                 max_connections=10000):
+    def __init__(self, dispatcher, max_line_length=DEFAULT_MAX_LINE, max_commands=1000, buffers=None):
         self.dispatcher = dispatcher
         self.max_line_length = max_line_length
         self.max_commands = max_commands
-        self.max_connections = max_connections
-        self.connections = 0
+        self.buffers = buffers if buffers is not None else BufferBudget()
+        self.client_log = RateLimitedLog(dispatcher.clock, self.log, what="client log lines")
 
     def buildProtocol(self, addr):
-        if self.connections >= self.max_connections:
-            self.log.warn("refusing {peer}: {n} connections open (--max-connections)",
-                          peer=addr, n=self.connections)
-            return None
         return LineProtocol(self)

@@ -1,6 +1,5 @@
 """``twistd foxyproxy``: command-line options and the service tree (CLI.md)."""
 
-import os
 import sys
 
 from twisted.application.internet import StreamServerEndpointService
@@ -8,10 +7,11 @@ from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from . import backends, logs
+from . import backends, limits, logs
 from .backend import BackendService
 from .dispatch import Dispatcher
 from .registry import ReaderRegistry
+from .secrets import read_secret as load_secret
 from .server import DEFAULT_MAX_LINE, LineFactory
 
 DEFAULT_PORT = "4001"
@@ -47,14 +47,11 @@ def check_endpoint(option, value):
 
 
 def read_secret(option, path, env):
-    """A secret from a file (first line) or, without one, from the environment."""
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
-        except OSError as e:
-            raise usage.UsageError(f"--{option} {path!r}: {e.strerror}") from None
-    return os.environ.get(env) or None
+    """``secrets.read_secret`` for an option: a UsageError naming it."""
+    try:
+        return load_secret(f"--{option}", path, env)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 class Options(usage.Options):
@@ -81,8 +78,17 @@ class Options(usage.Options):
          "Longest accepted line in bytes (the default fits the longest extended APDU in hex)."],
         ["max-commands-per-request", None, "1000",
          "Commands in one request; a longer batch is run in parts of this size."],
-        ["max-connections", None, "10000",
-         "Client connections served at once; more are closed at once."],
+        ["max-connections", None, str(limits.DEFAULT_MAX_CONNECTIONS),
+         "Client connections served at once, all front ends together; when full, the idle "
+         "connection of the address holding the most is closed, or the newcomer is."],
+        ["max-connections-per-peer", None, str(limits.DEFAULT_PER_PEER),
+         "Connections one peer address may hold, all front ends together; when full, its least "
+         "recently active idle connection is closed, or the newcomer is."],
+        ["idle-timeout", None, str(int(limits.DEFAULT_IDLE_TIMEOUT)),
+         "Close client connections idle this many seconds (not those waiting on a card); 0: never."],
+        ["max-buffered-bytes", None, str(limits.DEFAULT_BUFFER_BUDGET),
+         "Bytes all client connections together may hold unprocessed beyond 4096 each; over it, "
+         "a long partial line is dropped (C084; REST: 431) or reading pauses."],
         ["max-queue", None, "100",
          "Requests waiting per card; more are answered C086."],
         ["client-password-file", None, None,
@@ -141,6 +147,9 @@ class Options(usage.Options):
         self["max-line-length"] = self._number("max-line-length", int, 1024, 64 * 1024 * 1024)
         self["max-commands-per-request"] = self._number("max-commands-per-request", int, 1, 1000000)
         self["max-connections"] = self._number("max-connections", int, 1, 1000000)
+        self["max-connections-per-peer"] = self._number("max-connections-per-peer", int, 1, 1000000)
+        self["idle-timeout"] = self._number("idle-timeout", float, 0, 86400 * 365)
+        self["max-buffered-bytes"] = self._number("max-buffered-bytes", int, 65536, 1 << 40)
         self["max-queue"] = self._number("max-queue", int, 1, 1000000)
         level = self["log-level"].strip().lower()
         if level not in logs.LEVELS:
@@ -200,9 +209,14 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            sys.stderr.write(f"twistd foxyproxy: cannot listen on {self.description}: {reason}\n")
-            sys.stderr.flush()
-            raise SystemExit(1)
+            self._fail(reason)
+        except Exception as e:  # e.g. a TLS key file that cannot be read
+            self._fail(str(e) or e.__class__.__name__)
+
+    def _fail(self, reason):
+        sys.stderr.write(f"twistd foxyproxy: cannot listen on {self.description}: {reason}\n")
+        sys.stderr.flush()
+        raise SystemExit(1)
 
 
 def raise_file_limit():
@@ -224,7 +238,13 @@ def makeService(config, reactor=None):
 
     logs.set_level(config["log-level"])
     raise_file_limit()
+    # One account of connections for every front end (limits.py).
+    top_limits = limits.ConnectionLimits(
+        reactor, max_connections=config["max-connections"],
+        per_peer=config["max-connections-per-peer"], idle_timeout=config["idle-timeout"],
+        buffered_bytes=config["max-buffered-bytes"])
     top = MultiService()
+    logs.SummaryService().setServiceParent(top)
     registry = ReaderRegistry(max_queue=config["max-queue"])
     top.registry = registry
     top.backends = []
@@ -247,15 +267,17 @@ def makeService(config, reactor=None):
         dispatcher,
         max_line_length=config["max-line-length"],
         max_commands=config["max-commands-per-request"],
-        max_connections=config["max-connections"],
+        buffers=top_limits.buffers,
     )
     top.dispatcher = dispatcher
+    top.limits = top_limits
+    guarded = top_limits.wrap(factory)
     for description in config["endpoints"]:
-        Listener(serverFromString(reactor, description), factory, description).setServiceParent(top)
+        Listener(serverFromString(reactor, description), guarded, description).setServiceParent(top)
     if config["rest"]:
         from .restapi import make_rest_service
 
-        make_rest_service(config, dispatcher, registry, reactor).setServiceParent(top)
+        make_rest_service(config, dispatcher, registry, reactor, top_limits).setServiceParent(top)
     for host, port, reader in config["vpcd"]:
         from .vpcd import make_vpcd_service
 

@@ -76,12 +76,6 @@ def read_file(option, path):
         raise ValueError(f"{option}={path!r}: {e.strerror}") from None
 
 
-def first_line(option, path):
-    """A secret kept in a file: its first line, without the line end."""
-    lines = read_file(option, path).decode("utf-8", "replace").splitlines()
-    return lines[0].strip() if lines else ""
-
-
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 

@@ -38,7 +38,8 @@ from ..backend import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from .http11 import HTTPPool
-from . import first_line, float_param, int_param, query, tls_material
+from ..secrets import read_secret
+from . import float_param, int_param, query, tls_material
 
 BASIC = "/api/v1/basic"
 INVENTORY = "/api/v1/inventory"
@@ -257,10 +258,6 @@ def load_tls(params):
     return TLSPolicy(*tls_material(params))
 
 
-def read_token(path):
-    return first_line("token_file", path)
-
-
 def from_url(url, config):
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -279,10 +276,8 @@ def from_url(url, config):
         raise ValueError("a #fragment means nothing here")
     if not tls and any(k in params for k in ("ca", "cert", "key")):
         raise ValueError("ca=, cert= and key= need cloudfoxy+https://")
-    if params.get("token_file"):
-        token = read_token(params["token_file"])
-        if not token:
-            raise ValueError(f"token_file={params['token_file']!r} is empty")
+    if "token_file" in params:
+        token = read_secret("token_file", params["token_file"])
     else:
         token = config.get("token")
     if not token:

@@ -56,7 +56,8 @@ from ..backend import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from ..parser import COMMANDS
-from . import first_line, float_param, int_param, query, tls_material
+from ..secrets import read_secret
+from . import float_param, int_param, query, tls_material
 
 DEFAULT_PORT = 4001
 #: Back-off between connection attempts: the first retry after a lost
@@ -137,7 +138,7 @@ def from_url(url, config):
         raise ValueError("refresh= must be 0 (off) or at least 0.1 seconds")
     prefix = params.get("prefix", "")
     if "password_file" in params:
-        password = first_line("password_file", params["password_file"])
+        password = read_secret("password_file", params["password_file"])
     else:
         password = config.get("password")
     password = password or None
