@@ -1,4 +1,4 @@
-"""The REST backend's minimal HTTP/1.1 client, in memory."""
+"""The REST backend's per-APDU HTTP client (httptools), in memory: scripted servers."""
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloudfoxy_proxy.backends.http11 import HTTPPool
+from cloudfoxy_proxy.backends.httpclient import HTTPPool
 from cloudfoxy_proxy.errors import CardError
 
 
@@ -130,3 +130,74 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), (200, b"x"))
         self.pool.close()
         self.assertTrue(t.disconnecting)
+
+    def test_http10_answer_closes_unless_keep_alive(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        proto.dataReceived(b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\n9000")
+        self.assertEqual(self.successResultOf(d), (200, b"9000"))
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.pool.idle, [])
+        d = self.get()
+        proto, t = self.endpoint.connections[1]
+        proto.dataReceived(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 4\r\n\r\n9000")
+        self.assertEqual(self.successResultOf(d), (200, b"9000"))
+        self.assertFalse(t.disconnecting)
+        self.get()
+        self.assertEqual(len(self.endpoint.connections), 2)  # reused
+
+    def test_bytes_after_the_answer_deliver_it_and_drop_the_connection(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n9000HTTP/1.1 200 OK\r\n")
+        self.assertEqual(self.successResultOf(d), (200, b"9000"))
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.pool.idle, [])
+
+    def test_idle_connection_closed_by_the_server_is_skipped_before_writing(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n9000")
+        self.successResultOf(d)
+        t.clear()
+        proto.connectionLost(Failure(ConnectionDone()))  # the server closed it while idle
+        d = self.get()
+        self.assertEqual(t.value(), b"")  # nothing written to the closed connection
+        proto2, t2 = self.endpoint.connections[1]
+        self.assertTrue(t2.value().startswith(b"GET "))
+        proto2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n9000")
+        self.assertEqual(self.successResultOf(d), (200, b"9000"))
+
+    def test_close_after_the_request_was_written_fails_it_once(self):
+        d = self.get()
+        proto, t = self.endpoint.connections[0]
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n9000")
+        self.successResultOf(d)
+        d = self.get()
+        self.assertEqual(len(self.endpoint.connections), 1)
+        proto.connectionLost(Failure(ConnectionDone()))  # the request may have reached the server
+        self.failureResultOf(d, ConnectionDone)
+        self.assertEqual(len(self.endpoint.connections), 1)  # never sent again
+
+
+class RealSocketTests(SynchronousTestCase):
+    """usable() sees a close the reactor has not reported yet (a real socket pair)."""
+
+    def test_peek_sees_the_servers_close(self):
+        import socket
+
+        from twisted.internet.testing import StringTransport
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+
+        class T(StringTransport):
+            def getHandle(self):
+                return ours
+
+        pool = HTTPPool(Clock(), FakeEndpoint(), "h", max_body=100)
+        conn = pool._factory.buildProtocol(None)
+        conn.makeConnection(T())
+        self.assertTrue(conn.usable())
+        theirs.close()
+        self.assertFalse(conn.usable())
