@@ -173,7 +173,8 @@ class _Connection(Protocol):
 
     def send(self, request):
         self.d = Deferred(self._cancel)
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)  # llhttp starts over after each answer
         self.status = None
         self.framed = False  # Content-Length or chunked: the body does not end at the close
         self.head = 0  # bytes received before the end of the head
