@@ -356,11 +356,16 @@ class FakeTransport(StringTransport):
         self.protocol = protocol
         self.clock = clock
         self.lost = False
+        self.aborted = False
 
     def loseConnection(self):
         if not self.disconnecting:
             super().loseConnection()
             self.clock.callLater(0, self.drop)
+
+    def abortConnection(self):
+        self.aborted = True
+        self.loseConnection()
 
     def drop(self):
         """The connection ends (vpcd closed it, or our close completed)."""
@@ -511,7 +516,7 @@ class BridgeTests(SynchronousTestCase):
         with capturedLogs() as events:
             self.assertEqual(self.line("RESET"), [ATR.hex().upper()])
             self.h.clock.advance(0)
-        self.assertTrue(first.lost)  # pcscd sees the card removed...
+        self.assertTrue(first.lost and first.aborted)  # RST: vpcd's next send fails; pcscd sees a removal...
         self.assertIsNone(self.bridge.protocol)
         self.assertIsNone(self.h.registry.get("Emulated 00").holder)
         self.assertIn("reset by another client", " ".join(formatEvent(e) for e in events))

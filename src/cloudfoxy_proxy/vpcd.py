@@ -322,6 +322,16 @@ class VpcdProtocol(Protocol):
             self.pending.clear()
             self.transport.loseConnection()
 
+    def abort(self):
+        """Stop at once: reset the connection (RST), so that vpcd's next
+        send fails and pcscd answers the PC/SC program with an error; a
+        plain close would let vpcd read an empty answer, which pcscd passes
+        on as a successful transmit of no bytes."""
+        if not self.closed:
+            self.closed = True
+            self.pending.clear()
+            self.transport.abortConnection()
+
     def _run(self):
         if self._running:
             return  # an answer that came at once: the loop below carries on
@@ -552,7 +562,7 @@ class VpcdBridge(Service):
                       peer=getattr(session, "peer", "") or "?", delay=self.reinsert_delay)
         self.card.reset_by_other()
         self._paused = self.clock.callLater(self.reinsert_delay, self._unpause)
-        self.protocol.close()  # no answer of the reset card reaches the program
+        self.protocol.abort()  # no answer of the reset card reaches the program
         self.client.stopService()
 
     def _unpause(self):
