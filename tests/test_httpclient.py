@@ -201,3 +201,35 @@ class RealSocketTests(SynchronousTestCase):
         self.assertTrue(conn.usable())
         theirs.close()
         self.assertFalse(conn.usable())
+
+    def test_pool_looks_before_reusing_a_connection_idle_a_while(self):
+        import socket
+
+        from twisted.internet.testing import StringTransport
+
+        from cloudfoxy_proxy.backends.httpclient import PEEK_AFTER
+
+        clock = Clock()
+        endpoint = FakeEndpoint()
+        pool = HTTPPool(clock, endpoint, "h", max_body=100)
+        conns = []
+        for _ in range(2):
+            ours, theirs = socket.socketpair()
+            self.addCleanup(ours.close)
+
+            class T(StringTransport):
+                def getHandle(self, sock=ours):
+                    return sock
+
+            conn = pool._factory.buildProtocol(None)
+            conn.makeConnection(T())
+            theirs.close()  # the server closed it; the reactor has not noticed yet
+            conns.append(conn)
+        pool.idle.append((clock.seconds(), conns[0]))
+        clock.advance(PEEK_AFTER * 2)
+        pool.get(b"/a")  # idle a while: looked at, skipped, a new connection
+        self.assertEqual(conns[0].transport.value(), b"")
+        self.assertEqual(len(endpoint.connections), 1)
+        pool.idle.append((clock.seconds(), conns[1]))
+        pool.get(b"/b")  # reused at once (under load): not looked at
+        self.assertTrue(conns[1].transport.value().startswith(b"GET /b "))

@@ -33,6 +33,11 @@ from ..logs import Logger
 MAX_HEAD = 64 * 1024  #: status line and header lines together, bytes
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+#: A pooled connection idle at least this many seconds is looked at (one
+#: recv(MSG_PEEK) system call) before a request is written to it; under load
+#: connections are reused within microseconds, where a server's idle close
+#: is not to be expected and the call would only cost CPU.
+PEEK_AFTER = 0.005
 
 
 class HTTPPool:
@@ -72,7 +77,8 @@ class HTTPPool:
         idle = self.idle
         while idle:
             since, conn = idle.pop()
-            if now - since < self.idle_timeout and conn.usable():
+            idle_for = now - since
+            if idle_for < self.idle_timeout and conn.usable(idle_for >= PEEK_AFTER):
                 return conn.send(request)
             conn.close()
         return _Pending(self, request).deferred
@@ -148,14 +154,15 @@ class _Connection(Protocol):
         if isinstance(handle, socket.socket):
             self.sock = handle  # plain TCP: see usable()
 
-    def usable(self):
+    def usable(self, peek=True):
         """True when a request may be written: the connection is open and
-        idle, and (on plain TCP) the server has neither closed it nor sent
-        anything since the last answer, as far as the socket knows now."""
+        idle, and (on plain TCP, with ``peek``) the server has neither
+        closed it nor sent anything since the last answer, as far as the
+        socket knows now (before the reactor has seen it)."""
         if self.lost or self.d is not None or self.transport is None:
             return False
         sock = self.sock
-        if sock is not None:
+        if peek and sock is not None:
             try:
                 sock.recv(1, _PEEK)
             except BlockingIOError:

@@ -61,6 +61,11 @@ _PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key"}
 _HEX = re.compile(r"[0-9A-Fa-f]*\Z")
 #: Characters left as they are in query values (terminal names are ``/IP@id``).
 _SAFE = "/@:"
+_PLAIN = re.compile(r"[0-9A-Za-z/@:._~-]*\Z")  # values quote() would leave as they are
+
+
+def _quote(value):
+    return value if _PLAIN.match(value) else quote(value, safe=_SAFE)
 
 
 # --- parsing of the server's answers (pure) --------------------------------
@@ -472,7 +477,7 @@ class RestBackend:
         general machinery (docs/performance.md compares the two)."""
         if self.client is None:
             return self.get(BASIC, params)
-        target = self._basic_target + "&".join(f"{k}={quote(v, safe=_SAFE)}" for k, v in params)
+        target = self._basic_target + "&".join(f"{k}={_quote(v)}" for k, v in params)
         d = self.client.get(target.encode("ascii"), self._header_lines)
         d.addCallback(self._checked)
         return d
