@@ -205,12 +205,12 @@ class _Connection(Protocol):
             raise _Extra()
 
     def on_header(self, name, value):
-        name = name.lower()
-        if name == b"content-length":
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
             self.framed = True
             if value.strip().isdigit() and int(value) > self.pool.max_body:
                 raise CardError(errors.UPSTREAM, f"response body over {self.pool.max_body} bytes")
-        elif name == b"transfer-encoding":
+        elif size == 17 and name.lower() == b"transfer-encoding":
             self.framed = True
 
     def on_headers_complete(self):
