@@ -34,10 +34,11 @@ MAX_HEAD = 64 * 1024  #: status line and header lines together, bytes
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 #: A pooled connection idle at least this many seconds is looked at (one
-#: recv(MSG_PEEK) system call) before a request is written to it; under load
-#: connections are reused within microseconds, where a server's idle close
-#: is not to be expected and the call would only cost CPU.
-PEEK_AFTER = 0.005
+#: recv(MSG_PEEK) system call) before a request is written to it, in case
+#: the server's close arrived after the reactor last looked.  Servers close
+#: idle connections after seconds; under load connections are reused within
+#: milliseconds, where the call would only cost CPU.
+PEEK_AFTER = 0.25
 
 
 class HTTPPool:
