@@ -103,10 +103,11 @@ def write(table, args, load):
 
 NOTES = """* **httptools**: `backends/httpclient.py` as shipped, a thin Twisted protocol over llhttp.
 * **http11-handwritten**: the hand-written HTTP/1.1 parser this replaced (removed; measured from the
-  tree before the change, `git archive c0daa84 src`).
-* **treq-agent**: card commands through treq and twisted.web's Agent with a persistent pool (the same
-  tree with the `httptools` client left out, so `RestBackend.basic` goes through treq).
-* **h11**: the same thin protocol with h11 as the parser instead of llhttp (a bench-only variant).
+  tree before the change, `git archive c0daa84 src | tar -x -C DIR`).
+* **treq-agent**: card commands through treq and twisted.web's Agent with a persistent pool (a copy
+  of this tree whose `rest.from_url` passes `client=None`, so `RestBackend.basic` goes through treq).
+* **h11**: a copy of this tree whose `httpclient._Connection` drives h11 instead of llhttp (a
+  bench-only variant, not kept).
 
 httptools was chosen: the least CPU of the library-backed options, and no hand-written HTTP parsing."""
 
