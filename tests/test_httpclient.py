@@ -233,3 +233,40 @@ class RealSocketTests(SynchronousTestCase):
         pool.idle.append((clock.seconds(), conns[1]))
         pool.get(b"/b")  # reused at once (under load): not looked at
         self.assertTrue(conns[1].transport.value().startswith(b"GET /b "))
+
+
+class RestBasicTests(SynchronousTestCase):
+    """RestBackend.basic(params) over this client: the request line, the
+    body of a 200, C086 for another status, cancel aborts the connection."""
+
+    def setUp(self):
+        from cloudfoxy_proxy.backends.rest import RestBackend
+
+        self.clock = Clock()
+        self.endpoint = FakeEndpoint()
+        pool = HTTPPool(self.clock, self.endpoint, "cf.test", max_body=1000)
+        self.backend = RestBackend(base_url="http://cf.test/x", token="tok", clock=self.clock,
+                                   http=None, client=pool)
+
+    def test_repeated_params_body_and_status(self):
+        d = self.backend.basic([("terminal", "/10.0.0.1@1"), ("reset", "1"), ("apdu", "00A4"),
+                                ("apdu", "00B0"), ("terminal2", "a b&c")])
+        proto, t = self.endpoint.connections[0]
+        self.assertEqual(t.value().split(b"\r\n")[0],
+                         b"GET /x/api/v1/basic?terminal=/10.0.0.1@1&reset=1&apdu=00A4&apdu=00B0"
+                         b"&terminal2=a%20b%26c HTTP/1.1")
+        self.assertIn(b"\r\nX-Auth-Token: tok\r\n", t.value())
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n3B00\n9000\n")
+        self.assertEqual(self.successResultOf(d), b"3B00\n9000\n")
+        d = self.backend.basic([("terminal", "/x")])
+        proto.dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nC083\n")
+        error = self.failureResultOf(d, CardError).value
+        self.assertEqual(error.code, "C086")
+        self.assertIn("HTTP 404", error.reason)
+
+    def test_cancel_aborts_the_connection(self):
+        d = self.backend.basic([("terminal", "/x"), ("apdu", "00")])
+        proto, t = self.endpoint.connections[0]
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(t.disconnecting)
