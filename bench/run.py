@@ -52,6 +52,10 @@ BUDGET_1000_IDLE_MB = 20
 BURST_CONNECTIONS = 5000
 
 
+#: In docs/performance.md, what follows this line is written by other bench scripts and kept.
+KEEP_MARK = "<!-- kept by bench/run.py: written by other bench scripts -->"
+
+
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -840,6 +844,11 @@ def main(argv=None):
     os.makedirs(os.path.dirname(md), exist_ok=True)
     if chart(b, png):
         text = text.replace("](performance.png)", f"]({os.path.basename(png)})")
+    if os.path.exists(md):  # sections other scripts keep here (bench/rest_http.py --write)
+        with open(md) as f:
+            old = f.read()
+        if KEEP_MARK in old:
+            text = text.rstrip("\n") + "\n\n" + old[old.index(KEEP_MARK):]
     with open(md, "w") as f:
         f.write(text)
     log(f"wrote {md} in {elapsed:.0f} s" + (f"; scenarios that broke: {failed}" if failed else ""))

@@ -147,7 +147,16 @@ class FakeScard:
         card, counter = self.readers[info["reader"]]
         if counter != info["counter"] or card is None:
             return None, self.SCARD_W_REMOVED_CARD
+        if info.get("reset"):
+            return None, self.SCARD_W_RESET_CARD
         return info, 0
+
+    def reset_by_another_program(self, name):
+        """Another program reset the card: every handle on it is told
+        SCARD_W_RESET_CARD until it reconnects (pcsc-lite)."""
+        for info in self.handles.values():
+            if info["reader"] == name:
+                info["reset"] = True
 
     # -- the API
 
@@ -227,6 +236,7 @@ class FakeScard:
         if init == self.SCARD_UNPOWER_CARD and not card.cold_reset:
             return self.SCARD_E_UNSUPPORTED_FEATURE, 0
         info["counter"] = counter
+        info["reset"] = False
         return 0, self.SCARD_PROTOCOL_T1
 
     def SCardDisconnect(self, h, disposition):
@@ -639,14 +649,46 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("transmit: fake error (0x80100016)", error.reason)
 
     def test_card_pulled_then_reinserted_between_commands(self):
-        """The stale handle is reconnected; the APDU (never sent) goes to
-        the new card."""
+        """pcscd says SCARD_W_REMOVED_CARD: the next command gets C080 (its
+        session state is gone; the APDU is never sent), the handle is
+        reconnected, and later commands go to the new card."""
         h = Harness(self)
         self.assertEqual(self._tx(h, "00A4000C023F00"), "9000")
         h.scard.remove(R0)
         h.scard.insert(R0, FakeCard())
-        self.assertEqual(self._tx(h, "0084000008"), "01010101010101019000")
+        d = h.request(R0, "APDU:0084000008")
+        h.run_readers()
+        self.assertEqual(h.results(self.successResultOf(d)), ["C080"])
+        self.assertEqual(h.scard.card(R0).received, [])  # never reached the new card
         self.assertIn(("SCardReconnect", h.scard.SCARD_LEAVE_CARD), h.scard.calls)
+        self.assertEqual(self._tx(h, "0084000008"), "01010101010101019000")
+
+    def test_reset_by_another_program_is_c080_once(self):
+        """SCARD_W_RESET_CARD (another program reset the card) at the first
+        APDU of a request, or in the middle of one: that command gets C080,
+        the card is reconnected, the next command runs."""
+        h = Harness(self)
+        self.assertEqual(self._tx(h, "00A4000C023F00"), "9000")
+        h.scard.reset_by_another_program(R0)
+        d = h.request(R0, "APDU:00A4000C023F00", "APDU:00A4000C023F00")
+        h.run_readers()
+        h.run_readers()
+        self.assertEqual(h.results(self.successResultOf(d)), ["C080", "9000"])
+        self.assertEqual(self._tx(h, "00A4000C023F00"), "9000")
+        # the reset lands between two commands of one request (no transaction: exclusive mode)
+        h = Harness(self, mode="exclusive")
+        d = h.backend.transmit(R0, SELECT_MF)
+        h.run_readers()
+        self.assertEqual(self.successResultOf(d).hex().upper(), "9000")
+        h.scard.reset_by_another_program(R0)
+        d = h.backend.transmit(R0, SELECT_MF)
+        h.run_readers()
+        error = self.failureResultOf(d, CardError).value
+        self.assertEqual(error.code, errors.NO_CARD)
+        self.assertIn("reset or removed by another program", error.reason)
+        d = h.backend.transmit(R0, SELECT_MF)
+        h.run_readers()
+        self.assertEqual(self.successResultOf(d).hex().upper(), "9000")
 
     def test_removed_card_noticed_then_reinserted(self):
         h = Harness(self)

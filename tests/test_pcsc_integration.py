@@ -373,3 +373,28 @@ def test_client_sees_readers_by_line_client(cards, pcsc_proxy):
         assert c.read_response() == [("1", "9000")]
     finally:
         c.close()
+
+
+def test_card_reset_by_another_program_is_c080_once(cards, pcsc_proxy):
+    """Another local program resets the card between two of our requests:
+    pcscd tells the proxy SCARD_W_RESET_CARD, the next command gets C080
+    (its session state is gone), then the card works again (docs/pcsc.md)."""
+    from smartcard import scard
+
+    with pcsc_proxy.client() as c:
+        assert apdu(c, SLOT0, SELECT_MF) == "9000"
+        hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        assert hr == scard.SCARD_S_SUCCESS
+        try:
+            hr, handle, _ = scard.SCardConnect(ctx, SLOT0, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_ANY)
+            assert hr == scard.SCARD_S_SUCCESS
+            hr, _ = scard.SCardReconnect(handle, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_ANY,
+                                         scard.SCARD_RESET_CARD)
+            assert hr == scard.SCARD_S_SUCCESS
+            scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+        finally:
+            scard.SCardReleaseContext(ctx)
+        assert c.request(f">{SLOT0}|\n>1:APDU:{SELECT_MF}|\n>2:APDU:{SELECT_MF}|\n\n") == [
+            ("1", "C080"), ("2", "9000")]
+        assert apdu(c, SLOT0, GET_CHALLENGE).endswith("9000")
+        assert apdu(c, SLOT1, SELECT_MF) == "9000"  # the other card never noticed

@@ -21,6 +21,7 @@ from cloudfoxy_proxy import errors
 from cloudfoxy_proxy.backend import IBackend
 from cloudfoxy_proxy.backends import from_url as backend_from_url
 from cloudfoxy_proxy.backends import rest
+from cloudfoxy_proxy.backends.httpclient import HTTPPool
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.registry import ReaderRegistry
@@ -100,8 +101,8 @@ def messages(events):
 
 class RestBackendTests(SynchronousTestCase):
     """treq's HTTPClient over an Agent (here treq.testing's in-memory one)
-    for everything; the production hot path (http11.HTTPPool) is tested in
-    test_http11.py and against real servers."""
+    for everything; the production hot path (httpclient.HTTPPool) is tested in
+    test_httpclient.py and against real servers."""
 
     def make_http(self):
         agent = RequestTraversalAgent(self.server)
@@ -436,7 +437,8 @@ class FromUrlTests(SynchronousTestCase):
         self.assertEqual((b.base_url, b.token, b.poll, b.timeout, b.prefix), (
             "http://127.0.0.1:8081", "from-config", 10.0, 2.0, "CloudFoxy"))
         self.assertEqual(b.pool.maxPersistentPerHost, 128)
-        self.assertFalse(b.pool.retryAutomatically)
+        self.assertTrue(b.pool.retryAutomatically)  # hello and inventory only: idempotent
+        self.assertIsInstance(b.client, HTTPPool)  # card commands: never retried
         self.assertTrue(b.pool.persistent)
 
     def test_token_file_wins_and_options(self):

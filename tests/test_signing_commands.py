@@ -130,9 +130,11 @@ class ListingTests(SynchronousTestCase):
         self.assertEqual(b64list(self.h.result(">*|\n>1:ALIASES|\n\n")), ALIASES[2:])
         self.assertEqual(self.h.sign("P PIV 00 Signing", "123456"), errors.NOT_FOUND)
         self.h.piv.insert(0)
-        self.assertEqual(b64list(self.h.result(">*|\n>1:ALIASES|\n\n")), ALIASES[2:])  # probe not run yet
-        self.h.clock.advance(0)
+        # before its arrival probe has run: ALIASES probes it first
         self.assertEqual(b64list(self.h.result(">*|\n>1:ALIASES|\n\n")), ALIASES)
+        before = self.h.apdus()
+        self.h.clock.advance(0)
+        self.assertEqual(self.h.apdus(), before)  # the arrival probe found it done
 
     def test_alias_names_the_reader_for_every_command(self):
         self.assertEqual(self.h.result(">P PIV 01 Signing|\n>1:APDU:00A4040C05A000000308|\n\n"), "9000")
@@ -231,12 +233,15 @@ class SignTests(SynchronousTestCase):
         for secret in ("987654", "123456", "1234567890", b"987654".hex(), b"123456".hex().upper()):
             self.assertNotIn(secret, text)
 
-    def test_reset_reprobes_a_swapped_card(self):
+    def test_reset_sends_nothing_and_sign_looks_at_the_card_again(self):
         b = self.h.piv
         b.cards[1] = b._slots[1] = PivCard(serial=7, label="P")  # swapped without a removal event
-        self.assertEqual(self.h.results(">P 01|\n>1:RESET|\n>2:APDU:00A4040C05A000000308|\n\n")[1], "9000")
-        self.assertIn("P PIV 01 Signing", b64list(self.h.result(">*|\n>1:ALIASES|\n\n")))  # not yet
-        self.h.clock.advance(0.5)
+        before = b.apdus
+        self.assertEqual(self.h.result(">P 01|\n>1:RESET|\n\n")[:2], "3B")
+        self.h.clock.advance(5)
+        self.assertEqual(b.apdus, before)  # the card stays as the reset left it
+        self.assertIn("P PIV 01 Signing", b64list(self.h.result(">*|\n>1:ALIASES|\n\n")))  # the cache
+        self.assertEqual(self.h.sign("P PIV 01 Signing", "123456"), errors.NOT_FOUND)  # SIGN looked
         self.assertIn("P PIV 07 Signing", b64list(self.h.result(">*|\n>1:ALIASES|\n\n")))
         self.assertNotIn("P PIV 01 Signing", b64list(self.h.result(">*|\n>1:ALIASES|\n\n")))
         self.assertEqual(self.h.registry.resolve("P PIV 07 Signing").name, "P 01")
@@ -251,25 +256,57 @@ class SignTests(SynchronousTestCase):
         leaf = self.h.chain("P PIV 07 Signing")[0]
         verify(leaf, SHA256, bytes.fromhex(self.h.sign("P PIV 07 Signing", "123456")))
 
-    def test_reset_probe_runs_later_once(self):
+    def test_no_probe_after_resets(self):
         before = self.h.piv.apdus
         for _ in range(5):
             results = self.h.results(">P 00|\n>1:RESET|\n>2:APDU:00200080|\n\n")
             self.assertEqual(results[1], "6D00")  # nothing selected since the reset
-        self.assertEqual(self.h.piv.apdus, before + 5)  # the RESETs sent no probe
-        self.h.clock.advance(0.5)
-        probe = self.h.piv.apdus - before - 5
-        self.assertGreater(probe, 1)
-        self.h.clock.advance(1)
-        self.assertEqual(self.h.piv.apdus - before - 5, probe)  # one probe for five RESETs
+            self.h.clock.advance(0.7)
+            self.assertEqual(self.h.result(">P 00|\n>1:APDU:00200080|\n\n"), "6D00")  # still nothing
+        self.h.clock.advance(10)
+        self.assertEqual(self.h.piv.apdus, before + 10)  # only the client's APDUs
+        self.h.results(">*|\n>1:ENUM|\n>2:ALIASES|\n\n")
+        self.assertEqual(self.h.piv.apdus, before + 10)  # listings from the cache
 
     def test_reprobe_tries_the_known_profile_first(self):
         self.h.pgp.sent.clear()
         self.h.result(">G 00|\n>1:RESET|\n\n")
-        self.h.clock.advance(0.5)
-        self.assertTrue(self.h.pgp.sent)
+        self.h.clock.advance(1)
+        self.assertEqual(self.h.pgp.sent, [])
+        self.h.sign("G OpenPGP 00 Signing", "123456")  # SIGN looks at the reset card first
         self.assertFalse([a for a in self.h.pgp.sent if "A000000308" in a])  # no PIV SELECT
         self.assertEqual(self.h.pgp.sent[0], "00A4040006D27600012401")
+
+    def test_held_card_is_not_probed_on_arrival_but_lazily_when_free(self):
+        from cloudfoxy_proxy.dispatch import Session
+
+        self.h.piv.remove(0)
+        reader = self.h.registry.get("P 00")
+        bridge = Session("vpcd")
+        reader.holder = bridge  # a vpcd bridge holds the card
+        before = self.h.piv.apdus
+        self.h.piv.insert(0)
+        self.h.clock.advance(1)
+        self.assertEqual(self.h.piv.apdus, before)  # no arrival probe
+        self.assertNotIn("P PIV 00 Signing", b64list(self.h.result(">*|\n>1:ALIASES|\n\n")))
+        self.assertEqual(self.h.piv.apdus, before)  # ENUM/ALIASES do not probe a held card either
+        reader.holder = None
+        aliases, enum = self.h.results(">*|\n>1:ALIASES|\n>2:ENUM|\n\n")  # the lazy probe
+        self.assertEqual(b64list(aliases), ALIASES)
+        self.assertIn("P 00", b64list(enum))
+        probed = self.h.piv.apdus
+        self.assertGreater(probed, before)
+        self.h.result(">*|\n>1:ENUM|\n\n")
+        self.assertEqual(self.h.piv.apdus, probed)  # once
+
+    def test_lazy_probe_skips_a_card_a_request_holds(self):
+        self.h.piv.remove(0)
+        self.h.piv.insert(0)  # arrival probe due at the next clock turn
+        # A request holding P 00 asks ENUM: the card is not free, so no probe
+        # (no deadlock either), and the answer comes from the cache.
+        results = self.h.results(">P 00|\n>1:RESET|\n>2:ENUM|\n>3:APDU:00200080|\n\n")
+        self.assertNotIn("P 00", b64list(results[1]))
+        self.assertEqual(results[2], "6D00")
 
     def test_ambiguous_alias(self):
         twin = backend(self.h.clock, "piv", "P", cards=1)

@@ -86,7 +86,15 @@ class OptionsTests(SynchronousTestCase):
 
     def test_vpcd(self):
         o = parse("--vpcd", "127.0.0.1:35963=Emulated 00", "--vpcd", "[::1]:35964=Em")
-        self.assertEqual(o["vpcd"], [("127.0.0.1", 35963, "Emulated 00"), ("::1", 35964, "Em")])
+        self.assertEqual(o["vpcd"], [("127.0.0.1", 35963, "Emulated 00", False), ("::1", 35964, "Em", False)])
+        o = parse("--vpcd", "127.0.0.1:35963=Emulated 00?exclusive=1", "--vpcd", "127.0.0.1:1=Em?.*",
+                  "--vpcd", "127.0.0.1:2=Em?exclusive=0")
+        self.assertEqual(o["vpcd"], [("127.0.0.1", 35963, "Emulated 00", True), ("127.0.0.1", 1, "Em?.*", False),
+                                     ("127.0.0.1", 2, "Em", False)])
+        for bad in ("127.0.0.1:1=Em?exclusive=2", "127.0.0.1:1=Em?exlusive=1", "127.0.0.1:1=Em?exclusive=1&x=1"):
+            with self.assertRaises(usage.UsageError) as e:
+                parse("--vpcd", bad)
+            self.assertIn("the only parameter is exclusive=0 or exclusive=1", str(e.exception))
 
     def test_service_tree(self):
         o = parse("--listen", "4002", "--backend", "emulated:?cards=3")

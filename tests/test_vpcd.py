@@ -356,11 +356,16 @@ class FakeTransport(StringTransport):
         self.protocol = protocol
         self.clock = clock
         self.lost = False
+        self.aborted = False
 
     def loseConnection(self):
         if not self.disconnecting:
             super().loseConnection()
             self.clock.callLater(0, self.drop)
+
+    def abortConnection(self):
+        self.aborted = True
+        self.loseConnection()
 
     def drop(self):
         """The connection ends (vpcd closed it, or our close completed)."""
@@ -479,6 +484,71 @@ class BridgeTests(SynchronousTestCase):
             self.assertEqual(len(text), 1, text)
             self.assertIn(problem, text[0])
             bridge.stopService()
+
+    def line(self, *commands, reader="Emulated 00"):
+        """Another client's request (its own Session): the result codes."""
+        from cloudfoxy_proxy.parser import make_command
+
+        d = self.h.dispatcher.submit(reader, [make_command([str(i), *c.split(":")])
+                                              for i, c in enumerate(commands, 1)])
+        return [r for _, r in self.successResultOf(d)]
+
+    def test_holds_the_card_while_connected(self):
+        reader = self.h.registry.get("Emulated 00")
+        self.start()
+        self.assertIs(reader.holder, self.h.card.session)
+        self.assertFalse(reader.exclusive)
+        self.assertEqual(self.line(f"APDU:{SELECT_MF.hex()}"), ["9000"])  # shared: others still work
+        self.h.backend.remove(0)
+        self.h.clock.advance(0)
+        self.assertIsNone(reader.holder)
+
+    def test_reset_by_another_client_shows_pcscd_a_removal(self):
+        self.start()
+        first = self.vpcd.current
+        proto = self.bridge.protocol
+        proto.dataReceived(ctrl(POWER_ON) + frame(SELECT_MF))
+        self.assertEqual(answers(first), [b"\x90\x00"])
+        # the bridge's own RESET (pcscd's) changes nothing
+        proto.dataReceived(ctrl(RESET))
+        self.h.clock.advance(0)
+        self.assertFalse(first.lost)
+        with capturedLogs() as events:
+            self.assertEqual(self.line("RESET"), [ATR.hex().upper()])
+            self.h.clock.advance(0)
+        self.assertTrue(first.lost and first.aborted)  # RST: vpcd's next send fails; pcscd sees a removal...
+        self.assertIsNone(self.bridge.protocol)
+        self.assertIsNone(self.h.registry.get("Emulated 00").holder)
+        self.assertIn("reset by another client", " ".join(formatEvent(e) for e in events))
+        self.h.clock.advance(vpcd.REINSERT_DELAY / 2)
+        self.assertEqual(self.line("RESET"), [ATR.hex().upper()])  # while removed: nothing more
+        self.h.clock.advance(vpcd.REINSERT_DELAY / 2 - 0.1)
+        self.assertIsNone(self.vpcd.current)
+        calls = list(self.h.backend.calls)
+        self.h.clock.advance(0.2)
+        second = self.vpcd.current
+        self.assertIsNotNone(second)  # ...and inserted again
+        second.protocol.dataReceived(ctrl(POWER_ON) + ctrl(GET_ATR))
+        self.assertEqual(answers(second), [ATR])
+        self.assertEqual(self.h.backend.calls, calls)  # no reset of ours after the other client's
+        self.assertEqual(len(self.vpcd.transports), 2)  # one removal for the two resets
+        self.assertEqual(self.line("RESET"), [ATR.hex().upper()])  # connected again: shown again
+        self.h.clock.advance(0)
+        self.assertTrue(second.lost)
+
+    def test_exclusive_reserves_the_card(self):
+        bridge = VpcdBridge(self.h.card, self.h.registry, self.vpcd, self.h.clock,
+                            retry=retry_policy(jitter=0.0), quickack=False, exclusive=True)
+        self.bridge = bridge
+        bridge.startService()
+        proto = bridge.protocol
+        self.assertEqual(self.line("RESET", f"APDU:{SELECT_MF.hex()}"), [errors.UPSTREAM] * 2)
+        self.assertEqual(self.line(f"APDU:{SELECT_MF.hex()}", reader="Emulated 01"), ["9000"])
+        proto.dataReceived(frame(SELECT_MF))
+        self.assertEqual(answers(self.vpcd.current), [b"\x90\x00"])  # the bridge itself works
+        bridge.stopService()
+        self.h.clock.advance(0)
+        self.assertEqual(self.line(f"APDU:{SELECT_MF.hex()}"), ["9000"])  # released
 
     def test_card_failure_disconnects_and_retries_until_it_works(self):
         self.start()

@@ -283,3 +283,121 @@ def test_full_loop_through_a_second_proxy(bridge, slot):
             assert re.fullmatch(r"[0-9A-F]{8}9000", got[3]), got
     finally:
         b.stop()
+
+
+def _scard_connect(reader=READER):
+    from smartcard import scard
+
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert hr == 0
+    hr, card, proto = scard.SCardConnect(ctx, reader, scard.SCARD_SHARE_SHARED,
+                                         scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
+    assert hr == 0, hex(hr & 0xFFFFFFFF)
+    return ctx, card, proto
+
+
+def _scard_tx(card, proto, apdu_hex):
+    from smartcard import scard
+
+    hr, resp = scard.SCardTransmit(card, proto, list(bytes.fromhex(apdu_hex)))
+    return hr & 0xFFFFFFFF, bytes(resp).hex().upper()
+
+
+def _scard_close(ctx, card):
+    from smartcard import scard
+
+    scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
+    scard.SCardReleaseContext(ctx)
+
+
+def _line(proxy, text):
+    with LineClient(port=proxy.port) as c:
+        return c.results(text)
+
+
+def test_reset_by_another_client_is_seen_by_the_pcsc_program(bridge, slot):
+    """A line client resets the bridged card while a PC/SC program has a
+    transaction on it: the program's next transmit fails instead of
+    answering from the reset card, pcscd then reports the card removed
+    (SCARD_W_REMOVED_CARD), and after SCardReconnect the program finds the
+    card as the reset left it."""
+    from smartcard import scard
+
+    proxy = bridge()
+    ctx, card, proto = _scard_connect()
+    try:
+        assert scard.SCardBeginTransaction(card) == 0
+        assert _scard_tx(card, proto, "00A4080C0450005001") == (0, "9000")  # SELECT EF 5000/5001
+        assert _scard_tx(card, proto, READ_BINARY)[0] == 0
+        assert _line(proxy, ">Emulated 00|\n>1:RESET|\n\n") == [EMULATED_ATR.hex().upper()]
+        hr, resp = _scard_tx(card, proto, READ_BINARY)
+        assert hr != 0 and resp == "", (hex(hr), resp)  # never an answer of the reset card
+        deadline = time.monotonic() + 3
+        while hr != scard.SCARD_W_REMOVED_CARD & 0xFFFFFFFF and time.monotonic() < deadline:
+            time.sleep(0.1)
+            hr, resp = _scard_tx(card, proto, READ_BINARY)
+        assert hr == scard.SCARD_W_REMOVED_CARD & 0xFFFFFFFF, hex(hr)
+        scard.SCardEndTransaction(card, scard.SCARD_LEAVE_CARD)
+        slot.wait_card(SLOT, True, 5)  # inserted again
+        hr, proto = scard.SCardReconnect(card, scard.SCARD_SHARE_SHARED,
+                                         scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+                                         scard.SCARD_LEAVE_CARD)
+        assert hr == 0, hex(hr & 0xFFFFFFFF)
+        assert _scard_tx(card, proto, READ_BINARY) == (0, "6986")  # no current EF since the reset
+        assert _scard_tx(card, proto, "00A4080C0450005001") == (0, "9000")
+        assert _scard_tx(card, proto, READ_BINARY)[0] == 0
+    finally:
+        _scard_close(ctx, card)
+    assert "reset by another client" in proxy.log()
+
+
+def test_exclusive_bridge_reserves_the_card(bridge, slot):
+    proxy = bridge("Emulated 00?exclusive=1")
+    started = time.monotonic()
+    assert _line(proxy, f">Emulated 00|\n>1:RESET|\n>2:APDU:{SELECT_MF}|\n\n") == ["C086", "C086"]
+    assert time.monotonic() - started < 1.0  # at once
+    assert _line(proxy, f">Emulated 01|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]  # other cards: as usual
+    conn = connect()
+    try:
+        assert send(conn, SELECT_MF) == (b"", 0x9000)  # the PC/SC program keeps the card
+        assert send(conn, GET_CHALLENGE)[1] == 0x9000
+    finally:
+        close(conn)
+    assert "exclusive: other clients get C086" in proxy.log()
+
+
+PIV_GET_DATA = "00CB3FFF055C035FC10500"  # GET DATA (X.509 cert for digital signature), no SELECT before it
+PIV_SELECT_LE_1 = "00A4040005A00000030801"  # SELECT PIV, Le=1: one byte now, 61xx for the rest
+
+
+def test_no_probe_behind_a_pcsc_program_after_its_reset(bridge, slot):
+    """Signing on, an emulated PIV card bridged: after the program's own
+    reset the proxy sends nothing to the card, so GET DATA without SELECT
+    still answers 6D00 a second later and a pending 61xx answer can still be
+    fetched with GET RESPONSE 0.7 s after the reset (3 of 3)."""
+    from smartcard import scard
+
+    proxy = bridge("Emulated 00", "--backend", "emulated:?type=piv&cards=1")
+    ctx, card, proto = _scard_connect()
+    protocols = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
+    try:
+        for _ in range(3):
+            hr, proto = scard.SCardReconnect(card, scard.SCARD_SHARE_SHARED, protocols, scard.SCARD_RESET_CARD)
+            assert hr == 0, hex(hr & 0xFFFFFFFF)
+            reset_at = time.monotonic()
+            assert _scard_tx(card, proto, PIV_GET_DATA) == (0, "6D00")
+            time.sleep(max(0.0, reset_at + 1.0 - time.monotonic()))
+            assert _scard_tx(card, proto, PIV_GET_DATA) == (0, "6D00")  # still nothing selected
+
+            hr, proto = scard.SCardReconnect(card, scard.SCARD_SHARE_SHARED, protocols, scard.SCARD_RESET_CARD)
+            assert hr == 0, hex(hr & 0xFFFFFFFF)
+            reset_at = time.monotonic()
+            hr, first = _scard_tx(card, proto, PIV_SELECT_LE_1)
+            assert hr == 0 and len(first) == 6 and first[2:4] == "61", first
+            rest = int(first[4:], 16)
+            time.sleep(max(0.0, reset_at + 0.7 - time.monotonic()))
+            hr, answer = _scard_tx(card, proto, "00C00000" + first[4:])  # GET RESPONSE
+            assert hr == 0 and len(answer) == 2 * rest + 4 and answer.endswith("9000"), (first, answer)
+    finally:
+        _scard_close(ctx, card)
+    assert "PIV card with" in proxy.log()  # signing was on: the card was probed when it arrived

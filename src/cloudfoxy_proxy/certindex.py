@@ -1,12 +1,16 @@
 """The certificate index: which card holds which signing certificate, and
 the signing commands ENUM, ALIASES, CHAIN and SIGN (PROTOCOL.md 1.3).
 
-Each card is probed once when it arrives (a registry listener) and again
-after a RESET (within ``RESET_PROBE_DELAY`` seconds, so that a burst of
-RESETs costs one probe, and the RESET itself costs a flag): the card profiles (``cloudfoxy_proxy.profiles``) are
-tried in order inside one turn on the card's queue, and the certificates
-found are cached.  ENUM, ALIASES and CHAIN answer from that cache with no
-APDUs.  The certificate aliases (subject common name, and the full RFC 4514
+The proxy never acts on a card behind a client's back.  A card is probed
+when it arrives (a registry listener) and nobody holds it (no request on
+its queue, no vpcd bridge on it: ``Reader.holder``); a card that arrived
+while held is probed lazily, by the first ENUM, ALIASES or CHAIN that finds
+it free, or by SIGN.  A client's RESET only marks the card (SIGN, which
+holds the card, looks at it again first); nothing is sent to a card after
+a reset, so it stays as the reset left it.  A probe tries the card profiles
+(``cloudfoxy_proxy.profiles``) in order inside one turn on the card's
+queue, and the certificates found are cached.  ENUM, ALIASES and CHAIN
+answer from that cache with no APDUs (unless such a lazy probe is due).  The certificate aliases (subject common name, and the full RFC 4514
 subject) become extra reader aliases in the registry, so a reader line
 naming an alias selects the card that holds it (two cards with one alias:
 ``C082``).
@@ -27,7 +31,7 @@ import os
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import (
-    CancelledError, Deferred, TimeoutError, fail, inlineCallbacks, maybeDeferred, succeed,
+    CancelledError, Deferred, DeferredList, TimeoutError, fail, inlineCallbacks, maybeDeferred, succeed,
 )
 
 from . import errors
@@ -139,16 +143,15 @@ def parse_digest(data, algorithm=""):
     return digest
 
 
-#: Seconds between a client's RESET and the probe it causes; RESETs of one
-#: card within this time cause one probe.
-RESET_PROBE_DELAY = 0.5
+class _Held(Exception):
+    """A client holds the card: the probe is not run."""
 
 
 class _CardState:
     """What the index knows about the card in one reader."""
 
     __slots__ = ("reader", "present", "atr", "generation", "profile", "certs", "probed",
-                 "queued", "running", "again", "wrong_pin", "dirty")
+                 "queued", "running", "again", "wrong_pin", "dirty", "failed")
 
     def __init__(self, reader):
         self.reader = reader
@@ -163,9 +166,11 @@ class _CardState:
         self.again = False  # probe once more when the running one ends
         self.wrong_pin = None  # keyed hash of the PIN the card last rejected
         self.dirty = False  # reset by a client since the last probe
+        self.failed = False  # the last probe failed: no lazy probe until the card comes again
 
     def forget(self):
         self.generation += 1
+        self.failed = False
         self.profile = None
         self.certs = ()
         self.probed = False
@@ -239,7 +244,7 @@ class CertIndex:
         self.ca_certs = list(ca_certs)
         self._secret = secret or os.urandom(32)
         self._cards = {}  # Reader -> _CardState
-        self._sweep = None  # DelayedCall probing the cards reset since the last sweep
+        self._arrivals = []  # DelayedCalls of arrival probes
         self.started = False
 
     def start(self):
@@ -247,6 +252,7 @@ class CertIndex:
         if not self.started:
             self.started = True
             self.registry.add_listener(self._changed)
+            self.registry.add_reset_listener(self._card_reset)
             self._changed(self.registry)
 
     # Tracking cards ------------------------------------------------------------------
@@ -277,7 +283,8 @@ class CertIndex:
         self.registry.set_extra_aliases(state.reader, ())
         # Later, not inside the registry's update (the backend may still be
         # in the middle of reporting its readers).
-        self.clock.callLater(0, self.probe, state.reader)
+        self._arrivals = [c for c in self._arrivals if c.active()]
+        self._arrivals.append(self.clock.callLater(0, self._probe_if_free, state.reader))
 
     def _departed(self, state):
         state.present = False
@@ -285,30 +292,41 @@ class CertIndex:
         state.forget()
         self.registry.set_extra_aliases(state.reader, ())
 
-    def after_reset(self, reader):
-        """The dispatcher is about to reset the card in ``reader`` (its
-        request holds the card): forget the last wrong PIN and probe the
-        card again a moment later.  Cheap: RESET is on the hot path."""
+    def _card_reset(self, reader, _session):
+        """A client is about to reset the card in ``reader`` (its request
+        holds the card): forget the last wrong PIN, and have SIGN look at
+        the card again first.  Nothing is sent to the card.  Cheap: RESET
+        is on the hot path."""
         state = self._cards.get(reader)
-        if state is None:
-            return
-        state.wrong_pin = None
-        state.dirty = True
-        if self._sweep is None:
-            self._sweep = self.clock.callLater(RESET_PROBE_DELAY, self._probe_reset_cards)
-
-    def _probe_reset_cards(self):
-        self._sweep = None
-        for state in list(self._cards.values()):
-            if state.dirty:
-                state.dirty = False
-                self.probe(state.reader)
+        if state is not None:
+            state.wrong_pin = None
+            state.dirty = True
 
     def stop(self):
-        """Cancel a pending probe timer (for an orderly shutdown)."""
-        if self._sweep is not None and self._sweep.active():
-            self._sweep.cancel()
-        self._sweep = None
+        """Cancel pending arrival probes (for an orderly shutdown)."""
+        arrivals, self._arrivals = self._arrivals, []
+        for call in arrivals:
+            if call.active():
+                call.cancel()
+
+    @staticmethod
+    def free(reader):
+        """Nobody holds the card in ``reader``: no request on its queue, no
+        vpcd bridge on it."""
+        return reader.holder is None and not reader.queue.busy and not reader.queue.waiters
+
+    def _probe_if_free(self, reader):
+        """The arrival probe, unless a client holds the card (then ENUM,
+        ALIASES, CHAIN or SIGN probe it later) or a lazy one did it already."""
+        state = self._cards.get(reader)
+        if reader.holder is None and state is not None and not state.probed:
+            self.probe(reader)
+
+    def _due(self):
+        """The present, never-probed cards that nobody holds: the lazy probes
+        ENUM, ALIASES and CHAIN wait for."""
+        return [s.reader for s in self._present_states()
+                if not (s.probed or s.failed or s.queued or s.running) and self.free(s.reader)]
 
     # Probing -----------------------------------------------------------------------
     def probe(self, reader):
@@ -320,7 +338,7 @@ class CertIndex:
         if state.running:
             state.again = True
             return succeed(None)
-        if not reader.present:
+        if not reader.present or reader.holder is not None:
             return succeed(None)
         state.queued = True
         generation = state.generation
@@ -331,6 +349,8 @@ class CertIndex:
 
     def _started(self, state, transmit):
         state.queued = False
+        if state.reader.holder is not None:
+            raise _Held()  # a client took the card while the probe waited for it
         state.running = True
         return self.scan(transmit, state.profile)
 
@@ -354,7 +374,11 @@ class CertIndex:
         if isinstance(outcome, tuple):
             if state.generation == generation and state.present:
                 self._store(state, *outcome)
-        elif outcome.check(CardError) and outcome.value.code == errors.NO_CARD:
+            return self._again(state)
+        if outcome.check(_Held):
+            return self._again(state)
+        state.failed = state.generation == generation
+        if outcome.check(CardError) and outcome.value.code == errors.NO_CARD:
             pass
         elif outcome.check(CardError):
             self.log.info("probing {reader} failed: {code}", reader=reader.name, code=outcome.value.code)
@@ -362,9 +386,12 @@ class CertIndex:
             self.log.warn("probing {reader} timed out", reader=reader.name)
         else:
             self.log.failure("probing {reader} failed", outcome, reader=reader.name)
+        return self._again(state)
+
+    def _again(self, state):
         if state.again:
             state.again = False
-            self.probe(reader)
+            self.probe(state.reader)
         return None
 
     def _store(self, state, profile, certs):
@@ -443,7 +470,16 @@ class CertIndex:
         return ":".join(base64.b64encode(_der(c)).decode("ascii") for c in build_chain(cert.cert, pool))
 
     def command(self, name, command, request):
-        """ENUM, ALIASES or CHAIN for the dispatcher (a result string)."""
+        """ENUM, ALIASES or CHAIN for the dispatcher: a result string, or a
+        Deferred for it when cards nobody holds have not been probed yet
+        (they are probed first, each in its own turn on its queue)."""
+        due = self._due()
+        if due:
+            d = DeferredList([self.probe(reader) for reader in due], consumeErrors=True)
+            return d.addCallback(lambda _: self._command(name, command, request))
+        return self._command(name, command, request)
+
+    def _command(self, name, command, request):
         if name == "ENUM":
             return self.enum(command.data)
         if name == "ALIASES":

@@ -71,7 +71,8 @@ class Dispatcher:
         return result if isinstance(result, Deferred) else succeed(result)
 
     def simple(self, command, session, request=None):
-        """The result of a command that needs no card."""
+        """The result of a command that needs no card, or a Deferred for it
+        (ENUM, ALIASES, CHAIN while the certificate index probes a card)."""
         name = command.name
         if name == READERS or name == LIST:
             return self.registry.listing
@@ -151,7 +152,12 @@ class _Run:
                     self._result(command.error)
                     continue
                 if command.name not in CARD_COMMANDS:
-                    self._result(self.d.simple(command, self.session, self.request))
+                    result = self.d.simple(command, self.session, self.request)
+                    if isinstance(result, Deferred):  # ENUM/ALIASES/CHAIN waiting for a probe
+                        if not self._wait(result):
+                            return False
+                        continue
+                    self._result(result)
                     continue
                 reader = self.reader
                 if reader is None:
@@ -160,6 +166,9 @@ class _Run:
                     self._result(reader)
                     continue
                 if not self.holding:
+                    if reader.exclusive and reader.holder is not None and reader.holder is not self.session:
+                        self._result(errors.UPSTREAM)  # reserved (docs/vpcd.md, exclusive=1)
+                        continue
                     try:
                         got = reader.queue.acquire(self)
                     except QueueFull:
@@ -185,8 +194,7 @@ class _Run:
             if command.name == APDU:
                 result = backend.transmit(reader.key, command.apdu)
             elif command.name == RESET:
-                if self.d.signing is not None:
-                    self.d.signing.after_reset(reader)
+                self.d.registry.card_reset(reader, self.session)
                 result = backend.reset(reader.key)
             else:
                 result = self.d.sign(reader, command, self.request)
@@ -206,6 +214,22 @@ class _Run:
         self.d.deadlines.watch(result)
         result.addCallbacks(self._answered, self._failed, errbackArgs=(reader,))
         return not self._pending
+
+    def _wait(self, d):
+        """A command's result comes later from ``d`` (a result string); False
+        if it has not come yet."""
+        self._pending = True
+        self._call = d
+        d.addBoth(self._waited)
+        return not self._pending
+
+    def _waited(self, result):
+        self._call = None
+        if not isinstance(result, str):
+            self.log.failure("request failed", result)
+            result = errors.INTERNAL
+        self._result(result)
+        self._resume()
 
     def _result(self, value):
         self.lines.append((self.request.commands[self.i].id, value))

@@ -74,7 +74,7 @@ class Reader:
     card queue survive the reader vanishing and coming back."""
 
     __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info",
-                 "release")
+                 "release", "holder", "exclusive")
 
     def __init__(self, name, backend, key, queue):
         self.name = name
@@ -87,6 +87,12 @@ class Reader:
         self.extra_aliases = ()  # from the certificate index (set_extra_aliases)
         self.present = False
         self.info = None
+        #: the dispatch Session that holds the card between its requests (a
+        #: vpcd bridge while connected to vpcd), or None; the proxy's own
+        #: work on the card (certificate probes) never runs while it is set
+        self.holder = None
+        #: with ``holder``: other sessions' card commands get C086 at once
+        self.exclusive = False
 
     def __repr__(self):
         return f"<Reader {self.name!r}>"
@@ -109,6 +115,7 @@ class ReaderRegistry:
         self._current = {}  # id(backend) -> [Reader] listed now
         self._order = []  # backends in the order they first reported
         self._listeners = []
+        self._reset_listeners = []
         self._cache = {}
         self._exact = {}
         self._aliases = {}
@@ -118,6 +125,17 @@ class ReaderRegistry:
     def add_listener(self, callback):
         """``callback(registry)`` after every change to the reader set."""
         self._listeners.append(callback)
+
+    def add_reset_listener(self, callback):
+        """``callback(reader, session)`` just before a client's RESET of the
+        card in ``reader`` runs (``session``: the dispatch Session of the
+        client that sent it)."""
+        self._reset_listeners.append(callback)
+
+    def card_reset(self, reader, session):
+        """The dispatcher is about to reset the card in ``reader`` for ``session``."""
+        for callback in self._reset_listeners:
+            callback(reader, session)
 
     def update(self, backend, infos):
         """Replace ``backend``'s readers with ``infos`` (ReaderInfo objects)."""

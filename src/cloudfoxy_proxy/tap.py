@@ -1,5 +1,6 @@
 """``twistd foxyproxy``: command-line options and the service tree (CLI.md)."""
 
+import re
 import sys
 
 from twisted.application.internet import StreamServerEndpointService
@@ -121,13 +122,22 @@ class Options(usage.Options):
         self["backend"].append(value)
 
     def opt_vpcd(self, value):
-        """HOST:PORT=READER: bridge the card READER (resolved like a reader line)
-        into the vpcd slot listening on HOST:PORT (slot n: port 35963+n); repeatable."""
+        """HOST:PORT=READER[?exclusive=1]: bridge the card READER (resolved like a
+        reader line) into the vpcd slot listening on HOST:PORT (slot n: port
+        35963+n); exclusive=1 reserves the card for the bridge; repeatable."""
         where, eq, reader = value.partition("=")
         host, colon, port = where.rpartition(":")
         if not (eq and colon and host and port.isdigit() and 0 < int(port) < 65536):
             raise usage.UsageError(f"--vpcd {value!r}: expected HOST:PORT=READER, e.g. 127.0.0.1:35963=Emulated 00")
-        self["vpcd"].append((host.strip("[]"), int(port), reader))
+        exclusive = False
+        name, q, tail = reader.rpartition("?")
+        if q and re.fullmatch(r"\w+=[^&=]*(&\w+=[^&=]*)*", tail):
+            params = dict(p.split("=", 1) for p in tail.split("&"))
+            unknown = sorted(set(params) - {"exclusive"})
+            if unknown or params.get("exclusive") not in ("0", "1"):
+                raise usage.UsageError(f"--vpcd {value!r}: the only parameter is exclusive=0 or exclusive=1")
+            reader, exclusive = name, params["exclusive"] == "1"
+        self["vpcd"].append((host.strip("[]"), int(port), reader, exclusive))
 
     def parseOptions(self, options=None):
         try:
@@ -278,8 +288,9 @@ def makeService(config, reactor=None):
         from .restapi import make_rest_service
 
         make_rest_service(config, dispatcher, registry, reactor, top_limits).setServiceParent(top)
-    for host, port, reader in config["vpcd"]:
+    for host, port, reader, exclusive in config["vpcd"]:
         from .vpcd import make_vpcd_service
 
-        make_vpcd_service(host, port, reader, dispatcher, registry, reactor).setServiceParent(top)
+        make_vpcd_service(host, port, reader, dispatcher, registry, reactor,
+                          exclusive=exclusive).setServiceParent(top)
     return top

@@ -19,6 +19,12 @@ The pieces, from the wire inwards:
   a capped back-off when vpcd or pcscd restarts) that runs only while the
   reader exists and holds a card; a failed card makes it disconnect, so
   pcscd reports the card removed, and reconnect when the card is back.
+  While connected the bridge holds the card (``Reader.holder``: no
+  certificate probe runs on it; with ``exclusive=1`` other clients' card
+  commands get ``C086``); when another client resets the card, the bridge
+  disconnects for :data:`REINSERT_DELAY` seconds, so pcscd reports the card
+  removed and PC/SC programs get ``SCARD_W_REMOVED_CARD`` instead of
+  answers from a card whose state changed under them (docs/vpcd.md).
 """
 
 import random
@@ -36,6 +42,7 @@ from zope.interface import implementer
 
 from . import errors
 from .errors import CardError
+from .dispatch import Session
 from .logs import Logger
 from .parser import make_command
 
@@ -58,6 +65,11 @@ MAX_PENDING = 64
 #: Result codes that mean the card is gone or failed: the bridge
 #: disconnects so that pcscd reports the card removed.
 CARD_FAILED = frozenset((errors.NO_CARD, errors.NOT_FOUND, errors.AMBIGUOUS, errors.UPSTREAM))
+
+#: Seconds the bridge stays disconnected after another client reset its
+#: card: pcscd looks at a vpcd slot every 0.4 s (PCSCLITE_STATUS_POLL_RATE),
+#: so it surely sees the card removed before it comes back.
+REINSERT_DELAY = 1.0
 
 SW_WRONG_LENGTH = b"\x67\x00"
 SW_NO_DIAGNOSIS = b"\x6F\x00"
@@ -171,10 +183,14 @@ class BridgedCard:
     dispatcher = attr.ib()
     atr = attr.ib(default=None, init=False)
     fresh = attr.ib(default=False, init=False)
+    #: the dispatch Session of every command the bridge sends (so its own
+    #: resets are told from other clients', and it may hold the card)
+    session = attr.ib(init=False, default=attr.Factory(lambda self: Session(f"vpcd bridge {self.reader}"),
+                                                       takes_self=True))
 
     def _submit(self, fields):
         return self.dispatcher.submit(self.reader, [make_command(fields)],
-                                      password=self.dispatcher.password)
+                                      password=self.dispatcher.password, session=self.session)
 
     def reset(self):
         """Reset the backend card; a Deferred for its ATR."""
@@ -209,6 +225,12 @@ class BridgedCard:
         """The card failed or went away: the next connection starts with a reset."""
         self.atr = None
         self.fresh = False
+
+    def reset_by_other(self):
+        """Another client reset the card: it is fresh from a reset, so the
+        next connection and pcscd's power on need no reset of ours (which
+        would in turn reset the card under that client)."""
+        self.fresh = self.atr is not None
 
     def handle(self, message):
         kind = message.kind
@@ -299,6 +321,16 @@ class VpcdProtocol(Protocol):
             self.closed = True
             self.pending.clear()
             self.transport.loseConnection()
+
+    def abort(self):
+        """Stop at once: reset the connection (RST), so that vpcd's next
+        send fails and pcscd answers the PC/SC program with an error; a
+        plain close would let vpcd read an empty answer, which pcscd passes
+        on as a successful transmit of no bytes."""
+        if not self.closed:
+            self.closed = True
+            self.pending.clear()
+            self.transport.abortConnection()
 
     def _run(self):
         if self._running:
@@ -406,10 +438,14 @@ class VpcdBridge(Service):
     where = attr.ib(default="vpcd")
     retry = attr.ib(factory=retry_policy)
     quickack = attr.ib(default=QUICKACK)
+    exclusive = attr.ib(default=False)
+    reinsert_delay = attr.ib(default=REINSERT_DELAY)
     client = attr.ib(init=False, default=None)
     protocol = attr.ib(init=False, default=None)
     _listening = attr.ib(init=False, default=False)
     _problem = attr.ib(init=False, default=None)
+    _held = attr.ib(init=False, default=None)  # the Reader bridged while connected
+    _paused = attr.ib(init=False, default=None)  # DelayedCall ending a removal shown to pcscd
 
     log = Logger()
 
@@ -423,10 +459,14 @@ class VpcdBridge(Service):
         if not self._listening:
             self._listening = True
             self.registry.add_listener(self._changed)
+            self.registry.add_reset_listener(self._card_reset)
         self._changed(self.registry)
 
     def stopService(self):
         Service.stopService(self)
+        if self._paused is not None and self._paused.active():
+            self._paused.cancel()
+        self._paused = None
         if self.client.running:
             return self.client.stopService()
         return None
@@ -446,6 +486,8 @@ class VpcdBridge(Service):
     def _changed(self, registry):
         if not self.running:
             return
+        if self._paused is not None:
+            return  # showing pcscd a removal; _unpause looks again
         problem = self.available()
         if problem is None and not self.client.running:
             self._note(None)
@@ -459,10 +501,13 @@ class VpcdBridge(Service):
                 self.client.stopService()
 
     def prepare(self):
-        """Before each connection attempt: the card is there and reset."""
+        """Before each connection attempt: the card is there and reset (by
+        us, or just now by the client whose reset made us reconnect)."""
         problem = self.available()
         if problem is not None:
             return fail(CardError(errors.NO_CARD, problem))
+        if self.card.fresh:
+            return succeed(self.card.atr)
         return self.card.reset()
 
     def attempt_failed(self, failure):
@@ -483,22 +528,61 @@ class VpcdBridge(Service):
     def connected(self, protocol):
         self.protocol = protocol
         self._problem = None
-        self.log.info("vpcd bridge {where}: card {reader} connected to vpcd",
-                      where=self.where, reader=self.card.reader)
+        self._hold()
+        self.log.info("vpcd bridge {where}: card {reader} connected to vpcd{mode}",
+                      where=self.where, reader=self.card.reader,
+                      mode=" (exclusive: other clients get C086)" if self.exclusive else "")
+
+    def _hold(self):
+        """Hold the card while connected: no probe of the proxy's own runs
+        on it, and with ``exclusive`` no other client's command."""
+        try:
+            reader = self.registry.resolve(self.card.reader)
+        except CardError:
+            return
+        self._held = reader
+        if reader.holder is None:  # (a second bridge on the card does not hold it)
+            reader.holder = self.card.session
+            reader.exclusive = self.exclusive
+
+    def _let_go(self):
+        reader, self._held = self._held, None
+        if reader is not None and reader.holder is self.card.session:
+            reader.holder = None
+            reader.exclusive = False
+
+    def _card_reset(self, reader, session):
+        """Another client is about to reset the card: show pcscd a removal
+        (disconnect now, reconnect after ``reinsert_delay``), so PC/SC
+        programs learn that the card's state is gone."""
+        if session is self.card.session or reader is not self._held or self.protocol is None:
+            return
+        self.log.info("vpcd bridge {where}: card {reader} reset by another client ({peer}); "
+                      "showing pcscd a removal for {delay}s", where=self.where, reader=reader.name,
+                      peer=getattr(session, "peer", "") or "?", delay=self.reinsert_delay)
+        self.card.reset_by_other()
+        self._paused = self.clock.callLater(self.reinsert_delay, self._unpause)
+        self.protocol.abort()  # no answer of the reset card reaches the program
+        self.client.stopService()
+
+    def _unpause(self):
+        self._paused = None
+        self._changed(self.registry)
 
     def disconnected(self, protocol):
         if self.protocol is not protocol:
             return
+        self._let_go()
         self.protocol = None
         self.log.info("vpcd bridge {where}: card {reader} disconnected from vpcd",
                       where=self.where, reader=self.card.reader)
 
 
-def make_vpcd_service(host, port, reader, dispatcher, registry, reactor):
-    """The service behind ``--vpcd HOST:PORT=READER``."""
+def make_vpcd_service(host, port, reader, dispatcher, registry, reactor, exclusive=False):
+    """The service behind ``--vpcd HOST:PORT=READER[?exclusive=1]``."""
     from twisted.internet.endpoints import HostnameEndpoint
 
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
     return VpcdBridge(BridgedCard(reader, dispatcher), registry, endpoint, reactor, where=where,
-                      quickack=QUICKACK)
+                      quickack=QUICKACK, exclusive=exclusive)

@@ -173,6 +173,9 @@ class _Link:
                      s.SCARD_E_INVALID_HANDLE}
         #: results meaning "reconnect first; nothing was sent to the card"
         self.stale = {s.SCARD_W_REMOVED_CARD, s.SCARD_W_RESET_CARD, s.SCARD_W_UNPOWERED_CARD}
+        #: stale results that also mean the card lost its session state (reset
+        #: by another program, or removed and put back): the command gets C080
+        self.lost = {s.SCARD_W_REMOVED_CARD, s.SCARD_W_RESET_CARD}
         self.no_card = {s.SCARD_E_NO_SMARTCARD, s.SCARD_W_REMOVED_CARD}
 
     # -- plumbing
@@ -268,6 +271,8 @@ class _Link:
             hr = s.SCardBeginTransaction(self.handle)
             if hr in self.stale:
                 self._recover(hr)
+                if hr in self.lost:
+                    raise self._session_lost(hr)
                 hr = s.SCardBeginTransaction(self.handle)
             if hr in self.dead:
                 self.close()
@@ -293,6 +298,14 @@ class _Link:
                     self.scard.SCardEndTransaction(self.handle, self.scard.SCARD_LEAVE_CARD)
                 except Exception:
                     pass
+
+    def _session_lost(self, hr):
+        """The C080 a command gets when pcscd says the card was reset or
+        removed since our last command (the APDU was not sent; the handle
+        is reconnected, so later commands run on the card as it is now)."""
+        return CardError(errors.NO_CARD, f"{self.name}: card reset or removed by another program "
+                                         f"since the last command; its session state is gone "
+                                         f"({_message(self.scard, hr)})")
 
     def _recover(self, hr):
         """After a result saying the handle is stale (card removed and maybe
@@ -320,6 +333,8 @@ class _Link:
             raise CardError(errors.UPSTREAM, f"{self.name}: the card's answer has no status word")
         if hr in self.stale:
             self._recover(hr)
+            if hr in self.lost:
+                raise self._session_lost(hr)
             raise _Retry()  # the APDU was not sent: pcsc-lite checks first
         if hr in self.dead:
             self.close()

@@ -1,6 +1,8 @@
 """``cloudfoxy+http://HOST:PORT`` and ``cloudfoxy+https://HOST:PORT?ca=FILE&cert=FILE&key=FILE``:
-the cards of a CloudFoxy RESTful server (PROTOCOL.md section 2), over treq
-and twisted.web's Agent with one persistent connection pool.
+the cards of a CloudFoxy RESTful server (PROTOCOL.md section 2): hello and
+inventory over treq (twisted.web's Agent, one persistent connection pool),
+card commands over :mod:`.httpclient` (keep-alive connections, responses
+parsed by httptools/llhttp).
 
 URL parameters (all optional): ``token_file=FILE`` (else ``--token-file``,
 else env ``FOXYPROXY_TOKEN``), ``poll=SECONDS`` (how often ``/api/v1/hello``
@@ -37,7 +39,7 @@ from .. import errors
 from ..backend import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
-from .http11 import HTTPPool
+from .httpclient import HTTPPool
 from ..secrets import read_secret
 from . import float_param, int_param, query, tls_material
 
@@ -60,6 +62,11 @@ _PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key"}
 _HEX = re.compile(r"[0-9A-Fa-f]*\Z")
 #: Characters left as they are in query values (terminal names are ``/IP@id``).
 _SAFE = "/@:"
+_PLAIN = re.compile(r"[0-9A-Za-z/@:._~-]*\Z")  # values quote() would leave as they are
+
+
+def _quote(value):
+    return value if _PLAIN.match(value) else quote(value, safe=_SAFE)
 
 
 # --- parsing of the server's answers (pure) --------------------------------
@@ -304,7 +311,10 @@ def from_url(url, config):
         pool = wclient.HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = connections
         pool.cachedConnectionTimeout = IDLE_TIMEOUT
-        pool.retryAutomatically = False  # an APDU must never be sent twice
+        # Only hello and inventory (idempotent GETs) use this pool: a request
+        # written to a pooled connection the server had just closed (an
+        # HTTP/1.0 server closes after every answer) is sent again on a new one.
+        pool.retryAutomatically = True
         pool._factory = _QuietHTTP11ClientFactory  # no log line per connection
         endpoints = OneServer(reactor, policy or wclient.BrowserLikePolicyForHTTPS(), timeout)
         agent = wclient.Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
@@ -390,8 +400,9 @@ class RestBackend:
 
     ``http`` is a treq ``HTTPClient`` (or ``treq.testing.StubTreq``) over
     an Agent using one persistent ``pool``, for hello and inventory; card
-    commands go to ``client`` (an ``http11.HTTPPool``) when there is one
-    (see :meth:`basic`).  ``clock``
+    commands go to ``client`` (an ``httpclient.HTTPPool``; in-memory tests
+    may leave it out, then they go through ``http`` too, see :meth:`basic`).
+    ``clock``
     schedules the polling of ``/api/v1/hello`` every ``poll`` seconds and
     bounds those calls by ``timeout``.  Reader keys are the server's
     terminal names (``/IP@id``).
@@ -453,12 +464,15 @@ class RestBackend:
     def basic(self, params):
         """GET ``/api/v1/basic`` with ``params``, like :meth:`get`.
 
-        The hot path: with a ``client`` (a minimal keep-alive HTTP/1.1
-        client) the request skips treq's and Agent's general machinery,
-        which cost about a third of the proxy's CPU per APDU."""
+        ``params`` is a list of ``(name, value)`` pairs (a name may repeat);
+        the Deferred fires with the body (bytes) of a 200 answer, fails with
+        CardError(C086) for any other status, and its ``cancel()`` aborts
+        the connection.  The hot path: with a ``client``
+        (:class:`.httpclient.HTTPPool`) the request skips treq's and Agent's
+        general machinery (docs/performance.md compares the two)."""
         if self.client is None:
             return self.get(BASIC, params)
-        target = self._basic_target + "&".join(f"{k}={quote(v, safe=_SAFE)}" for k, v in params)
+        target = self._basic_target + "&".join(f"{k}={_quote(v)}" for k, v in params)
         d = self.client.get(target.encode("ascii"), self._header_lines)
         d.addCallback(self._checked)
         return d
