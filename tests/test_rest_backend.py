@@ -216,9 +216,13 @@ class RestBackendTests(SynchronousTestCase):
 
     def test_malformed_bodies_are_c086(self):
         self.start()
-        for body in (b"", b"null\n", b"hello world\n", b"900\n", b"90\n"):
+        for body in (b"", b"null\n", b"hello world\n", b"900\n"):
             self.server.script.append((200, body))
             self.assertUpstreamError(self.backend.transmit("/10.0.0.1@1", b"\x00\xa4\x00\x00"))
+        # Hex of a wrong length is passed on: the dispatcher refuses it (C086).
+        self.server.script.append((200, b"90\n"))
+        self.assertEqual(result_of(self.backend.transmit("/10.0.0.1@1", b"\x00\xa4\x00\x00")),
+                         b"\x90")
 
     def test_connection_refused_is_c086(self):
         class Refusing:

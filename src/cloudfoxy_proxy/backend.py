@@ -22,6 +22,11 @@ class IBackend(Interface):
     Optionally a backend has ``release(key)``: called when a request is done
     with the card (after its last command), e.g. to end a PC/SC transaction
     that spans the request.
+
+    The dispatcher checks every result (:func:`bad_result`): a response
+    APDU of 2..65,538 bytes, an ATR of 2..33 bytes; anything else reaches
+    the client as ``C086``.  Backends pass on what their source gave them
+    and need no checks of their own.
     """
 
     description = Attribute("A short human description for logs, e.g. 'emulated: 4 cards'.")
@@ -38,6 +43,27 @@ class IBackend(Interface):
 
     def transmit(key, apdu):
         """Send the command APDU (bytes) to reader ``key``; the response APDU as bytes."""
+
+
+#: A response APDU: at most 65,536 data bytes (extended Le, ISO 7816-4
+#: 5.1) and SW1 SW2.
+MAX_RESPONSE = 65538
+#: An ATR: TS and T0 at least, 33 bytes at most (ISO 7816-3 8.2.1).
+MIN_ATR, MAX_ATR = 2, 33
+
+
+def bad_result(value, atr):
+    """Why ``value`` (a backend's answer to a RESET when ``atr``, else to an
+    APDU) cannot go to a client, or None when it can."""
+    if not isinstance(value, bytes):
+        return f"a {type(value).__name__} instead of bytes"
+    n = len(value)
+    if atr:
+        if not MIN_ATR <= n <= MAX_ATR:
+            return f"an ATR of {n} bytes (ISO 7816-3: {MIN_ATR}..{MAX_ATR})"
+    elif not 2 <= n <= MAX_RESPONSE:
+        return f"a response APDU of {n} bytes (2..{MAX_RESPONSE}: data and SW1 SW2)"
+    return None
 
 
 @attr.s(slots=True, frozen=True)

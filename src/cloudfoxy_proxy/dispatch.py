@@ -11,10 +11,11 @@ import hmac
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 
 from . import errors
+from .backend import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
 from .errors import CardError
 from .logs import Logger
 from .parser import (
-    ALIASES, APDU, CARD_COMMANDS, CHAIN, ENUM, LIST, PERSONALIZE, READERS, RESET, Request,
+    ALIASES, APDU, CARD_COMMANDS, CHAIN, ENUM, LIST, PERSONALIZE, READERS, RESET, SIGN, Request,
 )
 from .registry import QueueFull
 from .timeouts import Deadlines
@@ -49,6 +50,7 @@ class Dispatcher:
         self.password = password
         self.signing = None
         self.deadlines = Deadlines(clock, command_timeout)
+        self._rejected = {}  # reader name -> [next warn time, results not warned about]
 
     def execute(self, request, session):
         """Response lines (``(id, result)`` pairs) or a Deferred for them;
@@ -68,6 +70,31 @@ class Dispatcher:
         a result code from an answer."""
         result = self.execute(Request(reader, password, list(commands)), session or Session())
         return result if isinstance(result, Deferred) else succeed(result)
+
+    def result(self, value, atr, reader):
+        """A backend's answer as a result: the hex of a response APDU
+        (2..65,538 bytes) or, when ``atr``, of an ATR (2..33 bytes);
+        anything else is ``C086`` (see IBackend)."""
+        if type(value) is bytes and (MIN_ATR <= len(value) <= MAX_ATR if atr
+                                     else 2 <= len(value) <= MAX_RESPONSE):
+            return value.hex().upper()
+        self._reject(reader, bad_result(value, atr))
+        return errors.UPSTREAM
+
+    #: At most one warning per reader this often about results refused (C086).
+    REJECT_WARN_EVERY = 10.0
+
+    def _reject(self, reader, why):
+        now = self.clock.seconds()
+        state = self._rejected.get(reader.name)
+        if state is not None and now < state[0]:
+            state[1] += 1
+            return
+        more = state[1] if state is not None else 0
+        self._rejected[reader.name] = [now + self.REJECT_WARN_EVERY, 0]
+        self.log.warn("backend {backend} gave {why} for reader {reader}: answered C086"
+                      "{more}", backend=reader.backend.description, why=why, reader=reader.name,
+                      more=f" ({more} more such results since the last warning)" if more else "")
 
     def simple(self, command, session, request=None):
         """The result of a command that needs no card."""
@@ -197,13 +224,18 @@ class _Run:
             self._result(errors.INTERNAL)
             return True
         if not isinstance(result, Deferred):
-            self._result(result.hex().upper())
+            self._result(self._value(result, command.name, reader))
             return True
         self._pending = True
         self._call = result
         self.d.deadlines.watch(result)
         result.addCallbacks(self._answered, self._failed, errbackArgs=(reader,))
         return not self._pending
+
+    def _value(self, result, name, reader):
+        if name == SIGN:
+            return result.hex().upper()  # a signature, not a card's answer
+        return self.d.result(result, name == RESET, reader)
 
     def _result(self, value):
         self.lines.append((self.request.commands[self.i].id, value))
@@ -212,7 +244,7 @@ class _Run:
     def _answered(self, result):
         self.d.deadlines.forget(self._call)
         self._call = None
-        self._result(result.hex().upper())
+        self._result(self._value(result, self.request.commands[self.i].name, self.reader))
         self._resume()
 
     def _failed(self, failure, reader):
