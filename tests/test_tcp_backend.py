@@ -460,13 +460,25 @@ class FailureTests(Base):
         self.assertEqual(outcome(d), "C086")
         self.successResultOf(stopped)
 
-    def test_overlong_line_drops_connection(self):
+    def test_overlong_line_fails_only_its_command(self):
+        """An over-long answer line is discarded as it arrives (memory stays
+        bounded); its command gets C086, the next one on the same connection
+        its answer."""
         conn = self.connect()
-        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
-        conn.proto.dataReceived(b">" + b"9" * (tcp.MAX_LINE + 1))
-        self.assertTrue(conn.transport.disconnecting)
-        conn.lose()
-        self.assertEqual(outcome(d), "C086")
+        d1 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        d2 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x08")
+        [(_, c1, _), (_, c2, _)] = conn.requests()
+        conn.proto.dataReceived(b">" + c1.encode() + b":" + b"9" * 100000)
+        for _ in range(5):
+            conn.proto.dataReceived(b"9" * 100000)
+        self.assertLess(len(conn.proto._buf), tcp.MAX_LINE + 100000)
+        conn.proto.dataReceived(b"00\n@@\n")
+        self.assertEqual(outcome(d1), "C086")
+        self.assertNoResult(d2)
+        conn.answer(c2, "9000")
+        self.assertEqual(outcome(d2), b"\x90\x00")
+        self.assertFalse(conn.transport.disconnecting)
+        self.assertEqual(len(self.logged("malformed answer")), 1)
 
     def test_default_backoff_is_bounded(self):
         backend = tcp.TcpBackend(endpoint=self.endpoint, clock=self.clock)
@@ -724,3 +736,133 @@ class ModeTests(Base):
         self.assertIs(self.backend.persistent, True)
         self.assertEqual(len(self.endpoint.attempts), 2)  # the pool is back
         self.assertFalse(any(slot.parked for slot in self.backend.services))
+
+
+def batch_requests(conn):
+    """The requests written since the last call, with every command line:
+    [(reader_line, [(id, command), ...])]."""
+    data = conn.transport.value()[conn.seen:]
+    conn.seen += len(data)
+    out = []
+    for chunk in data.split(b"\n\n"):
+        if chunk:
+            lines = [line[1:-1] for line in chunk.decode().split("\n")]
+            out.append((lines[0], [tuple(line.split(":", 1)) for line in lines[1:]]))
+    return out
+
+
+class NeighbourTests(Base):
+    """A malformed answer for one card fails that card's command only
+    (issue 12 point 3); the connection stays unless its stream is lost."""
+
+    connections = 1
+
+    def two(self):
+        conn = self.connect()
+        bad = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        good = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
+        reqs = conn.requests()
+        return conn, bad, good, reqs[0][1], reqs[1][1]
+
+    def test_malformed_answers_fail_only_their_command(self):
+        for junk in ("{wrong}:9000", "{id}:ZZ-not-hex", "{id}:9000\n>{id}:9000", "nonsense"):
+            conn, bad, good, c_bad, c_good = self.two()
+            conn.proto.dataReceived(
+                b">" + junk.format(id=c_bad, wrong=int(c_good) + 1000).encode() + b"\n@@\n")
+            self.assertEqual(outcome(bad), "C086", junk)
+            self.assertNoResult(good)
+            conn.answer(c_good, "6101")
+            self.assertEqual(outcome(good), b"\x61\x01")
+            self.assertFalse(conn.transport.disconnecting, junk)
+            conn.lose(ConnectionDone())
+            self.clock.advance(1.0)
+
+    def test_skipping_ahead_drops_connection_and_fails_only_in_flight(self):
+        conn, bad, good, c_bad, c_good = self.two()
+        conn.answer(c_good, "9000")  # the answer to the later request came first
+        self.assertTrue(conn.transport.disconnecting)
+        conn.lose()
+        self.assertEqual((outcome(bad), outcome(good)), ("C086", "C086"))
+        later = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x02")
+        self.clock.advance(1.0)
+        conn = self.endpoint.succeed()
+        reqs = conn.requests()  # the waiting command goes out, then READERS
+        self.assertEqual([r for r, _, _ in reqs], ["Emulated 01", "*"])
+        conn.answer(reqs[0][1], "9000")
+        self.assertEqual(outcome(later), b"\x90\x00")
+
+    def test_junk_card_at_20_per_second_next_to_a_healthy_one(self):
+        """300 commands of a healthy card while its neighbour's answers are
+        junk 20 times a second: every healthy answer arrives, one warning."""
+        conn = self.connect()
+        healthy_ok = 0
+        junk = [">{id}:XYZ", ">999999:9000", ">{id}:" + "9" * (tcp.MAX_LINE + 10), "garbage"]
+        for i in range(300):
+            if i % 3 == 0:  # ~20/s next to ~60 healthy commands a second
+                b = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+            g = self.backend.transmit("Emulated 01", b"\x00\xb0\x00\x00")
+            for _, cid, command in conn.requests():
+                if command == "APDU:00000000":
+                    text = junk[(i // 3) % len(junk)].format(id=cid)
+                    conn.proto.dataReceived(text.encode() + b"\n@@\n")
+                else:
+                    conn.answer(cid, "CAFE9000")
+            if i % 3 == 0:
+                self.assertEqual(outcome(b), "C086")
+            healthy_ok += outcome(g) == b"\xca\xfe\x90\x00"
+            self.clock.advance(1 / 60)
+        self.assertEqual(healthy_ok, 300)
+        self.assertFalse(conn.transport.disconnecting)
+        self.assertEqual(len(self.logged("malformed answer")), 1)  # rate-limited (10 s)
+
+    def test_batch_is_one_upstream_request(self):
+        conn = self.connect()
+        d = self.backend.transmit_batch("Emulated 00", [("RESET", None), ("APDU", b"\x00\xa4\x00\x00"),
+                                                        ("APDU", b"\x00\xb0\x00\x00")])
+        [(reader, commands)] = batch_requests(conn)
+        self.assertEqual(reader, "Emulated 00")
+        self.assertEqual([c for _, c in commands], ["RESET", "APDU:00A40000", "APDU:00B00000"])
+        ids = [i for i, _ in commands]
+        conn.proto.dataReceived(f">{ids[0]}:3B00\n>{ids[1]}:C086\n>{ids[2]}:9000\n@@\n".encode())
+        atr, failed, last = outcome(d)
+        self.assertEqual((atr, failed.code, last), (b"\x3b\x00", "C086", b"\x90\x00"))
+
+    def test_batch_with_missing_lines(self):
+        conn = self.connect()
+        d = self.backend.transmit_batch("Emulated 00", [("APDU", b"\x00\xa4\x00\x00")] * 2)
+        [(_, commands)] = batch_requests(conn)
+        conn.proto.dataReceived(f">{commands[0][0]}:9000\n@@\n".encode())
+        first, second = outcome(d)
+        self.assertEqual((first, second.code), (b"\x90\x00", "C086"))
+
+
+class ReaderBoundTests(Base):
+    """Issue 12 point 2: readers_max, MAX_NAME, and the READERS line limit."""
+
+    def setUp(self):
+        super().setUp()
+        self.backend.readers_max = 3
+        self.backend._cap.limit = 3
+
+    def test_cap_and_long_names_dropped_with_one_warning(self):
+        names = ["x" * 257, "A", "B", "C", "D", "E"]
+        self.connect(names)
+        self.assertEqual([r.name for r in self.registry.readers], ["B A", "B B", "B C"])
+        [line] = self.logged("lists more readers than are kept")
+        self.assertIn("dropped 2 over readers_max=3 and 1 with a name over 256 bytes", line)
+        self.backend._got_readers("|".join(b64(n) for n in names))  # the same again: no new line
+        self.assertEqual(len(self.logged("lists more readers than are kept")), 1)
+
+    def test_readers_line_over_limit_keeps_the_connection(self):
+        conn = self.connect(["A"])
+        self.backend._refresh()
+        [(_, cid, _)] = conn.requests()
+        conn.proto.dataReceived(f">{cid}:".encode() + b"QQ==|" * (self.backend.listing_limit // 5 + 10))
+        self.assertLessEqual(len(conn.proto._buf), self.backend.listing_limit)
+        conn.proto.dataReceived(b"\n@@\n")
+        self.assertEqual([r.name for r in self.registry.readers], ["B A"])
+        self.assertTrue(self.logged("reading the readers of"))
+        d = self.backend.transmit("A", b"\x00\x00\x00\x00")
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "9000")
+        self.assertEqual(outcome(d), b"\x90\x00")

@@ -29,6 +29,47 @@ def from_url(url, config):
     return importlib.import_module(module).from_url(url, config)
 
 
+#: Readers kept per upstream backend unless ``readers_max=`` says otherwise.
+READERS_MAX = 10000
+#: The longest reader name kept from an upstream, in UTF-8 bytes.
+MAX_NAME = 256
+
+
+class ReaderCap:
+    """The bounds on one upstream's reader list (docs/backends.md): at most
+    ``limit`` readers, names of at most MAX_NAME bytes.  A backend calls
+    :meth:`begin`, then :meth:`fits` per name and :meth:`too_many` for the
+    names past the limit, then :meth:`end`, which logs one warning saying
+    how many were dropped whenever that changes."""
+
+    def __init__(self, where, limit):
+        self.where = where
+        self.limit = limit
+        self.many = self.long = 0
+        self._last = (0, 0)
+
+    def begin(self):
+        self.many = self.long = 0
+
+    def fits(self, name):
+        if len(name) > MAX_NAME // 4 and len(name.encode("utf-8")) > MAX_NAME:
+            self.long += 1
+            return False
+        return True
+
+    def too_many(self, count):
+        self.many += count
+
+    def end(self, log):
+        now = (self.many, self.long)
+        if now != self._last and (self.many or self.long):
+            log.warn("{where} lists more readers than are kept: dropped {many} over "
+                     "readers_max={limit} and {long} with a name over {max_name} bytes",
+                     where=self.where, many=self.many, limit=self.limit, long=self.long,
+                     max_name=MAX_NAME)
+        self._last = now
+
+
 def query(url, allowed):
     """The URL's query as a dict; an unknown or repeated key is an error."""
     params = {}
