@@ -70,6 +70,45 @@ class ReaderCap:
         self._last = now
 
 
+#: Readers given to the registry per reactor turn when a backend reports a long list.
+UPDATE_CHUNK = 1000
+
+
+class ReaderUpdates:
+    """Hands one backend's reader lists to the registry without blocking the
+    reactor for long: a list of more than UPDATE_CHUNK readers has its new
+    readers prepared UPDATE_CHUNK at a time, one reactor turn each, then is
+    applied at once (cheap by then).  A newer list replaces one still being
+    prepared; :meth:`stop` abandons it."""
+
+    def __init__(self, registry, backend, clock):
+        self.registry = registry
+        self.backend = backend
+        self.clock = clock
+        self._pending = None  # DelayedCall of the next chunk
+
+    def update(self, infos):
+        self.stop()
+        infos = list(infos)
+        if len(infos) <= UPDATE_CHUNK:
+            self.registry.update(self.backend, infos)
+        else:
+            self._step(infos, 0)
+
+    def _step(self, infos, start):
+        self._pending = None
+        if start >= len(infos):
+            self.registry.update(self.backend, infos)
+            return
+        self.registry.prepare(self.backend, infos[start:start + UPDATE_CHUNK])
+        self._pending = self.clock.callLater(0, self._step, infos, start + UPDATE_CHUNK)
+
+    def stop(self):
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.active():
+            pending.cancel()
+
+
 def query(url, allowed):
     """The URL's query as a dict; an unknown or repeated key is an error."""
     params = {}

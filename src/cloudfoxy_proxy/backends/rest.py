@@ -2,7 +2,8 @@
 the cards of a CloudFoxy RESTful server (PROTOCOL.md section 2), over treq
 and twisted.web's Agent with one persistent connection pool.
 
-URL parameters (all optional): ``token_file=FILE`` (else ``--token-file``,
+URL parameters (all optional): ``readers_max=N`` (cards kept from the
+inventory, default 10,000; names of at most 256 bytes), ``token_file=FILE`` (else ``--token-file``,
 else env ``FOXYPROXY_TOKEN``), ``poll=SECONDS`` (how often ``/api/v1/hello``
 is asked whether the server restarted; default 10), ``prefix=NAME`` (reader
 names are ``PREFIX IP@id``; default ``CloudFoxy``), ``connections=N``
@@ -38,7 +39,10 @@ from ..backend import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from .http11 import HTTPPool
-from . import first_line, float_param, int_param, query, tls_material
+from . import (
+    MAX_NAME, READERS_MAX, ReaderCap, ReaderUpdates, first_line, float_param, int_param, query,
+    tls_material,
+)
 
 BASIC = "/api/v1/basic"
 INVENTORY = "/api/v1/inventory"
@@ -52,10 +56,12 @@ HW_TRIES = 3
 IDLE_TIMEOUT = 20.0
 #: Largest body accepted: an extended response APDU in hex is ~128 KiB.
 MAX_BODY = 1024 * 1024
+#: Bytes of an inventory line per card: a name, white space, an ATR in hex.
+INVENTORY_BYTES_PER_CARD = MAX_NAME + 2 + 2 * 33 + 2
 #: How soon to ask again while the first inventory has not come (doubles up to ``poll``).
 FIRST_RETRY = 0.5
 
-_PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key"}
+_PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key", "readers_max"}
 _HEX = re.compile(r"[0-9A-Fa-f]*\Z")
 #: Characters left as they are in query values (terminal names are ``/IP@id``).
 _SAFE = "/@:"
@@ -82,12 +88,21 @@ def looks_like_atr(token):
     return len(token) >= 4 and len(token) % 2 == 0 and token[:2] in ("3B", "3F") and bool(_HEX.match(token))
 
 
-def parse_inventory(body):
+def parse_inventory(body, limit=None):
     """``[(native_name, atr_or_None)]`` from ``/api/v1/inventory``: one card a
-    line, ``/IP@id`` optionally followed by white space and the ATR."""
+    line, ``/IP@id`` optionally followed by white space and the ATR.  With
+    ``limit``: ``(cards, more)``, the first ``limit`` cards and how many
+    lines were left unread."""
     cards = []
     seen = set()
-    for line in body_lines(body):
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not line or line == "null":
+            continue
+        if limit is not None and len(cards) >= limit:
+            return cards, sum(1 for rest in lines[i:] if rest.strip() not in ("", "null"))
         name, atr = line, None
         parts = line.rsplit(None, 1)
         if len(parts) == 2 and looks_like_atr(parts[1]):
@@ -95,7 +110,7 @@ def parse_inventory(body):
         if name not in seen:
             seen.add(name)
             cards.append((name, atr))
-    return cards
+    return cards if limit is None else (cards, 0)
 
 
 def parse_uptime(body):
@@ -289,6 +304,7 @@ def from_url(url, config):
         raise ValueError("no token: give token_file=FILE in the URL, --token-file FILE or env FOXYPROXY_TOKEN")
     poll = float_param(params, "poll", 10.0, 0.05, 86400.0)
     connections = int_param(params, "connections", 128, 1, 100000)
+    readers_max = int_param(params, "readers_max", READERS_MAX, 1, 100000)
     prefix = params.get("prefix", "CloudFoxy").strip()
     policy = load_tls(params) if tls else None
     timeout = float(config.get("command-timeout") or 15.0)
@@ -318,7 +334,7 @@ def from_url(url, config):
                           netloc, MAX_BODY, idle_timeout=IDLE_TIMEOUT, max_idle=connections)
         return RestBackend(base_url=base, token=token, clock=reactor, http=HTTPClient(agent),
                            client=client, pool=pool, poll=poll, timeout=timeout, prefix=prefix,
-                           connections=connections)
+                           connections=connections, readers_max=readers_max)
 
     return make
 
@@ -412,6 +428,7 @@ class RestBackend:
     timeout = attr.ib(default=15.0)
     prefix = attr.ib(default="CloudFoxy")
     connections = attr.ib(default=128)
+    readers_max = attr.ib(default=READERS_MAX)
     log = Logger()
 
     _registry = attr.ib(init=False, default=None)
@@ -425,11 +442,14 @@ class RestBackend:
     _polling = attr.ib(init=False, default=None)
     _retry = attr.ib(init=False, default=FIRST_RETRY)
     _poll_error = attr.ib(init=False, default=None)
+    _cap = attr.ib(init=False, default=None)
+    _updates = attr.ib(init=False, default=None)
 
     def __attrs_post_init__(self):
         self._headers = {"X-Auth-Token": [self.token], "Accept": ["text/plain"]}
         self._header_lines = b"X-Auth-Token: %s\r\nAccept: text/plain\r\n" % self.token.encode("utf-8")
         self._basic_target = urlsplit(self.base_url).path + BASIC + "?"
+        self._cap = ReaderCap(self.base_url, self.readers_max)
 
     @property
     def description(self):
@@ -447,12 +467,13 @@ class RestBackend:
 
     # -- HTTP
 
-    def get(self, path, params=None):
-        """GET ``path``: a cancellable Deferred for the body of a 200 answer;
-        any other status is a CardError(C086) (after reading the body)."""
+    def get(self, path, params=None, limit=MAX_BODY):
+        """GET ``path``: a cancellable Deferred for the body of a 200 answer
+        (at most ``limit`` bytes); any other status is a CardError(C086)
+        (after reading the body)."""
         d = self.http.get(self.base_url + path, params=params, headers=self._headers,
                           unbuffered=True, allow_redirects=False)
-        d.addCallback(self._check)
+        d.addCallback(self._check, limit)
         return d
 
     def basic(self, params):
@@ -476,8 +497,8 @@ class RestBackend:
         hint = " (is the token right?)" if status in (401, 403) else ""
         raise CardError(errors.UPSTREAM, f"HTTP {status}{hint}: {text!r}")
 
-    def _check(self, response):
-        d = read_body(response)
+    def _check(self, response, limit=MAX_BODY):
+        d = read_body(response, limit)
         return d.addCallback(lambda body: self._checked((response.code, body)))
 
     def upstream_error(self, failure, what, key):
@@ -509,11 +530,14 @@ class RestBackend:
 
     def start(self, registry):
         self._registry = registry
+        self._updates = ReaderUpdates(registry, self, self.clock)
         registry.update(self, [])  # keep this backend's place in the listing
         self._poll()
 
     def stop(self):
         self._registry = None
+        if self._updates is not None:
+            self._updates.stop()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -548,11 +572,17 @@ class RestBackend:
             self.log.info("{server} restarted (uptime {uptime}s): reading its inventory",
                           server=self.base_url, uptime=uptime)
         if restarted or not self._loaded or not self._cards:
-            return self._bounded(self.get(INVENTORY)).addCallback(self._inventory)
+            limit = self.readers_max * INVENTORY_BYTES_PER_CARD + 4096
+            return self._bounded(self.get(INVENTORY, limit=limit)).addCallback(self._inventory)
         return None
 
     def _inventory(self, body):
-        cards = parse_inventory(body)
+        cap = self._cap
+        cap.begin()
+        cards, more = parse_inventory(body, self.readers_max)
+        cards = [card for card in cards if cap.fits(card[0])]
+        cap.too_many(more)
+        cap.end(self.log)
         if self._registry is None:
             return
         first = not self._loaded
@@ -562,7 +592,7 @@ class RestBackend:
             self.pool.maxPersistentPerHost = max(self.connections, len(cards) + 8)
         if self.client is not None:
             self.client.max_idle = max(self.connections, len(cards) + 8)
-        self._registry.update(self, [self.reader_info(name, atr) for name, atr in cards])
+        self._updates.update([self.reader_info(name, atr) for name, atr in cards])
         self.log.info("{server}: {count} cards{first}", server=self.base_url, count=len(cards),
                       first=" (first inventory)" if first else "")
 

@@ -65,7 +65,7 @@ from ..errors import CardError
 from ..logs import Logger
 from ..parser import COMMANDS
 from . import (
-    MAX_NAME, READERS_MAX, ReaderCap, first_line, float_param, int_param, query, tls_material,
+    MAX_NAME, READERS_MAX, ReaderCap, ReaderUpdates, first_line, float_param, int_param, query, tls_material,
 )
 
 DEFAULT_PORT = 4001
@@ -503,6 +503,7 @@ class TcpBackend:
     _soon_delay = attr.ib(init=False, default=EMPTY_RETRY, repr=False)
     readers_max = attr.ib(default=READERS_MAX)
     _cap = attr.ib(init=False, default=None, repr=False)
+    _updates = attr.ib(init=False, default=None, repr=False)
     _malformed_next = attr.ib(init=False, default=0.0, repr=False)
     _malformed_quiet = attr.ib(init=False, default=0, repr=False)
 
@@ -529,6 +530,7 @@ class TcpBackend:
 
     def start(self, registry):
         self._registry = registry
+        self._updates = ReaderUpdates(registry, self, self.clock)
         self._running = True
         for _ in range(self.connections):
             slot = self._slot()
@@ -543,6 +545,8 @@ class TcpBackend:
 
     def stop(self):
         self._running = False
+        if self._updates is not None:
+            self._updates.stop()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._soon is not None and self._soon.active():
@@ -939,4 +943,4 @@ class TcpBackend:
             return
         self.listing = names
         self._lines = {}
-        self._registry.update(self, [ReaderInfo(n, self.prefix + n) for n in names])
+        self._updates.update([ReaderInfo(n, self.prefix + n) for n in names])
