@@ -102,3 +102,75 @@ class ResultCheckTests(SynchronousTestCase):
         dispatcher.submit("Card", [make_command(["1", *self.APDU])])
         self.assertEqual(len(warnings.lines), 2)
         self.assertIn("39 more", warnings.lines[1]["more"])
+
+
+@implementer(IBackend)
+@attr.s
+class Batching(Scripted):
+    """Records batches; answers each with ``batch_answer(steps)``."""
+
+    batches = attr.ib(factory=list)
+    singles = attr.ib(factory=list)
+    pending = attr.ib(default=None)
+
+    def transmit(self, key, apdu):
+        self.singles.append(apdu)
+        return b"\x90\x00"
+
+    def transmit_batch(self, key, steps):
+        self.batches.append(steps)
+        if self.pending is not None:
+            return self.pending
+        return [b"\x3b\x00" if kind == "RESET" else (b"\x90" if data == b"\x00\x00\x00\x01"
+                                                      else b"\x61" + data[1:2] + b"\x90\x00")
+                for kind, data in steps]
+
+
+class BatchTests(SynchronousTestCase):
+    """Issue 12 point 6: a request's run of RESET/APDU commands goes to
+    ``transmit_batch`` as one call, results checked one by one."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.registry = ReaderRegistry()
+        self.backend = Batching()
+        self.backend.start(self.registry)
+        self.dispatcher = Dispatcher(self.registry, self.clock, command_timeout=2.0)
+
+    def submit(self, *commands):
+        cmds = [make_command([str(i), *c]) for i, c in enumerate(commands)]
+        return self.dispatcher.submit("Card", cmds)
+
+    def test_run_is_one_batch_with_parse_errors_in_place(self):
+        d = self.submit(("RESET",), ("APDU", "00A4000C"), ("APDU", "zz"), ("APDU", "00000001"),
+                        ("APDU", "00B00000"))
+        self.assertEqual(self.backend.batches, [[("RESET", None), ("APDU", b"\x00\xa4\x00\x0c"),
+                                                 ("APDU", b"\x00\x00\x00\x01"),
+                                                 ("APDU", b"\x00\xb0\x00\x00")]])
+        self.assertEqual(self.successResultOf(d), [
+            ("0", "3B00"), ("1", "61A49000"), ("2", errors.MALFORMED), ("3", errors.UPSTREAM),
+            ("4", "61B09000")])
+
+    def test_single_command_uses_transmit(self):
+        self.assertEqual(self.successResultOf(self.submit(("APDU", "00A4000C"))), [("0", "9000")])
+        self.assertEqual((self.backend.batches, self.backend.singles), ([], [b"\x00\xa4\x00\x0c"]))
+
+    def test_deferred_batch_and_step_errors(self):
+        from twisted.internet.defer import Deferred
+        from cloudfoxy_proxy.errors import CardError
+        self.backend.pending = Deferred()
+        d = self.submit(("APDU", "00A4000C"), ("APDU", "00B00000"), ("APDU", "00B00001"))
+        self.assertNoResult(d)
+        self.backend.pending.callback([b"\x90\x00", CardError(errors.NO_CARD)])  # one short
+        self.assertEqual(self.successResultOf(d), [("0", "9000"), ("1", errors.NO_CARD),
+                                                   ("2", errors.UPSTREAM)])
+
+    def test_batch_timeout_scales_with_steps(self):
+        from twisted.internet.defer import Deferred
+        self.backend.pending = Deferred()
+        d = self.submit(("APDU", "00A4000C"), ("APDU", "00B00000"))
+        self.clock.advance(3.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.assertEqual(self.successResultOf(d), [("0", errors.UPSTREAM), ("1", errors.UPSTREAM)])
+        self.assertEqual(self.registry.get("Card").queue.busy, False)

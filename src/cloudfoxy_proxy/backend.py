@@ -23,6 +23,16 @@ class IBackend(Interface):
     with the card (after its last command), e.g. to end a PC/SC transaction
     that spans the request.
 
+    Optionally a backend that fronts another queue (an upstream proxy, a
+    CloudFoxy server) has ``transmit_batch(key, steps)``: ``steps`` is a
+    list of ``("RESET", None)`` and ``("APDU", command_bytes)``, to run
+    back to back on the card (as one upstream request); it returns (or
+    gives a Deferred for) a list with one result per step: the ATR or
+    response APDU as bytes, or a CardError for that step.  Raising or
+    errbacking a CardError fails every step with its code.  The dispatcher
+    uses it for a request's run of two or more RESET/APDU commands, bounded
+    by the command timeout times the number of steps.
+
     The dispatcher checks every result (:func:`bad_result`): a response
     APDU of 2..65,538 bytes, an ATR of 2..33 bytes; anything else reaches
     the client as ``C086``.  Backends pass on what their source gave them

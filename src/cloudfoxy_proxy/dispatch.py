@@ -146,7 +146,7 @@ class _Run:
     becomes asynchronous when a card is busy or a backend answers later."""
 
     __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding",
-                 "abandoned", "deferred", "_stepping", "_pending", "_call")
+                 "abandoned", "deferred", "_stepping", "_pending", "_call", "_batch_end")
 
     log = Logger()
 
@@ -163,6 +163,7 @@ class _Run:
         self._stepping = False
         self._pending = False
         self._call = None
+        self._batch_end = None
 
     def step(self):
         """Run commands until done (True) or waiting (False)."""
@@ -196,6 +197,12 @@ class _Run:
                         self._pending = True
                         return False
                     self.holding = True
+                if reader.batch is not None and command.name != SIGN:
+                    end = self._run_end()
+                    if end:
+                        if not self._call_batch(reader, end):
+                            return False
+                        continue
                 if not self._call_backend(reader, command):
                     return False
             self._release()
@@ -232,6 +239,84 @@ class _Run:
         result.addCallbacks(self._answered, self._failed, errbackArgs=(reader,))
         return not self._pending
 
+    def _run_end(self):
+        """The end of the run of RESET/APDU commands (and commands already
+        answered with a parse error) starting here, if it holds at least
+        two card commands; else None."""
+        commands = self.request.commands
+        end = self.i
+        steps = 0
+        while end < len(commands):
+            command = commands[end]
+            if command.error is None:
+                if command.name != RESET and command.name != APDU:
+                    break
+                steps += 1
+            end += 1
+        return end if steps >= 2 else None
+
+    def _call_batch(self, reader, end):
+        """Run commands ``i..end`` with the backend's ``transmit_batch``;
+        False if their answers come later."""
+        steps = []
+        for command in self.request.commands[self.i:end]:
+            if command.error is not None:
+                continue
+            if command.name == RESET:
+                if self.d.signing is not None:
+                    self.d.signing.after_reset(reader)
+                steps.append((RESET, None))
+            else:
+                steps.append((APDU, command.apdu))
+        self._batch_end = end
+        try:
+            result = reader.batch(reader.key, steps)
+        except CardError as e:
+            self._batch_results(e.code, reader)
+            return True
+        except Exception:
+            self.log.failure("backend {backend} failed on {reader}",
+                             backend=reader.backend.description, reader=reader.name)
+            self._batch_results(errors.INTERNAL, reader)
+            return True
+        if not isinstance(result, Deferred):
+            self._batch_results(result, reader)
+            return True
+        self._pending = True
+        self._call = result
+        result.addTimeout(self.d.command_timeout * len(steps), self.d.clock)
+        result.addCallbacks(self._batch_answered, self._failed, errbackArgs=(reader,))
+        return not self._pending
+
+    def _batch_results(self, values, reader):
+        """One line per command of the run: its parse error, or its step's
+        result (checked like any backend result); ``values`` a list of
+        results or one result code for every step."""
+        commands = self.request.commands
+        k = 0
+        for command in commands[self.i:self._batch_end]:
+            if command.error is not None:
+                self._result(command.error)
+                continue
+            value = values if isinstance(values, str) else (
+                values[k] if k < len(values) else CardError(errors.UPSTREAM, "no result"))
+            k += 1
+            if isinstance(value, CardError):
+                value = value.code
+            elif isinstance(value, str):
+                value = value if errors.is_error(value) else errors.INTERNAL
+            else:
+                value = self.d.result(value, command.name == RESET, reader)
+            self._result(value)
+        self._batch_end = None
+
+    def _batch_answered(self, values):
+        self._call = None
+        if not isinstance(values, list):
+            values = errors.INTERNAL  # a backend bug
+        self._batch_results(values, self.reader)
+        self._resume()
+
     def _value(self, result, name, reader):
         if name == SIGN:
             return result.hex().upper()  # a signature, not a card's answer
@@ -251,16 +336,20 @@ class _Run:
         self.d.deadlines.forget(self._call)
         self._call = None
         if failure.check(CardError):
-            self._result(failure.value.code)
+            code = failure.value.code
         elif failure.check(TimeoutError, CancelledError):
             if not self.abandoned:
                 self.log.warn("command timed out after {timeout}s on {reader}",
                               timeout=self.d.command_timeout, reader=reader.name)
-            self._result(errors.UPSTREAM)
+            code = errors.UPSTREAM
         else:
             self.log.failure("backend {backend} failed on {reader}", failure,
                              backend=reader.backend.description, reader=reader.name)
-            self._result(errors.INTERNAL)
+            code = errors.INTERNAL
+        if self._batch_end is not None:
+            self._batch_results(code, reader)
+        else:
+            self._result(code)
         self._resume()
 
     def granted(self):

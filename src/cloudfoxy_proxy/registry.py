@@ -74,7 +74,7 @@ class Reader:
     card queue survive the reader vanishing and coming back."""
 
     __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info",
-                 "release")
+                 "release", "batch")
 
     def __init__(self, name, backend, key, queue):
         self.name = name
@@ -83,6 +83,8 @@ class Reader:
         self.queue = queue
         #: the backend's optional ``release(key)``: called when a request is done with the card
         self.release = getattr(backend, "release", None)
+        #: the backend's optional ``transmit_batch(key, steps)`` (IBackend)
+        self.batch = getattr(backend, "transmit_batch", None)
         self.aliases = ()
         self.extra_aliases = ()  # from the certificate index (set_extra_aliases)
         self.present = False

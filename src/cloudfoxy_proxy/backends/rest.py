@@ -13,7 +13,10 @@ instead of the system's), ``cert=FILE`` and ``key=FILE`` (client
 certificate; ``key=`` may be left out when ``cert=`` holds the key too).
 
 One request per command: ``RESET`` is ``GET /api/v1/basic?terminal=T&reset=1``,
-``APDU`` is ``...&reset=0&apdu=HEX``.  An answer whose first line has SW1
+``APDU`` is ``...&reset=0&apdu=HEX``; a client request's run of commands
+is one request with ``apdu=`` repeated (``reset=1`` first when the run
+starts with RESET), answered one line per APDU and run back to back on the
+card (:meth:`RestBackend.transmit_batch`).  An answer whose first line has SW1
 ``C0`` (a hardware error at the CloudFoxy box) is asked again, three tries
 in all, as CloudFoxy's own clients do; nothing else is ever retried, since
 an APDU is not idempotent.  Every failure (server unreachable, HTTP error,
@@ -404,6 +407,105 @@ class _Exchange:
             current.cancel()
 
 
+class _Batch:
+    """A run of card commands as few ``/api/v1/basic`` calls as the API
+    allows: one per RESET (``reset=1`` and the APDUs after it) plus one for
+    APDUs before the first RESET; each call's APDUs run back to back.  The
+    API answers a reset that comes with APDUs by the APDUs' lines only, so
+    such a reset's result is the card's ATR from the inventory; a card with
+    none listed is reset by a call of its own first.  No retries: an APDU
+    is not idempotent.  Cancellable as a whole."""
+
+    __slots__ = ("backend", "key", "total", "segments", "results", "current", "cancelled",
+                 "deferred")
+
+    def __init__(self, backend, key, steps):
+        self.backend = backend
+        self.key = key
+        self.total = len(steps)
+        self.segments = []  # [reset?, [apdu hex, ...]]
+        for kind, data in steps:
+            if kind == "RESET" or not self.segments:
+                self.segments.append([kind == "RESET", []])
+            if kind != "RESET":
+                self.segments[-1][1].append(data.hex().upper())
+        self.results = []
+        self.current = None
+        self.cancelled = False
+        self.deferred = Deferred(self._cancel)
+
+    def start(self):
+        self._next()
+        return self.deferred
+
+    def _next(self):
+        if not self.segments:
+            self.deferred.callback(self.results)
+            return
+        reset, apdus = self.segments[0]
+        atr = self.backend.known_atr(self.key) if reset else None
+        params = [("terminal", self.key)]
+        if reset and (not apdus or atr is None):
+            params.append(("reset", "1"))
+            if apdus:  # the ATR first, the APDUs in the next call
+                self.segments[0] = [False, apdus]
+            else:
+                self.segments.pop(0)
+            expect = None
+        else:
+            self.segments.pop(0)
+            params.append(("reset", "1" if reset else "0"))
+            params.extend(("apdu", apdu) for apdu in apdus)
+            if reset:
+                self.results.append(atr)
+            expect = len(apdus)
+        self.current = self.backend.basic(params)
+        self.current.addCallbacks(self._got, self._failed, callbackArgs=(expect, reset))
+
+    def _got(self, body, expect, reset):
+        self.current = None
+        if self.cancelled:
+            return
+        lines = body_lines(body)
+        if expect is None:  # a reset alone: its ATR
+            expect = 1
+        elif reset and len(lines) == expect + 1:
+            # A server that answers the reset's ATR too: use it.
+            try:
+                self.results[-1] = parse_hex(lines.pop(0), "ATR")
+            except CardError as e:
+                self.results[-1] = e
+        values = []
+        for i in range(expect):
+            try:
+                if len(lines) != expect:  # the lines cannot be matched to the commands
+                    raise CardError(errors.UPSTREAM, f"{len(lines)} answer lines for {expect} commands")
+                values.append(parse_hex(lines[i], "answer"))
+            except CardError as e:
+                self.backend.log_failure("APDU batch", self.key, e.reason)
+                values.append(e)
+        self.results.extend(values)
+        self._next()
+
+    def _failed(self, failure):
+        self.current = None
+        if self.cancelled:
+            return
+        error = self.backend.upstream_error(failure, "APDU batch", self.key)
+        if not isinstance(error, CardError):
+            self.deferred.errback(error)  # cancelled or timed out
+            return
+        # Steps already answered keep their results; the rest fail.
+        self.results.extend([error] * (self.total - len(self.results)))
+        self.deferred.callback(self.results)
+
+    def _cancel(self, _d):
+        self.cancelled = True
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
+
+
 @implementer(IBackend)
 @attr.s(eq=False)
 class RestBackend:
@@ -443,6 +545,7 @@ class RestBackend:
     _retry = attr.ib(init=False, default=FIRST_RETRY)
     _poll_error = attr.ib(init=False, default=None)
     _cap = attr.ib(init=False, default=None)
+    _atrs = attr.ib(init=False, factory=dict)
     _updates = attr.ib(init=False, default=None)
 
     def __attrs_post_init__(self):
@@ -528,6 +631,17 @@ class RestBackend:
         params = [("terminal", key), ("reset", "0"), ("apdu", apdu.hex().upper())]
         return _Exchange(self, key, params, False, "APDU").start()
 
+    def transmit_batch(self, key, steps):
+        """``steps`` (``("RESET", None)``/``("APDU", bytes)``) in as few
+        ``/api/v1/basic`` calls as the API allows (see _Batch); a Deferred
+        for one result per step (bytes or CardError), or failing with a
+        CardError when a call failed (then every step is ``C086``)."""
+        return _Batch(self, key, steps).start()
+
+    def known_atr(self, key):
+        """The ATR the inventory lists for terminal ``key``, or None."""
+        return self._atrs.get(key)
+
     def start(self, registry):
         self._registry = registry
         self._updates = ReaderUpdates(registry, self, self.clock)
@@ -588,6 +702,7 @@ class RestBackend:
         first = not self._loaded
         self._loaded = True
         self._cards = cards
+        self._atrs = {name: atr for name, atr in cards if atr is not None}
         if self.pool is not None:
             self.pool.maxPersistentPerHost = max(self.connections, len(cards) + 8)
         if self.client is not None:
