@@ -174,3 +174,76 @@ class BatchTests(SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertEqual(self.successResultOf(d), [("0", errors.UPSTREAM), ("1", errors.UPSTREAM)])
         self.assertEqual(self.registry.get("Card").queue.busy, False)
+
+
+@implementer(IBackend)
+class FlakyStart:
+    """A backend whose start fails ``failures`` times, then works."""
+
+    description = "flaky"
+
+    def __init__(self, failures, error=OSError("upstream not there")):
+        self.failures = failures
+        self.error = error
+        self.starts = self.stops = 0
+
+    def start(self, registry):
+        self.starts += 1
+        if self.starts <= self.failures:
+            raise self.error
+        registry.update(self, [ReaderInfo("k", "Flaky")])
+
+    def stop(self):
+        self.stops += 1
+
+    def reset(self, key):
+        return b"\x3b\x00"
+
+    def transmit(self, key, apdu):
+        return b"\x90\x00"
+
+
+class BackendServiceTests(SynchronousTestCase):
+    """Issue 12 point 8: a failed start is retried with back-off and shown
+    as not ready; a configuration error (ValueError) refuses to start."""
+
+    def test_runtime_failure_is_retried_with_backoff(self):
+        from cloudfoxy_proxy.backend import BackendService
+        clock = Clock()
+        registry = ReaderRegistry()
+        backend = FlakyStart(3)
+        warnings = []
+        globalLogPublisher.addObserver(warnings.append)
+        self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
+        service = BackendService(backend, registry, clock=clock)
+        service.startService()
+        self.assertFalse(service.ready)
+        self.assertEqual(backend.starts, 1)
+        for delay, starts in ((1.0, 2), (2.0, 3), (4.0, 4)):
+            clock.advance(delay - 0.01)
+            self.assertEqual(backend.starts, starts - 1)
+            clock.advance(0.01)
+            self.assertEqual(backend.starts, starts)
+        self.assertTrue(service.ready)
+        self.assertEqual([r.name for r in registry.readers], ["Flaky"])
+        lines = [e for e in warnings if "is not ready" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(backend.stops, 3)  # each failed start undone before the next
+
+    def test_stop_cancels_the_retry(self):
+        from cloudfoxy_proxy.backend import BackendService
+        clock = Clock()
+        backend = FlakyStart(5)
+        service = BackendService(backend, ReaderRegistry(), clock=clock)
+        with_logs = []
+        globalLogPublisher.addObserver(with_logs.append)
+        self.addCleanup(globalLogPublisher.removeObserver, with_logs.append)
+        service.startService()
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_configuration_error_exits(self):
+        from cloudfoxy_proxy.backend import BackendService
+        service = BackendService(FlakyStart(1, ValueError("bad setting")), ReaderRegistry(),
+                                 clock=Clock())
+        self.assertRaises(SystemExit, service.startService)

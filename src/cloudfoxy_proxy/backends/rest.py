@@ -145,6 +145,23 @@ def foxy_name(native):
 
 # --- HTTP plumbing -----------------------------------------------------------
 
+def request_url(text):
+    """``text`` as the URL to give treq: a str, or for an IPv6 literal host
+    (``http://[::1]:8081/...``) a hyperlink EncodedURL whose ``to_uri()``
+    leaves the host alone (hyperlink IDNA-encodes every host, which fails
+    on the colons: hyperlink issue #188)."""
+    if "://[" not in text:
+        return text
+    from hyperlink import EncodedURL
+
+    class _LiteralHostURL(EncodedURL):
+        def to_uri(self):
+            host = self.host
+            return EncodedURL.to_uri(self.replace(host="ip-literal.invalid")).replace(host=host)
+
+    return _LiteralHostURL.from_text(text)
+
+
 class _Body(Protocol):
     """Collects a response body; the Deferred's cancel aborts the transfer
     (treq's own ``content()`` cannot be cancelled)."""
@@ -574,7 +591,7 @@ class RestBackend:
         """GET ``path``: a cancellable Deferred for the body of a 200 answer
         (at most ``limit`` bytes); any other status is a CardError(C086)
         (after reading the body)."""
-        d = self.http.get(self.base_url + path, params=params, headers=self._headers,
+        d = self.http.get(request_url(self.base_url + path), params=params, headers=self._headers,
                           unbuffered=True, allow_redirects=False)
         d.addCallback(self._check, limit)
         return d
