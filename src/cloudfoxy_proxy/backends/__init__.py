@@ -87,21 +87,27 @@ class ReaderUpdates:
         self.clock = clock
         self._pending = None  # DelayedCall of the next chunk
 
-    def update(self, infos):
+    def update(self, items, make=None):
+        """Report ``items`` (ReaderInfo objects, or anything ``make`` turns
+        into one, made a chunk at a time)."""
         self.stop()
-        infos = list(infos)
-        if len(infos) <= UPDATE_CHUNK:
-            self.registry.update(self.backend, infos)
+        items = list(items)
+        if len(items) <= UPDATE_CHUNK:
+            self.registry.update(self.backend, [make(i) for i in items] if make else items)
         else:
-            self._step(infos, 0)
+            self._step(items, make, [], 0)
 
-    def _step(self, infos, start):
+    def _step(self, items, make, infos, start):
         self._pending = None
-        if start >= len(infos):
+        if start >= len(items):
             self.registry.update(self.backend, infos)
             return
-        self.registry.prepare(self.backend, infos[start:start + UPDATE_CHUNK])
-        self._pending = self.clock.callLater(0, self._step, infos, start + UPDATE_CHUNK)
+        chunk = items[start:start + UPDATE_CHUNK]
+        chunk = [make(i) for i in chunk] if make else chunk
+        infos.extend(chunk)
+        self.registry.prepare(self.backend, chunk)
+        self._pending = self.clock.callLater(0, self._step, items, make, infos,
+                                             start + UPDATE_CHUNK)
 
     def stop(self):
         pending, self._pending = self._pending, None

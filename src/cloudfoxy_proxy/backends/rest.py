@@ -99,7 +99,13 @@ def parse_inventory(body, limit=None):
     cards = []
     seen = set()
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    lines = text.splitlines()
+    if limit is not None:
+        # Split no further than needed: lines past the limit are only counted.
+        lines = text.split("\n", 2 * limit + 64)
+        if len(lines) > 2 * limit + 64:
+            lines[-1:] = lines[-1].split("\n")  # rarely: many blank or duplicate lines
+    else:
+        lines = text.splitlines()
     for i, line in enumerate(lines):
         line = line.strip()
         if not line or line == "null":
@@ -724,7 +730,7 @@ class RestBackend:
             self.pool.maxPersistentPerHost = max(self.connections, len(cards) + 8)
         if self.client is not None:
             self.client.max_idle = max(self.connections, len(cards) + 8)
-        self._updates.update([self.reader_info(name, atr) for name, atr in cards])
+        self._updates.update(cards, lambda card: self.reader_info(*card))
         self.log.info("{server}: {count} cards{first}", server=self.base_url, count=len(cards),
                       first=" (first inventory)" if first else "")
 

@@ -915,7 +915,8 @@ class TcpBackend:
             self._again_soon()
             return
         names = []
-        tokens = result.split("|")
+        # Split no further than needed: a listing may hold far more names than are kept.
+        tokens = result.split("|", self.readers_max + 16)
         cap = self._cap
         cap.begin()
         for i, token in enumerate(tokens):
@@ -923,7 +924,9 @@ class TcpBackend:
             if not token:
                 continue
             if len(names) >= self.readers_max:
-                cap.too_many(sum(1 for t in tokens[i:] if t.strip()))
+                rest = tokens[i:]
+                cap.too_many(sum(1 for t in rest[:-1] if t.strip())
+                             + sum(1 for t in rest[-1].split("|") if t.strip()))
                 break
             try:
                 name = base64.b64decode(token, validate=True).decode("utf-8")
@@ -943,4 +946,5 @@ class TcpBackend:
             return
         self.listing = names
         self._lines = {}
-        self._updates.update([ReaderInfo(n, self.prefix + n) for n in names])
+        prefix = self.prefix
+        self._updates.update(names, lambda n: ReaderInfo(n, prefix + n))
