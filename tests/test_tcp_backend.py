@@ -159,6 +159,13 @@ class Base(SynchronousTestCase):
             conn.answer(reqs[0][1], "|".join(b64(n) for n in names))
         return conn
 
+    def two(self):
+        """A connection and two calls pipelined on it: (conn, d0, d1, requests)."""
+        conn = self.connect()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
+        return conn, d0, d1, conn.requests()
+
     def pw_suffix(self):
         return ":" + self.password if self.password else ""
 
@@ -303,10 +310,7 @@ class PipelineTests(Base):
     connections = 1
 
     def test_pipelined_answers_matched_in_order(self):
-        conn = self.connect()
-        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
-        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
-        reqs = conn.requests()
+        conn, d0, d1, reqs = self.two()
         self.assertEqual([r for r, _, _ in reqs], ["Emulated 00", "Emulated 01"])
         conn.proto.dataReceived(f">{reqs[0][1]}:6100\n@@\n>{reqs[1][1]}:6101\n@@\n".encode())
         self.assertEqual((outcome(d0), outcome(d1)), (b"\x61\x00", b"\x61\x01"))
@@ -757,16 +761,10 @@ class NeighbourTests(Base):
 
     connections = 1
 
-    def two(self):
-        conn = self.connect()
-        bad = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
-        good = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
-        reqs = conn.requests()
-        return conn, bad, good, reqs[0][1], reqs[1][1]
-
     def test_malformed_answers_fail_only_their_command(self):
         for junk in ("{wrong}:9000", "{id}:ZZ-not-hex", "{id}:9000\n>{id}:9000", "nonsense"):
-            conn, bad, good, c_bad, c_good = self.two()
+            conn, bad, good, reqs = self.two()
+            c_bad, c_good = reqs[0][1], reqs[1][1]
             conn.proto.dataReceived(
                 b">" + junk.format(id=c_bad, wrong=int(c_good) + 1000).encode() + b"\n@@\n")
             self.assertEqual(outcome(bad), "C086", junk)
@@ -778,7 +776,8 @@ class NeighbourTests(Base):
             self.clock.advance(1.0)
 
     def test_skipping_ahead_drops_connection_and_fails_only_in_flight(self):
-        conn, bad, good, c_bad, c_good = self.two()
+        conn, bad, good, reqs = self.two()
+        c_good = reqs[1][1]
         conn.answer(c_good, "9000")  # the answer to the later request came first
         self.assertTrue(conn.transport.disconnecting)
         conn.lose()

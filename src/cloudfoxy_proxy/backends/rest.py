@@ -367,22 +367,38 @@ def from_url(url, config):
 
 # --- the backend --------------------------------------------------------------
 
-class _Exchange:
+class _Cancellable:
+    """Work made of HTTP requests one after another (``current``), with one
+    ``deferred`` for its outcome whose cancel aborts the request under way."""
+
+    __slots__ = ("current", "cancelled", "deferred")
+
+    def __init__(self):
+        self.current = None
+        self.cancelled = False
+        self.deferred = Deferred(self._cancel)
+
+    def _cancel(self, _d):
+        self.cancelled = True
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
+
+
+class _Exchange(_Cancellable):
     """One card command: its HTTP request(s) (three tries on a hardware
     error), cancellable as a whole."""
 
-    __slots__ = ("backend", "key", "params", "reset", "what", "tries", "current", "cancelled", "deferred")
+    __slots__ = ("backend", "key", "params", "reset", "what", "tries")
 
     def __init__(self, backend, key, params, reset, what):
+        super().__init__()
         self.backend = backend
         self.key = key
         self.params = params
         self.reset = reset
         self.what = what
         self.tries = 0
-        self.current = None
-        self.cancelled = False
-        self.deferred = Deferred(self._cancel)
 
     def start(self):
         self._attempt()
@@ -423,14 +439,8 @@ class _Exchange:
             return
         self.deferred.errback(self.backend.upstream_error(failure, self.what, self.key))
 
-    def _cancel(self, _d):
-        self.cancelled = True
-        current, self.current = self.current, None
-        if current is not None:
-            current.cancel()
 
-
-class _Batch:
+class _Batch(_Cancellable):
     """A run of card commands as few ``/api/v1/basic`` calls as the API
     allows: one per RESET (``reset=1`` and the APDUs after it) plus one for
     APDUs before the first RESET; each call's APDUs run back to back.  The
@@ -439,10 +449,10 @@ class _Batch:
     none listed is reset by a call of its own first.  No retries: an APDU
     is not idempotent.  Cancellable as a whole."""
 
-    __slots__ = ("backend", "key", "total", "segments", "results", "current", "cancelled",
-                 "deferred")
+    __slots__ = ("backend", "key", "total", "segments", "results")
 
     def __init__(self, backend, key, steps):
+        super().__init__()
         self.backend = backend
         self.key = key
         self.total = len(steps)
@@ -453,9 +463,6 @@ class _Batch:
             if kind != "RESET":
                 self.segments[-1][1].append(data.hex().upper())
         self.results = []
-        self.current = None
-        self.cancelled = False
-        self.deferred = Deferred(self._cancel)
 
     def start(self):
         self._next()
@@ -521,12 +528,6 @@ class _Batch:
         # Steps already answered keep their results; the rest fail.
         self.results.extend([error] * (self.total - len(self.results)))
         self.deferred.callback(self.results)
-
-    def _cancel(self, _d):
-        self.cancelled = True
-        current, self.current = self.current, None
-        if current is not None:
-            current.cancel()
 
 
 @implementer(IBackend)
