@@ -264,6 +264,13 @@ class FramingTests(Base):
         [(_, cid, _)] = conn.requests()
         conn.answer(cid, "not base64!|" + b64("Emulated 00"))
         self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00"])
+        self.clock.advance(10)
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "|".join(["junk!"] * 500 + [b64("Emulated 00")]))  # the same list again
+        self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00"])
+        lines = self.logged("not base64 UTF-8")
+        self.assertEqual(len(lines), 2, lines)  # one per change of the count, not one per name
+        self.assertIn("listed 500 reader name(s)", lines[1])
 
     def test_empty_list_is_asked_again_soon(self):
         """An upstream proxy that has not found its own cards yet."""
@@ -865,3 +872,10 @@ class ReaderBoundTests(Base):
         [(_, cid, _)] = conn.requests()
         conn.answer(cid, "9000")
         self.assertEqual(outcome(d), b"\x90\x00")
+
+    def test_many_junk_tokens_before_the_names(self):
+        self.connect(["A"])
+        listing = "|".join(["", "junk!"] * 40 + [b64(n) for n in "BCDEF"])
+        self.backend._got_readers(listing)
+        self.assertEqual([r.name for r in self.registry.readers], ["B B", "B C", "B D"])
+        self.assertIn("dropped 2 over readers_max=3", self.logged("lists more readers")[-1])

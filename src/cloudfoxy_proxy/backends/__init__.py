@@ -45,11 +45,18 @@ class ReaderCap:
     def __init__(self, where, limit):
         self.where = where
         self.limit = limit
-        self.many = self.long = 0
-        self._last = (0, 0)
+        self.many = self.long = self.bad = 0
+        self.example = ""
+        self._last = (0, 0, 0)
 
     def begin(self):
-        self.many = self.long = 0
+        self.many = self.long = self.bad = 0
+
+    def invalid(self, token):
+        """A name the listing could not carry (e.g. not base64 UTF-8)."""
+        if not self.bad:
+            self.example = token[:100]
+        self.bad += 1
 
     def fits(self, name):
         if len(name) > MAX_NAME // 4 and len(name.encode("utf-8")) > MAX_NAME:
@@ -61,12 +68,16 @@ class ReaderCap:
         self.many += count
 
     def end(self, log):
-        now = (self.many, self.long)
+        now = (self.many, self.long, self.bad)
         if now != self._last and (self.many or self.long):
             log.warn("{where} lists more readers than are kept: dropped {many} over "
                      "readers_max={limit} and {long} with a name over {max_name} bytes",
                      where=self.where, many=self.many, limit=self.limit, long=self.long,
                      max_name=MAX_NAME)
+        if now != self._last and self.bad:
+            log.warn("{where} listed {bad} reader name(s) that are not base64 UTF-8, "
+                     "e.g. {example!r}: ignored", where=self.where, bad=self.bad,
+                     example=self.example)
         self._last = now
 
 

@@ -915,27 +915,32 @@ class TcpBackend:
             self._again_soon()
             return
         names = []
-        # Split no further than needed: a listing may hold far more names than are kept.
-        tokens = result.split("|", self.readers_max + 16)
         cap = self._cap
         cap.begin()
-        for i, token in enumerate(tokens):
-            token = token.strip()
-            if not token:
-                continue
-            if len(names) >= self.readers_max:
-                rest = tokens[i:]
-                cap.too_many(sum(1 for t in rest[:-1] if t.strip())
-                             + sum(1 for t in rest[-1].split("|") if t.strip()))
-                break
-            try:
-                name = base64.b64decode(token, validate=True).decode("utf-8")
-            except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-                self.log.warn("upstream {upstream} listed a reader name that is not "
-                              "base64 UTF-8: {token!r}", upstream=self.where, token=token[:100])
-                continue
-            if cap.fits(name):
-                names.append(name)
+        rest = result
+        while rest is not None:
+            # Split no further than needed: a listing may hold far more names than are kept.
+            room = self.readers_max - len(names) + 16
+            tokens = rest.split("|", room)
+            rest = tokens.pop() if len(tokens) > room else None
+            for i, token in enumerate(tokens):
+                token = token.strip()
+                if not token:
+                    continue
+                if len(names) >= self.readers_max:
+                    left = sum(1 for t in tokens[i:] if t.strip())
+                    if rest is not None:
+                        left += sum(1 for t in rest.split("|") if t.strip())
+                    cap.too_many(left)
+                    rest = None
+                    break
+                try:
+                    name = base64.b64decode(token, validate=True).decode("utf-8")
+                except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+                    cap.invalid(token)
+                    continue
+                if cap.fits(name):
+                    names.append(name)
         cap.end(self.log)
         names = tuple(dict.fromkeys(names))
         if names:
