@@ -879,3 +879,35 @@ class ReaderBoundTests(Base):
         self.backend._got_readers(listing)
         self.assertEqual([r.name for r in self.registry.readers], ["B B", "B C", "B D"])
         self.assertIn("dropped 2 over readers_max=3", self.logged("lists more readers")[-1])
+
+
+class OneByOneTests(Base):
+    """Until the upstream is known to keep connections (foxyproxy 2.10
+    answers only the last command of a multi-command request), a batch goes
+    one command per request, one after another."""
+
+    persistent = None
+    connections = 1
+
+    def test_batch_one_request_at_a_time(self):
+        conn = self.connect()
+        d = self.backend.transmit_batch("Emulated 00", [("RESET", None), ("APDU", b"\x00\xa4\x00\x00")])
+        self.clock.advance(tcp.PROBE_DELAY)  # not reused before this: one request in flight
+        [(_, c1, command)] = conn.requests()
+        self.assertEqual(command, "RESET")
+        self.assertNoResult(d)
+        conn.answer(c1, "3B00")
+        [(_, c2, command)] = conn.requests()
+        self.assertEqual(command, "APDU:00A40000")
+        conn.answer(c2, "C080")
+        atr, error = outcome(d)
+        self.assertEqual((atr, error.code), (b"\x3b\x00", "C080"))
+
+    def test_cancel_stops_the_rest(self):
+        conn = self.connect()
+        d = self.backend.transmit_batch("Emulated 00", [("APDU", b"\x00\xa4\x00\x00")] * 3)
+        self.clock.advance(tcp.PROBE_DELAY)
+        [(_, c1, _)] = conn.requests()
+        cancel(d)
+        conn.answer(c1, "9000")  # the late answer: discarded, nothing more is sent
+        self.assertEqual(conn.requests(), [])

@@ -224,6 +224,63 @@ class _Call:
             self.watch = None
 
 
+class _OneByOne:
+    """A batch sent as one upstream request per command, one after another
+    (an upstream that cannot take several commands in one request)."""
+
+    __slots__ = ("backend", "key", "commands", "results", "current", "stepping", "deferred")
+
+    def __init__(self, backend, key, commands):
+        self.backend = backend
+        self.key = key
+        self.commands = commands
+        self.results = []
+        self.current = None
+        self.stepping = False
+        self.deferred = Deferred(self._cancel)
+
+    def start(self):
+        self._next()
+        return self.deferred
+
+    def _next(self):
+        self.stepping = True
+        try:
+            while len(self.results) < len(self.commands):
+                try:
+                    d = self.backend._submit(self.key, [self.commands[len(self.results)]])
+                except CardError as e:  # down or stopped: so are the rest
+                    self.results.extend([e] * (len(self.commands) - len(self.results)))
+                    break
+                self.current = d
+                d.addBoth(self._done, d)
+                if self.current is d:
+                    return  # its answer comes later: _done carries on
+        finally:
+            self.stepping = False
+        self.deferred.callback(self.results)
+
+    def _done(self, result, d):
+        if self.current is not d:
+            return None  # cancelled
+        self.current = None
+        if isinstance(result, Failure):
+            if not result.check(CardError):
+                self.deferred.errback(result)  # cancelled by the timeout, or a bug
+                return None
+            result = result.value
+        self.results.append(result)
+        if not self.stepping:
+            self._next()
+        return None
+
+    def _cancel(self, _d):
+        current, self.current = self.current, None
+        if current is not None:
+            current.addErrback(lambda f: None)
+            current.cancel()
+
+
 class _UpstreamProtocol(Protocol):
     """One connection to the upstream: writes requests, reads ``>ID:RESULT``
     lines until ``@@`` and hands each answer to the oldest call (responses
@@ -578,9 +635,17 @@ class TcpBackend:
     def transmit_batch(self, key, steps):
         """The steps (``("RESET", None)`` / ``("APDU", bytes)``) as one
         upstream request, so they run back to back on the card; a Deferred
-        for one result per step (bytes, or a CardError)."""
+        for one result per step (bytes, or a CardError).
+
+        Only once the upstream is known to keep connections (a proxy like
+        this one): foxyproxy 2.10, which closes after every answer, answers
+        a request of several commands with the last one's line only, so
+        there (and while that is not known yet) the steps go one request
+        each, one after another."""
         commands = [b"RESET" if kind == "RESET" else b"APDU:" + data.hex().upper().encode("ascii")
                     for kind, data in steps]
+        if self.persistent is not True:
+            return _OneByOne(self, key, commands).start()
         return self._submit(key, commands, batch=True)
 
     # -- requests ---------------------------------------------------------
