@@ -231,7 +231,10 @@ class _Run:
             self._result(errors.INTERNAL)
             return True
         if not isinstance(result, Deferred):
-            self._result(self._value(result, command.name, reader))
+            if type(result) is bytes and command.name == APDU and 2 <= len(result) <= MAX_RESPONSE:
+                self._result(result.hex().upper())  # the hot path
+            else:
+                self._result(self._value(result, command.name, reader))
             return True
         self._pending = True
         self._call = result
