@@ -105,8 +105,8 @@ class ReaderUpdates:
         items = list(items)
         if len(items) <= UPDATE_CHUNK:
             self.registry.update(self.backend, [make(i) for i in items] if make else items)
-        else:
-            self._step(items, make, [], 0)
+        else:  # from the next turn on: this one read and parsed the list
+            self._pending = self.clock.callLater(0, self._step, items, make, [], 0)
 
     def _step(self, items, make, infos, start):
         self._pending = None

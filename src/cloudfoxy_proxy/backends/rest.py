@@ -95,30 +95,29 @@ def parse_inventory(body, limit=None):
     """``[(native_name, atr_or_None)]`` from ``/api/v1/inventory``: one card a
     line, ``/IP@id`` optionally followed by white space and the ATR.  With
     ``limit``: ``(cards, more)``, the first ``limit`` cards and how many
-    lines were left unread."""
+    lines were left unread (counted, not parsed)."""
     cards = []
     seen = set()
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    if limit is not None:
+    room = 2 * limit + 64 if limit is not None else -1
+    while text is not None:
         # Split no further than needed: lines past the limit are only counted.
-        lines = text.split("\n", 2 * limit + 64)
-        if len(lines) > 2 * limit + 64:
-            lines[-1:] = lines[-1].split("\n")  # rarely: many blank or duplicate lines
-    else:
-        lines = text.splitlines()
-    for i, line in enumerate(lines):
-        line = line.strip()
-        if not line or line == "null":
-            continue
-        if limit is not None and len(cards) >= limit:
-            return cards, sum(1 for rest in lines[i:] if rest.strip() not in ("", "null"))
-        name, atr = line, None
-        parts = line.rsplit(None, 1)
-        if len(parts) == 2 and looks_like_atr(parts[1]):
-            name, atr = parts[0].strip(), bytes.fromhex(parts[1])
-        if name not in seen:
-            seen.add(name)
-            cards.append((name, atr))
+        lines = text.split("\n", room)
+        text = lines.pop() if len(lines) > room >= 0 else None
+        for i, line in enumerate(lines):
+            line = line.strip()
+            if not line or line == "null":
+                continue
+            if limit is not None and len(cards) >= limit:
+                more = sum(1 for rest in lines[i:] if rest.strip() not in ("", "null"))
+                return cards, more + (text.count("\n") + 1 if text is not None else 0)
+            name, atr = line, None
+            parts = line.rsplit(None, 1)
+            if len(parts) == 2 and looks_like_atr(parts[1]):
+                name, atr = parts[0].strip(), bytes.fromhex(parts[1])
+            if name not in seen:
+                seen.add(name)
+                cards.append((name, atr))
     return cards if limit is None else (cards, 0)
 
 

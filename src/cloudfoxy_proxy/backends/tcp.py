@@ -994,8 +994,8 @@ class TcpBackend:
                     continue
                 if len(names) >= self.readers_max:
                     left = sum(1 for t in tokens[i:] if t.strip())
-                    if rest is not None:
-                        left += sum(1 for t in rest.split("|") if t.strip())
+                    if rest is not None:  # counted, not split: blank tokens count too
+                        left += rest.count("|") + 1
                     cap.too_many(left)
                     rest = None
                     break
