@@ -53,6 +53,7 @@ class FakeCloudFoxy(Resource):
     def render_GET(self, request):
         args = {k.decode(): v[0].decode() for k, v in request.args.items()}
         self.requests.append((request.path.decode(), args, request.getHeader(b"x-auth-token")))
+        self.last_query = request.uri.partition(b"?")[2]
         if request.getHeader(b"x-auth-token") != TOKEN.encode():
             request.setResponseCode(401)
             return b"unauthorized\n"
@@ -217,9 +218,13 @@ class RestBackendTests(SynchronousTestCase):
 
     def test_malformed_bodies_are_c086(self):
         self.start()
-        for body in (b"", b"null\n", b"hello world\n", b"900\n", b"90\n"):
+        for body in (b"", b"null\n", b"hello world\n", b"900\n"):
             self.server.script.append((200, body))
             self.assertUpstreamError(self.backend.transmit("/10.0.0.1@1", b"\x00\xa4\x00\x00"))
+        # Hex of a wrong length is passed on: the dispatcher refuses it (C086).
+        self.server.script.append((200, b"90\n"))
+        self.assertEqual(result_of(self.backend.transmit("/10.0.0.1@1", b"\x00\xa4\x00\x00")),
+                         b"\x90")
 
     def test_connection_refused_is_c086(self):
         class Refusing:
@@ -495,3 +500,57 @@ class EndpointTests(SynchronousTestCase):
         self.assertIsNot(secure, first)
         self.assertIsNot(getattr(secure, "_wrappedEndpoint", None), None)  # wrapClientTLS around it
         self.assertRaises(SchemeNotSupported, endpoints.endpointForURI, URI.fromBytes(b"ftp://x:1/"))
+
+
+class BatchTests(SynchronousTestCase):
+    """Issue 12 point 6: a run of commands is one /api/v1/basic call with
+    repeated apdu= (reset=1 first when it starts with RESET)."""
+
+    make_http = RestBackendTests.make_http
+    start = RestBackendTests.start
+
+    def setUp(self):
+        RestBackendTests.setUp(self)
+        self.server.cards["/10.0.0.1@1"].atr = bytes.fromhex(ATR)  # listed in the inventory
+
+    def test_apdus_in_one_call(self):
+        self.start()
+        self.server.script.append((200, b"6F00\n9000\nnull\n"))
+        d = self.backend.transmit_batch("/10.0.0.1@1", [("APDU", b"\x00\xa4\x00\x00"),
+                                                        ("APDU", b"\x00\xb0\x00\x00")])
+        self.stub.flush()
+        self.assertEqual(result_of(d), [b"\x6f\x00", b"\x90\x00"])
+        [(path, args, _)] = self.server.basic_requests()
+        self.assertEqual(args["reset"], "0")
+        self.assertEqual(self.server.last_query.count(b"apdu="), 2)
+
+    def test_reset_first_uses_the_inventory_atr(self):
+        self.start()
+        self.server.script.append((200, b"9000\n6A82\n"))
+        d = self.backend.transmit_batch("/10.0.0.1@1", [("RESET", None), ("APDU", b"\x00\xa4\x00\x00"),
+                                                        ("APDU", b"\x00\xb0\x00\x00")])
+        self.stub.flush()
+        self.assertEqual(result_of(d), [bytes.fromhex(ATR), b"\x90\x00", b"\x6a\x82"])
+        [(_, args, _)] = self.server.basic_requests()
+        self.assertEqual(args["reset"], "1")
+
+    def test_server_that_answers_the_atr_too(self):
+        self.start()
+        self.server.script.append((200, b"3B00\n9000\n"))
+        d = self.backend.transmit_batch("/10.0.0.1@1", [("RESET", None), ("APDU", b"\x00\xa4\x00\x00")])
+        self.stub.flush()
+        self.assertEqual(result_of(d), [b"\x3b\x00", b"\x90\x00"])
+
+    def test_wrong_line_count_fails_those_steps(self):
+        self.start()
+        self.server.script.append((200, b"9000\n"))
+        d = self.backend.transmit_batch("/10.0.0.1@1", [("APDU", b"\x00\xa4\x00\x00")] * 3)
+        self.stub.flush()
+        self.assertEqual([getattr(v, "code", v) for v in result_of(d)], ["C086"] * 3)
+
+    def test_http_error_fails_every_step(self):
+        self.start()
+        self.server.script.append((500, b"boom\n"))
+        d = self.backend.transmit_batch("/10.0.0.1@1", [("APDU", b"\x00\xa4\x00\x00")] * 2)
+        self.stub.flush()
+        self.assertEqual([getattr(v, "code", v) for v in result_of(d)], ["C086"] * 2)

@@ -40,20 +40,20 @@ def test_foxyproxy_210_lists_cards_and_runs_apdus(foxyproxy_against_a):
     a, fp = foxyproxy_against_a
     out = fp.output()
     for i in range(4):
-        assert f"Found a new chip '/Emulated 0{i} {ATR}'" in out
+        assert f"Found a new chip '/Emulated_0{i} {ATR}'" in out
     assert "4 chips in total" in out
 
     listing = fp.request(">*|\n>1:READERS|\n\n")
     assert [base64.b64decode(n).decode() for n in listing[0][1].split("|")] == [
-        "Foxy USB /Emulated 00", "Foxy USB /Emulated 01"]  # foxyproxy lists at most 2
+        "Foxy USB /Emulated_00", "Foxy USB /Emulated_01"]  # foxyproxy lists at most 2
 
     for i in range(4):
-        name = f"Foxy USB /Emulated 0{i}"
+        name = f"Foxy USB /Emulated_0{i}"
         assert fp.request(f">{name}|\n>1:RESET|\n\n") == [("1", ATR)]
         assert fp.request(f">{name}|\n>2:APDU:00A4000C023F00|\n\n") == [("2", "9000")]
         challenge = fp.request(f">{name}|\n>3:APDU:0084000008|\n\n")
         assert challenge[0][0] == "3" and re.fullmatch(r"[0-9A-F]{16}9000", challenge[0][1]), challenge
-    b64 = base64.b64encode(b"Foxy USB /Emulated 02").decode()
+    b64 = base64.b64encode(b"Foxy USB /Emulated_02").decode()
     assert fp.request(f">{b64}|\n>4:APDU:00A4000C023F00|\n\n") == [("4", "9000")]
-    assert fp.request(">/Emulated 03|\n>5:APDU:00 A4 00 0C 02 3F 00|\n\n") == [("5", "9000")]
-    assert fp.raw(">Foxy USB /Emulated 09|\n>6:APDU:00A4000C023F00|\n\n") == "C083"
+    assert fp.request(">/Emulated_03|\n>5:APDU:00 A4 00 0C 02 3F 00|\n\n") == [("5", "9000")]
+    assert fp.raw(">Foxy USB /Emulated_09|\n>6:APDU:00A4000C023F00|\n\n") == "C083"

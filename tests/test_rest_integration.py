@@ -89,22 +89,22 @@ def test_b_reaches_a_cards_over_rest(proxy_factory, proxy_a, token_file):
     url = f"cloudfoxy+http://127.0.0.1:{rest_port(proxy_a)}?token_file={token_file}"
     b = proxy_factory("--backend", url, "--command-timeout", "5")
     started = time.monotonic()
-    first = wait_for(lambda: one(b, "Emulated 01", f"APDU:{SELECT_MF}") == "9000", timeout=5)
+    first = wait_for(lambda: one(b, "Emulated_01", f"APDU:{SELECT_MF}") == "9000", timeout=5)
     elapsed = time.monotonic() - started
     assert first and elapsed < 2.0, elapsed
-    assert readers(b) == [f"CloudFoxy Emulated 0{i}" for i in range(4)]
+    assert readers(b) == [f"CloudFoxy Emulated_0{i}" for i in range(4)]
     with b.client() as c:
-        results = c.results(f">CloudFoxy Emulated 02|\n>1:RESET|\n>2:APDU:{SELECT_MF}|\n"
+        results = c.results(f">CloudFoxy Emulated_02|\n>1:RESET|\n>2:APDU:{SELECT_MF}|\n"
                             f">3:APDU:0084000008|\n>4:APDU:0084000008|\n\n")
     assert results[:2] == [ATR, "9000"]
     for challenge in results[2:]:
         assert re.fullmatch(r"[0-9A-F]{16}9000", challenge), challenge
     assert results[2] != results[3]
     # native and foxyproxy names of A's cards work on B too
-    assert one(b, "/Emulated 03", f"APDU:{SELECT_MF}") == "9000"
-    assert one(b, "Foxy USB /Emulated 03", "RESET") == ATR
+    assert one(b, "/Emulated_03", f"APDU:{SELECT_MF}") == "9000"
+    assert one(b, "Foxy USB /Emulated_03", "RESET") == ATR
     assert one(b, "CloudFoxy Nope", "RESET") == "C083"
-    assert re.fullmatch(r"[0-9A-F]{4}", one(b, "Emulated 01", "APDU:00D60000004E20" + "AB" * 20000))
+    assert re.fullmatch(r"[0-9A-F]{4}", one(b, "Emulated_01", "APDU:00D60000004E20" + "AB" * 20000))
 
 
 def test_token_from_environment_and_wrong_token(proxy_factory, proxy_a):
@@ -123,7 +123,7 @@ def test_120_cards_start_fast(proxy_factory, token_file):
     url = f"cloudfoxy+http://127.0.0.1:{rest_port(a)}?token_file={token_file}"
     b = proxy_factory("--backend", url)
     started = time.monotonic()
-    assert wait_for(lambda: one(b, "CloudFoxy Emulated 119", f"APDU:{SELECT_MF}") == "9000", timeout=5)
+    assert wait_for(lambda: one(b, "CloudFoxy Emulated_119", f"APDU:{SELECT_MF}") == "9000", timeout=5)
     assert time.monotonic() - started < 2.0
     assert len(readers(b)) == 120
 
@@ -133,7 +133,7 @@ def test_rest_front_end_directly(proxy_a):
     try:
         status, hello = rest.get("/api/v1/hello")
         assert status == 200 and int(hello.splitlines()[1].split()[1]) >= 0
-        assert rest.get("/api/v1/inventory") == (200, "".join(f"/Emulated 0{i} {ATR}\n" for i in range(4)))
+        assert rest.get("/api/v1/inventory") == (200, "".join(f"/Emulated_0{i} {ATR}\n" for i in range(4)))
         assert rest.get("/api/v1/basic", terminal="/Emulated 00", reset=1) == (200, ATR + "\n")
         assert rest.get("/api/v1/basic", terminal="/Emulated 00", reset=0, apdu=SELECT_MF) == (200, "9000\n")
         assert rest.get("/api/v1/basic", terminal="/Nope", reset=0, apdu=SELECT_MF) == (
@@ -195,7 +195,7 @@ def test_https_with_private_ca_and_client_certificate(proxy_factory, tmp_path, t
     url = (f"cloudfoxy+https://localhost:{port}?token_file={token_file}&ca={paths['ca']}"
            f"&cert={paths['client-cert']}&key={paths['client-key']}")
     b = proxy_factory("--backend", url)
-    assert wait_for(lambda: one(b, "CloudFoxy Emulated 00", f"APDU:{SELECT_MF}") == "9000", timeout=5)
+    assert wait_for(lambda: one(b, "CloudFoxy Emulated_00", f"APDU:{SELECT_MF}") == "9000", timeout=5)
     # by IP address too (the certificate names 127.0.0.1)
     b_ip = proxy_factory("--backend", url.replace("localhost", "127.0.0.1"))
     assert wait_for(lambda: len(readers(b_ip)) == 4, timeout=5)

@@ -104,8 +104,12 @@ class RestApiTests(SynchronousTestCase):
     def test_inventory_lists_present_cards(self):
         code, body = self.answer(self.get("/api/v1/inventory"))
         self.assertEqual(code, 200)
-        self.assertEqual(body, f"/Emulated 00 {ATR}\n/Emulated 01 {ATR}\n/Emulated 02 {ATR}\n"
-                               f"/CloudFoxy 10.0.0.1@1 {ATR}\n/CloudFoxy 10.0.0.1@2\n")
+        self.assertEqual(body, f"/Emulated_00 {ATR}\n/Emulated_01 {ATR}\n/Emulated_02 {ATR}\n"
+                               f"/CloudFoxy_10.0.0.1@1 {ATR}\n/CloudFoxy_10.0.0.1@2\n")
+        names = ["Emulated 00", "Emulated 01", "Emulated 02", "CloudFoxy 10.0.0.1@1",
+                 "CloudFoxy 10.0.0.1@2"]
+        for line, name in zip(body.splitlines(), names):  # clients split on white space
+            self.assertEqual(self.resource.terminal(line.split()[0])[0].name, name)
 
     def test_uptime_restarts_when_the_inventory_changes(self):
         self.clock.advance(100)
@@ -128,6 +132,18 @@ class RestApiTests(SynchronousTestCase):
         self.assertNotIn("bad-guess", text)  # never log what was sent
         self.assertEqual(self.emulated.cards[0].transmit(bytes.fromhex("00A4000C023F00")), b"\x90\x00")
 
+    def test_repeated_apdus_run_as_one_turn(self):
+        """Several apdu= run back to back on the card, one answer line each
+        (a reset first when reset=1); an error anywhere is the request's error."""
+        code, body = self.basic(terminal="/Emulated_01", reset="1",
+                                apdu=["00A4000C023F00", "00EE0000", "0084000008"])
+        lines = body.splitlines()
+        self.assertEqual((code, len(lines), lines[0], lines[1]), (200, 3, "9000", "6D00"))
+        self.assertRegex(lines[2], "^[0-9A-F]{16}9000$")
+        self.assertEqual(self.basic(terminal="/Emulated_01", apdu=["00A4000C023F00", "zz"])[0], 400)
+        self.emulated.remove(1)
+        self.assertEqual(self.basic(terminal="/Emulated_01", apdu=["00A4000C023F00"] * 2)[0], 503)
+
     def test_apdu_reset_and_both(self):
         self.assertEqual(self.basic(terminal="/Emulated 01", reset="1"), (200, ATR + "\n"))
         self.assertEqual(self.basic(terminal="/Emulated 01", reset="0", apdu="00A4000C023F00"), (200, "9000\n"))
@@ -136,7 +152,8 @@ class RestApiTests(SynchronousTestCase):
         self.assertEqual(self.basic(terminal="/Emulated 02", reset="1", apdu="00A4000C023F00"), (200, "9000\n"))
 
     def test_terminal_names(self):
-        for terminal in ("/Emulated 02", "Emulated 02", base64.b64encode(b"Emulated 02").decode()):
+        for terminal in ("/Emulated_02", "Emulated_02", "/Emulated 02", "Emulated 02",
+                         base64.b64encode(b"Emulated 02").decode()):
             self.assertEqual(self.basic(terminal=terminal, reset="1"), (200, ATR + "\n"), terminal)
         for terminal in ("/10.0.0.1@1", "Foxy NET 10.0.0.1-1", "/CloudFoxy 10.0.0.1@1"):
             self.assertEqual(self.basic(terminal=terminal, reset="1"), (200, ATR + "\n"), terminal)

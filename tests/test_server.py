@@ -270,8 +270,8 @@ class ReleaseTests(SynchronousTestCase):
         h.registry.get("With Release").release = h.manual.release  # registry caches it per reader
         p, t = h.connect()
         p.dataReceived(b">With Release|\n>1:RESET|\n>2:APDU:00000000|\n\n")
-        h.manual.calls[0][2].callback(b"\x3b")
+        h.manual.calls[0][2].callback(b"\x3b\x00")
         self.assertEqual(released, [])  # not between the commands of one request
         h.manual.calls[1][2].callback(b"\x90\x00")
         self.assertEqual(released, ["c"])
-        self.assertEqual(take(t), ">1:3B\n>2:9000\n@@\n")
+        self.assertEqual(take(t), ">1:3B00\n>2:9000\n@@\n")

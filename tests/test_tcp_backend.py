@@ -159,6 +159,13 @@ class Base(SynchronousTestCase):
             conn.answer(reqs[0][1], "|".join(b64(n) for n in names))
         return conn
 
+    def two(self):
+        """A connection and two calls pipelined on it: (conn, d0, d1, requests)."""
+        conn = self.connect()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
+        return conn, d0, d1, conn.requests()
+
     def pw_suffix(self):
         return ":" + self.password if self.password else ""
 
@@ -257,6 +264,13 @@ class FramingTests(Base):
         [(_, cid, _)] = conn.requests()
         conn.answer(cid, "not base64!|" + b64("Emulated 00"))
         self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00"])
+        self.clock.advance(10)
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "|".join(["junk!"] * 500 + [b64("Emulated 00")]))  # the same list again
+        self.assertEqual([r.name for r in self.registry.readers], ["B Emulated 00"])
+        lines = self.logged("not base64 UTF-8")
+        self.assertEqual(len(lines), 2, lines)  # one per change of the count, not one per name
+        self.assertIn("listed 500 reader name(s)", lines[1])
 
     def test_empty_list_is_asked_again_soon(self):
         """An upstream proxy that has not found its own cards yet."""
@@ -303,10 +317,7 @@ class PipelineTests(Base):
     connections = 1
 
     def test_pipelined_answers_matched_in_order(self):
-        conn = self.connect()
-        d0 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
-        d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")
-        reqs = conn.requests()
+        conn, d0, d1, reqs = self.two()
         self.assertEqual([r for r, _, _ in reqs], ["Emulated 00", "Emulated 01"])
         conn.proto.dataReceived(f">{reqs[0][1]}:6100\n@@\n>{reqs[1][1]}:6101\n@@\n".encode())
         self.assertEqual((outcome(d0), outcome(d1)), (b"\x61\x00", b"\x61\x01"))
@@ -460,13 +471,25 @@ class FailureTests(Base):
         self.assertEqual(outcome(d), "C086")
         self.successResultOf(stopped)
 
-    def test_overlong_line_drops_connection(self):
+    def test_overlong_line_fails_only_its_command(self):
+        """An over-long answer line is discarded as it arrives (memory stays
+        bounded); its command gets C086, the next one on the same connection
+        its answer."""
         conn = self.connect()
-        d = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
-        conn.proto.dataReceived(b">" + b"9" * (tcp.MAX_LINE + 1))
-        self.assertTrue(conn.transport.disconnecting)
-        conn.lose()
-        self.assertEqual(outcome(d), "C086")
+        d1 = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x07")
+        d2 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x08")
+        [(_, c1, _), (_, c2, _)] = conn.requests()
+        conn.proto.dataReceived(b">" + c1.encode() + b":" + b"9" * 100000)
+        for _ in range(5):
+            conn.proto.dataReceived(b"9" * 100000)
+        self.assertLess(len(conn.proto._buf), tcp.MAX_LINE + 100000)
+        conn.proto.dataReceived(b"00\n@@\n")
+        self.assertEqual(outcome(d1), "C086")
+        self.assertNoResult(d2)
+        conn.answer(c2, "9000")
+        self.assertEqual(outcome(d2), b"\x90\x00")
+        self.assertFalse(conn.transport.disconnecting)
+        self.assertEqual(len(self.logged("malformed answer")), 1)
 
     def test_default_backoff_is_bounded(self):
         backend = tcp.TcpBackend(endpoint=self.endpoint, clock=self.clock)
@@ -724,3 +747,167 @@ class ModeTests(Base):
         self.assertIs(self.backend.persistent, True)
         self.assertEqual(len(self.endpoint.attempts), 2)  # the pool is back
         self.assertFalse(any(slot.parked for slot in self.backend.services))
+
+
+def batch_requests(conn):
+    """The requests written since the last call, with every command line:
+    [(reader_line, [(id, command), ...])]."""
+    data = conn.transport.value()[conn.seen:]
+    conn.seen += len(data)
+    out = []
+    for chunk in data.split(b"\n\n"):
+        if chunk:
+            lines = [line[1:-1] for line in chunk.decode().split("\n")]
+            out.append((lines[0], [tuple(line.split(":", 1)) for line in lines[1:]]))
+    return out
+
+
+class NeighbourTests(Base):
+    """A malformed answer for one card fails that card's command only
+    (issue 12 point 3); the connection stays unless its stream is lost."""
+
+    connections = 1
+
+    def test_malformed_answers_fail_only_their_command(self):
+        for junk in ("{wrong}:9000", "{id}:ZZ-not-hex", "{id}:9000\n>{id}:9000", "nonsense"):
+            conn, bad, good, reqs = self.two()
+            c_bad, c_good = reqs[0][1], reqs[1][1]
+            conn.proto.dataReceived(
+                b">" + junk.format(id=c_bad, wrong=int(c_good) + 1000).encode() + b"\n@@\n")
+            self.assertEqual(outcome(bad), "C086", junk)
+            self.assertNoResult(good)
+            conn.answer(c_good, "6101")
+            self.assertEqual(outcome(good), b"\x61\x01")
+            self.assertFalse(conn.transport.disconnecting, junk)
+            conn.lose(ConnectionDone())
+            self.clock.advance(1.0)
+
+    def test_skipping_ahead_drops_connection_and_fails_only_in_flight(self):
+        conn, bad, good, reqs = self.two()
+        c_good = reqs[1][1]
+        conn.answer(c_good, "9000")  # the answer to the later request came first
+        self.assertTrue(conn.transport.disconnecting)
+        conn.lose()
+        self.assertEqual((outcome(bad), outcome(good)), ("C086", "C086"))
+        later = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x02")
+        self.clock.advance(1.0)
+        conn = self.endpoint.succeed()
+        reqs = conn.requests()  # the waiting command goes out, then READERS
+        self.assertEqual([r for r, _, _ in reqs], ["Emulated 01", "*"])
+        conn.answer(reqs[0][1], "9000")
+        self.assertEqual(outcome(later), b"\x90\x00")
+
+    def test_junk_card_at_20_per_second_next_to_a_healthy_one(self):
+        """300 commands of a healthy card while its neighbour's answers are
+        junk 20 times a second: every healthy answer arrives, one warning."""
+        conn = self.connect()
+        healthy_ok = 0
+        junk = [">{id}:XYZ", ">999999:9000", ">{id}:" + "9" * (tcp.MAX_LINE + 10), "garbage"]
+        for i in range(300):
+            if i % 3 == 0:  # ~20/s next to ~60 healthy commands a second
+                b = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
+            g = self.backend.transmit("Emulated 01", b"\x00\xb0\x00\x00")
+            for _, cid, command in conn.requests():
+                if command == "APDU:00000000":
+                    text = junk[(i // 3) % len(junk)].format(id=cid)
+                    conn.proto.dataReceived(text.encode() + b"\n@@\n")
+                else:
+                    conn.answer(cid, "CAFE9000")
+            if i % 3 == 0:
+                self.assertEqual(outcome(b), "C086")
+            healthy_ok += outcome(g) == b"\xca\xfe\x90\x00"
+            self.clock.advance(1 / 60)
+        self.assertEqual(healthy_ok, 300)
+        self.assertFalse(conn.transport.disconnecting)
+        self.assertEqual(len(self.logged("malformed answer")), 1)  # rate-limited (10 s)
+
+    def test_batch_is_one_upstream_request(self):
+        conn = self.connect()
+        d = self.backend.transmit_batch("Emulated 00", [("RESET", None), ("APDU", b"\x00\xa4\x00\x00"),
+                                                        ("APDU", b"\x00\xb0\x00\x00")])
+        [(reader, commands)] = batch_requests(conn)
+        self.assertEqual(reader, "Emulated 00")
+        self.assertEqual([c for _, c in commands], ["RESET", "APDU:00A40000", "APDU:00B00000"])
+        ids = [i for i, _ in commands]
+        conn.proto.dataReceived(f">{ids[0]}:3B00\n>{ids[1]}:C086\n>{ids[2]}:9000\n@@\n".encode())
+        atr, failed, last = outcome(d)
+        self.assertEqual((atr, failed.code, last), (b"\x3b\x00", "C086", b"\x90\x00"))
+
+    def test_batch_with_missing_lines(self):
+        conn = self.connect()
+        d = self.backend.transmit_batch("Emulated 00", [("APDU", b"\x00\xa4\x00\x00")] * 2)
+        [(_, commands)] = batch_requests(conn)
+        conn.proto.dataReceived(f">{commands[0][0]}:9000\n@@\n".encode())
+        first, second = outcome(d)
+        self.assertEqual((first, second.code), (b"\x90\x00", "C086"))
+
+
+class ReaderBoundTests(Base):
+    """Issue 12 point 2: readers_max, MAX_NAME, and the READERS line limit."""
+
+    def setUp(self):
+        super().setUp()
+        self.backend.readers_max = 3
+        self.backend._cap.limit = 3
+
+    def test_cap_and_long_names_dropped_with_one_warning(self):
+        names = ["x" * 257, "A", "B", "C", "D", "E"]
+        self.connect(names)
+        self.assertEqual([r.name for r in self.registry.readers], ["B A", "B B", "B C"])
+        [line] = self.logged("lists more readers than are kept")
+        self.assertIn("dropped 2 over readers_max=3 and 1 with a name over 256 bytes", line)
+        self.backend._got_readers("|".join(b64(n) for n in names))  # the same again: no new line
+        self.assertEqual(len(self.logged("lists more readers than are kept")), 1)
+
+    def test_readers_line_over_limit_keeps_the_connection(self):
+        conn = self.connect(["A"])
+        self.backend._refresh()
+        [(_, cid, _)] = conn.requests()
+        conn.proto.dataReceived(f">{cid}:".encode() + b"QQ==|" * (self.backend.listing_limit // 5 + 10))
+        self.assertLessEqual(len(conn.proto._buf), self.backend.listing_limit)
+        conn.proto.dataReceived(b"\n@@\n")
+        self.assertEqual([r.name for r in self.registry.readers], ["B A"])
+        self.assertTrue(self.logged("reading the readers of"))
+        d = self.backend.transmit("A", b"\x00\x00\x00\x00")
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, "9000")
+        self.assertEqual(outcome(d), b"\x90\x00")
+
+    def test_many_junk_tokens_before_the_names(self):
+        self.connect(["A"])
+        listing = "|".join(["", "junk!"] * 40 + [b64(n) for n in "BCDEF"])
+        self.backend._got_readers(listing)
+        self.assertEqual([r.name for r in self.registry.readers], ["B B", "B C", "B D"])
+        self.assertIn("dropped 2 over readers_max=3", self.logged("lists more readers")[-1])
+
+
+class OneByOneTests(Base):
+    """Until the upstream is known to keep connections (foxyproxy 2.10
+    answers only the last command of a multi-command request), a batch goes
+    one command per request, one after another."""
+
+    persistent = None
+    connections = 1
+
+    def test_batch_one_request_at_a_time(self):
+        conn = self.connect()
+        d = self.backend.transmit_batch("Emulated 00", [("RESET", None), ("APDU", b"\x00\xa4\x00\x00")])
+        self.clock.advance(tcp.PROBE_DELAY)  # not reused before this: one request in flight
+        [(_, c1, command)] = conn.requests()
+        self.assertEqual(command, "RESET")
+        self.assertNoResult(d)
+        conn.answer(c1, "3B00")
+        [(_, c2, command)] = conn.requests()
+        self.assertEqual(command, "APDU:00A40000")
+        conn.answer(c2, "C080")
+        atr, error = outcome(d)
+        self.assertEqual((atr, error.code), (b"\x3b\x00", "C080"))
+
+    def test_cancel_stops_the_rest(self):
+        conn = self.connect()
+        d = self.backend.transmit_batch("Emulated 00", [("APDU", b"\x00\xa4\x00\x00")] * 3)
+        self.clock.advance(tcp.PROBE_DELAY)
+        [(_, c1, _)] = conn.requests()
+        cancel(d)
+        conn.answer(c1, "9000")  # the late answer: discarded, nothing more is sent
+        self.assertEqual(conn.requests(), [])

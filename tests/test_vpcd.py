@@ -274,6 +274,24 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.t.value(), b"")
         self.assertTrue(self.t.disconnecting)
 
+    def test_an_atr_the_dispatcher_refuses_leaves_the_slot_empty(self):
+        """A backend ATR of the wrong length is C086 (dispatcher): vpcd's
+        GET ATR is not left waiting, the connection closes (no card)."""
+        self.h.backend.reset = lambda key: b"\x3b"  # one byte: not an ATR
+        with capturedLogs() as events:
+            self.proto.dataReceived(ctrl(GET_ATR))
+        self.assertEqual(self.t.value(), b"")
+        self.assertTrue(self.t.disconnecting)
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn("an ATR of 1 bytes", text)
+        self.assertIsNone(self.h.card.atr)
+
+    def test_an_answer_vpcd_cannot_carry_closes_the_connection(self):
+        with capturedLogs() as events:
+            self.proto._answered(b"")  # what encode() refuses
+        self.assertTrue(self.t.disconnecting)
+        self.assertIn("cannot give vpcd its answer", " ".join(formatEvent(e) for e in events))
+
     def test_other_errors_become_status_words(self):
         self.proto.dataReceived(ctrl(GET_ATR))
         answers(self.t)

@@ -1,8 +1,11 @@
 """The interface every card source implements, and the service that runs one."""
 
+import sys
+
 import attr
 from twisted.application.service import Service
 from twisted.internet.defer import maybeDeferred
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from .logs import Logger
@@ -22,13 +25,30 @@ class IBackend(Interface):
     Optionally a backend has ``release(key)``: called when a request is done
     with the card (after its last command), e.g. to end a PC/SC transaction
     that spans the request.
+
+    Optionally a backend that fronts another queue (an upstream proxy, a
+    CloudFoxy server) has ``transmit_batch(key, steps)``: ``steps`` is a
+    list of ``("RESET", None)`` and ``("APDU", command_bytes)``, to run
+    back to back on the card (as one upstream request); it returns (or
+    gives a Deferred for) a list with one result per step: the ATR or
+    response APDU as bytes, or a CardError for that step.  Raising or
+    errbacking a CardError fails every step with its code.  The dispatcher
+    uses it for a request's run of two or more RESET/APDU commands, bounded
+    by the command timeout times the number of steps.
+
+    The dispatcher checks every result (:func:`bad_result`): a response
+    APDU of 2..65,538 bytes, an ATR of 2..33 bytes; anything else reaches
+    the client as ``C086``.  Backends pass on what their source gave them
+    and need no checks of their own.
     """
 
     description = Attribute("A short human description for logs, e.g. 'emulated: 4 cards'.")
 
     def start(registry):
         """Begin serving.  Report readers with ``registry.update(self, infos)``
-        now and again whenever the set changes.  May return a Deferred."""
+        now and again whenever the set changes.  May return a Deferred.
+        Raising ValueError means a configuration error (the proxy refuses
+        to start); any other failure is retried (see BackendService)."""
 
     def stop():
         """Stop, releasing threads and connections.  May return a Deferred."""
@@ -38,6 +58,27 @@ class IBackend(Interface):
 
     def transmit(key, apdu):
         """Send the command APDU (bytes) to reader ``key``; the response APDU as bytes."""
+
+
+#: A response APDU: at most 65,536 data bytes (extended Le, ISO 7816-4
+#: 5.1) and SW1 SW2.
+MAX_RESPONSE = 65538
+#: An ATR: TS and T0 at least, 33 bytes at most (ISO 7816-3 8.2.1).
+MIN_ATR, MAX_ATR = 2, 33
+
+
+def bad_result(value, atr):
+    """Why ``value`` (a backend's answer to a RESET when ``atr``, else to an
+    APDU) cannot go to a client, or None when it can."""
+    if not isinstance(value, bytes):
+        return f"a {type(value).__name__} instead of bytes"
+    n = len(value)
+    if atr:
+        if not MIN_ATR <= n <= MAX_ATR:
+            return f"an ATR of {n} bytes (ISO 7816-3: {MIN_ATR}..{MAX_ATR})"
+    elif not 2 <= n <= MAX_RESPONSE:
+        return f"a response APDU of {n} bytes (2..{MAX_RESPONSE}: data and SW1 SW2)"
+    return None
 
 
 @attr.s(slots=True, frozen=True)
@@ -68,22 +109,77 @@ def provides(interface):
 
 @attr.s(eq=False)
 class BackendService(Service):
-    """Starts and stops one backend with the application."""
+    """Starts and stops one backend with the application.
+
+    A start that raises ValueError is a configuration error: one line on
+    stderr and the proxy exits (status 1).  Any other failed start is a
+    runtime error: the backend is shown as not ready (``ready`` False, one
+    warning per attempt) and started again after a back-off doubling from
+    RETRY_MIN up to RETRY_MAX seconds, never given up.  ``clock``: an
+    IReactorTime (default: the reactor).
+    """
 
     backend = attr.ib(validator=provides(IBackend))
     registry = attr.ib()
+    clock = attr.ib(default=None)
+    ready = attr.ib(init=False, default=False)
+    _failures = attr.ib(init=False, default=0)
+    _retry = attr.ib(init=False, default=None)
     log = Logger()
+
+    RETRY_MIN = 1.0
+    RETRY_MAX = 60.0
 
     def startService(self):
         Service.startService(self)
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor
         self.log.info("starting backend {backend}", backend=self.backend.description)
-        d = maybeDeferred(self.backend.start, self.registry)
-        d.addErrback(
-            lambda f: self.log.failure("backend {backend} failed to start", f,
-                                       backend=self.backend.description)
-        )
-        return d
+        try:
+            result = self.backend.start(self.registry)
+        except ValueError as e:
+            sys.stderr.write(f"twistd foxyproxy: backend {self.backend.description}: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1)
+        except Exception:
+            self._failed(Failure())
+            return None
+        return maybeDeferred(lambda: result).addCallbacks(self._started, self._failed)
+
+    def _attempt(self):
+        self._retry = None
+        if not self.running:
+            return None
+        return maybeDeferred(self.backend.start, self.registry).addCallbacks(
+            self._started, self._failed)
+
+    def _started(self, _):
+        self.ready = True
+        if self._failures:
+            self.log.info("backend {backend} started (after {n} failed attempts)",
+                          backend=self.backend.description, n=self._failures)
+        self._failures = 0
+
+    def _failed(self, failure):
+        self.ready = False
+        if not self.running:
+            return
+        self._failures += 1
+        delay = min(self.RETRY_MAX, self.RETRY_MIN * 2 ** min(self._failures - 1, 16))
+        why = failure.getErrorMessage() or failure.type.__name__
+        self.log.warn("backend {backend} is not ready: starting it failed ({why}); "
+                      "trying again in {delay:g}s", backend=self.backend.description,
+                      why=f"{failure.type.__name__}: {why}" if failure.type.__name__ not in why else why,
+                      delay=delay)
+        # Undo whatever the failed start did before trying again.
+        maybeDeferred(self.backend.stop).addErrback(lambda f: None)
+        self._retry = self.clock.callLater(delay, self._attempt)
 
     def stopService(self):
         Service.stopService(self)
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
         return maybeDeferred(self.backend.stop)

@@ -11,10 +11,11 @@ import hmac
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 
 from . import errors
+from .backend import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
 from .errors import CardError
 from .logs import Logger, RateLimitedLog
 from .parser import (
-    ALIASES, APDU, CARD_COMMANDS, CHAIN, ENUM, LIST, PERSONALIZE, READERS, RESET, Request,
+    ALIASES, APDU, CARD_COMMANDS, CHAIN, ENUM, LIST, PERSONALIZE, READERS, RESET, SIGN, Request,
 )
 from .registry import QueueFull
 from .timeouts import Deadlines
@@ -50,6 +51,7 @@ class Dispatcher:
         self.signing = None
         self.deadlines = Deadlines(clock, command_timeout)
         self.client_log = RateLimitedLog(clock, self.log, what="client log lines")
+        self._rejected = {}  # reader name -> [next warn time, results not warned about]
 
     def execute(self, request, session):
         """Response lines (``(id, result)`` pairs) or a Deferred for them;
@@ -69,6 +71,31 @@ class Dispatcher:
         a result code from an answer."""
         result = self.execute(Request(reader, password, list(commands)), session or Session())
         return result if isinstance(result, Deferred) else succeed(result)
+
+    def result(self, value, atr, reader):
+        """A backend's answer as a result: the hex of a response APDU
+        (2..65,538 bytes) or, when ``atr``, of an ATR (2..33 bytes);
+        anything else is ``C086`` (see IBackend)."""
+        if type(value) is bytes and (MIN_ATR <= len(value) <= MAX_ATR if atr
+                                     else 2 <= len(value) <= MAX_RESPONSE):
+            return value.hex().upper()
+        self._reject(reader, bad_result(value, atr))
+        return errors.UPSTREAM
+
+    #: At most one warning per reader this often about results refused (C086).
+    REJECT_WARN_EVERY = 10.0
+
+    def _reject(self, reader, why):
+        now = self.clock.seconds()
+        state = self._rejected.get(reader.name)
+        if state is not None and now < state[0]:
+            state[1] += 1
+            return
+        more = state[1] if state is not None else 0
+        self._rejected[reader.name] = [now + self.REJECT_WARN_EVERY, 0]
+        self.log.warn("backend {backend} gave {why} for reader {reader}: answered C086"
+                      "{more}", backend=reader.backend.description, why=why, reader=reader.name,
+                      more=f" ({more} more such results since the last warning)" if more else "")
 
     def simple(self, command, session, request=None):
         """The result of a command that needs no card, or a Deferred for it
@@ -121,7 +148,7 @@ class _Run:
     becomes asynchronous when a card is busy or a backend answers later."""
 
     __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding",
-                 "abandoned", "deferred", "_stepping", "_pending", "_call")
+                 "abandoned", "deferred", "_stepping", "_pending", "_call", "_batch_end")
 
     log = Logger()
 
@@ -138,6 +165,7 @@ class _Run:
         self._stepping = False
         self._pending = False
         self._call = None
+        self._batch_end = None
 
     def step(self):
         """Run commands until done (True) or waiting (False)."""
@@ -180,6 +208,12 @@ class _Run:
                         self._pending = True
                         return False
                     self.holding = True
+                if reader.batch is not None and command.name != SIGN:
+                    end = self._run_end()
+                    if end:
+                        if not self._call_batch(reader, end):
+                            return False
+                        continue
                 if not self._call_backend(reader, command):
                     return False
             self._release()
@@ -207,7 +241,10 @@ class _Run:
             self._result(errors.INTERNAL)
             return True
         if not isinstance(result, Deferred):
-            self._result(result.hex().upper())
+            if type(result) is bytes and command.name == APDU and 2 <= len(result) <= MAX_RESPONSE:
+                self._result(result.hex().upper())  # the hot path
+            else:
+                self._result(self._value(result, command.name, reader))
             return True
         self._pending = True
         self._call = result
@@ -231,6 +268,88 @@ class _Run:
         self._result(result)
         self._resume()
 
+    def _run_end(self):
+        """The end of the run of RESET/APDU commands (and commands already
+        answered with a parse error) starting here, if it holds at least
+        two card commands; else None."""
+        commands = self.request.commands
+        end = self.i
+        steps = 0
+        while end < len(commands):
+            command = commands[end]
+            if command.error is None:
+                if command.name != RESET and command.name != APDU:
+                    break
+                steps += 1
+            end += 1
+        return end if steps >= 2 else None
+
+    def _call_batch(self, reader, end):
+        """Run commands ``i..end`` with the backend's ``transmit_batch``;
+        False if their answers come later."""
+        steps = []
+        for command in self.request.commands[self.i:end]:
+            if command.error is not None:
+                continue
+            if command.name == RESET:
+                self.d.registry.card_reset(reader, self.session)
+                steps.append((RESET, None))
+            else:
+                steps.append((APDU, command.apdu))
+        self._batch_end = end
+        try:
+            result = reader.batch(reader.key, steps)
+        except CardError as e:
+            self._batch_results(e.code, reader)
+            return True
+        except Exception:
+            self.log.failure("backend {backend} failed on {reader}",
+                             backend=reader.backend.description, reader=reader.name)
+            self._batch_results(errors.INTERNAL, reader)
+            return True
+        if not isinstance(result, Deferred):
+            self._batch_results(result, reader)
+            return True
+        self._pending = True
+        self._call = result
+        result.addTimeout(self.d.command_timeout * len(steps), self.d.clock)
+        result.addCallbacks(self._batch_answered, self._failed, errbackArgs=(reader,))
+        return not self._pending
+
+    def _batch_results(self, values, reader):
+        """One line per command of the run: its parse error, or its step's
+        result (checked like any backend result); ``values`` a list of
+        results or one result code for every step."""
+        commands = self.request.commands
+        k = 0
+        for command in commands[self.i:self._batch_end]:
+            if command.error is not None:
+                self._result(command.error)
+                continue
+            value = values if isinstance(values, str) else (
+                values[k] if k < len(values) else CardError(errors.UPSTREAM, "no result"))
+            k += 1
+            if isinstance(value, CardError):
+                value = value.code
+            elif isinstance(value, str):
+                value = value if errors.is_error(value) else errors.INTERNAL
+            else:
+                value = self.d.result(value, command.name == RESET, reader)
+            self._result(value)
+        self._batch_end = None
+
+    def _batch_answered(self, values):
+        self._call = None
+        if not isinstance(values, list):
+            values = errors.INTERNAL  # a backend bug
+        self._batch_results(values, self.reader)
+        self._resume()
+
+    def _value(self, result, name, reader):
+        if name == SIGN:
+            return result.hex().upper()  # a signature, not a card's answer
+        return self.d.result(result, name == RESET, reader)
+
     def _result(self, value):
         self.lines.append((self.request.commands[self.i].id, value))
         self.i += 1
@@ -238,23 +357,27 @@ class _Run:
     def _answered(self, result):
         self.d.deadlines.forget(self._call)
         self._call = None
-        self._result(result.hex().upper())
+        self._result(self._value(result, self.request.commands[self.i].name, self.reader))
         self._resume()
 
     def _failed(self, failure, reader):
         self.d.deadlines.forget(self._call)
         self._call = None
         if failure.check(CardError):
-            self._result(failure.value.code)
+            code = failure.value.code
         elif failure.check(TimeoutError, CancelledError):
             if not self.abandoned:
                 self.log.warn("command timed out after {timeout}s on {reader}",
                               timeout=self.d.command_timeout, reader=reader.name)
-            self._result(errors.UPSTREAM)
+            code = errors.UPSTREAM
         else:
             self.log.failure("backend {backend} failed on {reader}", failure,
                              backend=reader.backend.description, reader=reader.name)
-            self._result(errors.INTERNAL)
+            code = errors.INTERNAL
+        if self._batch_end is not None:
+            self._batch_results(code, reader)
+        else:
+            self._result(code)
         self._resume()
 
     def granted(self):

@@ -74,7 +74,7 @@ class Reader:
     card queue survive the reader vanishing and coming back."""
 
     __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info",
-                 "release", "holder", "exclusive")
+                 "release", "batch", "holder", "exclusive")
 
     def __init__(self, name, backend, key, queue):
         self.name = name
@@ -83,6 +83,8 @@ class Reader:
         self.queue = queue
         #: the backend's optional ``release(key)``: called when a request is done with the card
         self.release = getattr(backend, "release", None)
+        #: the backend's optional ``transmit_batch(key, steps)`` (IBackend)
+        self.batch = getattr(backend, "transmit_batch", None)
         self.aliases = ()
         self.extra_aliases = ()  # from the certificate index (set_extra_aliases)
         self.present = False
@@ -113,6 +115,8 @@ class ReaderRegistry:
         self._known = {}  # (id(backend), key) -> Reader, never forgotten
         self._names = {}  # canonical name -> Reader (every name ever given)
         self._current = {}  # id(backend) -> [Reader] listed now
+        self._reported = set()  # id(backend) of those that have reported at least once
+        self._b64 = {}  # canonical name -> its base64 (names never change)
         self._order = []  # backends in the order they first reported
         self._listeners = []
         self._reset_listeners = []
@@ -138,29 +142,67 @@ class ReaderRegistry:
             callback(reader, session)
 
     def update(self, backend, infos):
-        """Replace ``backend``'s readers with ``infos`` (ReaderInfo objects)."""
+        """Replace ``backend``'s readers with ``infos`` (ReaderInfo objects).
+
+        Cheap when little changes: a list equal to the last one costs one
+        pass and no rebuild; "reader added/removed" is logged per name for
+        a few readers and summarised (the first LOG_NAMES names and a
+        count) for many.
+        """
         bid = id(backend)
         if bid not in self._current:
             self._order.append(backend)
+        known = self._known
+        previous = self._current.get(bid, ())
+        changed = False
         current = []
         for info in infos:
-            reader = self._known.get((bid, info.key))
+            reader = known.get((bid, info.key))
             if reader is None:
                 reader = Reader(self._unique(info.name), backend, info.key, CardQueue(self.max_queue))
-                self._known[(bid, info.key)] = reader
+                known[(bid, info.key)] = reader
                 self._names[reader.name] = reader
-            reader.info = info
-            reader.present = info.present
-            reader.aliases = tuple(info.aliases)
+            if reader.info != info:
+                reader.info = info
+                reader.present = info.present
+                reader.aliases = tuple(info.aliases)
+                changed = True
             current.append(reader)
-        before = {r.name for r in self._current.get(bid, ())}
-        after = {r.name for r in current}
         self._current[bid] = current
-        for name in sorted(after - before):
-            self.log.info("reader added: {reader}", reader=name)
-        for name in sorted(before - after):
-            self.log.info("reader removed: {reader}", reader=name)
+        if not changed and current == list(previous) and bid in self._reported:
+            return
+        self._reported.add(bid)
+        before = {r.name for r in previous}
+        after = {r.name for r in current}
+        self._log_names("added", [r.name for r in current if r.name not in before])
+        self._log_names("removed", [r.name for r in previous if r.name not in after])
         self._rebuild()
+
+    def prepare(self, backend, infos):
+        """Make the Reader objects (names, queues) for ``infos`` without
+        listing them, so that a later :meth:`update` with a long list costs
+        less at once (a backend may prepare a long list in chunks)."""
+        bid = id(backend)
+        known = self._known
+        encoded = self._b64
+        for info in infos:
+            if (bid, info.key) not in known:
+                reader = Reader(self._unique(info.name), backend, info.key, CardQueue(self.max_queue))
+                known[(bid, info.key)] = reader
+                self._names[reader.name] = reader
+                encoded[reader.name] = b64name(reader.name)
+
+    #: How many names a summarised "readers added/removed" line shows.
+    LOG_NAMES = 10
+
+    def _log_names(self, what, names):
+        if len(names) <= self.LOG_NAMES:
+            for name in names:
+                self.log.info("reader {what}: {reader}", what=what, reader=name)
+        else:
+            self.log.info("{count} readers {what}: {names} and {more} more", count=len(names),
+                          what=what, names=", ".join(names[:self.LOG_NAMES]),
+                          more=len(names) - self.LOG_NAMES)
 
     def set_extra_aliases(self, reader, aliases):
         """More names for ``reader`` besides its backend's (the certificate
@@ -180,13 +222,29 @@ class ReaderRegistry:
 
     def _rebuild(self):
         self.readers = [r for b in self._order for r in self._current.get(id(b), ())]
-        self.listing = "|".join(b64name(r.name) for r in self.readers)
+        encoded = self._b64
+        names = []
         exact = {}
         aliases = {}
         for r in self.readers:
-            exact[r.name] = r
-            for alias in (b64name(r.name),) + r.aliases + r.extra_aliases:
-                aliases.setdefault(alias, []).append(r)
+            name = r.name
+            b64 = encoded.get(name)
+            if b64 is None:
+                b64 = encoded[name] = b64name(name)
+            names.append(b64)
+            exact[name] = r
+            hits = aliases.get(b64)
+            if hits is None:
+                aliases[b64] = [r]
+            else:
+                hits.append(r)
+            for alias in r.aliases + r.extra_aliases:
+                hits = aliases.get(alias)
+                if hits is None:
+                    aliases[alias] = [r]
+                else:
+                    hits.append(r)
+        self.listing = "|".join(names)
         self._exact = exact
         self._aliases = aliases
         self._cache = {}

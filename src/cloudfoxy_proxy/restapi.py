@@ -1,18 +1,21 @@
 """``--rest ENDPOINT``: a CloudFoxy-compatible REST front end (PROTOCOL.md
 section 2) over every backend of the proxy.
 
-* ``GET /api/v1/basic?terminal=T&reset=0|1&apdu=HEX`` runs a reset and/or
-  an APDU through ``Dispatcher.submit``: the same per-card queue as the line
-  protocol, so REST and line clients share cards safely.
+* ``GET /api/v1/basic?terminal=T&reset=0|1&apdu=HEX[&apdu=HEX...]`` runs a
+  reset and/or APDUs through ``Dispatcher.submit`` as one queue turn (back
+  to back on the card, one answer line per APDU): the same per-card queue
+  as the line protocol, so REST and line clients share cards safely.
 * ``GET /api/v1/inventory``: one line per card, ``/NAME ATR``.
 * ``GET /api/v1/hello``: three lines; line 2 is ``Uptime: N s``.
 
 Every request needs ``X-Auth-Token`` (``--rest-token-file`` / env
-``FOXYPROXY_REST_TOKEN``).  Terminal names are ``/`` + the proxy's
-canonical reader name; see docs/rest.md for the mapping and error answers.
+``FOXYPROXY_REST_TOKEN``).  Terminal ids are ``/`` + the proxy's canonical
+reader name with white space as ``_`` (clients split inventory lines on
+white space); see docs/rest.md for the mapping and error answers.
 """
 
 import hmac
+import re
 
 from twisted.internet.defer import CancelledError
 from twisted.web.http import RESPONSES, HTTPChannel
@@ -40,6 +43,14 @@ STATUS = {
 PLAIN = b"text/plain; charset=utf-8"
 #: Reasons twisted.web does not know (RFC 6585).
 REASONS = {431: b"Request Header Fields Too Large"}
+
+_BLANK = re.compile(r"\s")
+
+
+def terminal_id(name):
+    """The REST terminal id of a reader name: ``/`` + the name with each
+    white-space character as ``_`` (``Emulated 00`` -> ``/Emulated_00``)."""
+    return "/" + _BLANK.sub("_", name)
 
 
 class _Channel(HTTPChannel):
@@ -153,17 +164,26 @@ class Inventory:
         self.clock = clock
         self.text = None
         self.count = 0
+        self.ids = {}  # terminal id -> Reader
         self.since = clock.seconds()
         registry.add_listener(self._changed)
         self._changed(registry)
 
     def _changed(self, registry):
         lines = []
+        ids = {}
         for reader in registry.readers:
+            tid = terminal_id(reader.name)
+            n = 2
+            while tid in ids:  # "A B" and "A_B" both listed: the later one gets a suffix
+                tid = f"{terminal_id(reader.name)}_({n})"
+                n += 1
+            ids[tid] = reader
             if not reader.present:
                 continue
             atr = reader.info.atr if reader.info is not None else None
-            lines.append(f"/{reader.name} {atr.hex().upper()}" if atr else f"/{reader.name}")
+            lines.append(f"{tid} {atr.hex().upper()}" if atr else tid)
+        self.ids = ids
         text = "".join(line + "\n" for line in lines)
         if text != self.text:
             if self.text is not None:
@@ -269,10 +289,15 @@ class RestResource(Resource):
     # -- /api/v1/basic
 
     def terminal(self, text):
-        """The reader a ``terminal=`` value names: ``/`` + canonical name, the
+        """The reader a ``terminal=`` value names: its terminal id (as
+        listed by the inventory, ``/`` optional), ``/`` + canonical name, the
         canonical name, or an alias (``/IP@id``, ``Foxy NET IP-id``, base64).
         No patterns: a REST client always names one card exactly."""
         registry = self.registry
+        ids = self.inventory.ids
+        reader = ids.get(text) or ids.get("/" + text)
+        if reader is not None:
+            return reader, None
         if text.startswith("/"):
             reader = registry.get(text[1:])
             if reader is not None:
@@ -289,7 +314,9 @@ class RestResource(Resource):
         try:
             terminal = self._arg(request, "terminal")
             reset = self._arg(request, "reset")
-            apdu = self._arg(request, "apdu")
+            apdus = [value.decode("ascii") for value in request.args.get(b"apdu", ())]
+        except UnicodeDecodeError:
+            return self._answer(request, 400, "bad request: apdu= is not a command APDU in hex")
         except ValueError as e:
             return self._answer(request, 400, f"bad request: {e}")
         if not terminal:
@@ -300,8 +327,8 @@ class RestResource(Resource):
         commands = []
         if reset == "1":
             commands.append(make_command(["1", RESET]))
-        if apdu is not None:
-            command = make_command(["2", APDU, apdu])
+        for n, apdu in enumerate(apdus, 2):
+            command = make_command([str(n), APDU, apdu])
             if command.error is not None:
                 return self._answer(request, 400, f"bad request: apdu= is not a command APDU in hex "
                                                   f"(4 to {MAX_APDU_BYTES} bytes)")
@@ -331,9 +358,11 @@ class RestResource(Resource):
         for _, result in lines:
             if errors.is_error(result):
                 return self._error(request, result, terminal)
-        # One line: the ATR of a reset, else the response APDU (a reset
-        # before an APDU is done, but only the APDU's answer is returned).
-        return (lines[-1][1] + "\n").encode("ascii")
+        # The ATR of a reset alone, else one line per APDU (a reset before
+        # APDUs is done, but only the APDUs' answers are returned).
+        if len(lines) > 1 and lines[0][0] == "1":
+            lines = lines[1:]
+        return "".join(result + "\n" for _, result in lines).encode("ascii")
 
     def _error(self, request, code, terminal):
         if code == errors.NOT_FOUND:

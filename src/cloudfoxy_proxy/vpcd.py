@@ -353,7 +353,17 @@ class VpcdProtocol(Protocol):
         if self.closed:
             return
         if answer is not None:
-            self.transport.write(encode(answer))
+            try:
+                frame = encode(answer)
+            except ValueError as e:
+                # Never leave vpcd waiting: without a connection its slot
+                # shows no card (the next connection starts with a reset).
+                self.log.warn("card {reader}: cannot give vpcd its answer ({why}); "
+                              "disconnecting from vpcd", reader=self.card.reader, why=str(e))
+                self.card.forget()
+                self.close()
+                return
+            self.transport.write(frame)
         self._run()
 
     def _failed(self, failure, message):

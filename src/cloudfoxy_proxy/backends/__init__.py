@@ -29,6 +29,103 @@ def from_url(url, config):
     return importlib.import_module(module).from_url(url, config)
 
 
+#: Readers kept per upstream backend unless ``readers_max=`` says otherwise.
+READERS_MAX = 10000
+#: The longest reader name kept from an upstream, in UTF-8 bytes.
+MAX_NAME = 256
+
+
+class ReaderCap:
+    """The bounds on one upstream's reader list (docs/backends.md): at most
+    ``limit`` readers, names of at most MAX_NAME bytes.  A backend calls
+    :meth:`begin`, then :meth:`fits` per name and :meth:`too_many` for the
+    names past the limit, then :meth:`end`, which logs one warning saying
+    how many were dropped whenever that changes."""
+
+    def __init__(self, where, limit):
+        self.where = where
+        self.limit = limit
+        self.many = self.long = self.bad = 0
+        self.example = ""
+        self._last = (0, 0, 0)
+
+    def begin(self):
+        self.many = self.long = self.bad = 0
+
+    def invalid(self, token):
+        """A name the listing could not carry (e.g. not base64 UTF-8)."""
+        if not self.bad:
+            self.example = token[:100]
+        self.bad += 1
+
+    def fits(self, name):
+        if len(name) > MAX_NAME // 4 and len(name.encode("utf-8")) > MAX_NAME:
+            self.long += 1
+            return False
+        return True
+
+    def too_many(self, count):
+        self.many += count
+
+    def end(self, log):
+        now = (self.many, self.long, self.bad)
+        if now != self._last and (self.many or self.long):
+            log.warn("{where} lists more readers than are kept: dropped {many} over "
+                     "readers_max={limit} and {long} with a name over {max_name} bytes",
+                     where=self.where, many=self.many, limit=self.limit, long=self.long,
+                     max_name=MAX_NAME)
+        if now != self._last and self.bad:
+            log.warn("{where} listed {bad} reader name(s) that are not base64 UTF-8, "
+                     "e.g. {example!r}: ignored", where=self.where, bad=self.bad,
+                     example=self.example)
+        self._last = now
+
+
+#: Readers given to the registry per reactor turn when a backend reports a long list.
+UPDATE_CHUNK = 1000
+
+
+class ReaderUpdates:
+    """Hands one backend's reader lists to the registry without blocking the
+    reactor for long: a list of more than UPDATE_CHUNK readers has its new
+    readers prepared UPDATE_CHUNK at a time, one reactor turn each, then is
+    applied at once (cheap by then).  A newer list replaces one still being
+    prepared; :meth:`stop` abandons it."""
+
+    def __init__(self, registry, backend, clock):
+        self.registry = registry
+        self.backend = backend
+        self.clock = clock
+        self._pending = None  # DelayedCall of the next chunk
+
+    def update(self, items, make=None):
+        """Report ``items`` (ReaderInfo objects, or anything ``make`` turns
+        into one, made a chunk at a time)."""
+        self.stop()
+        items = list(items)
+        if len(items) <= UPDATE_CHUNK:
+            self.registry.update(self.backend, [make(i) for i in items] if make else items)
+        else:  # from the next turn on: this one read and parsed the list
+            self._pending = self.clock.callLater(0, self._step, items, make, [], 0)
+
+    def _step(self, items, make, infos, start):
+        self._pending = None
+        if start >= len(items):
+            self.registry.update(self.backend, infos)
+            return
+        chunk = items[start:start + UPDATE_CHUNK]
+        chunk = [make(i) for i in chunk] if make else chunk
+        infos.extend(chunk)
+        self.registry.prepare(self.backend, chunk)
+        self._pending = self.clock.callLater(0, self._step, items, make, infos,
+                                             start + UPDATE_CHUNK)
+
+    def stop(self):
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.active():
+            pending.cancel()
+
+
 def query(url, allowed):
     """The URL's query as a dict; an unknown or repeated key is an error."""
     params = {}

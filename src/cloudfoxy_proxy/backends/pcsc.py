@@ -323,14 +323,11 @@ class _Link:
         s = self.scard
         hr, response = s.SCardTransmit(self.handle, self.active, list(apdu))
         if hr == s.SCARD_S_SUCCESS:
-            if len(response) >= 2:
-                return bytes(response)
-            # No status word: vpcd answers so when its card goes away
-            # mid-command.  Not an answer; like a failed transfer below.
-            if self._gone():
+            if len(response) < 2 and self._gone():
+                # vpcd answers with nothing when its card goes away mid-command.
                 self._drop_handle()
                 raise CardError(errors.NO_CARD, f"{self.name}: card removed during the command")
-            raise CardError(errors.UPSTREAM, f"{self.name}: the card's answer has no status word")
+            return bytes(response)  # the dispatcher refuses one without SW1 SW2
         if hr in self.stale:
             self._recover(hr)
             if hr in self.lost:

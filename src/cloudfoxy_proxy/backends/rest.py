@@ -4,7 +4,8 @@ inventory over treq (twisted.web's Agent, one persistent connection pool),
 card commands over :mod:`.httpclient` (keep-alive connections, responses
 parsed by httptools/llhttp).
 
-URL parameters (all optional): ``token_file=FILE`` (else ``--token-file``,
+URL parameters (all optional): ``readers_max=N`` (cards kept from the
+inventory, default 10,000; names of at most 256 bytes), ``token_file=FILE`` (else ``--token-file``,
 else env ``FOXYPROXY_TOKEN``), ``poll=SECONDS`` (how often ``/api/v1/hello``
 is asked whether the server restarted; default 10), ``prefix=NAME`` (reader
 names are ``PREFIX IP@id``; default ``CloudFoxy``), ``connections=N``
@@ -14,7 +15,10 @@ instead of the system's), ``cert=FILE`` and ``key=FILE`` (client
 certificate; ``key=`` may be left out when ``cert=`` holds the key too).
 
 One request per command: ``RESET`` is ``GET /api/v1/basic?terminal=T&reset=1``,
-``APDU`` is ``...&reset=0&apdu=HEX``.  An answer whose first line has SW1
+``APDU`` is ``...&reset=0&apdu=HEX``; a client request's run of commands
+is one request with ``apdu=`` repeated (``reset=1`` first when the run
+starts with RESET), answered one line per APDU and run back to back on the
+card (:meth:`RestBackend.transmit_batch`).  An answer whose first line has SW1
 ``C0`` (a hardware error at the CloudFoxy box) is asked again, three tries
 in all, as CloudFoxy's own clients do; nothing else is ever retried, since
 an APDU is not idempotent.  Every failure (server unreachable, HTTP error,
@@ -41,7 +45,9 @@ from ..errors import CardError
 from ..logs import Logger
 from .httpclient import HTTPPool
 from ..secrets import read_secret
-from . import float_param, int_param, query, tls_material
+from . import (
+    MAX_NAME, READERS_MAX, ReaderCap, ReaderUpdates, float_param, int_param, query, tls_material,
+)
 
 BASIC = "/api/v1/basic"
 INVENTORY = "/api/v1/inventory"
@@ -55,10 +61,12 @@ HW_TRIES = 3
 IDLE_TIMEOUT = 20.0
 #: Largest body accepted: an extended response APDU in hex is ~128 KiB.
 MAX_BODY = 1024 * 1024
+#: Bytes of an inventory line per card: a name, white space, an ATR in hex.
+INVENTORY_BYTES_PER_CARD = MAX_NAME + 2 + 2 * 33 + 2
 #: How soon to ask again while the first inventory has not come (doubles up to ``poll``).
 FIRST_RETRY = 0.5
 
-_PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key"}
+_PARAMS = {"token_file", "poll", "prefix", "connections", "ca", "cert", "key", "readers_max"}
 _HEX = re.compile(r"[0-9A-Fa-f]*\Z")
 #: Characters left as they are in query values (terminal names are ``/IP@id``).
 _SAFE = "/@:"
@@ -80,7 +88,7 @@ def body_lines(body):
 def parse_hex(line, what):
     """``line`` (hex, white space allowed) as bytes; CardError(C086) if it is not."""
     text = "".join(line.split())
-    if len(text) < 4 or len(text) % 2 or not _HEX.match(text):
+    if len(text) % 2 or not _HEX.match(text):  # lengths: the dispatcher checks them
         raise CardError(errors.UPSTREAM, f"malformed {what} {line[:80]!r}")
     return bytes.fromhex(text)
 
@@ -90,20 +98,34 @@ def looks_like_atr(token):
     return len(token) >= 4 and len(token) % 2 == 0 and token[:2] in ("3B", "3F") and bool(_HEX.match(token))
 
 
-def parse_inventory(body):
+def parse_inventory(body, limit=None):
     """``[(native_name, atr_or_None)]`` from ``/api/v1/inventory``: one card a
-    line, ``/IP@id`` optionally followed by white space and the ATR."""
+    line, ``/IP@id`` optionally followed by white space and the ATR.  With
+    ``limit``: ``(cards, more)``, the first ``limit`` cards and how many
+    lines were left unread (counted, not parsed)."""
     cards = []
     seen = set()
-    for line in body_lines(body):
-        name, atr = line, None
-        parts = line.rsplit(None, 1)
-        if len(parts) == 2 and looks_like_atr(parts[1]):
-            name, atr = parts[0].strip(), bytes.fromhex(parts[1])
-        if name not in seen:
-            seen.add(name)
-            cards.append((name, atr))
-    return cards
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    room = 2 * limit + 64 if limit is not None else -1
+    while text is not None:
+        # Split no further than needed: lines past the limit are only counted.
+        lines = text.split("\n", room)
+        text = lines.pop() if len(lines) > room >= 0 else None
+        for i, line in enumerate(lines):
+            line = line.strip()
+            if not line or line == "null":
+                continue
+            if limit is not None and len(cards) >= limit:
+                more = sum(1 for rest in lines[i:] if rest.strip() not in ("", "null"))
+                return cards, more + (text.count("\n") + 1 if text is not None else 0)
+            name, atr = line, None
+            parts = line.rsplit(None, 1)
+            if len(parts) == 2 and looks_like_atr(parts[1]):
+                name, atr = parts[0].strip(), bytes.fromhex(parts[1])
+            if name not in seen:
+                seen.add(name)
+                cards.append((name, atr))
+    return cards if limit is None else (cards, 0)
 
 
 def parse_uptime(body):
@@ -134,6 +156,23 @@ def foxy_name(native):
 
 
 # --- HTTP plumbing -----------------------------------------------------------
+
+def request_url(text):
+    """``text`` as the URL to give treq: a str, or for an IPv6 literal host
+    (``http://[::1]:8081/...``) a hyperlink EncodedURL whose ``to_uri()``
+    leaves the host alone (hyperlink IDNA-encodes every host, which fails
+    on the colons: hyperlink issue #188)."""
+    if "://[" not in text:
+        return text
+    from hyperlink import EncodedURL
+
+    class _LiteralHostURL(EncodedURL):
+        def to_uri(self):
+            host = self.host
+            return EncodedURL.to_uri(self.replace(host="ip-literal.invalid")).replace(host=host)
+
+    return _LiteralHostURL.from_text(text)
+
 
 class _Body(Protocol):
     """Collects a response body; the Deferred's cancel aborts the transfer
@@ -291,6 +330,7 @@ def from_url(url, config):
         raise ValueError("no token: give token_file=FILE in the URL, --token-file FILE or env FOXYPROXY_TOKEN")
     poll = float_param(params, "poll", 10.0, 0.05, 86400.0)
     connections = int_param(params, "connections", 128, 1, 100000)
+    readers_max = int_param(params, "readers_max", READERS_MAX, 1, 100000)
     prefix = params.get("prefix", "CloudFoxy").strip()
     policy = load_tls(params) if tls else None
     timeout = float(config.get("command-timeout") or 15.0)
@@ -323,29 +363,45 @@ def from_url(url, config):
                           netloc, MAX_BODY, idle_timeout=IDLE_TIMEOUT, max_idle=connections)
         return RestBackend(base_url=base, token=token, clock=reactor, http=HTTPClient(agent),
                            client=client, pool=pool, poll=poll, timeout=timeout, prefix=prefix,
-                           connections=connections)
+                           connections=connections, readers_max=readers_max)
 
     return make
 
 
 # --- the backend --------------------------------------------------------------
 
-class _Exchange:
+class _Cancellable:
+    """Work made of HTTP requests one after another (``current``), with one
+    ``deferred`` for its outcome whose cancel aborts the request under way."""
+
+    __slots__ = ("current", "cancelled", "deferred")
+
+    def __init__(self):
+        self.current = None
+        self.cancelled = False
+        self.deferred = Deferred(self._cancel)
+
+    def _cancel(self, _d):
+        self.cancelled = True
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
+
+
+class _Exchange(_Cancellable):
     """One card command: its HTTP request(s) (three tries on a hardware
     error), cancellable as a whole."""
 
-    __slots__ = ("backend", "key", "params", "reset", "what", "tries", "current", "cancelled", "deferred")
+    __slots__ = ("backend", "key", "params", "reset", "what", "tries")
 
     def __init__(self, backend, key, params, reset, what):
+        super().__init__()
         self.backend = backend
         self.key = key
         self.params = params
         self.reset = reset
         self.what = what
         self.tries = 0
-        self.current = None
-        self.cancelled = False
-        self.deferred = Deferred(self._cancel)
 
     def start(self):
         self._attempt()
@@ -386,11 +442,95 @@ class _Exchange:
             return
         self.deferred.errback(self.backend.upstream_error(failure, self.what, self.key))
 
-    def _cancel(self, _d):
-        self.cancelled = True
-        current, self.current = self.current, None
-        if current is not None:
-            current.cancel()
+
+class _Batch(_Cancellable):
+    """A run of card commands as few ``/api/v1/basic`` calls as the API
+    allows: one per RESET (``reset=1`` and the APDUs after it) plus one for
+    APDUs before the first RESET; each call's APDUs run back to back.  The
+    API answers a reset that comes with APDUs by the APDUs' lines only, so
+    such a reset's result is the card's ATR from the inventory; a card with
+    none listed is reset by a call of its own first.  No retries: an APDU
+    is not idempotent.  Cancellable as a whole."""
+
+    __slots__ = ("backend", "key", "total", "segments", "results")
+
+    def __init__(self, backend, key, steps):
+        super().__init__()
+        self.backend = backend
+        self.key = key
+        self.total = len(steps)
+        self.segments = []  # [reset?, [apdu hex, ...]]
+        for kind, data in steps:
+            if kind == "RESET" or not self.segments:
+                self.segments.append([kind == "RESET", []])
+            if kind != "RESET":
+                self.segments[-1][1].append(data.hex().upper())
+        self.results = []
+
+    def start(self):
+        self._next()
+        return self.deferred
+
+    def _next(self):
+        if not self.segments:
+            self.deferred.callback(self.results)
+            return
+        reset, apdus = self.segments[0]
+        atr = self.backend.known_atr(self.key) if reset else None
+        params = [("terminal", self.key)]
+        if reset and (not apdus or atr is None):
+            params.append(("reset", "1"))
+            if apdus:  # the ATR first, the APDUs in the next call
+                self.segments[0] = [False, apdus]
+            else:
+                self.segments.pop(0)
+            expect = None
+        else:
+            self.segments.pop(0)
+            params.append(("reset", "1" if reset else "0"))
+            params.extend(("apdu", apdu) for apdu in apdus)
+            if reset:
+                self.results.append(atr)
+            expect = len(apdus)
+        self.current = self.backend.basic(params)
+        self.current.addCallbacks(self._got, self._failed, callbackArgs=(expect, reset))
+
+    def _got(self, body, expect, reset):
+        self.current = None
+        if self.cancelled:
+            return
+        lines = body_lines(body)
+        if expect is None:  # a reset alone: its ATR
+            expect = 1
+        elif reset and len(lines) == expect + 1:
+            # A server that answers the reset's ATR too: use it.
+            try:
+                self.results[-1] = parse_hex(lines.pop(0), "ATR")
+            except CardError as e:
+                self.results[-1] = e
+        values = []
+        for i in range(expect):
+            try:
+                if len(lines) != expect:  # the lines cannot be matched to the commands
+                    raise CardError(errors.UPSTREAM, f"{len(lines)} answer lines for {expect} commands")
+                values.append(parse_hex(lines[i], "answer"))
+            except CardError as e:
+                self.backend.log_failure("APDU batch", self.key, e.reason)
+                values.append(e)
+        self.results.extend(values)
+        self._next()
+
+    def _failed(self, failure):
+        self.current = None
+        if self.cancelled:
+            return
+        error = self.backend.upstream_error(failure, "APDU batch", self.key)
+        if not isinstance(error, CardError):
+            self.deferred.errback(error)  # cancelled or timed out
+            return
+        # Steps already answered keep their results; the rest fail.
+        self.results.extend([error] * (self.total - len(self.results)))
+        self.deferred.callback(self.results)
 
 
 @implementer(IBackend)
@@ -418,6 +558,7 @@ class RestBackend:
     timeout = attr.ib(default=15.0)
     prefix = attr.ib(default="CloudFoxy")
     connections = attr.ib(default=128)
+    readers_max = attr.ib(default=READERS_MAX)
     log = Logger()
 
     _registry = attr.ib(init=False, default=None)
@@ -431,11 +572,15 @@ class RestBackend:
     _polling = attr.ib(init=False, default=None)
     _retry = attr.ib(init=False, default=FIRST_RETRY)
     _poll_error = attr.ib(init=False, default=None)
+    _cap = attr.ib(init=False, default=None)
+    _atrs = attr.ib(init=False, factory=dict)
+    _updates = attr.ib(init=False, default=None)
 
     def __attrs_post_init__(self):
         self._headers = {"X-Auth-Token": [self.token], "Accept": ["text/plain"]}
         self._header_lines = b"X-Auth-Token: %s\r\nAccept: text/plain\r\n" % self.token.encode("utf-8")
         self._basic_target = urlsplit(self.base_url).path + BASIC + "?"
+        self._cap = ReaderCap(self.base_url, self.readers_max)
 
     @property
     def description(self):
@@ -453,12 +598,13 @@ class RestBackend:
 
     # -- HTTP
 
-    def get(self, path, params=None):
-        """GET ``path``: a cancellable Deferred for the body of a 200 answer;
-        any other status is a CardError(C086) (after reading the body)."""
-        d = self.http.get(self.base_url + path, params=params, headers=self._headers,
+    def get(self, path, params=None, limit=MAX_BODY):
+        """GET ``path``: a cancellable Deferred for the body of a 200 answer
+        (at most ``limit`` bytes); any other status is a CardError(C086)
+        (after reading the body)."""
+        d = self.http.get(request_url(self.base_url + path), params=params, headers=self._headers,
                           unbuffered=True, allow_redirects=False)
-        d.addCallback(self._check)
+        d.addCallback(self._check, limit)
         return d
 
     def basic(self, params):
@@ -485,8 +631,8 @@ class RestBackend:
         hint = " (is the token right?)" if status in (401, 403) else ""
         raise CardError(errors.UPSTREAM, f"HTTP {status}{hint}: {text!r}")
 
-    def _check(self, response):
-        d = read_body(response)
+    def _check(self, response, limit=MAX_BODY):
+        d = read_body(response, limit)
         return d.addCallback(lambda body: self._checked((response.code, body)))
 
     def upstream_error(self, failure, what, key):
@@ -516,13 +662,27 @@ class RestBackend:
         params = [("terminal", key), ("reset", "0"), ("apdu", apdu.hex().upper())]
         return _Exchange(self, key, params, False, "APDU").start()
 
+    def transmit_batch(self, key, steps):
+        """``steps`` (``("RESET", None)``/``("APDU", bytes)``) in as few
+        ``/api/v1/basic`` calls as the API allows (see _Batch); a Deferred
+        for one result per step (bytes or CardError), or failing with a
+        CardError when a call failed (then every step is ``C086``)."""
+        return _Batch(self, key, steps).start()
+
+    def known_atr(self, key):
+        """The ATR the inventory lists for terminal ``key``, or None."""
+        return self._atrs.get(key)
+
     def start(self, registry):
         self._registry = registry
+        self._updates = ReaderUpdates(registry, self, self.clock)
         registry.update(self, [])  # keep this backend's place in the listing
         self._poll()
 
     def stop(self):
         self._registry = None
+        if self._updates is not None:
+            self._updates.stop()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -557,21 +717,28 @@ class RestBackend:
             self.log.info("{server} restarted (uptime {uptime}s): reading its inventory",
                           server=self.base_url, uptime=uptime)
         if restarted or not self._loaded or not self._cards:
-            return self._bounded(self.get(INVENTORY)).addCallback(self._inventory)
+            limit = self.readers_max * INVENTORY_BYTES_PER_CARD + 4096
+            return self._bounded(self.get(INVENTORY, limit=limit)).addCallback(self._inventory)
         return None
 
     def _inventory(self, body):
-        cards = parse_inventory(body)
+        cap = self._cap
+        cap.begin()
+        cards, more = parse_inventory(body, self.readers_max)
+        cards = [card for card in cards if cap.fits(card[0])]
+        cap.too_many(more)
+        cap.end(self.log)
         if self._registry is None:
             return
         first = not self._loaded
         self._loaded = True
         self._cards = cards
+        self._atrs = {name: atr for name, atr in cards if atr is not None}
         if self.pool is not None:
             self.pool.maxPersistentPerHost = max(self.connections, len(cards) + 8)
         if self.client is not None:
             self.client.max_idle = max(self.connections, len(cards) + 8)
-        self._registry.update(self, [self.reader_info(name, atr) for name, atr in cards])
+        self._updates.update(cards, lambda card: self.reader_info(*card))
         self.log.info("{server}: {count} cards{first}", server=self.base_url, count=len(cards),
                       first=" (first inventory)" if first else "")
 

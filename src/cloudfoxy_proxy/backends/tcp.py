@@ -1,13 +1,21 @@
 """``tcp://`` and ``tls://`` — another line-protocol endpoint as a backend.
 
-``tcp://HOST:PORT?prefix=NAME&password_file=FILE&connections=4&refresh=10``
+``tcp://HOST:PORT?prefix=NAME&password_file=FILE&connections=4&refresh=10&readers_max=10000``
 ``tls://HOST:PORT?ca=FILE&cert=FILE&key=FILE&prefix=NAME&...``
 
 The upstream is a CloudFoxy TCP endpoint or another proxy (chaining).  Its
 readers come from its ``READERS`` answer and appear here as ``PREFIX`` +
-their upstream name.  RESET and APDU go upstream with ids of our own, one
-command per request, over a small pool of persistent connections
-(ClientService each, reconnecting with back-off).  See docs/tcp.md.
+their upstream name (at most ``readers_max`` of them, names of at most
+MAX_NAME bytes).  RESET and APDU go upstream with ids of our own, a
+client request's run of them as one upstream request (:meth:`transmit_batch`,
+so they stay back to back on the card), over a small pool of persistent
+connections (ClientService each, reconnecting with back-off).  See docs/tcp.md.
+
+An answer that is malformed for one request (a wrong id, a result that is
+not hex, an over-long line) fails that request's commands with ``C086`` and
+nothing else; a connection is dropped only when its stream can no longer be
+matched to our requests (an answer to no request, or one that skips ahead
+to a later request), and then only the commands in flight on it fail.
 
 Failure semantics (nothing silently lost, nothing repeated):
 
@@ -52,12 +60,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import errors
-from ..backend import IBackend, ReaderInfo
+from ..backend import MAX_RESPONSE, IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from ..parser import COMMANDS
 from ..secrets import read_secret
-from . import float_param, int_param, query, tls_material
+from . import (
+    MAX_NAME, READERS_MAX, ReaderCap, ReaderUpdates, float_param, int_param, query, tls_material,
+)
 
 DEFAULT_PORT = 4001
 #: Back-off between connection attempts: the first retry after a lost
@@ -68,9 +78,11 @@ MAX_BACKOFF = 3.0
 #: answered anything, counts as a failed attempt (so a peer that accepts and
 #: closes at once is retried with back-off, not in a tight loop).
 MIN_HEALTHY_LIFETIME = 1.0
-#: The longest line accepted from an upstream (a READERS answer of thousands
-#: of readers, or an extended response APDU in hex, fits easily).
-MAX_LINE = 8 * 1024 * 1024
+#: The longest answer line to a command: the largest response APDU in hex
+#: after ``>ID:``.  A longer one fails that command (C086), nothing else.
+MAX_LINE = 2 * MAX_RESPONSE + 256
+#: Bytes of a READERS answer line per reader: base64 of a MAX_NAME-byte name and ``|``.
+LISTING_BYTES_PER_READER = 4 * -(-MAX_NAME // 3) + 1
 #: A connection still open this long after an answer proves the upstream
 #: keeps connections (pipelining allowed); one closed sooner, right after its
 #: first answer, marks an upstream that closes after every answer.
@@ -112,7 +124,7 @@ def from_url(url, config):
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     tls = scheme == "tls"
-    allowed = {"prefix", "password_file", "connections", "refresh"}
+    allowed = {"prefix", "password_file", "connections", "refresh", "readers_max"}
     if tls:
         allowed |= {"ca", "cert", "key"}
     if any(k == "password" for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
@@ -133,6 +145,7 @@ def from_url(url, config):
     if parts.path not in ("", "/"):
         raise ValueError(f"unexpected path {parts.path!r}: expected {scheme}://HOST:PORT?PARAMS")
     connections = int_param(params, "connections", 4, 1, 64)
+    readers_max = int_param(params, "readers_max", READERS_MAX, 1, 100000)
     refresh = float_param(params, "refresh", 10.0, 0.0, 86400.0)
     if 0 < refresh < 0.1:
         raise ValueError("refresh= must be 0 (off) or at least 0.1 seconds")
@@ -156,7 +169,7 @@ def from_url(url, config):
             endpoint = wrapClientTLS(options, endpoint)
         return TcpBackend(endpoint=endpoint, clock=reactor, where=where, password=password,
                           prefix=prefix, connections=connections, refresh=refresh,
-                          timeout=timeout, tls=tls)
+                          timeout=timeout, tls=tls, readers_max=readers_max)
 
     return make
 
@@ -166,22 +179,31 @@ _QUEUED, _SENT, _DONE, _CANCELLED = range(4)
 
 
 class _Call:
-    """One command sent upstream: its request bytes, our id, its Deferred."""
+    """One upstream request: its bytes, our ids of its commands (in order),
+    its Deferred.  ``results`` collects one text per answer line (None for
+    a line that was malformed); ``batch``: the Deferred fires with a list
+    of per-command results (see :meth:`TcpBackend.transmit_batch`)."""
 
-    __slots__ = ("backend", "id", "key", "data", "readers", "d", "state", "conn",
-                 "result", "watch")
+    __slots__ = ("backend", "ids", "key", "data", "readers", "batch", "d", "state", "conn",
+                 "results", "bad", "watch")
 
-    def __init__(self, backend, cid, key, data, readers=False):
+    def __init__(self, backend, ids, key, data, readers=False, batch=False):
         self.backend = backend
-        self.id = cid
+        self.ids = ids
         self.key = key
         self.data = data
         self.readers = readers
+        self.batch = batch
         self.d = Deferred(self._cancel)
         self.state = _QUEUED
         self.conn = None
-        self.result = None
+        self.results = []
+        self.bad = None  # why an answer line was malformed, for the log
         self.watch = None
+
+    @property
+    def id(self):
+        return self.ids[0]
 
     def _cancel(self, _d):
         # The Deferred errbacks with CancelledError after this returns.
@@ -201,6 +223,63 @@ class _Call:
             if self.watch.active():
                 self.watch.cancel()
             self.watch = None
+
+
+class _OneByOne:
+    """A batch sent as one upstream request per command, one after another
+    (an upstream that cannot take several commands in one request)."""
+
+    __slots__ = ("backend", "key", "commands", "results", "current", "stepping", "deferred")
+
+    def __init__(self, backend, key, commands):
+        self.backend = backend
+        self.key = key
+        self.commands = commands
+        self.results = []
+        self.current = None
+        self.stepping = False
+        self.deferred = Deferred(self._cancel)
+
+    def start(self):
+        self._next()
+        return self.deferred
+
+    def _next(self):
+        self.stepping = True
+        try:
+            while len(self.results) < len(self.commands):
+                try:
+                    d = self.backend._submit(self.key, [self.commands[len(self.results)]])
+                except CardError as e:  # down or stopped: so are the rest
+                    self.results.extend([e] * (len(self.commands) - len(self.results)))
+                    break
+                self.current = d
+                d.addBoth(self._done, d)
+                if self.current is d:
+                    return  # its answer comes later: _done carries on
+        finally:
+            self.stepping = False
+        self.deferred.callback(self.results)
+
+    def _done(self, result, d):
+        if self.current is not d:
+            return None  # cancelled
+        self.current = None
+        if isinstance(result, Failure):
+            if not result.check(CardError):
+                self.deferred.errback(result)  # cancelled by the timeout, or a bug
+                return None
+            result = result.value
+        self.results.append(result)
+        if not self.stepping:
+            self._next()
+        return None
+
+    def _cancel(self, _d):
+        current, self.current = self.current, None
+        if current is not None:
+            current.addErrback(lambda f: None)
+            current.cancel()
 
 
 class _UpstreamProtocol(Protocol):
@@ -224,6 +303,7 @@ class _UpstreamProtocol(Protocol):
         self.probe = None  # DelayedCall: is it still open PROBE_DELAY after an answer?
         self.broken = False
         self._buf = b""
+        self._skipping = False  # discarding the rest of an over-long line
 
     def connectionMade(self):
         transport = self.transport
@@ -253,23 +333,53 @@ class _UpstreamProtocol(Protocol):
         self.keys[key] = self.keys.get(key, 0) + 1
         self.transport.write(call.data)
 
+    def _limit(self):
+        """The longest line the answer now due may have."""
+        calls = self.calls
+        if calls and calls[0].readers:
+            return self.backend.listing_limit
+        return MAX_LINE
+
     def dataReceived(self, data):
         buf = self._buf + data if self._buf else data
         start = 0
+        if self._skipping:  # the rest of an over-long line
+            nl = buf.find(b"\n")
+            if nl < 0:
+                self._buf = b""
+                return
+            start = nl + 1
+            self._skipping = False
         while not self.broken:
             nl = buf.find(b"\n", start)
             if nl < 0:
                 break
-            line = buf[start:nl].strip()
+            if nl - start > self._limit():
+                self._overlong()
+            else:
+                line = buf[start:nl].strip()
+                if line:
+                    self._line(line)
             start = nl + 1
-            if line:
-                self._line(line)
         if self.broken:
             self._buf = b""
             return
         self._buf = buf[start:]
-        if len(self._buf) > MAX_LINE:
-            self._violation(f"a line longer than {MAX_LINE} bytes")
+        if len(self._buf) > self._limit():
+            self._overlong()
+            self._buf = b""
+            self._skipping = True
+
+    def _overlong(self):
+        """A line over the limit: a malformed answer of the request now due
+        (the framing is intact: its ``@@`` still ends it)."""
+        if self.calls:
+            self._malformed(self.calls[0], f"a line longer than {self._limit()} bytes")
+
+    def _malformed(self, head, why):
+        head.bad = head.bad or why
+        if len(head.results) < len(head.ids):
+            head.results.append(None)
 
     def _line(self, line):
         if line[:1] == b">":
@@ -278,11 +388,20 @@ class _UpstreamProtocol(Protocol):
                 self._violation("an answer to no request")
                 return
             head = self.calls[0]
-            if cid.strip() != head.id:
-                self._violation(f"answer id {cid[:40]!r} where {head.id!r} was due")
+            n = len(head.results)
+            cid = cid.strip()
+            if n < len(head.ids) and cid == head.ids[n]:
+                head.results.append(result.strip().decode("utf-8", "replace"))
                 return
-            if head.result is None:
-                head.result = result.strip().decode("utf-8", "replace")
+            if any(cid in call.ids for call in self.calls if call is not head):
+                # The upstream skipped ahead: its answers no longer match ours.
+                self._violation(f"an answer to {cid[:40]!r} before the one to {head.id!r}")
+                return
+            if n < len(head.ids):
+                self._malformed(head, f"answer id {cid[:40]!r} where {head.ids[n]!r} was due")
+            else:  # more answer lines than commands: none of them can be trusted
+                head.bad = "more answer lines than commands"
+                head.results[:] = [None] * len(head.results)
         elif line == b"@@":
             if not self.calls:
                 self.log.debug("ignored a stray @@ from {upstream}", upstream=self.backend.where)
@@ -292,8 +411,8 @@ class _UpstreamProtocol(Protocol):
             # A bare result code instead of a response: foxyproxy 2.10 answers
             # an unknown reader with "C083" and closes the connection.
             head = self.calls[0]
-            if head.result is None:
-                head.result = line.decode("ascii")
+            code = line.decode("ascii")
+            head.results.extend([code] * (len(head.ids) - len(head.results)))
             self._complete()
         # Anything else ("#" signals, junk) is ignored, as a server would.
 
@@ -440,8 +559,21 @@ class TcpBackend:
     _loop = attr.ib(init=False, default=None, repr=False)
     _soon = attr.ib(init=False, default=None, repr=False)  # DelayedCall: re-read an empty list
     _soon_delay = attr.ib(init=False, default=EMPTY_RETRY, repr=False)
+    readers_max = attr.ib(default=READERS_MAX)
+    _cap = attr.ib(init=False, default=None, repr=False)
+    _updates = attr.ib(init=False, default=None, repr=False)
+    _malformed_next = attr.ib(init=False, default=0.0, repr=False)
+    _malformed_quiet = attr.ib(init=False, default=0, repr=False)
 
     log = Logger()
+
+    def __attrs_post_init__(self):
+        self._cap = ReaderCap(self.where, self.readers_max)
+
+    @property
+    def listing_limit(self):
+        """The longest READERS answer line read (``readers_max`` names)."""
+        return self.readers_max * LISTING_BYTES_PER_READER + 1024
 
     @property
     def description(self):
@@ -456,6 +588,7 @@ class TcpBackend:
 
     def start(self, registry):
         self._registry = registry
+        self._updates = ReaderUpdates(registry, self, self.clock)
         self._running = True
         for _ in range(self.connections):
             slot = self._slot()
@@ -470,6 +603,8 @@ class TcpBackend:
 
     def stop(self):
         self._running = False
+        if self._updates is not None:
+            self._updates.stop()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._soon is not None and self._soon.active():
@@ -493,10 +628,26 @@ class TcpBackend:
         return slot
 
     def reset(self, key):
-        return self._submit(key, b"RESET")
+        return self._submit(key, [b"RESET"])
 
     def transmit(self, key, apdu):
-        return self._submit(key, b"APDU:" + apdu.hex().upper().encode("ascii"))
+        return self._submit(key, [b"APDU:" + apdu.hex().upper().encode("ascii")])
+
+    def transmit_batch(self, key, steps):
+        """The steps (``("RESET", None)`` / ``("APDU", bytes)``) as one
+        upstream request, so they run back to back on the card; a Deferred
+        for one result per step (bytes, or a CardError).
+
+        Only once the upstream is known to keep connections (a proxy like
+        this one): foxyproxy 2.10, which closes after every answer, answers
+        a request of several commands with the last one's line only, so
+        there (and while that is not known yet) the steps go one request
+        each, one after another."""
+        commands = [b"RESET" if kind == "RESET" else b"APDU:" + data.hex().upper().encode("ascii")
+                    for kind, data in steps]
+        if self.persistent is not True:
+            return _OneByOne(self, key, commands).start()
+        return self._submit(key, commands, batch=True)
 
     # -- requests ---------------------------------------------------------
 
@@ -519,15 +670,15 @@ class TcpBackend:
             line = self._lines[key] = b">" + text.encode("utf-8") + b"|\n"
         return line
 
-    def _submit(self, key, command):
+    def _submit(self, key, commands, batch=False):
         if not self._running:
             raise CardError(errors.UPSTREAM, "backend stopped")
         conn = self._pick(key)
         if conn is None and self._down:
             raise CardError(errors.UPSTREAM, f"upstream {self.where} unreachable")
-        cid = self._id()
-        call = _Call(self, cid, key,
-                     self._reader_line(key) + b">" + cid + b":" + command + b"|\n\n")
+        ids = [self._id() for _ in commands]
+        data = b"".join(b">" + cid + b":" + command + b"|\n" for cid, command in zip(ids, commands))
+        call = _Call(self, ids, key, self._reader_line(key) + data + b"\n", batch=batch)
         if conn is not None:
             conn.send(call)
         else:
@@ -573,24 +724,55 @@ class TcpBackend:
                            id=call.id, upstream=self.where)
         else:
             call.state = _DONE
-            result = call.result
+            if call.bad is None and not call.readers and len(call.results) < len(call.ids):
+                call.bad = "fewer answer lines than commands"
+            if call.bad is not None:
+                self._warn_malformed(call)
+            results = call.results
             if call.readers:
-                call.d.callback(result)
-            elif result is None:
-                call.d.errback(CardError(errors.UPSTREAM, "upstream gave no result"))
-            elif result in errors.MEANING:
-                call.d.errback(CardError(result, f"upstream {self.where} answered {result}"))
-                if result == errors.NOT_FOUND:
-                    self._refresh()
-            else:
-                try:
-                    answer = bytes.fromhex(result)
-                except ValueError:
-                    call.d.errback(CardError(errors.UPSTREAM, "upstream answer is not hex"))
+                if results and results[0] is not None:
+                    call.d.callback(results[0])
                 else:
-                    call.d.callback(answer)
+                    call.d.errback(CardError(errors.UPSTREAM, call.bad or "no READERS answer"))
+            else:
+                values = [self._value(results[i] if i < len(results) else None)
+                          for i in range(len(call.ids))]
+                if any(isinstance(v, CardError) and v.code == errors.NOT_FOUND for v in values):
+                    self._refresh()
+                if call.batch:
+                    call.d.callback(values)
+                elif isinstance(values[0], CardError):
+                    call.d.errback(values[0])
+                else:
+                    call.d.callback(values[0])
         if self._queue:
             self._flush()
+
+    def _value(self, result):
+        """One answer line's result: the answer's bytes or a CardError."""
+        if result is None:
+            return CardError(errors.UPSTREAM, f"upstream {self.where} gave no valid result")
+        if result in errors.MEANING:
+            return CardError(result, f"upstream {self.where} answered {result}")
+        try:
+            return bytes.fromhex(result)
+        except ValueError:
+            return CardError(errors.UPSTREAM, f"upstream {self.where} answered no hex")
+
+    #: At most one warning about malformed answers this often.
+    MALFORMED_WARN_EVERY = 10.0
+
+    def _warn_malformed(self, call):
+        now = self.clock.seconds()
+        if now < self._malformed_next:
+            self._malformed_quiet += 1
+            return
+        more = self._malformed_quiet
+        self._malformed_next = now + self.MALFORMED_WARN_EVERY
+        self._malformed_quiet = 0
+        self.log.warn("upstream {upstream} sent a malformed answer for reader {reader!r} ({why}): "
+                      "C086 for that request{more}", upstream=self.where, reader=call.key,
+                      why=call.bad, more=f" ({more} more since the last warning)" if more else "")
 
     def _probed(self, conn):
         conn.probe = None
@@ -763,7 +945,7 @@ class TcpBackend:
         cid = self._id()
         data = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") \
             + b"|\n>" + cid + b":READERS|\n\n"
-        call = _Call(self, cid, None, data, readers=True)
+        call = _Call(self, [cid], None, data, readers=True)
         conn = self._pick(None)
         if conn is not None:
             conn.send(call)
@@ -799,15 +981,33 @@ class TcpBackend:
             self._again_soon()
             return
         names = []
-        for token in result.split("|"):
-            token = token.strip()
-            if not token:
-                continue
-            try:
-                names.append(base64.b64decode(token, validate=True).decode("utf-8"))
-            except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-                self.log.warn("upstream {upstream} listed a reader name that is not "
-                              "base64 UTF-8: {token!r}", upstream=self.where, token=token[:100])
+        cap = self._cap
+        cap.begin()
+        rest = result
+        while rest is not None:
+            # Split no further than needed: a listing may hold far more names than are kept.
+            room = self.readers_max - len(names) + 16
+            tokens = rest.split("|", room)
+            rest = tokens.pop() if len(tokens) > room else None
+            for i, token in enumerate(tokens):
+                token = token.strip()
+                if not token:
+                    continue
+                if len(names) >= self.readers_max:
+                    left = sum(1 for t in tokens[i:] if t.strip())
+                    if rest is not None:  # counted, not split: blank tokens count too
+                        left += rest.count("|") + 1
+                    cap.too_many(left)
+                    rest = None
+                    break
+                try:
+                    name = base64.b64decode(token, validate=True).decode("utf-8")
+                except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+                    cap.invalid(token)
+                    continue
+                if cap.fits(name):
+                    names.append(name)
+        cap.end(self.log)
         names = tuple(dict.fromkeys(names))
         if names:
             self._soon_delay = EMPTY_RETRY
@@ -817,4 +1017,5 @@ class TcpBackend:
             return
         self.listing = names
         self._lines = {}
-        self._registry.update(self, [ReaderInfo(n, self.prefix + n) for n in names])
+        prefix = self.prefix
+        self._updates.update(names, lambda n: ReaderInfo(n, prefix + n))
