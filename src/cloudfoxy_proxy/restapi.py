@@ -23,7 +23,6 @@ from twisted.web.server import NOT_DONE_YET, Site
 from . import __version__, errors
 from .logs import Logger
 from .parser import APDU, MAX_APDU_BYTES, RESET, make_command
-from .registry import b64name
 
 #: HTTP status and reason for each result code a card command can end with.
 STATUS = {
@@ -172,19 +171,16 @@ class RestResource(Resource):
     def terminal(self, text):
         """The reader a ``terminal=`` value names: ``/`` + canonical name, the
         canonical name, or an alias (``/IP@id``, ``Foxy NET IP-id``, base64).
-        No patterns: a REST client always names one card exactly."""
-        registry = self.registry
+        No patterns: a REST client always names one card exactly, so only
+        the exact steps of the registry's resolution apply."""
         if text.startswith("/"):
-            reader = registry.get(text[1:])
+            reader = self.registry.get(text[1:])
             if reader is not None:
                 return reader, None
-        reader = registry.get(text)
-        if reader is not None:
-            return reader, None
-        found = [r for r in registry.match(text) if text in r.aliases or text == b64name(r.name)]
-        if len(found) == 1:
-            return found[0], None
-        return None, (errors.AMBIGUOUS if found else errors.NOT_FOUND)
+        try:
+            return self.registry.resolve(text, patterns=False), None
+        except errors.CardError as e:
+            return None, e.code
 
     def basic(self, request):
         try:

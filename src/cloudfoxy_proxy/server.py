@@ -10,6 +10,7 @@ from . import errors
 from .dispatch import Session
 from .logs import Logger
 from .parser import MAX_APDU_BYTES, RequestParser
+from .telnet import TelnetStripper
 
 #: Fits ``>ID:APDU:`` plus the longest extended APDU in hex with a space
 #: between every byte (3 characters a byte), with room to spare.
@@ -55,6 +56,7 @@ class LineProtocol(Protocol):
         self._reading = True  # False while we have paused the transport
         self._closed = False
         self._eof = False  # the client half-closed: answer what it sent, then close
+        self._telnet = None  # a TelnetStripper once the client sent a telnet command
 
     def connectionMade(self):
         peer = self.transport.getPeer()
@@ -101,6 +103,12 @@ class LineProtocol(Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data):
+        if b"\xff" in data or self._telnet is not None:  # 0xFF: telnet's IAC (never UTF-8)
+            if self._telnet is None:
+                self._telnet = TelnetStripper()
+            data = self._telnet.feed(data)
+            if not data:
+                return
         if self._pos == len(self._buf):
             self._buf, self._pos = data, 0
         else:
