@@ -141,6 +141,11 @@ class RestApiTests(SynchronousTestCase):
         for terminal in ("/10.0.0.1@1", "Foxy NET 10.0.0.1-1", "/CloudFoxy 10.0.0.1@1"):
             self.assertEqual(self.basic(terminal=terminal, reset="1"), (200, ATR + "\n"), terminal)
 
+    def test_certificate_alias_is_a_terminal_name(self):
+        self.registry.set_extra_aliases(self.registry.get("Emulated 01"), ("Emulated PIV 01 Signing",))
+        self.assertEqual(self.basic(terminal="Emulated PIV 01 Signing", reset="1"), (200, ATR + "\n"))
+        self.assertEqual(self.basic(terminal="Emulated PIV 01", reset="1")[0], 404)  # a part: no
+
     def test_unknown_and_ambiguous_terminals(self):
         for terminal in ("/Nope", "Emulated", "Emulated 0", "/emulated 00", ".*", "(.*){18}Z", "Emulated 0[0-2]"):
             code, body = self.basic(terminal=terminal, apdu="00A4000C023F00")
