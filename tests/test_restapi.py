@@ -158,8 +158,13 @@ class RestApiTests(SynchronousTestCase):
         for terminal in ("/10.0.0.1@1", "Foxy NET 10.0.0.1-1", "/CloudFoxy 10.0.0.1@1"):
             self.assertEqual(self.basic(terminal=terminal, reset="1"), (200, ATR + "\n"), terminal)
 
+    def test_certificate_alias_is_a_terminal_name(self):
+        self.registry.set_extra_aliases(self.registry.get("Emulated 01"), ("Emulated PIV 01 Signing",))
+        self.assertEqual(self.basic(terminal="Emulated PIV 01 Signing", reset="1"), (200, ATR + "\n"))
+        self.assertEqual(self.basic(terminal="Emulated PIV 01", reset="1")[0], 404)  # a part: no
+
     def test_unknown_and_ambiguous_terminals(self):
-        for terminal in ("/Nope", "Emulated", "Emulated 0", "/emulated 00", ".*"):
+        for terminal in ("/Nope", "Emulated", "Emulated 0", "/emulated 00", ".*", "(.*){18}Z", "Emulated 0[0-2]"):
             code, body = self.basic(terminal=terminal, apdu="00A4000C023F00")
             self.assertEqual(code, 404, terminal)
             self.assertEqual(body, f"C083 terminal not found: {terminal}\n")
@@ -218,19 +223,27 @@ class RestApiTests(SynchronousTestCase):
         self.assertEqual(self.answer(second), (200, "6A82\n"))
 
     def test_client_gone_leaves_the_queue(self):
+        queue = self.registry.resolve("CloudFoxy 10.0.0.1@2").queue
+        queue.max_queue = 1
         first = self.get("/api/v1/basic", terminal="/10.0.0.1@2", apdu="00A4000C023F00")
-        second = self.get("/api/v1/basic", terminal="/10.0.0.1@2", apdu="00B0000000")
         self.http.flush()
-        second.cancel()  # the client hangs up while queued
-        gone = []
-        second.addErrback(gone.append)
+        for _ in range(3):  # clients that queue and hang up, one after the other
+            gone = self.get("/api/v1/basic", terminal="/10.0.0.1@2", apdu="00B0000000")
+            self.http.flush()
+            self.assertEqual(len(queue), 1)
+            gone.cancel()
+            gone.addErrback(lambda _: None)
+            self.http.flush()
+            self.assertEqual(len(queue), 0)  # left the queue at once
+        live = self.get("/api/v1/basic", terminal="/10.0.0.1@2", apdu="00B0000001")
         self.http.flush()
-        self.assertEqual(len(gone), 1)
+        self.assertNoResult(live)  # queued, not refused with C086
         self.manual.answer(b"\x90\x00")
         self.http.flush()
-        self.assertEqual(self.manual.pending, [])  # the abandoned request never reached the card
+        self.assertEqual([p[1].hex() for p in self.manual.pending], ["00b0000001"])  # gone ones never ran
+        self.manual.answer(b"\x61\x00")
         self.assertEqual(self.answer(first), (200, "9000\n"))
-        self.assertEqual(self.basic(terminal="/Emulated 00", reset="1"), (200, ATR + "\n"))
+        self.assertEqual(self.answer(live), (200, "6100\n"))
 
     def test_client_password_does_not_apply_to_rest(self):
         self.dispatcher.password = "line-password"

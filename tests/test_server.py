@@ -214,6 +214,31 @@ class SchedulingTests(SynchronousTestCase):
         self.assertEqual(take(t3), ">4:9000\n@@\n")
         self.assertEqual(take(t1) + take(t2), "")
 
+    def test_gone_clients_leave_the_queue_at_once(self):
+        h = Harness(max_queue=2, timeout=5.0)
+        queue = h.registry.resolve("Slow A").queue
+        holder, t0 = h.connect()
+        holder.dataReceived(b">Slow A|\n>0:APDU:00000000|\n\n")
+        quitters = [h.connect() for _ in range(2)]
+        for i, (p, _) in enumerate(quitters):
+            p.dataReceived(b">Slow A|\n>q%d:APDU:0000000%d|\n\n" % (i, i + 1))
+        self.assertEqual(len(queue), 2)
+        for p, _ in quitters:
+            p.connectionLost(None)
+        self.assertEqual(len(queue), 0)  # at once, while the card is still busy
+        live = [h.connect() for _ in range(3)]
+        for i, (p, _) in enumerate(live):
+            p.dataReceived(b">Slow A|\n>%d:APDU:0000010%d|\n\n" % (i, i))
+        self.assertEqual(take(live[0][1]) + take(live[1][1]), "")  # queued, not refused
+        self.assertEqual(take(live[2][1]), ">2:C086\n@@\n")  # only live waiters fill the queue
+        for i in range(3):
+            h.manual.calls[i][2].callback(b"\x90\x00")
+        self.assertEqual([c for _, c, _ in h.manual.calls], ["00000000", "00000100", "00000101"])
+        self.assertEqual((take(t0), take(live[0][1]), take(live[1][1])),
+                         (">0:9000\n@@\n", ">0:9000\n@@\n", ">1:9000\n@@\n"))
+        self.assertEqual(len(queue.waiters), 0)
+        self.assertFalse(queue.busy)
+
     def test_queue_overflow_answers_c086(self):
         h = Harness(max_queue=1)
         protos = [h.connect() for _ in range(3)]

@@ -364,6 +364,21 @@ class ProtocolTests(SynchronousTestCase):
         self.assertFalse(h.clock.getDelayedCalls())
 
 
+    def test_connection_lost_while_queued_leaves_the_queue(self):
+        h = Harness(latency=1.0)
+        queue = h.registry.resolve("Emulated 00").queue
+        other = h.dispatcher.submit("Emulated 00", [vpcd.make_command(["1", "APDU", "00A4000C023F00"])])
+        proto, t = h.connect()
+        proto.dataReceived(frame(SELECT_MF))  # waits behind the other client
+        self.assertEqual(len(queue), 1)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(queue), 0)  # at once, while the card is busy
+        h.clock.advance(1.0)
+        self.assertEqual(self.successResultOf(other), [("1", "9000")])
+        self.assertEqual(h.backend.calls, ["00A4000C023F00"])  # the bridge's APDU never ran
+        self.assertEqual(t.value(), b"")
+        self.assertFalse(queue.busy)
+
 # -- lifecycle -------------------------------------------------------------------
 
 class FakeTransport(StringTransport):

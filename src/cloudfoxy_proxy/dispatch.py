@@ -104,9 +104,9 @@ class Dispatcher:
         if name == READERS or name == LIST:
             return self.registry.listing
         if name == PERSONALIZE:
-            session.tag = command.data
+            session.tag = command.data[:100]  # a client tag, not a store for client bytes
             self.client_log.info("client {peer} personalized as {tag!r}", peer=session.peer,
-                                 tag=command.data[:100])
+                                 tag=session.tag)
             return "OK"
         if self.signing is not None and (name == ENUM or name == ALIASES or name == CHAIN):
             return self.signing.command(name, command, request)
@@ -408,8 +408,12 @@ class _Run:
             reader.queue.release()
 
     def cancel(self, _deferred):
-        """The client went away: drop our place in the queue; a command in
-        flight finishes on the card, then the card goes to the next request."""
+        """The client went away: leave the card's queue at once if waiting in
+        it (no longer counted against ``--max-queue``); a command in flight
+        finishes on the card, then the card goes to the next request."""
+        if self._pending and not self.holding and not self._stepping:
+            self.reader.queue.leave(self)  # queued by step(), not granted yet
+            return
         self.abandoned = True
         if not self._stepping and self._call is None:
             self._release()

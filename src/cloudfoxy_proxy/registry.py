@@ -1,14 +1,60 @@
 """Readers of all backends, their canonical names, and reader-line resolution
-(PROTOCOL.md section 1.4), plus each card's FIFO queue (section 1.5)."""
+(PROTOCOL.md section 1.4, docs/protocol.md "Reader names and selection"),
+plus each card's FIFO queue (section 1.5)."""
 
 import base64
 import collections
-import re
+
+import re2
 
 from . import errors
 from .logs import Logger
 
 _REGEX_CHARS = frozenset(".^$*+?()[]{}|\\")
+
+#: The longest reader line (in characters) tried as a regular expression; a
+#: longer one can still be a name, an alias or a literal part of a name.
+MAX_PATTERN = 256
+
+#: The resolve cache keeps at most this many reader lines, of at most this
+#: many characters in all, and only lines that named exactly one reader.
+CACHE_ENTRIES = 1024
+CACHE_CHARS = 256 * 1024
+
+
+def _pattern_options():
+    options = re2.Options()
+    options.case_sensitive = False
+    options.never_capture = True
+    options.log_errors = False  # a client's bad pattern is not worth a stderr line
+    return options
+
+
+_PATTERN_OPTIONS = _pattern_options()
+
+
+def compile_pattern(text):
+    """A client's reader-line pattern compiled with RE2, or None.
+
+    RE2 (https://github.com/google/re2/wiki/Syntax) runs in time linear in
+    the name searched, whatever the pattern, and bounds a compiled
+    pattern's memory (8 MiB by default), so no pattern can stall the
+    reactor the way a backtracking engine can (``(.*){18}Z``).  None when
+    ``text`` is longer than :data:`MAX_PATTERN` characters or RE2 rejects it
+    (bad syntax, back-references, too large): such a line matches nothing
+    as a pattern.
+    """
+    if len(text) > MAX_PATTERN:
+        return None
+    try:
+        pattern = re2.compile(text, _PATTERN_OPTIONS)
+    except re2.error:
+        return None
+    finally:
+        # re2.compile keeps the last 128 patterns in an lru_cache: client
+        # input, up to 8 MiB each.  Keep nothing.
+        re2.purge()
+    return pattern
 
 
 def b64name(name):
@@ -24,16 +70,19 @@ class CardQueue:
 
     A waiter is any object with ``granted()`` and an ``abandoned`` flag.
     ``acquire`` answers at once when the card is free, so an idle card
-    costs no Deferred, lock or callback.
+    costs no Deferred, lock or callback.  A waiter whose client went away
+    calls :meth:`leave`: from then on it no longer counts against
+    ``max_queue`` nor in ``len()``.
     """
 
-    __slots__ = ("busy", "waiters", "max_queue", "_releasing")
+    __slots__ = ("busy", "waiters", "max_queue", "_releasing", "_gone")
 
     def __init__(self, max_queue):
         self.busy = False
         self.waiters = collections.deque()
         self.max_queue = max_queue
         self._releasing = False
+        self._gone = 0  # abandoned waiters still in ``waiters``
 
     def acquire(self, waiter):
         """True: the card is the caller's now.  False: ``waiter.granted()`` is
@@ -41,10 +90,22 @@ class CardQueue:
         if not self.busy and not self.waiters:
             self.busy = True
             return True
-        if len(self.waiters) >= self.max_queue:
+        if len(self.waiters) - self._gone >= self.max_queue:
             raise QueueFull()
         self.waiters.append(waiter)
         return False
+
+    def leave(self, waiter):
+        """``waiter``, queued by :meth:`acquire` and not granted yet, gives up
+        its place (its ``abandoned`` flag set).  Abandoned waiters are
+        skipped when the card is released and swept out once they are half
+        of the queue, so each leave costs O(1) amortised and the queue never
+        holds more than twice its live waiters."""
+        waiter.abandoned = True
+        self._gone += 1
+        if 2 * self._gone > len(self.waiters):
+            self.waiters = collections.deque(w for w in self.waiters if not w.abandoned)
+            self._gone = 0
 
     def release(self):
         """Hand the card to the next live waiter (iteratively, so a long run
@@ -58,6 +119,7 @@ class CardQueue:
             while not self.busy and self.waiters:
                 waiter = self.waiters.popleft()
                 if waiter.abandoned:
+                    self._gone -= 1
                     continue
                 self.busy = True
                 waiter.granted()
@@ -65,7 +127,8 @@ class CardQueue:
             self._releasing = False
 
     def __len__(self):
-        return len(self.waiters)
+        """Live waiters."""
+        return len(self.waiters) - self._gone
 
 
 class Reader:
@@ -120,9 +183,11 @@ class ReaderRegistry:
         self._order = []  # backends in the order they first reported
         self._listeners = []
         self._reset_listeners = []
-        self._cache = {}
+        self._cache = {}  # reader line -> Reader (see _remember)
+        self._cache_chars = 0
         self._exact = {}
         self._aliases = {}
+        self._folded = []  # casefolded names of ``readers``
         self.readers = []
         self.listing = ""
 
@@ -247,7 +312,9 @@ class ReaderRegistry:
         self.listing = "|".join(names)
         self._exact = exact
         self._aliases = aliases
+        self._folded = [r.name.casefold() for r in self.readers]
         self._cache = {}
+        self._cache_chars = 0
         for callback in self._listeners:
             callback(self)
 
@@ -255,32 +322,48 @@ class ReaderRegistry:
         """The listed reader with this canonical name, or None."""
         return self._exact.get(name) if self.readers else None
 
-    def resolve(self, text):
-        """The one reader a reader line names; raises CardError C083/C082."""
+    def resolve(self, text, patterns=True):
+        """The one reader a reader line names; raises CardError C083/C082.
+
+        ``patterns=False`` stops after the exact name and the aliases
+        (REST ``terminal=``, which names one card exactly)."""
+        if not patterns:
+            return self._one(self.match(text, patterns=False), text)
         cache = self._cache
         found = cache.get(text)
         if found is None:
-            found = self._resolve(text)
-            if len(cache) > 1000:
-                cache.clear()
-            cache[text] = found
-        if isinstance(found, Reader):
-            return found
-        raise errors.CardError(found, f"reader {text!r}")
+            found = self._one(self.match(text) if text is not None else [], text)
+            self._remember(text, found)
+        return found
 
-    def _resolve(self, text):
-        if text is None:
-            return errors.NOT_FOUND
-        matches = self.match(text)
-        if not matches:
-            return errors.NOT_FOUND
-        if len(matches) > 1:
-            return errors.AMBIGUOUS
-        return matches[0]
+    def _remember(self, text, reader):
+        """Cache a line that named one reader, within CACHE_ENTRIES lines
+        and CACHE_CHARS characters (oldest first out)."""
+        size = len(text)
+        if size > CACHE_CHARS // 16:
+            return
+        cache = self._cache
+        while cache and (len(cache) >= CACHE_ENTRIES or self._cache_chars + size > CACHE_CHARS):
+            oldest = next(iter(cache))
+            del cache[oldest]
+            self._cache_chars -= len(oldest)
+        cache[text] = reader
+        self._cache_chars += size
 
-    def match(self, text):
+    @staticmethod
+    def _one(matches, text):
+        if len(matches) == 1:
+            return matches[0]
+        code = errors.AMBIGUOUS if matches else errors.NOT_FOUND
+        raise errors.CardError(code, f"reader {text[:200]!r}" if text is not None else "no reader line")
+
+    def match(self, text, patterns=True):
         """Every listed reader a reader line matches, by the rules of
-        PROTOCOL.md 1.4: exact name, then alias, then pattern."""
+        PROTOCOL.md 1.4: exact name, then alias, then ``""``/``*`` (every
+        reader), then a case-insensitive literal part of names, and only
+        when that matched nothing a case-insensitive regular expression
+        (:func:`compile_pattern`) searched in names.  ``patterns=False``:
+        exact name and aliases only."""
         if not self.readers:
             return []
         reader = self._exact.get(text)
@@ -289,14 +372,15 @@ class ReaderRegistry:
         hits = self._aliases.get(text)
         if hits:
             return list(hits)
+        if not patterns:
+            return []
         if text in ("", "*"):
             return list(self.readers)
-        if _REGEX_CHARS.intersection(text):
-            try:
-                rx = re.compile(text, re.IGNORECASE)
-            except re.error:
-                rx = None
-            if rx is not None:
-                return [r for r in self.readers if rx.search(r.name)]
         folded = text.casefold()
-        return [r for r in self.readers if folded in r.name.casefold()]
+        found = [r for r, name in zip(self.readers, self._folded) if folded in name]
+        if found or len(text) > MAX_PATTERN or not _REGEX_CHARS.intersection(text):
+            return found
+        rx = compile_pattern(text)
+        if rx is None:
+            return []
+        return [r for r in self.readers if rx.search(r.name)]

@@ -26,7 +26,6 @@ from . import __version__, errors
 from .limits import BufferBudget
 from .logs import Logger, RateLimitedLog
 from .parser import APDU, MAX_APDU_BYTES, RESET, make_command
-from .registry import b64name
 
 #: HTTP status and reason for each result code a card command can end with.
 STATUS = {
@@ -292,23 +291,20 @@ class RestResource(Resource):
         """The reader a ``terminal=`` value names: its terminal id (as
         listed by the inventory, ``/`` optional), ``/`` + canonical name, the
         canonical name, or an alias (``/IP@id``, ``Foxy NET IP-id``, base64).
-        No patterns: a REST client always names one card exactly."""
-        registry = self.registry
+        No patterns: a REST client always names one card exactly, so only
+        the exact steps of the registry's resolution apply."""
         ids = self.inventory.ids
         reader = ids.get(text) or ids.get("/" + text)
         if reader is not None:
             return reader, None
         if text.startswith("/"):
-            reader = registry.get(text[1:])
+            reader = self.registry.get(text[1:])
             if reader is not None:
                 return reader, None
-        reader = registry.get(text)
-        if reader is not None:
-            return reader, None
-        found = [r for r in registry.match(text) if text in r.aliases or text == b64name(r.name)]
-        if len(found) == 1:
-            return found[0], None
-        return None, (errors.AMBIGUOUS if found else errors.NOT_FOUND)
+        try:
+            return self.registry.resolve(text, patterns=False), None
+        except errors.CardError as e:
+            return None, e.code
 
     def basic(self, request):
         try:

@@ -11,6 +11,7 @@ from .dispatch import Session
 from .limits import BufferBudget
 from .logs import Logger, RateLimitedLog
 from .parser import MAX_APDU_BYTES, RequestParser
+from .telnet import TelnetStripper
 
 #: Fits ``>ID:APDU:`` plus the longest extended APDU in hex with a space
 #: between every byte (3 characters a byte), with room to spare.
@@ -57,6 +58,7 @@ class LineProtocol(Protocol):
         self._closed = False
         self._eof = False  # the client half-closed: answer what it sent, then close
         self._charged = 0  # bytes held beyond the free allowance (factory.buffers)
+        self._telnet = None  # a TelnetStripper once the client sent a telnet command
 
     def connectionMade(self):
         peer = self.transport.getPeer()
@@ -112,6 +114,12 @@ class LineProtocol(Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data):
+        if b"\xff" in data or self._telnet is not None:  # 0xFF: telnet's IAC (never UTF-8)
+            if self._telnet is None:
+                self._telnet = TelnetStripper()
+            data = self._telnet.feed(data)
+            if not data:
+                return
         if self._pos == len(self._buf):
             self._buf, self._pos = data, 0
         else:
