@@ -8,7 +8,7 @@ a Deferred for them otherwise.
 
 import hmac
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 
 from . import errors
 from .backend import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
@@ -17,18 +17,138 @@ from .logs import Logger, RateLimitedLog
 from .parser import (
     ALIASES, APDU, CARD_COMMANDS, CHAIN, ENUM, LIST, PERSONALIZE, READERS, RESET, SIGN, Request,
 )
-from .registry import QueueFull
+from .registry import CardQueue, QueueFull
 from .timeouts import Deadlines
 
 
 class Session:
-    """What a connection remembers between requests (the PERSONALIZE tag)."""
+    """What a client connection remembers between requests: the PERSONALIZE
+    tag, the peer address for logs, and the card it holds (``card``: a
+    :class:`CardSession`, or None)."""
 
-    __slots__ = ("tag", "peer")
+    __slots__ = ("tag", "peer", "card")
 
     def __init__(self, peer=""):
         self.tag = None
         self.peer = peer
+        self.card = None
+
+
+class CardSession:
+    """One card held by one client across several requests.
+
+    Opened with :meth:`Dispatcher.hold`: the session waits in the card's
+    queue like any request (FIFO) and, once granted, keeps the card until
+    :meth:`close`, ``idle_timeout`` seconds with no request of the holder
+    (None: no limit), or ``max_duration`` seconds in all (None: no limit).
+    Meanwhile other clients' requests for the card wait in its queue, and
+    the holder's own requests (those executed with its ``Session``) run one
+    after another in the session's own queue.  When the session ends its
+    ``ended`` Deferred fires with the reason (``"closed"``, ``"idle"``,
+    ``"max duration"``); the card goes to the next request once the
+    holder's request in flight, if any, is done.  A holder's request still
+    queued in the session when it ends gets ``C080`` for its card commands
+    (the session's card state is gone); later requests of the same
+    ``Session`` queue for the card like anybody's (docs/protocol.md,
+    "Card sessions").
+    """
+
+    __slots__ = ("dispatcher", "reader", "session", "idle_timeout", "max_duration", "queue",
+                 "state", "abandoned", "opened", "ended", "_idle", "_deadline")
+
+    WAITING, HELD, CLOSED = "waiting", "held", "closed"
+
+    def __init__(self, dispatcher, reader, session, idle_timeout=None, max_duration=None):
+        self.dispatcher = dispatcher
+        self.reader = reader
+        self.session = session
+        self.idle_timeout = idle_timeout
+        self.max_duration = max_duration
+        self.queue = CardQueue(reader.queue.max_queue)  # the holder's own requests
+        self.state = self.WAITING
+        self.abandoned = False  # CardQueue waiter protocol
+        self.opened = None
+        self.ended = Deferred()
+        self._idle = None
+        self._deadline = None
+
+    @property
+    def held(self):
+        return self.state == self.HELD
+
+    def granted(self):
+        """The card's queue says it is our turn (CardQueue waiter protocol)."""
+        self.state = self.HELD
+        self.session.card = self
+        self.reader.holder = self.session
+        clock = self.dispatcher.clock
+        if self.max_duration is not None:
+            self._deadline = clock.callLater(self.max_duration, self.close, "max duration")
+        self.touch()
+        opened, self.opened = self.opened, None
+        if opened is not None:
+            opened.callback(self)
+
+    def touch(self):
+        """The holder used the card: the idle timeout starts again."""
+        if self.idle_timeout is None or self.state != self.HELD:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        else:
+            self._idle = self.dispatcher.clock.callLater(self.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self):
+        self._idle = None
+        if self.queue.busy:
+            self.touch()  # a request of the holder is running: not idle
+        else:
+            self.close("idle")
+
+    def _cancel_wait(self, _d):
+        """The client gave up before the card was granted."""
+        self.opened = None
+        if self.state == self.WAITING:
+            self.state = self.CLOSED
+            self.reader.queue.leave(self)
+
+    def close(self, reason="closed"):
+        """End the session (idempotent); the card is let go once no request
+        of the holder runs on it."""
+        if self.state == self.CLOSED:
+            return
+        was = self.state
+        self.state = self.CLOSED
+        for call in (self._idle, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._deadline = None
+        if was == self.WAITING:
+            self.reader.queue.leave(self)
+            opened, self.opened = self.opened, None
+            if opened is not None:
+                opened.errback(CardError(errors.UPSTREAM, f"card session {reason} before it began"))
+        elif not self.queue.busy:
+            self._let_go()
+        self.ended.callback(reason)
+
+    def request_done(self):
+        """A holder's request finished (called by the dispatcher)."""
+        if self.state == self.CLOSED:
+            if not self.queue.busy:
+                self._let_go()
+        else:
+            self.touch()
+
+    def _let_go(self):
+        reader = self.reader
+        if self.session.card is self:
+            self.session.card = None
+        if reader.holder is self.session:
+            reader.holder = None
+        if reader.release is not None:
+            reader.release(reader.key)
+        reader.queue.release()
 
 
 class Dispatcher:
@@ -61,6 +181,30 @@ class Dispatcher:
             return run.lines
         run.deferred = Deferred(run.cancel)
         return run.deferred
+
+    def hold(self, reader, session, idle_timeout=None, max_duration=None, password=None):
+        """Open a :class:`CardSession` on the reader line ``reader`` for
+        ``session`` (which must not hold a card yet): a Deferred firing with
+        it once the card is granted (cancel it to give up waiting), or
+        failing with a CardError (``C083``/``C082`` no such reader,
+        ``C085`` wrong password, ``C086`` queue full or card reserved)."""
+        if session.card is not None:
+            raise ValueError("this session holds a card already")
+        found = self.target(Request(reader, password, []))
+        if isinstance(found, str):
+            return fail(CardError(found, f"reader {reader!r}"))
+        if found.exclusive and found.holder is not None:
+            return fail(CardError(errors.UPSTREAM, f"{found.name} is reserved"))
+        card = CardSession(self, found, session, idle_timeout, max_duration)
+        d = card.opened = Deferred(card._cancel_wait)
+        try:
+            got = found.queue.acquire(card)
+        except QueueFull:
+            card.opened = None
+            return fail(CardError(errors.UPSTREAM, f"queue of {found.name} is full"))
+        if got:
+            card.granted()
+        return d
 
     def submit(self, reader, commands, password=None, session=None):
         """For front ends other than the line protocol (REST, vpcd bridge):
@@ -147,7 +291,7 @@ class _Run:
     """One request in progress: a trampoline over its commands that only
     becomes asynchronous when a card is busy or a backend answers later."""
 
-    __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding",
+    __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding", "queue", "card",
                  "abandoned", "deferred", "_stepping", "_pending", "_call", "_batch_end")
 
     log = Logger()
@@ -160,6 +304,8 @@ class _Run:
         self.i = 0
         self.reader = None  # a Reader, a result code, or None (not looked up yet)
         self.holding = False
+        self.queue = None  # the queue holding our place: the card's, or a card session's
+        self.card = None  # the CardSession whose queue that is
         self.abandoned = False
         self.deferred = None
         self._stepping = False
@@ -194,11 +340,17 @@ class _Run:
                     self._result(reader)
                     continue
                 if not self.holding:
-                    if reader.exclusive and reader.holder is not None and reader.holder is not self.session:
+                    queue = reader.queue
+                    card = self.session.card
+                    if card is not None and card.reader is reader:
+                        queue = card.queue  # the holder's requests (CardSession)
+                        self.card = card
+                    elif reader.exclusive and reader.holder is not None and reader.holder is not self.session:
                         self._result(errors.UPSTREAM)  # reserved (docs/vpcd.md, exclusive=1)
                         continue
+                    self.queue = queue
                     try:
-                        got = reader.queue.acquire(self)
+                        got = queue.acquire(self)
                     except QueueFull:
                         self.d.client_log.info("client {peer}: queue of {reader} is full (--max-queue)",
                                                peer=self.session.peer, reader=reader.name)
@@ -208,6 +360,9 @@ class _Run:
                         self._pending = True
                         return False
                     self.holding = True
+                if self.card is not None and self.card.state != CardSession.HELD:
+                    self._result(errors.NO_CARD)  # the card session ended: its card state is gone
+                    continue
                 if reader.batch is not None and command.name != SIGN:
                     end = self._run_end()
                     if end:
@@ -403,16 +558,21 @@ class _Run:
         if self.holding:
             self.holding = False
             reader = self.reader
-            if reader.release is not None:
-                reader.release(reader.key)
-            reader.queue.release()
+            queue = self.queue
+            if queue is reader.queue:
+                if reader.release is not None:
+                    reader.release(reader.key)
+                queue.release()
+            else:  # a card session's turn: the card stays held
+                queue.release()
+                self.card.request_done()
 
     def cancel(self, _deferred):
         """The client went away: leave the card's queue at once if waiting in
         it (no longer counted against ``--max-queue``); a command in flight
         finishes on the card, then the card goes to the next request."""
         if self._pending and not self.holding and not self._stepping:
-            self.reader.queue.leave(self)  # queued by step(), not granted yet
+            self.queue.leave(self)  # queued by step(), not granted yet
             return
         self.abandoned = True
         if not self._stepping and self._call is None:
