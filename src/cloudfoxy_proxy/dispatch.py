@@ -7,6 +7,7 @@ a Deferred for them otherwise.
 """
 
 import hmac
+from time import perf_counter
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 
@@ -49,6 +50,10 @@ class Dispatcher:
         self.password = password
         self.signing = None
         self.deadlines = Deadlines(clock, command_timeout)
+        #: a metrics.Metrics counting every command result, or None
+        self.metrics = None
+        #: requests answered later, in start order (``give_up`` on shutdown)
+        self.pending = {}
 
     def execute(self, request, session):
         """Response lines (``(id, result)`` pairs) or a Deferred for them;
@@ -57,7 +62,14 @@ class Dispatcher:
         if run.step():
             return run.lines
         run.deferred = Deferred(run.cancel)
+        self.pending[run] = None
         return run.deferred
+
+    def give_up(self, code):
+        """Answer every request still waiting with ``code`` for each of its
+        unanswered commands, now (the end of a drain on shutdown)."""
+        for run in list(self.pending):
+            run.give_up(code)
 
     def submit(self, reader, commands, password=None, session=None):
         """For front ends other than the line protocol (REST, vpcd bridge):
@@ -119,7 +131,8 @@ class _Run:
     becomes asynchronous when a card is busy or a backend answers later."""
 
     __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding",
-                 "abandoned", "deferred", "_stepping", "_pending", "_call")
+                 "abandoned", "deferred", "_stepping", "_pending", "_call",
+                 "started")
 
     log = Logger()
 
@@ -136,6 +149,7 @@ class _Run:
         self._stepping = False
         self._pending = False
         self._call = None
+        self.started = perf_counter()  # start of the current command (metrics)
 
     def step(self):
         """Run commands until done (True) or waiting (False)."""
@@ -208,6 +222,8 @@ class _Run:
     def _result(self, value):
         self.lines.append((self.request.commands[self.i].id, value))
         self.i += 1
+        if self.d.metrics is not None:
+            self.started = self.d.metrics.record(self, value)
 
     def _answered(self, result):
         self.d.deadlines.forget(self._call)
@@ -248,6 +264,7 @@ class _Run:
             self.log.failure("request failed")
             self.lines.extend((c.id, errors.INTERNAL) for c in self.request.commands[self.i:])
         if done and self.deferred is not None and not self.abandoned:
+            self.d.pending.pop(self, None)
             self.deferred.callback(self.lines)
 
     def _release(self):
@@ -262,5 +279,13 @@ class _Run:
         """The client went away: drop our place in the queue; a command in
         flight finishes on the card, then the card goes to the next request."""
         self.abandoned = True
+        self.d.pending.pop(self, None)
         if not self._stepping and self._call is None:
             self._release()
+
+    def give_up(self, code):
+        """Answer now: ``code`` for every command not answered yet; a
+        command in flight finishes on the card as after ``cancel``."""
+        lines = self.lines + [(c.id, code) for c in self.request.commands[self.i:]]
+        self.cancel(None)
+        self.deferred.callback(lines)

@@ -144,6 +144,10 @@ class ReaderRegistry:
             self.log.info("reader removed: {reader}", reader=name)
         self._rebuild()
 
+    def reported(self, backend):
+        """True once ``backend`` has called :meth:`update` (readiness)."""
+        return id(backend) in self._current
+
     def set_extra_aliases(self, reader, aliases):
         """More names for ``reader`` besides its backend's (the certificate
         index's aliases of the card in it); ``()`` removes them."""

@@ -46,6 +46,19 @@ class _Channel(HTTPChannel):
     MAX_LENGTH = 2 * MAX_APDU_BYTES + 8192
     totalHeadersSize = MAX_LENGTH + 16384
 
+    # counted for metrics (the front end "rest"): see RestSite
+    def connectionMade(self):
+        self.site.connections += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason):
+        self.site.connections -= 1
+        super().connectionLost(reason)
+
+    def dataReceived(self, data):
+        self.site.bytes_in += len(data)
+        super().dataReceived(data)
+
 
 class RestSite(Site):
     """A Site whose access log goes to our logger at debug level (the
@@ -54,11 +67,17 @@ class RestSite(Site):
     protocol = _Channel
     noisy = False
     _logger = Logger()
+    # read by metrics.Metrics as the front end "rest"
+    connections = requests = auth_failures = bytes_in = bytes_out = 0
 
     def logPrefix(self):
         return "Site"
 
     def log(self, request):
+        self.requests += 1
+        self.bytes_out += request.sentLength
+        if request.code == 401:
+            self.auth_failures += 1
         self._logger.debug("REST {method} {path} -> {code}", method=request.method.decode("ascii", "replace"),
                         path=request.path.decode("ascii", "replace"), code=request.code)
 

@@ -101,6 +101,7 @@ class LineProtocol(Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data):
+        self.factory.bytes_in += len(data)
         if self._pos == len(self._buf):
             self._buf, self._pos = data, 0
         else:
@@ -155,6 +156,7 @@ class LineProtocol(Protocol):
             self._run(request)
 
     def _run(self, request):
+        self.factory.requests += 1
         try:
             result = self.factory.dispatcher.execute(request, self.session)
         except Exception:
@@ -182,7 +184,9 @@ class LineProtocol(Protocol):
         return self._answered([(c.id, errors.INTERNAL) for c in request.commands])
 
     def _respond(self, lines):
-        self.transport.write(format_response(lines))
+        data = format_response(lines)
+        self.factory.bytes_out += len(data)
+        self.transport.write(data)
 
 
 class LineFactory(Factory):
@@ -197,6 +201,8 @@ class LineFactory(Factory):
         self.max_commands = max_commands
         self.max_connections = max_connections
         self.connections = 0
+        # counters read by metrics.Metrics (the front end "line")
+        self.requests = self.auth_failures = self.bytes_in = self.bytes_out = 0
 
     def buildProtocol(self, addr):
         if self.connections >= self.max_connections:

@@ -4,11 +4,10 @@ import os
 import sys
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from . import backends, logs
+from . import backends, config_file, logs, ops
 from .backend import BackendService
 from .dispatch import Dispatcher
 from .registry import ReaderRegistry
@@ -41,6 +40,12 @@ def check_endpoint(option, value):
     description = endpoint_string(value)
     try:
         serverFromString(reactor, description)
+    except (IndexError, KeyError) as e:
+        if description.startswith("systemd:"):
+            raise usage.UsageError(
+                f"--{option} {value!r}: no such socket from systemd (LISTEN_FDS and LISTEN_FDNAMES; "
+                "systemd-socket-activate needs --fdname=NAME)") from None
+        raise usage.UsageError(f"--{option} {value!r}: not a valid endpoint ({e})") from None
     except Exception as e:
         raise usage.UsageError(f"--{option} {value!r}: not a valid endpoint ({e})") from None
     return description
@@ -98,6 +103,16 @@ class Options(usage.Options):
         ["password-file", None, None,
          "File with the reader-line password for tcp:// and tls:// backends; env FOXYPROXY_PASSWORD."],
         ["ca-certs", None, None, "File or directory of issuer certificates used to complete CHAIN."],
+        ["metrics", None, None,
+         "Serve Prometheus /metrics, /healthz, /readyz and the status page / on this endpoint."],
+        ["metrics-token-file", None, None,
+         "File with a token required on --metrics (Authorization: Bearer, or Basic password); "
+         "/healthz and /readyz stay open; env FOXYPROXY_METRICS_TOKEN."],
+        ["config", None, None,
+         "TOML file with options under their command-line names; the command line overrides it."],
+        ["log-format", None, "text", "text (human-readable) or json (one JSON object per line)."],
+        ["drain-timeout", None, "5",
+         "On SIGTERM, seconds in-flight requests may finish before they are answered C086."],
     ]
 
     def __init__(self):
@@ -124,6 +139,9 @@ class Options(usage.Options):
         self["vpcd"].append((host.strip("[]"), int(port), reader))
 
     def parseOptions(self, options=None):
+        if options is None:
+            options = sys.argv[1:]
+        self.given = config_file.given_options(self, options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -135,6 +153,15 @@ class Options(usage.Options):
             raise SystemExit(1)
 
     def postOptions(self):
+        from_file = {}
+        if self["config"]:
+            from_file = config_file.apply(self, self["config"], getattr(self, "given", set()))
+        try:
+            self._validate()
+        except usage.UsageError as e:
+            raise config_file.locate(e, from_file) from None
+
+    def _validate(self):
         self["endpoints"] = [check_endpoint("port", self["port"])] + [
             check_endpoint("listen", v) for v in self["listen"]]
         self["command-timeout"] = self._number("command-timeout", float, 0.001, 3600)
@@ -142,6 +169,14 @@ class Options(usage.Options):
         self["max-commands-per-request"] = self._number("max-commands-per-request", int, 1, 1000000)
         self["max-connections"] = self._number("max-connections", int, 1, 1000000)
         self["max-queue"] = self._number("max-queue", int, 1, 1000000)
+        self["drain-timeout"] = self._number("drain-timeout", float, 0, 3600)
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format {self['log-format']!r}: use text or json")
+        self["metrics-token"] = None
+        if self["metrics"] is not None:
+            self["metrics"] = check_endpoint("metrics", self["metrics"])
+            self["metrics-token"] = read_secret(
+                "metrics-token-file", self["metrics-token-file"], "FOXYPROXY_METRICS_TOKEN")
         level = self["log-level"].strip().lower()
         if level not in logs.LEVELS:
             raise usage.UsageError(
@@ -224,7 +259,9 @@ def makeService(config, reactor=None):
 
     logs.set_level(config["log-level"])
     raise_file_limit()
-    top = MultiService()
+    top = ops.ProxyService(reactor, config.get("drain-timeout", 5.0))
+    top.observer, top.logfile = ops.log_observer(config.get("log-format", "text"),
+                                                 getattr(config, "parent", None))
     registry = ReaderRegistry(max_queue=config["max-queue"])
     top.registry = registry
     top.backends = []
@@ -250,12 +287,19 @@ def makeService(config, reactor=None):
         max_connections=config["max-connections"],
     )
     top.dispatcher = dispatcher
+    top.readiness = ops.Readiness(top, registry, top.backends, reactor)
     for description in config["endpoints"]:
         Listener(serverFromString(reactor, description), factory, description).setServiceParent(top)
+    rest = None
     if config["rest"]:
         from .restapi import make_rest_service
 
-        make_rest_service(config, dispatcher, registry, reactor).setServiceParent(top)
+        rest = make_rest_service(config, dispatcher, registry, reactor)
+        rest.setServiceParent(top)
+    if config.get("metrics"):
+        from .status import make_metrics_service
+
+        make_metrics_service(config, top, factory, rest, reactor).setServiceParent(top)
     for host, port, reader in config["vpcd"]:
         from .vpcd import make_vpcd_service
 
