@@ -285,8 +285,9 @@ header { display:flex; align-items:baseline; gap:1rem; padding:.9rem 1.5rem; bac
 header h1 { font-size:1.15rem; margin:0; }
 header .meta { color:var(--muted); }
 main { max-width:1200px; margin:0 auto; padding:1rem 1.5rem 2rem; display:grid; gap:1rem;
-       grid-template-columns: 1fr 1fr; }
-section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:.8rem 1rem; }
+       grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); }
+section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:.8rem 1rem;
+          overflow-x:auto; }
 section.wide { grid-column: 1 / -1; }
 h2 { font-size:.8rem; text-transform:uppercase; letter-spacing:.06em; color:var(--muted);
      margin:0 0 .5rem; }
@@ -307,7 +308,7 @@ tr:last-child td { border-bottom:none; }
 #chart polygon { fill:var(--accent); opacity:.12; }
 .now { font-size:1.6rem; font-weight:600; }
 .muted { color:var(--muted); }
-@media (max-width: 900px) { main { grid-template-columns: 1fr; } }
+@media (max-width: 900px) { main { grid-template-columns: minmax(0, 1fr); } }
 </style></head>
 <body>
 <header><h1>cloudfoxy-proxy</h1><span id="ready" class="pill idle">…</span>
@@ -322,7 +323,7 @@ tr:last-child td { border-bottom:none; }
 <th class="num">Rate /s</th><th class="num">p50 ms</th><th class="num">p99 ms</th>
 <th class="num">Commands</th><th class="num">Errors</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Backends</h2><table id="backends"><thead><tr><th>Backend</th><th>Health</th>
-<th class="num">Readers</th><th class="num">Upstream errors</th><th class="num">Reconnects</th>
+<th class="num">Readers</th><th class="num">C086</th><th class="num">Reconnects</th>
 </tr></thead><tbody></tbody></table></section>
 <section><h2>Front ends</h2><table id="frontends"><thead><tr><th>Front end</th>
 <th class="num">Connections</th><th class="num">Requests</th><th class="num">Auth failures</th>
@@ -355,7 +356,7 @@ function bytes(n) {
   return (i ? n.toFixed(1) : n) + " " + u[i];
 }
 function chart(rates) {
-  const svg = $("chart"), W = 1000, H = 160, top = 10, bottom = 20;
+  const svg = $("chart"), W = 1000, H = 160, top = 18, bottom = 20;
   const n = 300, max = Math.max(10, ...rates) * 1.15;
   const y = (v) => H - bottom - (H - top - bottom) * v / max;
   const x = (i) => W - (rates.length - 1 - i) * (W / (n - 1));
@@ -365,6 +366,8 @@ function chart(rates) {
     out += `<line class="grid" x1="0" x2="${W}" y1="${yy}" y2="${yy}"/>` +
            `<text class="lbl" x="4" y="${(yy - 3).toFixed(1)}">${Math.round(v).toLocaleString("en-US")}</text>`;
   }
+  out += `<text class="lbl" x="4" y="${H - 4}">−5 min</text>` +
+         `<text class="lbl" x="${W - 4}" y="${H - 4}" text-anchor="end">now</text>`;
   if (rates.length > 1) {
     const pts = rates.map((v, i) => x(i).toFixed(1) + "," + y(v).toFixed(1)).join(" ");
     out += `<polygon points="${x(0).toFixed(1)},${y(0)} ${pts} ${W},${y(0)}"/><polyline points="${pts}"/>`;
