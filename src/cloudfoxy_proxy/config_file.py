@@ -48,7 +48,7 @@ def given_options(options, argv):
 
 def line_of(text, key):
     """The 1-based line where ``key = ...`` is written (1 if not found)."""
-    pattern = re.compile(r"""^\s*(?:%s|"%s"|'%s')\s*=""" % ((re.escape(key),) * 3), re.M)
+    pattern = re.compile(r"""^[ \t]*(?:%s|"%s"|'%s')[ \t]*=""" % ((re.escape(key),) * 3), re.M)
     m = pattern.search(text)
     return text.count("\n", 0, m.start()) + 1 if m else 1
 
