@@ -345,3 +345,43 @@ def test_systemd_endpoint_without_a_socket_says_so():
     with pytest.raises(usage.UsageError) as e:
         tap.check_endpoint("port", "systemd:domain=INET:index=0")
     assert "--fdname" in str(e.value)
+
+
+def test_the_deployment_guide_config_is_valid(tmp_path):
+    """docs/deployment.md's rack example: every key is an option with a
+    value of the right type (its secret files exist only on a real host)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "deployment.md"), encoding="utf-8") as f:
+        text = re.search(r"```toml\n(.*?)```", f.read(), re.S).group(1)
+    (tmp_path / "rack.toml").write_text(text)
+    o = tap.Options()
+    applied = config_file.apply(o, str(tmp_path / "rack.toml"), set())
+    assert {"port", "listen", "rest", "backend", "vpcd", "metrics", "token-file", "drain-timeout"} <= set(applied)
+    assert len(o["vpcd"]) == 2 and o["backend"][0].startswith("cloudfoxy+https://")
+    assert o["log-format"] == "json"
+
+
+def test_contrib_systemd_units_verify(tmp_path):
+    """contrib/systemd/ passes systemd-analyze verify (ExecStart pointed at
+    an existing program, since /opt/cloudfoxy-proxy is not installed here)."""
+    import shutil
+    import subprocess
+
+    import pcsc_rig
+
+    if shutil.which("systemd-analyze") is None:
+        pcsc_rig.ensure_packages(["systemd"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("foxyproxy.service", "foxyproxy.socket"):
+        with open(os.path.join(root, "contrib", "systemd", name), encoding="utf-8") as f:
+            text = f.read()
+        (tmp_path / name).write_text(text.replace("/opt/cloudfoxy-proxy/.venv/bin/twistd", "/bin/true"))
+    service = (tmp_path / "foxyproxy.service").read_text()
+    for setting in ("DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes", "LoadCredential=",
+                    "Type=notify", "systemd:domain=INET:name=line"):
+        assert setting in service
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "foxyproxy.socket"),
+                           str(tmp_path / "foxyproxy.service")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
