@@ -113,6 +113,62 @@ def test_readyz_flips_when_a_slow_upstream_comes_up(proxy_factory):
         assert c.results(f">B Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
 
 
+def test_readyz_waits_for_the_first_rest_inventory(proxy_factory, tmp_path):
+    from test_rest_integration import TOKEN, StubServer
+
+    stub = StubServer()
+    try:
+        stub.control(down=3)  # the CloudFoxy server refuses connections for 3 s
+        token = tmp_path / "token"
+        token.write_text(TOKEN + "\n")
+        p = metrics_proxy(proxy_factory, "--backend",
+                          f"cloudfoxy+http://{HOST}:{stub.port}?token_file={token}&poll=0.3")
+        status, body = http(p.metrics_port, "/readyz")
+        assert status == 503 and "has not reported its readers" in json.loads(body)["reasons"][0]
+        deadline = time.monotonic() + 20
+        while http(p.metrics_port, "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, p.log()
+            time.sleep(0.1)
+        with p.client() as c:
+            assert c.results(f">CloudFoxy 127.0.0.1@1|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
+    finally:
+        stub.stop()
+
+
+def test_backend_reconnects_are_counted(proxy_factory):
+    upstream_port = free_port()
+    a = proxy_factory(port=f"tcp:{upstream_port}:interface={HOST}")
+    b = metrics_proxy(proxy_factory, "--backend", f"tcp://{HOST}:{upstream_port}?prefix=B%20")
+
+    def answers():
+        try:
+            with b.client() as c:
+                return c.results(f">B Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
+        except OSError:
+            return False
+
+    def wait(condition):
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, b.log()
+            time.sleep(0.1)
+
+    wait(answers)
+    [backend] = [dict(labels)["backend"] for name, labels in scrape(b.metrics_port)
+                 if name == "foxyproxy_backend_readers"]
+    assert backend.startswith(f"tcp://{HOST}:{upstream_port}")
+    for _ in range(3):  # a persistent upstream: several answers on the connection
+        assert answers()
+    time.sleep(0.6)  # and it stayed open a while (the tcp backend's probe, docs/tcp.md)
+    assert value(scrape(b.metrics_port), "foxyproxy_backend_reconnects_total", backend=backend) == 0
+    a.stop()
+    proxy_factory(port=f"tcp:{upstream_port}:interface={HOST}")  # the upstream restarts
+    wait(answers)
+    samples = scrape(b.metrics_port)
+    assert value(samples, "foxyproxy_backend_reconnects_total", backend=backend) == 1, b.log()[-3000:]
+    assert value(samples, "foxyproxy_backend_readers", backend=backend) == 4
+
+
 def test_metrics_token(proxy_factory, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-metrics\n")

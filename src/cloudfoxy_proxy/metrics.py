@@ -89,6 +89,8 @@ class Metrics:
     def __init__(self, registry, backends=(), max_readers=MAX_READERS, clock=time.time):
         self.registry = registry
         self.backends = list(backends)
+        #: label values, fixed at start (a description may change, a series must not)
+        self.backend_names = {id(b): b.description for b in self.backends}
         self.max_readers = max_readers
         self.readers = {}  # Reader -> ReaderStats (the hot-path lookup)
         self.by_name = {}  # label value -> ReaderStats
@@ -213,7 +215,7 @@ class Collector:
                                          "Connections to the upstream made again after the first.",
                                          labels=["backend"])
         for backend in m.backends:
-            name = backend.description
+            name = m.backend_names[id(backend)]
             readers.add_metric([name], len(m.backend_readers(backend)))
             errors.add_metric([name], m.backend_upstream_errors(backend))
             reconnects.add_metric([name], getattr(backend, "reconnects", 0))

@@ -61,8 +61,9 @@ def listening(service):
 
 class Readiness:
     """Ready once every backend has reported its readers at least once
-    (and says it is ``up()`` when it can tell) and every listener of
-    ``top`` listens.  ``reasons()`` lists what is missing (empty when
+    (for backends with an ``up`` property or method: reported while up,
+    e.g. a REST backend's first inventory rather than its empty
+    placeholder) and every listener of ``top`` listens.  ``reasons()`` lists what is missing (empty when
     ready); ``on_ready`` callbacks run once, the first time it is."""
 
     def __init__(self, top, registry, backends, clock, poll=0.1):
@@ -71,6 +72,7 @@ class Readiness:
         self.backends = backends
         self.clock = clock
         self.ready = False
+        self._reported = set()  # id() of backends that have reported their readers
         self._callbacks = []
         self._loop = LoopingCall(self.check)
         self._loop.clock = clock
@@ -91,11 +93,15 @@ class Readiness:
     def reasons(self):
         missing = []
         for backend in self.backends:
-            up = getattr(backend, "up", None)
-            if not self.registry.reported(backend):
+            if id(backend) in self._reported:
+                continue
+            up = getattr(backend, "up", True)  # a property (tcp://, cloudfoxy+http://) or a method
+            if callable(up):
+                up = up()
+            if self.registry.reported(backend) and up:
+                self._reported.add(id(backend))  # at least once is enough
+            else:
                 missing.append(f"backend {backend.description} has not reported its readers")
-            elif callable(up) and not up():
-                missing.append(f"backend {backend.description} is not connected")
         for service in self.listeners():
             if not listening(service):
                 missing.append(f"listener {getattr(service, 'description', service.endpoint)} "

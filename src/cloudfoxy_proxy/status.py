@@ -115,7 +115,7 @@ def status(metrics, sampler, readiness, clock):
             "p99_ms": None if p99 is None else round(p99 * 1000, 3),
         })
     backends = [{
-        "name": b.description,
+        "name": metrics.backend_names[id(b)],
         "readers": len(metrics.backend_readers(b)),
         "reported": metrics.registry.reported(b),
         "upstream_errors": metrics.backend_upstream_errors(b),
