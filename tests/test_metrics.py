@@ -227,15 +227,16 @@ def drain_setup(latency_ms, drain):
     top = ops.ProxyService(clock, drain_timeout=drain)
     top.dispatcher = Dispatcher(registry, clock, command_timeout=60)
     top.startService()
-    return clock, top
-
-
-def test_drain_lets_requests_finish():
-    clock, top = drain_setup(latency_ms=500, drain=5)
+    # two requests in flight (one on the card, one queued), then stop
     first = run(top.dispatcher, "Emulated 00", f"1:APDU:{SELECT_MF}", f"2:APDU:{SELECT_MF}")
     queued = run(top.dispatcher, "Emulated 00", f"1:APDU:{SELECT_MF}")
     stopped = []
     top.stopService().addBoth(stopped.append)
+    return clock, top, first, queued, stopped
+
+
+def test_drain_lets_requests_finish():
+    clock, top, first, queued, stopped = drain_setup(latency_ms=500, drain=5)
     clock.pump([0.1] * 20)
     assert first.result == [("1", "9000"), ("2", "9000")]
     assert queued.result == [("1", "9000")]
@@ -243,11 +244,7 @@ def test_drain_lets_requests_finish():
 
 
 def test_drain_timeout_answers_c086():
-    clock, top = drain_setup(latency_ms=10000, drain=1)
-    first = run(top.dispatcher, "Emulated 00", f"1:APDU:{SELECT_MF}", f"2:APDU:{SELECT_MF}")
-    queued = run(top.dispatcher, "Emulated 00", f"1:APDU:{SELECT_MF}")
-    stopped = []
-    top.stopService().addBoth(stopped.append)
+    clock, top, first, queued, stopped = drain_setup(latency_ms=10000, drain=1)
     clock.pump([0.1] * 9)
     assert not first.called and not stopped
     clock.pump([0.1] * 3)

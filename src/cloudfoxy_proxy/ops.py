@@ -158,6 +158,7 @@ class ProxyService(MultiService):
         super().startService()
         if self.logfile is not None:
             _on_signal(signal.SIGHUP, self.reopen_logs)
+            _on_signal(signal.SIGUSR1, self.logfile.rotate)  # as twistd's own observer does
         if self.readiness is not None:
             self.readiness.on_ready(lambda: sd_notify("READY=1"))
             self.readiness.start()
