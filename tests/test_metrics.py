@@ -341,7 +341,19 @@ def test_bad_config(tmp_path, text, message):
 def test_systemd_endpoint_without_a_socket_says_so():
     with pytest.raises(usage.UsageError) as e:
         tap.check_endpoint("port", "systemd:domain=INET:index=0")
-    assert "--fdname" in str(e.value)
+    assert "no such socket from systemd" in str(e.value)
+
+
+def test_inherited_sockets_get_default_names():
+    env = {"LISTEN_FDS": "2", "LISTEN_PID": str(os.getpid())}
+    ops.name_inherited_sockets(env)
+    assert env["LISTEN_FDNAMES"] == "unknown:unknown"
+    env = {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid()), "LISTEN_FDNAMES": "line"}
+    ops.name_inherited_sockets(env)
+    assert env["LISTEN_FDNAMES"] == "line"
+    env = {"LISTEN_FDS": "1", "LISTEN_PID": "1"}  # meant for another process
+    ops.name_inherited_sockets(env)
+    assert "LISTEN_FDNAMES" not in env
 
 
 def test_the_deployment_guide_config_is_valid(tmp_path):

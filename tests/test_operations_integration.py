@@ -185,7 +185,8 @@ def test_metrics_token(proxy_factory, tmp_path):
     assert status == 200 and len(json.loads(body)["readers"]) == 4
 
 
-def test_systemd_socket_activation_and_readiness(tmp_path):
+@pytest.mark.parametrize("fdname", [[], ["--fdname=line"]])
+def test_systemd_socket_activation_and_readiness(tmp_path, fdname):
     activate = shutil.which("systemd-socket-activate")
     assert activate, "systemd-socket-activate missing: apt-get install systemd (tests/debian-packages.txt)"
     notify_path = str(tmp_path / "notify")
@@ -194,8 +195,8 @@ def test_systemd_socket_activation_and_readiness(tmp_path):
     notify.settimeout(20)
     port = free_port()
     log = tmp_path / "twistd.log"
-    # --fdname: Twisted's systemd: endpoint needs LISTEN_FDNAMES, which systemd always sets
-    cmd = [activate, "-l", f"{HOST}:{port}", "--fdname=foxyproxy", "-E", f"NOTIFY_SOCKET={notify_path}",
+    # without --fdname there is no LISTEN_FDNAMES (systemd itself always sets it)
+    cmd = [activate, "-l", f"{HOST}:{port}", *fdname, "-E", f"NOTIFY_SOCKET={notify_path}",
            TWISTD, "-n", "--pidfile=", "--logfile", str(log), "foxyproxy",
            "-p", "systemd:domain=INET:index=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)

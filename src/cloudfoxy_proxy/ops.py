@@ -49,6 +49,25 @@ def sd_notify(state, environ=os.environ):
         return False
 
 
+def name_inherited_sockets(environ=os.environ):
+    """Name socket-activated descriptors that came without names.
+
+    sd_listen_fds_with_names(3): when ``LISTEN_FDNAMES`` is not set (e.g.
+    ``systemd-socket-activate`` without ``--fdname``), each descriptor's
+    name is ``unknown``.  Twisted's ``systemd:`` endpoint instead drops
+    every descriptor whose name is missing, so this sets the default names
+    before Twisted reads the environment (when ``twisted.internet.endpoints``
+    is first imported; Options() runs before that under twistd).
+    """
+    if environ.get("LISTEN_FDNAMES") is not None or environ.get("LISTEN_PID") != str(os.getpid()):
+        return
+    try:
+        count = int(environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return
+    environ["LISTEN_FDNAMES"] = ":".join(["unknown"] * count)
+
+
 def listening(service):
     """True once a StreamServerEndpointService's endpoint listens.
     (Twisted keeps the listen Deferred as ``_waitingForPort``; after a

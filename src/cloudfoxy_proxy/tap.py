@@ -44,7 +44,7 @@ def check_endpoint(option, value):
         if description.startswith("systemd:"):
             raise usage.UsageError(
                 f"--{option} {value!r}: no such socket from systemd (LISTEN_FDS and LISTEN_FDNAMES; "
-                "systemd-socket-activate needs --fdname=NAME)") from None
+                "was it started by systemd or systemd-socket-activate?)") from None
         raise usage.UsageError(f"--{option} {value!r}: not a valid endpoint ({e})") from None
     except Exception as e:
         raise usage.UsageError(f"--{option} {value!r}: not a valid endpoint ({e})") from None
@@ -117,6 +117,7 @@ class Options(usage.Options):
 
     def __init__(self):
         super().__init__()
+        ops.name_inherited_sockets()  # before Twisted's systemd: endpoint reads them
         self["listen"] = []
         self["backend"] = []
         self["vpcd"] = []
