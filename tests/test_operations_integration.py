@@ -417,3 +417,52 @@ def test_sigterm_answers_c086_after_the_drain_timeout(proxy_factory):
     assert p.proc.wait(20) == 0
     assert time.monotonic() - t0 < 2.5
     assert answers == [["C086", "C086"]] * 4, answers
+
+
+def test_sigterm_under_continuous_load_cuts_no_answer(proxy_factory):
+    """Closed-loop clients keep sending through the stop: every request sent
+    before SIGTERM is answered in full; a request sent after it may be left
+    unread (the connection then ends, cleanly or reset, never mid-answer)."""
+    p = proxy_factory("--backend", "emulated:?cards=4&latency_ms=20")
+    results = []
+
+    def client(i):
+        sock = socket.create_connection((HOST, p.port), timeout=20)
+        sends, answered = [], 0
+        buf, outcome = b"", None
+        deadline = time.monotonic() + 20
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(f">Emulated 0{i % 4}|\n>1:APDU:{SELECT_MF}\n>2:APDU:{SELECT_MF}|\n\n".encode())
+                sends.append(time.monotonic())
+                while b"@@\n" not in buf:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise EOFError
+                    buf += chunk
+                answer, _, buf = buf.partition(b"@@\n")
+                assert answer == b">1:9000\n>2:9000\n", answer
+                answered += 1
+        except EOFError:
+            outcome = "closed" if buf == b"" else f"partial {buf!r}"
+        except ConnectionResetError:
+            outcome = "reset" if buf == b"" else f"partial {buf!r}"
+        finally:
+            sock.close()
+        results.append((sends, answered, outcome))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    stopped_at = time.monotonic()
+    p.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert p.proc.wait(20) == 0
+    assert len(results) == 12
+    for sends, answered, outcome in results:
+        assert outcome in ("closed", "reset"), results
+        before = sum(1 for t in sends if t < stopped_at - 0.05)  # surely read by the proxy
+        assert before >= 3 and answered >= before, (before, answered, outcome)
+        assert answered >= len(sends) - 1

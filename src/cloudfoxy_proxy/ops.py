@@ -199,24 +199,42 @@ class ProxyService(MultiService):
         return d
 
     def _drain(self):
+        """Read no new requests, let those in flight finish (up to
+        drain_timeout), answer the rest C086, then close every client
+        connection once its answers are written."""
         dispatcher = self.dispatcher
-        if dispatcher is None or not dispatcher.pending:
-            return None
-        log.info("stopping: {n} requests in flight; waiting up to {s}s for them",
-                 n=len(dispatcher.pending), s=self.drain_timeout)
+        clients = client_connections(self.clock)
+        for transport in clients:
+            transport.pauseProducing()  # requests not read yet stay unread: never half-run
         done = Deferred()
         deadline = self.clock.seconds() + self.drain_timeout
+        if dispatcher is not None and dispatcher.pending:
+            log.info("stopping: {n} requests in flight; waiting up to {s}s for them",
+                     n=len(dispatcher.pending), s=self.drain_timeout)
 
         def poll():
-            if dispatcher.pending and self.clock.seconds() < deadline:
-                self.clock.callLater(0.02, poll)
-                return
-            if dispatcher.pending:
+            if dispatcher is not None and dispatcher.pending:
+                if self.clock.seconds() < deadline:
+                    self.clock.callLater(0.02, poll)
+                    return
                 log.warn("stopping: answering {n} unfinished requests {code}",
                          n=len(dispatcher.pending), code=errors.UPSTREAM)
                 dispatcher.give_up(errors.UPSTREAM)
-            # one more reactor turn or two, so the answers leave the socket buffers
-            self.clock.callLater(0.05, done.callback, None)
+            closing = client_connections(self.clock)
+            for transport in closing:
+                closer = getattr(transport.protocol, "loseConnection", None)  # TLS: close_notify
+                if closer is None:
+                    # FIN once the answers are written; a client still sending
+                    # sees a clean end of its answers before the socket closes
+                    closer = getattr(transport, "loseWriteConnection", transport.loseConnection)
+                closer()
+            wait_closed(closing, self.clock.seconds() + 1.0)
+
+        def wait_closed(closing, until):
+            if any(t.connected for t in closing) and self.clock.seconds() < until:
+                self.clock.callLater(0.02, wait_closed, closing, until)
+            else:
+                done.callback(None)
 
         poll()
         return done
@@ -229,6 +247,20 @@ class ProxyService(MultiService):
             self.clock._exitSignal = None
         Service.stopService(self)
         return DeferredList([maybeDeferred(s.stopService) for s in reversed(list(self)) if s.running])
+
+
+def client_connections(reactor):
+    """Connections that clients made to our listeners (not our own
+    connections to upstreams), from the reactor's IReactorFDSet."""
+    from twisted.internet import tcp, unix
+
+    if not hasattr(reactor, "getReaders"):
+        return []
+    found = {}
+    for selectable in list(reactor.getReaders()) + list(reactor.getWriters()):
+        if isinstance(selectable, (tcp.Server, unix.Server)) and selectable.connected:
+            found[id(selectable)] = selectable
+    return list(found.values())
 
 
 def _on_signal(signum, callback):
