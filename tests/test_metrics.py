@@ -394,3 +394,27 @@ def test_contrib_systemd_units_verify(tmp_path):
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "foxyproxy.socket"),
                            str(tmp_path / "foxyproxy.service")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--log-format", "xml"], "--log-format 'xml': use text or json"),
+    (["--drain-timeout", "-1"], "--drain-timeout '-1': must be between 0 and 3600"),
+    (["--drain-timeout", "soon"], "--drain-timeout 'soon': not a number"),
+    (["--metrics", "tcp:x"], "--metrics 'tcp:x': not a valid endpoint"),
+    (["--metrics", "tcp:0", "--metrics-token-file", "/nonexistent/token"],
+     "--metrics-token-file '/nonexistent/token': No such file or directory"),
+    (["--config", "/nonexistent/c.toml"], "--config '/nonexistent/c.toml': No such file or directory"),
+])
+def test_new_options_are_validated(argv, message):
+    with pytest.raises(usage.UsageError) as e:
+        parse(argv)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_sighup_reopens_registered_files():
+    top = ops.ProxyService(Clock())
+    calls = []
+    top.reopeners.append(lambda: calls.append("audit"))
+    top.reopeners.append(lambda: 1 / 0)  # a failing one is logged, not fatal
+    top.reopen_logs()
+    assert calls == ["audit"]

@@ -94,6 +94,25 @@ def test_counters_move_by_exactly_the_apdus_sent(proxy_factory):
         assert value(scrape(p.metrics_port), "foxyproxy_frontend_connections", frontend="line") == 1
 
 
+def test_rest_front_end_is_counted(proxy_factory, tmp_path):
+    token = tmp_path / "rest-token"
+    token.write_text("rest-s3cret\n")
+    p = proxy_factory("--rest", f"tcp:0:interface={HOST}", "--rest-token-file", str(token),
+                      "--metrics", f"tcp:0:interface={HOST}", listeners=3)
+    rest, metrics_port = p.ports["Site"][0], p.ports["StatusSite"][0]
+    url = f"/api/v1/basic?terminal=/Emulated%2000&apdu={SELECT_MF}"
+    assert http(rest, url, {"X-Auth-Token": "rest-s3cret"}) == (200, b"9000\n")
+    assert http(rest, url, {"X-Auth-Token": "rest-s3cret"}) == (200, b"9000\n")
+    assert http(rest, url, {"X-Auth-Token": "wrong"})[0] == 401
+    samples = scrape(metrics_port)
+    assert value(samples, "foxyproxy_frontend_requests_total", frontend="rest") == 3
+    assert value(samples, "foxyproxy_frontend_auth_failures_total", frontend="rest") == 1
+    assert value(samples, "foxyproxy_frontend_sent_bytes_total", frontend="rest") > 0
+    assert value(samples, "foxyproxy_frontend_connections", frontend="rest") == 0
+    assert value(samples, "foxyproxy_reader_commands_total", reader="Emulated 00", kind="APDU",
+                 result="OK") == 2
+
+
 def test_readyz_flips_when_a_slow_upstream_comes_up(proxy_factory):
     upstream_port = free_port()
     p = metrics_proxy(proxy_factory, "--backend", f"tcp://{HOST}:{upstream_port}?prefix=B%20")

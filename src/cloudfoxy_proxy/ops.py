@@ -165,6 +165,8 @@ class ProxyService(MultiService):
         self.readiness = None
         self.logfile = None
         self.observer = None
+        #: more things to reopen on SIGHUP (callables), e.g. an audit log
+        self.reopeners = []
 
     def setServiceParent(self, parent):
         # twistd's application asks its components for a log observer
@@ -175,18 +177,25 @@ class ProxyService(MultiService):
 
     def startService(self):
         super().startService()
-        if self.logfile is not None:
+        if self.logfile is not None or self.reopeners:
             _on_signal(signal.SIGHUP, self.reopen_logs)
+        if self.logfile is not None:
             _on_signal(signal.SIGUSR1, self.logfile.rotate)  # as twistd's own observer does
         if self.readiness is not None:
             self.readiness.on_ready(lambda: sd_notify("READY=1"))
             self.readiness.start()
 
     def reopen_logs(self):
-        """SIGHUP: open the log file again (after logrotate moved it)."""
+        """SIGHUP: open the log file again (after logrotate moved it), and
+        whatever else registered in ``reopeners``."""
         if self.logfile is not None:
             self.logfile.reopen()
             log.info("reopened log file {path}", path=self.logfile.path)
+        for reopen in self.reopeners:
+            try:
+                reopen()
+            except Exception:
+                log.failure("reopening on SIGHUP failed")
 
     def stopService(self):
         sd_notify("STOPPING=1")
