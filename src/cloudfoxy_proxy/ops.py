@@ -30,8 +30,9 @@ def sd_notify(state, environ=os.environ):
     The protocol is one datagram on a unix socket (sd_notify(3); a name
     starting with ``@`` is in the abstract namespace).  Written here in a
     few lines rather than depending on a package: the pure-Python
-    ``sdnotify`` has had no release since 2017 and ``systemd-python``
-    needs libsystemd's headers and a compiler to install.
+    ``sdnotify`` package is these same few lines (and no more maintained),
+    and ``systemd-python`` needs libsystemd's headers and a compiler to
+    install.
     """
     path = environ.get("NOTIFY_SOCKET")
     if not path:

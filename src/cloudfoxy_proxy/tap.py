@@ -40,13 +40,11 @@ def check_endpoint(option, value):
     description = endpoint_string(value)
     try:
         serverFromString(reactor, description)
-    except (IndexError, KeyError) as e:
-        if description.startswith("systemd:"):
+    except Exception as e:
+        if description.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
             raise usage.UsageError(
                 f"--{option} {value!r}: no such socket from systemd (LISTEN_FDS and LISTEN_FDNAMES; "
                 "was it started by systemd or systemd-socket-activate?)") from None
-        raise usage.UsageError(f"--{option} {value!r}: not a valid endpoint ({e})") from None
-    except Exception as e:
         raise usage.UsageError(f"--{option} {value!r}: not a valid endpoint ({e})") from None
     return description
 
