@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import timeit
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))

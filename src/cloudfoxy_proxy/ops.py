@@ -30,7 +30,7 @@ def sd_notify(state, environ=os.environ):
     The protocol is one datagram on a unix socket (sd_notify(3); a name
     starting with ``@`` is in the abstract namespace).  Written here in a
     few lines rather than depending on a package: the pure-Python
-    ``sdnotify`` package is these same few lines (and no more maintained),
+    ``sdnotify`` package is these same few lines,
     and ``systemd-python`` needs libsystemd's headers and a compiler to
     install.
     """
