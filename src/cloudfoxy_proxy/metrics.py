@@ -58,6 +58,10 @@ class ReaderStats:
     def commands(self):
         return sum(self.counts.values())
 
+    @property
+    def apdus(self):
+        return sum(n for (kind, _), n in self.counts.items() if kind == "APDU")
+
     def errors(self, code=None):
         return sum(n for (_, result), n in self.counts.items()
                    if result != "OK" and (code is None or result == code))

@@ -44,16 +44,16 @@ WINDOW = 10
 
 
 class Sampler:
-    """Once a second: the total command count (for the chart) and each
-    reader's counters (for rates and percentiles over the last WINDOW
-    seconds).  Memory is bounded: HISTORY points, WINDOW+1 snapshots of at
+    """Once a second: the total APDU count (for the chart) and each
+    reader's APDU count and latency buckets (for rates and percentiles
+    over the last WINDOW seconds).  Memory is bounded: HISTORY points, WINDOW+1 snapshots of at
     most metrics.MAX_READERS readers."""
 
     def __init__(self, metrics, clock, interval=1.0):
         self.metrics = metrics
         self.clock = clock
         self.interval = interval
-        self.rates = collections.deque(maxlen=HISTORY)  # commands/s, oldest first
+        self.rates = collections.deque(maxlen=HISTORY)  # APDUs/s, oldest first
         self.snapshots = collections.deque(maxlen=WINDOW + 1)  # (t, total, {name: (n, buckets)})
         self._loop = LoopingCall(self.sample)
         self._loop.clock = clock
@@ -69,7 +69,7 @@ class Sampler:
         readers = {}
         total = 0
         for stats in list(self.metrics.by_name.values()):
-            n = stats.commands
+            n = stats.apdus
             total += n
             readers[stats.name] = (n, list(stats.buckets))
         return self.clock.seconds(), total, readers
@@ -83,7 +83,7 @@ class Sampler:
         self.snapshots.append(now)
 
     def window(self, name):
-        """(commands/s, p50 s, p99 s) of reader ``name`` over the window."""
+        """(APDUs/s, p50 s, p99 s of its commands) of reader ``name`` over the window."""
         if len(self.snapshots) < 2:
             return 0.0, None, None
         t0, _, old = self.snapshots[0]
@@ -314,13 +314,13 @@ tr:last-child td { border-bottom:none; }
 <header><h1>cloudfoxy-proxy</h1><span id="ready" class="pill idle">…</span>
 <span class="meta" id="meta"></span></header>
 <main>
-<section class="wide"><h2>Commands per second, last 5 minutes</h2>
-<div><span class="now" id="rate-now">0</span> <span class="muted">commands/s now</span></div>
+<section class="wide"><h2>APDUs per second, last 5 minutes</h2>
+<div><span class="now" id="rate-now">0</span> <span class="muted">APDUs/s now</span></div>
 <svg id="chart" viewBox="0 0 1000 160" preserveAspectRatio="none" role="img"
-     aria-label="commands per second"></svg></section>
+     aria-label="APDUs per second"></svg></section>
 <section class="wide"><h2>Readers</h2><table id="readers"><thead><tr>
 <th>Reader</th><th>Backend</th><th>Card</th><th>State</th><th class="num">Queue</th>
-<th class="num">Rate /s</th><th class="num">p50 ms</th><th class="num">p99 ms</th>
+<th class="num">APDUs/s</th><th class="num">p50 ms</th><th class="num">p99 ms</th>
 <th class="num">Commands</th><th class="num">Errors</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Backends</h2><table id="backends"><thead><tr><th>Backend</th><th>Health</th>
 <th class="num">Readers</th><th class="num">C086</th><th class="num">Reconnects</th>
