@@ -408,6 +408,17 @@ def _load_clients(port, n, text):
     return threads, answers
 
 
+def _sigterm(p, threads):
+    """SIGTERM, wait for the client threads and for a clean exit (status 0);
+    the time the signal was sent."""
+    t0 = time.monotonic()
+    p.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert p.proc.wait(20) == 0
+    return t0
+
+
 def test_sigterm_under_load_answers_every_request_in_flight(proxy_factory):
     # 8 cards, 300 ms each: 40 requests of 2 APDUs queue behind each other
     p = proxy_factory("--backend", "emulated:?cards=8&latency_ms=300")
@@ -432,11 +443,7 @@ def test_sigterm_answers_c086_after_the_drain_timeout(proxy_factory):
     threads, answers = _load_clients(
         p.port, 4, lambda i: f">Emulated 0{i % 2}|\n>1:APDU:{SELECT_MF}\n>2:APDU:{SELECT_MF}|\n\n")
     time.sleep(0.3)
-    t0 = time.monotonic()
-    p.proc.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join(20)
-    assert p.proc.wait(20) == 0
+    t0 = _sigterm(p, threads)
     assert time.monotonic() - t0 < 2.5
     assert answers == [["C086", "C086"]] * 4, answers
 
@@ -477,11 +484,7 @@ def test_sigterm_under_continuous_load_cuts_no_answer(proxy_factory):
     for t in threads:
         t.start()
     time.sleep(1.0)
-    stopped_at = time.monotonic()
-    p.proc.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join(30)
-    assert p.proc.wait(20) == 0
+    stopped_at = _sigterm(p, threads)
     assert len(results) == 12
     for sends, answered, outcome in results:
         assert outcome in ("closed", "reset"), results
