@@ -23,7 +23,11 @@ quoted, at the start of a line); a key written as part of a dotted name
 
 import getopt
 import re
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11: the same parser, from PyPI
+    import tomli as tomllib
 
 from twisted.python import usage
 
