@@ -388,8 +388,14 @@ class Bench:
                                         outdir=os.path.join(BENCH, "results"), log=log, backend=backend)
         self.res["profile"] = out
 
+    def metrics(self):
+        from bench import metrics_overhead as mo
 
-ORDER = ["harness", "k1", "k4", "rest", "cards120", "onecard", "startup", "memory", "sweep", "profile"]
+        self.res["metrics"] = mo.measure(rounds=3, duration=self.lk()["duration"], log=log)
+
+
+ORDER = ["harness", "k1", "k4", "rest", "cards120", "onecard", "startup", "memory", "sweep", "metrics",
+         "profile"]
 
 
 # -- the report ------------------------------------------------------------------------
@@ -621,6 +627,10 @@ def report(b, elapsed, cmdline):
           "100% the proxy is the limit; where the machine is near 200% the two cores are shared out "
           "between proxy, load generator and kernel, and the proxy alone on a core would do more.")
         w("")
+    if "metrics" in R:
+        from bench import metrics_overhead as mo
+
+        lines.extend(mo.report(R["metrics"]))
     if "profile" in R:
         if "skipped" in R["profile"]:
             w(f"## Where the proxy's CPU goes\n\nNot measured: {R['profile']['skipped']}.\n")

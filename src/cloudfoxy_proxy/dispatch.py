@@ -7,6 +7,7 @@ a Deferred for them otherwise.
 """
 
 import hmac
+from time import perf_counter
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 
@@ -172,6 +173,10 @@ class Dispatcher:
         self.deadlines = Deadlines(clock, command_timeout)
         self.client_log = RateLimitedLog(clock, self.log, what="client log lines")
         self._rejected = {}  # reader name -> [next warn time, results not warned about]
+        #: a metrics.Metrics counting every command result, or None
+        self.metrics = None
+        #: requests answered later, in start order (``give_up`` on shutdown)
+        self.pending = {}
 
     def execute(self, request, session):
         """Response lines (``(id, result)`` pairs) or a Deferred for them;
@@ -180,6 +185,7 @@ class Dispatcher:
         if run.step():
             return run.lines
         run.deferred = Deferred(run.cancel)
+        self.pending[run] = None
         return run.deferred
 
     def hold(self, reader, session, idle_timeout=None, max_duration=None, password=None):
@@ -205,6 +211,11 @@ class Dispatcher:
         if got:
             card.granted()
         return d
+    def give_up(self, code):
+        """Answer every request still waiting with ``code`` for each of its
+        unanswered commands, now (the end of a drain on shutdown)."""
+        for run in list(self.pending):
+            run.give_up(code)
 
     def submit(self, reader, commands, password=None, session=None):
         """For front ends other than the line protocol (REST, vpcd bridge):
@@ -292,7 +303,8 @@ class _Run:
     becomes asynchronous when a card is busy or a backend answers later."""
 
     __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding", "queue", "card",
-                 "abandoned", "deferred", "_stepping", "_pending", "_call", "_batch_end")
+                 "abandoned", "deferred", "_stepping", "_pending", "_call", "_batch_end",
+                 "started")
 
     log = Logger()
 
@@ -312,6 +324,7 @@ class _Run:
         self._pending = False
         self._call = None
         self._batch_end = None
+        self.started = perf_counter()  # start of the current command (metrics)
 
     def step(self):
         """Run commands until done (True) or waiting (False)."""
@@ -508,6 +521,8 @@ class _Run:
     def _result(self, value):
         self.lines.append((self.request.commands[self.i].id, value))
         self.i += 1
+        if self.d.metrics is not None:
+            self.started = self.d.metrics.record(self, value)
 
     def _answered(self, result):
         self.d.deadlines.forget(self._call)
@@ -552,6 +567,7 @@ class _Run:
             self.log.failure("request failed")
             self.lines.extend((c.id, errors.INTERNAL) for c in self.request.commands[self.i:])
         if done and self.deferred is not None and not self.abandoned:
+            self.d.pending.pop(self, None)
             self.deferred.callback(self.lines)
 
     def _release(self):
@@ -575,5 +591,13 @@ class _Run:
             self.queue.leave(self)  # queued by step(), not granted yet
             return
         self.abandoned = True
+        self.d.pending.pop(self, None)
         if not self._stepping and self._call is None:
             self._release()
+
+    def give_up(self, code):
+        """Answer now: ``code`` for every command not answered yet; a
+        command in flight finishes on the card as after ``cancel``."""
+        lines = self.lines + [(c.id, code) for c in self.request.commands[self.i:]]
+        self.cancel(None)
+        self.deferred.callback(lines)

@@ -268,6 +268,9 @@ class ReaderRegistry:
             self.log.info("{count} readers {what}: {names} and {more} more", count=len(names),
                           what=what, names=", ".join(names[:self.LOG_NAMES]),
                           more=len(names) - self.LOG_NAMES)
+    def reported(self, backend):
+        """True once ``backend`` has called :meth:`update` (readiness)."""
+        return id(backend) in self._current
 
     def set_extra_aliases(self, reader, aliases):
         """More names for ``reader`` besides its backend's (the certificate

@@ -68,6 +68,7 @@ class _Channel(HTTPChannel):
     _charged = 0  # bytes of an unfinished request head charged to site.buffers
 
     def dataReceived(self, data):
+        self.site.bytes_in += len(data)
         super().dataReceived(data)
         # A request head still arriving counts against the process's
         # buffered-bytes budget (limits.BufferBudget), like a partial line.
@@ -84,6 +85,7 @@ class _Channel(HTTPChannel):
                 self._refuse(431, "request header fields too large: try again later", ())
 
     def connectionLost(self, reason):
+        self.site.connections -= 1
         if self._charged:
             self._charged, _ = self.site.buffers.charge(0, self._charged)
         super().connectionLost(reason)
@@ -126,6 +128,11 @@ class _Channel(HTTPChannel):
         if not self._refused:
             super().rawDataReceived(data)
 
+    # counted for metrics (the front end "rest"): see RestSite
+    def connectionMade(self):
+        self.site.connections += 1
+        super().connectionMade()
+
 
 class RestSite(Site):
     """A Site whose access log goes to our logger at debug level (the
@@ -134,6 +141,8 @@ class RestSite(Site):
     protocol = _Channel
     noisy = False
     _logger = Logger()
+    # read by metrics.Metrics as the front end "rest"
+    connections = requests = auth_failures = bytes_in = bytes_out = 0
 
     def __init__(self, resource, buffers=None, **kw):
         """``buffers``: the limits.BufferBudget shared with the other front
@@ -145,6 +154,10 @@ class RestSite(Site):
         return "Site"
 
     def log(self, request):
+        self.requests += 1
+        self.bytes_out += request.sentLength
+        if request.code == 401:
+            self.auth_failures += 1
         self._logger.debug("REST {method} {path} -> {code}", method=request.method.decode("ascii", "replace"),
                         path=request.path.decode("ascii", "replace"), code=request.code)
 

@@ -67,6 +67,7 @@ class LineProtocol(Protocol):
         # and are rate-limited with the factory's other client-caused lines.
         self.parser.log = self.factory.client_log.bind(peer=self.session.peer)
         self.transport.registerProducer(self, True)
+        self.factory.connections += 1
 
     @property
     def busy(self):
@@ -76,6 +77,7 @@ class LineProtocol(Protocol):
 
     def connectionLost(self, reason):
         self._closed = True
+        self.factory.connections -= 1
         d, self._inflight = self._inflight, None
         if d is not None:
             d.cancel()
@@ -114,6 +116,7 @@ class LineProtocol(Protocol):
             self.transport.loseConnection()
 
     def dataReceived(self, data):
+        self.factory.bytes_in += len(data)
         if b"\xff" in data or self._telnet is not None:  # 0xFF: telnet's IAC (never UTF-8)
             if self._telnet is None:
                 self._telnet = TelnetStripper()
@@ -199,6 +202,7 @@ class LineProtocol(Protocol):
             self._run(request)
 
     def _run(self, request):
+        self.factory.requests += 1
         try:
             result = self.factory.dispatcher.execute(request, self.session)
         except Exception:
@@ -226,7 +230,9 @@ class LineProtocol(Protocol):
         return self._answered([(c.id, errors.INTERNAL) for c in request.commands])
 
     def _respond(self, lines):
-        self.transport.write(format_response(lines))
+        data = format_response(lines)
+        self.factory.bytes_out += len(data)
+        self.transport.write(data)
 
 
 class LineFactory(Factory):
@@ -242,6 +248,9 @@ class LineFactory(Factory):
         self.max_commands = max_commands
         self.buffers = buffers if buffers is not None else BufferBudget()
         self.client_log = RateLimitedLog(dispatcher.clock, self.log, what="client log lines")
+        self.connections = 0
+        # counters read by metrics.Metrics (the front end "line")
+        self.requests = self.auth_failures = self.bytes_in = self.bytes_out = 0
 
     def buildProtocol(self, addr):
         return LineProtocol(self)

@@ -4,11 +4,10 @@ import re
 import sys
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from . import backends, limits, logs
+from . import backends, config_file, limits, logs, ops
 from .backend import BackendService
 from .dispatch import Dispatcher
 from .registry import ReaderRegistry
@@ -43,6 +42,10 @@ def check_endpoint(option, value):
     try:
         serverFromString(reactor, description)
     except Exception as e:
+        if description.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
+            raise usage.UsageError(
+                f"--{option} {value!r}: no such socket from systemd (LISTEN_FDS and LISTEN_FDNAMES; "
+                "was it started by systemd or systemd-socket-activate?)") from None
         raise usage.UsageError(f"--{option} {value!r}: not a valid endpoint ({e})") from None
     return description
 
@@ -105,10 +108,21 @@ class Options(usage.Options):
         ["password-file", None, None,
          "File with the reader-line password for tcp:// and tls:// backends; env FOXYPROXY_PASSWORD."],
         ["ca-certs", None, None, "File or directory of issuer certificates used to complete CHAIN."],
+        ["metrics", None, None,
+         "Serve Prometheus /metrics, /healthz, /readyz and the status page / on this endpoint."],
+        ["metrics-token-file", None, None,
+         "File with a token required on --metrics (Authorization: Bearer, or Basic password); "
+         "/healthz and /readyz stay open; env FOXYPROXY_METRICS_TOKEN."],
+        ["config", None, None,
+         "TOML file with options under their command-line names; the command line overrides it."],
+        ["log-format", None, "text", "text (human-readable) or json (one JSON object per line)."],
+        ["drain-timeout", None, "5",
+         "On SIGTERM, seconds in-flight requests may finish before they are answered C086."],
     ]
 
     def __init__(self):
         super().__init__()
+        ops.name_inherited_sockets()  # before Twisted's systemd: endpoint reads them
         self["listen"] = []
         self["backend"] = []
         self["vpcd"] = []
@@ -140,6 +154,9 @@ class Options(usage.Options):
         self["vpcd"].append((host.strip("[]"), int(port), reader, exclusive))
 
     def parseOptions(self, options=None):
+        if options is None:
+            options = sys.argv[1:]
+        self.given = config_file.given_options(self, options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -151,6 +168,15 @@ class Options(usage.Options):
             raise SystemExit(1)
 
     def postOptions(self):
+        from_file = {}
+        if self["config"]:
+            from_file = config_file.apply(self, self["config"], getattr(self, "given", set()))
+        try:
+            self._validate()
+        except usage.UsageError as e:
+            raise config_file.locate(e, from_file) from None
+
+    def _validate(self):
         self["endpoints"] = [check_endpoint("port", self["port"])] + [
             check_endpoint("listen", v) for v in self["listen"]]
         self["command-timeout"] = self._number("command-timeout", float, 0.001, 3600)
@@ -161,6 +187,14 @@ class Options(usage.Options):
         self["idle-timeout"] = self._number("idle-timeout", float, 0, 86400 * 365)
         self["max-buffered-bytes"] = self._number("max-buffered-bytes", int, 65536, 1 << 40)
         self["max-queue"] = self._number("max-queue", int, 1, 1000000)
+        self["drain-timeout"] = self._number("drain-timeout", float, 0, 3600)
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format {self['log-format']!r}: use text or json")
+        self["metrics-token"] = None
+        if self["metrics"] is not None:
+            self["metrics"] = check_endpoint("metrics", self["metrics"])
+            self["metrics-token"] = read_secret(
+                "metrics-token-file", self["metrics-token-file"], "FOXYPROXY_METRICS_TOKEN")
         level = self["log-level"].strip().lower()
         if level not in logs.LEVELS:
             raise usage.UsageError(
@@ -253,7 +287,9 @@ def makeService(config, reactor=None):
         reactor, max_connections=config["max-connections"],
         per_peer=config["max-connections-per-peer"], idle_timeout=config["idle-timeout"],
         buffered_bytes=config["max-buffered-bytes"])
-    top = MultiService()
+    top = ops.ProxyService(reactor, config.get("drain-timeout", 5.0))
+    top.observer, top.logfile = ops.log_observer(config.get("log-format", "text"),
+                                                 getattr(config, "parent", None))
     logs.SummaryService().setServiceParent(top)
     registry = ReaderRegistry(max_queue=config["max-queue"])
     top.registry = registry
@@ -281,13 +317,20 @@ def makeService(config, reactor=None):
     )
     top.dispatcher = dispatcher
     top.limits = top_limits
+    top.readiness = ops.Readiness(top, registry, top.backends, reactor)
     guarded = top_limits.wrap(factory)
     for description in config["endpoints"]:
         Listener(serverFromString(reactor, description), guarded, description).setServiceParent(top)
+    rest = None
     if config["rest"]:
         from .restapi import make_rest_service
 
-        make_rest_service(config, dispatcher, registry, reactor, top_limits).setServiceParent(top)
+        rest = make_rest_service(config, dispatcher, registry, reactor, top_limits)
+        rest.setServiceParent(top)
+    if config.get("metrics"):
+        from .status import make_metrics_service
+
+        make_metrics_service(config, top, factory, rest, reactor).setServiceParent(top)
     for host, port, reader, exclusive in config["vpcd"]:
         from .vpcd import make_vpcd_service
 

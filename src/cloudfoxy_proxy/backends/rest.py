@@ -700,6 +700,11 @@ class RestBackend:
     def _bounded(self, d):
         return d.addTimeout(self.timeout, self.clock)
 
+    @property
+    def up(self):
+        """True once the server's inventory has been read (readiness)."""
+        return self._loaded
+
     def _poll(self):
         self._call = None
         if self._registry is None or self._polling is not None:

@@ -564,6 +564,9 @@ class TcpBackend:
     _updates = attr.ib(init=False, default=None, repr=False)
     _malformed_next = attr.ib(init=False, default=0.0, repr=False)
     _malformed_quiet = attr.ib(init=False, default=0, repr=False)
+    #: times a usable connection came back after every one was lost (metrics)
+    reconnects = attr.ib(init=False, default=0, repr=False)
+    _connected_before = attr.ib(init=False, default=False, repr=False)
 
     log = Logger()
 
@@ -885,6 +888,9 @@ class TcpBackend:
             return
         if not self._live and (self._down or self.listing is None):
             self.log.info("connected to upstream {upstream}", upstream=self.where)
+        if not self._live and self._connected_before and self.persistent is not False:
+            self.reconnects += 1
+        self._connected_before = True
         self._live.append(conn)
         self._down = False
         self._flush()

@@ -1,0 +1,269 @@
+"""Counting what the proxy does, cheaply, and exporting it to Prometheus.
+
+The hot path only touches plain Python integers: the dispatcher calls
+:meth:`Metrics.record` once per command result (``dispatch._Run._result``),
+which bumps a per-reader ``{(kind, result): count}`` dict entry and one slot
+of a small latency-bucket list.  Nothing is locked and no
+``prometheus_client`` object is touched per APDU; :class:`Collector` turns
+the integers into metric families when ``/metrics`` is scraped (on the
+reactor thread, so it never races the counting).
+
+Cardinality is bounded: at most ``max_readers`` readers get their own
+label values (later ones are counted under ``reader="(other)"``), and no
+label value ever comes from a client: readers are canonical names from
+the registry, kinds are the protocol's command names, results are the
+C08x codes of errors.py or ``OK``.
+
+Metric names and meanings are listed in docs/deployment.md.
+"""
+
+import bisect
+import time
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .errors import MEANING
+from .parser import CARD_COMMANDS
+from .registry import Reader
+
+#: Upper bounds (seconds) of the command latency buckets: 100 µs to 30 s.
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+           0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Readers with a label of their own; the rest share ``(other)``.
+MAX_READERS = 500
+OTHER = "(other)"
+#: Label of commands that reached no reader (unknown reader, READERS, LIST...).
+NO_READER = "(none)"
+
+perf_counter = time.perf_counter
+
+
+class ReaderStats:
+    """Counters of one reader (or of the ``(other)`` / ``(none)`` groups).
+
+    ``counts``: ``{(kind, result): n}``, result ``OK`` for an answer;
+    ``buckets``: observations per latency bucket (the last is +Inf), not
+    cumulative; ``seconds``: the sum of the latencies.
+    """
+
+    __slots__ = ("name", "counts", "buckets", "seconds")
+
+    def __init__(self, name):
+        self.name = name
+        self.counts = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.seconds = 0.0
+
+    @property
+    def commands(self):
+        return sum(self.counts.values())
+
+    @property
+    def apdus(self):
+        return sum(n for (kind, _), n in self.counts.items() if kind == "APDU")
+
+    def errors(self, code=None):
+        return sum(n for (_, result), n in self.counts.items()
+                   if result != "OK" and (code is None or result == code))
+
+
+class FrontendStats:
+    """Counters of one front end (``line``, ``rest``...).  Any object with
+    these five attributes can stand for a front end: the line protocol's
+    LineFactory keeps them itself."""
+
+    __slots__ = ("connections", "requests", "auth_failures", "bytes_in", "bytes_out")
+
+    def __init__(self):
+        self.connections = 0  # open now
+        self.requests = 0
+        #: no front end authenticates with identities of its own yet: 0 for now
+        self.auth_failures = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+class Metrics:
+    """All counters of one proxy process.
+
+    ``registry`` gives the readers and backends at scrape time;
+    ``backends`` is the list of IBackend objects in command-line order.
+    """
+
+    def __init__(self, registry, backends=(), max_readers=MAX_READERS, clock=time.time):
+        self.registry = registry
+        self.backends = list(backends)
+        #: label values, fixed at start (a description may change, a series must not)
+        self.backend_names = {id(b): b.description for b in self.backends}
+        self.max_readers = max_readers
+        self.readers = {}  # Reader -> ReaderStats (the hot-path lookup)
+        self.by_name = {}  # label value -> ReaderStats
+        self.none = ReaderStats(NO_READER)
+        self.frontends = {}
+        self.started = clock()
+
+    def record(self, run, value):
+        """Count the result ``value`` of the command ``run`` just finished
+        (``dispatch._Run``, its ``i`` already past the command) and its
+        latency since ``run.started``; returns the time now, the start of
+        the run's next command.  The only metrics code on the hot path."""
+        now = perf_counter()
+        kind = run.request.commands[run.i - 1].name
+        if kind in CARD_COMMANDS:
+            stats = self.readers.get(run.reader)
+            if stats is None:
+                stats = self._stats_for(run.reader)
+        else:
+            stats = self.none
+        key = (kind, value if value in MEANING else "OK")
+        counts = stats.counts
+        counts[key] = counts.get(key, 0) + 1
+        elapsed = now - run.started
+        stats.buckets[bisect.bisect_left(BUCKETS, elapsed)] += 1
+        stats.seconds += elapsed
+        return now
+
+    def _stats_for(self, reader):
+        if not isinstance(reader, Reader):
+            return self.none
+        stats = self.by_name.get(reader.name)
+        if stats is None:
+            name = reader.name if len(self.by_name) < self.max_readers else OTHER
+            stats = self.by_name.get(name) or ReaderStats(name)
+            self.by_name[name] = stats
+        self.readers[reader] = stats
+        return stats
+
+    def frontend(self, name, counters=None):
+        """Register ``counters`` (an object with FrontendStats' attributes,
+        a new FrontendStats when None) as the front end ``name``; returns it."""
+        if counters is None:
+            counters = FrontendStats()
+        self.frontends[name] = counters
+        return counters
+
+    def stats_of(self, reader):
+        """The ReaderStats a reader is counted in (made on first use)."""
+        return self.readers.get(reader) or self._stats_for(reader)
+
+    def backend_readers(self, backend):
+        return [r for r in self.registry.readers if r.backend is backend]
+
+    def backend_upstream_errors(self, backend):
+        """C086 results of the backend's readers (every reader it ever had)."""
+        seen = set()
+        total = 0
+        for reader, stats in list(self.readers.items()):
+            if reader.backend is backend and id(stats) not in seen:
+                seen.add(id(stats))
+                total += stats.errors("C086")
+        return total
+
+
+def _cumulative(buckets):
+    out, total = [], 0
+    for bound, n in zip(BUCKETS + (float("inf"),), buckets):
+        total += n
+        out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+    return out
+
+
+class Collector:
+    """A prometheus_client collector over :class:`Metrics` (and the
+    readiness of ``ready``, a callable returning a list of reasons, empty
+    when ready)."""
+
+    def __init__(self, metrics, ready=None):
+        self.metrics = metrics
+        self.ready = ready
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        m = self.metrics
+        commands = CounterMetricFamily(
+            "foxyproxy_reader_commands", "Card commands finished, by reader, kind and result "
+            "(OK or a C08x result code).", labels=["reader", "kind", "result"])
+        latency = HistogramMetricFamily(
+            "foxyproxy_reader_command_seconds", "Time from the start of a command (queue wait "
+            "included) to its result.", labels=["reader"])
+        queue = GaugeMetricFamily("foxyproxy_reader_queue_length",
+                                  "Requests waiting for the card.", labels=["reader"])
+        busy = GaugeMetricFamily("foxyproxy_reader_busy",
+                                 "1 while a request holds the card.", labels=["reader"])
+        present = GaugeMetricFamily("foxyproxy_reader_present",
+                                    "1 when the reader is listed and has a card.", labels=["reader"])
+        groups = list(m.by_name.values()) + [m.none]
+        for stats in groups:
+            for (kind, result), n in sorted(stats.counts.items()):
+                commands.add_metric([stats.name, kind, result], n)
+            if stats.counts:
+                latency.add_metric([stats.name], _cumulative(stats.buckets), stats.seconds)
+        listed = 0
+        for reader in m.registry.readers:
+            if listed >= m.max_readers:
+                break
+            listed += 1
+            queue.add_metric([reader.name], len(reader.queue))
+            busy.add_metric([reader.name], 1 if reader.queue.busy else 0)
+            present.add_metric([reader.name], 1 if reader.present else 0)
+        yield from (commands, latency, queue, busy, present)
+
+        readers = GaugeMetricFamily("foxyproxy_backend_readers", "Readers the backend lists now.",
+                                    labels=["backend"])
+        errors = CounterMetricFamily("foxyproxy_backend_upstream_errors",
+                                     "Commands on the backend's readers answered C086.",
+                                     labels=["backend"])
+        reconnects = CounterMetricFamily("foxyproxy_backend_reconnects",
+                                         "Connections to the upstream made again after the first.",
+                                         labels=["backend"])
+        for backend in m.backends:
+            name = m.backend_names[id(backend)]
+            readers.add_metric([name], len(m.backend_readers(backend)))
+            errors.add_metric([name], m.backend_upstream_errors(backend))
+            reconnects.add_metric([name], getattr(backend, "reconnects", 0))
+        yield from (readers, errors, reconnects)
+
+        conns = GaugeMetricFamily("foxyproxy_frontend_connections", "Client connections open.",
+                                  labels=["frontend"])
+        requests = CounterMetricFamily("foxyproxy_frontend_requests", "Requests received.",
+                                       labels=["frontend"])
+        auth = CounterMetricFamily("foxyproxy_frontend_auth_failures",
+                                   "Requests refused for bad credentials.", labels=["frontend"])
+        received = CounterMetricFamily("foxyproxy_frontend_received_bytes",
+                                       "Bytes received from clients.", labels=["frontend"])
+        sent = CounterMetricFamily("foxyproxy_frontend_sent_bytes", "Bytes sent to clients.",
+                                   labels=["frontend"])
+        for name, f in m.frontends.items():
+            conns.add_metric([name], f.connections)
+            requests.add_metric([name], f.requests)
+            auth.add_metric([name], f.auth_failures)
+            received.add_metric([name], f.bytes_in)
+            sent.add_metric([name], f.bytes_out)
+        yield from (conns, requests, auth, received, sent)
+
+        if self.ready is not None:
+            yield GaugeMetricFamily("foxyproxy_ready", "1 when /readyz answers 200.",
+                                    value=0 if self.ready() else 1)
+        yield GaugeMetricFamily("foxyproxy_start_time_seconds",
+                                "Start of the proxy, seconds since the Unix epoch.", value=m.started)
+
+
+def quantile(buckets, q):
+    """The ``q`` quantile (0..1) estimated from non-cumulative bucket
+    counts by linear interpolation inside the bucket (as Prometheus's
+    histogram_quantile does); None without observations."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    lower = 0.0
+    for i, n in enumerate(buckets):
+        upper = BUCKETS[i] if i < len(BUCKETS) else BUCKETS[-1]
+        if n and seen + n >= rank:
+            return lower + (upper - lower) * (rank - seen) / n
+        seen += n
+        lower = upper
+    return BUCKETS[-1]

@@ -1,0 +1,80 @@
+"""The status page at / of --metrics, loaded in headless Chromium against a
+real proxy under a little load.
+
+``STATUS_SCREENSHOT=docs/status-page.png`` keeps the screenshot (that is
+how the README's picture is made)."""
+
+import html
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pcsc_rig
+from support import HOST
+
+READERS = [f"Emulated 0{i}" for i in range(6)]
+
+
+def chromium(*args, timeout=90):
+    exe = shutil.which("chromium")
+    if exe is None:
+        pcsc_rig.ensure_packages(["chromium"])  # tests/debian-packages.txt
+        exe = shutil.which("chromium")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--window-size=1280,860", "--virtual-time-budget=3000", *args]
+    return subprocess.run(cmd, capture_output=True, timeout=timeout)
+
+
+def load(port, stop, counts):
+    """One client, one APDU at a time on each reader in turn, ~300/s, until ``stop``."""
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        i = 0
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            s.sendall(f">{READERS[i % 6]}|\n>1:APDU:00A4000C023F00|\n\n".encode())
+            got = b""
+            while b"@@\n" not in got:
+                got += s.recv(4096)
+            assert got == b">1:9000\n@@\n", got
+            counts[0] += 1
+            i += 1
+            time.sleep(0.003)
+
+
+def test_status_page_in_chromium(proxy_factory, tmp_path):
+    p = proxy_factory("--backend", "emulated:?cards=6", "--metrics", f"tcp:0:interface={HOST}",
+                      listeners=2)
+    url = f"http://{HOST}:{p.ports['StatusSite'][0]}/"
+    stop = threading.Event()
+    counts = [0]
+    worker = threading.Thread(target=load, args=(p.port, stop, counts), daemon=True)
+    worker.start()
+    try:
+        time.sleep(3)  # a few one-second samples with load in them
+        done = chromium("--dump-dom", url)
+        dom = done.stdout.decode("utf-8")
+        shot = os.environ.get("STATUS_SCREENSHOT") or str(tmp_path / "status.png")
+        taken = chromium(f"--screenshot={os.path.abspath(shot)}", url)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert counts[0] > 100
+    body = re.search(r'<table id="readers">.*?<tbody>(.*?)</tbody>', dom, re.S)
+    assert body, dom[:2000]
+    rows = re.findall(r"<tr>(.*?)</tr>", body.group(1), re.S)
+    cells = [[html.unescape(c) for c in re.findall(r"<td[^>]*>(?:<span[^>]*>)?(.*?)(?:</span>)?</td>", r)]
+             for r in rows]
+    assert [c[0] for c in cells] == READERS
+    for c in cells:
+        assert c[2] == "present"
+        assert float(c[5].replace(",", "")) > 0, c  # rate /s under load
+        assert float(c[6]) > 0 and float(c[7]) >= float(c[6]), c  # p50, p99 in ms
+    assert 'id="ready" class="pill ok">ready<' in dom
+    assert re.search(r"<polyline points=\"[^\"]+\"", dom), "the chart has a line"
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    with open(shot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
