@@ -33,7 +33,7 @@ from twisted.internet.defer import (
 from . import errors
 from .errors import CardError
 from .logs import Logger
-from .profiles import HASH_NAMES, HASHES, PROFILES, WrongPin
+from .profiles import HASH_NAMES, HASHES, PROFILES, PinBlocked, WrongPin
 from .registry import QueueFull, b64name
 
 
@@ -493,9 +493,13 @@ class CertIndex:
         profile = state.profile
         try:
             yield profile.verify_pin(transmit, pin, cert)
-        except WrongPin:
+        except WrongPin as e:
             state.wrong_pin = tag
-            self.log.info("SIGN on {reader}: wrong PIN", reader=state.reader.name)
+            if isinstance(e, PinBlocked):
+                self.log.warn("SIGN on {reader}: the card's PIN is blocked ({reason})",
+                              reader=state.reader.name, reason=e.reason)
+            else:
+                self.log.info("SIGN on {reader}: wrong PIN ({reason})", reader=state.reader.name, reason=e.reason)
             raise
         except CardError as e:
             self._sign_failed(state, e)

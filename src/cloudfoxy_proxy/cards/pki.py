@@ -264,9 +264,9 @@ class SigningCard(Card):
     0x10): the parts of a chained command are collected and the command
     runs once, on its last part, as if it had been sent whole."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, *args, **kw):
         self._chain = None  # (ins, p1, p2, data so far)
+        super().__init__(*args, **kw)
 
     def reset(self):
         self._chain = None
