@@ -223,6 +223,18 @@ class ProfileTests(SynchronousTestCase):
         self.assertEqual(card.pin_tries, 3)  # not sent to the card
 
 
+    def test_a_card_left_mid_chain_is_recovered(self):
+        card = PostSignumCard(serial=2, label="T")
+        self.assertEqual(card_tx(card, "102A808603000102"), "9000")  # another client's unfinished chain
+        transmit = Recorder(card)
+        profile = PostSignumProfile()
+        [cert] = self.successResultOf(profile.certificates(transmit))
+        self.assertEqual(transmit.sent[:2], ["00A4040010A0000000770103000610000000000002"] * 2)
+        card_tx(card, "102A808603000102")
+        self.successResultOf(profile.verify_pin(transmit, "123456", cert))
+        verify(cert.der, SHA256, self.successResultOf(profile.sign(transmit, cert, SHA256)))
+
+
 class CommandTests(SynchronousTestCase):
     def setUp(self):
         clock = Clock()

@@ -378,9 +378,10 @@ class CertIndex:
                     names.append(name)
         self.registry.set_extra_aliases(state.reader, names)
         if profile is not None:
+            usable = [c.alias for c in certs if c.usable]
             self.log.info("{reader}: {profile} card with {n} signing certificate(s): {aliases}",
-                          reader=state.reader.name, profile=profile.name, n=len(certs),
-                          aliases=", ".join(c.alias for c in certs))
+                          reader=state.reader.name, profile=profile.name, n=len(usable),
+                          aliases=", ".join(usable))
 
     # Lookups (no APDUs) ------------------------------------------------------------
     def _present_states(self):

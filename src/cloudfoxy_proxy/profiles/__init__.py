@@ -137,11 +137,19 @@ def status(response):
 
 
 @inlineCallbacks
-def exchange(transmit, command):
+def exchange(transmit, command, chain_end=False):
     """Send ``command``; follow ``61xx`` with GET RESPONSE and ``6Cxx`` with
-    the right Le.  (data, status word)."""
+    the right Le.  (data, status word).
+
+    A card that another client left in the middle of a chained command
+    answers ``6883`` (last command of the chain expected) and forgets the
+    chain: the command is then sent once more, unless it is itself the end
+    of a chain (``chain_end``)."""
     response = yield transmit(command)
     sw = status(response)
+    if sw == 0x6883 and not chain_end:
+        response = yield transmit(command)
+        sw = status(response)
     if sw >> 8 == 0x6C:
         try:
             has_le = parse_command(command).ne is not None
@@ -171,7 +179,7 @@ def send_chained(transmit, cla, ins, p1, p2, data, le=0):
         sw = status(response)
         if sw != 0x9000:
             return (b"", sw)
-    result = yield exchange(transmit, apdu(cla, ins, p1, p2, parts[-1], le))
+    result = yield exchange(transmit, apdu(cla, ins, p1, p2, parts[-1], le), chain_end=len(parts) > 1)
     return result
 
 
