@@ -9,6 +9,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy import errors
+from cloudfoxy_proxy.cards.apdu import parse_tlvs
 from cloudfoxy_proxy.cards.ica import IcaCard
 from cloudfoxy_proxy.cards.pki import get_pki
 from cloudfoxy_proxy.cards.postsignum import PostSignumCard
@@ -116,7 +117,9 @@ class PostSignumCardTests(SynchronousTestCase):
         card = self.card
         self.assertEqual(card_tx(card, "00A4040010A0000000770103000610000000000002")[-4:], "9000")
         self.assertEqual(card_tx(card, "00A408000410001003")[-4:], "9000")
-        self.assertEqual(card_tx(card, "00B0000010"), b"0000002400000003".hex().upper() + "9000")
+        number = card_tx(card, "00B0000010")
+        self.assertRegex(bytes.fromhex(number[:-4]).decode(), r"^\d{16}$")
+        self.assertEqual(number[-4:], "9000")
         self.assertEqual(card_tx(card, "00A408000614009001200200")[-4:], "9000")
         header = card_tx(card, "00B0000004")
         self.assertEqual(header, card.pair.der[:4].hex().upper() + "9000")
@@ -288,3 +291,49 @@ class CommandTests(SynchronousTestCase):
                       text)
         for secret in ("1111", "2222", "3333", "123456"):
             self.assertNotIn(secret, text)
+
+
+class IdentityTests(SynchronousTestCase):
+    """Every emulated signing card tells itself apart (what middleware uses
+    as a token serial), and the PIV card answers a challenge request."""
+
+    def identities(self, label, serial):
+        from cloudfoxy_proxy.cards.openpgp import OpenPgpCard
+        from cloudfoxy_proxy.cards.piv import PivCard
+
+        piv = PivCard(serial=serial, label=label)
+        card_tx(piv, "00A4040005A000000308")
+        chuid, _ = card_collect(piv, "00CB3FFF055C035FC102")
+        pgp = OpenPgpCard(serial=serial, label=label)
+        card_tx(pgp, "00A4040006D27600012401")
+        aid, _ = card_collect(pgp, "00CA004F00")
+        ica = IcaCard(serial=serial, label=label)
+        card_tx(ica, "00A4000C022F02")
+        ica_number = card_tx(ica, "00B0000000")
+        ps = PostSignumCard(serial=serial, label=label)
+        card_tx(ps, "00A408000410001003")
+        ps_number = card_tx(ps, "00B0000010")
+        guid = dict(parse_tlvs(dict(parse_tlvs(chuid))[0x53]))[0x34]
+        yubico = card_tx(piv, "00F8000000")
+        return [("piv guid", guid[-8:]), ("piv serial", yubico), ("openpgp", aid[10:14]),
+                ("ica", ica_number), ("postsignum", ps_number)]
+
+    def test_unique_per_card(self):
+        seen = {}
+        for label in ("A", "B"):
+            for serial in (0, 1, 2):
+                for kind, value in self.identities(label, serial):
+                    key = (kind, value)
+                    self.assertNotIn(key, seen, f"{label} {serial} {kind} same as {seen.get(key)}")
+                    seen[key] = (label, serial)
+        self.assertEqual(self.identities("A", 1), self.identities("A", 1))  # stable across starts
+
+    def test_piv_challenge_for_key_9b(self):
+        from cloudfoxy_proxy.cards.piv import PivCard
+
+        piv = PivCard(serial=0, label="T", random_bytes=lambda n: bytes(range(n)))
+        card_tx(piv, "00A4040005A000000308")
+        self.assertEqual(card_tx(piv, "0087009B047C02810000"), "7C0A81080001020304050607" + "9000")
+        self.assertEqual(card_tx(piv, "0087039B047C02810000")[-4:], "9000")
+        self.assertEqual(card_tx(piv, "0087089B047C02810000"), "6A86")  # not the key's algorithm
+        self.assertEqual(card_tx(piv, "0087009B047C02800000"), "6A80")  # witness: not supported

@@ -49,7 +49,7 @@ from .apdu import (
     SW_WRONG_DATA, SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, parse_tlvs, tlv,
 )
 from .iso7816 import DF, EF, Iso7816Card, StatusError
-from .pki import RSA2048, get_pki
+from .pki import RSA2048, card_number, get_pki
 
 ICA_ATR_HISTORICAL = b"FoxyEmuICA"
 DF_SIGNATURE = 0x0604
@@ -111,6 +111,7 @@ class IcaCard(Iso7816Card):
         if not 4 <= len(raw) <= 16:
             raise ValueError("an I.CA PIN has 4 to 16 characters")
         pki = get_pki(keys)
+        self.label = label
         self.pair = pki.leaf(f"{label} I.CA {serial:02d} Signing", RSA2048, signing=True)
         self._certificates = [("user", self.pair.der), ("ca", pki.issuer.der), ("ca", pki.root.der)]
         self.pins = {PIN_GLOBAL: Pin(raw), PIN_LOCAL: Pin(raw)}
@@ -126,7 +127,7 @@ class IcaCard(Iso7816Card):
 
     def build_files(self, serial):
         mf = DF(0x3F00)
-        EF(0x2F02, mf, tlv(0x5A, (0x1CA00000 + serial).to_bytes(8, "big")), writable=False)
+        EF(0x2F02, mf, tlv(0x5A, card_number("ica", self.label, serial, 8)), writable=False)
         self.signature_df = DF(DF_SIGNATURE, parent=mf)
         objects = DF(DF_OBJECTS, parent=mf)
         directory = DF(DF_DIRECTORY, parent=objects)

@@ -36,7 +36,7 @@ from .apdu import (
 )
 from .iso7816 import StatusError
 from .pki import (
-    P256, RSA2048, SigningCard, der_to_raw, ecdsa_p256, get_pki,
+    P256, RSA2048, SigningCard, card_number, der_to_raw, ecdsa_p256, get_pki,
     pkcs1_type1, raw_rsa,
 )
 
@@ -126,7 +126,7 @@ class OpenPgpCard(SigningCard):
         self.serial = serial
         self.random_bytes = random_bytes
         self.atr = make_atr(HISTORICAL)
-        self.aid = RID_APP + VERSION + MANUFACTURER + (0xC0F00000 + serial).to_bytes(4, "big") + b"\x00\x00"
+        self.aid = RID_APP + VERSION + MANUFACTURER + card_number("openpgp", label, serial, 4) + b"\x00\x00"
         self.kind = RSA2048 if serial % 2 == 0 else P256
         pki = get_pki(keys)
         self.sig = pki.leaf(f"{label} OpenPGP {serial:02d} Signing", self.kind, signing=True)

@@ -14,6 +14,7 @@ then also holds ``ca.pem`` (issuing CA + root), ready for ``--ca-certs``.
 """
 
 import datetime
+import hashlib
 import os
 import re
 import threading
@@ -219,6 +220,14 @@ def check_keys_dir(directory):
     parent = directory if os.path.isdir(directory) else os.path.dirname(os.path.abspath(directory))
     if not os.access(parent, os.W_OK | os.X_OK) and not os.path.isdir(directory):
         raise ValueError(f"keys={directory!r} cannot be created")
+
+
+def card_number(kind, label, serial, size):
+    """``size`` bytes that tell one emulated card from every other: made
+    from its type, its label (the backend's prefix) and its position, so a
+    card keeps them across restarts and no two cards of a proxy share them
+    (PIV GUID and card serial, OpenPGP AID serial number, ...)."""
+    return hashlib.sha256(f"{kind}\0{label}\0{serial}".encode("utf-8")).digest()[:size]
 
 
 # Card-side cryptography (what a card's chip does) -------------------------------

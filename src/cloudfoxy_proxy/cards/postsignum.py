@@ -29,7 +29,7 @@ from .apdu import (
     SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, parse_tlvs,
 )
 from .iso7816 import DF, EF, Iso7816Card, StatusError
-from .pki import RSA2048, SigningCard, get_pki, raw_rsa
+from .pki import RSA2048, SigningCard, card_number, get_pki, raw_rsa
 
 POSTSIGNUM_AID = bytes.fromhex("A0000000770103000610000000000002")
 POSTSIGNUM_ATR_HISTORICAL = b"FoxyEmuPostSig"
@@ -54,6 +54,7 @@ class PostSignumCard(SigningCard, Iso7816Card):
             raise ValueError("a PostSignum PIN has 4 to 16 characters")
         self.pair = get_pki(keys).leaf(f"{label} PostSignum {serial:02d} Signing", RSA2048, signing=True)
         self._pin = raw
+        self.label = label
         self.pin_tries = PIN_TRIES
         super().__init__(serial, random_bytes=random_bytes)
         self.serial = serial
@@ -63,7 +64,8 @@ class PostSignumCard(SigningCard, Iso7816Card):
     def build_files(self, serial):
         mf = DF(0x3F00, POSTSIGNUM_AID)
         ids = DF(ID_PATH[0], parent=mf)
-        EF(ID_PATH[1], ids, b"%016d" % (2400000000 + serial), writable=False)
+        number = int.from_bytes(card_number("postsignum", self.label, serial, 8), "big") % 10 ** 16
+        EF(ID_PATH[1], ids, b"%016d" % number, writable=False)
         user = DF(CERT_PATH[1], parent=DF(CERT_PATH[0], parent=mf))
         EF(CERT_PATH[2], user, self.pair.der, writable=False)
         return mf
