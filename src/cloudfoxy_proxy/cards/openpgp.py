@@ -19,6 +19,8 @@ for GnuPG's scdaemon, OpenSC and the proxy's own OpenPGP profile.
   and answer the raw ``r || s``; the signature counter (DO 93 in 7A)
   counts.  INTERNAL AUTHENTICATE (00 88 00 00) signs with the
   authentication key after VERIFY 82.
+* SELECT DATA (INS A5) of the cardholder certificate's occurrence: 0 is
+  the signature key's certificate, 1 and 2 are empty.
 * Command chaining (CLA 10), announced in the historical bytes.
 
 Card ``n`` of a backend has RSA-2048 keys when ``n`` is even and ECDSA
@@ -55,6 +57,9 @@ INS_PSO = 0x2A
 INS_INTERNAL_AUTHENTICATE = 0x88
 INS_KEYPAIR = 0x47
 INS_GET_CHALLENGE = 0x84
+INS_SELECT_DATA = 0xA5
+SELECT_CARDHOLDER_CERT = bytes.fromhex("60045C027F21")
+CERT_OCCURRENCES = 3
 
 CRT_SIG, CRT_DEC, CRT_AUT = 0xB6, 0xB8, 0xA4
 SW_BLOCKED = 0x6983
@@ -146,11 +151,13 @@ class OpenPgpCard(SigningCard):
             INS_INTERNAL_AUTHENTICATE: self.internal_authenticate,
             INS_KEYPAIR: self.keypair,
             INS_GET_CHALLENGE: self.get_challenge,
+            INS_SELECT_DATA: self.select_data,
         })
         self.reset()
 
     def reset(self):
         self.selected = False
+        self.occurrence = 0  # of DO 7F21, chosen by SELECT DATA
         self.pw1_81 = self.pw1_82 = self.pw3_ok = False
         return super().reset()
 
@@ -164,6 +171,19 @@ class OpenPgpCard(SigningCard):
         if len(cmd.data) < len(RID_APP) or not self.aid.startswith(cmd.data):
             raise StatusError(SW_NOT_FOUND)
         self.selected = True
+        self.occurrence = 0
+        return b"", SW_OK
+
+    def select_data(self, cmd):
+        """SELECT DATA (v3 §7.2.5): which of the three cardholder
+        certificates (7F21: signature, decryption, authentication key) GET
+        DATA 7F21 returns; only the first holds one."""
+        self._need_selected()
+        if cmd.p2 != 0x04 or cmd.p1 >= CERT_OCCURRENCES:
+            raise StatusError(SW_WRONG_P1P2)
+        if cmd.data != SELECT_CARDHOLDER_CERT:
+            raise StatusError(SW_WRONG_DATA)
+        self.occurrence = cmd.p1
         return b"", SW_OK
 
     def _need_selected(self):
@@ -209,7 +229,7 @@ class OpenPgpCard(SigningCard):
             0x006E: lambda: tlv(0x6E, tlv(0x4F, self.aid) + tlv(0x5F52, HISTORICAL)
                                 + tlv(0x73, self.discretionary())),
             0x007A: lambda: tlv(0x7A, tlv(0x93, self.signature_counter.to_bytes(3, "big"))),
-            0x7F21: lambda: tlv(0x7F21, self.sig.der),
+            0x7F21: lambda: tlv(0x7F21, self.sig.der) if self.occurrence == 0 else b"",
             0x005B: lambda: self.cardholder()[2:2 + self.cardholder()[1]],
             0x5F2D: lambda: b"en",
             0x5F35: lambda: b"9",
