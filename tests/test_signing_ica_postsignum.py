@@ -223,7 +223,7 @@ class ProfileTests(SynchronousTestCase):
             verify(cert.der, digest, self.successResultOf(profile.sign(transmit, cert, digest)))
         self.assertEqual(self.failureResultOf(profile.verify_pin(transmit, "123", cert)).value.code,
                          errors.BAD_PIN)
-        self.assertEqual(card.pin_tries, 3)  # not sent to the card
+        self.assertEqual(card.pin.tries, 3)  # not sent to the card
 
 
     def test_a_card_left_mid_chain_is_recovered(self):
@@ -275,7 +275,7 @@ class CommandTests(SynchronousTestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         for alias, card, tries in (("C I.CA 00 Signing", self.ica.cards[0], lambda c: c.pins[0x86].tries),
-                                   ("S PostSignum 00 Signing", self.ps.cards[0], lambda c: c.pin_tries)):
+                                   ("S PostSignum 00 Signing", self.ps.cards[0], lambda c: c.pin.tries)):
             self.assertEqual(self.h.sign(alias, "1111"), errors.BAD_PIN)
             before = self.h.apdus()
             self.assertEqual(self.h.sign(alias, "1111"), errors.BAD_PIN)

@@ -49,7 +49,7 @@ from .apdu import (
     SW_WRONG_DATA, SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, parse_tlvs, tlv,
 )
 from .iso7816 import DF, EF, Iso7816Card, StatusError
-from .pki import RSA2048, card_number, get_pki
+from .pki import RSA2048, CardPin, card_number, get_pki
 
 ICA_ATR_HISTORICAL = b"FoxyEmuICA"
 DF_SIGNATURE = 0x0604
@@ -58,7 +58,6 @@ EF_CERT_LIST, EF_KEY_LIST = 0x5630, 0x5660
 PIN_GLOBAL, PIN_LOCAL = 0x81, 0x86
 KEY_ID = 0x02
 PIN_TRIES = 3
-SW_BLOCKED = 0x6983
 SW_RECORD_NOT_FOUND = 0x6A83
 
 INS_VERIFY = 0x20
@@ -93,15 +92,6 @@ class RecordEF:
                    + tlv(0x83, self.fid.to_bytes(2, "big")) + tlv(0x8A, b"\x05"))
 
 
-class Pin:
-    __slots__ = ("value", "tries", "verified")
-
-    def __init__(self, value):
-        self.value = value
-        self.tries = PIN_TRIES
-        self.verified = False
-
-
 class IcaCard(Iso7816Card):
     """One signing key (RSA-2048, key id 02) with its certificate
     ``LABEL I.CA NN Signing`` and the issuing and root CA certificates."""
@@ -114,7 +104,7 @@ class IcaCard(Iso7816Card):
         self.label = label
         self.pair = pki.leaf(f"{label} I.CA {serial:02d} Signing", RSA2048, signing=True)
         self._certificates = [("user", self.pair.der), ("ca", pki.issuer.der), ("ca", pki.root.der)]
-        self.pins = {PIN_GLOBAL: Pin(raw), PIN_LOCAL: Pin(raw)}
+        self.pins = {PIN_GLOBAL: CardPin(raw, PIN_TRIES), PIN_LOCAL: CardPin(raw, PIN_TRIES)}
         super().__init__(serial, random_bytes=random_bytes)
         self.serial = serial
         self.atr = make_atr(ICA_ATR_HISTORICAL)
@@ -182,27 +172,10 @@ class IcaCard(Iso7816Card):
 
     # VERIFY -----------------------------------------------------------------------------
     def verify(self, cmd):
-        if cmd.p1 == 0xFF and cmd.p2 in self.pins and not cmd.data:
-            self.pins[cmd.p2].verified = False
-            return b"", SW_OK
-        if cmd.p1 != 0x00:
-            raise StatusError(SW_WRONG_P1P2)
         pin = self.pins.get(cmd.p2)
         if pin is None or (cmd.p2 == PIN_LOCAL and self.df is not self.signature_df):
             raise StatusError(SW_DATA_NOT_FOUND)
-        if not cmd.data:
-            if pin.verified:
-                return b"", SW_OK
-            raise StatusError(0x63C0 | pin.tries if pin.tries else SW_BLOCKED)
-        if not pin.tries:
-            raise StatusError(SW_BLOCKED)
-        if cmd.data != pin.value:
-            pin.tries -= 1
-            pin.verified = False
-            raise StatusError(0x63C0 | pin.tries if pin.tries else SW_BLOCKED)
-        pin.tries = PIN_TRIES
-        pin.verified = True
-        return b"", SW_OK
+        return pin.verify(cmd)
 
     # MSE --------------------------------------------------------------------------------
     def mse(self, cmd):

@@ -29,7 +29,7 @@ from .apdu import (
     SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, parse_tlvs,
 )
 from .iso7816 import DF, EF, Iso7816Card, StatusError
-from .pki import RSA2048, SigningCard, card_number, get_pki, raw_rsa
+from .pki import RSA2048, CardPin, SigningCard, card_number, get_pki, raw_rsa
 
 POSTSIGNUM_AID = bytes.fromhex("A0000000770103000610000000000002")
 POSTSIGNUM_ATR_HISTORICAL = b"FoxyEmuPostSig"
@@ -38,7 +38,6 @@ ID_PATH = (0x1000, 0x1003)
 PIN_REF = 0x10
 KEY_ID = 0x0E
 PIN_TRIES = 3
-SW_BLOCKED = 0x6983
 
 INS_VERIFY = 0x20
 INS_MSE = 0x22
@@ -53,9 +52,8 @@ class PostSignumCard(SigningCard, Iso7816Card):
         if not 4 <= len(raw) <= 16:
             raise ValueError("a PostSignum PIN has 4 to 16 characters")
         self.pair = get_pki(keys).leaf(f"{label} PostSignum {serial:02d} Signing", RSA2048, signing=True)
-        self._pin = raw
+        self.pin = CardPin(raw, PIN_TRIES)
         self.label = label
-        self.pin_tries = PIN_TRIES
         super().__init__(serial, random_bytes=random_bytes)
         self.serial = serial
         self.atr = make_atr(POSTSIGNUM_ATR_HISTORICAL)
@@ -71,31 +69,14 @@ class PostSignumCard(SigningCard, Iso7816Card):
         return mf
 
     def reset(self):
-        self.pin_verified = False
+        self.pin.verified = False
         self.key = None  # MSE:SET
         return super().reset()
 
     def verify(self, cmd):
         if cmd.p2 != PIN_REF:
             raise StatusError(SW_DATA_NOT_FOUND)
-        if cmd.p1 == 0xFF and not cmd.data:
-            self.pin_verified = False
-            return b"", SW_OK
-        if cmd.p1 != 0x00:
-            raise StatusError(SW_WRONG_P1P2)
-        if not cmd.data:
-            if self.pin_verified:
-                return b"", SW_OK
-            raise StatusError(0x63C0 | self.pin_tries if self.pin_tries else SW_BLOCKED)
-        if not self.pin_tries:
-            raise StatusError(SW_BLOCKED)
-        if cmd.data != self._pin:
-            self.pin_tries -= 1
-            self.pin_verified = False
-            raise StatusError(0x63C0 | self.pin_tries if self.pin_tries else SW_BLOCKED)
-        self.pin_tries = PIN_TRIES
-        self.pin_verified = True
-        return b"", SW_OK
+        return self.pin.verify(cmd)
 
     def mse(self, cmd):
         if cmd.p1 == 0xF3:  # RESTORE
@@ -122,7 +103,7 @@ class PostSignumCard(SigningCard, Iso7816Card):
             raise StatusError(SW_WRONG_LENGTH)
         if cmd.data[0] != 0x00:
             raise StatusError(SW_WRONG_DATA)
-        if not self.pin_verified:
+        if not self.pin.verified:
             raise StatusError(SW_SECURITY)
         if self.key != KEY_ID:
             raise StatusError(SW_NOT_ALLOWED)
