@@ -257,10 +257,19 @@ class Profile:
     """Base of the profiles; see the module documentation."""
 
     name = "?"
+    #: The application's AID (DF name) for the default ``select``, and the
+    #: Le to send with it (None: none).
+    aid = None
+    select_le = None
 
+    @inlineCallbacks
     def select(self, transmit):
-        """SELECT the card application: a Deferred for True when it is there."""
-        raise NotImplementedError
+        """SELECT the card application by ``aid``: a Deferred for True when
+        the card answers 9000."""
+        if self.aid is None:
+            raise NotImplementedError
+        _, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, self.aid, self.select_le))
+        return sw == 0x9000
 
     def detect(self, transmit):
         return self.select(transmit)

@@ -47,10 +47,7 @@ class OpenPgpProfile(Profile):
     name = "OpenPGP"
     log = Logger()
 
-    @inlineCallbacks
-    def select(self, transmit):
-        _, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, OPENPGP_AID))
-        return sw == 0x9000
+    aid = OPENPGP_AID
 
     @inlineCallbacks
     def certificates(self, transmit):

@@ -39,10 +39,8 @@ class PivProfile(Profile):
     name = "PIV"
     log = Logger()
 
-    @inlineCallbacks
-    def select(self, transmit):
-        data, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, PIV_AID_PREFIX, 0))
-        return sw == 0x9000
+    aid = PIV_AID_PREFIX
+    select_le = 0
 
     @inlineCallbacks
     def certificates(self, transmit):

@@ -32,10 +32,7 @@ class PostSignumProfile(Profile):
     name = "PostSignum"
     log = Logger()
 
-    @inlineCallbacks
-    def select(self, transmit):
-        _, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, POSTSIGNUM_AID))
-        return sw == 0x9000
+    aid = POSTSIGNUM_AID
 
     @inlineCallbacks
     def certificates(self, transmit):
