@@ -4,6 +4,7 @@ ALIASES, CHAIN and SIGN on them through the in-memory line protocol."""
 import hashlib
 
 from cryptography import x509
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -179,6 +180,29 @@ class ProfileTests(SynchronousTestCase):
             card = backend(Clock(), kind, "X", cards=1).cards[0]
             profile, certs = self.successResultOf(index.scan(Recorder(card)))
             self.assertEqual(profile.name if profile else None, name, kind)
+
+    def test_probe_leaves_other_cards_as_they_were(self):
+        from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
+
+        card = Iso7816Card(serial=0)
+        self.assertEqual(card_tx(card, "00A4040C0AF0434C4F5544464F5859"), "9000")  # the card's DF 5000
+        index = CertIndex(ReaderRegistry(), Clock())
+        transmit = Recorder(card)
+        self.assertEqual(self.successResultOf(index.scan(transmit)), (None, []))
+        self.assertEqual(card.df.fid, 0x5000)
+        self.assertEqual(len(transmit.sent), 4)  # PIV, OpenPGP, PostSignum, I.CA: one SELECT each
+
+    def test_ica_detected_by_fid_when_path_is_refused(self):
+        card = IcaCard(serial=1, label="T")
+
+        def transmit(apdu):
+            if apdu[:3] == bytes.fromhex("00A408"):
+                return succeed(bytes.fromhex("6A86"))
+            return succeed(card.transmit(apdu))
+
+        self.assertTrue(self.successResultOf(IcaProfile().select(transmit)))
+        self.assertEqual(len([c for c in self.successResultOf(IcaProfile().certificates(transmit))
+                              if c.usable]), 1)
 
     def test_ica_certificates(self):
         card = IcaCard(serial=1, label="T")

@@ -1,8 +1,9 @@
 """The I.CA profile: the Czech trust service provider I.CA's STARCOS
 signing cards (the card side: cards/ica.py; facts: docs/signing.md).
 
-* Detection: SELECT MF 3F00, DF 3F50, DF 3F10 and the certificate list EF
-  5630 by FID, all ``9000``.
+* Detection: SELECT of the certificate list EF 3F50/3F10/5630 by path
+  (P1 08); on a card that does not select by path (``6A86``, ``6A81``),
+  SELECT MF 3F00, DF 3F50, DF 3F10 and EF 5630 by FID, all ``9000``.
 * Certificates: EF 5630 holds one descriptor per certificate (READ RECORD
   1, 2, … until ``6A83``); a descriptor's simple-TLV ``10`` gives the DF and
   EF of the certificate, ``12`` its length.  CA certificates (basic
@@ -94,9 +95,20 @@ class IcaProfile(Profile):
                 return False
         return True
 
+    @inlineCallbacks
     def select(self, transmit):
-        return self._select_path(transmit, (0x00, MF), *((0x01, fid) for fid in PATH_TO_LIST),
-                                 (0x02, EF_CERT_LIST))
+        """SELECT EF 5630 by path from the MF (one command that changes
+        nothing on a card without it); by FID, step by step, on a card that
+        does not select by path."""
+        path = b"".join(fid.to_bytes(2, "big") for fid in PATH_TO_LIST + (EF_CERT_LIST,))
+        _, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x08, 0x0C, path))
+        if sw == 0x9000:
+            return True
+        if sw not in (0x6A86, 0x6A81):
+            return False
+        found = yield self._select_path(transmit, (0x00, MF), *((0x01, fid) for fid in PATH_TO_LIST),
+                                        (0x02, EF_CERT_LIST))
+        return found
 
     @inlineCallbacks
     def certificates(self, transmit):
