@@ -361,3 +361,24 @@ class IdentityTests(SynchronousTestCase):
         self.assertEqual(card_tx(piv, "0087039B047C02810000")[-4:], "9000")
         self.assertEqual(card_tx(piv, "0087089B047C02810000"), "6A86")  # not the key's algorithm
         self.assertEqual(card_tx(piv, "0087009B047C02800000"), "6A80")  # witness: not supported
+
+    def test_openpgp_decipher_with_the_authentication_key(self):
+        from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+
+        from cloudfoxy_proxy.cards.openpgp import OpenPgpCard
+
+        card = OpenPgpCard(serial=0, label="T")
+        card_tx(card, "00A4040006D27600012401")
+        secret = b"a session key"
+        ciphertext = card.aut.cert.public_key().encrypt(secret, asym_padding.PKCS1v15())
+        data = b"\x00" + ciphertext
+        first = "102A8086" + "%02X" % 255 + data[:255].hex()
+        last = "002A8086" + "%02X" % (len(data) - 255) + data[255:].hex() + "00"
+        self.assertEqual(card_tx(card, "002A808602" + "0011"), "6A88")  # no decryption key of its own
+        self.assertEqual(card_tx(card, "0022418403830103"), "6A86")
+        self.assertEqual(card_tx(card, "00224184"[:6] + "B803830103"), "9000")
+        self.assertEqual(card_tx(card, first), "9000")
+        self.assertEqual(card_tx(card, last), "6982")  # PW1 82 first
+        self.assertEqual(card_tx(card, "0020008206313233343536"), "9000")
+        card_tx(card, first)
+        self.assertEqual(card_tx(card, last), secret.hex().upper() + "9000")
