@@ -178,12 +178,17 @@ def foxyproxy_venv():
 class FoxyProxy:
     """foxyproxy 2.10 in its own process group (its worker processes die with it)."""
 
-    def __init__(self, upstream, token, home):
+    def __init__(self, upstream, token, home, signer=None):
+        """``signer``: its ``-c`` profile (``ica``, the default, ``postsignum``
+        or ``pgp``)."""
         self.port = free_port()
         self.out = os.path.join(home, "foxyproxy.out")
         self._file = open(self.out, "wb")
         env = dict(os.environ, HOME=home, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([foxyproxy_venv(), "-p", str(self.port), "-s", upstream, "-t", token],
+        args = [foxyproxy_venv(), "-p", str(self.port), "-s", upstream, "-t", token]
+        if signer:
+            args += ["-c", signer]
+        self.proc = subprocess.Popen(args,
                                      stdout=self._file, stderr=subprocess.STDOUT, cwd=home, env=env,
                                      start_new_session=True)
 

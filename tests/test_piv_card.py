@@ -174,7 +174,8 @@ class PivCardTests(SynchronousTestCase):
     def test_cla_and_yubico_extensions(self):
         self.assertEqual(tx(self.card, "80FD000000"), "6E00")
         self.assertEqual(tx(self.card, "00FD000000"), "0504039000")
-        self.assertEqual(tx(self.card, "00F8000000"), "00F000039000")
+        self.assertEqual(tx(self.card, "00F8000000"), "%08X9000" % self.card.yubico_serial)
+        self.assertNotEqual(tx(PivCard(serial=4, label="Test"), "00F8000000"), tx(self.card, "00F8000000"))
 
     def test_keys_are_cached_per_process(self):
         again = PivCard(serial=3, label="Test")

@@ -85,7 +85,10 @@ class HelperTests(SynchronousTestCase):
         self.assertRaises(CardError, raw_to_der, b"\x01\x02\x03")
 
     def test_profiles_list(self):
-        self.assertEqual(PROFILES, (PivProfile, OpenPgpProfile))
+        from cloudfoxy_proxy.profiles.ica import IcaProfile
+        from cloudfoxy_proxy.profiles.postsignum import PostSignumProfile
+
+        self.assertEqual(PROFILES, (PivProfile, OpenPgpProfile, PostSignumProfile, IcaProfile))
 
 
 class PivProfileTests(SynchronousTestCase):

@@ -37,7 +37,7 @@ from twisted.internet.defer import (
 from . import errors
 from .errors import CardError
 from .logs import Logger
-from .profiles import HASH_NAMES, HASHES, PROFILES, WrongPin
+from .profiles import HASH_NAMES, HASHES, PROFILES, PinBlocked, WrongPin
 from .registry import QueueFull, b64name
 
 
@@ -405,9 +405,10 @@ class CertIndex:
                     names.append(name)
         self.registry.set_extra_aliases(state.reader, names)
         if profile is not None:
+            usable = [c.alias for c in certs if c.usable]
             self.log.info("{reader}: {profile} card with {n} signing certificate(s): {aliases}",
-                          reader=state.reader.name, profile=profile.name, n=len(certs),
-                          aliases=", ".join(c.alias for c in certs))
+                          reader=state.reader.name, profile=profile.name, n=len(usable),
+                          aliases=", ".join(usable))
 
     # Lookups (no APDUs) ------------------------------------------------------------
     def _present_states(self):
@@ -529,9 +530,13 @@ class CertIndex:
         profile = state.profile
         try:
             yield profile.verify_pin(transmit, pin, cert)
-        except WrongPin:
+        except WrongPin as e:
             state.wrong_pin = tag
-            self.log.info("SIGN on {reader}: wrong PIN", reader=state.reader.name)
+            if isinstance(e, PinBlocked):
+                self.log.warn("SIGN on {reader}: the card's PIN is blocked ({reason})",
+                              reader=state.reader.name, reason=e.reason)
+            else:
+                self.log.info("SIGN on {reader}: wrong PIN ({reason})", reader=state.reader.name, reason=e.reason)
             raise
         except CardError as e:
             self._sign_failed(state, e)

@@ -2,8 +2,8 @@
 
 ``emulated:?cards=4&type=iso7816&latency_ms=0&prefix=Emulated``
 
-Signing cards (``type=piv`` or ``type=openpgp``) take ``pin=`` (default
-123456) and ``keys=DIR`` (keep their PKI as PEM files in DIR; see
+Signing cards (``type=piv``, ``openpgp``, ``ica`` or ``postsignum``) take
+``pin=`` (default 123456) and ``keys=DIR`` (keep their PKI as PEM files in DIR; see
 cards/pki.py and docs/signing.md).
 """
 
@@ -29,9 +29,23 @@ def _openpgp(**kw):
     return OpenPgpCard(**kw)
 
 
-CARD_TYPES = {"iso7816": Iso7816Card, "piv": _piv, "openpgp": _openpgp}
+def _ica(**kw):
+    from ..cards.ica import IcaCard
+
+    return IcaCard(**kw)
+
+
+def _postsignum(**kw):
+    from ..cards.postsignum import PostSignumCard
+
+    return PostSignumCard(**kw)
+
+
+CARD_TYPES = {"iso7816": Iso7816Card, "piv": _piv, "openpgp": _openpgp, "ica": _ica, "postsignum": _postsignum}
 #: Card types that hold keys: they take pin=, keys= and the prefix as label.
-SIGNING_TYPES = frozenset(("piv", "openpgp"))
+SIGNING_TYPES = frozenset(("piv", "openpgp", "ica", "postsignum"))
+#: Shortest and longest pin= per signing card type (characters).
+PIN_LENGTHS = {"piv": (6, 8), "openpgp": (6, 127), "ica": (4, 16), "postsignum": (4, 16)}
 
 
 def from_url(url, config):
@@ -49,7 +63,8 @@ def from_url(url, config):
     if kind in SIGNING_TYPES:
         options = _signing_options(params, kind, prefix)
     elif "pin" in params or "keys" in params:
-        raise ValueError(f"pin= and keys= are for type=piv or type=openpgp, not type={kind}")
+        raise ValueError(f"pin= and keys= are for the signing card types "
+                         f"({', '.join(sorted(SIGNING_TYPES))}), not type={kind}")
 
     def make(reactor):
         return EmulatedBackend(
@@ -61,9 +76,9 @@ def from_url(url, config):
 
 def _signing_options(params, kind, prefix):
     pin = params.get("pin", "123456")
-    longest = 8 if kind == "piv" else 127
-    if not 6 <= len(pin.encode("utf-8")) <= longest:
-        raise ValueError(f"pin= must have 6 to {longest} characters for type={kind}")
+    shortest, longest = PIN_LENGTHS[kind]
+    if not shortest <= len(pin.encode("utf-8")) <= longest:
+        raise ValueError(f"pin= must have {shortest} to {longest} characters for type={kind}")
     keys = params.get("keys") or None
     if keys is not None:
         from ..cards.pki import check_keys_dir

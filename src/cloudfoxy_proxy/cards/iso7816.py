@@ -43,7 +43,8 @@ class Card:
 
     atr = make_atr(ISO_ATR_HISTORICAL)
 
-    def __init__(self):
+    def __init__(self, **kw):
+        super().__init__(**kw)
         self.handlers = {INS_GET_RESPONSE: self.get_response}
         self._rest = b""  # data waiting for GET RESPONSE
 
@@ -131,16 +132,10 @@ class Iso7816Card(Card):
     """MF 3F00 { EF.DIR 2F00, EF 2F02 (serial), DF 5000 = APP_AID
     { EF 5001 (64 bytes, writable), EF 5002 (1024 bytes, writable) } }."""
 
-    def __init__(self, serial, random_bytes=os.urandom):
-        super().__init__()
+    def __init__(self, serial, random_bytes=os.urandom, **kw):
+        super().__init__(**kw)
         self.random_bytes = random_bytes
-        self.mf = mf = DF(0x3F00)
-        app_template = tlv(0x61, tlv(0x4F, APP_AID) + tlv(0x50, b"CloudFoxy emulated"))
-        EF(0x2F00, mf, app_template, writable=False)
-        EF(0x2F02, mf, tlv(0x5A, serial.to_bytes(8, "big")), writable=False)
-        app = DF(0x5000, APP_AID, mf)
-        EF(0x5001, app, b"", size=64)
-        EF(0x5002, app, bytes(i & 0xFF for i in range(1024)))
+        self.mf = self.build_files(serial)
         self.handlers.update({
             INS_SELECT: self.select,
             INS_READ_BINARY: self.read_binary,
@@ -148,6 +143,17 @@ class Iso7816Card(Card):
             INS_GET_CHALLENGE: self.get_challenge,
         })
         self.reset()
+
+    def build_files(self, serial):
+        """The card's MF with everything under it (subclasses build their own)."""
+        mf = DF(0x3F00)
+        app_template = tlv(0x61, tlv(0x4F, APP_AID) + tlv(0x50, b"CloudFoxy emulated"))
+        EF(0x2F00, mf, app_template, writable=False)
+        EF(0x2F02, mf, tlv(0x5A, serial.to_bytes(8, "big")), writable=False)
+        app = DF(0x5000, APP_AID, mf)
+        EF(0x5001, app, b"", size=64)
+        EF(0x5002, app, bytes(i & 0xFF for i in range(1024)))
+        return mf
 
     def reset(self):
         self.df = self.mf

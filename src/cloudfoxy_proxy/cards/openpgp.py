@@ -9,7 +9,7 @@ for GnuPG's scdaemon, OpenSC and the proxy's own OpenPGP profile.
   the templates; private DOs 0101-0104 are empty; others 6A88.
 * Public key read: GENERATE ASYMMETRIC KEY PAIR (INS 47) P1=81 with the
   CRT ``B6`` (signature) or ``A4`` (authentication); ``7F49 {81 n, 82 e}``
-  or ``7F49 {86 point}``.  There is no decryption key (B8: 6A88).
+  or ``7F49 {86 point}``.  There is no decryption key of its own (B8: 6A88).
 * VERIFY 81 / 82 (PW1, default ``123456``) and 83 (PW3, ``12345678``),
   3 tries each; a wrong password answers 6982, a blocked one 6983; VERIFY
   with no data returns ``63Cx`` or 9000; P1=FF resets the status.
@@ -19,6 +19,11 @@ for GnuPG's scdaemon, OpenSC and the proxy's own OpenPGP profile.
   and answer the raw ``r || s``; the signature counter (DO 93 in 7A)
   counts.  INTERNAL AUTHENTICATE (00 88 00 00) signs with the
   authentication key after VERIFY 82.
+* MSE (INS 22) ``41 B8 {83 01 03}`` and PSO:DECIPHER (00 2A 80 86, after
+  VERIFY 82) with the authentication key when it is RSA (the card removes
+  the PKCS#1 v1.5 padding): OpenSC offers decryption with that key.
+* SELECT DATA (INS A5) of the cardholder certificate's occurrence: 0 is
+  the signature key's certificate, 1 and 2 are empty.
 * Command chaining (CLA 10), announced in the historical bytes.
 
 Card ``n`` of a backend has RSA-2048 keys when ``n`` is even and ECDSA
@@ -28,7 +33,7 @@ P-256 keys when it is odd, so a two-card backend shows both.
 import hashlib
 import os
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from .apdu import (
     SW_DATA_NOT_FOUND, SW_NOT_FOUND, SW_OK, SW_SECURITY, SW_WRONG_DATA,
@@ -36,7 +41,7 @@ from .apdu import (
 )
 from .iso7816 import StatusError
 from .pki import (
-    P256, RSA2048, SigningCard, der_to_raw, ecdsa_p256, get_pki,
+    P256, RSA2048, SigningCard, card_number, der_to_raw, ecdsa_p256, get_pki,
     pkcs1_type1, raw_rsa,
 )
 
@@ -55,6 +60,10 @@ INS_PSO = 0x2A
 INS_INTERNAL_AUTHENTICATE = 0x88
 INS_KEYPAIR = 0x47
 INS_GET_CHALLENGE = 0x84
+INS_SELECT_DATA = 0xA5
+INS_MSE = 0x22
+SELECT_CARDHOLDER_CERT = bytes.fromhex("60045C027F21")
+CERT_OCCURRENCES = 3
 
 CRT_SIG, CRT_DEC, CRT_AUT = 0xB6, 0xB8, 0xA4
 SW_BLOCKED = 0x6983
@@ -126,7 +135,7 @@ class OpenPgpCard(SigningCard):
         self.serial = serial
         self.random_bytes = random_bytes
         self.atr = make_atr(HISTORICAL)
-        self.aid = RID_APP + VERSION + MANUFACTURER + (0xC0F00000 + serial).to_bytes(4, "big") + b"\x00\x00"
+        self.aid = RID_APP + VERSION + MANUFACTURER + card_number("openpgp", label, serial, 4) + b"\x00\x00"
         self.kind = RSA2048 if serial % 2 == 0 else P256
         pki = get_pki(keys)
         self.sig = pki.leaf(f"{label} OpenPGP {serial:02d} Signing", self.kind, signing=True)
@@ -146,12 +155,16 @@ class OpenPgpCard(SigningCard):
             INS_INTERNAL_AUTHENTICATE: self.internal_authenticate,
             INS_KEYPAIR: self.keypair,
             INS_GET_CHALLENGE: self.get_challenge,
+            INS_SELECT_DATA: self.select_data,
+            INS_MSE: self.mse,
         })
         self.reset()
 
     def reset(self):
         self.selected = False
+        self.occurrence = 0  # of DO 7F21, chosen by SELECT DATA
         self.pw1_81 = self.pw1_82 = self.pw3_ok = False
+        self.decipher_key = CRT_DEC  # MSE: which key PSO:DECIPHER uses
         return super().reset()
 
     def _key(self, crt):
@@ -164,6 +177,19 @@ class OpenPgpCard(SigningCard):
         if len(cmd.data) < len(RID_APP) or not self.aid.startswith(cmd.data):
             raise StatusError(SW_NOT_FOUND)
         self.selected = True
+        self.occurrence = 0
+        return b"", SW_OK
+
+    def select_data(self, cmd):
+        """SELECT DATA (v3 §7.2.5): which of the three cardholder
+        certificates (7F21: signature, decryption, authentication key) GET
+        DATA 7F21 returns; only the first holds one."""
+        self._need_selected()
+        if cmd.p2 != 0x04 or cmd.p1 >= CERT_OCCURRENCES:
+            raise StatusError(SW_WRONG_P1P2)
+        if cmd.data != SELECT_CARDHOLDER_CERT:
+            raise StatusError(SW_WRONG_DATA)
+        self.occurrence = cmd.p1
         return b"", SW_OK
 
     def _need_selected(self):
@@ -187,8 +213,8 @@ class OpenPgpCard(SigningCard):
     def discretionary(self):
         # C0: no secure messaging, GET CHALLENGE (bit 0x40), PW status
         # changeable (0x10); max challenge 255, max certificate 2048, max
-        # special DO 255, PIN block 2 format no, MSE no.
-        ext_caps = bytes([0x50, 0x00, 0x00, 0xFF, 0x08, 0x00, 0x00, 0xFF, 0x00, 0x00])
+        # special DO 255, PIN block 2 format no, MSE yes.
+        ext_caps = bytes([0x50, 0x00, 0x00, 0xFF, 0x08, 0x00, 0x00, 0xFF, 0x00, 0x01])
         return (tlv(0xC0, ext_caps) + tlv(0xC1, algorithm_attributes(self.kind))
                 + tlv(0xC2, algorithm_attributes(RSA2048)) + tlv(0xC3, algorithm_attributes(self.kind))
                 + tlv(0xC4, self.pw_status()) + tlv(0xC5, self._fingerprints()) + tlv(0xC6, bytes(60))
@@ -209,7 +235,7 @@ class OpenPgpCard(SigningCard):
             0x006E: lambda: tlv(0x6E, tlv(0x4F, self.aid) + tlv(0x5F52, HISTORICAL)
                                 + tlv(0x73, self.discretionary())),
             0x007A: lambda: tlv(0x7A, tlv(0x93, self.signature_counter.to_bytes(3, "big"))),
-            0x7F21: lambda: tlv(0x7F21, self.sig.der),
+            0x7F21: lambda: tlv(0x7F21, self.sig.der) if self.occurrence == 0 else b"",
             0x005B: lambda: self.cardholder()[2:2 + self.cardholder()[1]],
             0x5F2D: lambda: b"en",
             0x5F35: lambda: b"9",
@@ -280,10 +306,41 @@ class OpenPgpCard(SigningCard):
             raise StatusError(SW_WRONG_LENGTH)
         return der_to_raw(ecdsa_p256(pair.key, data))
 
+    def mse(self, cmd):
+        """MANAGE SECURITY ENVIRONMENT (v3 §7.2.18): ``41 B8 {83 01 kk}``
+        makes key kk (02 decryption, 03 authentication) the one for
+        PSO:DECIPHER; ``41 A4`` is accepted for kk 02/03 and changes
+        nothing else here."""
+        self._need_selected()
+        if cmd.p1 != 0x41 or cmd.p2 not in (CRT_AUT, CRT_DEC):
+            raise StatusError(SW_WRONG_P1P2)
+        if len(cmd.data) != 3 or cmd.data[:2] != b"\x83\x01" or cmd.data[2] not in (0x02, 0x03):
+            raise StatusError(SW_WRONG_DATA)
+        if cmd.p2 == CRT_DEC:
+            self.decipher_key = CRT_DEC if cmd.data[2] == 0x02 else CRT_AUT
+        return b"", SW_OK
+
+    def decipher(self, cmd):
+        """PSO:DECIPHER with an RSA key: ``00`` then the ciphertext; the
+        card removes the PKCS#1 v1.5 padding.  Needs PW1 (82)."""
+        pair = self._key(self.decipher_key)
+        if pair is None:
+            raise StatusError(SW_DATA_NOT_FOUND)
+        if not self.pw1_82:
+            raise StatusError(SW_SECURITY)
+        if self.kind != RSA2048 or not cmd.data or cmd.data[0] != 0x00:
+            raise StatusError(SW_WRONG_DATA)
+        try:
+            return pair.key.decrypt(bytes(cmd.data[1:]), padding.PKCS1v15()), SW_OK
+        except ValueError:
+            raise StatusError(SW_WRONG_DATA) from None
+
     def pso(self, cmd):
         self._need_selected()
+        if (cmd.p1, cmd.p2) == (0x80, 0x86):
+            return self.decipher(cmd)
         if (cmd.p1, cmd.p2) != (0x9E, 0x9A):
-            raise StatusError(SW_WRONG_P1P2 if (cmd.p1, cmd.p2) != (0x80, 0x86) else SW_DATA_NOT_FOUND)
+            raise StatusError(SW_WRONG_P1P2)
         if not self.pw1_81:
             raise StatusError(SW_SECURITY)
         signature = self._sign(self.sig, cmd.data)

@@ -14,7 +14,10 @@ yubico-piv-tool and the proxy's own PIV profile.
 * GENERAL AUTHENTICATE (INS 87) with the dynamic authentication template
   ``7C {82 00, 81 challenge}``: raw RSA-2048 (algorithm 07) with key 9A
   (PIN once per session), ECDSA P-256 (algorithm 11, DER signature) with
-  key 9C (PIN always: a fresh VERIFY before each signature).
+  key 9C (PIN always: a fresh VERIFY before each signature); and
+  ``7C {81 00}`` with key 9B (3DES) for an 8-byte card challenge.
+* CHUID GUID, CCC card identifier and GET SERIAL differ from card to card
+  (``pki.card_number``).
 * Command chaining (CLA 10) and extended APDUs.
 * Yubico's GET VERSION (INS FD) and GET SERIAL (INS F8), which PIV tools
   use to identify a card.
@@ -28,7 +31,7 @@ from .apdu import (
     SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, tlv,
 )
 from .iso7816 import StatusError
-from .pki import P256, RSA2048, SigningCard, ecdsa_p256, get_pki, raw_rsa
+from .pki import P256, RSA2048, SigningCard, card_number, ecdsa_p256, get_pki, raw_rsa
 
 PIV_AID = bytes.fromhex("A000000308000010000100")
 PIV_RID = PIV_AID[:5]
@@ -45,6 +48,8 @@ ALG_RSA2048 = 0x07
 ALG_P256 = 0x11
 KEY_AUTH = 0x9A  # PIV Authentication
 KEY_SIGN = 0x9C  # Digital Signature
+KEY_ADMIN = 0x9B  # PIV Card Application Administration Key
+ALG_3DES = (0x00, 0x03)
 PIN_REF = 0x80
 
 TAG_CHUID = 0x5FC102
@@ -84,12 +89,14 @@ class PivCard(SigningCard):
             KEY_AUTH: (ALG_RSA2048, pki.leaf(f"{label} PIV {serial:02d} Authentication", RSA2048, signing=False)),
             KEY_SIGN: (ALG_P256, pki.leaf(f"{label} PIV {serial:02d} Signing", P256, signing=True)),
         }
-        guid = (serial.to_bytes(4, "big") + b"FoxyPIVEmul!")[:16]
+        number = card_number("piv", label, serial, 16)
+        self.yubico_serial = 0x0100_0000 + int.from_bytes(number[:3], "big")
+        guid = number
         fascn = bytes.fromhex("D4E739DA739CED39CE739D836858210842108421C84210C3EB")
         self.objects = {
             TAG_CHUID: tlv(0x30, fascn) + tlv(0x34, guid) + tlv(0x35, b"20401231")
             + tlv(0x3E, b"") + tlv(0xFE, b""),
-            TAG_CCC: tlv(0xF0, bytes.fromhex("A000000116FF0101") + serial.to_bytes(13, "big"))
+            TAG_CCC: tlv(0xF0, bytes.fromhex("A000000116FF0101") + number[:13])
             + tlv(0xF1, b"\x21") + tlv(0xF2, b"\x21") + tlv(0xF3, b"") + tlv(0xF4, b"\x00")
             + tlv(0xF5, b"\x10") + tlv(0xF6, b"") + tlv(0xF7, b"") + tlv(0xFA, b"")
             + tlv(0xFB, b"") + tlv(0xFC, b"") + tlv(0xFD, b"") + tlv(0xFE, b""),
@@ -177,6 +184,8 @@ class PivCard(SigningCard):
     # GENERAL AUTHENTICATE ---------------------------------------------------------
     def general_authenticate(self, cmd):
         self._need_selected()
+        if cmd.p2 == KEY_ADMIN:
+            return self.admin_challenge(cmd)
         entry = self.keys.get(cmd.p2)
         if entry is None:
             raise StatusError(SW_DATA_NOT_FOUND)
@@ -212,9 +221,20 @@ class PivCard(SigningCard):
             signature = ecdsa_p256(pair.key, challenge)
         return tlv(0x7C, tlv(0x82, signature)), SW_OK
 
+    def admin_challenge(self, cmd):
+        """The card's challenge for the card management key 9B (3DES,
+        algorithm 00 or 03): ``7C {81 00}`` gets ``7C {81 <8 random bytes>}``,
+        which is also how OpenSC asks a PIV card for random bytes
+        (``C_GenerateRandom``).  Nothing else is done with key 9B."""
+        if cmd.p1 not in ALG_3DES:
+            raise StatusError(SW_WRONG_P1P2)
+        if cmd.data != bytes.fromhex("7C028100"):
+            raise StatusError(SW_WRONG_DATA)
+        return tlv(0x7C, tlv(0x81, self.random_bytes(8))), SW_OK
+
     # Yubico extensions -------------------------------------------------------------
     def get_version(self, cmd):
         return VERSION, SW_OK
 
     def get_serial(self, cmd):
-        return (0x00F0_0000 + self.serial).to_bytes(4, "big"), SW_OK
+        return self.yubico_serial.to_bytes(4, "big"), SW_OK

@@ -14,6 +14,7 @@ then also holds ``ca.pem`` (issuing CA + root), ready for ``--ca-certs``.
 """
 
 import datetime
+import hashlib
 import os
 import re
 import threading
@@ -221,6 +222,14 @@ def check_keys_dir(directory):
         raise ValueError(f"keys={directory!r} cannot be created")
 
 
+def card_number(kind, label, serial, size):
+    """``size`` bytes that tell one emulated card from every other: made
+    from its type, its label (the backend's prefix) and its position, so a
+    card keeps them across restarts and no two cards of a proxy share them
+    (PIV GUID and card serial, OpenPGP AID serial number, ...)."""
+    return hashlib.sha256(f"{kind}\0{label}\0{serial}".encode("utf-8")).digest()[:size]
+
+
 # Card-side cryptography (what a card's chip does) -------------------------------
 
 def raw_rsa(key, block):
@@ -259,14 +268,50 @@ def der_to_raw(der, size=32):
 
 # Shared card behaviour -------------------------------------------------------------
 
+class CardPin:
+    """A PIN as a card keeps it: the value (bytes), a retry counter and
+    whether it is verified.  ``verify(cmd)`` answers ISO 7816-4 VERIFY on
+    it: P1 00 with data presents the PIN (``63Cx`` when wrong, x tries
+    left; ``6983`` when blocked), P1 00 without data asks for the status,
+    P1 FF without data forgets the verification."""
+
+    __slots__ = ("value", "limit", "tries", "verified")
+
+    def __init__(self, value, tries=3):
+        self.value = bytes(value)
+        self.limit = self.tries = tries
+        self.verified = False
+
+    def verify(self, cmd):
+        if cmd.p1 == 0xFF and not cmd.data:
+            self.verified = False
+            return b"", 0x9000
+        if cmd.p1 != 0x00:
+            raise StatusError(0x6A86)
+        if not cmd.data:
+            if self.verified:
+                return b"", 0x9000
+            raise StatusError(0x63C0 | self.tries if self.tries else 0x6983)
+        if not self.tries:
+            raise StatusError(0x6983)
+        if cmd.data != self.value:
+            self.tries -= 1
+            self.verified = False
+            raise StatusError(0x63C0 | self.tries if self.tries else 0x6983)
+        self.tries = self.limit
+        self.verified = True
+        return b"", 0x9000
+
+
+
 class SigningCard(Card):
     """An emulated card that accepts ISO 7816-4 command chaining (CLA bit
     0x10): the parts of a chained command are collected and the command
     runs once, on its last part, as if it had been sent whole."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, *args, **kw):
         self._chain = None  # (ins, p1, p2, data so far)
+        super().__init__(*args, **kw)
 
     def reset(self):
         self._chain = None

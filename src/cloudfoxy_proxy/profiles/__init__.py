@@ -55,6 +55,21 @@ class WrongPin(CardError):
         super().__init__(errors.BAD_PIN, reason)
 
 
+class PinBlocked(WrongPin):
+    """The card's PIN is blocked (``6983``): no PIN is accepted any more."""
+
+
+def pin_failure(sw, step):
+    """The WrongPin to raise for VERIFY's status word ``sw`` (``63Cx``,
+    ``6982``, ``6983``), or None when ``sw`` is no PIN verdict.  ``step``
+    names the command in the reason, e.g. ``"PIV VERIFY"``."""
+    if sw == 0x6983 or sw == 0x63C0:
+        return PinBlocked(f"{step} {sw:04X}: the PIN is blocked")
+    if sw >> 4 == 0x63C or sw == 0x6982:
+        return WrongPin(f"{step} {sw:04X}")
+    return None
+
+
 @attr.s(frozen=True, slots=True)
 class CardCertificate:
     """A certificate on a card whose private key the card holds.
@@ -122,11 +137,19 @@ def status(response):
 
 
 @inlineCallbacks
-def exchange(transmit, command):
+def exchange(transmit, command, chain_end=False):
     """Send ``command``; follow ``61xx`` with GET RESPONSE and ``6Cxx`` with
-    the right Le.  (data, status word)."""
+    the right Le.  (data, status word).
+
+    A card that another client left in the middle of a chained command
+    answers ``6883`` (last command of the chain expected) and forgets the
+    chain: the command is then sent once more, unless it is itself the end
+    of a chain (``chain_end``)."""
     response = yield transmit(command)
     sw = status(response)
+    if sw == 0x6883 and not chain_end:
+        response = yield transmit(command)
+        sw = status(response)
     if sw >> 8 == 0x6C:
         try:
             has_le = parse_command(command).ne is not None
@@ -156,8 +179,40 @@ def send_chained(transmit, cla, ins, p1, p2, data, le=0):
         sw = status(response)
         if sw != 0x9000:
             return (b"", sw)
-    result = yield exchange(transmit, apdu(cla, ins, p1, p2, parts[-1], le))
+    result = yield exchange(transmit, apdu(cla, ins, p1, p2, parts[-1], le), chain_end=len(parts) > 1)
     return result
+
+
+@inlineCallbacks
+def read_binary(transmit, length, cla=0x00):
+    """``length`` bytes of the current EF from offset 0, by READ BINARY
+    with the offset in P1-P2 (at most 256 bytes a command): bytes, or None
+    when the card answers an error or less than asked."""
+    if not 0 < length <= 0x7FFF:
+        return None
+    out = b""
+    while len(out) < length:
+        chunk = min(length - len(out), 256)
+        offset = len(out)
+        data, sw = yield exchange(transmit, apdu(cla, 0xB0, offset >> 8, offset & 0xFF, b"", chunk))
+        if sw not in (0x9000, 0x6282) or not data:
+            return None
+        out += data[:chunk]
+    return out
+
+
+def der_length(header):
+    """The whole length of the DER element starting with ``header`` (its
+    first 4 bytes at least), or None when it is not a definite length."""
+    if len(header) < 2:
+        return None
+    first = header[1]
+    if first < 0x80:
+        return 2 + first
+    n = first & 0x7F
+    if not 1 <= n <= 3 or len(header) < 2 + n:
+        return None
+    return 2 + n + int.from_bytes(header[2:2 + n], "big")
 
 
 def find_tlv(data, tag):
@@ -202,10 +257,19 @@ class Profile:
     """Base of the profiles; see the module documentation."""
 
     name = "?"
+    #: The application's AID (DF name) for the default ``select``, and the
+    #: Le to send with it (None: none).
+    aid = None
+    select_le = None
 
+    @inlineCallbacks
     def select(self, transmit):
-        """SELECT the card application: a Deferred for True when it is there."""
-        raise NotImplementedError
+        """SELECT the card application by ``aid``: a Deferred for True when
+        the card answers 9000."""
+        if self.aid is None:
+            raise NotImplementedError
+        _, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, self.aid, self.select_le))
+        return sw == 0x9000
 
     def detect(self, transmit):
         return self.select(transmit)
@@ -221,10 +285,12 @@ class Profile:
 
 
 def _profiles():
+    from .ica import IcaProfile
     from .openpgp import OpenPgpProfile
     from .piv import PivProfile
+    from .postsignum import PostSignumProfile
 
-    return (PivProfile, OpenPgpProfile)
+    return (PivProfile, OpenPgpProfile, PostSignumProfile, IcaProfile)
 
 
 #: The profile classes, tried in this order on every card.

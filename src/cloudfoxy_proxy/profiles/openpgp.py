@@ -17,8 +17,8 @@ from .. import errors
 from ..errors import CardError
 from ..logs import Logger
 from . import (
-    CardCertificate, Profile, WrongPin, apdu, digest_info, ec_input, exchange,
-    find_tlv, parse_tlvs, raw_to_der, send_chained,
+    CardCertificate, Profile, apdu, digest_info, ec_input, exchange,
+    find_tlv, parse_tlvs, pin_failure, raw_to_der, send_chained,
 )
 
 OPENPGP_AID = bytes.fromhex("D27600012401")
@@ -47,10 +47,7 @@ class OpenPgpProfile(Profile):
     name = "OpenPGP"
     log = Logger()
 
-    @inlineCallbacks
-    def select(self, transmit):
-        _, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, OPENPGP_AID))
-        return sw == 0x9000
+    aid = OPENPGP_AID
 
     @inlineCallbacks
     def certificates(self, transmit):
@@ -95,8 +92,9 @@ class OpenPgpProfile(Profile):
         _, sw = yield exchange(transmit, apdu(0x00, 0x20, 0x00, reference, raw))
         if sw == 0x9000:
             return
-        if sw in (0x6982, 0x6983) or sw >> 4 == 0x63C:
-            raise WrongPin(f"OpenPGP VERIFY {sw:04X}")
+        failure = pin_failure(sw, "OpenPGP VERIFY")
+        if failure is not None:
+            raise failure
         raise CardError(errors.FAILED, f"OpenPGP VERIFY {sw:04X}")
 
     @inlineCallbacks

@@ -13,8 +13,8 @@ from .. import errors
 from ..errors import CardError
 from ..logs import Logger
 from . import (
-    CardCertificate, Profile, WrongPin, apdu, ec_input, exchange, find_tlv,
-    parse_tlvs, pkcs1_block, send_chained,
+    CardCertificate, Profile, apdu, ec_input, exchange, find_tlv,
+    parse_tlvs, pin_failure, pkcs1_block, send_chained,
 )
 
 PIV_AID_PREFIX = bytes.fromhex("A000000308")
@@ -39,10 +39,8 @@ class PivProfile(Profile):
     name = "PIV"
     log = Logger()
 
-    @inlineCallbacks
-    def select(self, transmit):
-        data, sw = yield exchange(transmit, apdu(0x00, 0xA4, 0x04, 0x00, PIV_AID_PREFIX, 0))
-        return sw == 0x9000
+    aid = PIV_AID_PREFIX
+    select_le = 0
 
     @inlineCallbacks
     def certificates(self, transmit):
@@ -95,8 +93,9 @@ class PivProfile(Profile):
         _, sw = yield exchange(transmit, apdu(0x00, 0x20, 0x00, PIN_REF, block))
         if sw == 0x9000:
             return
-        if sw >> 4 == 0x63C or sw == 0x6983:
-            raise WrongPin(f"PIV VERIFY {sw:04X}")
+        failure = pin_failure(sw, "PIV VERIFY")
+        if failure is not None:
+            raise failure
         if sw == 0x6A80:
             raise CardError(errors.BAD_PIN, "the card refused the PIN's format")
         raise CardError(errors.FAILED, f"PIV VERIFY {sw:04X}")
