@@ -27,7 +27,7 @@ from twisted.internet.testing import StringTransport
 
 from cloudfoxy_proxy.backends import rest, tcp
 from cloudfoxy_proxy.registry import ReaderRegistry
-from cloudfoxy_proxy.restapi import Inventory
+from cloudfoxy_proxy.frontends.rest import Inventory
 
 TICK = 0.002
 

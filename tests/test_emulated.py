@@ -3,7 +3,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy import errors
 from cloudfoxy_proxy.backends import emulated
-from cloudfoxy_proxy.cards.apdu import BadLength, make_atr, parse_command
+from cloudfoxy_proxy.apdu import BadLength, make_atr, parse_command
 from cloudfoxy_proxy.cards.iso7816 import APP_AID, Iso7816Card
 from cloudfoxy_proxy.registry import ReaderRegistry
 

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend
+from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.backends import pcsc
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.errors import CardError

@@ -18,7 +18,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend
+from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.backends import from_url as backend_from_url
 from cloudfoxy_proxy.backends import rest
 from cloudfoxy_proxy.backends.httpclient import HTTPPool

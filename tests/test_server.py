@@ -10,13 +10,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend, ReaderInfo
+from cloudfoxy_proxy.interfaces import IBackend, ReaderInfo
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.parser import make_command
 from cloudfoxy_proxy.registry import ReaderRegistry
-from cloudfoxy_proxy.server import LineFactory
+from cloudfoxy_proxy.frontends.line import LineFactory
 
 ATR = "3B8B8001466F7879456D753738313677"
 

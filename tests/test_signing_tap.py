@@ -14,7 +14,7 @@ from cloudfoxy_proxy.backends import emulated
 from cloudfoxy_proxy.cards.openpgp import OpenPgpCard
 from cloudfoxy_proxy.cards.piv import PivCard
 from cloudfoxy_proxy.cards.pki import get_pki
-from cloudfoxy_proxy.certindex import CertIndex
+from cloudfoxy_proxy.signing.index import CertIndex
 
 
 def scratch(case):

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend
+from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.backends import from_url as backend_from_url
 from cloudfoxy_proxy.backends import tcp
 from cloudfoxy_proxy.dispatch import Dispatcher, Session

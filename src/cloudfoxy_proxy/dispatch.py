@@ -11,7 +11,7 @@ import hmac
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 
 from . import errors
-from .backend import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
+from .interfaces import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
 from .errors import CardError
 from .logs import Logger, RateLimitedLog
 from .parser import (

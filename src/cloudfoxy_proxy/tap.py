@@ -9,11 +9,11 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from . import backends, limits, logs
-from .backend import BackendService
+from .interfaces import BackendService
 from .dispatch import Dispatcher
 from .registry import ReaderRegistry
 from .secrets import read_secret as load_secret
-from .server import DEFAULT_MAX_LINE, LineFactory
+from .frontends.line import DEFAULT_MAX_LINE, LineFactory
 
 DEFAULT_PORT = "4001"
 DEFAULT_BACKEND = "emulated:"
@@ -186,7 +186,7 @@ class Options(usage.Options):
         self["backend-makers"] = makers
         self["ca-cert-list"] = []
         if self["ca-certs"]:
-            from .certindex import load_ca_certs
+            from .signing.index import load_ca_certs
 
             try:
                 self["ca-cert-list"] = load_ca_certs(self["ca-certs"])
@@ -267,7 +267,7 @@ def makeService(config, reactor=None):
     # cards as they arrive, so it watches the registry before backends start.
     top.certindex = None
     if not config.get("no-signing"):
-        from .certindex import CertIndex
+        from .signing.index import CertIndex
 
         dispatcher.signing = CertIndex(registry, reactor, config["command-timeout"],
                                        ca_certs=config.get("ca-cert-list", ()))
@@ -285,11 +285,11 @@ def makeService(config, reactor=None):
     for description in config["endpoints"]:
         Listener(serverFromString(reactor, description), guarded, description).setServiceParent(top)
     if config["rest"]:
-        from .restapi import make_rest_service
+        from .frontends.rest import make_rest_service
 
         make_rest_service(config, dispatcher, registry, reactor, top_limits).setServiceParent(top)
     for host, port, reader, exclusive in config["vpcd"]:
-        from .vpcd import make_vpcd_service
+        from .frontends.vpcd import make_vpcd_service
 
         make_vpcd_service(host, port, reader, dispatcher, registry, reactor,
                           exclusive=exclusive).setServiceParent(top)

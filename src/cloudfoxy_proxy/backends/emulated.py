@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from .. import errors
-from ..backend import IBackend, ReaderInfo
+from ..interfaces import IBackend, ReaderInfo
 from ..cards.iso7816 import Iso7816Card
 from . import float_param, int_param, query
 

@@ -34,7 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .. import errors
-from ..backend import IBackend, ReaderInfo
+from ..interfaces import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from . import query

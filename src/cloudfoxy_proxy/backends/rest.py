@@ -40,7 +40,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from .. import errors
-from ..backend import IBackend, ReaderInfo
+from ..interfaces import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from .httpclient import HTTPPool

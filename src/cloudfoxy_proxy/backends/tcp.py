@@ -60,7 +60,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import errors
-from ..backend import MAX_RESPONSE, IBackend, ReaderInfo
+from ..interfaces import MAX_RESPONSE, IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from ..parser import COMMANDS

@@ -6,7 +6,7 @@ Every answer is computed from the card's state; nothing is canned.
 
 import os
 
-from .apdu import (
+from ..apdu import (
     SW_CLA_NOT_SUPPORTED, SW_EOF_WARNING, SW_INS_NOT_SUPPORTED,
     SW_NO_CURRENT_EF, SW_NOT_ALLOWED, SW_NOT_FOUND, SW_OK, SW_SECURITY,
     SW_WRONG_LENGTH, SW_WRONG_OFFSET, SW_WRONG_P1P2, BadLength,

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.x509.oid import NameOID
 
-from .apdu import SW_WRONG_LENGTH, BadLength, parse_command, sw, CommandAPDU
+from ..apdu import SW_WRONG_LENGTH, BadLength, parse_command, sw, CommandAPDU
 from .iso7816 import INS_GET_RESPONSE, Card, StatusError
 
 ROOT_CN = "CloudFoxy Emulated Root CA"

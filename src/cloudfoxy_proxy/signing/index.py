@@ -8,7 +8,7 @@ while held is probed lazily, by the first ENUM, ALIASES or CHAIN that finds
 it free, or by SIGN.  A client's RESET only marks the card (SIGN, which
 holds the card, looks at it again first); nothing is sent to a card after
 a reset, so it stays as the reset left it.  A probe tries the card profiles
-(``cloudfoxy_proxy.profiles``) in order inside one turn on the card's
+(``cloudfoxy_proxy.signing.profiles``) in order inside one turn on the card's
 queue, and the certificates found are cached.  ENUM, ALIASES and CHAIN
 answer from that cache with no APDUs (unless such a lazy probe is due).  The certificate aliases (subject common name, and the full RFC 4514
 subject) become extra reader aliases in the registry, so a reader line
@@ -34,11 +34,11 @@ from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, inlineCallbacks, maybeDeferred, succeed,
 )
 
-from . import errors
-from .errors import CardError
-from .logs import Logger
+from .. import errors
+from ..errors import CardError
+from ..logs import Logger
 from .profiles import HASH_NAMES, HASHES, PROFILES, WrongPin
-from .registry import QueueFull, b64name
+from ..registry import QueueFull, b64name
 
 
 def load_ca_certs(path):

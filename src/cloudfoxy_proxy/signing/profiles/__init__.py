@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 from twisted.internet.defer import inlineCallbacks
 
-from .. import errors
-from ..cards.apdu import BadLength, parse_command, parse_tlvs
-from ..errors import CardError
+from ... import errors
+from ...apdu import BadLength, parse_command, parse_tlvs
+from ...errors import CardError
 
 #: Hash value length -> (name, DER DigestInfo prefix).
 HASHES = {

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet.defer import inlineCallbacks
 
-from .. import errors
-from ..errors import CardError
-from ..logs import Logger
+from ... import errors
+from ...errors import CardError
+from ...logs import Logger
 from . import (
     CardCertificate, Profile, WrongPin, apdu, digest_info, ec_input, exchange,
     find_tlv, parse_tlvs, raw_to_der, send_chained,

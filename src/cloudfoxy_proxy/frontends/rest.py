@@ -22,10 +22,10 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from . import __version__, errors
-from .limits import BufferBudget
-from .logs import Logger, RateLimitedLog
-from .parser import APDU, MAX_APDU_BYTES, RESET, make_command
+from .. import __version__, errors
+from ..limits import BufferBudget
+from ..logs import Logger, RateLimitedLog
+from ..parser import APDU, MAX_APDU_BYTES, RESET, make_command
 
 #: HTTP status and reason for each result code a card command can end with.
 STATUS = {
@@ -388,8 +388,8 @@ def make_rest_service(config, dispatcher, registry, reactor, limits=None):
     with the other front ends; None: a new one with the defaults)."""
     from twisted.internet.endpoints import serverFromString
 
-    from .limits import ConnectionLimits
-    from .tap import Listener  # tap imports this module only inside makeService
+    from ..limits import ConnectionLimits
+    from ..tap import Listener  # tap imports this module only inside makeService
 
     resource = RestResource(dispatcher, registry, config["rest-token"], reactor)
     # No idle timeout of twisted.web's own: ``limits`` closes idle

@@ -40,11 +40,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel
 from zope.interface import implementer
 
-from . import errors
-from .errors import CardError
-from .dispatch import Session
-from .logs import Logger
-from .parser import make_command
+from .. import errors
+from ..errors import CardError
+from ..dispatch import Session
+from ..logs import Logger
+from ..parser import make_command
 
 # -- wire format (pure) --------------------------------------------------------
 

@@ -9,9 +9,9 @@ import zlib
 
 from twisted.internet.defer import inlineCallbacks
 
-from .. import errors
-from ..errors import CardError
-from ..logs import Logger
+from ... import errors
+from ...errors import CardError
+from ...logs import Logger
 from . import (
     CardCertificate, Profile, WrongPin, apdu, ec_input, exchange, find_tlv,
     parse_tlvs, pkcs1_block, send_chained,

@@ -6,11 +6,11 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from . import errors
-from .dispatch import Session
-from .limits import BufferBudget
-from .logs import Logger, RateLimitedLog
-from .parser import MAX_APDU_BYTES, RequestParser
+from .. import errors
+from ..dispatch import Session
+from ..limits import BufferBudget
+from ..logs import Logger, RateLimitedLog
+from ..parser import MAX_APDU_BYTES, RequestParser
 from .telnet import TelnetStripper
 
 #: Fits ``>ID:APDU:`` plus the longest extended APDU in hex with a space
