@@ -9,7 +9,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from . import backends, limits, logs
-from .interfaces import BackendService
+from .backends.service import BackendService
 from .dispatch import Dispatcher
 from .registry import ReaderRegistry
 from .secrets import read_secret as load_secret

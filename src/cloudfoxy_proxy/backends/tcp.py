@@ -55,14 +55,13 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import errors
 from ..interfaces import MAX_RESPONSE, IBackend, ReaderInfo
 from ..errors import CardError
-from ..logs import Logger
+from ..logs import Logger, RetryLogger
 from ..parser import COMMANDS
 from ..secrets import read_secret
 from . import (
@@ -492,21 +491,13 @@ class _WatchedEndpoint:
         return self.endpoint.connect(factory).addErrback(failed)
 
 
-class _QuietLogger(Logger):
-    """ClientService logs every retry at info level; that is debug for us
-    (the backend logs the transitions between up and down itself)."""
-
-    def emit(self, level, format=None, **kwargs):
-        super().emit(LogLevel.debug if level == LogLevel.info else level, format, **kwargs)
-
-
 class _Slot(ClientService):
     """One persistent connection of the pool.  ``waiting``: between
     attempts (stopping and starting it again is then harmless);
     ``parked``: waiting without a deadline (an upstream that closes after
     every answer gets one-off connections instead)."""
 
-    _log = _QuietLogger()
+    _log = RetryLogger()
     waiting = False
     parked = False
 

@@ -37,13 +37,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import LogLevel
 from zope.interface import implementer
 
 from .. import errors
 from ..errors import CardError
 from ..dispatch import Session
-from ..logs import Logger
+from ..logs import Logger, RetryLogger
 from ..parser import make_command
 
 # -- wire format (pure) --------------------------------------------------------
@@ -403,17 +402,8 @@ def retry_policy(initial=0.25, cap=3.0, jitter=0.1):
                          jitter=lambda: random.random() * jitter)
 
 
-class _RetryLogger(Logger):
-    """ClientService logs every retry at info level; with pcscd stopped (or
-    idle-exited) that is a line every few seconds forever.  Those go to
-    debug: the bridge logs why it is not connected once instead."""
-
-    def emit(self, level, format=None, **kwargs):
-        super().emit(LogLevel.debug if level == LogLevel.info else level, format, **kwargs)
-
-
 class VpcdClientService(ClientService):
-    _log = _RetryLogger()
+    _log = RetryLogger()
 
 
 @implementer(IStreamClientEndpoint)
