@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from cloudfoxy_proxy import errors
+from cloudfoxy_proxy import apdu, errors
 from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.backends import pcsc
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
@@ -593,12 +593,12 @@ class CommandTests(SynchronousTestCase):
                          + ["SCardEndTransaction"])
 
     def test_chain_helpers(self):
-        le = pcsc._with_le
+        le = apdu.with_le
         self.assertEqual(le(bytes.fromhex("00B00000"), 5).hex(), "00b0000005")
         self.assertEqual(le(bytes.fromhex("00B0000000"), 5).hex(), "00b0000005")
         self.assertEqual(le(bytes.fromhex("00A4040002A000"), 9).hex(), "00a4040002a00009")
         self.assertEqual(le(bytes.fromhex("00A4040002A00000"), 9).hex(), "00a4040002a00009")
-        cla = pcsc._get_response_cla
+        cla = apdu.get_response_cla
         self.assertEqual([cla(c) for c in (0x00, 0x03, 0x0C, 0x80, 0x81, 0x45, 0x90)],
                          [0x00, 0x03, 0x00, 0x00, 0x01, 0x45, 0x00])
 

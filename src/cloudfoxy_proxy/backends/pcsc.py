@@ -34,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .. import errors
+from ..apdu import follow_up, run_sync
 from ..interfaces import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
@@ -47,10 +48,6 @@ PROTOCOLS = ("any", "t0", "t1")
 
 INSTALL_PYSCARD = "pip install 'cloudfoxy-proxy[pcsc]' (needs swig and libpcsclite-dev)"
 INSTALL_PCSCD = "install and start it, e.g. apt-get install pcscd && systemctl start pcscd.socket"
-
-#: GET RESPONSE rounds followed at most for one command when chain=1.
-MAX_CHAIN = 256
-
 
 # -- configuration -------------------------------------------------------------
 
@@ -281,10 +278,9 @@ class _Link:
                 raise self._error("begin transaction", hr)
             self.in_transaction = True
         try:
-            response = self._send(apdu)
             if self.chain:
-                response = self._follow(apdu, response)
-            return response
+                return run_sync(follow_up(apdu), self._send)
+            return self._send(apdu)
         except BaseException:
             self.end()
             raise
@@ -367,18 +363,6 @@ class _Link:
                 return hr == s.SCARD_E_UNKNOWN_READER
             event = states[0][1]
 
-    def _follow(self, apdu, response):
-        """chain=1: 6Cxx -> re-send with Le=xx; 61xx -> GET RESPONSE."""
-        if len(response) == 2 and response[0] == 0x6C:
-            response = self._send(_with_le(apdu, response[1]))
-        data = b""
-        rounds = 0
-        while len(response) >= 2 and response[-2] == 0x61 and rounds < MAX_CHAIN:
-            data += response[:-2]
-            response = self._send(bytes([_get_response_cla(apdu[0]), 0xC0, 0x00, 0x00, response[-1]]))
-            rounds += 1
-        return data + response
-
     def _reset(self, epoch):
         s = self.scard
         self.end()
@@ -400,27 +384,6 @@ class _Link:
             self._drop_handle()
             raise self._error("status", hr)
         return bytes(atr)
-
-
-def _with_le(apdu, le):
-    """``apdu`` with its short Le replaced by (or, without one, given) ``le``."""
-    if len(apdu) == 4:
-        return apdu + bytes([le])
-    if len(apdu) == 5:
-        return apdu[:4] + bytes([le])
-    lc = apdu[4]
-    if lc and len(apdu) == 5 + lc:
-        return apdu + bytes([le])
-    if lc and len(apdu) == 6 + lc:
-        return apdu[:-1] + bytes([le])
-    return apdu
-
-
-def _get_response_cla(cla):
-    """GET RESPONSE keeps the logical channel of the command it follows."""
-    if cla & 0x40 and not cla & 0x80:
-        return cla & 0x4F  # further interindustry class: channels 4..19
-    return cla & 0x03
 
 
 # -- monitor thread -------------------------------------------------------------

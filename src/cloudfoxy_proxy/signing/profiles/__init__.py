@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet.defer import inlineCallbacks
 
 from ... import errors
-from ...apdu import BadLength, parse_command, parse_tlvs
+from ...apdu import follow_up, run_deferred
 from ...errors import CardError
 
 #: Hash value length -> (name, DER DigestInfo prefix).
@@ -123,27 +123,14 @@ def status(response):
 
 @inlineCallbacks
 def exchange(transmit, command):
-    """Send ``command``; follow ``61xx`` with GET RESPONSE and ``6Cxx`` with
-    the right Le.  (data, status word)."""
-    response = yield transmit(command)
+    """Send ``command`` with its ``61xx``/``6Cxx`` follow-ups
+    (``apdu.follow_up``).  (data, status word); CardError (C08x) for an
+    answer without a status word or a GET RESPONSE chain that does not end."""
+    response = yield run_deferred(follow_up(command), transmit)
     sw = status(response)
-    if sw >> 8 == 0x6C:
-        try:
-            has_le = parse_command(command).ne is not None
-        except BadLength:
-            has_le = False
-        response = yield transmit((command[:-1] if has_le else command) + bytes([sw & 0xFF]))
-        sw = status(response)
-    data = bytes(response[:-2])
-    rounds = 0
-    while sw >> 8 == 0x61:
-        rounds += 1
-        if rounds > 300:
-            raise CardError(errors.FAILED, "endless GET RESPONSE")
-        response = yield transmit(bytes([command[0] & 0x03, 0xC0, 0, 0, sw & 0xFF]))
-        sw = status(response)
-        data += response[:-2]
-    return (data, sw)
+    if sw >> 8 == 0x61:
+        raise CardError(errors.FAILED, "endless GET RESPONSE")
+    return (bytes(response[:-2]), sw)
 
 
 @inlineCallbacks
@@ -158,13 +145,6 @@ def send_chained(transmit, cla, ins, p1, p2, data, le=0):
             return (b"", sw)
     result = yield exchange(transmit, apdu(cla, ins, p1, p2, parts[-1], le))
     return result
-
-
-def find_tlv(data, tag):
-    for t, value in parse_tlvs(data):
-        if t == tag:
-            return value
-    return None
 
 
 def digest_info(digest):

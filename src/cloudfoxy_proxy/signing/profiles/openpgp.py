@@ -16,9 +16,9 @@ from twisted.internet.defer import inlineCallbacks
 from ... import errors
 from ...errors import CardError
 from ...logs import Logger
+from ...apdu import find_tlv, parse_tlvs
 from . import (
-    CardCertificate, Profile, WrongPin, apdu, digest_info, ec_input, exchange,
-    find_tlv, parse_tlvs, raw_to_der, send_chained,
+    CardCertificate, Profile, WrongPin, apdu, digest_info, ec_input, exchange, raw_to_der, send_chained,
 )
 
 OPENPGP_AID = bytes.fromhex("D27600012401")
