@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import apdu, errors
 from cloudfoxy_proxy.interfaces import IBackend
-from cloudfoxy_proxy.backends import pcsc
+from cloudfoxy_proxy.backends import pcsc, pcsc_thread
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.parser import Request, make_command
@@ -191,7 +191,7 @@ class FakeScard:
         out = []
         changed = False
         for name, current, *_ in states:
-            if name == pcsc.PNP_NOTIFICATION:
+            if name == pcsc_thread.PNP_NOTIFICATION:
                 if not self.pnp_supported:
                     return self.SCARD_E_UNKNOWN_READER, []
                 out.append((name, current, []))
