@@ -21,7 +21,7 @@ from zope.interface.verify import verifyObject
 from cloudfoxy_proxy import errors
 from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.backends import from_url as backend_from_url
-from cloudfoxy_proxy.backends import tcp
+from cloudfoxy_proxy.backends import tcp, tcp_pool, tcp_upstream
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.parser import Request, make_command
@@ -482,7 +482,7 @@ class FailureTests(Base):
         conn.proto.dataReceived(b">" + c1.encode() + b":" + b"9" * 100000)
         for _ in range(5):
             conn.proto.dataReceived(b"9" * 100000)
-        self.assertLess(len(conn.proto._buf), tcp.MAX_LINE + 100000)
+        self.assertLess(len(conn.proto._buf), tcp_upstream.MAX_LINE + 100000)
         conn.proto.dataReceived(b"00\n@@\n")
         self.assertEqual(outcome(d1), "C086")
         self.assertNoResult(d2)
@@ -495,8 +495,8 @@ class FailureTests(Base):
         backend = tcp.TcpBackend(endpoint=self.endpoint, clock=self.clock)
         for failures in range(0, 40):
             backend._failures = failures
-            delay = backend._retry(tcp._Slot(self.endpoint, None))
-            self.assertTrue(tcp.MIN_BACKOFF / 2 <= delay <= tcp.MAX_BACKOFF, delay)
+            delay = backend._retry(tcp_pool._Slot(self.endpoint, None))
+            self.assertTrue(tcp_pool.MIN_BACKOFF / 2 <= delay <= tcp_pool.MAX_BACKOFF, delay)
 
     def test_quick_close_counts_as_failure(self):
         conn = self.connect(names=None)  # never answers anything
@@ -656,7 +656,7 @@ class ModeTests(Base):
         [(_, cid0, _)] = c2.requests()
         d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")  # no free connection: waits
         self.assertEqual(c1.requests() + c2.requests(), [])
-        self.clock.advance(tcp.PROBE_DELAY)  # c1 stayed open after its answer
+        self.clock.advance(tcp_upstream.PROBE_DELAY)  # c1 stayed open after its answer
         self.assertTrue(self.backend.persistent)
         [(_, cid1, command)] = c1.requests()
         self.assertEqual(command, "APDU:00000001")
@@ -743,7 +743,7 @@ class ModeTests(Base):
         [(_, cid, _)] = c2.requests()
         c2.answer(cid, "9000")
         self.assertEqual(outcome(d), b"\x90\x00")
-        self.clock.advance(tcp.PROBE_DELAY)  # ... and c2 stays open
+        self.clock.advance(tcp_upstream.PROBE_DELAY)  # ... and c2 stays open
         self.assertIs(self.backend.persistent, True)
         self.assertEqual(len(self.endpoint.attempts), 2)  # the pool is back
         self.assertFalse(any(slot.parked for slot in self.backend.services))
@@ -802,7 +802,7 @@ class NeighbourTests(Base):
         junk 20 times a second: every healthy answer arrives, one warning."""
         conn = self.connect()
         healthy_ok = 0
-        junk = [">{id}:XYZ", ">999999:9000", ">{id}:" + "9" * (tcp.MAX_LINE + 10), "garbage"]
+        junk = [">{id}:XYZ", ">999999:9000", ">{id}:" + "9" * (tcp_upstream.MAX_LINE + 10), "garbage"]
         for i in range(300):
             if i % 3 == 0:  # ~20/s next to ~60 healthy commands a second
                 b = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
@@ -892,7 +892,7 @@ class OneByOneTests(Base):
     def test_batch_one_request_at_a_time(self):
         conn = self.connect()
         d = self.backend.transmit_batch("Emulated 00", [("RESET", None), ("APDU", b"\x00\xa4\x00\x00")])
-        self.clock.advance(tcp.PROBE_DELAY)  # not reused before this: one request in flight
+        self.clock.advance(tcp_upstream.PROBE_DELAY)  # not reused before this: one request in flight
         [(_, c1, command)] = conn.requests()
         self.assertEqual(command, "RESET")
         self.assertNoResult(d)
@@ -906,7 +906,7 @@ class OneByOneTests(Base):
     def test_cancel_stops_the_rest(self):
         conn = self.connect()
         d = self.backend.transmit_batch("Emulated 00", [("APDU", b"\x00\xa4\x00\x00")] * 3)
-        self.clock.advance(tcp.PROBE_DELAY)
+        self.clock.advance(tcp_upstream.PROBE_DELAY)
         [(_, c1, _)] = conn.requests()
         cancel(d)
         conn.answer(c1, "9000")  # the late answer: discarded, nothing more is sent
