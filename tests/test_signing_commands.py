@@ -17,7 +17,8 @@ from cloudfoxy_proxy.backends import emulated
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.pki import get_pki
 from cloudfoxy_proxy.cards.piv import PivCard
-from cloudfoxy_proxy.signing.index import CertIndex, build_chain, load_ca_certs, parse_digest
+from cloudfoxy_proxy.signing.certs import build_chain, load_ca_certs
+from cloudfoxy_proxy.signing.index import CertIndex, parse_digest
 from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.registry import ReaderRegistry

@@ -84,6 +84,18 @@ class ServiceTests(SynchronousTestCase):
         self.assertIs(top.dispatcher.signing, top.certindex)
         self.assertTrue(top.certindex.started)
 
+    def test_index_is_a_service_stopped_with_the_application(self):
+        reactor = MemoryReactorClock()
+        top = tap.makeService(parse("--backend", "emulated:?type=piv&cards=1&prefix=W"), reactor)
+        self.assertIs(top.certindex.parent, top)
+        top.startService()
+        self.assertTrue(top.certindex.running)
+        pending = [c for c in top.certindex._arrivals if c.active()]
+        self.assertEqual(len(pending), 1)  # the arrival probe of the emulated card
+        top.stopService()
+        self.assertFalse(top.certindex.running)
+        self.assertEqual([c.active() for c in pending], [False])  # cancelled, never run
+
     def test_no_signing(self):
         top = tap.makeService(parse("--no-signing"), MemoryReactorClock())
         self.assertIsNone(top.certindex)

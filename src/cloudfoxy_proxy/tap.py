@@ -186,7 +186,7 @@ class Options(usage.Options):
         self["backend-makers"] = makers
         self["ca-cert-list"] = []
         if self["ca-certs"]:
-            from .signing.index import load_ca_certs
+            from .signing.certs import load_ca_certs
 
             try:
                 self["ca-cert-list"] = load_ca_certs(self["ca-certs"])
@@ -271,7 +271,8 @@ def makeService(config, reactor=None):
 
         dispatcher.signing = CertIndex(registry, reactor, config["command-timeout"],
                                        ca_certs=config.get("ca-cert-list", ()))
-        dispatcher.signing.start()
+        dispatcher.signing.start()  # listening now: before any backend adds a reader
+        dispatcher.signing.setServiceParent(top)  # stopService cancels pending probes
         top.certindex = dispatcher.signing
     factory = LineFactory(
         dispatcher,
