@@ -380,7 +380,7 @@ class Harness:
 
 class FromUrlTests(SynchronousTestCase):
     def test_defaults(self):
-        make = pcsc.from_url("pcsc:", {}, scard=FakeScard())
+        make = pcsc.from_url("pcsc:", scard=FakeScard())
         backend = make(FakeReactor())
         verifyObject(IBackend, backend)
         self.assertEqual((backend.mode, backend.protocol, backend.chain, backend.readers),
@@ -389,7 +389,7 @@ class FromUrlTests(SynchronousTestCase):
 
     def test_parameters(self):
         make = pcsc.from_url("pcsc:?readers=^Virtual.*01$&mode=exclusive&protocol=T1&chain=1",
-                             {}, scard=FakeScard())
+                             scard=FakeScard())
         backend = make(FakeReactor())
         self.assertEqual((backend.mode, backend.protocol, backend.chain), ("exclusive", "t1", True))
         self.assertTrue(backend.readers.search("virtual pcd 00 01"))
@@ -404,20 +404,20 @@ class FromUrlTests(SynchronousTestCase):
             ("pcsc:?readers=", "readers= must not be empty"),
             ("pcsc:?reader=x", "unknown parameter 'reader'"),
         ]:
-            e = self.assertRaises(ValueError, pcsc.from_url, url, {}, FakeScard())
+            e = self.assertRaises(ValueError, pcsc.from_url, url, None, FakeScard())
             self.assertIn(message, str(e))
 
     def test_pcscd_not_running(self):
         scard = FakeScard()
         scard.up = False
-        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", {}, scard)
+        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", None, scard)
         self.assertRegex(str(e), r"^pcscd is not (running|installed) \(Service not available \(0x8010001D\)\): "
                                  r"install and start it, e\.g\. apt-get install pcscd")
 
     def test_pcscd_refuses(self):
         scard = FakeScard()
         scard.SCardEstablishContext = lambda scope: (scard.SCARD_F_COMM_ERROR, 0)
-        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", {}, scard)
+        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", None, scard)
         self.assertEqual(str(e), "pcscd refused a connection (fake error (0x80100013)); if it runs, "
                                  "check that this user may use it (polkit, see docs/pcsc.md)")
 
@@ -425,7 +425,7 @@ class FromUrlTests(SynchronousTestCase):
         saved = {k: sys.modules[k] for k in ("smartcard", "smartcard.scard") if k in sys.modules}
         sys.modules["smartcard"] = None
         try:
-            e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", {})
+            e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", None)
         finally:
             del sys.modules["smartcard"]
             sys.modules.update(saved)

@@ -330,11 +330,16 @@ class EarlyRefusalTests(SynchronousTestCase):
 
 
 class ServiceTests(SynchronousTestCase):
+    def test_settings_are_validated(self):
+        self.assertRaises(ValueError, rest.RestSettings, endpoint="tcp:0", token=" ")
+        self.assertRaises(ValueError, rest.RestSettings, endpoint="", token=TOKEN)
+        self.assertEqual(rest.RestSettings(endpoint="tcp:0", token=TOKEN).token, TOKEN)
+
     def test_make_rest_service(self):
         reactor = MemoryReactorClock()
         registry = ReaderRegistry()
-        config = {"rest": "tcp:0:interface=127.0.0.1", "rest-token": TOKEN}
-        service = rest.make_rest_service(config, Dispatcher(registry, reactor), registry, reactor)
+        settings = rest.RestSettings(endpoint="tcp:0:interface=127.0.0.1", token=TOKEN)
+        service = rest.make_rest_service(settings, Dispatcher(registry, reactor), registry, reactor)
         self.assertIsInstance(service, tap.Listener)  # a busy port is one line, like -p
         self.assertIsInstance(service.factory, limits.GuardedFactory)  # counted with the other front ends
         self.assertIsInstance(service.factory.wrappedFactory, rest.RestSite)

@@ -43,7 +43,7 @@ class Counting(EmulatedBackend):
 
 
 def backend(clock, kind, prefix, cards=2, latency=0.0, **kw):
-    make = emulated.from_url(f"emulated:?type={kind}&cards={cards}&prefix={prefix}", {})
+    make = emulated.from_url(f"emulated:?type={kind}&cards={cards}&prefix={prefix}")
     made = make(clock)
     return Counting(clock, made.cards, latency=latency, prefix=prefix, kind=kind)
 

@@ -63,7 +63,7 @@ class OptionTests(SynchronousTestCase):
 
     def test_keys_dir_is_loaded_or_written(self):
         d = scratch(self)
-        make = emulated.from_url(f"emulated:?type=piv&cards=1&prefix=K&keys={d}", {})
+        make = emulated.from_url(f"emulated:?type=piv&cards=1&prefix=K&keys={d}")
         card = make(MemoryReactorClock()).cards[0]
         names = sorted(os.listdir(d))
         self.assertIn("ca.pem", names)

@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
 from cloudfoxy_proxy.interfaces import IBackend
-from cloudfoxy_proxy.backends import from_url as backend_from_url
+from cloudfoxy_proxy.backends import BackendSettings, from_url as backend_from_url
 from cloudfoxy_proxy.backends import tcp, tcp_pool, tcp_upstream
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.errors import CardError
@@ -568,7 +568,7 @@ class FromUrlTests(SynchronousTestCase):
         return path
 
     def make(self, url, config=None):
-        return backend_from_url(url, config or {})(MemoryReactorClock())
+        return backend_from_url(url, config or BackendSettings())(MemoryReactorClock())
 
     def test_defaults(self):
         b = self.make("tcp://127.0.0.1:4001")
@@ -577,15 +577,20 @@ class FromUrlTests(SynchronousTestCase):
                          ("tcp://127.0.0.1:4001", 4, 10.0, "", None, False))
         self.assertEqual(self.make("tcp://[::1]").where, "tcp://[::1]:4001")
 
+    def test_settings_are_validated(self):
+        self.assertRaises(ValueError, BackendSettings, command_timeout=0)
+        self.assertRaises(TypeError, BackendSettings, password=b"pw")
+        self.assertEqual(BackendSettings(command_timeout="2.5").command_timeout, 2.5)
+
     def test_params(self):
         b = self.make("tcp://h:5?prefix=B%20&connections=2&refresh=0",
-                      {"command-timeout": 3.0, "password": "pw"})
+                      BackendSettings(command_timeout=3.0, password="pw"))
         self.assertEqual((b.prefix, b.connections, b.refresh, b.timeout, b.password),
                          ("B ", 2, 0.0, 3.0, "pw"))
 
     def test_password_file_wins(self):
         path = self.tmpfile("from-file\nsecond line\n")
-        b = self.make(f"tcp://h:5?password_file={path}", {"password": "from-config"})
+        b = self.make(f"tcp://h:5?password_file={path}", BackendSettings(password="from-config"))
         self.assertEqual(b.password, "from-file")
         self.assertNotIn("from-file", b.description + repr(b))
 
@@ -605,18 +610,18 @@ class FromUrlTests(SynchronousTestCase):
             ("tls://h:5?cert=/nonexistent/x.pem", "cert="),
         ]:
             with self.assertRaises(ValueError) as cm:
-                backend_from_url(url, {})
+                backend_from_url(url)
             self.assertIn(words, str(cm.exception), url)
 
     def test_password_that_reads_as_a_command(self):
         with self.assertRaises(ValueError) as cm:
-            backend_from_url("tcp://h:5", {"password": "apdu"})
+            backend_from_url("tcp://h:5", BackendSettings(password="apdu"))
         self.assertIn("command", str(cm.exception))
 
     def test_ca_without_certificate(self):
         path = self.tmpfile("not a certificate")
         with self.assertRaises(ValueError) as cm:
-            backend_from_url(f"tls://h:5?ca={path}", {})
+            backend_from_url(f"tls://h:5?ca={path}")
         self.assertIn("no PEM certificate", str(cm.exception))
 
     def test_tls_builds(self):
@@ -637,7 +642,7 @@ class FromUrlTests(SynchronousTestCase):
             f.write(open(pki["cert"]).read() + open(pki["key"]).read())
         self.assertTrue(self.make(f"tls://127.0.0.1:4002?cert={both}").tls)
         with self.assertRaises(ValueError) as cm:
-            backend_from_url(f"tls://h:5?cert={pki['cert']}", {})  # no key anywhere
+            backend_from_url(f"tls://h:5?cert={pki['cert']}")  # no key anywhere
         self.assertIn("not a usable certificate and private key", str(cm.exception))
 
 

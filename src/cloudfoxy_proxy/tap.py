@@ -177,10 +177,12 @@ class Options(usage.Options):
             if not self["rest-token"]:
                 raise usage.UsageError(
                     "--rest needs a token: --rest-token-file FILE or env FOXYPROXY_REST_TOKEN")
+        settings = backends.BackendSettings(
+            token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
         makers = []
         for url in self["backend"] or [DEFAULT_BACKEND]:
             try:
-                makers.append(backends.from_url(url, self))
+                makers.append(backends.from_url(url, settings))
             except ValueError as e:
                 raise usage.UsageError(f"--backend {url!r}: {e}") from None
         self["backend-makers"] = makers
@@ -286,9 +288,10 @@ def makeService(config, reactor=None):
     for description in config["endpoints"]:
         Listener(serverFromString(reactor, description), guarded, description).setServiceParent(top)
     if config["rest"]:
-        from .frontends.rest import make_rest_service
+        from .frontends.rest import RestSettings, make_rest_service
 
-        make_rest_service(config, dispatcher, registry, reactor, top_limits).setServiceParent(top)
+        settings = RestSettings(endpoint=config["rest"], token=config["rest-token"])
+        make_rest_service(settings, dispatcher, registry, reactor, top_limits).setServiceParent(top)
     for host, port, reader, exclusive in config["vpcd"]:
         from .frontends.vpcd import make_vpcd_service
 

@@ -34,7 +34,7 @@ CARD_TYPES = {"iso7816": Iso7816Card, "piv": _piv, "openpgp": _openpgp}
 SIGNING_TYPES = frozenset(("piv", "openpgp"))
 
 
-def from_url(url, config):
+def from_url(url, settings=None):
     params = query(url, {"cards", "type", "latency_ms", "prefix", "pin", "keys"})
     cards = int_param(params, "cards", 4, 1, 10000)
     latency = float_param(params, "latency_ms", 0.0, 0.0, 600000.0) / 1000.0

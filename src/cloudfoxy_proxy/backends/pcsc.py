@@ -75,7 +75,7 @@ def check_service(scard):
     scard.SCardReleaseContext(ctx)
 
 
-def from_url(url, config, scard=None):
+def from_url(url, settings=None, scard=None):
     params = query(url, {"readers", "mode", "protocol", "chain"})
     pattern = params.get("readers")
     if pattern is not None:

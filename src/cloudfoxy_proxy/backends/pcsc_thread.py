@@ -46,6 +46,22 @@ def _message(scard, hr):
     return f"{text} (0x{hr & 0xFFFFFFFF:08X})"
 
 
+def dead_results(scard):
+    """Results meaning the context or handle is dead (pcscd restarted or gone)."""
+    s = scard
+    return {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
+            s.SCARD_E_INVALID_HANDLE}
+
+
+def release_context(scard, ctx):
+    """``SCardReleaseContext(ctx)`` unless ``ctx`` is None, ignoring every error."""
+    if ctx is not None:
+        try:
+            scard.SCardReleaseContext(ctx)
+        except Exception:
+            pass
+
+
 # -- reader threads -------------------------------------------------------------
 
 class _Retry(Exception):
@@ -72,9 +88,7 @@ class _Link:
         self.epoch = None
         self.in_transaction = False  # one PC/SC transaction spans a whole request
         s = scard
-        #: results meaning the context or handle is dead (pcscd restarted or gone)
-        self.dead = {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
-                     s.SCARD_E_INVALID_HANDLE}
+        self.dead = dead_results(s)
         #: results meaning "reconnect first; nothing was sent to the card"
         self.stale = {s.SCARD_W_REMOVED_CARD, s.SCARD_W_RESET_CARD, s.SCARD_W_UNPOWERED_CARD}
         #: stale results that also mean the card lost its session state (reset
@@ -99,11 +113,7 @@ class _Link:
         """Disconnect and release the context, ignoring every error."""
         self._drop_handle()
         ctx, self.ctx = self.ctx, None
-        if ctx is not None:
-            try:
-                self.scard.SCardReleaseContext(ctx)
-            except Exception:
-                pass
+        release_context(self.scard, ctx)
 
     def forget(self):
         """Disconnect from a card that left; keep the context."""
@@ -326,17 +336,11 @@ class _Monitor:
         self.pnp_state = 0
         self.unknown = None  # reader list of the last SCARD_E_UNKNOWN_READER
         self.fresh = True  # no wait on the first look with a new context
-        s = scard
-        self.dead = {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
-                     s.SCARD_E_INVALID_HANDLE}
+        self.dead = dead_results(scard)
 
     def close(self):
         ctx, self.ctx = self.ctx, None
-        if ctx is not None:
-            try:
-                self.scard.SCardReleaseContext(ctx)
-            except Exception:
-                pass
+        release_context(self.scard, ctx)
 
     def _down(self, what, hr):
         self.close()

@@ -46,7 +46,8 @@ from ..logs import Logger
 from .httpclient import HTTPPool
 from ..secrets import read_secret
 from . import (
-    MAX_NAME, READERS_MAX, ReaderCap, ReaderUpdates, float_param, int_param, query, tls_material,
+    MAX_NAME, READERS_MAX, BackendSettings, ReaderCap, ReaderUpdates, float_param, int_param, query,
+    tls_material,
 )
 
 BASIC = "/api/v1/basic"
@@ -304,7 +305,7 @@ def load_tls(params):
     return TLSPolicy(*tls_material(params))
 
 
-def from_url(url, config):
+def from_url(url, settings=BackendSettings()):
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     tls = scheme == "cloudfoxy+https"
@@ -325,7 +326,7 @@ def from_url(url, config):
     if "token_file" in params:
         token = read_secret("token_file", params["token_file"])
     else:
-        token = config.get("token")
+        token = settings.token
     if not token:
         raise ValueError("no token: give token_file=FILE in the URL, --token-file FILE or env FOXYPROXY_TOKEN")
     poll = float_param(params, "poll", 10.0, 0.05, 86400.0)
@@ -333,7 +334,7 @@ def from_url(url, config):
     readers_max = int_param(params, "readers_max", READERS_MAX, 1, 100000)
     prefix = params.get("prefix", "CloudFoxy").strip()
     policy = load_tls(params) if tls else None
-    timeout = float(config.get("command-timeout") or 15.0)
+    timeout = settings.command_timeout
     if not host.isascii():
         try:
             host = host.encode("idna").decode("ascii")

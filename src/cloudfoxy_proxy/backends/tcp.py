@@ -66,7 +66,8 @@ from ..secrets import read_secret
 from .tcp_pool import UpstreamPool
 from .tcp_upstream import _CANCELLED, _DONE, PROBE_DELAY, _Call, _OneByOne
 from . import (
-    MAX_NAME, READERS_MAX, ReaderCap, ReaderUpdates, float_param, int_param, query, tls_material,
+    MAX_NAME, READERS_MAX, BackendSettings, ReaderCap, ReaderUpdates, float_param, int_param, query,
+    tls_material,
 )
 
 DEFAULT_PORT = 4001
@@ -104,7 +105,7 @@ def tls_options(host, params):
         raise ValueError(f"cannot verify TLS for host {host!r}: {e}") from None
 
 
-def from_url(url, config):
+def from_url(url, settings=BackendSettings()):
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     tls = scheme == "tls"
@@ -137,11 +138,11 @@ def from_url(url, config):
     if "password_file" in params:
         password = read_secret("password_file", params["password_file"])
     else:
-        password = config.get("password")
+        password = settings.password
     password = password or None
     if password is not None:
         check_password(password)
-    timeout = float(config.get("command-timeout") or 15.0)
+    timeout = settings.command_timeout
     options = tls_options(host, params) if tls else None
     where = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
