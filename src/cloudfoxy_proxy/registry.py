@@ -1,5 +1,5 @@
 """Readers of all backends, their canonical names, and reader-line resolution
-(PROTOCOL.md section 1.4, docs/protocol.md "Reader names and selection"),
+(docs/protocol.md "Reader names and selection"),
 plus each card's FIFO queue (section 1.5)."""
 
 import base64
@@ -359,7 +359,7 @@ class ReaderRegistry:
 
     def match(self, text, patterns=True):
         """Every listed reader a reader line matches, by the rules of
-        PROTOCOL.md 1.4: exact name, then alias, then ``""``/``*`` (every
+        docs/protocol.md "Reader names and selection": exact name, then alias, then ``""``/``*`` (every
         reader), then a case-insensitive literal part of names, and only
         when that matched nothing a case-insensitive regular expression
         (:func:`compile_pattern`) searched in names.  ``patterns=False``:

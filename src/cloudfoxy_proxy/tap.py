@@ -1,4 +1,4 @@
-"""``twistd foxyproxy``: command-line options and the service tree (CLI.md)."""
+"""``twistd foxyproxy``: command-line options and the service tree (README.md "Options")."""
 
 import re
 import sys

@@ -1,4 +1,4 @@
-"""Backend URLs (CLI.md "Backends"): the scheme picks the module, which is
+"""Backend URLs (docs/backends.md; the schemes in README.md "Options"): the scheme picks the module, which is
 imported only when used (so pyscard and treq load only when needed).
 
 Each module has ``from_url(url, settings)``: it validates the URL (raising

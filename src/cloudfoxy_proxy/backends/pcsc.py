@@ -12,7 +12,7 @@
   ``6Cxx`` by re-sending with that Le; ``0`` (default): the card's exact
   answer.
 
-Threads (STYLE.md 7): every reader has its own single-thread pool and its
+Threads (no blocking call on the reactor thread): every reader has its own single-thread pool and its
 own PC/SC context, so a card that stops answering blocks only its reader;
 one more single-thread pool runs the monitor, a loop of bounded
 ``SCardGetStatusChange`` waits that notices readers and cards coming and

@@ -1,5 +1,5 @@
 """``cloudfoxy+http://HOST:PORT`` and ``cloudfoxy+https://HOST:PORT?ca=FILE&cert=FILE&key=FILE``:
-the cards of a CloudFoxy RESTful server (PROTOCOL.md section 2): hello and
+the cards of a CloudFoxy RESTful server (docs/rest.md): hello and
 inventory over treq (twisted.web's Agent, one persistent connection pool),
 card commands over :mod:`.httpclient` (keep-alive connections, responses
 parsed by httptools/llhttp).

@@ -81,7 +81,7 @@ EMPTY_RETRY = 0.5
 def check_password(password):
     """A reader-line password the upstream's parser would misread is refused:
     ``READER:PW`` whose first ``:`` field is a command name starts a command
-    line, not a reader line (PROTOCOL.md 1.1)."""
+    line, not a reader line (docs/protocol.md "Requests")."""
     first = password.split(":")[0].partition("|")[0].strip().upper()
     if first in COMMANDS:
         raise ValueError("the upstream password must not start with a command name "

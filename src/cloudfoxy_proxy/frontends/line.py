@@ -37,7 +37,7 @@ class LineProtocol(Protocol):
     """One client connection.
 
     Reads lines with its own framer (it must know when it has consumed
-    everything received so far: PROTOCOL.md 1.1 rule 2), runs one request
+    everything received so far: docs/protocol.md "When a request is complete", rule 2), runs one request
     at a time in order, and stops reading when more than READ_AHEAD bytes
     wait while a request waits on a backend or the client is not reading
     its answers.

@@ -1,5 +1,5 @@
-"""``--rest ENDPOINT``: a CloudFoxy-compatible REST front end (PROTOCOL.md
-section 2) over every backend of the proxy.
+"""``--rest ENDPOINT``: a CloudFoxy-compatible REST front end (docs/rest.md
+"Front end") over every backend of the proxy.
 
 * ``GET /api/v1/basic?terminal=T&reset=0|1&apdu=HEX[&apdu=HEX...]`` runs a
   reset and/or APDUs through ``Dispatcher.submit`` as one queue turn (back

@@ -1,8 +1,10 @@
 """The vpcd bridge: one backend card shown as a local PC/SC reader.
 
 vsmartcard's vpcd is a pcsc-lite reader driver that listens on TCP port
-35963 + slot and waits for a "virtual card" to connect (PROTOCOL.md
-section 3).  ``--vpcd HOST:PORT=READER`` makes the proxy that virtual card:
+35963 + slot and waits for a "virtual card" to connect (docs/vpcd.md; the
+wire format is vsmartcard's, documented with its virtualsmartcard sources,
+https://frankmorgner.github.io/vsmartcard/virtualsmartcard/api.html).
+``--vpcd HOST:PORT=READER`` makes the proxy that virtual card:
 it connects to vpcd and forwards what vpcd asks to the card READER (resolved
 like a reader line) through :meth:`Dispatcher.submit`, so the card's
 per-card queue and the command timeout apply as for every other client.

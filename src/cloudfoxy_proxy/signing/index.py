@@ -1,5 +1,5 @@
 """The certificate index: which card holds which signing certificate, and
-the signing commands ENUM, ALIASES, CHAIN and SIGN (PROTOCOL.md 1.3).
+the signing commands ENUM, ALIASES, CHAIN and SIGN (docs/signing.md "The commands").
 
 The proxy never acts on a card behind a client's back.  A card is probed
 when it arrives (a registry listener) and nobody holds it (no request on
@@ -354,7 +354,7 @@ class CertIndex(Service):
         """The (state, certificate) a reader line names; raises CardError.
 
         Certificate alias or full subject first (two certificates: C082);
-        otherwise the reader (PROTOCOL.md 1.4) and its card's first usable
+        otherwise the reader (docs/protocol.md "Reader names and selection") and its card's first usable
         certificate."""
         if text is None:
             raise CardError(errors.NOT_FOUND, "no reader line")
