@@ -43,6 +43,7 @@ _PLAIN = re.compile(r"[0-9A-Za-z/@:._~-]*\Z")  # values quote() would leave as t
 
 
 def quote_value(value):
+    """A query value percent-encoded, except the characters of ``_SAFE``."""
     return value if _PLAIN.match(value) else quote(value, safe=_SAFE)
 
 

@@ -27,6 +27,10 @@ The pieces, from the wire inwards:
   disconnects for :data:`REINSERT_DELAY` seconds, so pcscd reports the card
   removed and PC/SC programs get ``SCARD_W_REMOVED_CARD`` instead of
   answers from a card whose state changed under them (docs/vpcd.md).
+
+One file of about 600 lines on purpose: these four pieces make one front
+end, each a section below, and only ``make_vpcd_service`` is used outside
+it; the pure wire format is the first piece to move out if it grows.
 """
 
 import random
