@@ -201,6 +201,13 @@ class ReaderRegistry:
         client that sent it)."""
         self._reset_listeners.append(callback)
 
+    def watch(self, changed, reset):
+        """``add_listener(changed)`` and ``add_reset_listener(reset)``, then
+        ``changed(self)`` once for the readers already there."""
+        self.add_listener(changed)
+        self.add_reset_listener(reset)
+        changed(self)
+
     def card_reset(self, reader, session):
         """The dispatcher is about to reset the card in ``reader`` for ``session``."""
         for callback in self._reset_listeners:

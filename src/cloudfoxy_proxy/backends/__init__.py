@@ -163,30 +163,30 @@ def query(url, allowed):
     return params
 
 
-def int_param(params, key, default, low, high):
+def _number_param(params, key, default, low, high, kind, what):
     value = params.get(key)
     if value is None:
         return default
     try:
-        number = int(value)
+        number = kind(value)
     except ValueError:
-        raise ValueError(f"{key}={value!r} is not a whole number") from None
+        raise ValueError(f"{key}={value!r} is not {what}") from None
     if not low <= number <= high:
-        raise ValueError(f"{key}={number} is out of range {low}..{high}")
+        shown = number if kind is int else value
+        raise ValueError(f"{key}={shown} is out of range {low}..{high}")
     return number
+
+
+def int_param(params, key, default, low, high):
+    """URL parameter ``key`` as a whole number in ``low..high`` (``default``
+    when absent); ValueError naming the parameter otherwise."""
+    return _number_param(params, key, default, low, high, int, "a whole number")
 
 
 def float_param(params, key, default, low, high):
-    value = params.get(key)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{key}={value!r} is not a number") from None
-    if not low <= number <= high:
-        raise ValueError(f"{key}={value} is out of range {low}..{high}")
-    return number
+    """URL parameter ``key`` as a number in ``low..high`` (``default`` when
+    absent); ValueError naming the parameter otherwise."""
+    return _number_param(params, key, default, low, high, float, "a number")
 
 
 def read_file(option, path):

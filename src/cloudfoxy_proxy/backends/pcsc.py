@@ -125,16 +125,16 @@ class _Worker:
         return self.calls > 0
 
 
+@attr.s(slots=True, eq=False)
 class _Reader:
-    __slots__ = ("name", "link", "worker", "present", "atr", "listed")
+    """One PC/SC reader: its ``_Link`` and ``_Worker``, what the monitor saw."""
 
-    def __init__(self, name, link, worker):
-        self.name = name
-        self.link = link
-        self.worker = worker
-        self.present = False
-        self.atr = None
-        self.listed = False
+    name = attr.ib()
+    link = attr.ib()
+    worker = attr.ib()
+    present = attr.ib(default=False)
+    atr = attr.ib(default=None)
+    listed = attr.ib(default=False)
 
 
 @implementer(IBackend)

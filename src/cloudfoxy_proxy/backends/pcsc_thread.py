@@ -224,13 +224,17 @@ class _Link:
         """After a result saying the handle is stale (card removed and maybe
         back, or reset by another program): reconnect, else CardError."""
         s = self.scard
-        again = self._reconnect(s.SCARD_LEAVE_CARD)
-        if again in self.dead:
+        self._check(self._reconnect(s.SCARD_LEAVE_CARD), "reconnect")
+
+    def _check(self, hr, what):
+        """The result ``hr`` of ``what`` on the handle: _Retry when the
+        context is dead, CardError (handle dropped) for any other failure."""
+        if hr in self.dead:
             self.close()
             raise _Retry()
-        if again != s.SCARD_S_SUCCESS:
+        if hr != self.scard.SCARD_S_SUCCESS:
             self._drop_handle()
-            raise self._error("reconnect", again)
+            raise self._error(what, hr)
 
     def _send(self, apdu):
         s = self.scard
@@ -287,19 +291,9 @@ class _Link:
         hr = self._reconnect(s.SCARD_UNPOWER_CARD)
         if hr != s.SCARD_S_SUCCESS and hr not in self.dead and hr not in self.no_card:
             hr = self._reconnect(s.SCARD_RESET_CARD)  # the reader cannot power off: warm reset
-        if hr in self.dead:
-            self.close()
-            raise _Retry()
-        if hr != s.SCARD_S_SUCCESS:
-            self._drop_handle()
-            raise self._error("reset", hr)
+        self._check(hr, "reset")
         hr, _name, _state, _protocol, atr = s.SCardStatus(self.handle)
-        if hr in self.dead:
-            self.close()
-            raise _Retry()
-        if hr != s.SCARD_S_SUCCESS:
-            self._drop_handle()
-            raise self._error("status", hr)
+        self._check(hr, "status")
         return bytes(atr)
 
 

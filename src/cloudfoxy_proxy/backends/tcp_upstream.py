@@ -44,16 +44,10 @@ class _Call:
                  "results", "bad", "watch")
 
     def __init__(self, backend, ids, key, data, readers=False, batch=False):
-        self.backend = backend
-        self.ids = ids
-        self.key = key
-        self.data = data
-        self.readers = readers
-        self.batch = batch
+        self.backend, self.ids, self.key, self.data = backend, ids, key, data
+        self.readers, self.batch = readers, batch
         self.d = Deferred(self._cancel)
-        self.state = _QUEUED
-        self.conn = None
-        self.results = []
+        self.state, self.conn, self.results = _QUEUED, None, []
         self.bad = None  # why an answer line was malformed, for the log
         self.watch = None
 

@@ -462,11 +462,11 @@ class VpcdBridge(Service):
 
     def startService(self):
         Service.startService(self)
-        if not self._listening:
+        if self._listening:
+            self._changed(self.registry)
+        else:
             self._listening = True
-            self.registry.add_listener(self._changed)
-            self.registry.add_reset_listener(self._card_reset)
-        self._changed(self.registry)
+            self.registry.watch(self._changed, self._card_reset)
 
     def stopService(self):
         Service.stopService(self)

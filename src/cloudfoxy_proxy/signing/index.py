@@ -170,9 +170,7 @@ class CertIndex(Service):
         """Watch the registry (probing the cards it already has)."""
         if not self.started:
             self.started = True
-            self.registry.add_listener(self._changed)
-            self.registry.add_reset_listener(self._card_reset)
-            self._changed(self.registry)
+            self.registry.watch(self._changed, self._card_reset)
 
     def startService(self):
         Service.startService(self)
