@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A fast fake CloudFoxy RESTful server (PROTOCOL.md section 2) for the
+"""A fast fake CloudFoxy RESTful server (docs/rest.md) for the
 benchmarks and for integration tests of the ``cloudfoxy+http://`` backend.
 
 Raw asyncio HTTP/1.1 with keep-alive (and pipelining, answered in order);

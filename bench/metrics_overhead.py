@@ -41,7 +41,7 @@ from bench import loadgen  # noqa: E402
 
 def record_cost(n=200000):
     """Seconds of CPU per Metrics.record call for a K=1 APDU on a reader."""
-    from cloudfoxy_proxy.backend import ReaderInfo
+    from cloudfoxy_proxy.interfaces import ReaderInfo
     from cloudfoxy_proxy.metrics import Metrics
     from cloudfoxy_proxy.parser import make_command, Request
     from cloudfoxy_proxy.registry import ReaderRegistry

@@ -33,7 +33,7 @@ from bench.helpers import fake_cloudfoxy, rest_args  # noqa: E402
 
 #: (substring of a frame's file, area) — first match wins.
 AREAS = [
-    ("cloudfoxy_proxy/server.py", "server.py: framing, flow control, response writing"),
+    ("cloudfoxy_proxy/frontends/line.py", "frontends/line.py: framing, flow control, response writing"),
     ("cloudfoxy_proxy/parser.py", "parser.py: request parsing"),
     ("cloudfoxy_proxy/dispatch.py", "dispatch.py: request execution"),
     ("cloudfoxy_proxy/registry.py", "registry.py: reader resolution, card queue"),

@@ -2,7 +2,7 @@
 """The cheapest line-protocol server we can write in Python: it answers
 every command line ``>ID:...`` with ``>ID:9000`` and ends a request with
 ``@@`` (on an empty line, or when all received bytes are consumed and a
-command is pending: PROTOCOL.md 1.1 rule 2).  No parsing beyond framing,
+command is pending: docs/protocol.md "When a request is complete", rule 2).  No parsing beyond framing,
 no readers, no cards.
 
 Run the load generator against it to learn the harness's own ceiling: a

@@ -25,9 +25,9 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.testing import StringTransport
 
-from cloudfoxy_proxy.backends import rest, tcp
+from cloudfoxy_proxy.backends import rest, tcp, tcp_upstream
 from cloudfoxy_proxy.registry import ReaderRegistry
-from cloudfoxy_proxy.restapi import Inventory
+from cloudfoxy_proxy.frontends.rest import Inventory
 
 TICK = 0.002
 
@@ -73,14 +73,14 @@ def tcp_scenario(names, seconds):
     backend._registry = registry
     backend._updates = tcp.ReaderUpdates(registry, backend, reactor)
     backend._running = True
-    proto = tcp._UpstreamProtocol(backend, False)
+    proto = tcp_upstream._UpstreamProtocol(backend, False)
     proto.makeConnection(StringTransport())
     listing = "|".join(base64.b64encode(b"N%d" % i).decode() for i in range(names)).encode()
     data = b">1:" + listing + b"\n@@\n"
 
     @inlineCallbacks
     def feed():
-        call = tcp._Call(backend, [b"1"], None, b"", readers=True)
+        call = tcp_upstream._Call(backend, [b"1"], None, b"", readers=True)
         call.d.addCallback(backend._got_readers)
         proto.send(call)
         for i in range(0, len(data), 65536):

@@ -39,7 +39,7 @@ VICC_SLOT = 0
 #: A sitecustomize that switches the bridge's TCP_QUICKACK off in the
 #: proxy process (a benchmark knob only; the product always sets it where
 #: the OS has it).
-NO_QUICKACK = "import cloudfoxy_proxy.vpcd as v\nv.QUICKACK = False\n"
+NO_QUICKACK = "import cloudfoxy_proxy.frontends.vpcd as v\nv.QUICKACK = False\n"
 
 
 def percentiles(samples):

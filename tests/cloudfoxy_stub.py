@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A small scripted CloudFoxy RESTful server (PROTOCOL.md section 2) on
+"""A small scripted CloudFoxy RESTful server (docs/rest.md) on
 twisted.web, for failure-injection tests of the ``cloudfoxy+http`` backend.
 
 Cards ``/127.0.0.1@N`` are emulated ISO 7816 cards.  Besides the CloudFoxy

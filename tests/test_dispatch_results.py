@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend, ReaderInfo
+from cloudfoxy_proxy.interfaces import IBackend, ReaderInfo
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.parser import make_command
 from cloudfoxy_proxy.registry import ReaderRegistry
@@ -208,7 +208,7 @@ class BackendServiceTests(SynchronousTestCase):
     as not ready; a configuration error (ValueError) refuses to start."""
 
     def test_runtime_failure_is_retried_with_backoff(self):
-        from cloudfoxy_proxy.backend import BackendService
+        from cloudfoxy_proxy.backends.service import BackendService
         clock = Clock()
         registry = ReaderRegistry()
         backend = FlakyStart(3)
@@ -231,7 +231,7 @@ class BackendServiceTests(SynchronousTestCase):
         self.assertEqual(backend.stops, 3)  # each failed start undone before the next
 
     def test_stop_cancels_the_retry(self):
-        from cloudfoxy_proxy.backend import BackendService
+        from cloudfoxy_proxy.backends.service import BackendService
         clock = Clock()
         backend = FlakyStart(5)
         service = BackendService(backend, ReaderRegistry(), clock=clock)
@@ -243,7 +243,7 @@ class BackendServiceTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_configuration_error_exits(self):
-        from cloudfoxy_proxy.backend import BackendService
+        from cloudfoxy_proxy.backends.service import BackendService
         service = BackendService(FlakyStart(1, ValueError("bad setting")), ReaderRegistry(),
                                  clock=Clock())
         self.assertRaises(SystemExit, service.startService)

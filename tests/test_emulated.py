@@ -3,7 +3,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy import errors
 from cloudfoxy_proxy.backends import emulated
-from cloudfoxy_proxy.cards.apdu import BadLength, make_atr, parse_command
+from cloudfoxy_proxy.apdu import BadLength, make_atr, parse_command
 from cloudfoxy_proxy.cards.iso7816 import APP_AID, Iso7816Card
 from cloudfoxy_proxy.registry import ReaderRegistry
 
@@ -105,7 +105,7 @@ class CardTests(SynchronousTestCase):
 class BackendTests(SynchronousTestCase):
     def test_url_parsing(self):
         clock = Clock()
-        b = emulated.from_url("emulated:?cards=3&latency_ms=5&prefix=Rack", {})(clock)
+        b = emulated.from_url("emulated:?cards=3&latency_ms=5&prefix=Rack")(clock)
         self.assertEqual((len(b.cards), b.latency, b.name(2)), (3, 0.005, "Rack 02"))
         for bad in ["emulated:?cards=0", "emulated:?cards=x", "emulated:?type=nope", "emulated:?colour=red",
                     "emulated:?prefix=", "emulated:?cards=1&cards=2", "emulated:?latency_ms=-1"]:
@@ -113,7 +113,7 @@ class BackendTests(SynchronousTestCase):
 
     def test_latency_uses_clock_and_cancel(self):
         clock = Clock()
-        b = emulated.from_url("emulated:?cards=1&latency_ms=50", {})(clock)
+        b = emulated.from_url("emulated:?cards=1&latency_ms=50")(clock)
         b.start(ReaderRegistry())
         got = []
         b.transmit(0, bytes.fromhex("00A4000C023F00")).addCallback(got.append)
@@ -129,7 +129,7 @@ class BackendTests(SynchronousTestCase):
     def test_pulled_card(self):
         clock = Clock()
         registry = ReaderRegistry()
-        b = emulated.from_url("emulated:?cards=2&latency_ms=10", {})(clock)
+        b = emulated.from_url("emulated:?cards=2&latency_ms=10")(clock)
         b.start(registry)
         d = b.transmit(1, bytes.fromhex("0084000008"))
         b.remove(1)

@@ -94,7 +94,7 @@ def test_rest_clients_gone_while_queued(proxy_factory, tmp_path):
 
 
 def test_vpcd_bridge_gone_while_queued(proxy_factory):
-    # A scripted vpcd on loopback (PROTOCOL.md section 3): the bridge
+    # A scripted vpcd on loopback (docs/vpcd.md): the bridge
     # connects to it as the virtual card; its APDU then waits for the busy
     # card, and the vpcd connection drops.
     listener = socket.socket()

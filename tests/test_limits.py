@@ -243,11 +243,11 @@ class BudgetTests(SynchronousTestCase):
         b, tb = self.h.connect()
         c, tc = self.h.connect()
         a.dataReceived(b">Emulated 00|\n>1:APDU:" + b"0" * 90_000)  # within the budget: kept
-        self.assertEqual(self.budget.used, len(a._buf) - 4096)
+        self.assertEqual(self.budget.used, len(a._framer.buf) - 4096)
         with capturedLogs() as events:
             b.dataReceived(b">Emulated 01|\n>7:APDU:" + b"0" * 30_000)  # would exceed it: dropped
         self.assertIn("dropped a partial line", formatEvent(events[0]))
-        self.assertEqual(self.budget.used, len(a._buf) - 4096)
+        self.assertEqual(self.budget.used, len(a._framer.buf) - 4096)
         b.dataReceived(b"00|\n\n")
         self.assertEqual(take(tb), ">7:C084\n@@\n")
         # Short requests are always served.
@@ -271,7 +271,7 @@ class BudgetTests(SynchronousTestCase):
         b, tb = self.h.connect()
         b.dataReceived(SLOW + SLOW[:-1] + b"0" * 10_000)  # one request waits on a card, more follows
         self.assertEqual(tb.producerState, "paused")
-        self.assertTrue(b._buf)  # nothing dropped: complete lines wait
+        self.assertTrue(b._framer.buf)  # nothing dropped: complete lines wait
         a.connectionLost(None)
         self.h.manual.calls[0][2].callback(b"\x90\x00")
         self.assertEqual(tb.producerState, "producing")

@@ -13,7 +13,8 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.web.test.requesthelper import DummyRequest
 
-from cloudfoxy_proxy import config_file, dispatch, errors, metrics, ops, status, tap
+from cloudfoxy_proxy import config_file, dispatch, errors, metrics, ops, tap
+from cloudfoxy_proxy.frontends import status
 from cloudfoxy_proxy.backends.emulated import from_url as emulated
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.parser import Request, make_command

@@ -8,8 +8,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy.cards.openpgp import HISTORICAL, OpenPgpCard, fingerprint
-from cloudfoxy_proxy.cards.apdu import parse_tlvs
-from cloudfoxy_proxy.profiles import digest_info, raw_to_der
+from cloudfoxy_proxy.apdu import parse_tlvs
+from cloudfoxy_proxy.signing.profiles import digest_info, raw_to_der
 from support import card_collect, card_tx
 
 PW1 = b"123456".hex()

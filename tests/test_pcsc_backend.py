@@ -16,9 +16,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend
-from cloudfoxy_proxy.backends import pcsc
+from cloudfoxy_proxy import apdu, errors
+from cloudfoxy_proxy.interfaces import IBackend
+from cloudfoxy_proxy.backends import pcsc, pcsc_thread
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.parser import Request, make_command
@@ -191,7 +191,7 @@ class FakeScard:
         out = []
         changed = False
         for name, current, *_ in states:
-            if name == pcsc.PNP_NOTIFICATION:
+            if name == pcsc_thread.PNP_NOTIFICATION:
                 if not self.pnp_supported:
                     return self.SCARD_E_UNKNOWN_READER, []
                 out.append((name, current, []))
@@ -380,7 +380,7 @@ class Harness:
 
 class FromUrlTests(SynchronousTestCase):
     def test_defaults(self):
-        make = pcsc.from_url("pcsc:", {}, scard=FakeScard())
+        make = pcsc.from_url("pcsc:", scard=FakeScard())
         backend = make(FakeReactor())
         verifyObject(IBackend, backend)
         self.assertEqual((backend.mode, backend.protocol, backend.chain, backend.readers),
@@ -389,7 +389,7 @@ class FromUrlTests(SynchronousTestCase):
 
     def test_parameters(self):
         make = pcsc.from_url("pcsc:?readers=^Virtual.*01$&mode=exclusive&protocol=T1&chain=1",
-                             {}, scard=FakeScard())
+                             scard=FakeScard())
         backend = make(FakeReactor())
         self.assertEqual((backend.mode, backend.protocol, backend.chain), ("exclusive", "t1", True))
         self.assertTrue(backend.readers.search("virtual pcd 00 01"))
@@ -404,20 +404,20 @@ class FromUrlTests(SynchronousTestCase):
             ("pcsc:?readers=", "readers= must not be empty"),
             ("pcsc:?reader=x", "unknown parameter 'reader'"),
         ]:
-            e = self.assertRaises(ValueError, pcsc.from_url, url, {}, FakeScard())
+            e = self.assertRaises(ValueError, pcsc.from_url, url, None, FakeScard())
             self.assertIn(message, str(e))
 
     def test_pcscd_not_running(self):
         scard = FakeScard()
         scard.up = False
-        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", {}, scard)
+        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", None, scard)
         self.assertRegex(str(e), r"^pcscd is not (running|installed) \(Service not available \(0x8010001D\)\): "
                                  r"install and start it, e\.g\. apt-get install pcscd")
 
     def test_pcscd_refuses(self):
         scard = FakeScard()
         scard.SCardEstablishContext = lambda scope: (scard.SCARD_F_COMM_ERROR, 0)
-        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", {}, scard)
+        e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", None, scard)
         self.assertEqual(str(e), "pcscd refused a connection (fake error (0x80100013)); if it runs, "
                                  "check that this user may use it (polkit, see docs/pcsc.md)")
 
@@ -425,7 +425,7 @@ class FromUrlTests(SynchronousTestCase):
         saved = {k: sys.modules[k] for k in ("smartcard", "smartcard.scard") if k in sys.modules}
         sys.modules["smartcard"] = None
         try:
-            e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", {})
+            e = self.assertRaises(ValueError, pcsc.from_url, "pcsc:", None)
         finally:
             del sys.modules["smartcard"]
             sys.modules.update(saved)
@@ -593,12 +593,12 @@ class CommandTests(SynchronousTestCase):
                          + ["SCardEndTransaction"])
 
     def test_chain_helpers(self):
-        le = pcsc._with_le
+        le = apdu.with_le
         self.assertEqual(le(bytes.fromhex("00B00000"), 5).hex(), "00b0000005")
         self.assertEqual(le(bytes.fromhex("00B0000000"), 5).hex(), "00b0000005")
         self.assertEqual(le(bytes.fromhex("00A4040002A000"), 9).hex(), "00a4040002a00009")
         self.assertEqual(le(bytes.fromhex("00A4040002A00000"), 9).hex(), "00a4040002a00009")
-        cla = pcsc._get_response_cla
+        cla = apdu.get_response_cla
         self.assertEqual([cla(c) for c in (0x00, 0x03, 0x0C, 0x80, 0x81, 0x45, 0x90)],
                          [0x00, 0x03, 0x00, 0x00, 0x01, 0x45, 0x00])
 

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy.cards.piv import PIV_AID, PivCard, pad_pin, parse_tlvs
-from cloudfoxy_proxy.profiles import pkcs1_block
+from cloudfoxy_proxy.signing.profiles import pkcs1_block
 from support import card_collect, card_tx
 
 PIN = pad_pin("123456").hex().upper()

@@ -3,7 +3,7 @@ import base64
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import ReaderInfo
+from cloudfoxy_proxy.interfaces import ReaderInfo
 from cloudfoxy_proxy.registry import CACHE_CHARS, CACHE_ENTRIES, MAX_PATTERN, CardQueue, QueueFull, ReaderRegistry
 
 

@@ -18,8 +18,8 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend
-from cloudfoxy_proxy.backends import from_url as backend_from_url
+from cloudfoxy_proxy.interfaces import IBackend
+from cloudfoxy_proxy.backends import BackendSettings, from_url as backend_from_url
 from cloudfoxy_proxy.backends import rest
 from cloudfoxy_proxy.backends.httpclient import HTTPPool
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
@@ -428,11 +428,10 @@ class FromUrlTests(SynchronousTestCase):
         with open(self.token_file, "w") as f:
             f.write("from-file\n")
 
-    def build(self, url, **config):
-        config.setdefault("command-timeout", 2.0)
+    def build(self, url, token=None):
         from twisted.internet.testing import MemoryReactorClock
 
-        make = backend_from_url(url, config)
+        make = backend_from_url(url, BackendSettings(token=token, command_timeout=2.0))
         backend = make(MemoryReactorClock())
         verifyObject(IBackend, backend)
         return backend
@@ -468,7 +467,7 @@ class FromUrlTests(SynchronousTestCase):
             "cloudfoxy+https://127.0.0.1:1?key=k.pem": "key= needs cert=",
         }
         for url, words in cases.items():
-            config = {"token": "t"} if words != "no token" else {}
+            config = BackendSettings(token="t") if words != "no token" else BackendSettings()
             with self.assertRaises(ValueError, msg=url) as caught:
                 backend_from_url(url, config)
             self.assertIn(words, str(caught.exception), url)

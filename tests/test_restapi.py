@@ -13,8 +13,9 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from cloudfoxy_proxy import limits, restapi, tap
-from cloudfoxy_proxy.backend import IBackend, ReaderInfo
+from cloudfoxy_proxy import limits, tap
+from cloudfoxy_proxy.frontends import rest
+from cloudfoxy_proxy.interfaces import IBackend, ReaderInfo
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.dispatch import Dispatcher
@@ -75,7 +76,7 @@ class RestApiTests(SynchronousTestCase):
         ])
         self.manual.start(self.registry)
         self.dispatcher = Dispatcher(self.registry, self.clock, command_timeout=5.0)
-        self.resource = restapi.RestResource(self.dispatcher, self.registry, TOKEN, self.clock)
+        self.resource = rest.RestResource(self.dispatcher, self.registry, TOKEN, self.clock)
         self.http = StubTreq(self.resource)
 
     def get(self, path, token=TOKEN, **params):
@@ -256,7 +257,7 @@ class EarlyRefusalTests(SynchronousTestCase):
 
     def setUp(self):
         RestApiTests.setUp(self)
-        self.site = restapi.RestSite(self.resource, reactor=self.clock, timeout=None)
+        self.site = rest.RestSite(self.resource, reactor=self.clock, timeout=None)
 
     def connect(self):
         peer = IPv4Address("TCP", "10.0.0.9", 5555)
@@ -299,7 +300,7 @@ class EarlyRefusalTests(SynchronousTestCase):
         self.assertTrue(t.disconnecting)
 
     def test_request_heads_share_the_buffered_bytes_budget(self):
-        self.site = restapi.RestSite(self.resource, buffers=limits.BufferBudget(total=100_000, free=4096),
+        self.site = rest.RestSite(self.resource, buffers=limits.BufferBudget(total=100_000, free=4096),
                                      reactor=self.clock, timeout=None)
         big, tb = self.connect()
         big.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=" + b"0" * 90_000)
@@ -329,14 +330,19 @@ class EarlyRefusalTests(SynchronousTestCase):
 
 
 class ServiceTests(SynchronousTestCase):
+    def test_settings_are_validated(self):
+        self.assertRaises(ValueError, rest.RestSettings, endpoint="tcp:0", token=" ")
+        self.assertRaises(ValueError, rest.RestSettings, endpoint="", token=TOKEN)
+        self.assertEqual(rest.RestSettings(endpoint="tcp:0", token=TOKEN).token, TOKEN)
+
     def test_make_rest_service(self):
         reactor = MemoryReactorClock()
         registry = ReaderRegistry()
-        config = {"rest": "tcp:0:interface=127.0.0.1", "rest-token": TOKEN}
-        service = restapi.make_rest_service(config, Dispatcher(registry, reactor), registry, reactor)
+        settings = rest.RestSettings(endpoint="tcp:0:interface=127.0.0.1", token=TOKEN)
+        service = rest.make_rest_service(settings, Dispatcher(registry, reactor), registry, reactor)
         self.assertIsInstance(service, tap.Listener)  # a busy port is one line, like -p
         self.assertIsInstance(service.factory, limits.GuardedFactory)  # counted with the other front ends
-        self.assertIsInstance(service.factory.wrappedFactory, restapi.RestSite)
+        self.assertIsInstance(service.factory.wrappedFactory, rest.RestSite)
         self.assertIsNone(service.factory.wrappedFactory.timeOut)  # idle connections: limits.py's job
         self.assertIs(service.factory.wrappedFactory.buffers, service.factory.limits.buffers)
         self.assertEqual(service.factory.logPrefix(), "Site")  # tests find the port by "Site starting on N"
@@ -347,4 +353,4 @@ class ServiceTests(SynchronousTestCase):
 
     def test_token_is_needed(self):
         registry = ReaderRegistry()
-        self.assertRaises(ValueError, restapi.RestResource, Dispatcher(registry, Clock()), registry, "", Clock())
+        self.assertRaises(ValueError, rest.RestResource, Dispatcher(registry, Clock()), registry, "", Clock())

@@ -10,13 +10,14 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend, ReaderInfo
+from cloudfoxy_proxy.interfaces import IBackend, ReaderInfo
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.parser import make_command
 from cloudfoxy_proxy.registry import ReaderRegistry
-from cloudfoxy_proxy.server import LineFactory
+from cloudfoxy_proxy.frontends import line
+from cloudfoxy_proxy.frontends.line import LineFactory
 
 ATR = "3B8B8001466F7879456D753738313677"
 
@@ -300,3 +301,49 @@ class ReleaseTests(SynchronousTestCase):
         h.manual.calls[1][2].callback(b"\x90\x00")
         self.assertEqual(released, ["c"])
         self.assertEqual(take(t), ">1:3B00\n>2:9000\n@@\n")
+
+
+class LineFramerTests(SynchronousTestCase):
+    """The pure framer under LineProtocol (frontends/line.py)."""
+
+    def events(self, framer):
+        out = []
+        while True:
+            kind, value = framer.next()
+            out.append((kind, value))
+            if kind in (line.END, line.WAIT):
+                return out
+
+    def test_lines_one_at_a_time_then_end(self):
+        f = line.LineFramer(100)
+        f.feed(b">R|\n>1:APDU:00A40000|\n")
+        self.assertEqual(f.next(), (line.LINE, b">R|"))
+        self.assertEqual(f.held, len(b">1:APDU:00A40000|\n"))
+        self.assertEqual(self.events(f), [(line.LINE, b">1:APDU:00A40000|"), (line.END, None)])
+
+    def test_partial_line_waits_and_half_close_completes_it(self):
+        f = line.LineFramer(100)
+        f.feed(b">R|\n>1:RES")
+        self.assertEqual(self.events(f), [(line.LINE, b">R|"), (line.WAIT, None)])
+        f.feed(b"ET")
+        self.assertEqual(self.events(f), [(line.WAIT, None)])
+        f.close_input()
+        self.assertEqual(self.events(f), [(line.LINE, b">1:RESET"), (line.END, None)])
+
+    def test_overlong_line_is_dropped_unbuffered_and_reported_at_its_end(self):
+        f = line.LineFramer(10)
+        f.feed(b">1:APDU:" + b"0" * 50)
+        self.assertEqual(self.events(f), [(line.WAIT, None)])
+        self.assertEqual(f.held, 0)  # not buffered
+        f.feed(b"0" * 50 + b"\n>2:RESET\n")
+        self.assertEqual(self.events(f), [(line.OVERLONG, b">1:APDU:" + b"0" * 50),
+                                          (line.LINE, b">2:RESET"), (line.END, None)])
+
+    def test_drop_partial(self):
+        f = line.LineFramer(100)
+        f.feed(b">1:APDU:00")
+        self.assertEqual(self.events(f), [(line.WAIT, None)])
+        f.drop_partial()
+        self.assertEqual(f.held, 0)
+        f.feed(b"11\n")
+        self.assertEqual(self.events(f), [(line.OVERLONG, b">1:APDU:00"), (line.END, None)])

@@ -17,11 +17,12 @@ from cloudfoxy_proxy.backends import emulated
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.pki import get_pki
 from cloudfoxy_proxy.cards.piv import PivCard
-from cloudfoxy_proxy.certindex import CertIndex, build_chain, load_ca_certs, parse_digest
+from cloudfoxy_proxy.signing.certs import build_chain, load_ca_certs
+from cloudfoxy_proxy.signing.index import CertIndex, parse_digest
 from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.registry import ReaderRegistry
-from cloudfoxy_proxy.server import LineFactory
+from cloudfoxy_proxy.frontends.line import LineFactory
 
 HASH = {20: hashes.SHA1(), 32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}
 SHA256 = hashlib.sha256(b"message").digest()
@@ -42,7 +43,7 @@ class Counting(EmulatedBackend):
 
 
 def backend(clock, kind, prefix, cards=2, latency=0.0, **kw):
-    make = emulated.from_url(f"emulated:?type={kind}&cards={cards}&prefix={prefix}", {})
+    make = emulated.from_url(f"emulated:?type={kind}&cards={cards}&prefix={prefix}")
     made = make(clock)
     return Counting(clock, made.cards, latency=latency, prefix=prefix, kind=kind)
 

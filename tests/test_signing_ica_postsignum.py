@@ -10,14 +10,14 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.cards.apdu import parse_tlvs
+from cloudfoxy_proxy.apdu import parse_tlvs
 from cloudfoxy_proxy.cards.ica import IcaCard
 from cloudfoxy_proxy.cards.pki import get_pki
 from cloudfoxy_proxy.cards.postsignum import PostSignumCard
-from cloudfoxy_proxy.certindex import CertIndex
-from cloudfoxy_proxy.profiles import PinBlocked, WrongPin, digest_info
-from cloudfoxy_proxy.profiles.ica import IcaProfile, parse_descriptor
-from cloudfoxy_proxy.profiles.postsignum import PostSignumProfile
+from cloudfoxy_proxy.signing.index import CertIndex
+from cloudfoxy_proxy.signing.profiles import PinBlocked, WrongPin, digest_info
+from cloudfoxy_proxy.signing.profiles.ica import IcaProfile, parse_descriptor
+from cloudfoxy_proxy.signing.profiles.postsignum import PostSignumProfile
 from cloudfoxy_proxy.registry import ReaderRegistry
 from support import card_collect, card_tx
 from test_signing_commands import Harness, b64list, backend, verify

@@ -25,7 +25,7 @@ from support import ProxyProcess
 
 from cloudfoxy_proxy.cards.openpgp import fingerprint
 from cloudfoxy_proxy.cards.pki import get_pki
-from cloudfoxy_proxy.profiles import raw_to_der
+from cloudfoxy_proxy.signing.profiles import raw_to_der
 
 SLOT = 1
 READER = rigmod.reader_name(SLOT)  # "Virtual PCD 00 01"

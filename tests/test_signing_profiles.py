@@ -13,13 +13,13 @@ from cloudfoxy_proxy import errors
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.cards.openpgp import OpenPgpCard
 from cloudfoxy_proxy.cards.piv import TAG_CERT_9C, PivCard
-from cloudfoxy_proxy.cards.apdu import tlv
+from cloudfoxy_proxy.apdu import tlv
 from cloudfoxy_proxy.errors import CardError
-from cloudfoxy_proxy.profiles import (
+from cloudfoxy_proxy.signing.profiles import (
     PROFILES, WrongPin, digest_info, exchange, pkcs1_block, raw_to_der, send_chained,
 )
-from cloudfoxy_proxy.profiles.openpgp import OpenPgpProfile
-from cloudfoxy_proxy.profiles.piv import PivProfile
+from cloudfoxy_proxy.signing.profiles.openpgp import OpenPgpProfile
+from cloudfoxy_proxy.signing.profiles.piv import PivProfile
 
 HASH = {20: hashes.SHA1(), 32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}
 DIGESTS = [hashlib.sha1(b"x").digest(), hashlib.sha256(b"x").digest(),
@@ -85,8 +85,8 @@ class HelperTests(SynchronousTestCase):
         self.assertRaises(CardError, raw_to_der, b"\x01\x02\x03")
 
     def test_profiles_list(self):
-        from cloudfoxy_proxy.profiles.ica import IcaProfile
-        from cloudfoxy_proxy.profiles.postsignum import PostSignumProfile
+        from cloudfoxy_proxy.signing.profiles.ica import IcaProfile
+        from cloudfoxy_proxy.signing.profiles.postsignum import PostSignumProfile
 
         self.assertEqual(PROFILES, (PivProfile, OpenPgpProfile, PostSignumProfile, IcaProfile))
 

@@ -14,7 +14,7 @@ from cloudfoxy_proxy.backends import emulated
 from cloudfoxy_proxy.cards.openpgp import OpenPgpCard
 from cloudfoxy_proxy.cards.piv import PivCard
 from cloudfoxy_proxy.cards.pki import get_pki
-from cloudfoxy_proxy.certindex import CertIndex
+from cloudfoxy_proxy.signing.index import CertIndex
 
 
 def scratch(case):
@@ -63,7 +63,7 @@ class OptionTests(SynchronousTestCase):
 
     def test_keys_dir_is_loaded_or_written(self):
         d = scratch(self)
-        make = emulated.from_url(f"emulated:?type=piv&cards=1&prefix=K&keys={d}", {})
+        make = emulated.from_url(f"emulated:?type=piv&cards=1&prefix=K&keys={d}")
         card = make(MemoryReactorClock()).cards[0]
         names = sorted(os.listdir(d))
         self.assertIn("ca.pem", names)
@@ -83,6 +83,18 @@ class ServiceTests(SynchronousTestCase):
         self.assertIsInstance(top.certindex, CertIndex)
         self.assertIs(top.dispatcher.signing, top.certindex)
         self.assertTrue(top.certindex.started)
+
+    def test_index_is_a_service_stopped_with_the_application(self):
+        reactor = MemoryReactorClock()
+        top = tap.makeService(parse("--backend", "emulated:?type=piv&cards=1&prefix=W"), reactor)
+        self.assertIs(top.certindex.parent, top)
+        top.startService()
+        self.assertTrue(top.certindex.running)
+        pending = [c for c in top.certindex._arrivals if c.active()]
+        self.assertEqual(len(pending), 1)  # the arrival probe of the emulated card
+        top.stopService()
+        self.assertFalse(top.certindex.running)
+        self.assertEqual([c.active() for c in pending], [False])  # cancelled, never run
 
     def test_no_signing(self):
         top = tap.makeService(parse("--no-signing"), MemoryReactorClock())

@@ -9,7 +9,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy import tap
-from cloudfoxy_proxy.backend import BackendService
+from cloudfoxy_proxy.backends.service import BackendService
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 
 from support import TWISTD

@@ -19,9 +19,9 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
-from cloudfoxy_proxy.backend import IBackend
-from cloudfoxy_proxy.backends import from_url as backend_from_url
-from cloudfoxy_proxy.backends import tcp
+from cloudfoxy_proxy.interfaces import IBackend
+from cloudfoxy_proxy.backends import BackendSettings, from_url as backend_from_url
+from cloudfoxy_proxy.backends import tcp, tcp_pool, tcp_upstream
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.parser import Request, make_command
@@ -482,7 +482,7 @@ class FailureTests(Base):
         conn.proto.dataReceived(b">" + c1.encode() + b":" + b"9" * 100000)
         for _ in range(5):
             conn.proto.dataReceived(b"9" * 100000)
-        self.assertLess(len(conn.proto._buf), tcp.MAX_LINE + 100000)
+        self.assertLess(len(conn.proto._buf), tcp_upstream.MAX_LINE + 100000)
         conn.proto.dataReceived(b"00\n@@\n")
         self.assertEqual(outcome(d1), "C086")
         self.assertNoResult(d2)
@@ -495,8 +495,8 @@ class FailureTests(Base):
         backend = tcp.TcpBackend(endpoint=self.endpoint, clock=self.clock)
         for failures in range(0, 40):
             backend._failures = failures
-            delay = backend._retry(tcp._Slot(self.endpoint, None))
-            self.assertTrue(tcp.MIN_BACKOFF / 2 <= delay <= tcp.MAX_BACKOFF, delay)
+            delay = backend._retry(tcp_pool._Slot(self.endpoint, None))
+            self.assertTrue(tcp_pool.MIN_BACKOFF / 2 <= delay <= tcp_pool.MAX_BACKOFF, delay)
 
     def test_quick_close_counts_as_failure(self):
         conn = self.connect(names=None)  # never answers anything
@@ -568,7 +568,7 @@ class FromUrlTests(SynchronousTestCase):
         return path
 
     def make(self, url, config=None):
-        return backend_from_url(url, config or {})(MemoryReactorClock())
+        return backend_from_url(url, config or BackendSettings())(MemoryReactorClock())
 
     def test_defaults(self):
         b = self.make("tcp://127.0.0.1:4001")
@@ -577,15 +577,20 @@ class FromUrlTests(SynchronousTestCase):
                          ("tcp://127.0.0.1:4001", 4, 10.0, "", None, False))
         self.assertEqual(self.make("tcp://[::1]").where, "tcp://[::1]:4001")
 
+    def test_settings_are_validated(self):
+        self.assertRaises(ValueError, BackendSettings, command_timeout=0)
+        self.assertRaises(TypeError, BackendSettings, password=b"pw")
+        self.assertEqual(BackendSettings(command_timeout="2.5").command_timeout, 2.5)
+
     def test_params(self):
         b = self.make("tcp://h:5?prefix=B%20&connections=2&refresh=0",
-                      {"command-timeout": 3.0, "password": "pw"})
+                      BackendSettings(command_timeout=3.0, password="pw"))
         self.assertEqual((b.prefix, b.connections, b.refresh, b.timeout, b.password),
                          ("B ", 2, 0.0, 3.0, "pw"))
 
     def test_password_file_wins(self):
         path = self.tmpfile("from-file\nsecond line\n")
-        b = self.make(f"tcp://h:5?password_file={path}", {"password": "from-config"})
+        b = self.make(f"tcp://h:5?password_file={path}", BackendSettings(password="from-config"))
         self.assertEqual(b.password, "from-file")
         self.assertNotIn("from-file", b.description + repr(b))
 
@@ -605,18 +610,18 @@ class FromUrlTests(SynchronousTestCase):
             ("tls://h:5?cert=/nonexistent/x.pem", "cert="),
         ]:
             with self.assertRaises(ValueError) as cm:
-                backend_from_url(url, {})
+                backend_from_url(url)
             self.assertIn(words, str(cm.exception), url)
 
     def test_password_that_reads_as_a_command(self):
         with self.assertRaises(ValueError) as cm:
-            backend_from_url("tcp://h:5", {"password": "apdu"})
+            backend_from_url("tcp://h:5", BackendSettings(password="apdu"))
         self.assertIn("command", str(cm.exception))
 
     def test_ca_without_certificate(self):
         path = self.tmpfile("not a certificate")
         with self.assertRaises(ValueError) as cm:
-            backend_from_url(f"tls://h:5?ca={path}", {})
+            backend_from_url(f"tls://h:5?ca={path}")
         self.assertIn("no PEM certificate", str(cm.exception))
 
     def test_tls_builds(self):
@@ -637,7 +642,7 @@ class FromUrlTests(SynchronousTestCase):
             f.write(open(pki["cert"]).read() + open(pki["key"]).read())
         self.assertTrue(self.make(f"tls://127.0.0.1:4002?cert={both}").tls)
         with self.assertRaises(ValueError) as cm:
-            backend_from_url(f"tls://h:5?cert={pki['cert']}", {})  # no key anywhere
+            backend_from_url(f"tls://h:5?cert={pki['cert']}")  # no key anywhere
         self.assertIn("not a usable certificate and private key", str(cm.exception))
 
 
@@ -656,7 +661,7 @@ class ModeTests(Base):
         [(_, cid0, _)] = c2.requests()
         d1 = self.backend.transmit("Emulated 01", b"\x00\x00\x00\x01")  # no free connection: waits
         self.assertEqual(c1.requests() + c2.requests(), [])
-        self.clock.advance(tcp.PROBE_DELAY)  # c1 stayed open after its answer
+        self.clock.advance(tcp_upstream.PROBE_DELAY)  # c1 stayed open after its answer
         self.assertTrue(self.backend.persistent)
         [(_, cid1, command)] = c1.requests()
         self.assertEqual(command, "APDU:00000001")
@@ -743,7 +748,7 @@ class ModeTests(Base):
         [(_, cid, _)] = c2.requests()
         c2.answer(cid, "9000")
         self.assertEqual(outcome(d), b"\x90\x00")
-        self.clock.advance(tcp.PROBE_DELAY)  # ... and c2 stays open
+        self.clock.advance(tcp_upstream.PROBE_DELAY)  # ... and c2 stays open
         self.assertIs(self.backend.persistent, True)
         self.assertEqual(len(self.endpoint.attempts), 2)  # the pool is back
         self.assertFalse(any(slot.parked for slot in self.backend.services))
@@ -802,7 +807,7 @@ class NeighbourTests(Base):
         junk 20 times a second: every healthy answer arrives, one warning."""
         conn = self.connect()
         healthy_ok = 0
-        junk = [">{id}:XYZ", ">999999:9000", ">{id}:" + "9" * (tcp.MAX_LINE + 10), "garbage"]
+        junk = [">{id}:XYZ", ">999999:9000", ">{id}:" + "9" * (tcp_upstream.MAX_LINE + 10), "garbage"]
         for i in range(300):
             if i % 3 == 0:  # ~20/s next to ~60 healthy commands a second
                 b = self.backend.transmit("Emulated 00", b"\x00\x00\x00\x00")
@@ -892,7 +897,7 @@ class OneByOneTests(Base):
     def test_batch_one_request_at_a_time(self):
         conn = self.connect()
         d = self.backend.transmit_batch("Emulated 00", [("RESET", None), ("APDU", b"\x00\xa4\x00\x00")])
-        self.clock.advance(tcp.PROBE_DELAY)  # not reused before this: one request in flight
+        self.clock.advance(tcp_upstream.PROBE_DELAY)  # not reused before this: one request in flight
         [(_, c1, command)] = conn.requests()
         self.assertEqual(command, "RESET")
         self.assertNoResult(d)
@@ -906,7 +911,7 @@ class OneByOneTests(Base):
     def test_cancel_stops_the_rest(self):
         conn = self.connect()
         d = self.backend.transmit_batch("Emulated 00", [("APDU", b"\x00\xa4\x00\x00")] * 3)
-        self.clock.advance(tcp.PROBE_DELAY)
+        self.clock.advance(tcp_upstream.PROBE_DELAY)
         [(_, c1, _)] = conn.requests()
         cancel(d)
         conn.answer(c1, "9000")  # the late answer: discarded, nothing more is sent

@@ -3,7 +3,7 @@ stripper, and the line protocol with it, in memory."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cloudfoxy_proxy.telnet import TelnetStripper
+from cloudfoxy_proxy.frontends.telnet import TelnetStripper
 from test_server import ATR, Harness, take
 
 IAC, SE, NOP, SB, WILL, WONT, DO, DONT, AYT = 255, 240, 241, 250, 251, 252, 253, 254, 246

@@ -16,14 +16,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cloudfoxy_proxy import errors, tap, vpcd
-from cloudfoxy_proxy.backend import IBackend
+from cloudfoxy_proxy import errors, tap
+from cloudfoxy_proxy.frontends import vpcd
+from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.registry import ReaderRegistry
-from cloudfoxy_proxy.vpcd import (
+from cloudfoxy_proxy.frontends.vpcd import (
     APDU, GET_ATR, POWER_OFF, POWER_ON, RESET, BridgedCard, FrameDecoder, FrameError,
     VpcdBridge, VpcdProtocol, apdu_answer, encode, parse_message, retry_policy,
 )

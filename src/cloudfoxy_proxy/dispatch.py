@@ -12,7 +12,7 @@ from time import perf_counter
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 
 from . import errors
-from .backend import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
+from .interfaces import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
 from .errors import CardError
 from .logs import Logger, RateLimitedLog
 from .parser import (

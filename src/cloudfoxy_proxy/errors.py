@@ -1,4 +1,4 @@
-"""Result codes of the line protocol (PROTOCOL.md section 1.2): the one place they live."""
+"""Result codes of the line protocol (docs/protocol.md "Responses"): the one place they live."""
 
 NO_CARD = "C080"  #: no card in the reader
 FAILED = "C081"  #: command failed / unknown command

@@ -38,6 +38,16 @@ class Logger(_TwistedLogger):
             super().emit(level, format, **kwargs)
 
 
+class RetryLogger(Logger):
+    """For ``ClientService._log``: ClientService logs every connection retry
+    at info level; for us that is debug (with the peer down that would be a
+    line every few seconds forever).  The owner logs the transitions between
+    up and down itself, once."""
+
+    def emit(self, level, format=None, **kwargs):
+        super().emit(LogLevel.debug if level == LogLevel.info else level, format, **kwargs)
+
+
 class _Levels:
     """``debug``/``info``/``warn``/``error`` over ``emit``."""
 

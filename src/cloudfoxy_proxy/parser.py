@@ -1,4 +1,4 @@
-"""The line protocol's request parser (PROTOCOL.md section 1.1), with no I/O.
+"""The line protocol's request parser (docs/protocol.md "Requests"), with no I/O.
 
 The server's framer hands it one line at a time (and tells it when it has
 consumed everything the client sent so far); it returns a complete
@@ -14,7 +14,7 @@ from .logs import Logger
 #: The longest command APDU: extended case 4 (4 + 3 + 65535 + 2 bytes).
 MAX_APDU_BYTES = 65544
 
-#: Every command name the protocol knows (PROTOCOL.md section 1.3).
+#: Every command name the protocol knows (docs/protocol.md "Commands").
 RESET, APDU, READERS, LIST, ENUM, ALIASES, CHAIN, SIGN, PERSONALIZE, EMPTYLINE = (
     "RESET", "APDU", "READERS", "LIST", "ENUM", "ALIASES", "CHAIN", "SIGN",
     "PERSONALIZE", "EMPTYLINE",

@@ -1,5 +1,5 @@
 """Readers of all backends, their canonical names, and reader-line resolution
-(PROTOCOL.md section 1.4, docs/protocol.md "Reader names and selection"),
+(docs/protocol.md "Reader names and selection"),
 plus each card's FIFO queue (section 1.5)."""
 
 import base64
@@ -201,6 +201,13 @@ class ReaderRegistry:
         client that sent it)."""
         self._reset_listeners.append(callback)
 
+    def watch(self, changed, reset):
+        """``add_listener(changed)`` and ``add_reset_listener(reset)``, then
+        ``changed(self)`` once for the readers already there."""
+        self.add_listener(changed)
+        self.add_reset_listener(reset)
+        changed(self)
+
     def card_reset(self, reader, session):
         """The dispatcher is about to reset the card in ``reader`` for ``session``."""
         for callback in self._reset_listeners:
@@ -362,7 +369,7 @@ class ReaderRegistry:
 
     def match(self, text, patterns=True):
         """Every listed reader a reader line matches, by the rules of
-        PROTOCOL.md 1.4: exact name, then alias, then ``""``/``*`` (every
+        docs/protocol.md "Reader names and selection": exact name, then alias, then ``""``/``*`` (every
         reader), then a case-insensitive literal part of names, and only
         when that matched nothing a case-insensitive regular expression
         (:func:`compile_pattern`) searched in names.  ``patterns=False``:

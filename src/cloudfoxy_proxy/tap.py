@@ -1,4 +1,4 @@
-"""``twistd foxyproxy``: command-line options and the service tree (CLI.md)."""
+"""``twistd foxyproxy``: command-line options and the service tree (README.md "Options")."""
 
 import re
 import sys
@@ -8,11 +8,11 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from . import backends, config_file, limits, logs, ops
-from .backend import BackendService
+from .backends.service import BackendService
 from .dispatch import Dispatcher
 from .registry import ReaderRegistry
 from .secrets import read_secret as load_secret
-from .server import DEFAULT_MAX_LINE, LineFactory
+from .frontends.line import DEFAULT_MAX_LINE, LineFactory
 
 DEFAULT_PORT = "4001"
 DEFAULT_BACKEND = "emulated:"
@@ -211,16 +211,18 @@ class Options(usage.Options):
             if not self["rest-token"]:
                 raise usage.UsageError(
                     "--rest needs a token: --rest-token-file FILE or env FOXYPROXY_REST_TOKEN")
+        settings = backends.BackendSettings(
+            token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
         makers = []
         for url in self["backend"] or [DEFAULT_BACKEND]:
             try:
-                makers.append(backends.from_url(url, self))
+                makers.append(backends.from_url(url, settings))
             except ValueError as e:
                 raise usage.UsageError(f"--backend {url!r}: {e}") from None
         self["backend-makers"] = makers
         self["ca-cert-list"] = []
         if self["ca-certs"]:
-            from .certindex import load_ca_certs
+            from .signing.certs import load_ca_certs
 
             try:
                 self["ca-cert-list"] = load_ca_certs(self["ca-certs"])
@@ -303,11 +305,12 @@ def makeService(config, reactor=None):
     # cards as they arrive, so it watches the registry before backends start.
     top.certindex = None
     if not config.get("no-signing"):
-        from .certindex import CertIndex
+        from .signing.index import CertIndex
 
         dispatcher.signing = CertIndex(registry, reactor, config["command-timeout"],
                                        ca_certs=config.get("ca-cert-list", ()))
-        dispatcher.signing.start()
+        dispatcher.signing.start()  # listening now: before any backend adds a reader
+        dispatcher.signing.setServiceParent(top)  # stopService cancels pending probes
         top.certindex = dispatcher.signing
     factory = LineFactory(
         dispatcher,
@@ -323,16 +326,17 @@ def makeService(config, reactor=None):
         Listener(serverFromString(reactor, description), guarded, description).setServiceParent(top)
     rest = None
     if config["rest"]:
-        from .restapi import make_rest_service
+        from .frontends.rest import RestSettings, make_rest_service
 
-        rest = make_rest_service(config, dispatcher, registry, reactor, top_limits)
+        settings = RestSettings(endpoint=config["rest"], token=config["rest-token"])
+        rest = make_rest_service(settings, dispatcher, registry, reactor, top_limits)
         rest.setServiceParent(top)
     if config.get("metrics"):
-        from .status import make_metrics_service
+        from .frontends.status import make_metrics_service
 
         make_metrics_service(config, top, factory, rest, reactor).setServiceParent(top)
     for host, port, reader, exclusive in config["vpcd"]:
-        from .vpcd import make_vpcd_service
+        from .frontends.vpcd import make_vpcd_service
 
         make_vpcd_service(host, port, reader, dispatcher, registry, reactor,
                           exclusive=exclusive).setServiceParent(top)

@@ -1,14 +1,18 @@
-"""Backend URLs (CLI.md "Backends"): the scheme picks the module, which is
+"""Backend URLs (docs/backends.md; the schemes in README.md "Options"): the scheme picks the module, which is
 imported only when used (so pyscard and treq load only when needed).
 
-Each module has ``from_url(url, config)``: it validates the URL (raising
+Each module has ``from_url(url, settings)``: it validates the URL (raising
 ValueError with a message for the user) and returns ``make(reactor)``,
-which builds the IBackend.
+which builds the IBackend.  ``settings`` is a ``BackendSettings`` (built by
+tap.py from the command line), never twistd's options dict.
 """
 
 import importlib
 import re
 from urllib.parse import parse_qsl, urlsplit
+
+import attr
+from attr.validators import instance_of, optional
 
 SCHEMES = {
     "emulated": "cloudfoxy_proxy.backends.emulated",
@@ -20,13 +24,34 @@ SCHEMES = {
 }
 
 
-def from_url(url, config):
+def _positive(inst, attribute, value):
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive: {value!r}")
+
+
+@attr.s(frozen=True, kw_only=True)
+class BackendSettings:
+    """What a backend URL falls back on from the command line (docs/backends.md):
+
+    * ``token`` — str or None: ``--token-file``/``FOXYPROXY_TOKEN``, the
+      CloudFoxy REST token of ``cloudfoxy+http(s)://`` without ``token_file=``;
+    * ``password`` — str or None: ``--password-file``/``FOXYPROXY_PASSWORD``,
+      the upstream password of ``tcp://``/``tls://`` without ``password_file=``;
+    * ``command_timeout`` — seconds (> 0): ``--command-timeout``.
+    """
+
+    token = attr.ib(default=None, validator=optional(instance_of(str)))
+    password = attr.ib(default=None, validator=optional(instance_of(str)))
+    command_timeout = attr.ib(default=15.0, converter=float, validator=_positive)
+
+
+def from_url(url, settings=BackendSettings()):
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     module = SCHEMES.get(scheme)
     if module is None:
         known = ", ".join(f"{s}:" for s in SCHEMES)
         raise ValueError(f"unknown backend {url!r} (known: {known})")
-    return importlib.import_module(module).from_url(url, config)
+    return importlib.import_module(module).from_url(url, settings)
 
 
 #: Readers kept per upstream backend unless ``readers_max=`` says otherwise.
@@ -138,30 +163,30 @@ def query(url, allowed):
     return params
 
 
-def int_param(params, key, default, low, high):
+def _number_param(params, key, default, low, high, kind, what):
     value = params.get(key)
     if value is None:
         return default
     try:
-        number = int(value)
+        number = kind(value)
     except ValueError:
-        raise ValueError(f"{key}={value!r} is not a whole number") from None
+        raise ValueError(f"{key}={value!r} is not {what}") from None
     if not low <= number <= high:
-        raise ValueError(f"{key}={number} is out of range {low}..{high}")
+        shown = number if kind is int else value
+        raise ValueError(f"{key}={shown} is out of range {low}..{high}")
     return number
+
+
+def int_param(params, key, default, low, high):
+    """URL parameter ``key`` as a whole number in ``low..high`` (``default``
+    when absent); ValueError naming the parameter otherwise."""
+    return _number_param(params, key, default, low, high, int, "a whole number")
 
 
 def float_param(params, key, default, low, high):
-    value = params.get(key)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{key}={value!r} is not a number") from None
-    if not low <= number <= high:
-        raise ValueError(f"{key}={value} is out of range {low}..{high}")
-    return number
+    """URL parameter ``key`` as a number in ``low..high`` (``default`` when
+    absent); ValueError naming the parameter otherwise."""
+    return _number_param(params, key, default, low, high, float, "a number")
 
 
 def read_file(option, path):

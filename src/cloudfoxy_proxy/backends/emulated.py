@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from .. import errors
-from ..backend import IBackend, ReaderInfo
+from ..interfaces import IBackend, ReaderInfo
 from ..cards.iso7816 import Iso7816Card
 from . import float_param, int_param, query
 
@@ -48,7 +48,7 @@ SIGNING_TYPES = frozenset(("piv", "openpgp", "ica", "postsignum"))
 PIN_LENGTHS = {"piv": (6, 8), "openpgp": (6, 127), "ica": (4, 16), "postsignum": (4, 16)}
 
 
-def from_url(url, config):
+def from_url(url, settings=None):
     params = query(url, {"cards", "type", "latency_ms", "prefix", "pin", "keys"})
     cards = int_param(params, "cards", 4, 1, 10000)
     latency = float_param(params, "latency_ms", 0.0, 0.0, 600000.0) / 1000.0

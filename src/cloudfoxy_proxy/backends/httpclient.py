@@ -143,12 +143,13 @@ class _Extra(Exception):
 class _Connection(Protocol):
     """One connection: one request at a time, its answer parsed by llhttp."""
 
+    d = None  # the request's Deferred while one runs
+    lost = False
+    parser = None
+    sock = None  # the socket, on plain TCP
+
     def __init__(self, pool):
         self.pool = pool
-        self.d = None
-        self.lost = False
-        self.parser = None
-        self.sock = None
 
     def connectionMade(self):
         handle = getattr(self.transport, "getHandle", lambda: None)()

@@ -12,45 +12,37 @@
   ``6Cxx`` by re-sending with that Le; ``0`` (default): the card's exact
   answer.
 
-Threads (STYLE.md 7): every reader has its own single-thread pool and its
+Threads (no blocking call on the reactor thread): every reader has its own single-thread pool and its
 own PC/SC context, so a card that stops answering blocks only its reader;
 one more single-thread pool runs the monitor, a loop of bounded
 ``SCardGetStatusChange`` waits that notices readers and cards coming and
 going.  No pyscard call ever runs on the reactor thread.
 
-Everything below ``_Link`` and ``_Monitor`` runs in those threads and only
-talks to the reactor through return values and exceptions; everything in
-``PcscBackend`` runs on the reactor thread.
+``pcsc_thread.py`` holds what runs in those threads (``_Link``, one
+reader's context and card handle; ``_Monitor``, the reader list) and talks
+to the reactor only through return values and exceptions; this module holds
+the URL's settings and ``PcscBackend``, which runs on the reactor thread.
 """
 
 import re
 import shutil
-import threading
-import time
 
 import attr
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .. import errors
-from ..backend import IBackend, ReaderInfo
+from ..interfaces import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
 from . import query
-
-#: pcsc-lite's pseudo reader whose state changes when a reader is plugged in.
-PNP_NOTIFICATION = "\\\\?PnP?\\Notification"
+from .pcsc_thread import _Down, _Link, _message, _Monitor, abandon_pool, make_thread_pool
 
 MODES = ("shared", "exclusive")
 PROTOCOLS = ("any", "t0", "t1")
 
 INSTALL_PYSCARD = "pip install 'cloudfoxy-proxy[pcsc]' (needs swig and libpcsclite-dev)"
 INSTALL_PCSCD = "install and start it, e.g. apt-get install pcscd && systemctl start pcscd.socket"
-
-#: GET RESPONSE rounds followed at most for one command when chain=1.
-MAX_CHAIN = 256
-
 
 # -- configuration -------------------------------------------------------------
 
@@ -83,7 +75,7 @@ def check_service(scard):
     scard.SCardReleaseContext(ctx)
 
 
-def from_url(url, config, scard=None):
+def from_url(url, settings=None, scard=None):
     params = query(url, {"readers", "mode", "protocol", "chain"})
     pattern = params.get("readers")
     if pattern is not None:
@@ -114,425 +106,6 @@ def from_url(url, config, scard=None):
     return make
 
 
-def make_thread_pool(name):
-    """A single-thread pool whose thread never keeps the process alive (a
-    thread stuck in a PC/SC call must not block exit)."""
-    pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-    pool.threadFactory = _daemon_thread
-    return pool
-
-
-def _daemon_thread(*args, **kwargs):
-    thread = threading.Thread(*args, **kwargs)
-    thread.daemon = True
-    return thread
-
-
-def abandon_pool(pool):
-    """Stop a pool whose thread is stuck in a PC/SC call without waiting for
-    it: its thread exits when the call returns (if ever)."""
-    _daemon_thread(target=pool.stop, name=f"stop {pool.name}").start()
-
-
-def _message(scard, hr):
-    try:
-        text = scard.SCardGetErrorMessage(hr).strip().rstrip(".")
-    except Exception:
-        text = "PC/SC error"
-    return f"{text} (0x{hr & 0xFFFFFFFF:08X})"
-
-
-# -- reader threads -------------------------------------------------------------
-
-class _Retry(Exception):
-    """The APDU was not sent (stale handle, reset card, dead context): try once more."""
-
-
-class _Link:
-    """One reader's PC/SC context and card handle.  Used only from that
-    reader's own thread, one call at a time."""
-
-    def __init__(self, scard, name, mode, protocol, chain=False, removal_wait=1.0):
-        self.scard = scard
-        self.name = name
-        self.share = scard.SCARD_SHARE_EXCLUSIVE if mode == "exclusive" else scard.SCARD_SHARE_SHARED
-        self.transactions = mode != "exclusive"
-        self.protocols = {"any": scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
-                          "t0": scard.SCARD_PROTOCOL_T0,
-                          "t1": scard.SCARD_PROTOCOL_T1}[protocol]
-        self.chain = chain
-        self.removal_wait = removal_wait
-        self.ctx = None
-        self.handle = None
-        self.active = None  # the protocol in use
-        self.epoch = None
-        self.in_transaction = False  # one PC/SC transaction spans a whole request
-        s = scard
-        #: results meaning the context or handle is dead (pcscd restarted or gone)
-        self.dead = {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
-                     s.SCARD_E_INVALID_HANDLE}
-        #: results meaning "reconnect first; nothing was sent to the card"
-        self.stale = {s.SCARD_W_REMOVED_CARD, s.SCARD_W_RESET_CARD, s.SCARD_W_UNPOWERED_CARD}
-        #: stale results that also mean the card lost its session state (reset
-        #: by another program, or removed and put back): the command gets C080
-        self.lost = {s.SCARD_W_REMOVED_CARD, s.SCARD_W_RESET_CARD}
-        self.no_card = {s.SCARD_E_NO_SMARTCARD, s.SCARD_W_REMOVED_CARD}
-
-    # -- plumbing
-
-    def _error(self, what, hr):
-        s = self.scard
-        text = f"{self.name}: {what}: {_message(s, hr)}"
-        if hr in self.no_card:
-            return CardError(errors.NO_CARD, text)
-        if hr == s.SCARD_E_UNKNOWN_READER:
-            return CardError(errors.NOT_FOUND, text)
-        if hr == s.SCARD_E_SHARING_VIOLATION:
-            return CardError(errors.UPSTREAM, text + " (another program holds the card)")
-        return CardError(errors.UPSTREAM, text)
-
-    def close(self):
-        """Disconnect and release the context, ignoring every error."""
-        self._drop_handle()
-        ctx, self.ctx = self.ctx, None
-        if ctx is not None:
-            try:
-                self.scard.SCardReleaseContext(ctx)
-            except Exception:
-                pass
-
-    def forget(self):
-        """Disconnect from a card that left; keep the context."""
-        self._drop_handle()
-
-    def _drop_handle(self):
-        s = self.scard
-        handle, self.handle, self.active = self.handle, None, None
-        self.in_transaction = False
-        if handle is not None:
-            try:
-                s.SCardDisconnect(handle, s.SCARD_LEAVE_CARD)
-            except Exception:
-                pass
-
-    def _ensure(self, epoch):
-        """A context (of the current pcscd, ``epoch``) and a card handle."""
-        s = self.scard
-        if self.ctx is not None and self.epoch != epoch:
-            self.close()
-        if self.ctx is None:
-            hr, ctx = s.SCardEstablishContext(s.SCARD_SCOPE_USER)
-            if hr != s.SCARD_S_SUCCESS:
-                raise CardError(errors.UPSTREAM, f"{self.name}: pcscd: {_message(s, hr)}")
-            self.ctx, self.epoch = ctx, epoch
-        if self.handle is None:
-            hr, handle, active = s.SCardConnect(self.ctx, self.name, self.share, self.protocols)
-            if hr in self.dead:
-                self.close()
-                raise _Retry()
-            if hr != s.SCARD_S_SUCCESS:
-                raise self._error("connect", hr)
-            self.handle, self.active = handle, active
-
-    def _reconnect(self, init):
-        s = self.scard
-        hr, active = s.SCardReconnect(self.handle, self.share, self.protocols, init)
-        if hr == s.SCARD_S_SUCCESS:
-            self.active = active
-        return hr
-
-    def _twice(self, fn, *args):
-        try:
-            return fn(*args)
-        except _Retry:
-            pass
-        try:
-            return fn(*args)
-        except _Retry:
-            raise CardError(errors.UPSTREAM, f"{self.name}: the card or pcscd kept failing") from None
-
-    # -- commands
-
-    def transmit(self, apdu, epoch):
-        """The response APDU (bytes) to ``apdu``; CardError on failure."""
-        return self._twice(self._transmit, apdu, epoch)
-
-    def reset(self, epoch):
-        """Cold-reset the card (warm if the reader cannot); the new ATR."""
-        return self._twice(self._reset, epoch)
-
-    def _transmit(self, apdu, epoch):
-        s = self.scard
-        self._ensure(epoch)
-        if self.transactions and not self.in_transaction:
-            # The request's first APDU opens a transaction that its last
-            # command's end closes (end(), from the backend's release()), so
-            # no other local program can slip APDUs into one request.
-            hr = s.SCardBeginTransaction(self.handle)
-            if hr in self.stale:
-                self._recover(hr)
-                if hr in self.lost:
-                    raise self._session_lost(hr)
-                hr = s.SCardBeginTransaction(self.handle)
-            if hr in self.dead:
-                self.close()
-                raise _Retry()
-            if hr != s.SCARD_S_SUCCESS:
-                raise self._error("begin transaction", hr)
-            self.in_transaction = True
-        try:
-            response = self._send(apdu)
-            if self.chain:
-                response = self._follow(apdu, response)
-            return response
-        except BaseException:
-            self.end()
-            raise
-
-    def end(self):
-        """End the request's transaction, if one is open (errors ignored)."""
-        if self.in_transaction:
-            self.in_transaction = False
-            if self.handle is not None:
-                try:
-                    self.scard.SCardEndTransaction(self.handle, self.scard.SCARD_LEAVE_CARD)
-                except Exception:
-                    pass
-
-    def _session_lost(self, hr):
-        """The C080 a command gets when pcscd says the card was reset or
-        removed since our last command (the APDU was not sent; the handle
-        is reconnected, so later commands run on the card as it is now)."""
-        return CardError(errors.NO_CARD, f"{self.name}: card reset or removed by another program "
-                                         f"since the last command; its session state is gone "
-                                         f"({_message(self.scard, hr)})")
-
-    def _recover(self, hr):
-        """After a result saying the handle is stale (card removed and maybe
-        back, or reset by another program): reconnect, else CardError."""
-        s = self.scard
-        again = self._reconnect(s.SCARD_LEAVE_CARD)
-        if again in self.dead:
-            self.close()
-            raise _Retry()
-        if again != s.SCARD_S_SUCCESS:
-            self._drop_handle()
-            raise self._error("reconnect", again)
-
-    def _send(self, apdu):
-        s = self.scard
-        hr, response = s.SCardTransmit(self.handle, self.active, list(apdu))
-        if hr == s.SCARD_S_SUCCESS:
-            if len(response) < 2 and self._gone():
-                # vpcd answers with nothing when its card goes away mid-command.
-                self._drop_handle()
-                raise CardError(errors.NO_CARD, f"{self.name}: card removed during the command")
-            return bytes(response)  # the dispatcher refuses one without SW1 SW2
-        if hr in self.stale:
-            self._recover(hr)
-            if hr in self.lost:
-                raise self._session_lost(hr)
-            raise _Retry()  # the APDU was not sent: pcsc-lite checks first
-        if hr in self.dead:
-            self.close()
-            raise _Retry()
-        # The transfer failed (0x80100016 when a card is pulled before pcscd
-        # has noticed): C080 if the card turns out to be gone.
-        if self._gone():
-            self._drop_handle()
-            raise CardError(errors.NO_CARD, f"{self.name}: card removed during the command")
-        raise self._error("transmit", hr)
-
-    def _gone(self):
-        """Whether the card leaves within ``removal_wait`` (pcscd notices a
-        removal on its next poll, up to ~0.4 s later)."""
-        s = self.scard
-        hr, states = s.SCardGetStatusChange(self.ctx, 0, [(self.name, s.SCARD_STATE_UNAWARE)])
-        if hr != s.SCARD_S_SUCCESS:
-            return hr in self.no_card or hr == s.SCARD_E_UNKNOWN_READER
-        first = states[0][1]
-        deadline = time.monotonic() + self.removal_wait
-        event = first
-        while True:
-            if not event & s.SCARD_STATE_PRESENT or event >> 16 != first >> 16:
-                return True  # absent, or pulled and put back (pcsc-lite counts events)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            hr, states = s.SCardGetStatusChange(
-                self.ctx, max(1, int(left * 1000)), [(self.name, event & ~s.SCARD_STATE_CHANGED)])
-            if hr == s.SCARD_E_TIMEOUT:
-                return False
-            if hr != s.SCARD_S_SUCCESS:
-                return hr == s.SCARD_E_UNKNOWN_READER
-            event = states[0][1]
-
-    def _follow(self, apdu, response):
-        """chain=1: 6Cxx -> re-send with Le=xx; 61xx -> GET RESPONSE."""
-        if len(response) == 2 and response[0] == 0x6C:
-            response = self._send(_with_le(apdu, response[1]))
-        data = b""
-        rounds = 0
-        while len(response) >= 2 and response[-2] == 0x61 and rounds < MAX_CHAIN:
-            data += response[:-2]
-            response = self._send(bytes([_get_response_cla(apdu[0]), 0xC0, 0x00, 0x00, response[-1]]))
-            rounds += 1
-        return data + response
-
-    def _reset(self, epoch):
-        s = self.scard
-        self.end()
-        self._ensure(epoch)
-        hr = self._reconnect(s.SCARD_UNPOWER_CARD)
-        if hr != s.SCARD_S_SUCCESS and hr not in self.dead and hr not in self.no_card:
-            hr = self._reconnect(s.SCARD_RESET_CARD)  # the reader cannot power off: warm reset
-        if hr in self.dead:
-            self.close()
-            raise _Retry()
-        if hr != s.SCARD_S_SUCCESS:
-            self._drop_handle()
-            raise self._error("reset", hr)
-        hr, _name, _state, _protocol, atr = s.SCardStatus(self.handle)
-        if hr in self.dead:
-            self.close()
-            raise _Retry()
-        if hr != s.SCARD_S_SUCCESS:
-            self._drop_handle()
-            raise self._error("status", hr)
-        return bytes(atr)
-
-
-def _with_le(apdu, le):
-    """``apdu`` with its short Le replaced by (or, without one, given) ``le``."""
-    if len(apdu) == 4:
-        return apdu + bytes([le])
-    if len(apdu) == 5:
-        return apdu[:4] + bytes([le])
-    lc = apdu[4]
-    if lc and len(apdu) == 5 + lc:
-        return apdu + bytes([le])
-    if lc and len(apdu) == 6 + lc:
-        return apdu[:-1] + bytes([le])
-    return apdu
-
-
-def _get_response_cla(cla):
-    """GET RESPONSE keeps the logical channel of the command it follows."""
-    if cla & 0x40 and not cla & 0x80:
-        return cla & 0x4F  # further interindustry class: channels 4..19
-    return cla & 0x03
-
-
-# -- monitor thread -------------------------------------------------------------
-
-@attr.s(frozen=True)
-class _Down:
-    """The monitor could not reach pcscd."""
-
-    reason = attr.ib()
-
-
-@attr.s(frozen=True)
-class _Scan:
-    """One look at the readers: ``readers`` is ((name, present, atr), …);
-    ``delay`` seconds to wait before the next look."""
-
-    readers = attr.ib()
-    delay = attr.ib(default=0.0)
-
-
-class _Monitor:
-    """Reader list and card presence through bounded SCardGetStatusChange
-    waits.  Used only from the monitor's own thread, one call at a time."""
-
-    def __init__(self, scard, wanted, poll_ms):
-        self.scard = scard
-        self.wanted = wanted
-        self.poll_ms = poll_ms
-        self.ctx = None
-        self.states = {}
-        self.atrs = {}
-        self.pnp = True
-        self.pnp_state = 0
-        self.unknown = None  # reader list of the last SCARD_E_UNKNOWN_READER
-        self.fresh = True  # no wait on the first look with a new context
-        s = scard
-        self.dead = {s.SCARD_E_NO_SERVICE, s.SCARD_E_SERVICE_STOPPED, s.SCARD_F_COMM_ERROR,
-                     s.SCARD_E_INVALID_HANDLE}
-
-    def close(self):
-        ctx, self.ctx = self.ctx, None
-        if ctx is not None:
-            try:
-                self.scard.SCardReleaseContext(ctx)
-            except Exception:
-                pass
-
-    def _down(self, what, hr):
-        self.close()
-        return _Down(f"{what}: {_message(self.scard, hr)}")
-
-    def scan(self):
-        """Wait (at most ``poll_ms``) for a change; a _Scan or a _Down."""
-        s = self.scard
-        if self.ctx is None:
-            hr, ctx = s.SCardEstablishContext(s.SCARD_SCOPE_USER)
-            if hr != s.SCARD_S_SUCCESS:
-                return _Down(f"SCardEstablishContext: {_message(s, hr)}")
-            self.ctx, self.states, self.atrs, self.pnp_state = ctx, {}, {}, 0
-            self.fresh = True
-        hr, names = s.SCardListReaders(self.ctx, [])
-        if hr == s.SCARD_E_NO_READERS_AVAILABLE:
-            names = []
-        elif hr in self.dead:
-            return self._down("SCardListReaders", hr)
-        elif hr != s.SCARD_S_SUCCESS:
-            return _Scan(self._snapshot(list(self.states)), delay=self.poll_ms / 1000.0)
-        names = [n for n in names if self.wanted(n)]
-        for gone in set(self.states) - set(names):
-            del self.states[gone]
-            self.atrs.pop(gone, None)
-        asked = [(n, self.states.get(n, s.SCARD_STATE_UNAWARE)) for n in names]
-        if self.pnp:
-            asked.append((PNP_NOTIFICATION, self.pnp_state))
-        if not asked:
-            return _Scan((), delay=self.poll_ms / 1000.0)
-        fresh = self.fresh or any(n not in self.states for n in names)
-        self.fresh = False
-        hr, result = s.SCardGetStatusChange(self.ctx, 0 if fresh else self.poll_ms, asked)
-        delay = 0.0
-        if hr == s.SCARD_S_SUCCESS:
-            self.unknown = None
-            for name, event, atr in result:
-                if name == PNP_NOTIFICATION:
-                    self.pnp_state = event & ~s.SCARD_STATE_CHANGED
-                else:
-                    self.states[name] = event & ~s.SCARD_STATE_CHANGED
-                    self.atrs[name] = bytes(atr)
-        elif hr in self.dead:
-            return self._down("SCardGetStatusChange", hr)
-        elif hr == s.SCARD_E_UNKNOWN_READER:
-            # A reader left between listing and waiting: list again soon.  If
-            # the same list fails twice, the PnP pseudo reader is unsupported.
-            if self.unknown == names and self.pnp:
-                self.pnp = False
-            self.unknown = names
-            delay = 0.1
-        elif hr != s.SCARD_E_TIMEOUT:
-            delay = self.poll_ms / 1000.0
-        return _Scan(self._snapshot([n for n in names if n in self.states]), delay)
-
-    def _snapshot(self, names):
-        s = self.scard
-        out = []
-        for name in names:
-            event = self.states[name]
-            present = bool(event & s.SCARD_STATE_PRESENT) and not event & (
-                s.SCARD_STATE_UNKNOWN | s.SCARD_STATE_UNAVAILABLE | s.SCARD_STATE_IGNORE)
-            out.append((name, present, (self.atrs.get(name) or None) if present else None))
-        return tuple(out)
-
-
 # -- the backend (reactor thread) ----------------------------------------------
 
 class _Worker:
@@ -552,16 +125,16 @@ class _Worker:
         return self.calls > 0
 
 
+@attr.s(slots=True, eq=False)
 class _Reader:
-    __slots__ = ("name", "link", "worker", "present", "atr", "listed")
+    """One PC/SC reader: its ``_Link`` and ``_Worker``, what the monitor saw."""
 
-    def __init__(self, name, link, worker):
-        self.name = name
-        self.link = link
-        self.worker = worker
-        self.present = False
-        self.atr = None
-        self.listed = False
+    name = attr.ib()
+    link = attr.ib()
+    worker = attr.ib()
+    present = attr.ib(default=False)
+    atr = attr.ib(default=None)
+    listed = attr.ib(default=False)
 
 
 @implementer(IBackend)

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from .apdu import (
+from ..apdu import (
     SW_DATA_NOT_FOUND, SW_INCOMPATIBLE, SW_NOT_ALLOWED, SW_OK, SW_SECURITY,
     SW_WRONG_DATA, SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, parse_tlvs, tlv,
 )

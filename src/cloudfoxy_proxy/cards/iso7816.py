@@ -6,7 +6,7 @@ Every answer is computed from the card's state; nothing is canned.
 
 import os
 
-from .apdu import (
+from ..apdu import (
     SW_CLA_NOT_SUPPORTED, SW_EOF_WARNING, SW_INS_NOT_SUPPORTED,
     SW_NO_CURRENT_EF, SW_NOT_ALLOWED, SW_NOT_FOUND, SW_OK, SW_SECURITY,
     SW_WRONG_LENGTH, SW_WRONG_OFFSET, SW_WRONG_P1P2, BadLength,
@@ -34,11 +34,16 @@ class StatusError(Exception):
 
 
 class Card:
-    """Base of every emulated card: APDU parsing, CLA checks, GET RESPONSE
-    for answers longer than Ne (``61xx``), and dispatch by INS.
+    """Base of every emulated card, holding their one transmit path: APDU
+    parsing, CLA checks, dispatch by INS, GET RESPONSE for answers longer
+    than Ne (``61xx``).
 
     Subclasses set ``atr`` and fill ``handlers`` (INS -> method taking a
-    CommandAPDU and returning ``(data, status)``).
+    CommandAPDU and returning ``(data, status)``).  Hooks: ``check_cla``;
+    ``assemble(cmd)`` (a whole command, or the response APDU to answer at
+    once: command chaining, ``cards/pki.py``); ``answer_length(cmd)`` (the
+    command whose Ne bounds the answer); ``forget_pending()`` (drops what
+    a malformed APDU ends).
     """
 
     atr = make_atr(ISO_ATR_HISTORICAL)
@@ -55,12 +60,24 @@ class Card:
     def check_cla(self, cla):
         return cla & 0xFC == 0x00  # interindustry, logical channels 0-3
 
+    def forget_pending(self):
+        self._rest = b""
+
+    def assemble(self, cmd):
+        return cmd
+
+    def answer_length(self, cmd):
+        return cmd
+
     def transmit(self, apdu):
         try:
             cmd = parse_command(apdu)
         except BadLength:
-            self._rest = b""
+            self.forget_pending()
             return sw(SW_WRONG_LENGTH)
+        cmd = self.assemble(cmd)
+        if isinstance(cmd, bytes):
+            return cmd
         if not self.check_cla(cmd.cla):
             self._rest = b""
             return sw(SW_CLA_NOT_SUPPORTED)
@@ -74,7 +91,7 @@ class Card:
             data, status = handler(cmd)
         except StatusError as e:
             return sw(e.status)
-        return self._deliver(cmd, data, status)
+        return self._deliver(self.answer_length(cmd), data, status)
 
     def _deliver(self, cmd, data, status):
         """At most Ne bytes now, the rest announced as 61xx; an answer to a

@@ -35,7 +35,7 @@ import os
 
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from .apdu import (
+from ..apdu import (
     SW_DATA_NOT_FOUND, SW_NOT_FOUND, SW_OK, SW_SECURITY, SW_WRONG_DATA,
     SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, tlv,
 )

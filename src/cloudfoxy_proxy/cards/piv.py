@@ -25,7 +25,7 @@ yubico-piv-tool and the proxy's own PIV profile.
 
 import os
 
-from .apdu import (
+from ..apdu import (
     parse_tlvs,
     SW_DATA_NOT_FOUND, SW_NOT_FOUND, SW_OK, SW_SECURITY, SW_WRONG_DATA,
     SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, tlv,

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.x509.oid import NameOID
 
-from .apdu import SW_WRONG_LENGTH, BadLength, parse_command, sw, CommandAPDU
+from ..apdu import SW_WRONG_LENGTH, CommandAPDU, sw
 from .iso7816 import INS_GET_RESPONSE, Card, StatusError
 
 ROOT_CN = "CloudFoxy Emulated Root CA"
@@ -320,13 +320,13 @@ class SigningCard(Card):
     def check_cla(self, cla):
         return cla in (0x00, 0x10)
 
-    def transmit(self, apdu):
-        try:
-            cmd = parse_command(apdu)
-        except BadLength:
-            self._chain = None
-            self._rest = b""
-            return sw(SW_WRONG_LENGTH)
+    def forget_pending(self):
+        self._chain = None
+        super().forget_pending()
+
+    def assemble(self, cmd):
+        """Collects a chained command's parts (CLA 0x10): 9000 for each but
+        the last, then the whole command."""
         chain = self._chain
         if cmd.cla == 0x10:
             if chain is not None and chain[:3] != (cmd.ins, cmd.p1, cmd.p2):
@@ -344,21 +344,11 @@ class SigningCard(Card):
             if chain[:3] != (cmd.ins, cmd.p1, cmd.p2):
                 return sw(SW_LAST_OF_CHAIN_EXPECTED)
             cmd = CommandAPDU(cmd.cla, cmd.ins, cmd.p1, cmd.p2, chain[3] + cmd.data, cmd.ne, cmd.extended)
-        if not self.check_cla(cmd.cla):
-            self._rest = b""
-            return sw(0x6E00)
-        handler = self.handlers.get(cmd.ins)
-        if handler is None:
-            self._rest = b""
-            return sw(0x6D00)
-        if cmd.ins != INS_GET_RESPONSE:
-            self._rest = b""
-        try:
-            data, status = handler(cmd)
-        except StatusError as e:
-            return sw(e.status)
+        return cmd
+
+    def answer_length(self, cmd):
         if cmd.ne is None and cmd.ins != INS_GET_RESPONSE:
             # Like T=1 cards (YubiKey, OpenPGP cards): a command without Le
             # still gets its answer, up to 256 bytes, then 61xx.
-            cmd = CommandAPDU(cmd.cla, cmd.ins, cmd.p1, cmd.p2, cmd.data, 256, cmd.extended)
-        return self._deliver(cmd, data, status)
+            return CommandAPDU(cmd.cla, cmd.ins, cmd.p1, cmd.p2, cmd.data, 256, cmd.extended)
+        return cmd

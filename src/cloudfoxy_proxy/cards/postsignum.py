@@ -24,7 +24,7 @@ come from.
 
 import os
 
-from .apdu import (
+from ..apdu import (
     SW_DATA_NOT_FOUND, SW_NOT_ALLOWED, SW_OK, SW_SECURITY, SW_WRONG_DATA,
     SW_WRONG_LENGTH, SW_WRONG_P1P2, make_atr, parse_tlvs,
 )

@@ -13,12 +13,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet.defer import inlineCallbacks
 
-from .. import errors
-from ..errors import CardError
-from ..logs import Logger
+from ... import errors
+from ...errors import CardError
+from ...logs import Logger
+from ...apdu import find_tlv, parse_tlvs
 from . import (
-    CardCertificate, Profile, apdu, digest_info, ec_input, exchange,
-    find_tlv, parse_tlvs, pin_failure, raw_to_der, send_chained,
+    CardCertificate, Profile, apdu, digest_info, ec_input, exchange, pin_failure,
+    raw_to_der, send_chained,
 )
 
 OPENPGP_AID = bytes.fromhex("D27600012401")

@@ -24,9 +24,9 @@ import attr
 from cryptography import x509
 from twisted.internet.defer import inlineCallbacks
 
-from .. import errors
-from ..errors import CardError
-from ..logs import Logger
+from ... import errors
+from ...errors import CardError
+from ...logs import Logger
 from . import CardCertificate, Profile, apdu, exchange, pin_failure, read_binary
 
 MF, DF_SIGNATURE = 0x3F00, 0x0604

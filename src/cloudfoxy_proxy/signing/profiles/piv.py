@@ -9,12 +9,13 @@ import zlib
 
 from twisted.internet.defer import inlineCallbacks
 
-from .. import errors
-from ..errors import CardError
-from ..logs import Logger
+from ... import errors
+from ...errors import CardError
+from ...logs import Logger
+from ...apdu import find_tlv, parse_tlvs, tlv
 from . import (
-    CardCertificate, Profile, apdu, ec_input, exchange, find_tlv,
-    parse_tlvs, pin_failure, pkcs1_block, send_chained,
+    CardCertificate, Profile, apdu, ec_input, exchange, pin_failure, pkcs1_block,
+    send_chained,
 )
 
 PIV_AID_PREFIX = bytes.fromhex("A000000308")
@@ -110,8 +111,7 @@ class PivProfile(Profile):
             challenge = ec_input(digest, cert.key_bits // 8) if alg else None
         if alg is None:
             raise CardError(errors.FAILED, f"PIV key {cert.key_type} {cert.key_bits} not supported")
-        body = b"\x82\x00" + b"\x81" + _length(len(challenge)) + challenge
-        template = b"\x7C" + _length(len(body)) + body
+        template = tlv(0x7C, tlv(0x82, b"") + tlv(0x81, challenge))
         data, sw = yield send_chained(transmit, 0x00, 0x87, alg, cert.key_ref, template, 0)
         if sw in (0x6982, 0x6983) or sw >> 4 == 0x63C:
             raise CardError(errors.BAD_PIN, f"PIV GENERAL AUTHENTICATE {sw:04X}")
@@ -124,11 +124,3 @@ class PivProfile(Profile):
         if not signature:
             raise CardError(errors.FAILED, "no signature in the GENERAL AUTHENTICATE answer")
         return signature
-
-
-def _length(n):
-    if n < 0x80:
-        return bytes([n])
-    if n < 0x100:
-        return bytes([0x81, n])
-    return bytes([0x82]) + n.to_bytes(2, "big")

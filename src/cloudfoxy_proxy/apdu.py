@@ -1,7 +1,17 @@
-"""ISO 7816-4 command APDU structure and status words, shared by every
-emulated card."""
+"""ISO 7816-4 helpers, one copy for the whole proxy: command APDU
+structure (ISO 7816-4 5.1), status words, the BER-TLV codec (ISO 7816-4
+5.2 and Annex D; ``tlv``/``parse_tlvs``/``find_tlv``) and the host side's
+GET RESPONSE / 61xx / 6Cxx follow-up (ISO 7816-4 5.1.3 and 5.3.4).
+
+Used by the emulated cards (``cards/``), the signing profiles
+(``signing/profiles/``, Deferred-based) and the PC/SC backend
+(``backends/pcsc_thread.py``, synchronous on the reader's thread): the
+follow-up is written once, as the generator ``follow_up``, and driven by
+``run_sync`` or ``run_deferred``.
+"""
 
 import attr
+from twisted.internet.defer import inlineCallbacks
 
 SW_OK = 0x9000
 SW_EOF_WARNING = 0x6282  # end of file reached before reading Ne bytes
@@ -86,6 +96,15 @@ def tlv(tag, value):
     return tag_bytes + length + bytes(value)
 
 
+def find_tlv(data, tag):
+    """The value of the first top-level BER-TLV of ``data`` with ``tag``, or
+    None; ValueError if ``data`` is malformed."""
+    for t, value in parse_tlvs(data):
+        if t == tag:
+            return value
+    return None
+
+
 def parse_tlvs(data):
     """Top-level BER-TLVs of ``data`` as [(tag, value)]; ValueError if malformed."""
     out = []
@@ -127,3 +146,86 @@ def make_atr(historical):
     for b in body:
         tck ^= b
     return bytes([0x3B]) + body + bytes([tck])
+
+
+# -- GET RESPONSE / 61xx / 6Cxx follow-up (host side) ---------------------------
+
+#: GET RESPONSE rounds followed at most for one command.
+MAX_GET_RESPONSE = 256
+
+
+def with_le(apdu, le):
+    """``apdu`` with its short Le replaced by (or, without one, given) ``le``
+    (an extended APDU is returned unchanged)."""
+    if len(apdu) == 4:
+        return apdu + bytes([le])
+    if len(apdu) == 5:
+        return apdu[:4] + bytes([le])
+    lc = apdu[4]
+    if lc and len(apdu) == 5 + lc:
+        return apdu + bytes([le])
+    if lc and len(apdu) == 6 + lc:
+        return apdu[:-1] + bytes([le])
+    return apdu
+
+
+def get_response_cla(cla):
+    """The CLA of the GET RESPONSE that follows a command of class ``cla``:
+    it keeps the command's logical channel (ISO 7816-4 5.4.1: channels 0..3
+    in bits 1-2 of the first interindustry class, 4..19 in bits 1-4 of the
+    further interindustry class), without chaining or secure messaging."""
+    if cla & 0x40 and not cla & 0x80:
+        return cla & 0x4F  # further interindustry class: channels 4..19
+    return cla & 0x03
+
+
+def follow_up(command):
+    """The exchange of one command with its follow-ups, as a generator: it
+    yields each command APDU (bytes) to send and must be sent the response
+    APDU (bytes) to each; it returns the complete response.
+
+    * ``6Cxx`` (wrong Le, no data): the command once more with Le = xx;
+    * ``61xx`` (more data): GET RESPONSE (``get_response_cla``, Le = xx),
+      the data collected, at most ``MAX_GET_RESPONSE`` rounds; past that
+      the collected data and the last ``61xx`` are returned as they are.
+
+    The result is all data then the last SW1 SW2; a follow-up answer
+    without a status word is returned alone (the caller refuses it).
+    """
+    response = yield command
+    if len(response) == 2 and response[0] == 0x6C:
+        response = yield with_le(command, response[1])
+    data = b""
+    rounds = 0
+    while len(response) >= 2 and response[-2] == 0x61 and rounds < MAX_GET_RESPONSE:
+        data += response[:-2]
+        response = yield bytes([get_response_cla(command[0]), 0xC0, 0x00, 0x00, response[-1]])
+        rounds += 1
+        if len(response) < 2:
+            return bytes(response)
+    return data + bytes(response)
+
+
+def run_sync(steps, send):
+    """Drive ``steps`` (a ``follow_up`` generator) with a blocking
+    ``send(apdu) -> response``; the complete response."""
+    try:
+        apdu = next(steps)
+        while True:
+            apdu = steps.send(send(apdu))
+    except StopIteration as done:
+        return done.value
+
+
+@inlineCallbacks
+def run_deferred(steps, transmit):
+    """Drive ``steps`` (a ``follow_up`` generator) with
+    ``transmit(apdu) -> Deferred[response]``; a Deferred firing with the
+    complete response."""
+    try:
+        apdu = next(steps)
+        while True:
+            response = yield transmit(apdu)
+            apdu = steps.send(response)
+    except StopIteration as done:
+        return done.value

@@ -14,9 +14,9 @@
 
 from twisted.internet.defer import inlineCallbacks
 
-from .. import errors
-from ..errors import CardError
-from ..logs import Logger
+from ... import errors
+from ...errors import CardError
+from ...logs import Logger
 from . import (
     CardCertificate, Profile, apdu, der_length, exchange, pin_failure, pkcs1_block,
     read_binary, send_chained,

@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 from twisted.internet.defer import inlineCallbacks
 
-from .. import errors
-from ..cards.apdu import BadLength, parse_command, parse_tlvs
-from ..errors import CardError
+from ... import errors
+from ...apdu import follow_up, run_deferred
+from ...errors import CardError
 
 #: Hash value length -> (name, DER DigestInfo prefix).
 HASHES = {
@@ -138,35 +138,22 @@ def status(response):
 
 @inlineCallbacks
 def exchange(transmit, command, chain_end=False):
-    """Send ``command``; follow ``61xx`` with GET RESPONSE and ``6Cxx`` with
-    the right Le.  (data, status word).
+    """Send ``command`` with its ``61xx``/``6Cxx`` follow-ups
+    (``apdu.follow_up``).  (data, status word); CardError (C08x) for an
+    answer without a status word or a GET RESPONSE chain that does not end.
 
     A card that another client left in the middle of a chained command
     answers ``6883`` (last command of the chain expected) and forgets the
     chain: the command is then sent once more, unless it is itself the end
     of a chain (``chain_end``)."""
-    response = yield transmit(command)
+    response = yield run_deferred(follow_up(command), transmit)
     sw = status(response)
     if sw == 0x6883 and not chain_end:
-        response = yield transmit(command)
+        response = yield run_deferred(follow_up(command), transmit)
         sw = status(response)
-    if sw >> 8 == 0x6C:
-        try:
-            has_le = parse_command(command).ne is not None
-        except BadLength:
-            has_le = False
-        response = yield transmit((command[:-1] if has_le else command) + bytes([sw & 0xFF]))
-        sw = status(response)
-    data = bytes(response[:-2])
-    rounds = 0
-    while sw >> 8 == 0x61:
-        rounds += 1
-        if rounds > 300:
-            raise CardError(errors.FAILED, "endless GET RESPONSE")
-        response = yield transmit(bytes([command[0] & 0x03, 0xC0, 0, 0, sw & 0xFF]))
-        sw = status(response)
-        data += response[:-2]
-    return (data, sw)
+    if sw >> 8 == 0x61:
+        raise CardError(errors.FAILED, "endless GET RESPONSE")
+    return (bytes(response[:-2]), sw)
 
 
 @inlineCallbacks
@@ -213,13 +200,6 @@ def der_length(header):
     if not 1 <= n <= 3 or len(header) < 2 + n:
         return None
     return 2 + n + int.from_bytes(header[2:2 + n], "big")
-
-
-def find_tlv(data, tag):
-    for t, value in parse_tlvs(data):
-        if t == tag:
-            return value
-    return None
 
 
 def digest_info(digest):

@@ -1,16 +1,17 @@
-"""The line-protocol front end: framing bytes into lines, flow control, and
-writing responses.  Parsing lives in ``parser``, execution in ``dispatch``."""
+"""The line-protocol front end (docs/protocol.md): framing bytes into lines
+(``LineFramer``), flow control and writing responses (``LineProtocol``).
+Parsing lives in ``parser``, execution in ``dispatch``."""
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from . import errors
-from .dispatch import Session
-from .limits import BufferBudget
-from .logs import Logger, RateLimitedLog
-from .parser import MAX_APDU_BYTES, RequestParser
+from .. import errors
+from ..dispatch import Session
+from ..limits import BufferBudget
+from ..logs import Logger, RateLimitedLog
+from ..parser import MAX_APDU_BYTES, RequestParser
 from .telnet import TelnetStripper
 
 #: Fits ``>ID:APDU:`` plus the longest extended APDU in hex with a space
@@ -27,6 +28,94 @@ TERMINATOR = "@@\n"
 READ_AHEAD = 64 * 1024
 
 
+#: What ``LineFramer.next`` found.
+LINE, OVERLONG, END, WAIT = "line", "overlong", "end", "wait"
+
+
+class LineFramer:
+    """Splits a client's byte stream into lines, with no I/O (LineProtocol
+    feeds it and asks it for one event at a time).
+
+    Not twisted's ``LineReceiver``/``LineOnlyReceiver``, because the line
+    protocol needs the buffer they keep private:
+
+    * a request is complete at "the end of what the client has sent so
+      far" (docs/protocol.md "When a request is complete", rule 2): the
+      framer must say when every byte received has been consumed (``END``),
+      and lines must be handed out one at a time, not all of one read at
+      once, since a request that waits on a card stops the reading;
+    * a half-close turns a last line without its newline into a line
+      (``close_input``);
+    * a line longer than ``max_line`` is dropped without being buffered and
+      reported (``OVERLONG``, with its first 80 bytes, so its command can be
+      answered C084) while the connection stays open, where LineReceiver
+      would drop the connection; and a partial line may be dropped when the
+      process's buffer budget is spent (``drop_partial``).
+
+    ``next()`` returns ``(LINE, bytes)``, ``(OVERLONG, first 80 bytes)``,
+    ``(END, None)`` (everything received is consumed) or ``(WAIT, None)``
+    (a partial line waits for more bytes).
+    """
+
+    __slots__ = ("max_line", "buf", "pos", "discard")
+
+    def __init__(self, max_line):
+        self.max_line = max_line
+        self.buf = b""
+        self.pos = 0
+        self.discard = None  # start of an over-long line being skipped
+
+    @property
+    def held(self):
+        """Bytes received and not consumed yet."""
+        return len(self.buf) - self.pos
+
+    def feed(self, data):
+        if self.pos == len(self.buf):
+            self.buf, self.pos = data, 0
+        else:
+            self.buf += data
+
+    def close_input(self):
+        """The client half-closed: a last line without its newline still counts."""
+        if self.pos < len(self.buf):
+            self.buf += b"\n"
+
+    def drop_partial(self):
+        """Drop the bytes held (a partial line); its end is then ``OVERLONG``."""
+        if self.discard is None:
+            self.discard = self.buf[self.pos:self.pos + 80]
+        self.clear()
+
+    def clear(self):
+        self.buf, self.pos = b"", 0
+
+    def next(self):
+        buf, pos = self.buf, self.pos
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            rest = len(buf) - pos
+            if self.discard is not None:
+                self.clear()  # still inside an over-long line
+                return WAIT, None
+            if rest > self.max_line:
+                self.discard = buf[pos:pos + 80]
+                self.clear()
+                return WAIT, None
+            if rest:
+                if pos:
+                    self.buf, self.pos = buf[pos:], 0
+                return WAIT, None
+            return END, None
+        self.pos = nl + 1
+        if self.discard is not None:
+            start, self.discard = self.discard, None
+            return OVERLONG, start
+        if nl - pos > self.max_line:
+            return OVERLONG, buf[pos:pos + 80]
+        return LINE, buf[pos:nl]
+
+
 def format_response(lines):
     """``>ID:RESULT`` lines, then ``@@``: one response, as bytes."""
     return ("".join([f">{cid}:{result}\n" for cid, result in lines]) + TERMINATOR).encode("utf-8")
@@ -36,9 +125,8 @@ def format_response(lines):
 class LineProtocol(Protocol):
     """One client connection.
 
-    Reads lines with its own framer (it must know when it has consumed
-    everything received so far: PROTOCOL.md 1.1 rule 2), runs one request
-    at a time in order, and stops reading when more than READ_AHEAD bytes
+    Reads lines with a ``LineFramer`` (see there why not LineReceiver),
+    runs one request at a time in order, and stops reading when more than READ_AHEAD bytes
     wait while a request waits on a backend or the client is not reading
     its answers.
     """
@@ -49,9 +137,7 @@ class LineProtocol(Protocol):
         self.factory = factory
         self.parser = RequestParser(factory.max_commands)
         self.session = None
-        self._buf = b""
-        self._pos = 0
-        self._discard = None  # start of an over-long line being skipped
+        self._framer = LineFramer(factory.max_line_length)
         self._inflight = None  # Deferred of the request waiting on a backend
         self._write_paused = False
         self._reading = True  # False while we have paused the transport
@@ -81,7 +167,7 @@ class LineProtocol(Protocol):
         d, self._inflight = self._inflight, None
         if d is not None:
             d.cancel()
-        self._buf = b""
+        self._framer.clear()
         if self._charged:
             self._charged, _ = self.factory.buffers.charge(0, self._charged)
 
@@ -103,8 +189,7 @@ class LineProtocol(Protocol):
     # EOF; it gets every answer, then the connection closes.
     def readConnectionLost(self):
         self._eof = True
-        if self._pos < len(self._buf):
-            self._buf += b"\n"  # a last line without its newline still counts
+        self._framer.close_input()
         self._process()
         self._close_if_done()
 
@@ -123,16 +208,13 @@ class LineProtocol(Protocol):
             data = self._telnet.feed(data)
             if not data:
                 return
-        if self._pos == len(self._buf):
-            self._buf, self._pos = data, 0
-        else:
-            self._buf += data
+        self._framer.feed(data)
         self._process()
         self._throttle()
 
     def _throttle(self):
         """Read while requests can run or little is waiting; else stop."""
-        held = len(self._buf) - self._pos
+        held = self._framer.held
         if (held > self.factory.buffers.free or self._charged) and self._over_budget(held):
             want = False
         else:
@@ -159,44 +241,24 @@ class LineProtocol(Protocol):
                 "client {peer}: dropped a partial line of {n} bytes: the buffered bytes of all "
                 "connections reached {total} (--max-buffered-bytes)",
                 peer=self.session.peer, n=held, total=budget.total)
-            if self._discard is None:
-                self._discard = self._buf[self._pos:self._pos + 80]
-            self._buf, self._pos = b"", 0
+            self._framer.drop_partial()
             self._charged, _ = budget.charge(0, self._charged)
             return False
         return True
 
     def _process(self):
         parser = self.parser
-        max_line = self.factory.max_line_length
+        framer = self._framer
         while self._inflight is None and not self._write_paused and not self._closed:
-            buf, pos = self._buf, self._pos
-            nl = buf.find(b"\n", pos)
-            if nl < 0:
-                rest = len(buf) - pos
-                if self._discard is not None:
-                    self._buf, self._pos = b"", 0  # still inside an over-long line
-                    return
-                if rest > max_line:
-                    self._discard = buf[pos:pos + 80]
-                    self._buf, self._pos = b"", 0
-                    return
-                if rest:
-                    if pos:
-                        self._buf, self._pos = buf[pos:], 0
-                    return
+            kind, value = framer.next()
+            if kind is WAIT:
+                return
+            if kind is END:
                 request = parser.end_of_input()
                 if request is None:
                     return
             else:
-                self._pos = nl + 1
-                if self._discard is not None:
-                    request = parser.overlong(self._discard)
-                    self._discard = None
-                elif nl - pos > max_line:
-                    request = parser.overlong(buf[pos:pos + 80])
-                else:
-                    request = parser.line(buf[pos:nl])
+                request = parser.overlong(value) if kind is OVERLONG else parser.line(value)
                 if request is None:
                     continue
             self._run(request)

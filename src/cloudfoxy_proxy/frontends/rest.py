@@ -1,5 +1,5 @@
-"""``--rest ENDPOINT``: a CloudFoxy-compatible REST front end (PROTOCOL.md
-section 2) over every backend of the proxy.
+"""``--rest ENDPOINT``: a CloudFoxy-compatible REST front end (docs/rest.md
+"Front end") over every backend of the proxy.
 
 * ``GET /api/v1/basic?terminal=T&reset=0|1&apdu=HEX[&apdu=HEX...]`` runs a
   reset and/or APDUs through ``Dispatcher.submit`` as one queue turn (back
@@ -17,15 +17,17 @@ white space); see docs/rest.md for the mapping and error answers.
 import hmac
 import re
 
+import attr
+
 from twisted.internet.defer import CancelledError
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from . import __version__, errors
-from .limits import BufferBudget
-from .logs import Logger, RateLimitedLog
-from .parser import APDU, MAX_APDU_BYTES, RESET, make_command
+from .. import __version__, errors
+from ..limits import BufferBudget
+from ..logs import Logger, RateLimitedLog
+from ..parser import APDU, MAX_APDU_BYTES, RESET, make_command
 
 #: HTTP status and reason for each result code a card command can end with.
 STATUS = {
@@ -395,19 +397,35 @@ class RestResource(Resource):
             request.finish()
 
 
-def make_rest_service(config, dispatcher, registry, reactor, limits=None):
-    """The ``--rest`` listener: a tap.Listener of a RestSite, its connections
-    counted and timed out by ``limits`` (a limits.ConnectionLimits shared
-    with the other front ends; None: a new one with the defaults)."""
+def _not_blank(inst, attribute, value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{attribute.name} must be a non-empty string")
+
+
+@attr.s(frozen=True, kw_only=True)
+class RestSettings:
+    """``--rest ENDPOINT`` (a twisted server endpoint string, checked by
+    tap.py) and its bearer token (``--rest-token-file``/
+    ``FOXYPROXY_REST_TOKEN``, non-empty)."""
+
+    endpoint = attr.ib(validator=_not_blank)
+    token = attr.ib(validator=_not_blank, repr=False)
+
+
+def make_rest_service(settings, dispatcher, registry, reactor, limits=None):
+    """The ``--rest`` listener (``settings``: a RestSettings): a
+    tap.Listener of a RestSite, its connections counted and timed out by
+    ``limits`` (a limits.ConnectionLimits shared with the other front ends;
+    None: a new one with the defaults)."""
     from twisted.internet.endpoints import serverFromString
 
-    from .limits import ConnectionLimits
-    from .tap import Listener  # tap imports this module only inside makeService
+    from ..limits import ConnectionLimits
+    from ..tap import Listener  # tap imports this module only inside makeService
 
-    resource = RestResource(dispatcher, registry, config["rest-token"], reactor)
+    resource = RestResource(dispatcher, registry, settings.token, reactor)
     # No idle timeout of twisted.web's own: ``limits`` closes idle
     # connections (and never one whose request waits on a card).
     if limits is None:
         limits = ConnectionLimits(reactor)
     site = RestSite(resource, buffers=limits.buffers, reactor=reactor, timeout=None)
-    return Listener(serverFromString(reactor, config["rest"]), limits.wrap(site), config["rest"])
+    return Listener(serverFromString(reactor, settings.endpoint), limits.wrap(site), settings.endpoint)

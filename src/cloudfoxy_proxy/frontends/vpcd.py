@@ -1,8 +1,10 @@
 """The vpcd bridge: one backend card shown as a local PC/SC reader.
 
 vsmartcard's vpcd is a pcsc-lite reader driver that listens on TCP port
-35963 + slot and waits for a "virtual card" to connect (PROTOCOL.md
-section 3).  ``--vpcd HOST:PORT=READER`` makes the proxy that virtual card:
+35963 + slot and waits for a "virtual card" to connect (docs/vpcd.md; the
+wire format is vsmartcard's, documented with its virtualsmartcard sources,
+https://frankmorgner.github.io/vsmartcard/virtualsmartcard/api.html).
+``--vpcd HOST:PORT=READER`` makes the proxy that virtual card:
 it connects to vpcd and forwards what vpcd asks to the card READER (resolved
 like a reader line) through :meth:`Dispatcher.submit`, so the card's
 per-card queue and the command timeout apply as for every other client.
@@ -25,6 +27,10 @@ The pieces, from the wire inwards:
   disconnects for :data:`REINSERT_DELAY` seconds, so pcscd reports the card
   removed and PC/SC programs get ``SCARD_W_REMOVED_CARD`` instead of
   answers from a card whose state changed under them (docs/vpcd.md).
+
+One file of about 600 lines on purpose: these four pieces make one front
+end, each a section below, and only ``make_vpcd_service`` is used outside
+it; the pure wire format is the first piece to move out if it grows.
 """
 
 import random
@@ -37,14 +43,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import LogLevel
 from zope.interface import implementer
 
-from . import errors
-from .errors import CardError
-from .dispatch import Session
-from .logs import Logger
-from .parser import make_command
+from .. import errors
+from ..errors import CardError
+from ..dispatch import Session
+from ..logs import Logger, RetryLogger
+from ..parser import make_command
 
 # -- wire format (pure) --------------------------------------------------------
 
@@ -403,17 +408,8 @@ def retry_policy(initial=0.25, cap=3.0, jitter=0.1):
                          jitter=lambda: random.random() * jitter)
 
 
-class _RetryLogger(Logger):
-    """ClientService logs every retry at info level; with pcscd stopped (or
-    idle-exited) that is a line every few seconds forever.  Those go to
-    debug: the bridge logs why it is not connected once instead."""
-
-    def emit(self, level, format=None, **kwargs):
-        super().emit(LogLevel.debug if level == LogLevel.info else level, format, **kwargs)
-
-
 class VpcdClientService(ClientService):
-    _log = _RetryLogger()
+    _log = RetryLogger()
 
 
 @implementer(IStreamClientEndpoint)
@@ -466,11 +462,11 @@ class VpcdBridge(Service):
 
     def startService(self):
         Service.startService(self)
-        if not self._listening:
+        if self._listening:
+            self._changed(self.registry)
+        else:
             self._listening = True
-            self.registry.add_listener(self._changed)
-            self.registry.add_reset_listener(self._card_reset)
-        self._changed(self.registry)
+            self.registry.watch(self._changed, self._card_reset)
 
     def stopService(self):
         Service.stopService(self)

@@ -1,5 +1,5 @@
 """The certificate index: which card holds which signing certificate, and
-the signing commands ENUM, ALIASES, CHAIN and SIGN (PROTOCOL.md 1.3).
+the signing commands ENUM, ALIASES, CHAIN and SIGN (docs/signing.md "The commands").
 
 The proxy never acts on a card behind a client's back.  A card is probed
 when it arrives (a registry listener) and nobody holds it (no request on
@@ -8,7 +8,7 @@ while held is probed lazily, by the first ENUM, ALIASES or CHAIN that finds
 it free, or by SIGN.  A client's RESET only marks the card (SIGN, which
 holds the card, looks at it again first); nothing is sent to a card after
 a reset, so it stays as the reset left it.  A probe tries the card profiles
-(``cloudfoxy_proxy.profiles``) in order inside one turn on the card's
+(``cloudfoxy_proxy.signing.profiles``) in order inside one turn on the card's
 queue, and the certificates found are cached.  ENUM, ALIASES and CHAIN
 answer from that cache with no APDUs (unless such a lazy probe is due).  The certificate aliases (subject common name, and the full RFC 4514
 subject) become extra reader aliases in the registry, so a reader line
@@ -28,104 +28,17 @@ import hashlib
 import hmac
 import os
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, inlineCallbacks, maybeDeferred, succeed,
 )
 
-from . import errors
-from .errors import CardError
-from .logs import Logger
+from .. import errors
+from ..errors import CardError
+from ..logs import Logger
+from .certs import build_chain, der_bytes
 from .profiles import HASH_NAMES, HASHES, PROFILES, PinBlocked, WrongPin
-from .registry import QueueFull, b64name
-
-
-def load_ca_certs(path):
-    """Certificates (PEM, several per file, or DER) from a file or every
-    file of a directory; ValueError with a clear message otherwise."""
-    if os.path.isdir(path):
-        files = [os.path.join(path, n) for n in sorted(os.listdir(path))
-                 if os.path.isfile(os.path.join(path, n))]
-        strict = False
-    elif os.path.isfile(path):
-        files, strict = [path], True
-    else:
-        raise ValueError(f"{path!r} is neither a file nor a directory")
-    certs = []
-    for name in files:
-        try:
-            with open(name, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ValueError(f"{name!r}: {e.strerror}") from None
-        found = _parse_certs(data)
-        if not found and strict:
-            raise ValueError(f"{name!r} holds no PEM or DER certificate")
-        certs.extend(found)
-    if not certs:
-        raise ValueError(f"no certificates in {path!r}")
-    return certs
-
-
-def _parse_certs(data):
-    if b"-----BEGIN CERTIFICATE-----" in data:
-        try:
-            return x509.load_pem_x509_certificates(data)
-        except ValueError:
-            return []
-    try:
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError:
-        return []
-
-
-def _der(cert):
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
-def _ski(cert):
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _aki(cert):
-    try:
-        return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _issued(child, parent):
-    """Did ``parent`` issue ``child`` (names, key identifiers, signature)?"""
-    if child.issuer != parent.subject:
-        return False
-    aki, ski = _aki(child), _ski(parent)
-    if aki is not None and ski is not None and aki != ski:
-        return False
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, Exception):  # InvalidSignature and unsupported keys
-        return False
-    return True
-
-
-def build_chain(leaf, pool, limit=10):
-    """``leaf`` then its issuers found in ``pool`` (x509 certificates), up
-    to a self-signed certificate or the first missing issuer."""
-    chain = [leaf]
-    current = leaf
-    while len(chain) < limit:
-        if current.issuer == current.subject and _issued(current, current):
-            break
-        parent = next((c for c in pool if c not in chain and _issued(current, c)), None)
-        if parent is None:
-            break
-        chain.append(parent)
-        current = parent
-    return chain
+from ..registry import QueueFull, b64name
 
 
 def parse_digest(data, algorithm=""):
@@ -226,12 +139,18 @@ class _Turn:
         self.result.callback(outcome)  # a Failure outcome errbacks
 
 
-class CertIndex:
+class CertIndex(Service):
     """Probes cards, caches their certificates, answers the signing commands.
 
     ``registry``: the ReaderRegistry; ``clock``: bounds each probe with
     ``timeout`` seconds; ``profiles``: profile classes to try; ``ca_certs``:
     extra issuer certificates (x509 objects) for CHAIN.
+
+    A twisted ``Service`` (tap.py adds it to the application):
+    ``startService`` starts watching the registry (``start``, idempotent:
+    tap.py calls it while building the application so that the index
+    listens before any backend adds a reader), ``stopService`` cancels the
+    pending arrival probes (``stop``).
     """
 
     log = Logger()
@@ -251,9 +170,15 @@ class CertIndex:
         """Watch the registry (probing the cards it already has)."""
         if not self.started:
             self.started = True
-            self.registry.add_listener(self._changed)
-            self.registry.add_reset_listener(self._card_reset)
-            self._changed(self.registry)
+            self.registry.watch(self._changed, self._card_reset)
+
+    def startService(self):
+        Service.startService(self)
+        self.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        self.stop()
 
     # Tracking cards ------------------------------------------------------------------
     def _state(self, reader):
@@ -428,7 +353,7 @@ class CertIndex:
         """The (state, certificate) a reader line names; raises CardError.
 
         Certificate alias or full subject first (two certificates: C082);
-        otherwise the reader (PROTOCOL.md 1.4) and its card's first usable
+        otherwise the reader (docs/protocol.md "Reader names and selection") and its card's first usable
         certificate."""
         if text is None:
             raise CardError(errors.NOT_FOUND, "no reader line")
@@ -468,7 +393,7 @@ class CertIndex:
         except CardError as e:
             return e.code
         pool = [c.cert for c in state.certs if c.cert is not None and c is not cert] + self.ca_certs
-        return ":".join(base64.b64encode(_der(c)).decode("ascii") for c in build_chain(cert.cert, pool))
+        return ":".join(base64.b64encode(der_bytes(c)).decode("ascii") for c in build_chain(cert.cert, pool))
 
     def command(self, name, command, request):
         """ENUM, ALIASES or CHAIN for the dispatcher: a result string, or a

@@ -32,9 +32,9 @@ from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from . import __version__
-from .tap import Listener
-from .metrics import Collector, Metrics, quantile
+from .. import __version__
+from ..tap import Listener
+from ..metrics import Collector, Metrics, quantile
 
 #: Seconds of history behind the chart, one point a second.
 HISTORY = 300
