@@ -52,18 +52,23 @@ def der_bytes(cert):
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def _ski(cert):
+def extension(cert, kind, default=None):
+    """The value of ``cert``'s extension of class ``kind`` (e.g.
+    ``x509.BasicConstraints``), or ``default`` when it has none."""
     try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
-        return None
+        return default
+
+
+def _ski(cert):
+    value = extension(cert, x509.SubjectKeyIdentifier)
+    return None if value is None else value.digest
 
 
 def _aki(cert):
-    try:
-        return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-    except x509.ExtensionNotFound:
-        return None
+    value = extension(cert, x509.AuthorityKeyIdentifier)
+    return None if value is None else value.key_identifier
 
 
 def _issued(child, parent):

@@ -27,6 +27,7 @@ from twisted.internet.defer import inlineCallbacks
 from ... import errors
 from ...errors import CardError
 from ...logs import Logger
+from ..certs import extension
 from . import CardCertificate, Profile, apdu, exchange, pin_failure, read_binary
 
 MF, DF_SIGNATURE = 0x3F00, 0x0604
@@ -76,10 +77,8 @@ def parse_descriptor(record):
 
 
 def _is_ca(cert):
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
+    constraints = extension(cert, x509.BasicConstraints)
+    return constraints is not None and constraints.ca
 
 
 class IcaProfile(Profile):
