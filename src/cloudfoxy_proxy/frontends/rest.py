@@ -117,7 +117,13 @@ class _Channel(HTTPChannel):
         head = [b"HTTP/1.1 %d %s" % (code, REASONS.get(code) or RESPONSES.get(code, b"Error")),
                 b"Content-Type: " + PLAIN, b"Content-Length: %d" % len(body), b"Connection: close"]
         head += [name + b": " + value for name, value in extra]
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        answer = b"\r\n".join(head) + b"\r\n\r\n" + body
+        site = self.site
+        site.requests += 1  # refused before twisted.web saw it: counted here (metrics)
+        site.bytes_out += len(answer)
+        if code == 401:
+            site.auth_failures += 1
+        self.transport.write(answer)
         self.loseConnection()
 
     def allContentReceived(self):
