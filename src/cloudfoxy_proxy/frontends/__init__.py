@@ -1,0 +1,1 @@
+"""Front ends: the ways clients reach the proxy's cards."""
