@@ -125,6 +125,9 @@ class Options(usage.Options):
         ["ram-max-sessions", None, "100", "RAM sessions at once; more are answered 204."],
         ["ram-session-timeout", None, "60",
          "Seconds a RAM session may go without a POST after an answer before it ends."],
+        ["ram-done-after", None, "0",
+         "End a RAM session (its client gets 204: done) once its card has had no command for "
+         "this many seconds; 0: never (sessions end when the client stops or the proxy does)."],
         ["ram-daemon", None, None,
          "OCF-daemon-compatible trigger listener (GET /x.png?url=&sessionId=&reader=); "
          "default tcp:27001:interface=127.0.0.1 when --ram-approved-urls is given."],
@@ -262,6 +265,7 @@ class Options(usage.Options):
 
         self["ram-max-sessions"] = self._number("ram-max-sessions", int, 1, 100000)
         self["ram-session-timeout"] = self._number("ram-session-timeout", float, 1, 86400)
+        self["ram-done-after"] = self._number("ram-done-after", float, 0, 86400 * 365)
         if self["ram"] is not None:
             self["ram"] = check_endpoint("ram", self["ram"])
             if not self["ram-token-file"]:
@@ -392,7 +396,8 @@ def makeService(config, reactor=None):
     if config.get("ram"):
         from .frontends.ram import RamBackend, make_ram_service
 
-        ram = RamBackend(reactor, config["ram-max-sessions"], config["ram-session-timeout"])
+        ram = RamBackend(reactor, config["ram-max-sessions"], config["ram-session-timeout"],
+                         done_after=config["ram-done-after"])
         top.backends.append(ram)
         BackendService(ram, registry).setServiceParent(top)
         make_ram_service(config, ram, reactor, top_limits).setServiceParent(top)

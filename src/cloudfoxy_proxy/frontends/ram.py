@@ -87,8 +87,11 @@ class RamSession:
         self.last_answer = None
         self.last_channel = None
         self.ended = False
+        self.finishing = False  # done: the next POST is answered 204
         self._keep_alive = None
         self._silence = None
+        self._done = None
+        self._unused()
 
     # -- HTTP side
 
@@ -114,6 +117,10 @@ class RamSession:
                 return self._answer(request, 504, b"", remember=False)
         script = self._next()
         if script is None:
+            if self.finishing:
+                self.end(f"no card command for {self.backend.done_after:g} s (--ram-done-after)",
+                         code=204, request=request)
+                return NOT_DONE_YET
             return self._park(request)
         return self._send(request, script)
 
@@ -222,11 +229,28 @@ class RamSession:
         self._silence = None
         self.end(f"no POST for {self.backend.session_timeout:g} s")
 
+    def _unused(self):
+        """(Re)start the ``--ram-done-after`` clock: no card command for
+        that long and the session is done (its client gets 204)."""
+        self._cancel(self._done)
+        self._done = None
+        if self.backend.done_after:
+            self._done = self.backend.clock.callLater(self.backend.done_after, self._finish)
+
+    def _finish(self):
+        self._done = None
+        if self.sent is not None or self.queue:
+            return self._unused()
+        self.finishing = True
+        if self.parked is not None:
+            self.end(f"no card command for {self.backend.done_after:g} s (--ram-done-after)", code=204)
+
     # -- card side
 
     def submit(self, steps, batch):
-        if self.ended:
+        if self.ended or self.finishing:
             raise CardError(errors.NO_CARD, "the RAM session ended")
+        self._unused()
         script = _Script(steps, batch, self._cancelled)
         self.queue.append(script)
         request = self.parked
@@ -244,19 +268,22 @@ class RamSession:
         if not script.sent and script in self.queue:
             self.queue.remove(script)
 
-    def end(self, why, code=504):
+    def end(self, why, code=504, request=None):
         """End the session: the reader goes, every command in flight or
-        queued gets C080; a held POST is answered ``code`` (204 on stop)."""
+        queued gets C080; the held POST (or ``request``) is answered
+        ``code`` (204: done, or the proxy stops)."""
         if self.ended:
             return
         self.ended = True
         self.log.info("RAM session of {name} ended: {why}", name=self.name, why=why)
-        for call in (self._keep_alive, self._silence):
+        for call in (self._keep_alive, self._silence, self._done):
             self._cancel(call)
-        self._keep_alive = self._silence = None
+        self._keep_alive = self._silence = self._done = None
         scripts = ([self.sent] if self.sent is not None else []) + self.queue
         self.sent, self.queue = None, []
-        request, self.parked = self.parked, None
+        if request is None:
+            request = self.parked
+        self.parked = None
         self.backend.closed(self)
         for script in scripts:
             if not script.cancelled and not script.deferred.called:
@@ -281,8 +308,9 @@ class RamBackend:
     log = Logger()
 
     def __init__(self, clock, max_sessions=MAX_SESSIONS, session_timeout=SESSION_TIMEOUT,
-                 keep_alive=KEEP_ALIVE):
+                 keep_alive=KEEP_ALIVE, done_after=0):
         self.clock = clock
+        self.done_after = done_after
         self.max_sessions = max_sessions
         self.session_timeout = session_timeout
         self.keep_alive = keep_alive
