@@ -422,3 +422,77 @@ class ErrorsTests(SynchronousTestCase):
         with self.assertRaises(CardError) as e:
             backend.transmit(("x", 0), SELECT_MF)
         self.assertEqual(e.exception.code, errors.NO_CARD)
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self):
+        import tempfile
+
+        self.dir = tempfile.mkdtemp()
+
+    def file(self, name, text):
+        import os
+
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def parse(self, *args):
+        from cloudfoxy_proxy import tap
+
+        o = tap.Options()
+        o.parseOptions(list(args))
+        return o
+
+    def test_ram_needs_tokens_without_empty_secrets(self):
+        from twisted.python import usage
+
+        with self.assertRaisesRegex(usage.UsageError, "--ram needs --ram-token-file"):
+            self.parse("--ram", "tcp:0")
+        with self.assertRaisesRegex(usage.UsageError, "line 1: expected NAME SECRET \\(no secret\\)"):
+            self.parse("--ram", "tcp:0", "--ram-token-file", self.file("t", "alice\n"))
+        with self.assertRaisesRegex(usage.UsageError, "URL path characters"):
+            self.parse("--ram", "tcp:0", "--ram-token-file", self.file("t", "alice a/b\n"))
+        o = self.parse("--ram", "8080", "--ram-token-file", self.file("t", "alice s1\n"))
+        self.assertEqual(o["ram"], "tcp:8080:backlog=1024")
+        self.assertEqual(o["ram-tokens"], {"alice": "s1"})
+        self.assertEqual((o["ram-max-sessions"], o["ram-session-timeout"], o["ram-done-after"]),
+                         (100, 60.0, 0.0))
+
+    def test_ram_connect_and_daemon(self):
+        from twisted.python import usage
+
+        o = self.parse("--ram-connect", "https://h/rt/x?session=abc=Emulated 00",
+                       "--ram-connect", "http://h:1/rt/y=RAM alice")
+        self.assertEqual(o["ram-connect"], [("https://h/rt/x?session=abc", "Emulated 00"),
+                                            ("http://h:1/rt/y", "RAM alice")])
+        with self.assertRaisesRegex(usage.UsageError, "expected URL=READER"):
+            self.parse("--ram-connect", "ftp://h/x=Emulated 00")
+        o = self.parse("--ram-approved-urls", self.file("u", "# ok\nhttps://h/rt/\n"), "--ram-reader", "E")
+        self.assertEqual(o["ram-daemon"], "tcp:27001:interface=127.0.0.1:backlog=1024")
+        self.assertEqual(o["ram-approved-url-list"], ["https://h/rt/"])
+        with self.assertRaisesRegex(usage.UsageError, "needs --ram-approved-urls"):
+            self.parse("--ram-daemon", "tcp:0")
+        with self.assertRaisesRegex(usage.UsageError, "no URL in the file"):
+            self.parse("--ram-approved-urls", self.file("u", "# none\n"))
+
+    def test_service_tree(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from cloudfoxy_proxy import tap
+        from cloudfoxy_proxy.backend import BackendService
+        from cloudfoxy_proxy.frontends.ramclient import RamConnectService
+
+        o = self.parse("--ram", "tcp:0", "--ram-token-file", self.file("t", "alice s1\n"),
+                       "--ram-connect", "http://127.0.0.1:1/rt/s1=Emulated 00",
+                       "--ram-approved-urls", self.file("u", "http://127.0.0.1:1/rt/\n"),
+                       "--ram-daemon", "tcp:0")
+        top = tap.makeService(o, MemoryReactorClock())
+        rams = [s.backend for s in top if isinstance(s, BackendService) and isinstance(s.backend, RamBackend)]
+        self.assertEqual(len(rams), 1)
+        self.assertIn(rams[0], top.backends)
+        self.assertEqual([d for d in (getattr(s, "description", None) for s in top) if d],
+                         ["tcp:4001:backlog=1024", "tcp:0:backlog=1024", "tcp:0:backlog=1024"])
+        connects = [s for s in top if isinstance(s, RamConnectService)]
+        self.assertEqual([(c.url, c.reader) for c in connects], [("http://127.0.0.1:1/rt/s1", "Emulated 00")])
