@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from support import HOST
+from test_vpcd_integration import slot  # noqa: F401  (fixture: vpcd slot 1, no vicc)
 
 from cloudfoxy_proxy.frontends import ramwire as wire
 
@@ -294,3 +295,26 @@ def test_browser_triggers_daemon_session(proxy_factory, tmp_path):
         server.shutdown()
         server.server_close()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_ram_reader_bridged_into_pcsc(proxy_factory, tmp_path, slot):
+    """B's reader RAM alice (A's card) as a local PC/SC card through --vpcd."""
+    from test_vpcd_integration import EMULATED_ATR, SLOT, close, connect
+
+    b = start_server(proxy_factory, tmp_path, "--no-signing",
+                     "--vpcd", f"127.0.0.1:{slot.port(SLOT)}=RAM alice")
+    a = proxy_factory("--ram-connect", f"{b.ram_url}=Emulated 00")
+    try:
+        slot.wait_card(SLOT, True, 30)
+        conn = connect()
+        try:
+            assert bytes(conn.getATR()) == EMULATED_ATR
+            data, sw1, sw2 = conn.transmit(list(bytes.fromhex(SELECT_MF)))
+            assert (data, sw1, sw2) == ([], 0x90, 0x00)
+            data, sw1, sw2 = conn.transmit(list(bytes.fromhex("0084000008")))
+            assert (len(data), sw1, sw2) == (8, 0x90, 0x00)
+        finally:
+            close(conn)
+    finally:
+        a.stop()
+        b.stop()
