@@ -248,6 +248,41 @@ class ServerTests(SynchronousTestCase):
         c2.post(wire.encode_answer([(wire.RESPONSE, bytes.fromhex("11223344556677889000"))]), cookie=b"dup")
         self.assertEqual(second.value, [("1", "11223344556677889000")])
 
+    def test_duplicate_that_does_not_fit_the_script_in_flight(self):
+        c = self.begin("shape")
+        first = self.apdu()
+        c.take()
+        second = Results(self.h.dispatcher.submit("RAM alice", [make_command(["1", "RESET"]),
+                                                                make_command(["2", "APDU", "00A4000C023F00"])]))
+        ab = wire.encode_answer([(wire.RESPONSE, b"\x90\x00")])
+        c.post(ab, cookie=b"shape")
+        [(_, _, script2)] = c.take()
+        c.post(ab, cookie=b"shape")  # even on the same connection: one answer cannot answer RESET + APDU
+        [(status, _, again)] = c.take()
+        self.assertEqual((status, again), (200, script2))
+        self.assertEqual(first.value, [("1", "9000")])
+        self.assertIsNone(second.value)
+
+    def test_clients_on_new_connections_each_time_are_not_stuck_on_keep_alives(self):
+        c = self.begin("fresh")
+        self.clock.advance(KEEP_ALIVE)
+        self.assertEqual(c.take()[0][2], wire.KEEP_ALIVE)
+        empty = wire.encode_answer([])
+        for _ in range(2):  # every POST on a new connection, every body the same
+            c = self.connect()
+            c.post(empty, cookie=b"fresh")
+            self.clock.advance(KEEP_ALIVE)
+            self.assertEqual(c.take()[0][2], wire.KEEP_ALIVE)
+        c = self.connect()
+        c.post(empty, cookie=b"fresh")
+        self.assertEqual(c.take(), [])  # held, not answered at once
+        got = self.apdu()
+        [(_, _, script)] = c.take()
+        self.assertEqual(wire.decode_script(wire.template(script)[1]), [(wire.APDU, SELECT_MF)])
+        c2 = self.connect()
+        c2.post(wire.encode_answer([(wire.RESPONSE, b"\x90\x00")]), cookie=b"fresh")
+        self.assertEqual(got.value, [("1", "9000")])
+
     def test_same_answer_on_the_same_connection_is_a_new_answer(self):
         c = self.begin("same")
         first = self.apdu()
@@ -293,6 +328,14 @@ class ServerTests(SynchronousTestCase):
         self.clock.advance(61)
         self.assertIsNone(self.h.registry.get("RAM alice"))
         self.assertEqual(self.apdu().value, [("1", errors.NOT_FOUND)])
+
+    def test_a_session_id_of_another_user_is_refused(self):
+        self.begin("mine")
+        c = self.connect()
+        c.post(E8_SEEN, path=b"/rt/bobsecret", cookie=b"mine")
+        self.assertEqual(c.take()[0][0], 400)
+        self.assertIsNotNone(self.h.registry.get("RAM alice"))
+        self.assertIsNone(self.h.registry.get("RAM bob"))
 
     def test_max_sessions_and_stop_answer_204(self):
         a, b = self.begin("one"), self.begin("two")

@@ -62,6 +62,16 @@ class _Script:
         self.deferred = Deferred(lambda d: canceller(self))
 
 
+def _fits(answers, steps):
+    """The answer items could be the answers to ``steps``: one per step of
+    the matching kind, or fewer ending in an E1."""
+    failed = bool(answers) and answers[-1][0] == wire.FAILURE
+    done = answers[:-1] if failed else answers
+    if len(done) > len(steps) or (not failed and len(done) != len(steps)):
+        return False
+    return all((got == wire.RESET) == (kind == wire.RESET) for (got, _), (kind, _) in zip(done, steps))
+
+
 class RamSession:
     """One client's session: its card is reader ``RAM <name>`` (key ``key``).
 
@@ -99,19 +109,19 @@ class RamSession:
         """A POST of this session (``tag`` E8 or AB, its ``items``)."""
         self._cancel(self._silence)
         self._silence = None
-        channel = request.channel
+        answers = wire.decode_answer(items) if tag == wire.ANSWER else None
         if tag == wire.ANSWER and body == self.last_body:
             if self.last_answer is None:  # the held POST sent again: hold this one instead
                 self._drop_parked()
                 return self._park(request)
-            if channel is not self.last_channel:  # a re-sent AB: its answer again
-                self.log.info("RAM {name}: the same answer again on a new connection: "
-                              "answered as before, not run twice", name=self.name)
+            if self.last_answer != wire.KEEP_ALIVE and self._again(request, answers):
+                self.log.info("RAM {name}: the same answer again: answered as before, "
+                              "not run twice", name=self.name)
                 return self._answer(request, 200, self.last_answer)
         self._drop_parked()
         self.last_body = body
         if tag == wire.ANSWER:
-            failure = self._answered(wire.decode_answer(items))
+            failure = self._answered(answers)
             if failure is not None:
                 self.end(f"the client reported a card error: {failure}")
                 return self._answer(request, 504, b"", remember=False)
@@ -123,6 +133,18 @@ class RamSession:
                 return NOT_DONE_YET
             return self._park(request)
         return self._send(request, script)
+
+    def _again(self, request, answers):
+        """Whether an ``AB`` identical to the last one is that one sent
+        again (its answer was lost) rather than the answer to the script
+        sent since: yes when its items do not fit that script, and when
+        they do, when it came on another connection than the one that
+        carried the script (the real clients re-send only after a reused
+        connection died)."""
+        script = self.sent
+        if script is None or not _fits(answers, script.steps):
+            return True
+        return request.channel is not self.last_channel
 
     def _answered(self, answers):
         """Map an AB's items to the script at the client; the text of an E1
@@ -446,6 +468,10 @@ class RamResource(Resource):
                               why="the proxy stops" if backend.stopping else
                               f"{backend.max_sessions} sessions live (--ram-max-sessions)")
                 return self._plain(request, 204, "")
+            if sid is not None:
+                live = backend.sessions.get(sid.decode("ascii"))
+                if live is not None and live.name != name:  # another user's session: never ended by this one
+                    return self._plain(request, 400, "bad request: JSESSIONID in use")
             session = backend.open(sid.decode("ascii") if sid else _random.token_urlsafe(18), name, atr)
         else:
             session = backend.sessions.get(sid.decode("ascii")) if sid else None
