@@ -530,12 +530,14 @@ class OptionsTests(SynchronousTestCase):
         o = self.parse("--ram", "tcp:0", "--ram-token-file", self.file("t", "alice s1\n"),
                        "--ram-connect", "http://127.0.0.1:1/rt/s1=Emulated 00",
                        "--ram-approved-urls", self.file("u", "http://127.0.0.1:1/rt/\n"),
-                       "--ram-daemon", "tcp:0")
+                       "--ram-daemon", "tcp:0", "--metrics", "tcp:0")
         top = tap.makeService(o, MemoryReactorClock())
+        self.assertIn("ram", top.metrics.frontends)
         rams = [s.backend for s in top if isinstance(s, BackendService) and isinstance(s.backend, RamBackend)]
         self.assertEqual(len(rams), 1)
         self.assertIn(rams[0], top.backends)
         self.assertEqual([d for d in (getattr(s, "description", None) for s in top) if d],
-                         ["tcp:4001:backlog=1024", "tcp:0:backlog=1024", "tcp:0:backlog=1024"])
+                         ["tcp:4001:backlog=1024", "tcp:0:backlog=1024", "tcp:0:backlog=1024",
+                          "tcp:0:backlog=1024"])
         connects = [s for s in top if isinstance(s, RamConnectService)]
         self.assertEqual([(c.url, c.reader) for c in connects], [("http://127.0.0.1:1/rt/s1", "Emulated 00")])

@@ -400,7 +400,10 @@ def makeService(config, reactor=None):
                          done_after=config["ram-done-after"])
         top.backends.append(ram)
         BackendService(ram, registry).setServiceParent(top)
-        make_ram_service(config, ram, reactor, top_limits).setServiceParent(top)
+        ram_service = make_ram_service(config, ram, reactor, top_limits)
+        ram_service.setServiceParent(top)
+        if getattr(top, "metrics", None) is not None:  # --metrics counts it as front end "ram"
+            top.metrics.frontend("ram", ram_service.site)
     if config.get("ram-daemon"):
         from .frontends.ramclient import make_daemon_service
 
