@@ -512,6 +512,8 @@ class OptionsTests(SynchronousTestCase):
                                             ("http://h:1/rt/y", "RAM alice")])
         with self.assertRaisesRegex(usage.UsageError, "expected URL=READER"):
             self.parse("--ram-connect", "ftp://h/x=Emulated 00")
+        config = self.file("c.toml", 'ram-connect = ["http://h/rt/z=Emulated 01"]\n')
+        self.assertEqual(self.parse("--config", config)["ram-connect"], [("http://h/rt/z", "Emulated 01")])
         o = self.parse("--ram-approved-urls", self.file("u", "# ok\nhttps://h/rt/\n"), "--ram-reader", "E")
         self.assertEqual(o["ram-daemon"], "tcp:27001:interface=127.0.0.1:backlog=1024")
         self.assertEqual(o["ram-approved-url-list"], ["https://h/rt/"])
