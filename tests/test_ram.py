@@ -543,3 +543,31 @@ class OptionsTests(SynchronousTestCase):
                           "tcp:0:backlog=1024"])
         connects = [s for s in top if isinstance(s, RamConnectService)]
         self.assertEqual([(c.url, c.reader) for c in connects], [("http://127.0.0.1:1/rt/s1", "Emulated 00")])
+
+
+class DaemonTests(SynchronousTestCase):
+    """The daemon's refusals, in memory: nothing starts, the failed image."""
+
+    def test_unapproved_pin_and_missing_values_get_the_failed_image(self):
+        from treq.testing import StubTreq
+
+        from cloudfoxy_proxy.frontends.ramclient import RamDaemonResource
+
+        h = Harness()
+        resource = RamDaemonResource(h.dispatcher, h.clock, ["http://127.0.0.1:9/rt/"], "Emulated 00")
+        stub = StubTreq(resource)
+        for query, why in (("url=http://evil.example/rt/x&sessionId=s", "not in --ram-approved-urls"),
+                           ("url=http://127.0.0.1:9/rt/x&sessionId=s&pinrequired=1", "pinrequired"),
+                           ("sessionId=s", "no url=")):
+            got = Results(stub.get(f"http://127.0.0.1:27001/update.png?{query}"))
+            stub.flush()
+            response = got.value
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"image/png"])
+            self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-store"])
+            self.assertIn(why, response.headers.getRawHeaders(b"x-ram-result")[0].decode())
+            body = Results(response.content())
+            stub.flush()
+            self.assertEqual(body.value, FAILED_PNG)
+            self.assertEqual(resource.running, set())
+            self.assertIsNone(h.registry.get("Emulated 00").holder)  # the card was never held

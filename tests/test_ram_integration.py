@@ -84,6 +84,13 @@ def test_line_client_of_b_drives_a_card_of_a(proxy_factory, tmp_path):
                                      headers={"X-Auth-Token": "resttoken"})
     with urllib.request.urlopen(request, timeout=10) as r:
         assert f"/RAM_alice {own_atr}" in r.read().decode().splitlines()
+    # and a REST client of B runs APDUs on it (one AA script of two commands)
+    request = urllib.request.Request(
+        f"http://{HOST}:{b.ports['Site'][0]}/api/v1/basic?terminal=/RAM_alice&apdu={SELECT_MF}&apdu=0084000008",
+        headers={"X-Auth-Token": "resttoken"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    assert lines[0] == "9000" and re.fullmatch("[0-9A-F]{16}9000", lines[1])
     assert b.log().count("RAM session of alice began") == 1
 
 
