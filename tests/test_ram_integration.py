@@ -247,7 +247,7 @@ PAGE = """<!doctype html><html><body><p id="result">pending</p>
 def test_browser_triggers_daemon_session(proxy_factory, tmp_path):
     chromium = shutil.which("chromium")
     assert chromium, "install Debian's chromium (tests/debian-packages.txt)"
-    b = start_server(proxy_factory, tmp_path, "--ram-done-after", "2")
+    b = start_server(proxy_factory, tmp_path, "--ram-done-after", "5")
     approved = tmp_path / "approved"
     approved.write_text(f"# card update servers\nhttp://{HOST}:{b.ram_port}/rt/\n")
     a = proxy_factory("--ram-daemon", f"tcp:0:interface={HOST}", "--ram-approved-urls", str(approved),
