@@ -68,3 +68,13 @@ def test_fake_cloudfoxy():
         assert fake.stats()["max_inflight"] == 1
     finally:
         fake.stop()
+
+
+def test_ram_hop_runs(capsys):
+    from bench import ram_hop
+
+    assert ram_hop.main(["--count", "5", "--warmup", "1", "--batch", "3", "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["ram"]["apdus"] == 5 and r["ram_batch"]["apdus"] == 3 and r["direct"]["apdus"] == 5

@@ -138,7 +138,9 @@ class CommandLineTests(SynchronousTestCase):
         for option in ["--port", "--listen", "--backend", "--command-timeout", "--max-line-length",
                        "--max-commands-per-request", "--max-connections", "--max-queue", "--log-level",
                        "--rest", "--rest-token-file", "--token-file", "--password-file", "--vpcd", "--ca-certs",
-                       "--idle-timeout", "--max-connections-per-peer", "--max-buffered-bytes"]:
+                       "--idle-timeout", "--max-connections-per-peer", "--max-buffered-bytes",
+                       "--ram", "--ram-token-file", "--ram-connect", "--ram-daemon", "--ram-approved-urls",
+                       "--ram-reader"]:
             self.assertIn(option, out)
 
     def test_bad_value_is_one_line(self):

@@ -83,16 +83,22 @@ def sw(status, data=b""):
     return bytes(data) + status.to_bytes(2, "big")
 
 
-def tlv(tag, value):
-    """BER-TLV with one- or two-byte tags and definite lengths."""
+def tlv(tag, value, max_length=0xFFFFFF):
+    """BER-TLV with one- or two-byte tags and definite lengths (``<80``,
+    ``81 xx``, ``82 xx xx``, ``83 xx xx xx``); ValueError for a value longer
+    than ``max_length`` bytes (RAMOverHTTP: 65,535, docs/ramoverhttp.md)."""
     tag_bytes = tag.to_bytes(2 if tag > 0xFF else 1, "big")
     n = len(value)
+    if n > max_length:
+        raise ValueError(f"a value of {n} bytes (at most {max_length} in one TLV)")
     if n < 0x80:
         length = bytes([n])
     elif n < 0x100:
         length = bytes([0x81, n])
-    else:
+    elif n < 0x10000:
         length = bytes([0x82]) + n.to_bytes(2, "big")
+    else:
+        length = bytes([0x83]) + n.to_bytes(3, "big")
     return tag_bytes + length + bytes(value)
 
 
@@ -105,14 +111,20 @@ def find_tlv(data, tag):
     return None
 
 
-def parse_tlvs(data):
-    """Top-level BER-TLVs of ``data`` as [(tag, value)]; ValueError if malformed."""
+def parse_tlvs(data, one_byte_tags=False, max_length_bytes=3):
+    """Top-level BER-TLVs of ``data`` as [(tag, value)]; ValueError if malformed.
+
+    Values are not parsed further whatever their tag's constructed bit says
+    (a caller parses the templates it knows).  ``one_byte_tags``: every tag
+    is one byte, even ``xF``/``x1F`` forms (RAMOverHTTP);
+    ``max_length_bytes``: the longest ``8n`` length form accepted (2: at
+    most ``82 xx xx``)."""
     out = []
     i, n = 0, len(data)
     while i < n:
         tag = data[i]
         i += 1
-        if tag & 0x1F == 0x1F:
+        if tag & 0x1F == 0x1F and not one_byte_tags:
             while True:
                 if i >= n:
                     raise ValueError("truncated tag")
@@ -126,7 +138,7 @@ def parse_tlvs(data):
         i += 1
         if length & 0x80:
             k = length & 0x7F
-            if not 1 <= k <= 3 or i + k > n:
+            if not 1 <= k <= max_length_bytes or i + k > n:
                 raise ValueError("bad length")
             length = int.from_bytes(data[i:i + k], "big")
             i += k

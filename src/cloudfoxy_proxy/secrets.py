@@ -49,3 +49,43 @@ def read_secret(option, path=None, env=None, environ=None):
 def _name(option):
     """``--token-file`` for options, ``token_file=`` for URL parameters."""
     return option if option.startswith("-") else f"{option}="
+
+
+def read_named_secrets(option, path):
+    """Named secrets from the file ``path``: one ``NAME SECRET`` a line
+    (blank lines and ``#`` comments skipped), as {NAME: SECRET}.
+
+    Raises ValueError with a one-line message naming the option, the file
+    and the line when the file cannot be read, a line has no secret (an
+    empty secret would switch a check off), a name or a secret appears
+    twice, or the file names nobody.  The secrets themselves are never
+    part of a message.
+    """
+    if not path:
+        raise ValueError(f"{_name(option)}: no file name given")
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20).decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"{_name(option)} {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{_name(option)} {path!r}: not UTF-8 text") from None
+    found = {}
+    seen = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 2:
+            raise ValueError(f"{_name(option)} {path!r} line {n}: expected NAME SECRET"
+                             + (" (no secret)" if len(fields) == 1 else ""))
+        name, secret = fields
+        if name in found:
+            raise ValueError(f"{_name(option)} {path!r} line {n}: the name {name!r} is given twice")
+        if secret in seen:
+            raise ValueError(f"{_name(option)} {path!r} line {n}: the same secret as an earlier line")
+        found[name] = secret
+        seen.add(secret)
+    if not found:
+        raise ValueError(f"{_name(option)} {path!r}: no NAME SECRET line in the file")
+    return found

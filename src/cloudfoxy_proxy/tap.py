@@ -118,6 +118,22 @@ class Options(usage.Options):
         ["log-format", None, "text", "text (human-readable) or json (one JSON object per line)."],
         ["drain-timeout", None, "5",
          "On SIGTERM, seconds in-flight requests may finish before they are answered C086."],
+        ["ram", None, None,
+         "RAMOverHTTP server on this endpoint (ssl: for HTTPS): ram-client/ocf-cc.jar users "
+         "attach their card at POST /rt/<secret>; it becomes reader 'RAM <NAME>'."],
+        ["ram-token-file", None, None, "Lines 'NAME SECRET' for --ram (required with it)."],
+        ["ram-max-sessions", None, "100", "RAM sessions at once; more are answered 204."],
+        ["ram-session-timeout", None, "60",
+         "Seconds a RAM session may go without a POST after an answer before it ends."],
+        ["ram-done-after", None, "0",
+         "End a RAM session (its client gets 204: done) once its card has had no command for "
+         "this many seconds; 0: never (sessions end when the client stops or the proxy does)."],
+        ["ram-daemon", None, None,
+         "OCF-daemon-compatible trigger listener (GET /x.png?url=&sessionId=&reader=); "
+         "default tcp:27001:interface=127.0.0.1 when --ram-approved-urls is given."],
+        ["ram-approved-urls", None, None,
+         "File of RAM server URLs (exact, or a prefix ending in /) the daemon may connect to."],
+        ["ram-reader", None, None, "The RAM daemon's default reader (reader= overrides it)."],
     ]
 
     def __init__(self):
@@ -126,6 +142,21 @@ class Options(usage.Options):
         self["listen"] = []
         self["backend"] = []
         self["vpcd"] = []
+        self["ram-connect"] = []
+
+    def opt_ram_connect(self, value):
+        """URL=READER: let the RAMOverHTTP server at URL drive the card READER
+        (resolved like a reader line) for one session, from start-up;
+        URL?session=ID presets JSESSIONID; repeatable."""
+        url, eq, reader = value.partition("=")
+        # the URL may hold "=" (?session=ID): READER follows the last "=" after the path
+        head, q, query = url.partition("?")
+        if q:
+            url, eq, reader = value.rpartition("=")
+        if not (eq and reader and url.lower().startswith(("http://", "https://"))):
+            raise usage.UsageError(f"--ram-connect {value!r}: expected URL=READER, "
+                                   "e.g. https://host/rt/service=Emulated 00")
+        self["ram-connect"].append((url, reader))
 
     def opt_listen(self, value):
         """One more line-protocol listener, a Twisted endpoint string (repeatable)."""
@@ -211,6 +242,7 @@ class Options(usage.Options):
             if not self["rest-token"]:
                 raise usage.UsageError(
                     "--rest needs a token: --rest-token-file FILE or env FOXYPROXY_REST_TOKEN")
+        self._validate_ram()
         settings = backends.BackendSettings(
             token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
         makers = []
@@ -228,6 +260,36 @@ class Options(usage.Options):
                 self["ca-cert-list"] = load_ca_certs(self["ca-certs"])
             except ValueError as e:
                 raise usage.UsageError(f"--ca-certs: {e}") from None
+
+    def _validate_ram(self):
+        """--ram, --ram-token-file, --ram-daemon and friends (docs/ramoverhttp.md)."""
+        from .secrets import read_named_secrets
+
+        self["ram-max-sessions"] = self._number("ram-max-sessions", int, 1, 100000)
+        self["ram-session-timeout"] = self._number("ram-session-timeout", float, 1, 86400)
+        self["ram-done-after"] = self._number("ram-done-after", float, 0, 86400 * 365)
+        if self["ram"] is not None:
+            self["ram"] = check_endpoint("ram", self["ram"])
+            if not self["ram-token-file"]:
+                raise usage.UsageError("--ram needs --ram-token-file FILE (lines NAME SECRET)")
+            try:
+                self["ram-tokens"] = read_named_secrets("--ram-token-file", self["ram-token-file"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+            for name, secret in self["ram-tokens"].items():
+                if not re.fullmatch(r"[A-Za-z0-9._~-]+", secret):
+                    raise usage.UsageError(f"--ram-token-file: the secret of {name!r} must be URL path "
+                                           "characters (A-Z a-z 0-9 . _ ~ -)")
+        if self["ram-approved-urls"] is not None or self["ram-daemon"] is not None:
+            from .frontends.ramclient import DEFAULT_DAEMON, read_approved_urls
+
+            if self["ram-approved-urls"] is None:
+                raise usage.UsageError("--ram-daemon needs --ram-approved-urls FILE")
+            try:
+                self["ram-approved-url-list"] = read_approved_urls(self["ram-approved-urls"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+            self["ram-daemon"] = check_endpoint("ram-daemon", self["ram-daemon"] or DEFAULT_DAEMON)
 
     def _number(self, option, kind, low, high):
         value = self[option]
@@ -335,6 +397,25 @@ def makeService(config, reactor=None):
         from .frontends.status import make_metrics_service
 
         make_metrics_service(config, top, factory, rest, reactor).setServiceParent(top)
+    if config.get("ram"):
+        from .frontends.ram import RamBackend, make_ram_service
+
+        ram = RamBackend(reactor, config["ram-max-sessions"], config["ram-session-timeout"],
+                         done_after=config["ram-done-after"])
+        top.backends.append(ram)
+        BackendService(ram, registry).setServiceParent(top)
+        ram_service = make_ram_service(config, ram, reactor, top_limits)
+        ram_service.setServiceParent(top)
+        if getattr(top, "metrics", None) is not None:  # --metrics counts it as front end "ram"
+            top.metrics.frontend("ram", ram_service.site)
+    if config.get("ram-daemon"):
+        from .frontends.ramclient import make_daemon_service
+
+        make_daemon_service(config, dispatcher, reactor, top_limits).setServiceParent(top)
+    for url, reader in config.get("ram-connect", ()):
+        from .frontends.ramclient import RamConnectService
+
+        RamConnectService(dispatcher, url, reader, reactor).setServiceParent(top)
     for host, port, reader, exclusive in config["vpcd"]:
         from .frontends.vpcd import make_vpcd_service
 

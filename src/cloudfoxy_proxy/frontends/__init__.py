@@ -7,10 +7,14 @@ into that protocol; none of them talks to a backend directly.
 * ``telnet.py`` — strips RFC 854 telnet commands in front of ``line.py``;
 * ``rest.py`` — ``--rest``: the CloudFoxy-compatible REST API (docs/rest.md);
 * ``vpcd.py`` — ``--vpcd``: one card shown as a local PC/SC reader through
-  vsmartcard's vpcd (docs/vpcd.md).
+  vsmartcard's vpcd (docs/vpcd.md);
+* ``status.py`` — ``--metrics``: Prometheus metrics, health, the status page
+  (docs/deployment.md);
+* ``ram.py``, ``ramclient.py``, ``ramwire.py`` — RAMOverHTTP: ``--ram``
+  (server), ``--ram-connect`` and ``--ram-daemon`` (client), and the wire
+  format (docs/ramoverhttp.md).
 
-New front ends go here too (planned: ``ram.py`` for RAMOverHTTP, ``api.py``
-for an HTTP/JSON + WebSocket API, ``status.py`` for metrics and status);
+New front ends go here too (next: ``api.py`` for the HTTP/JSON + WebSocket API);
 tap.py builds each one's service.  Connection counts, idle timeouts and the
 buffer budget shared by all front ends are ``limits.py`` (in the core,
 because tap.py wires one ``ConnectionLimits`` across every listener).
