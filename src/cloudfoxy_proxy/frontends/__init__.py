@@ -1,0 +1,1 @@
+"""Front ends: the listeners clients talk to (HTTP/JSON API, ...)."""
