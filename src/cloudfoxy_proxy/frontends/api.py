@@ -54,7 +54,7 @@ STATUS = {
 #: The code in error bodies that are not about a card command.
 HTTP_CODES = {400: errors.MALFORMED, 401: errors.BAD_PIN, 403: errors.BAD_PIN, 404: errors.NOT_FOUND,
               405: errors.FAILED, 409: errors.UPSTREAM, 411: errors.MALFORMED, 413: errors.MALFORMED,
-              415: errors.MALFORMED, 431: errors.MALFORMED, 500: errors.INTERNAL, 503: errors.UPSTREAM}
+              431: errors.MALFORMED, 500: errors.INTERNAL, 503: errors.UPSTREAM}
 
 JSON = b"application/json"
 #: The largest request body: 100 extended APDUs in hex and then some.
@@ -130,14 +130,29 @@ class _ApiChannel(_Channel):
         if refusal is not None:
             return self._refuse(*refusal)
         if self.length:
-            self._charged, over = self.site.buffers.charge(self.length, self._charged)
+            self._body, over = self.site.buffers.charge(self.length, self._body)
             if over:
                 return self._refuse(503, "busy: the proxy holds too many request bodies; try again later",
                                     ((b"retry-after", b"1"),))
         return super(_Channel, self).allHeadersReceived()
 
+    _body = 0  # the declared body length charged to site.buffers
+
+    def _give_back_body(self):
+        if self._body:
+            self._body, _ = self.site.buffers.charge(0, self._body)
+
+    def allContentReceived(self):
+        self._give_back_body()
+        super().allContentReceived()
+
+    def connectionLost(self, reason):
+        self._give_back_body()
+        super().connectionLost(reason)
+
     def _refuse(self, code, text, extra):
         self._refused = True
+        self._give_back_body()
         if self._charged:
             self._charged, _ = self.site.buffers.charge(0, self._charged)
         body = error_body(HTTP_CODES.get(code, errors.FAILED), text)
