@@ -340,7 +340,7 @@ class Signing(ApiCase):
             "PIV 00 (CN=Emulated PIV 00 Authentication,O=CloudFoxy Emulated)",
             "PIV 00 (CN=Emulated PIV 00 Signing,O=CloudFoxy Emulated)"])
         self.assertEqual(self.call("GET", "/api/v1.0/select/zz")[1], "")
-        self.assertEqual(self.call("GET", "/api/v1.0/select/x/0")[1], "PIV 00")
+        self.assertEqual(self.call("GET", "/api/v1.0/select/x/0")[1], "PIV 00\n")
         self.assertEqual(self.call("GET", "/api/v1.0/select/x/abc")[0], 400)
 
 

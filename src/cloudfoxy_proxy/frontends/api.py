@@ -70,8 +70,13 @@ MAX_SUBSCRIBER_BACKLOG = 256 * 1024
 WS_AUTH_TIMEOUT = 10.0
 
 
+def dump(obj):
+    """A JSON answer's bytes (one line, so curl output ends with a newline)."""
+    return json.dumps(obj).encode("utf-8") + b"\n"
+
+
 def error_body(code, message):
-    return json.dumps({"error": {"code": code, "message": message}}).encode("utf-8")
+    return dump({"error": {"code": code, "message": message}})
 
 
 class ApiError(Exception):
@@ -353,7 +358,7 @@ class ApiResource(Resource):
         if isinstance(result, bytes):
             return result
         if not hasattr(result, "addCallbacks"):
-            return json.dumps(result).encode("utf-8")
+            return dump(result)
         gone = []
 
         def disconnected(_):
@@ -410,11 +415,11 @@ class ApiResource(Resource):
         request.setHeader(b"content-type", JSON)
         body = {"error": {"code": e.code, "message": e.message}}
         body.update(e.extra)
-        return json.dumps(body).encode("utf-8")
+        return dump(body)
 
     def _write(self, result, request, gone):
         if not gone:
-            request.write(result if isinstance(result, bytes) else json.dumps(result).encode("utf-8"))
+            request.write(result if isinstance(result, bytes) else dump(result))
             request.finish()
 
     def _failed(self, failure, request, gone):
@@ -601,13 +606,13 @@ class ApiResource(Resource):
             raise ApiError(400, "Request has an incorrect parameter 'limit'") from None
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         if limit == 0:
-            return "\n".join(r.name for r in self.registry.readers).encode("utf-8")
+            return "".join(r.name + "\n" for r in self.registry.readers).encode("utf-8")
         lines = []
         signing = self.dispatcher.signing
         for state, cert in (signing.entries() if signing is not None else ()):
             if name and state.reader.name.endswith(name.strip()):
                 lines.insert(0, f"{state.reader.name} ({cert.subject or '---'})")
-        return "\n".join(lines).encode("utf-8")
+        return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
 def _b64(text):
