@@ -127,8 +127,8 @@ def run_load(base, transport, clients, duration, warmup, pid):
         lat = sorted(stats.latencies)
         result.update(transport=transport, clients=clients, apdus=n, errors=stats.errors,
                       apdus_per_s=n / (t1 - t0),
-                      p50_ms=_percentile(lat, 0.50) * 1000 if lat else None,
-                      p99_ms=_percentile(lat, 0.99) * 1000 if lat else None,
+                      p50_ms=_percentile(lat, 50) * 1000 if lat else None,
+                      p99_ms=_percentile(lat, 99) * 1000 if lat else None,
                       cpu_us_per_apdu=(cpu1 - cpu0) * 1e6 / n if n and cpu0 is not None else None)
 
     def report(_):

@@ -31,6 +31,7 @@ from urllib.parse import unquote
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -294,6 +295,21 @@ class ApiResource(Resource):
         self.ws_factory = ApiWebSocketFactory(self)
         self.websocket = WebSocketResource(self.ws_factory)
         self.openapi = resources.files(__package__).joinpath("openapi.json").read_bytes()
+        #: (path segments after /api, None for a parameter) -> {method: handler}
+        self.table = tuple({
+            ("v1", "readers"): {"GET": self.readers},
+            ("v1", "readers", None, "transmit"): {"POST": self.transmit},
+            ("v1", "sessions"): {"POST": self.open_session},
+            ("v1", "sessions", None): {"DELETE": self.close_session},
+            ("v1", "certificates"): {"GET": self.certificates},
+            ("v1", "certificates", None, "chain"): {"GET": self.chain},
+            ("v1", "certificates", None, "sign"): {"POST": self.sign},
+            ("v1", "openapi.json"): {"GET": self.openapi_json},
+            ("v1.0", "command"): {"POST": self.fp_command},
+            ("v1.0", "hello"): {"GET": self.fp_hello},
+            ("v1.0", "select", None): {"GET": self.fp_select},
+            ("v1.0", "select", None, None): {"GET": self.fp_select},
+        }.items())
 
     # -- judged after the headers (_ApiChannel) and again in render
 
@@ -359,6 +375,15 @@ class ApiResource(Resource):
             return result
         if not hasattr(result, "addCallbacks"):
             return dump(result)
+        if result.called:  # answered at once (an idle card): no Deferred chain for the request
+            done = []
+            result.addBoth(done.append)
+            if not isinstance(done[0], Failure):
+                return dump(done[0])
+            if done[0].check(ApiError):
+                return self._error(request, done[0].value)
+            self.log.failure("API request failed", done[0])
+            return self._error(request, ApiError(500, "internal error", errors.INTERNAL))
         gone = []
 
         def disconnected(_):
@@ -375,23 +400,9 @@ class ApiResource(Resource):
         parts = _segments(path.rstrip(b"/") if path != b"/" else path)
         m = method.decode("ascii", "replace")
         tail = parts[2:] if parts[:1] == ["api"] else None
-        table = {
-            ("v1", "readers"): {"GET": self.readers},
-            ("v1", "readers", None, "transmit"): {"POST": self.transmit},
-            ("v1", "sessions"): {"POST": self.open_session},
-            ("v1", "sessions", None): {"DELETE": self.close_session},
-            ("v1", "certificates"): {"GET": self.certificates},
-            ("v1", "certificates", None, "chain"): {"GET": self.chain},
-            ("v1", "certificates", None, "sign"): {"POST": self.sign},
-            ("v1", "openapi.json"): {"GET": self.openapi_json},
-            ("v1.0", "command"): {"POST": self.fp_command},
-            ("v1.0", "hello"): {"GET": self.fp_hello},
-            ("v1.0", "select", None): {"GET": self.fp_select},
-            ("v1.0", "select", None, None): {"GET": self.fp_select},
-        }
         if tail is not None and parts[1:2]:
             key = [parts[1]] + tail
-            for pattern, methods in table.items():
+            for pattern, methods in self.table:
                 if len(pattern) == len(key) and all(p is None or p == k for p, k in zip(pattern, key)):
                     params = [k for p, k in zip(pattern, key) if p is None]
                     if m not in methods:
@@ -826,8 +837,9 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         super().__init__()
         self.api = api
         # Bounded messages (a transmit of MAX_APDUS short APDUs fits).
+        # Incoming text is not UTF-8-checked twice: json.loads rejects bad UTF-8.
         self.setProtocolOptions(maxFramePayloadSize=MAX_BODY, maxMessagePayloadSize=MAX_BODY,
-                                autoPingInterval=None)
+                                utf8validateIncoming=False)
 
 
 def make_api_service(config, dispatcher, registry, reactor, limits):
