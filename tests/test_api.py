@@ -499,3 +499,46 @@ class ZzOpenApiStatuses(SynchronousTestCase):
                          if m != "OPTIONS" and str(c) not in spec["paths"][t].get(m.lower(), {}).get("responses", {})
                          and not (c == 405))
         self.assertEqual(missing, [])
+
+
+class Options(SynchronousTestCase):
+    """--api, --api-token-file / FOXYPROXY_API_TOKEN, --api-cors-origin (CLI.md)."""
+
+    def parse(self, *argv, env=None):
+        import os
+        from unittest import mock
+
+        from cloudfoxy_proxy import tap
+
+        with mock.patch.dict(os.environ, env or {}, clear=False):
+            os.environ.pop("FOXYPROXY_API_TOKEN", None) if env is None else None
+            options = tap.Options()
+            options.parseOptions(list(argv))
+        return options
+
+    def test_api_needs_a_token(self):
+        from twisted.python.usage import UsageError
+
+        with self.assertRaises(UsageError) as e:
+            self.parse("--api", "tcp:0")
+        self.assertIn("--api needs a token", str(e.exception))
+        options = self.parse("--api", "tcp:0", env={"FOXYPROXY_API_TOKEN": "t"})
+        self.assertEqual(options["api-token"], "t")
+        self.assertTrue(options["api"].startswith("tcp:0"))
+
+    def test_token_file(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("from-file\n")
+        self.assertEqual(self.parse("--api", "tcp:0", "--api-token-file", path)["api-token"], "from-file")
+
+    def test_cors_origins(self):
+        from twisted.python.usage import UsageError
+
+        env = {"FOXYPROXY_API_TOKEN": "t"}
+        options = self.parse("--api", "tcp:0", "--api-cors-origin", "https://a.example",
+                             "--api-cors-origin", "http://127.0.0.1:8000/", env=env)
+        self.assertEqual(options["api-cors-origin"], ["https://a.example", "http://127.0.0.1:8000"])
+        for bad in ("*", "a.example", "https://a.example/path", "ftp://a.example"):
+            with self.assertRaises(UsageError, msg=bad):
+                self.parse("--api", "tcp:0", "--api-cors-origin", bad, env=env)

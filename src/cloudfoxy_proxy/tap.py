@@ -137,7 +137,7 @@ class Options(usage.Options):
 
         parts = urlsplit(value)
         if value == "*" or parts.scheme not in ("http", "https") or not parts.hostname or (
-                parts.path or parts.query or parts.fragment or parts.username):
+                parts.path not in ("", "/") or parts.query or parts.fragment or parts.username):
             raise usage.UsageError(f"--api-cors-origin {value!r}: give an origin like https://app.example:8443 "
                                    "(no '*', no path)")
         self["api-cors-origin"].append(value.rstrip("/"))
