@@ -196,12 +196,19 @@ def test_openapi_is_served_and_metrics_count_the_api(proxy_factory):
         status, spec, _ = agent.http("GET", "/api/v1/openapi.json")
         assert status == 200 and spec["openapi"].startswith("3.")
         agent.http("GET", "/api/v1/readers", token="wrong")
+        assert agent.ws_open() == {"open": True}
+        agent.ws_send({"id": 1, "reader": "Emulated 00", "apdus": [SELECT_MF]})
+        assert agent.ws_recv()["msg"]["responses"] == ["9000"]
+    time.sleep(0.5)  # the agent's connections are closed
     conn = http.client.HTTPConnection(HOST, p.ports["StatusSite"][0], timeout=5)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     assert 'frontend="api"' in text
     assert any(line.startswith("foxyproxy_frontend_auth_failures_total") and 'frontend="api"' in line
                and line.endswith(" 1.0") for line in text.splitlines()), text
+    assert 'foxyproxy_frontend_connections{frontend="api"} 0.0' in text  # the WebSocket was counted out
+    requests = [line for line in text.splitlines() if line.startswith('foxyproxy_frontend_requests_total{frontend="api"}')]
+    assert requests == ['foxyproxy_frontend_requests_total{frontend="api"} 2.0']  # openapi.json + 1 WebSocket message
 
 
 @pytest.fixture
@@ -251,3 +258,28 @@ def test_pcsc_reader_events_within_2_s(rig_slot0, proxy_factory):
         assert got["msg"]["event"] == "inserted" and got["msg"]["reader"] == slot0
         assert got["msg"]["atr"] == rig.atr(0).hex().upper()
         assert got["t"] - noticed < 2.0
+
+
+def test_start_up_errors_are_one_line(tmp_path, proxy_factory):
+    import subprocess
+
+    from support import TWISTD
+
+    def twistd(*args, env=None):
+        return subprocess.run([TWISTD, "-n", "--pidfile=", "foxyproxy",
+                               "-p", f"tcp:0:interface={HOST}", *args], capture_output=True, text=True,
+                              timeout=30, env=env, cwd=tmp_path)
+
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "FOXYPROXY_API_TOKEN"}
+    out = twistd("--api", "tcp:0", env=env)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "twistd foxyproxy: --api needs a token: --api-token-file FILE or env FOXYPROXY_API_TOKEN"]
+    busy = start(proxy_factory)
+    out = twistd("--api", f"tcp:{busy.api_port}:interface={HOST}", env=dict(env, FOXYPROXY_API_TOKEN="t"))
+    assert out.returncode == 1
+    problems = [line for line in out.stderr.splitlines() if "foxyproxy:" in line]
+    assert len(problems) == 1 and problems[0].startswith(f"twistd foxyproxy: cannot listen on tcp:{busy.api_port}")
+    assert "Traceback" not in out.stderr + out.stdout

@@ -691,6 +691,14 @@ class ApiWebSocket(WebSocketServerProtocol):
     identity = None
     _auth_timer = None
 
+    def connectionLost(self, reason):
+        # This connection was counted by the HTTP channel it replaced
+        # (_Channel.connectionMade), whose connectionLost never comes.
+        super().connectionLost(reason)
+        site = getattr(self.factory.api, "site", None)
+        if site is not None:
+            site.connections -= 1
+
     def onConnect(self, request):
         auth = request.headers.get("authorization")
         if auth is not None:
@@ -731,6 +739,10 @@ class ApiWebSocket(WebSocketServerProtocol):
         self.send(event)
 
     def onMessage(self, payload, isBinary):
+        site = getattr(self.factory.api, "site", None)
+        if site is not None:
+            site.requests += 1
+            site.bytes_in += len(payload)
         try:
             msg = json.loads(payload)
         except (ValueError, UnicodeDecodeError):
