@@ -280,6 +280,7 @@ def test_start_up_errors_are_one_line(tmp_path, proxy_factory):
     busy = start(proxy_factory)
     out = twistd("--api", f"tcp:{busy.api_port}:interface={HOST}", env=dict(env, FOXYPROXY_API_TOKEN="t"))
     assert out.returncode == 1
-    problems = [line for line in out.stderr.splitlines() if "foxyproxy:" in line]
-    assert len(problems) == 1 and problems[0].startswith(f"twistd foxyproxy: cannot listen on tcp:{busy.api_port}")
+    problems = [line for line in (out.stdout + out.stderr).splitlines() if "twistd foxyproxy:" in line]
+    assert len(problems) == 1 and f"twistd foxyproxy: cannot listen on tcp:{busy.api_port}" in problems[0]
+    assert problems[0].endswith("Address already in use")
     assert "Traceback" not in out.stderr + out.stdout
