@@ -24,19 +24,13 @@ from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.frontends import api
 from cloudfoxy_proxy.limits import BufferBudget
 from cloudfoxy_proxy.registry import ReaderRegistry
+from test_restapi import result_of
 
 TOKEN = "api-token"
 BASE = "http://proxy.test"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ATR = "3B8B8001466F7879456D753738313677"
 GET_CHALLENGE = "0084000008"
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    return out[0]
 
 
 class ApiCase(SynchronousTestCase):

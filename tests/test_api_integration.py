@@ -211,25 +211,10 @@ def test_openapi_is_served_and_metrics_count_the_api(proxy_factory):
     assert requests == ['foxyproxy_frontend_requests_total{frontend="api"} 2.0']  # openapi.json + 1 WebSocket message
 
 
-@pytest.fixture
-def rig_slot0(pcsc_rig):
-    rig = pcsc_rig
-    if rig.pcscd is None or rig.pcscd.poll() is not None:
-        rig.start()
-    if 0 in rig.frozen:
-        rig.thaw_card(0)
-    if rig.card_pid(0) is None or rig.cards[0].poll() is not None:
-        rig.stop_card(0, wait_absent=False)
-        rig.start_card(0)
+def test_pcsc_reader_events_within_2_s(card0, proxy_factory):
+    rig = card0
     if rig.card_pid(1) is not None:
-        rig.stop_card(1)
-    yield rig
-    if rig.card_pid(0) is None:
-        rig.start_card(0)
-
-
-def test_pcsc_reader_events_within_2_s(rig_slot0, proxy_factory):
-    rig = rig_slot0
+        rig.stop_card(1)  # slot 1 empty: a reader without a card
     p = start(proxy_factory, "--backend", "pcsc:", "--command-timeout", "2")
     slot0, slot1 = rigmod.reader_name(0), rigmod.reader_name(1)
     with ApiAgent(p.base, TOKEN) as agent:
@@ -252,7 +237,7 @@ def test_pcsc_reader_events_within_2_s(rig_slot0, proxy_factory):
         got = agent.ws_recv(timeout=5)
         assert got["msg"] == {"event": "ejected", "reader": slot0}
         assert got["t"] - noticed < 2.0
-        rig.start_card(0)  # returns once pcscd reports a card present
+        rig.start_card(0)  # card0 leaves a card in slot 0, as it found it  # returns once pcscd reports a card present
         noticed = time.monotonic()
         got = agent.ws_recv(timeout=5)
         assert got["msg"]["event"] == "inserted" and got["msg"]["reader"] == slot0
