@@ -197,6 +197,15 @@ class Channel(SynchronousTestCase):
         self.assertEqual(self.budget.used, 0)
         self.assertIn(b"HTTP/1.1 400 ", t.value())  # blank JSON
 
+    def test_preflight_and_websocket_upgrade_take_no_body_without_a_token(self):
+        for head in (b"OPTIONS /api/v1/readers HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n",
+                     b"GET /api/v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nContent-Length: 50000\r\n\r\n"):
+            _, t = self.send(head)
+            self.assertTrue(t.value().startswith(b"HTTP/1.1 413 "), head)
+            self.assertTrue(t.disconnecting)
+        _, t = self.send(b"GET /api/v1/readers HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 401 "))  # only /api/v1/ws may upgrade without one
+
     def test_a_body_over_the_budget_is_503(self):
         auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
         _, t = self.send(b"POST /api/v1/sessions HTTP/1.1\r\nHost: x\r\n" + auth

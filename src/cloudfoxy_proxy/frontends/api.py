@@ -69,6 +69,9 @@ MAX_SESSIONS = 1000
 MAX_SUBSCRIBER_BACKLOG = 256 * 1024
 #: Seconds a WebSocket without a bearer header has to send ``{"auth": TOKEN}``.
 WS_AUTH_TIMEOUT = 10.0
+#: The longest WebSocket message, and the longest before authentication.
+MAX_WS_MESSAGE = 1024 * 1024
+MAX_WS_MESSAGE_UNAUTHENTICATED = 4096
 
 
 def dump(obj):
@@ -315,14 +318,17 @@ class ApiResource(Resource):
 
     def refusal(self, method, path, headers, length, peer):
         """``(status, message, headers)`` for a request that must not run, else None."""
-        if method == b"OPTIONS":
-            return None  # a CORS preflight: answered without auth by render
         if headers.hasHeader(b"transfer-encoding"):
             why, answer = "chunked body", (411, "send the body with a Content-Length", ())
         elif length and length > MAX_BODY:
             why, answer = "body too large", (413, f"request body over {MAX_BODY} bytes", ())
-        elif self.auth.check(headers.getRawHeaders(b"authorization", [None])[0]) is None and not (
-                path == b"/api/v1/ws" and headers.hasHeader(b"upgrade")):
+        elif method == b"OPTIONS" or (path == b"/api/v1/ws" and headers.hasHeader(b"upgrade")):
+            # A CORS preflight, or a WebSocket whose first message may
+            # authenticate (browsers cannot set headers): no body either way.
+            if not length:
+                return None
+            why, answer = "a body without a token", (413, "no body allowed here", ())
+        elif self.auth.check(headers.getRawHeaders(b"authorization", [None])[0]) is None:
             why = "no or a wrong bearer token"
             answer = (401, "unauthorized: send Authorization: Bearer TOKEN",
                       ((b"www-authenticate", b'Bearer realm="cloudfoxy-proxy"'),))
@@ -712,8 +718,13 @@ class ApiWebSocket(WebSocketServerProtocol):
         self.inflight = {}
         return None
 
+    def _limit(self, size):
+        """Autobahn's per-connection frame and message limits."""
+        self.maxFramePayloadSize = self.maxMessagePayloadSize = size
+
     def onOpen(self):
         if self.identity is None:
+            self._limit(MAX_WS_MESSAGE_UNAUTHENTICATED)
             self._auth_timer = self.factory.api.clock.callLater(WS_AUTH_TIMEOUT, self._auth_late)
 
     def _auth_late(self):
@@ -758,6 +769,7 @@ class ApiWebSocket(WebSocketServerProtocol):
                 return self.sendClose(4401, "unauthorized")
             if self._auth_timer is not None and self._auth_timer.active():
                 self._auth_timer.cancel()
+            self._limit(MAX_WS_MESSAGE)
             return self.send({"id": mid, "authenticated": True})
         try:
             if msg.get("subscribe") is not None:
@@ -850,7 +862,7 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         self.api = api
         # Bounded messages (a transmit of MAX_APDUS short APDUs fits).
         # Incoming text is not UTF-8-checked twice: json.loads rejects bad UTF-8.
-        self.setProtocolOptions(maxFramePayloadSize=MAX_BODY, maxMessagePayloadSize=MAX_BODY,
+        self.setProtocolOptions(maxFramePayloadSize=MAX_WS_MESSAGE, maxMessagePayloadSize=MAX_WS_MESSAGE,
                                 utf8validateIncoming=False)
 
 
