@@ -32,6 +32,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -39,7 +40,7 @@ from .. import errors
 from ..dispatch import Session
 from ..logs import Logger, RateLimitedLog
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, make_command
-from ..restapi import _Channel
+from ..restapi import REASONS, _Channel
 
 #: HTTP status of each result code (PROTOCOL.md section 5).
 STATUS = {
@@ -174,10 +175,6 @@ class _ApiChannel(_Channel):
 
 
 def _reason(code):
-    from twisted.web.http import RESPONSES
-
-    from ..restapi import REASONS
-
     return REASONS.get(code) or RESPONSES.get(code, b"Error")
 
 
