@@ -257,11 +257,12 @@ class ApiAgent:
     Twisted process) driven with blocking calls: ``http(method, path,
     body)``, ``ws_open(name)``, ``ws_send(name, msg)``, ``ws_recv(name)``."""
 
-    def __init__(self, base, token):
+    def __init__(self, base, token, env=None):
         self.token = token
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api_client.py")
         self.proc = subprocess.Popen([sys.executable, script, base], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **(env or {})))
 
     def call(self, wait=30, **cmd):
         import select

@@ -168,6 +168,22 @@ def test_websocket_transmit_hold_and_auth(agent, api_proxy):
     assert agent.ws_open("evil", headers={"Origin": "http://evil.test", **agent.auth()})["error"].count("403") == 1
 
 
+def test_https_and_wss(proxy_factory, tmp_path):
+    from test_rest_backend import make_tls_files
+
+    tls = make_tls_files(str(tmp_path))
+    p = proxy_factory("--api", f"ssl:0:interface={HOST}:privateKey={tls['server-key']}:certKey={tls['server-cert']}",
+                      listeners=2, env={"FOXYPROXY_API_TOKEN": TOKEN})
+    base = f"https://{HOST}:{p.ports['ApiSite'][0]}"
+    with ApiAgent(base, TOKEN, env={"SSL_CERT_FILE": tls["ca"]}) as agent:
+        assert agent.http("POST", "/api/v1/readers/Emulated%2000/transmit", {"apdus": [SELECT_MF]})[:2] == (
+            200, {"atr": None, "responses": ["9000"]})
+        assert agent.ws_open() == {"open": True}
+        agent.ws_send({"id": 1, "reader": "Emulated 01", "apdus": [SELECT_MF]})
+        assert agent.ws_recv()["msg"] == {"id": 1, "atr": None, "responses": ["9000"]}
+    assert "Traceback" not in p.log()
+
+
 def test_cors_preflight_and_headers(agent):
     status, _, headers = agent.http("OPTIONS", "/api/v1/readers", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",

@@ -31,6 +31,7 @@ from urllib.parse import unquote
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import CancelledError
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
@@ -693,6 +694,25 @@ class ApiWebSocket(WebSocketServerProtocol):
 
     identity = None
     _auth_timer = None
+
+    def _as_tls(self, method):
+        """Run Autobahn's ``method`` with the TLS transport under our
+        limits._Guard as ``self.transport``: Autobahn reads the TLS channel
+        from ``self.transport`` and only knows Twisted's TLS protocol."""
+        tls = getattr(self.transport, "transport", None)
+        if not isinstance(tls, TLSMemoryBIOProtocol):
+            return method()
+        guard, self.transport = self.transport, tls
+        try:
+            return method()
+        finally:
+            self.transport = guard
+
+    def connectionMade(self):
+        self._as_tls(super().connectionMade)
+
+    def _onOpen(self):
+        self._as_tls(super()._onOpen)
 
     def connectionLost(self, reason):
         # This connection was counted by the HTTP channel it replaced
