@@ -505,7 +505,7 @@ class ZzOpenApiStatuses(SynchronousTestCase):
 
 
 class Options(SynchronousTestCase):
-    """--api, --api-token-file / FOXYPROXY_API_TOKEN, --api-cors-origin (CLI.md)."""
+    """--api, --api-token-file / FOXYPROXY_API_TOKEN, --api-cors-origin (README.md's option table)."""
 
     def parse(self, *argv, env=None):
         import os
@@ -530,10 +530,12 @@ class Options(SynchronousTestCase):
         self.assertTrue(options["api"].startswith("tcp:0"))
 
     def test_token_file(self):
-        path = self.mktemp()
-        with open(path, "w") as f:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".token") as f:
             f.write("from-file\n")
-        self.assertEqual(self.parse("--api", "tcp:0", "--api-token-file", path)["api-token"], "from-file")
+            f.flush()
+            self.assertEqual(self.parse("--api", "tcp:0", "--api-token-file", f.name)["api-token"], "from-file")
 
     def test_cors_origins(self):
         from twisted.python.usage import UsageError

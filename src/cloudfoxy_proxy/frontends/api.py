@@ -43,7 +43,7 @@ from ..logs import Logger, RateLimitedLog
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, make_command
 from ..restapi import REASONS, _Channel
 
-#: HTTP status of each result code (PROTOCOL.md section 5).
+#: HTTP status of each result code (docs/api.md, "Conventions").
 STATUS = {
     errors.NOT_FOUND: 404,
     errors.AMBIGUOUS: 400,
