@@ -547,3 +547,12 @@ class Options(SynchronousTestCase):
         for bad in ("*", "a.example", "https://a.example/path", "ftp://a.example"):
             with self.assertRaises(UsageError, msg=bad):
                 self.parse("--api", "tcp:0", "--api-cors-origin", bad, env=env)
+
+    def test_cors_origins_from_a_config_file(self):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+            f.write('api = "tcp:0"\napi-cors-origin = ["https://a.example", "https://b.example"]\n')
+            f.flush()
+            options = self.parse("--config", f.name, env={"FOXYPROXY_API_TOKEN": "t"})
+        self.assertEqual(options["api-cors-origin"], ["https://a.example", "https://b.example"])
