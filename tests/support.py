@@ -3,6 +3,7 @@ free loopback port, and a blocking line-protocol client."""
 
 import os
 import re
+import json
 import signal
 import socket
 import subprocess
@@ -254,3 +255,71 @@ def card_collect(card, hexstr):
         out = card_tx(card, "00C00000" + out[-2:])
         data += out[:-4]
     return bytes.fromhex(data), out[-4:]
+
+
+class ApiAgent:
+    """A real API client (tests/api_client.py: treq and Autobahn in their own
+    Twisted process) driven with blocking calls: ``http(method, path,
+    body)``, ``ws_open(name)``, ``ws_send(name, msg)``, ``ws_recv(name)``."""
+
+    def __init__(self, base, token, env=None):
+        self.token = token
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api_client.py")
+        self.proc = subprocess.Popen([sys.executable, script, base], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **(env or {})))
+
+    def call(self, wait=30, **cmd):
+        import select
+
+        self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], wait)
+        if not ready:
+            raise TimeoutError(f"api_client gave no answer to {cmd['op']} in {wait} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("api_client ended")
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise RuntimeError(f"api_client said: {line!r}{self.proc.stdout.read(4000)!r}") from None
+
+    def auth(self, token=None):
+        return {"Authorization": f"Bearer {self.token if token is None else token}"}
+
+    def http(self, method, path, body=None, headers=None, token=None):
+        """(status, body, headers) of one request, with the bearer token unless ``headers``."""
+        answer = self.call(op="http", method=method, path=path, body=body,
+                           headers=self.auth(token) if headers is None else headers)
+        if "status" not in answer:
+            raise RuntimeError(f"HTTP request failed: {answer}")
+        return answer["status"], answer["body"], answer["headers"]
+
+    def ws_open(self, name="ws", headers=None):
+        return self.call(op="ws_open", name=name, headers=self.auth() if headers is None else headers)
+
+    def ws_send(self, msg, name="ws"):
+        return self.call(op="ws_send", name=name, msg=msg)
+
+    def ws_recv(self, name="ws", timeout=10):
+        """``{"msg", "t"}``, ``{"timeout": True}`` or ``{"closed": [code, reason]}``."""
+        return self.call(wait=timeout + 10, op="ws_recv", name=name, timeout=timeout)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.call(op="quit", wait=5)
+            except (OSError, RuntimeError, TimeoutError):
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -78,3 +78,17 @@ def test_ram_hop_runs(capsys):
 
     r = json.loads(capsys.readouterr().out)
     assert r["ram"]["apdus"] == 5 and r["ram_batch"]["apdus"] == 3 and r["direct"]["apdus"] == 5
+
+
+def test_api_load_checks_every_answer():
+    """bench/api_load.py's one-load child: a real proxy, treq and Autobahn clients."""
+    import json
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "api_load.py")
+    for transport in ("http", "ws"):
+        out = subprocess.run([sys.executable, script, "--one", transport, "2", "--duration", "0.5",
+                              "--warmup", "0.2"], capture_output=True, text=True, timeout=60)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        assert r["errors"] == 0 and r["apdus"] > 0, out.stdout + out.stderr
+        assert r["transport"] == transport and r["cpu_us_per_apdu"] > 0

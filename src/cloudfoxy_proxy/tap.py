@@ -108,6 +108,9 @@ class Options(usage.Options):
         ["password-file", None, None,
          "File with the reader-line password for tcp:// and tls:// backends; env FOXYPROXY_PASSWORD."],
         ["ca-certs", None, None, "File or directory of issuer certificates used to complete CHAIN."],
+        ["api", None, None, "Serve the HTTP/JSON and WebSocket API (docs/api.md) on this endpoint."],
+        ["api-token-file", None, None,
+         "File with the bearer token API clients must send; env FOXYPROXY_API_TOKEN."],
         ["metrics", None, None,
          "Serve Prometheus /metrics, /healthz, /readyz and the status page / on this endpoint."],
         ["metrics-token-file", None, None,
@@ -143,6 +146,7 @@ class Options(usage.Options):
         self["backend"] = []
         self["vpcd"] = []
         self["ram-connect"] = []
+        self["api-cors-origin"] = []
 
     def opt_ram_connect(self, value):
         """URL=READER: let the RAMOverHTTP server at URL drive the card READER
@@ -157,6 +161,17 @@ class Options(usage.Options):
             raise usage.UsageError(f"--ram-connect {value!r}: expected URL=READER, "
                                    "e.g. https://host/rt/service=Emulated 00")
         self["ram-connect"].append((url, reader))
+
+    def opt_api_cors_origin(self, value):
+        """A browser origin (scheme://host[:port]) allowed to call --api (repeatable)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if value == "*" or parts.scheme not in ("http", "https") or not parts.hostname or (
+                parts.path not in ("", "/") or parts.query or parts.fragment or parts.username):
+            raise usage.UsageError(f"--api-cors-origin {value!r}: give an origin like https://app.example:8443 "
+                                   "(no '*', no path)")
+        self["api-cors-origin"].append(value.rstrip("/"))
 
     def opt_listen(self, value):
         """One more line-protocol listener, a Twisted endpoint string (repeatable)."""
@@ -242,6 +257,11 @@ class Options(usage.Options):
             if not self["rest-token"]:
                 raise usage.UsageError(
                     "--rest needs a token: --rest-token-file FILE or env FOXYPROXY_REST_TOKEN")
+        if self["api"] is not None:
+            self["api"] = check_endpoint("api", self["api"])
+            self["api-token"] = read_secret("api-token-file", self["api-token-file"], "FOXYPROXY_API_TOKEN")
+            if not self["api-token"]:
+                raise usage.UsageError("--api needs a token: --api-token-file FILE or env FOXYPROXY_API_TOKEN")
         self._validate_ram()
         settings = backends.BackendSettings(
             token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
@@ -393,10 +413,18 @@ def makeService(config, reactor=None):
         settings = RestSettings(endpoint=config["rest"], token=config["rest-token"])
         rest = make_rest_service(settings, dispatcher, registry, reactor, top_limits)
         rest.setServiceParent(top)
+    api = None
+    if config.get("api"):
+        from .frontends.api import make_api_service
+
+        api = make_api_service(config, dispatcher, registry, reactor, top_limits)
+        api.setServiceParent(top)
     if config.get("metrics"):
         from .frontends.status import make_metrics_service
 
         make_metrics_service(config, top, factory, rest, reactor).setServiceParent(top)
+        if api is not None:
+            top.metrics.frontend("api", api.factory.wrappedFactory)
     if config.get("ram"):
         from .frontends.ram import RamBackend, make_ram_service
 

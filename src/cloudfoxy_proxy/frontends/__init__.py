@@ -14,7 +14,9 @@ into that protocol; none of them talks to a backend directly.
   (server), ``--ram-connect`` and ``--ram-daemon`` (client), and the wire
   format (docs/ramoverhttp.md).
 
-New front ends go here too (next: ``api.py`` for the HTTP/JSON + WebSocket API);
+* ``api.py`` — ``--api``: the HTTP/JSON + WebSocket API (docs/api.md).
+
+New front ends go here too;
 tap.py builds each one's service.  Connection counts, idle timeouts and the
 buffer budget shared by all front ends are ``limits.py`` (in the core,
 because tap.py wires one ``ConnectionLimits`` across every listener).
