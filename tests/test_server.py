@@ -4,6 +4,7 @@ scheduling, timeouts and flow control, with StringTransport and Clock."""
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -17,6 +18,9 @@ from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.parser import make_command
 from cloudfoxy_proxy.registry import ReaderRegistry
 from cloudfoxy_proxy.server import LineFactory
+
+#: a loopback client: served in protected mode (docs/security.md)
+LOCAL = IPv4Address("TCP", "127.0.0.1", 40000)
 
 ATR = "3B8B8001466F7879456D753738313677"
 
@@ -59,7 +63,7 @@ class Harness:
 
     def connect(self):
         proto = self.factory.buildProtocol(None)
-        transport = StringTransport()
+        transport = StringTransport(peerAddress=LOCAL)
         proto.makeConnection(transport)
         return proto, transport
 

@@ -62,7 +62,9 @@ class LineProtocol(Protocol):
 
     def connectionMade(self):
         peer = self.transport.getPeer()
-        self.session = Session(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
+        host = getattr(peer, "host", None)
+        self.session = Session(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}", "line",
+                               host if isinstance(host, str) else None, counters=self.factory)
         # The parser's lines (over-long lines, client signals) name the peer
         # and are rate-limited with the factory's other client-caused lines.
         self.parser.log = self.factory.client_log.bind(peer=self.session.peer)
@@ -233,6 +235,9 @@ class LineProtocol(Protocol):
         data = format_response(lines)
         self.factory.bytes_out += len(data)
         self.transport.write(data)
+        if self.session.drop and not self._closed:  # too many failed authentications
+            self._closed = True
+            self.transport.loseConnection()
 
 
 class LineFactory(Factory):
