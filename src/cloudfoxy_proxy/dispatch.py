@@ -354,7 +354,7 @@ class Dispatcher:
                     return session.identity, session.pin, 0.0
                 identity, pin = access.check(given, session.frontend)
                 if identity is None:
-                    return (errors.BAD_PIN, None) + (self._failed(session, "wrong secret"),)
+                    return (errors.BAD_PIN, None) + (self._failed(session, "wrong password or secret"),)
             if not identity.serves(session.frontend):
                 self.throttle.identity_failed(identity.name)
                 return (errors.BAD_PIN, None) + (self._failed(session, "front end not allowed", identity),)
@@ -377,8 +377,8 @@ class Dispatcher:
         if delay is None or session.failures >= self.throttle.CLOSE_AFTER:
             session.drop = True
         self.auth_log.warn(
-            "client {peer}: authentication failed on {frontend} ({why}{who}); {n} failures from this "
-            "address{action}", peer=session.peer, frontend=session.frontend, why=why,
+            "client {peer}: authentication failed on {frontend} ({why}{who}), refused with C085; "
+            "{n} failures from this address{action}", peer=session.peer, frontend=session.frontend, why=why,
             who=f", client {identity.name}" if identity is not None else "",
             n=self.throttle.failures(host),
             action=", closing the connection" if session.drop else (

@@ -26,6 +26,7 @@ from .dispatch import Session
 from .limits import BufferBudget
 from .logs import Logger, RateLimitedLog
 from .parser import APDU, MAX_APDU_BYTES, RESET, Request, make_command
+from .tls import ISSLTransport, certificate_identity
 
 #: HTTP status and reason for each result code a card command can end with.
 STATUS = {
@@ -105,6 +106,11 @@ class _Channel(HTTPChannel):
         headers = request.requestHeaders
         body = self.length != 0 or headers.hasHeader(b"transfer-encoding")
         peer = self.transport.getPeer()
+        session = self.session
+        if not session.fixed and ISSLTransport.providedBy(self.transport):
+            identity = certificate_identity(self.transport, self.site.resource.dispatcher.access)
+            if identity is not None:  # mtls: the verified certificate says who this is
+                session.identity, session.fixed = identity, True
         refusal = self.site.resource.refusal(self._command, headers.getRawHeaders(b"x-auth-token", [None])[0],
                                              body, getattr(peer, "host", peer), self.session)
         if refusal is None:
@@ -293,7 +299,7 @@ class RestResource(Resource):
         elif body:
             why, answer = "a request body", (413, "request body not accepted: the API is GET-only", ())
         else:
-            given = None if token is None else token.decode("utf-8", "replace")
+            given = None if token is None or session.fixed else token.decode("utf-8", "replace")
             identity, pin, delay = self.dispatcher.identify(Request(None, given), session)
             if not isinstance(identity, str) and pin is None:
                 return None
