@@ -22,7 +22,7 @@ from time import perf_counter
 
 from . import errors
 from .logs import Logger
-from .parser import SIGN
+from .parser import CARD_COMMANDS, SIGN
 
 
 class AuditLog:
@@ -49,7 +49,10 @@ class AuditLog:
             self.log.failure("cannot write the audit log {path}", path=self.path)
 
     def request(self, run):
-        """A finished request of the dispatcher (a dispatch._Run)."""
+        """A finished request of the dispatcher (a dispatch._Run); only
+        requests with card commands (RESET, APDU, SIGN) are written."""
+        if not any(c.name in CARD_COMMANDS for c in run.request.commands):
+            return
         session = run.session
         identity = run.identity
         reader = run.reader

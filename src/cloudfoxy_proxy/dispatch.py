@@ -220,7 +220,7 @@ class Dispatcher:
         a Deferred's ``cancel()`` abandons the request (client gone)."""
         run = _Run(self, request, session)
         if run.step():
-            if self.audit is not None and run.reader is not None:
+            if self.audit is not None:
                 self.audit.request(run)
             return run.lines
         run.deferred = Deferred(run.cancel)
@@ -704,7 +704,7 @@ class _Run:
             self._release()
             self.log.failure("request failed")
             self.lines.extend((c.id, errors.INTERNAL) for c in self.request.commands[self.i:])
-        if done and self.d.audit is not None and self.reader is not None:
+        if done and self.d.audit is not None:
             self.d.audit.request(self)
         if done and self.deferred is not None and not self.abandoned:
             self.d.pending.pop(self, None)
@@ -727,7 +727,7 @@ class _Run:
         """The client went away: leave the card's queue at once if waiting in
         it (no longer counted against ``--max-queue``); a command in flight
         finishes on the card, then the card goes to the next request."""
-        if self._pending and not self.holding and not self._stepping:
+        if self._pending and not self.holding and not self._stepping and self._call is None:
             self.queue.leave(self)  # queued by step(), not granted yet
             return
         self.abandoned = True
