@@ -51,13 +51,16 @@ class Identity:
     names; None: all), ``frontends`` (frozenset of front-end names; None:
     all)."""
 
-    __slots__ = ("name", "readers", "commands", "frontends", "_rx")
+    __slots__ = ("name", "readers", "commands", "frontends", "_rx", "resolved")
 
     def __init__(self, name, readers=None, commands=None, frontends=None):
         self.name = name
         self.readers = None if readers is None else tuple(readers)
         self.commands = None if commands is None else frozenset(commands)
         self.frontends = None if frontends is None else frozenset(frontends)
+        #: reader line -> the one reader it names for this identity (the
+        #: dispatcher's cache, emptied when the registry's readers change)
+        self.resolved = {}
         self._rx = None if readers is None else re.compile(
             "|".join(f"(?:{fnmatch.translate(p)})" for p in self.readers) or r"(?!)", re.DOTALL)
 

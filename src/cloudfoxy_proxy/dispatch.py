@@ -24,6 +24,14 @@ from .registry import CardQueue, QueueFull, b64name
 from .timeouts import Deadlines
 
 
+def _same(given, cached):
+    """Constant-time comparison of a presented secret with the cached one."""
+    try:
+        return hmac.compare_digest(given, cached)
+    except TypeError:  # not ASCII
+        return hmac.compare_digest(given.encode("utf-8"), cached.encode("utf-8"))
+
+
 class Session:
     """What a client connection remembers between requests: the PERSONALIZE
     tag, the peer address for logs (``peer``, ``host:port``), the card it
@@ -320,9 +328,18 @@ class Dispatcher:
                 return self.registry.resolve(request.reader)
             registry = self.registry
             text = request.reader
-            sees = identity.sees
-            return registry._one([r for r in registry.match(text) if sees(r)] if text is not None else [],
-                                 text)
+            cache = identity.resolved
+            if cache.get(None) is not registry.readers:  # the readers changed: start again
+                cache.clear()
+                cache[None] = registry.readers
+            found = cache.get(text)
+            if found is None:
+                sees = identity.sees
+                found = registry._one([r for r in registry.match(text) if sees(r)] if text is not None
+                                      else [], text)
+                if len(cache) < 256 and len(text) <= 256:
+                    cache[text] = found
+            return found
         except CardError as e:
             return e.code
 
@@ -350,7 +367,7 @@ class Dispatcher:
                 return errors.BAD_PIN, None, 0.0  # no secret presented: not a guess
             else:
                 cached = session.given
-                if cached is not None and hmac.compare_digest(given.encode("utf-8"), cached.encode("utf-8")):
+                if cached is not None and _same(given, cached):
                     return session.identity, session.pin, 0.0
                 identity, pin = access.check(given, session.frontend)
                 if identity is None:
