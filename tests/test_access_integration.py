@@ -276,3 +276,42 @@ def test_mutual_tls_with_openssl(proxy_factory, tmp_path):
     code, out = s_client(rsa_port, d, request, "-cert", "client.pem", "-key", "client.key",
                          "-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256")
     assert ">2:9000" in out, out
+
+
+def run_twistd(*args, cwd=None):
+    from support import TWISTD
+
+    return subprocess.run([TWISTD, "-n", "--pidfile=", "foxyproxy", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_bad_credentials_stop_start_up_in_one_line_naming_the_client(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[client]]\nname = "billing"\nsecret_sha256 = "1234"\n')
+    r = run_twistd("--credentials", str(bad), cwd=str(tmp_path))
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        f"twistd foxyproxy: --credentials {str(bad)!r}, client 'billing': secret_sha256 must be 64 hex "
+        "digits (make one with foxyproxy-credentials)"]
+    r = run_twistd("--rest", "tcp:0", cwd=str(tmp_path), )
+    assert r.returncode != 0 and "--credentials" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_twistd("--listen", "mtls:0:privateKey=/nonexistent/key.pem:certKey=x:caCerts=y", cwd=str(tmp_path))
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "/nonexistent/key.pem" in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+def test_rest_with_credentials_only_and_the_console_script(proxy_factory, tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "foxyproxy-credentials")
+    out = subprocess.run([script, "kiosk"], capture_output=True, text=True, check=True, timeout=30).stdout
+    secret = out.splitlines()[1].split()[-1]
+    table = "\n".join(line for line in out.splitlines() if not line.startswith("#"))
+    path = tmp_path / "c.toml"
+    path.write_text(table + "\n")
+    assert secret not in path.read_text()
+    proxy = proxy_factory("--no-signing", "--credentials", str(path), "--rest", f"tcp:0:interface={HOST}",
+                          listeners=2)
+    rest = proxy.ports["Site"][0]
+    assert rest_get(rest, "/api/v1/basic?terminal=Emulated_02&apdu=00A4000C023F00", secret) == (200, "9000\n")
+    assert rest_get(rest, "/api/v1/hello", None)[0] == 401
+    with proxy.client() as c:
+        assert c.results(f">Emulated 02:{secret}|\n" + SELECT) == ["9000"]
