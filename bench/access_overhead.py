@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, REPO)
 from support import HOST, ProxyProcess  # noqa: E402
 
 from bench import loadgen  # noqa: E402
-from bench.metrics_overhead import base_tree  # noqa: E402
+from bench.metrics_overhead import base_tree, execute_cost_of  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef0123456789"
 
@@ -89,17 +88,6 @@ def execute_cost(variant, n=20000):
     return best
 
 
-def execute_cost_of(src, variant):
-    code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
-            "from bench.access_overhead import execute_cost; print(execute_cost(%r))"
-            % (REPO, src, variant))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=src))
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
-
-
 def one(variant, duration, base_src, tmp):
     args, env, readers = ["--no-signing"], {}, None
     if variant == "base":
@@ -131,7 +119,7 @@ def main():
     variants = ("base", "open", "identities")
     with tempfile.TemporaryDirectory() as tmp:
         old = base_tree(a.base, tmp)
-        runs = [[execute_cost_of(old if v == "base" else here, v) for v in variants] for _ in range(5)]
+        runs = [[execute_cost_of(old if v == "base" else here, v, "bench.access_overhead") for v in variants] for _ in range(5)]
         best = {v: min(r[i] for r in runs) * 1e6 for i, v in enumerate(variants)}
         print(f"Dispatcher.execute, K=1 APDU on an emulated card, CPU per request (best of 5 x 25 x 20,000): "
               f"{a.base} {best['base']:.2f} us; this tree, no credentials {best['open']:.2f} us "

@@ -83,6 +83,15 @@ class Harness:
         return value
 
 
+class LogCapture:
+    """Collects the log events of a test in ``self.events``."""
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+
 class CredentialsFileTests(SynchronousTestCase):
     def test_loads_identities(self):
         access = load_credentials(write(CREDENTIALS))
@@ -197,12 +206,7 @@ class SimpleModeTests(SynchronousTestCase):
         self.assertEqual(h.send(proto, t, ">Emulated 00:s3cret|\n" + SELECT), ">1:9000\n@@\n")
 
 
-class ProtectedModeTests(SynchronousTestCase):
-    def setUp(self):
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
+class ProtectedModeTests(LogCapture, SynchronousTestCase):
     def lines(self):
         return [formatEvent(e) for e in self.events if "protected mode" in formatEvent(e)]
 
@@ -233,12 +237,7 @@ class ProtectedModeTests(SynchronousTestCase):
         self.assertEqual(h.send(proto, t, ">Emulated 00|\n" + SELECT), ">1:9000\n@@\n")
 
 
-class ThrottleTests(SynchronousTestCase):
-    def setUp(self):
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
+class ThrottleTests(LogCapture, SynchronousTestCase):
     def test_delays_grow_are_capped_and_serialised_per_peer(self):
         t = Throttle()
         delays = [t.failed("192.0.2.1", 100.0) for _ in range(8)]

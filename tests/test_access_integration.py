@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 
@@ -33,19 +32,13 @@ def b64(name):
 
 
 def credentials(tmp_path, extra=""):
+    """a: Emulated 00, every command; b: Emulated 01, APDU and READERS only."""
     path = tmp_path / "credentials.toml"
-    path.write_text(textwrap.dedent(f"""\
-        [[client]]
-        name = "a"
-        secret_sha256 = "{sha(A)}"
-        readers = ["Emulated 00"]
-
-        [[client]]
-        name = "b"
-        secret_sha256 = "{sha(B)}"
-        readers = ["Emulated 01"]
-        commands = ["APDU", "READERS"]
-        """) + extra)
+    clients = [("a", A, ["Emulated 00"], None), ("b", B, ["Emulated 01"], ["APDU", "READERS"])]
+    path.write_text("".join(
+        f'[[client]]\nname = "{name}"\nsecret_sha256 = "{sha(secret)}"\nreaders = {json.dumps(readers)}\n'
+        + (f"commands = {json.dumps(commands)}\n" if commands else "") + "\n"
+        for name, secret, readers, commands in clients) + extra)
     return str(path)
 
 

@@ -254,28 +254,22 @@ def load_credentials(path, allow_anonymous=False):
         cert = client.get("cert_sha256")
         if digest is None and cert is None:
             raise ValueError(f"{where}: give secret_sha256 and/or cert_sha256")
-        if digest is not None:
+        for value, table, parse, what, hint, same in (
+                (digest, by_hash, bytes.fromhex, "secret_sha256 must be 64 hex digits",
+                 "make one with foxyproxy-credentials", "secret"),
+                (cert, by_cert, fingerprint, "cert_sha256 must be a SHA-256 fingerprint",
+                 "openssl x509 -noout -fingerprint -sha256", "certificate")):
+            if value is None:
+                continue
             try:
-                raw = bytes.fromhex(digest) if isinstance(digest, str) else b""
+                raw = parse(value) if isinstance(value, str) else b""
             except ValueError:
                 raw = b""
             if len(raw) != 32:
-                raise ValueError(f"{where}: secret_sha256 must be 64 hex digits "
-                                 "(make one with foxyproxy-credentials)")
-            if raw in by_hash:
-                raise ValueError(f"{where}: the same secret as client {by_hash[raw].name!r}")
-            by_hash[raw] = identity
-        if cert is not None:
-            try:
-                raw = fingerprint(cert) if isinstance(cert, str) else b""
-            except ValueError:
-                raw = b""
-            if len(raw) != 32:
-                raise ValueError(f"{where}: cert_sha256 must be a SHA-256 fingerprint "
-                                 "(openssl x509 -noout -fingerprint -sha256)")
-            if raw in by_cert:
-                raise ValueError(f"{where}: the same certificate as client {by_cert[raw].name!r}")
-            by_cert[raw] = identity
+                raise ValueError(f"{where}: {what} ({hint})")
+            if raw in table:
+                raise ValueError(f"{where}: the same {same} as client {table[raw].name!r}")
+            table[raw] = identity
     return Access(by_hash, by_cert, allow_anonymous=allow_anonymous)
 
 
