@@ -335,3 +335,47 @@ class EmulatedPinFileTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as e:
             from_url("emulated:?type=piv&pin_file=/nonexistent/pin", {})
         self.assertIn("pin_file=", str(e.exception))
+
+
+class RestTests(SynchronousTestCase):
+    """The REST front end asks the same dispatcher (restapi._Channel)."""
+
+    def setUp(self):
+        from cloudfoxy_proxy import restapi
+
+        self.h = Harness(load_credentials(write(CREDENTIALS)))
+        resource = restapi.RestResource(self.h.dispatcher, self.h.registry, None, self.h.clock)
+        self.site = restapi.RestSite(resource, reactor=self.h.clock, timeout=None)
+
+    def get(self, path, token, host="10.0.0.9"):
+        peer = IPv4Address("TCP", host, 5555)
+        channel = self.site.buildProtocol(peer)
+        t = StringTransport(peerAddress=peer)
+        channel.makeConnection(t)
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + token + b"\r\n\r\n")
+        return channel, t
+
+    def test_inventory_and_terminals_of_the_identity_only(self):
+        _, t = self.get(b"/api/v1/inventory", A_SECRET.encode())
+        self.assertEqual([line.split()[0] for line in t.value().partition(b"\r\n\r\n")[2].splitlines()],
+                         [b"/Emulated_00"])
+        _, t = self.get(b"/api/v1/basic?terminal=Emulated_01&apdu=00A4000C023F00", A_SECRET.encode())
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 404 "), t.value())
+        _, t = self.get(b"/api/v1/basic?terminal=Emulated_01&apdu=00A4000C023F00", B_SECRET.encode())
+        self.assertTrue(t.value().endswith(b"\r\n\r\n9000\n"), t.value())  # b: REST only
+
+    def test_guessed_tokens_are_answered_later_and_later(self):
+        waited = []
+        for i in range(Throttle.FREE + 3):
+            _, t = self.get(b"/api/v1/hello", b"guess-%d" % i)
+            seconds = 0.0
+            while not t.value():
+                self.h.clock.advance(0.05)
+                seconds += 0.05
+            self.assertTrue(t.value().startswith(b"HTTP/1.1 401 "), t.value())
+            waited.append(round(seconds, 2))
+        self.assertEqual(waited[:Throttle.FREE], [0.0] * Throttle.FREE)
+        self.assertEqual(waited[Throttle.FREE:], [0.25, 0.5, 1.0])
+        # the right token from another address is not slowed
+        _, t = self.get(b"/api/v1/hello", A_SECRET.encode(), host="10.0.0.10")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 "), t.value())
