@@ -205,6 +205,17 @@ class SimpleModeTests(SynchronousTestCase):
         self.assertEqual(h.send(proto, t, ">Emulated 00|\n" + SELECT), ">1:C085\n@@\n")
         self.assertEqual(h.send(proto, t, ">Emulated 00:s3cret|\n" + SELECT), ">1:9000\n@@\n")
 
+    def test_listings_ignore_a_wrong_password(self):
+        """As before identities: a tcp:// backend's READERS with a wrong password still lists."""
+        h = Harness(password="s3cret")
+        proto, t = h.connect()
+        for _ in range(10):
+            self.assertEqual(h.send(proto, t, ">*:wrong|\n>1:READERS|\n\n"), f">1:{h.registry.listing}\n@@\n")
+        self.assertEqual((h.factory.auth_failures, t.disconnecting), (0, False))
+        self.assertEqual(h.send(proto, t, ">Emulated 00:wrong|\n>1:READERS|\n>2:APDU:00A4000C023F00|\n\n"),
+                         f">1:{h.registry.listing}\n>2:C085\n@@\n")
+        self.assertEqual(h.factory.auth_failures, 1)
+
 
 class ProtectedModeTests(LogCapture, SynchronousTestCase):
     def lines(self):

@@ -475,7 +475,8 @@ class _Run:
                     self._result(command.error)
                     continue
                 identity = self.identity
-                if identity is None:
+                open_commands = self.d.access.open_commands
+                if identity is None and command.name not in open_commands:
                     identity, self.pin, delay = self.d.identify(self.request, self.session)
                     self.identity = identity
                     if delay:
@@ -483,12 +484,11 @@ class _Run:
                         if not self._wait(self._sleep):
                             return False
                         continue
-                if identity.__class__ is str:
-                    if self.request.password is None and command.name in self.d.access.open_commands:
-                        identity = None  # simple mode: listings need no password
-                    else:
-                        self._result(identity)
-                        continue
+                if identity is None or (identity.__class__ is str and command.name in open_commands):
+                    identity = None  # simple mode: listings need no password (a wrong one is ignored)
+                elif identity.__class__ is str:
+                    self._result(identity)
+                    continue
                 elif identity.commands is not None and command.name not in identity.commands:
                     self._result(errors.BAD_PIN)  # a command this client may not use
                     continue
