@@ -100,10 +100,12 @@ def execute_cost(with_metrics, n=20000):
     return best
 
 
-def execute_cost_of(src, with_metrics):
+def execute_cost_of(src, with_metrics, module="bench.metrics_overhead"):
+    """``module``'s ``execute_cost(with_metrics)`` run in a child process
+    with the src/ tree ``src`` first on its path."""
     code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
-            "from bench.metrics_overhead import execute_cost; print(execute_cost(%r))"
-            % (REPO, src, with_metrics))
+            "from %s import execute_cost; print(execute_cost(%r))"
+            % (REPO, src, module, with_metrics))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=src))
     if out.returncode != 0:

@@ -39,6 +39,7 @@ class Front:
 
     def __init__(self, nofile=0, **kw):
         self.h = Harness(timeout=kw.pop("timeout", 15.0))
+        self.h.dispatcher.access.allow_anonymous = True  # peers from many addresses, no credentials
         self.clock = self.h.clock
         self.limits = ConnectionLimits(self.clock, nofile=nofile, **kw)
         self.factory = self.limits.wrap(self.h.factory)

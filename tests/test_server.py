@@ -4,6 +4,7 @@ scheduling, timeouts and flow control, with StringTransport and Clock."""
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -18,6 +19,9 @@ from cloudfoxy_proxy.parser import make_command
 from cloudfoxy_proxy.registry import ReaderRegistry
 from cloudfoxy_proxy.frontends import line
 from cloudfoxy_proxy.frontends.line import LineFactory
+
+#: a loopback client: served in protected mode (docs/security.md)
+LOCAL = IPv4Address("TCP", "127.0.0.1", 40000)
 
 ATR = "3B8B8001466F7879456D753738313677"
 
@@ -60,7 +64,7 @@ class Harness:
 
     def connect(self):
         proto = self.factory.buildProtocol(None)
-        transport = StringTransport()
+        transport = StringTransport(peerAddress=LOCAL)
         proto.makeConnection(transport)
         return proto, transport
 
@@ -227,6 +231,9 @@ class SchedulingTests(SynchronousTestCase):
         for p, _ in quitters:
             p.connectionLost(None)
         self.assertEqual(len(queue), 0)  # at once, while the card is still busy
+        # ... and the dispatcher keeps nothing of them (a drain on shutdown
+        # answers only the holder's request)
+        self.assertEqual(len(h.dispatcher.pending), 1)
         live = [h.connect() for _ in range(3)]
         for i, (p, _) in enumerate(live):
             p.dataReceived(b">Slow A|\n>%d:APDU:0000010%d|\n\n" % (i, i))

@@ -8,6 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 from twisted.internet.task import Clock
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,6 +24,9 @@ from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.registry import ReaderRegistry
 from cloudfoxy_proxy.frontends.line import LineFactory
+
+#: a loopback client: served in protected mode (docs/security.md)
+LOCAL = IPv4Address("TCP", "127.0.0.1", 40000)
 
 HASH = {20: hashes.SHA1(), 32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}
 SHA256 = hashlib.sha256(b"message").digest()
@@ -78,7 +82,7 @@ class Harness:
         self.clock.advance(0)  # arrival probes
         self.factory = LineFactory(self.dispatcher)
         self.proto = self.factory.buildProtocol(None)
-        self.transport = StringTransport()
+        self.transport = StringTransport(peerAddress=LOCAL)
         self.proto.makeConnection(self.transport)
 
     def apdus(self):
@@ -355,7 +359,7 @@ class TimingTests(SynchronousTestCase):
 
     def test_other_requests_wait_for_the_whole_sign(self):
         other = self.h.factory.buildProtocol(None)
-        t2 = StringTransport()
+        t2 = StringTransport(peerAddress=LOCAL)
         other.makeConnection(t2)
         self.h.send(f">S PIV 00 Signing:123456|\n>1:SIGN:{SHA256.hex()}|\n\n")
         self.h.clock.advance(0.5)  # SELECT answered, VERIFY under way

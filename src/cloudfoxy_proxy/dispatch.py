@@ -10,49 +10,94 @@ import hmac
 from time import perf_counter
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
+from twisted.internet.task import deferLater
 
 from . import errors
+from .access import Access, Throttle, is_local
 from .interfaces import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
 from .errors import CardError
 from .logs import Logger, RateLimitedLog
 from .parser import (
     ALIASES, APDU, CARD_COMMANDS, CHAIN, ENUM, LIST, PERSONALIZE, READERS, RESET, SIGN, Request,
 )
-from .registry import QueueFull
+from .registry import QueueFull, b64name
 from .sessions import CardSession
 from .timeouts import Deadlines
 
 
+def _same(given, cached):
+    """Constant-time comparison of a presented secret with the cached one."""
+    try:
+        return hmac.compare_digest(given, cached)
+    except TypeError:  # not ASCII
+        return hmac.compare_digest(given.encode("utf-8"), cached.encode("utf-8"))
+
+
 class Session:
     """What a client connection remembers between requests: the PERSONALIZE
-    tag, the peer address for logs, and the card it holds (``card``: a
-    :class:`CardSession`, or None)."""
+    tag, the peer address for logs (``peer``, ``host:port``), the card it
+    holds (``card``: a :class:`CardSession`, or None), and who it is.
 
-    __slots__ = ("tag", "peer", "card")
+    Front ends set ``frontend`` (``line``, ``rest``, ``api``, ``ram``,
+    ``vpcd``), ``host`` (the peer's IP address; None: not an IP peer, e.g. a
+    UNIX socket or the process itself) and ``counters`` (an object with an
+    ``auth_failures`` attribute, counted for metrics).  A front end that
+    authenticates the connection itself (a verified client certificate, an
+    operator-configured bridge) sets ``identity`` (an access.Identity) and
+    ``fixed = True``: the reader line's password is then only a PIN.
+    Otherwise :meth:`Dispatcher.identify` sets ``identity`` from the first
+    secret that proves one and remembers that secret (``given``), so later
+    requests of the connection cost a comparison, no hashing.  ``drop``
+    becomes True when the connection must be closed (too many failed
+    authentications).
+    """
 
-    def __init__(self, peer=""):
+    __slots__ = ("tag", "peer", "card", "frontend", "host", "counters", "identity", "fixed", "given",
+                 "pin", "failures", "drop")
+
+    def __init__(self, peer="", frontend="line", host=None, identity=None, counters=None):
         self.tag = None
         self.peer = peer
         self.card = None
+        self.frontend = frontend
+        self.host = host
+        self.counters = counters
+        self.identity = identity
+        self.fixed = identity is not None
+        self.given = None
+        self.pin = None
+        self.failures = 0
+        self.drop = False
 
 
 class Dispatcher:
     """Executes requests against the reader registry.
 
     ``clock`` bounds every backend call with ``command_timeout`` seconds;
-    ``password``, when set, is required on the reader line of card commands
-    (``READER:PASSWORD``; for SIGN ``ALIAS:PASSWORD:PIN``, see
-    docs/signing.md).  ``signing``, when set (tap.py sets a
-    certindex.CertIndex), answers ENUM, ALIASES, CHAIN and SIGN.
+    ``access`` (an access.Access) says who may use which reader, command
+    and front end: :meth:`identify` is the one place every front end's
+    requests are checked (docs/security.md).  ``password``, when set and
+    ``access`` is not, is simple mode's client password, required on the
+    reader line of card commands (``READER:PASSWORD``; for SIGN
+    ``ALIAS:PASSWORD:PIN``, see docs/signing.md).  ``signing``, when set
+    (tap.py sets a certindex.CertIndex), answers ENUM, ALIASES, CHAIN and
+    SIGN.  ``audit``, when set, is an audit.AuditLog.
     """
 
     log = Logger()
 
-    def __init__(self, registry, clock, command_timeout=15.0, password=None):
+    def __init__(self, registry, clock, command_timeout=15.0, password=None, access=None):
         self.registry = registry
         self.clock = clock
         self.command_timeout = command_timeout
         self.password = password
+        if access is None:
+            access = Access(simple=[(password, None)] if password is not None else [])
+        self.access = access
+        self.throttle = Throttle()
+        self.auth_log = RateLimitedLog(clock, self.log, what="authentication failures")
+        self._protected_warned = {}  # peer hosts told about protected mode (bounded)
+        self.audit = None
         self.signing = None
         self.deadlines = Deadlines(clock, command_timeout)
         self.client_log = RateLimitedLog(clock, self.log, what="client log lines")
@@ -67,6 +112,8 @@ class Dispatcher:
         a Deferred's ``cancel()`` abandons the request (client gone)."""
         run = _Run(self, request, session)
         if run.step():
+            if self.audit is not None:
+                self.audit.request(run)
             return run.lines
         run.deferred = Deferred(run.cancel)
         self.pending[run] = None
@@ -80,7 +127,9 @@ class Dispatcher:
         ``C085`` wrong password, ``C086`` queue full or card reserved)."""
         if session.card is not None:
             raise ValueError("this session holds a card already")
-        found = self.target(Request(reader, password, []))
+        request = Request(reader, password, [])
+        identity, _pin, _delay = self.identify(request, session)
+        found = identity if isinstance(identity, str) else self.target(request, identity)
         if isinstance(found, str):
             return fail(CardError(found, f"reader {reader!r}"))
         if found.exclusive and found.holder is not None:
@@ -136,50 +185,134 @@ class Dispatcher:
                       "{more}", backend=reader.backend.description, why=why, reader=reader.name,
                       more=f" ({more} more such results since the last warning)" if more else "")
 
-    def simple(self, command, session, request=None):
+    def simple(self, command, session, request=None, identity=None):
         """The result of a command that needs no card, or a Deferred for it
-        (ENUM, ALIASES, CHAIN while the certificate index probes a card)."""
+        (ENUM, ALIASES, CHAIN while the certificate index probes a card);
+        ``identity`` (None: every reader) limits what is listed."""
         name = command.name
+        sees = None if identity is None or identity.readers is None else identity.sees
         if name == READERS or name == LIST:
-            return self.registry.listing
+            if sees is None:
+                return self.registry.listing
+            return "|".join(b64name(r.name) for r in self.registry.readers if sees(r))
         if name == PERSONALIZE:
             session.tag = command.data[:100]  # a client tag, not a store for client bytes
             self.client_log.info("client {peer} personalized as {tag!r}", peer=session.peer,
                                  tag=session.tag)
             return "OK"
         if self.signing is not None and (name == ENUM or name == ALIASES or name == CHAIN):
-            return self.signing.command(name, command, request)
+            return self.signing.command(name, command, request, sees)
         return errors.FAILED
 
-    def target(self, request):
-        """The reader a request's card commands run on, or a result code."""
-        if self.password is not None and not self._client_ok(request.password or ""):
-            return errors.BAD_PIN
+    def target(self, request, identity=None):
+        """The reader a request's card commands run on, or a result code;
+        a reader ``identity`` may not see does not exist for it (C083)."""
         try:
-            return self.registry.resolve(request.reader)
+            if identity is None or identity.readers is None:
+                return self.registry.resolve(request.reader)
+            registry = self.registry
+            text = request.reader
+            cache = identity.resolved
+            if cache.get(None) is not registry.readers:  # the readers changed: start again
+                cache.clear()
+                cache[None] = registry.readers
+            found = cache.get(text)
+            if found is None:
+                sees = identity.sees
+                found = registry._one([r for r in registry.match(text) if sees(r)] if text is not None
+                                      else [], text)
+                if len(cache) < 256 and len(text) <= 256:
+                    cache[text] = found
+            return found
         except CardError as e:
             return e.code
 
-    def _client_ok(self, given):
-        """The reader line's password is the client password, alone or
-        followed by ``:PIN`` (SIGN)."""
-        n = len(self.password)
-        return hmac.compare_digest(given[:n].encode("utf-8"), self.password.encode("utf-8")) and (
-            len(given) == n or given[n] == ":")
-
-    def pin(self, request):
-        """SIGN's PIN: the reader line's password, after the client password
-        and its ``:`` when a client password is configured."""
+    def identify(self, request, session):
+        """Who sends ``request`` on ``session``: ``(identity, pin, delay)``
+        with an access.Identity and SIGN's PIN (the reader line's password
+        after the secret and its ``:``), or ``(code, None, delay)`` when it
+        may not run (``C085``; answer after ``delay`` seconds: a throttled
+        guess).  The single enforcement point of docs/security.md."""
         given = request.password
-        if given is None or self.password is None:
-            return given
-        return given[len(self.password) + 1:] or None
+        if session.fixed:
+            identity = session.identity
+        elif given is None and session.identity is not None:
+            return session.identity, None, 0.0  # authenticated earlier on this connection
+        elif given is not None and given is session.given:
+            return session.identity, session.pin, 0.0  # the connection's secret again: no hashing
+        else:
+            access = self.access
+            if access.modes.get(session.frontend, access.mode) == "open":
+                if not (access.allow_anonymous or is_local(session.host)):
+                    self._protected(session)
+                    return errors.BAD_PIN, None, 0.0
+                identity, pin = access.anonymous, given
+            elif given is None:
+                return errors.BAD_PIN, None, 0.0  # no secret presented: not a guess
+            else:
+                cached = session.given
+                if cached is not None and _same(given, cached):
+                    return session.identity, session.pin, 0.0
+                identity, pin = access.check(given, session.frontend)
+                if identity is None:
+                    return (errors.BAD_PIN, None) + (self._failed(session, "wrong password or secret"),)
+            if not identity.serves(session.frontend):
+                self.throttle.identity_failed(identity.name)
+                return (errors.BAD_PIN, None) + (self._failed(session, "front end not allowed", identity),)
+            session.identity, session.given, session.pin = identity, given, pin
+            return identity, pin, 0.0
+        if not identity.serves(session.frontend):
+            self.throttle.identity_failed(identity.name)
+            return (errors.BAD_PIN, None) + (self._failed(session, "front end not allowed", identity),)
+        return identity, given, 0.0
 
-    def sign(self, reader, command, request):
+    def _failed(self, session, why, identity=None):
+        """Count, log and audit a failed authentication; the seconds its
+        answer waits (access.Throttle).  Never logs the presented value."""
+        session.failures += 1
+        counters = session.counters
+        if counters is not None:
+            counters.auth_failures += 1
+        host = session.host or session.peer
+        delay = self.throttle.failed(host, self.clock.seconds())
+        if delay is None or session.failures >= self.throttle.CLOSE_AFTER:
+            session.drop = True
+        self.auth_log.warn(
+            "client {peer}: authentication failed on {frontend} ({why}{who}), refused with C085; "
+            "{n} failures from this address{action}", peer=session.peer, frontend=session.frontend, why=why,
+            who=f", client {identity.name}" if identity is not None else "",
+            n=self.throttle.failures(host),
+            action=", closing the connection" if session.drop else (
+                f", answered after {delay:.2f} s" if delay else ""))
+        if self.audit is not None:
+            self.audit.auth_failure(session, why, identity)
+        return delay or 0.0
+
+    #: Peer hosts remembered as told about protected mode (then forgotten).
+    MAX_WARNED = 1000
+
+    def _protected(self, session):
+        """A non-loopback client in protected mode: said once per peer."""
+        host = session.host
+        warned = self._protected_warned
+        if host in warned:
+            return
+        if len(warned) >= self.MAX_WARNED:
+            warned.clear()
+        warned[host] = None
+        if session.counters is not None:
+            session.counters.auth_failures += 1
+        self.auth_log.warn(
+            "client {peer}: refused (C085) on {frontend}: protected mode serves only loopback clients "
+            "when no credentials are configured; open the proxy with --credentials FILE (or "
+            "--client-password-file), or explicitly with --allow-anonymous",
+            peer=session.peer, frontend=session.frontend)
+
+    def sign(self, reader, command, request, pin=None):
         """SIGN on ``reader`` (held by the request): signature bytes or a Deferred."""
         if self.signing is None:
             raise CardError(errors.FAILED, "no certificate index")
-        return self.signing.sign(reader, request.reader, self.pin(request), command.data, command.obj)
+        return self.signing.sign(reader, request.reader, pin, command.data, command.obj)
 
 
 class _Run:
@@ -188,7 +321,7 @@ class _Run:
 
     __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding", "queue", "card",
                  "abandoned", "deferred", "_stepping", "_pending", "_call", "_batch_end",
-                 "started")
+                 "started", "identity", "pin", "_sleep", "begun")
 
     log = Logger()
 
@@ -208,7 +341,10 @@ class _Run:
         self._pending = False
         self._call = None
         self._batch_end = None
-        self.started = perf_counter()  # start of the current command (metrics)
+        self.started = self.begun = perf_counter()  # start of the current command (metrics), of the request
+        self.identity = None  # an access.Identity or a result code, once known
+        self.pin = None
+        self._sleep = None  # the delay of a throttled failed authentication
 
     def step(self):
         """Run commands until done (True) or waiting (False)."""
@@ -222,8 +358,26 @@ class _Run:
                 if command.error is not None:
                     self._result(command.error)
                     continue
+                identity = self.identity
+                open_commands = self.d.access.open_commands
+                if identity is None and command.name not in open_commands:
+                    identity, self.pin, delay = self.d.identify(self.request, self.session)
+                    self.identity = identity
+                    if delay:
+                        self._sleep = deferLater(self.d.clock, delay, lambda: identity)
+                        if not self._wait(self._sleep):
+                            return False
+                        continue
+                if identity is None or (identity.__class__ is str and command.name in open_commands):
+                    identity = None  # simple mode: listings need no password (a wrong one is ignored)
+                elif identity.__class__ is str:
+                    self._result(identity)
+                    continue
+                elif identity.commands is not None and command.name not in identity.commands:
+                    self._result(errors.BAD_PIN)  # a command this client may not use
+                    continue
                 if command.name not in CARD_COMMANDS:
-                    result = self.d.simple(command, self.session, self.request)
+                    result = self.d.simple(command, self.session, self.request, identity)
                     if isinstance(result, Deferred):  # ENUM/ALIASES/CHAIN waiting for a probe
                         if not self._wait(result):
                             return False
@@ -232,7 +386,7 @@ class _Run:
                     continue
                 reader = self.reader
                 if reader is None:
-                    reader = self.reader = self.d.target(self.request)
+                    reader = self.reader = self.d.target(self.request, identity)
                 if isinstance(reader, str):
                     self._result(reader)
                     continue
@@ -283,7 +437,7 @@ class _Run:
                 self.d.registry.card_reset(reader, self.session)
                 result = backend.reset(reader.key)
             else:
-                result = self.d.sign(reader, command, self.request)
+                result = self.d.sign(reader, command, self.request, self.pin)
         except CardError as e:
             self._result(e.code)
             return True
@@ -315,7 +469,8 @@ class _Run:
     def _waited(self, result):
         self._call = None
         if not isinstance(result, str):
-            self.log.failure("request failed", result)
+            if not self.abandoned:  # else: a throttled answer's delay, cancelled (client gone)
+                self.log.failure("request failed", result)
             result = errors.INTERNAL
         self._result(result)
         self._resume()
@@ -450,6 +605,8 @@ class _Run:
             self._release()
             self.log.failure("request failed")
             self.lines.extend((c.id, errors.INTERNAL) for c in self.request.commands[self.i:])
+        if done and self.d.audit is not None:
+            self.d.audit.request(self)
         if done and self.deferred is not None and not self.abandoned:
             self.d.pending.pop(self, None)
             self.deferred.callback(self.lines)
@@ -471,11 +628,14 @@ class _Run:
         """The client went away: leave the card's queue at once if waiting in
         it (no longer counted against ``--max-queue``); a command in flight
         finishes on the card, then the card goes to the next request."""
-        if self._pending and not self.holding and not self._stepping:
+        self.d.pending.pop(self, None)
+        if self._pending and not self.holding and not self._stepping and self._call is None:
             self.queue.leave(self)  # queued by step(), not granted yet
             return
         self.abandoned = True
-        self.d.pending.pop(self, None)
+        sleep, self._sleep = self._sleep, None
+        if sleep is not None and not sleep.called:
+            sleep.cancel()
         if not self._stepping and self._call is None:
             self._release()
 

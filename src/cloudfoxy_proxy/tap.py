@@ -68,6 +68,9 @@ class Options(usage.Options):
     )
 
     optFlags = [
+        ["allow-anonymous", None,
+         "Serve clients from non-loopback addresses with no credentials (without it and without "
+         "--credentials or a client password, only loopback clients are served: protected mode)."],
         ["no-signing", None,
          "Do not look for certificates on cards: no card is probed when it arrives or "
          "after RESET, and ENUM, ALIASES, CHAIN and SIGN answer C081."],
@@ -98,6 +101,12 @@ class Options(usage.Options):
         ["client-password-file", None, None,
          "Require this password (file's first line) on clients' reader lines "
          "(READER:PASSWORD) for card commands; env FOXYPROXY_CLIENT_PASSWORD."],
+        ["credentials", None, None,
+         "TOML file of client identities: secrets as SHA-256 hashes, client-certificate "
+         "fingerprints, permitted readers, commands and front ends (docs/security.md)."],
+        ["audit-log", None, None,
+         "Append one JSON line per card request and per failed authentication to this file; "
+         "reopened on SIGHUP."],
         ["log-level", None, "info", "debug, info, warn, error or critical."],
         ["rest", None, None,
          "Serve the CloudFoxy REST API (/api/v1/basic, /inventory, /hello) on this endpoint."],
@@ -250,18 +259,21 @@ class Options(usage.Options):
             "client-password-file", self["client-password-file"], "FOXYPROXY_CLIENT_PASSWORD")
         self["token"] = read_secret("token-file", self["token-file"], "FOXYPROXY_TOKEN")
         self["password"] = read_secret("password-file", self["password-file"], "FOXYPROXY_PASSWORD")
+        self["rest-token"] = None
         if self["rest"] is not None:
             self["rest"] = check_endpoint("rest", self["rest"])
             self["rest-token"] = read_secret(
                 "rest-token-file", self["rest-token-file"], "FOXYPROXY_REST_TOKEN")
-            if not self["rest-token"]:
+            if not self["rest-token"] and not self["credentials"]:
                 raise usage.UsageError(
-                    "--rest needs a token: --rest-token-file FILE or env FOXYPROXY_REST_TOKEN")
+                    "--rest needs a token: --rest-token-file FILE, env FOXYPROXY_REST_TOKEN, "
+                    "or client secrets in --credentials FILE")
         if self["api"] is not None:
             self["api"] = check_endpoint("api", self["api"])
             self["api-token"] = read_secret("api-token-file", self["api-token-file"], "FOXYPROXY_API_TOKEN")
             if not self["api-token"]:
                 raise usage.UsageError("--api needs a token: --api-token-file FILE or env FOXYPROXY_API_TOKEN")
+        self["access"] = self._access()
         self._validate_ram()
         settings = backends.BackendSettings(
             token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
@@ -311,6 +323,22 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
             self["ram-daemon"] = check_endpoint("ram-daemon", self["ram-daemon"] or DEFAULT_DAEMON)
 
+    def _access(self):
+        """The access.Access of the options (docs/security.md)."""
+        from .access import Access, load_credentials
+
+        simple = [(self["client-password"], "line")] if self["client-password"] else []
+        if self.get("rest-token"):
+            simple.append((self["rest-token"], "rest"))
+        if self["credentials"]:
+            try:
+                access = load_credentials(self["credentials"], self["allow-anonymous"])
+            except ValueError as e:
+                raise usage.UsageError(f"--credentials {e}") from None
+            access.add_simple(simple)
+            return access
+        return Access(simple=simple, allow_anonymous=bool(self["allow-anonymous"]))
+
     def _number(self, option, kind, low, high):
         value = self[option]
         try:
@@ -359,6 +387,29 @@ def raise_file_limit():
         pass
 
 
+_LOOPBACK_INTERFACE = re.compile(r"(?:^|:)interface=(?:127\.[0-9.]+|\\:\\:1|::1|localhost)(?::|$)")
+
+
+def warn_open_listeners(config, access):
+    """Say at start-up which listeners outside loopback have no authentication."""
+    from .logs import Logger
+
+    log = Logger(namespace="cloudfoxy_proxy.access")
+    if access.mode != "open":
+        return
+    for description in config["endpoints"]:
+        if description.startswith(("unix:", "systemd:")) or _LOOPBACK_INTERFACE.search(description):
+            continue
+        if access.allow_anonymous:
+            log.warn("listener {listener} is reachable from outside loopback with NO authentication "
+                     "(--allow-anonymous): anyone who reaches it can use every card",
+                     listener=description)
+        else:
+            log.warn("listener {listener} is reachable from outside loopback with no authentication: "
+                     "protected mode, only loopback clients are served; use --credentials FILE "
+                     "(docs/security.md) or --allow-anonymous", listener=description)
+
+
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -382,7 +433,14 @@ def makeService(config, reactor=None):
         backend = make(reactor)
         top.backends.append(backend)
         BackendService(backend, registry).setServiceParent(top)
-    dispatcher = Dispatcher(registry, reactor, config["command-timeout"], config["client-password"])
+    dispatcher = Dispatcher(registry, reactor, config["command-timeout"], config["client-password"],
+                            access=config.get("access"))
+    warn_open_listeners(config, dispatcher.access)
+    if config.get("audit-log"):
+        from .audit import AuditLog
+
+        dispatcher.audit = AuditLog(config["audit-log"], reactor)
+        top.reopeners.append(dispatcher.audit.reopen)
     # Certificates on signing cards (ENUM, ALIASES, CHAIN, SIGN): probes
     # cards as they arrive, so it watches the registry before backends start.
     top.certindex = None

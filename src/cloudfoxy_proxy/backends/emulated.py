@@ -3,7 +3,8 @@
 ``emulated:?cards=4&type=iso7816&latency_ms=0&prefix=Emulated``
 
 Signing cards (``type=piv``, ``openpgp``, ``ica`` or ``postsignum``) take
-``pin=`` (default 123456) and ``keys=DIR`` (keep their PKI as PEM files in DIR; see
+``pin=`` (default 123456) or ``pin_file=FILE`` (its first line, read by
+secrets.read_secret, so no PIN needs the command line), and ``keys=DIR`` (keep their PKI as PEM files in DIR; see
 cards/pki.py and docs/signing.md).
 """
 
@@ -12,6 +13,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from .. import errors
+from ..secrets import read_secret
 from ..interfaces import IBackend, ReaderInfo
 from ..cards.iso7816 import Iso7816Card
 from . import float_param, int_param, query
@@ -49,7 +51,7 @@ PIN_LENGTHS = {"piv": (6, 8), "openpgp": (6, 127), "ica": (4, 16), "postsignum":
 
 
 def from_url(url, settings=None):
-    params = query(url, {"cards", "type", "latency_ms", "prefix", "pin", "keys"})
+    params = query(url, {"cards", "type", "latency_ms", "prefix", "pin", "pin_file", "keys"})
     cards = int_param(params, "cards", 4, 1, 10000)
     latency = float_param(params, "latency_ms", 0.0, 0.0, 600000.0) / 1000.0
     prefix = params.get("prefix", "Emulated").strip()
@@ -62,8 +64,8 @@ def from_url(url, settings=None):
     options = {}
     if kind in SIGNING_TYPES:
         options = _signing_options(params, kind, prefix)
-    elif "pin" in params or "keys" in params:
-        raise ValueError(f"pin= and keys= are for the signing card types "
+    elif "pin" in params or "pin_file" in params or "keys" in params:
+        raise ValueError(f"pin=, pin_file= and keys= are for the signing card types "
                          f"({', '.join(sorted(SIGNING_TYPES))}), not type={kind}")
 
     def make(reactor):
@@ -75,7 +77,9 @@ def from_url(url, settings=None):
 
 
 def _signing_options(params, kind, prefix):
-    pin = params.get("pin", "123456")
+    if "pin" in params and "pin_file" in params:
+        raise ValueError("give pin= or pin_file=, not both")
+    pin = read_secret("pin_file", params["pin_file"]) if "pin_file" in params else params.get("pin", "123456")
     shortest, longest = PIN_LENGTHS[kind]
     if not shortest <= len(pin.encode("utf-8")) <= longest:
         raise ValueError(f"pin= must have {shortest} to {longest} characters for type={kind}")

@@ -13,6 +13,7 @@ from ..limits import BufferBudget
 from ..logs import Logger, RateLimitedLog
 from ..parser import MAX_APDU_BYTES, RequestParser
 from .telnet import TelnetStripper
+from ..tls import ISSLTransport, certificate_identity
 
 #: Fits ``>ID:APDU:`` plus the longest extended APDU in hex with a space
 #: between every byte (3 characters a byte), with room to spare.
@@ -145,15 +146,19 @@ class LineProtocol(Protocol):
         self._eof = False  # the client half-closed: answer what it sent, then close
         self._charged = 0  # bytes held beyond the free allowance (factory.buffers)
         self._telnet = None  # a TelnetStripper once the client sent a telnet command
+        self._tls = False  # True until a TLS connection's client certificate was looked at
 
     def connectionMade(self):
         peer = self.transport.getPeer()
-        self.session = Session(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}")
+        host = getattr(peer, "host", None)
+        self.session = Session(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}", "line",
+                               host if isinstance(host, str) else None, counters=self.factory)
         # The parser's lines (over-long lines, client signals) name the peer
         # and are rate-limited with the factory's other client-caused lines.
         self.parser.log = self.factory.client_log.bind(peer=self.session.peer)
         self.transport.registerProducer(self, True)
         self.factory.connections += 1
+        self._tls = ISSLTransport.providedBy(self.transport)
 
     @property
     def busy(self):
@@ -265,6 +270,11 @@ class LineProtocol(Protocol):
 
     def _run(self, request):
         self.factory.requests += 1
+        if self._tls:  # the handshake is done once a request arrived
+            self._tls = False
+            identity = certificate_identity(self.transport, self.factory.dispatcher.access)
+            if identity is not None:  # mtls: the verified certificate says who this is
+                self.session.identity, self.session.fixed = identity, True
         try:
             result = self.factory.dispatcher.execute(request, self.session)
         except Exception:
@@ -295,6 +305,9 @@ class LineProtocol(Protocol):
         data = format_response(lines)
         self.factory.bytes_out += len(data)
         self.transport.write(data)
+        if self.session.drop and not self._closed:  # too many failed authentications
+            self._closed = True
+            self.transport.loseConnection()
 
 
 class LineFactory(Factory):

@@ -14,7 +14,6 @@ reader name with white space as ``_`` (clients split inventory lines on
 white space); see docs/rest.md for the mapping and error answers.
 """
 
-import hmac
 import re
 
 import attr
@@ -25,9 +24,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from .. import __version__, errors
+from ..dispatch import Session
 from ..limits import BufferBudget
 from ..logs import Logger, RateLimitedLog
-from ..parser import APDU, MAX_APDU_BYTES, RESET, make_command
+from ..parser import APDU, MAX_APDU_BYTES, RESET, Request, make_command
+from ..tls import ISSLTransport, certificate_identity
 
 #: HTTP status and reason for each result code a card command can end with.
 STATUS = {
@@ -68,6 +69,8 @@ class _Channel(HTTPChannel):
     totalHeadersSize = MAX_LENGTH + 16384
     _refused = False
     _charged = 0  # bytes of an unfinished request head charged to site.buffers
+    _delayed = None  # DelayedCall of a throttled refusal (failed authentication)
+    session = None  # the dispatch.Session of this connection (who it is)
 
     def dataReceived(self, data):
         self.site.bytes_in += len(data)
@@ -88,6 +91,9 @@ class _Channel(HTTPChannel):
 
     def connectionLost(self, reason):
         self.site.connections -= 1
+        if self._delayed is not None and self._delayed.active():
+            self._delayed.cancel()
+        self._delayed = None
         if self._charged:
             self._charged, _ = self.site.buffers.charge(0, self._charged)
         super().connectionLost(reason)
@@ -102,15 +108,27 @@ class _Channel(HTTPChannel):
         headers = request.requestHeaders
         body = self.length != 0 or headers.hasHeader(b"transfer-encoding")
         peer = self.transport.getPeer()
+        session = self.session
+        if not session.fixed and ISSLTransport.providedBy(self.transport):
+            identity = certificate_identity(self.transport, self.site.resource.dispatcher.access)
+            if identity is not None:  # mtls: the verified certificate says who this is
+                session.identity, session.fixed = identity, True
         refusal = self.site.resource.refusal(self._command, headers.getRawHeaders(b"x-auth-token", [None])[0],
-                                             body, getattr(peer, "host", peer))
+                                             body, getattr(peer, "host", peer), self.session)
         if refusal is None:
             return super().allHeadersReceived()
-        self._refuse(*refusal)
+        delay = refusal[3] if len(refusal) > 3 else 0
+        if delay:  # a throttled failed authentication: read nothing, answer later
+            self._refused = True
+            self.transport.pauseProducing()
+            self._delayed = self.site.resource.clock.callLater(delay, self._refuse, *refusal[:3])
+            return
+        self._refuse(*refusal[:3])
 
     def _refuse(self, code, text, extra):
         """Answer ``code`` at once and close; read nothing more."""
         self._refused = True
+        self._delayed = None
         if self._charged:
             self._charged, _ = self.site.buffers.charge(0, self._charged)
         body = text.encode("utf-8") + b"\n"
@@ -139,6 +157,10 @@ class _Channel(HTTPChannel):
     # counted for metrics (the front end "rest"): see RestSite
     def connectionMade(self):
         self.site.connections += 1
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        self.session = Session(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}", "rest",
+                               host if isinstance(host, str) else None)
         super().connectionMade()
 
 
@@ -222,12 +244,18 @@ class RestResource(Resource):
     log = Logger()
 
     def __init__(self, dispatcher, registry, token, clock):
+        """Who may call is ``dispatcher.access``'s business (X-Auth-Token:
+        simple mode's --rest-token-file, or a client secret of
+        --credentials; docs/security.md); ``token``, when not None, is
+        added to it as simple mode's REST token."""
         super().__init__()
-        if not token:
-            raise ValueError("the REST front end needs a token")
+        if token is not None and not token:
+            raise ValueError("an empty REST token would let anybody in")
+        if token is not None:
+            dispatcher.access.add_simple([(token, "rest")])
         self.dispatcher = dispatcher
         self.registry = registry
-        self.token = token.encode("utf-8")
+        self.clock = clock
         self.client_log = RateLimitedLog(clock, self.log, what="refused REST requests")
         self.inventory = Inventory(registry, clock)
         self.routes = {
@@ -246,10 +274,15 @@ class RestResource(Resource):
         body = content is not None and content.seek(0, 2) > 0
         if content is not None:
             content.seek(0)
+        session = getattr(request.channel, "session", None)
+        if session is None:  # not one of our channels (tests): a connection of its own
+            host = getattr(peer, "host", None)
+            session = Session(str(host), "rest", host if isinstance(host, str) else None)
+        request.session_of = session
         refusal = self.refusal(request.method, request.getHeader(b"x-auth-token"), body,
-                               getattr(peer, "host", peer))
+                               getattr(peer, "host", peer), session)
         if refusal is not None:
-            code, text, extra = refusal
+            code, text, extra = refusal[:3]
             for name, value in extra:
                 request.setHeader(name, value)
             return self._answer(request, code, text)
@@ -258,23 +291,34 @@ class RestResource(Resource):
             return self._answer(request, 404, "not found: use /api/v1/basic, /api/v1/inventory or /api/v1/hello")
         return handler(request)
 
-    def refusal(self, method, token, body, peer):
-        """``(status, text, headers)`` for a request that must not run, else
-        None: another method than GET (405), a body (the API is GET-only:
-        413), no or a wrong X-Auth-Token (401).  Decided from the request
-        line and headers alone (``_Channel`` asks before reading a body);
-        each refusal is logged with the peer, rate-limited."""
+    def refusal(self, method, token, body, peer, session):
+        """``(status, text, headers[, delay])`` for a request that must not
+        run, else None: another method than GET (405), a body (the API is
+        GET-only: 413), no or a wrong X-Auth-Token (401; answered after
+        ``delay`` seconds when the peer is guessing, access.Throttle), a
+        client from outside loopback in protected mode (403).  The token is
+        checked by ``Dispatcher.identify`` on the connection's ``session``
+        (a dispatch.Session; its identity is then set).  Decided from the
+        request line and headers alone (``_Channel`` asks before reading a
+        body); each refusal is logged with the peer, rate-limited."""
         if method != b"GET":
             why, answer = "method " + method[:16].decode("ascii", "replace"), (
                 405, "method not allowed: use GET", ((b"allow", b"GET"),))
         elif body:
             why, answer = "a request body", (413, "request body not accepted: the API is GET-only", ())
-        elif token is None or not hmac.compare_digest(token, self.token):
-            why = "no X-Auth-Token" if token is None else "wrong X-Auth-Token"
-            answer = (401, "unauthorized: send the X-Auth-Token header",
-                      ((b"www-authenticate", b'X-Auth-Token realm="cloudfoxy-proxy"'),))
         else:
-            return None
+            given = None if token is None or session.fixed else token.decode("utf-8", "replace")
+            identity, pin, delay = self.dispatcher.identify(Request(None, given), session)
+            if not isinstance(identity, str) and pin is None:
+                return None
+            if self.dispatcher.access.modes.get("rest") == "open":
+                why = "protected mode"
+                answer = (403, f"{errors.BAD_PIN} forbidden: only loopback clients are served "
+                               "(the proxy has no credentials configured)", ())
+            else:
+                why = "no X-Auth-Token" if token is None else "wrong X-Auth-Token"
+                answer = (401, "unauthorized: send the X-Auth-Token header",
+                          ((b"www-authenticate", b'X-Auth-Token realm="cloudfoxy-proxy"'),), delay)
         self.client_log.info("REST request from {peer} refused: {why}", peer=peer, why=why)
         return answer
 
@@ -301,10 +345,21 @@ class RestResource(Resource):
     def hello(self, request):
         return (f"CloudFoxy REST API of cloudfoxy-proxy {__version__}\n"
                 f"Uptime: {self.inventory.uptime()} s\n"
-                f"Cards: {self.inventory.count}\n").encode("utf-8")
+                f"Cards: {self._listed(request)[1]}\n").encode("utf-8")
 
     def list_inventory(self, request):
-        return self.inventory.text.encode("utf-8")
+        return self._listed(request)[0].encode("utf-8")
+
+    def _listed(self, request):
+        """The inventory text and its card count as the caller may see them
+        (readers outside its identity's permissions are not listed)."""
+        identity = request.session_of.identity
+        if identity is None or identity.readers is None:
+            return self.inventory.text, self.inventory.count
+        sees = identity.sees
+        lines = [line for line in self.inventory.text.splitlines()
+                 if sees(self.inventory.ids[line.split(" ", 1)[0]])]
+        return "".join(line + "\n" for line in lines), len(lines)
 
     # -- /api/v1/basic
 
@@ -355,7 +410,7 @@ class RestResource(Resource):
         reader, code = self.terminal(terminal)
         if reader is None:
             return self._error(request, code, terminal)
-        d = self.dispatcher.submit(reader.name, commands, password=self.dispatcher.password)
+        d = self.dispatcher.submit(reader.name, commands, session=request.session_of)
         if d.called:
             lines = []
             d.addCallback(lines.extend)  # already fired: runs now
@@ -411,11 +466,12 @@ def _not_blank(inst, attribute, value):
 @attr.s(frozen=True, kw_only=True)
 class RestSettings:
     """``--rest ENDPOINT`` (a twisted server endpoint string, checked by
-    tap.py) and its bearer token (``--rest-token-file``/
-    ``FOXYPROXY_REST_TOKEN``, non-empty)."""
+    tap.py) and its token (``--rest-token-file``/``FOXYPROXY_REST_TOKEN``,
+    non-empty; None when clients authenticate with ``--credentials``
+    secrets instead: tap.py hands both to ``dispatcher.access``)."""
 
     endpoint = attr.ib(validator=_not_blank)
-    token = attr.ib(validator=_not_blank, repr=False)
+    token = attr.ib(validator=attr.validators.optional(_not_blank), repr=False, default=None)
 
 
 def make_rest_service(settings, dispatcher, registry, reactor, limits=None):
@@ -428,7 +484,7 @@ def make_rest_service(settings, dispatcher, registry, reactor, limits=None):
     from ..limits import ConnectionLimits
     from ..tap import Listener  # tap imports this module only inside makeService
 
-    resource = RestResource(dispatcher, registry, settings.token, reactor)
+    resource = RestResource(dispatcher, registry, None, reactor)  # tap.py gave the token to dispatcher.access
     # No idle timeout of twisted.web's own: ``limits`` closes idle
     # connections (and never one whose request waits on a card).
     if limits is None:

@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from .. import errors
 from ..errors import CardError
+from ..access import full_access
 from ..dispatch import Session
 from ..logs import Logger, RetryLogger
 from ..parser import make_command
@@ -189,9 +190,11 @@ class BridgedCard:
     atr = attr.ib(default=None, init=False)
     fresh = attr.ib(default=False, init=False)
     #: the dispatch Session of every command the bridge sends (so its own
-    #: resets are told from other clients', and it may hold the card)
-    session = attr.ib(init=False, default=attr.Factory(lambda self: Session(f"vpcd bridge {self.reader}"),
-                                                       takes_self=True))
+    #: resets are told from other clients', and it may hold the card); the
+    #: bridge is configured by the operator: a local identity, full access
+    session = attr.ib(init=False, default=attr.Factory(
+        lambda self: Session(f"vpcd bridge {self.reader}", "vpcd", identity=full_access("vpcd")),
+        takes_self=True))
 
     def _submit(self, fields):
         return self.dispatcher.submit(self.reader, [make_command(fields)],

@@ -342,9 +342,12 @@ class CertIndex(Service):
             if state is not None and state.present and reader.present:
                 yield state
 
-    def entries(self):
-        """(state, certificate) of every usable certificate on a present card."""
+    def entries(self, sees=None):
+        """(state, certificate) of every usable certificate on a present card
+        (in a reader ``sees`` accepts, when given)."""
         for state in self._present_states():
+            if sees is not None and not sees(state.reader):
+                continue
             for cert in state.certs:
                 if cert.usable:
                     yield state, cert
@@ -366,8 +369,9 @@ class CertIndex(Service):
         return reader_entry(self._cards.get(reader), reader, text)
 
     # Commands --------------------------------------------------------------------------
-    def enum(self, data=""):
-        """ENUM: readers whose card holds a usable signing certificate."""
+    def enum(self, data="", sees=None):
+        """ENUM: readers whose card holds a usable signing certificate
+        (those ``sees(reader)`` accepts, when given)."""
         data = data.strip()
         limit = None
         if data:
@@ -375,43 +379,46 @@ class CertIndex(Service):
                 return errors.MALFORMED
             limit = int(data)
         names = []
-        for state, _cert in self.entries():
+        for state, _cert in self.entries(sees):
             if state.reader.name not in names:
                 names.append(state.reader.name)
         if limit is not None:
             names = names[:limit]
         return "|".join(b64name(n) for n in names)
 
-    def aliases(self):
+    def aliases(self, sees=None):
         """ALIASES: base64 of every usable certificate's alias."""
-        return "|".join(b64name(cert.alias) for _state, cert in self.entries())
+        return "|".join(b64name(cert.alias) for _state, cert in self.entries(sees))
 
-    def chain(self, text):
+    def chain(self, text, sees=None):
         """CHAIN: base64 DER certificates, leaf first, joined by ``:``."""
         try:
             state, cert = self.lookup(text)
         except CardError as e:
             return e.code
+        if sees is not None and not sees(state.reader):
+            return errors.NOT_FOUND
         pool = [c.cert for c in state.certs if c.cert is not None and c is not cert] + self.ca_certs
         return ":".join(base64.b64encode(der_bytes(c)).decode("ascii") for c in build_chain(cert.cert, pool))
 
-    def command(self, name, command, request):
+    def command(self, name, command, request, sees=None):
         """ENUM, ALIASES or CHAIN for the dispatcher: a result string, or a
         Deferred for it when cards nobody holds have not been probed yet
         (they are probed first, each in its own turn on its queue)."""
         due = self._due()
         if due:
             d = DeferredList([self.probe(reader) for reader in due], consumeErrors=True)
-            return d.addCallback(lambda _: self._command(name, command, request))
-        return self._command(name, command, request)
+            return d.addCallback(lambda _: self._command(name, command, request, sees))
+        return self._command(name, command, request, sees)
 
-    def _command(self, name, command, request):
+    def _command(self, name, command, request, sees=None):
+        """``sees(reader)``, when given, hides the other readers (access.Identity.sees)."""
         if name == "ENUM":
-            return self.enum(command.data)
+            return self.enum(command.data, sees)
         if name == "ALIASES":
-            return self.aliases()
+            return self.aliases(sees)
         if name == "CHAIN":
-            return self.chain(request.reader)
+            return self.chain(request.reader, sees)
         return errors.FAILED
 
     def sign(self, reader, text, pin, data, algorithm=""):
