@@ -104,6 +104,11 @@ class ReadersAndTransmit(ApiCase):
             self.assertIsInstance(got[1]["error"]["message"], str)
         got = self.call("POST", "/api/v1/readers/Emulated%2000/transmit", raw=b"{not json")
         self.assertEqual((got[0], got[1]["error"]["code"]), (400, errors.MALFORMED))
+        # deeply nested JSON (Python's parser gives up with RecursionError): 400, no traceback
+        for path in ("/api/v1/readers/Emulated%2000/transmit", "/api/v1/sessions", "/api/v1.0/command",
+                     "/api/v1/certificates/X/sign"):
+            got = self.call("POST", path, raw=b"[" * 100000)
+            self.assertEqual((got[0], got[1]["error"]["code"]), (400, errors.MALFORMED), path)
 
     def test_no_card_is_503(self):
         self.backend.remove(0)
@@ -417,6 +422,11 @@ class WebSocketMessages(ApiCase):
         self.assertEqual(answer["error"]["code"], errors.NOT_FOUND)
         self.assertEqual(self.say(ws, {"id": 9})["error"]["code"], errors.MALFORMED)
         ws.onMessage(b"[]", False)
+        self.assertEqual(ws.sent.pop()["error"]["code"], errors.MALFORMED)
+        ws.onMessage(b"[" * 100000, False)  # deeply nested: an error answer, no traceback
+        self.assertEqual(ws.sent.pop()["error"]["code"], errors.MALFORMED)
+        ws = self.socket(identity=None)  # ... also before authenticating
+        ws.onMessage(b"[" * 4000, False)
         self.assertEqual(ws.sent.pop()["error"]["code"], errors.MALFORMED)
 
     def test_auth_message(self):

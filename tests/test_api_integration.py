@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.hashes import SHA256
 
 import pcsc_rig as rigmod
-from support import HOST, ApiAgent
+from support import HOST, ApiAgent, LineClient
 
 TOKEN = "api-integration-token"
 ATR = "3B8B8001466F7879456D753738313677"
@@ -289,3 +289,27 @@ def test_start_up_errors_are_one_line(tmp_path, proxy_factory):
     assert len(problems) == 1 and f"twistd foxyproxy: cannot listen on tcp:{busy.api_port}" in problems[0]
     assert problems[0].endswith("Address already in use")
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_api_works_beside_client_passwords_and_credentials(proxy_factory, tmp_path):
+    """The API's clients prove its bearer token; the line protocol's client
+    password (simple mode) or --credentials do not lock them out, while a
+    line client still needs its own secret (docs/security.md)."""
+    password = tmp_path / "client-password"
+    password.write_text("line-secret\n")
+    secret = "credential-secret-0123456789abcdef"
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text('[[client]]\nname = "lineonly"\nsecret_sha256 = "%s"\nreaders = ["Emulated 00"]\n'
+                           % hashlib.sha256(secret.encode()).hexdigest())
+    for option, path in (("--client-password-file", password), ("--credentials", credentials)):
+        p = start(proxy_factory, "--backend", "emulated:?cards=2", option, str(path))
+        with ApiAgent(p.base, TOKEN) as a:
+            status, body, _ = a.http("POST", "/api/v1/readers/Emulated%2001/transmit", {"apdus": [SELECT_MF]})
+            assert (status, body) == (200, {"atr": None, "responses": ["9000"]}), option
+            status, body, _ = a.http("POST", "/api/v1/sessions", {"reader": "Emulated 01", "idle_timeout": 5})
+            assert status == 200 and body["session"], (option, body)
+        client = LineClient(HOST, p.port)
+        try:
+            assert client.request(">Emulated 00|\n>1:APDU:%s|\n\n" % SELECT_MF) == [("1", "C085")], option
+        finally:
+            client.close()

@@ -38,6 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from .. import errors
+from ..access import full_access
 from ..dispatch import Session
 from ..logs import Logger, RateLimitedLog
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, make_command
@@ -84,6 +85,14 @@ def dump(obj):
 def error_body(code, message):
     return dump({"error": {"code": code, "message": message}})
 
+
+
+def api_session(peer):
+    """A dispatch Session for the API: its clients proved the bearer token
+    (``BearerAuth``), so the dispatcher sees the fixed identity ``api`` with
+    access to every reader (docs/security.md); a reader-line password is
+    then only SIGN's PIN."""
+    return Session(peer, "api", identity=full_access("api"))
 
 class ApiError(Exception):
     """An answer other than 200: ``status``, a result ``code``, a message."""
@@ -209,7 +218,7 @@ class ApiSession:
     def __init__(self, sid, owner):
         self.id = sid
         self.owner = owner
-        self.session = Session(f"api session {sid[:6]}")
+        self.session = api_session(f"api session {sid[:6]}")
         self.card = None
         self.reader = None
 
@@ -455,7 +464,7 @@ class ApiResource(Resource):
         ``curl -d`` works); ApiError 400 otherwise."""
         try:
             data = json.loads(request.content.read() or b"{}")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested JSON
             raise ApiError(400, "the body is not JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
@@ -495,7 +504,7 @@ class ApiResource(Resource):
                 raise ApiError(409, f"session {session_id} holds {held.reader.name}, not {reader.name}")
             session = held.session
             held.card.touch()
-        d = self.dispatcher.submit(name, commands, password=self.dispatcher.password, session=session)
+        d = self.dispatcher.submit(name, commands, session=session or api_session("api"))
         return d.addCallback(transmit_answer, name)
 
     # -- card sessions
@@ -511,7 +520,7 @@ class ApiResource(Resource):
         if len(self.sessions) >= MAX_SESSIONS:
             raise ApiError(503, "too many card sessions open", errors.UPSTREAM)
         held = ApiSession(secrets.token_urlsafe(16), identity)
-        d = self.dispatcher.hold(name, held.session, idle_timeout=idle, password=self.dispatcher.password)
+        d = self.dispatcher.hold(name, held.session, idle_timeout=idle)
         self.sessions[held.id] = held
 
         def granted(card):
@@ -538,7 +547,7 @@ class ApiResource(Resource):
     # -- signing (docs/signing.md)
 
     def _simple(self, reader, command, password=None):
-        d = self.dispatcher.submit(reader, [command], password=password)
+        d = self.dispatcher.submit(reader, [command], password=password, session=api_session("api"))
 
         def result(lines):
             value = lines[0][1]
@@ -572,8 +581,7 @@ class ApiResource(Resource):
             raise ApiError(400, "give digest (hex), pin and optionally algorithm (e.g. SHA256)")
         if ":" in digest or ":" in algorithm:
             raise ApiError(400, "digest must be hex")
-        password = pin if self.dispatcher.password is None else f"{self.dispatcher.password}:{pin}"
-        return self._simple(alias, make_command(["1", SIGN, digest, algorithm]), password).addCallback(
+        return self._simple(alias, make_command(["1", SIGN, digest, algorithm]), pin).addCallback(
             lambda sig: {"signature": sig})
 
     def openapi_json(self, request, identity):
@@ -587,7 +595,7 @@ class ApiResource(Resource):
     def fp_command(self, request, identity):
         try:
             data = json.loads(request.content.read() or b"null")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None
         data = data.get("data") if isinstance(data, dict) else None
         if not isinstance(data, dict) or "reader" not in data or not (
@@ -608,10 +616,7 @@ class ApiResource(Resource):
             raise ApiError(400, "no command has both nonce (or id) and line")
         reader = data["reader"] if isinstance(data["reader"], str) else ""
         pin = data.get("password") if isinstance(data.get("password"), str) else None
-        password = self.dispatcher.password
-        if pin is not None:
-            password = pin if password is None else f"{password}:{pin}"
-        d = self.dispatcher.submit(reader, commands, password=password)
+        d = self.dispatcher.submit(reader, commands, password=pin, session=api_session("api"))
         return d.addCallback(lambda lines: [{"response": [{"id": c, "line": r} for c, r in lines]}])
 
     def fp_select(self, request, identity, name, limit="1"):
@@ -731,7 +736,7 @@ class ApiWebSocket(WebSocketServerProtocol):
                 from autobahn.websocket.types import ConnectionDeny
 
                 raise ConnectionDeny(401, "unauthorized")
-        self.session = Session(str(self.peer))
+        self.session = api_session(str(self.peer))
         self.inflight = {}
         return None
 
@@ -773,7 +778,7 @@ class ApiWebSocket(WebSocketServerProtocol):
             site.bytes_in += len(payload)
         try:
             msg = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             msg = None
         if not isinstance(msg, dict):
             return self.send({"id": None, "error": {"code": errors.MALFORMED, "message": "send JSON objects"}})
@@ -842,7 +847,7 @@ class ApiWebSocket(WebSocketServerProtocol):
             raise ApiError(400, "hold must be a reader name, idle_timeout seconds")
         if self.session.card is not None:
             raise ApiError(409, "this connection holds a card already")
-        d = api.dispatcher.hold(msg["hold"], self.session, idle_timeout=idle, password=api.dispatcher.password)
+        d = api.dispatcher.hold(msg["hold"], self.session, idle_timeout=idle)
 
         def granted(card):
             card.ended.addCallback(lambda reason: self.send({"event": "released", "reader": card.reader.name,

@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from .. import errors
+from ..access import full_access
 from ..dispatch import Session
 from ..errors import CardError
 from ..logs import Logger, RateLimitedLog
@@ -66,7 +67,9 @@ class RamClient:
         self.cookie = session_id
         self.answer_timeout = answer_timeout
         self.start_wait = start_wait
-        self.session = Session(peer=f"RAM client of {url}")
+        # configured by the operator (--ram-connect, --ram-approved-urls): a
+        # fixed identity with access to every reader (docs/security.md)
+        self.session = Session(f"RAM client of {url}", "ram", identity=full_access("ram-connect"))
         self.pool = HTTPConnectionPool(clock, persistent=True)
         self.pool.maxPersistentPerHost = 1
         if http is None:
@@ -127,8 +130,7 @@ class RamClient:
         deadline = self.clock.seconds() + self.start_wait
         while True:
             try:
-                self.card = await self.dispatcher.hold(self.reader, self.session,
-                                                       password=self.dispatcher.password)
+                self.card = await self.dispatcher.hold(self.reader, self.session)
                 return
             except CardError as e:
                 if e.code != errors.NOT_FOUND or self.clock.seconds() >= deadline or self.stopped:
@@ -146,8 +148,7 @@ class RamClient:
         command = make_command(["1", RESET] if kind == RESET else ["1", APDU, apdu.hex()])
         if command.error is not None:
             raise _CardFailed(f"{command.error} malformed command APDU")
-        lines = await self.dispatcher.submit(self.card.reader.name, [command],
-                                             password=self.dispatcher.password, session=self.session)
+        lines = await self.dispatcher.submit(self.card.reader.name, [command], session=self.session)
         result = lines[0][1]
         if errors.is_error(result):
             raise _CardFailed(f"{result} {errors.MEANING[result]}")

@@ -197,8 +197,7 @@ class BridgedCard:
         takes_self=True))
 
     def _submit(self, fields):
-        return self.dispatcher.submit(self.reader, [make_command(fields)],
-                                      password=self.dispatcher.password, session=self.session)
+        return self.dispatcher.submit(self.reader, [make_command(fields)], session=self.session)
 
     def reset(self):
         """Reset the backend card; a Deferred for its ATR."""
