@@ -323,3 +323,74 @@ class ApiAgent:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def chromium_path():
+    """Debian's chromium, installed when missing (tests/debian-packages.txt)."""
+    import shutil
+
+    path = shutil.which("chromium")
+    if path is None:
+        import pcsc_rig
+
+        pcsc_rig.ensure_packages(["chromium"])
+        path = shutil.which("chromium")
+    return path
+
+
+def browser_dom(url, done_js, timeout=30.0):
+    """Load ``url`` in headless chromium, wait (at most ``timeout`` s) until
+    the page's JavaScript expression ``done_js`` is true, and return the
+    page's HTML then.  Reads the page through the DevTools protocol
+    (Runtime.evaluate over its WebSocket, with websocket-client), so a page
+    that waits on a WebSocket is read when it is done, not when headless
+    chromium's virtual time runs out."""
+    import urllib.request
+
+    import websocket
+
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen(
+            [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
+             "--remote-debugging-port=0", url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ws = None
+        try:
+            deadline = time.monotonic() + timeout
+            port_file = os.path.join(profile, "DevToolsActivePort")
+            port = None
+            while port is None:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"chromium gave no DevTools port (exit {proc.poll()})")
+                try:
+                    with open(port_file) as f:
+                        port = int(f.readline())
+                except (OSError, ValueError):
+                    time.sleep(0.1)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+                page = next(t for t in json.load(r) if t.get("type") == "page")
+            ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=10, suppress_origin=True)
+            calls = iter(range(1, 1000000))
+
+            def evaluate(expression):
+                n = next(calls)
+                ws.send(json.dumps({"id": n, "method": "Runtime.evaluate",
+                                    "params": {"expression": expression, "returnByValue": True}}))
+                while True:
+                    answer = json.loads(ws.recv())
+                    if answer.get("id") == n:
+                        return answer.get("result", {}).get("result", {}).get("value")
+
+            while not evaluate(f"Boolean({done_js})") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            return evaluate("document.documentElement.outerHTML")
+        finally:
+            if ws is not None:
+                ws.close()
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

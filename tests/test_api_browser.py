@@ -2,32 +2,21 @@
 example page docs/examples/api.html from a small HTTP server (another
 origin, allowed with --api-cors-origin); the page lists readers with
 fetch() and sends GET CHALLENGE over the WebSocket; the test reads the
-page's result from the DOM (``--dump-dom`` after the script ran)."""
+page's result from the DOM through the DevTools protocol once the page's
+status has left "starting" (support.browser_dom)."""
 
 import functools
 import html.parser
 import http.server
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import pytest
-from support import HOST
+from support import HOST, browser_dom
 
-from test_api_integration import TOKEN, start
+from test_api_integration import TOKEN
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "examples")
-
-
-def chromium():
-    path = shutil.which("chromium")
-    if path is None:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True,
-                       stdout=subprocess.DEVNULL)  # tests/debian-packages.txt
-        path = shutil.which("chromium")
-    return path
 
 
 class Texts(html.parser.HTMLParser):
@@ -72,15 +61,11 @@ def test_browser_lists_readers_and_gets_a_challenge(page_server, proxy_factory):
     proxy = proxy_factory("--api", f"tcp:0:interface={HOST}", "--api-cors-origin", page_server,
                           listeners=2, env={"FOXYPROXY_API_TOKEN": TOKEN})
     api = f"http://{HOST}:{proxy.ports['ApiSite'][0]}"
-    with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run(
-            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom",
-             f"{page_server}/api.html#api={api}&token={TOKEN}"],
-            capture_output=True, text=True, timeout=120)
+    dom = browser_dom(f"{page_server}/api.html#api={api}&token={TOKEN}",
+                      "document.getElementById('status').textContent != 'starting'", timeout=60)
     page = Texts()
-    page.feed(out.stdout)
-    assert page.by_id.get("status") == "done", (page.by_id, out.stderr[-2000:])
+    page.feed(dom)
+    assert page.by_id.get("status") == "done", page.by_id
     assert page.items == [f"Emulated 0{i}: card 3B8B8001466F7879456D753738313677" for i in range(4)]
     assert page.by_id["reader"] == "Emulated 00"
     challenge = page.by_id["challenge"]
