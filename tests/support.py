@@ -394,3 +394,18 @@ def browser_dom(url, done_js, timeout=30.0):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def wait_for(predicate, timeout=20.0, interval=0.1, what=None):
+    """Call ``predicate`` every ``interval`` seconds until it gives a true
+    value (returned) or ``timeout`` seconds pass: then its last value, or,
+    with ``what``, an AssertionError saying what was waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            break
+        time.sleep(interval)
+    if not value and what is not None:
+        raise AssertionError(f"timed out waiting for {what}")
+    return value

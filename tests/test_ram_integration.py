@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from support import HOST
+from support import HOST, wait_for
 from test_vpcd_integration import slot  # noqa: F401  (fixture: vpcd slot 1, no vicc)
 
 from cloudfoxy_proxy.frontends import ramwire as wire
@@ -31,16 +31,6 @@ def readers(proxy):
     with proxy.client() as c:
         [(_, listing)] = c.request(">|\n>1:READERS|\n\n")
     return [base64.b64decode(n).decode() for n in listing.split("|") if n]
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def token_file(tmp_path):

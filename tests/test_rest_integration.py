@@ -15,7 +15,7 @@ import time
 import urllib.parse
 
 import pytest
-from support import HOST
+from support import HOST, wait_for
 from test_rest_backend import make_tls_files
 
 TOKEN = "rest-integration-token"
@@ -31,15 +31,6 @@ def names(listing):
 def readers(proxy):
     with proxy.client() as c:
         return names(c.results(">*|\n>1:READERS|\n\n")[0])
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def one(proxy, reader, command):

@@ -21,13 +21,12 @@ import base64
 import hashlib
 import os
 import subprocess
-import time
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, utils
 
-from support import FOXYPROXY_VENV, FoxyProxy, foxyproxy_venv
+from support import FOXYPROXY_VENV, FoxyProxy, foxyproxy_venv, wait_for
 
 TOKEN = "foxyproxy-signing-token"
 PIN = "123456"
@@ -42,16 +41,6 @@ def verify(chain_text, digest, signature_hex):
     leaf = x509.load_der_x509_certificate(base64.b64decode(chain_text.split(":")[0]))
     leaf.public_key().verify(bytes.fromhex(signature_hex), digest, padding.PKCS1v15(),
                              utils.Prehashed(HASHES[len(digest)]))
-
-
-def wait_for(check, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    return check()
 
 
 def one(proxy, reader, command):

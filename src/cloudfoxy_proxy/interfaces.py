@@ -102,3 +102,16 @@ def provides(interface):
             raise TypeError(f"{attribute.name} must provide {interface.__name__}: {value!r}")
 
     return validate
+
+
+def settle(d, results, batch):
+    """Fire ``d``, the Deferred of one backend call answered by ``results``
+    (one per step, bytes or a CardError): the whole list for a
+    ``transmit_batch`` call (``batch``), else the one result, a CardError
+    as the call's failure."""
+    if batch:
+        d.callback(results)
+    elif isinstance(results[0], Exception):
+        d.errback(results[0])
+    else:
+        d.callback(results[0])

@@ -58,7 +58,7 @@ from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from .. import errors
-from ..interfaces import IBackend, ReaderInfo
+from ..interfaces import IBackend, ReaderInfo, settle
 from ..errors import CardError
 from ..logs import Logger
 from ..parser import COMMANDS
@@ -351,12 +351,7 @@ class TcpBackend(UpstreamPool):
                           for i in range(len(call.ids))]
                 if any(isinstance(v, CardError) and v.code == errors.NOT_FOUND for v in values):
                     self._refresh()
-                if call.batch:
-                    call.d.callback(values)
-                elif isinstance(values[0], CardError):
-                    call.d.errback(values[0])
-                else:
-                    call.d.callback(values[0])
+                settle(call.d, values, call.batch)
         if self._queue:
             self._flush()
 

@@ -30,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .. import errors
-from ..interfaces import IBackend, ReaderInfo
+from ..interfaces import IBackend, ReaderInfo, settle
 from ..errors import CardError
 from ..logs import Logger, RateLimitedLog
 from .rest import RestSite, _Channel
@@ -170,12 +170,7 @@ class RamSession:
                 continue
             results.append(value)
         if not script.cancelled:
-            if script.batch:
-                script.deferred.callback(results)
-            elif isinstance(results[0], CardError):
-                script.deferred.errback(results[0])
-            else:
-                script.deferred.callback(results[0])
+            settle(script.deferred, results, script.batch)
         return failure
 
     def _new_atr(self, atr):
