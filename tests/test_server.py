@@ -113,6 +113,21 @@ class ProtocolTests(SynchronousTestCase):
         self.proto.dataReceived(data)
         self.assertEqual(take(self.t), "".join(f">{i}:9000\n@@\n" for i in range(1000)))
 
+    def test_answers_of_one_read_leave_in_one_write(self):
+        writes = []
+
+        class Recording(StringTransport):
+            def write(self, data):
+                writes.append(data)
+
+        self.proto = self.h.factory.buildProtocol(None)
+        self.proto.makeConnection(Recording(peerAddress=LOCAL))
+        data = b"".join(b">Emulated 01|\n>%d:APDU:00A4000C023F00|\n\n" % i for i in range(3))
+        self.proto.dataReceived(data)
+        self.assertEqual(writes, [b">0:9000\n@@\n>1:9000\n@@\n>2:9000\n@@\n"])
+        self.proto.dataReceived(b">Emulated 00|\n>9:APDU:00A4000C023F00|\n\n")
+        self.assertEqual(writes[1:], [b">9:9000\n@@\n"])
+
     def test_no_stray_terminators(self):
         self.proto.dataReceived(b"\n\n>Emulated 00|\n\n#hello\n\n")
         self.assertEqual(take(self.t), "")

@@ -42,6 +42,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
 
 from .logs import Logger, RateLimitedLog
+from .sendnow import write_now
 
 DEFAULT_MAX_CONNECTIONS = 10000
 DEFAULT_PER_PEER = 100
@@ -254,6 +255,11 @@ class _Guard(ProtocolWrapper):
     def write(self, data):
         self.last = self._seconds()
         self.transport.write(data)
+
+    def write_now(self, data):
+        """``write``, sending at once when nothing is queued (sendnow.py)."""
+        self.last = self._seconds()
+        write_now(self.transport, data)
 
     def writeSequence(self, data):
         self.last = self._seconds()

@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from .. import errors
 from ..errors import CardError
 from ..logs import Logger
+from ..sendnow import write_now
 
 MAX_HEAD = 64 * 1024  #: status line and header lines together, bytes
 
@@ -191,7 +192,7 @@ class _Connection(Protocol):
         self.complete = False
         self.body = []
         self.size = 0
-        self.transport.write(request)
+        write_now(self.transport, request)
         return self.d
 
     def _cancel(self, _d):

@@ -147,6 +147,7 @@ class LineProtocol(Protocol):
         self._charged = 0  # bytes held beyond the free allowance (factory.buffers)
         self._telnet = None  # a TelnetStripper once the client sent a telnet command
         self._tls = False  # True until a TLS connection's client certificate was looked at
+        self._out = []  # answers of this turn, written together by _flush()
 
     def connectionMade(self):
         peer = self.transport.getPeer()
@@ -157,6 +158,7 @@ class LineProtocol(Protocol):
         # and are rate-limited with the factory's other client-caused lines.
         self.parser.log = self.factory.client_log.bind(peer=self.session.peer)
         self.transport.registerProducer(self, True)
+        self._write = getattr(self.transport, "write_now", self.transport.write)
         self.factory.connections += 1
         self._tls = ISSLTransport.providedBy(self.transport)
 
@@ -184,6 +186,7 @@ class LineProtocol(Protocol):
         if self._write_paused:
             self._write_paused = False
             self._process()
+            self._flush()
             self._throttle()
             self._close_if_done()
 
@@ -196,6 +199,7 @@ class LineProtocol(Protocol):
         self._eof = True
         self._framer.close_input()
         self._process()
+        self._flush()
         self._close_if_done()
 
     def writeConnectionLost(self):
@@ -215,6 +219,7 @@ class LineProtocol(Protocol):
                 return
         self._framer.feed(data)
         self._process()
+        self._flush()
         self._throttle()
 
     def _throttle(self):
@@ -292,6 +297,7 @@ class LineProtocol(Protocol):
             return
         self._respond(lines)
         self._process()
+        self._flush()
         self._throttle()
         self._close_if_done()
 
@@ -304,10 +310,20 @@ class LineProtocol(Protocol):
     def _respond(self, lines):
         data = format_response(lines)
         self.factory.bytes_out += len(data)
-        self.transport.write(data)
+        self._out.append(data)
         if self.session.drop and not self._closed:  # too many failed authentications
             self._closed = True
+            self._flush()
             self.transport.loseConnection()
+
+    def _flush(self):
+        """Write the answers of this turn (a client's pipelined requests may
+        give several) as one message: sent at once when nothing is queued
+        (limits._Guard.write_now)."""
+        out = self._out
+        if out:
+            self._out = []
+            self._write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class LineFactory(Factory):
