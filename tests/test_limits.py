@@ -312,3 +312,71 @@ class RateLimitedLogTests(SynchronousTestCase):
         with capturedLogs() as events:
             limited.bind(peer="10.0.0.1:5").info("dropped an over-long line")
         self.assertEqual(formatEvent(events[0]), "client 10.0.0.1:5: dropped an over-long line")
+
+
+class RecordingTransport(FdTransport):
+    """Records each write and the moment the connection was closed."""
+
+    def __init__(self, peer):
+        super().__init__(peer)
+        self.events = []
+        self.nodelay = False
+
+    def write(self, data):
+        self.events.append(("write", data))
+        super().write(data)
+
+    def loseConnection(self):
+        self.events.append(("close", None))
+        super().loseConnection()
+
+    def setTcpNoDelay(self, enabled):
+        self.nodelay = enabled
+
+
+class Chatty:
+    """A front end that writes several pieces per received chunk; b"bye"
+    makes it write then close."""
+
+    def makeConnection(self, transport):
+        self.transport = transport
+
+    def dataReceived(self, data):
+        self.transport.write(b"a:" + data)
+        self.transport.writeSequence([b"b:", data])
+        if data == b"bye":
+            self.transport.loseConnection()
+            self.transport.write(b"late")
+
+    def connectionLost(self, reason):
+        pass
+
+
+class SendingTests(SynchronousTestCase):
+    def setUp(self):
+        self.limits = ConnectionLimits(Clock())
+        self.wrapped = Chatty()
+
+        class F:
+            def buildProtocol(_, addr):
+                return self.wrapped
+
+        self.factory = self.limits.wrap(F())
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.guard = self.factory.buildProtocol(peer)
+        self.t = RecordingTransport(peer)
+        self.guard.makeConnection(self.t)
+
+    def test_what_one_read_writes_leaves_as_one_message(self):
+        self.assertTrue(self.t.nodelay)  # answers never wait for acknowledgements
+        self.guard.dataReceived(b"x")
+        self.assertEqual(self.t.events, [("write", b"a:xb:x")])
+
+    def test_a_write_outside_a_read_leaves_at_once(self):
+        self.guard.write(b"event")
+        self.guard.write(b"event2")
+        self.assertEqual(self.t.events, [("write", b"event"), ("write", b"event2")])
+
+    def test_closing_sends_what_was_written_first(self):
+        self.guard.dataReceived(b"bye")
+        self.assertEqual(self.t.events, [("write", b"a:byeb:bye"), ("close", None), ("write", b"late")])

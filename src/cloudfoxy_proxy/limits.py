@@ -185,12 +185,19 @@ def _idlest(guards):
 
 class _Guard(ProtocolWrapper):
     """One counted connection: relays everything to the front end's
-    protocol, notes when bytes pass, and closes the connection when idle."""
+    protocol, notes when bytes pass, and closes the connection when idle.
+
+    Writes leave as whole messages without waiting for the reactor's write
+    pass (sendnow.write_now): what the front end writes while it handles
+    received bytes is sent as one message when it is done with them, any
+    other write at once.  The socket has TCP_NODELAY, so answers never wait
+    for the client's acknowledgement of earlier ones (Nagle)."""
 
     peer = None
     peer_text = "?"
     admitted = False
     _timer = None
+    _gather = None  # a list while the front end handles received bytes
 
     def makeConnection(self, transport):
         extra = [IHalfCloseableProtocol] if IHalfCloseableProtocol.providedBy(self.wrappedProtocol) else []
@@ -213,6 +220,10 @@ class _Guard(ProtocolWrapper):
             _abort_now(transport)
             return
         self.admitted = True
+        try:
+            transport.setTcpNoDelay(True)
+        except Exception:
+            pass  # not TCP (a UNIX socket, a test transport)
         self.factory.registerProtocol(self)
         if limits.idle_timeout:
             self._timer = limits.clock.callLater(limits.idle_timeout, self._check_idle)
@@ -250,20 +261,32 @@ class _Guard(ProtocolWrapper):
     # Bytes passing either way make the connection active.
     def dataReceived(self, data):
         self.last = self._seconds()
-        self.wrappedProtocol.dataReceived(data)
+        self._gather = []
+        try:
+            self.wrappedProtocol.dataReceived(data)
+        finally:
+            self._flush()
+
+    def _flush(self):
+        gathered, self._gather = self._gather, None
+        if gathered:
+            write_now(self.transport, gathered[0] if len(gathered) == 1 else b"".join(gathered))
 
     def write(self, data):
         self.last = self._seconds()
-        self.transport.write(data)
-
-    def write_now(self, data):
-        """``write``, sending at once when nothing is queued (sendnow.py)."""
-        self.last = self._seconds()
-        write_now(self.transport, data)
+        if self._gather is not None:
+            self._gather.append(data)
+        else:
+            write_now(self.transport, data)
 
     def writeSequence(self, data):
-        self.last = self._seconds()
-        self.transport.writeSequence(data)
+        self.write(b"".join(data))
+
+    def loseConnection(self):
+        if self._gather:  # what was written first leaves first
+            gathered, self._gather = self._gather, []
+            write_now(self.transport, b"".join(gathered))
+        super().loseConnection()
 
     def readConnectionLost(self):
         self.wrappedProtocol.readConnectionLost()

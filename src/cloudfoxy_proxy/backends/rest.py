@@ -160,15 +160,15 @@ class _Exchange(_Cancellable):
 
     def _attempt(self):
         self.tries += 1
-        self.current = self.backend.basic(self.params)
+        self.current = self.backend.request(self.params)
         self.current.addCallbacks(self._got, self._failed)
 
-    def _got(self, body):
+    def _got(self, answer):
         self.current = None
         if self.cancelled:
             return
         try:
-            lines = body_lines(body)
+            lines = body_lines(self.backend._checked(answer))
             if not lines:
                 raise CardError(errors.UPSTREAM, "empty answer")
             if hardware_error(lines[0], self.reset) and self.tries < HW_TRIES:
@@ -364,17 +364,25 @@ class RestBackend:
         ``params`` is a list of ``(name, value)`` pairs (a name may repeat);
         the Deferred fires with the body (bytes) of a 200 answer, fails with
         CardError(C086) for any other status, and its ``cancel()`` aborts
-        the connection.  The hot path: with a ``client``
-        (:class:`.httpclient.HTTPPool`) the request skips treq's and Agent's
-        general machinery (docs/performance.md compares the two)."""
+        the connection."""
+        return self.request(params).addCallback(self._checked)
+
+    def request(self, params):
+        """GET ``/api/v1/basic`` with ``params``: a cancellable Deferred for
+        ``(status, body)`` (int, bytes; see :meth:`_checked`).  The hot
+        path: with a ``client`` (:class:`.httpclient.HTTPPool`) the request
+        skips treq's and Agent's general machinery (docs/performance.md
+        compares the two)."""
         if self.client is None:
-            return self.get(BASIC, params)
+            d = self.http.get(request_url(self.base_url + BASIC), params=params, headers=self._headers,
+                              unbuffered=True, allow_redirects=False)
+            return d.addCallback(lambda response: read_body(response, MAX_BODY).addCallback(
+                lambda body: (response.code, body)))
         target = self._basic_target + "&".join(f"{k}={quote_value(v)}" for k, v in params)
-        d = self.client.get(target.encode("ascii"), self._header_lines)
-        d.addCallback(self._checked)
-        return d
+        return self.client.get(target.encode("ascii"), self._header_lines)
 
     def _checked(self, answer):
+        """The body of a 200 ``(status, body)`` answer; else CardError(C086)."""
         status, body = answer
         if status == 200:
             return body

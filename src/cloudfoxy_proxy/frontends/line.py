@@ -158,7 +158,6 @@ class LineProtocol(Protocol):
         # and are rate-limited with the factory's other client-caused lines.
         self.parser.log = self.factory.client_log.bind(peer=self.session.peer)
         self.transport.registerProducer(self, True)
-        self._write = getattr(self.transport, "write_now", self.transport.write)
         self.factory.connections += 1
         self._tls = ISSLTransport.providedBy(self.transport)
 
@@ -318,12 +317,11 @@ class LineProtocol(Protocol):
 
     def _flush(self):
         """Write the answers of this turn (a client's pipelined requests may
-        give several) as one message: sent at once when nothing is queued
-        (limits._Guard.write_now)."""
+        give several) as one message (limits._Guard sends it at once)."""
         out = self._out
         if out:
             self._out = []
-            self._write(out[0] if len(out) == 1 else b"".join(out))
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class LineFactory(Factory):
