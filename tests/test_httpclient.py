@@ -270,3 +270,31 @@ class RestBasicTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertTrue(t.disconnecting)
+
+    def test_transmit_answer_and_http_error(self):
+        d = self.backend.transmit("/10.0.0.1@1", bytes.fromhex("00A4000C023F00"))
+        proto, t = self.endpoint.connections[0]
+        self.assertEqual(t.value().split(b"\r\n")[0],
+                         b"GET /x/api/v1/basic?terminal=/10.0.0.1@1&reset=0&apdu=00A4000C023F00 HTTP/1.1")
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nnull\n9000\n")
+        self.assertEqual(self.successResultOf(d), bytes.fromhex("9000"))
+        d = self.backend.transmit("/10.0.0.1@1", bytes.fromhex("00A4000C023F00"))
+        self.assertEqual(len(self.endpoint.connections), 1)  # kept alive, reused
+        proto.dataReceived(b"HTTP/1.1 500 Oops\r\nContent-Length: 5\r\n\r\nfail\n")
+        error = self.failureResultOf(d, CardError).value
+        self.assertEqual((error.code, error.reason[:8]), ("C086", "HTTP 500"))
+
+    def test_transmit_cancelled_hears_nothing_more(self):
+        d = self.backend.transmit("/x", b"\x00\xa4\x00\x00")
+        proto, t = self.endpoint.connections[0]
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(t.disconnecting)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n9000\n")  # too late: ignored
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.endpoint.hold = True  # cancelled while the connection is being made
+        d = self.backend.transmit("/x", b"\x00\xa4\x00\x00")
+        connecting, proto2, t2 = self.endpoint.pending[0]
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(connecting.called)  # the connection attempt was cancelled

@@ -25,6 +25,7 @@ import socket
 import httptools
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 
 from .. import errors
 from ..errors import CardError
@@ -50,7 +51,11 @@ class HTTPPool:
     returns a cancellable Deferred for ``(status, body)`` (int, bytes);
     it fails with CardError(C086) for a malformed or over-long answer and
     with the connection's error when the connection fails.  Cancelling
-    aborts the connection.  Idle connections are reused newest first and
+    aborts the connection.  ``send(target, headers, waiter)`` is the same
+    without a Deferred (the per-APDU path): exactly one of
+    ``waiter.answered((status, body))`` or ``waiter.failed(failure)`` is
+    called later, unless the returned handle's ``cancel()`` is called
+    first (then neither).  Idle connections are reused newest first and
     closed after ``idle_timeout`` seconds; at most ``max_idle`` are kept.
     """
 
@@ -74,6 +79,9 @@ class HTTPPool:
         self._factory.noisy = False
 
     def get(self, target, headers=b""):
+        return _DeferredWaiter(self, target, headers).deferred
+
+    def send(self, target, headers, waiter):
         request = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (target, self.host, headers)
         now = self.clock.seconds()
         idle = self.idle
@@ -81,9 +89,10 @@ class HTTPPool:
             since, conn = idle.pop()
             idle_for = now - since
             if idle_for < self.idle_timeout and conn.usable(idle_for >= PEEK_AFTER):
-                return conn.send(request)
+                conn.send(request, waiter)
+                return conn
             conn.close()
-        return _Pending(self, request).deferred
+        return _Pending(self, request, waiter)
 
     def release(self, conn):
         """``conn`` finished a response and may be reused."""
@@ -104,35 +113,59 @@ class HTTPPool:
             conn.close()
 
 
+class _DeferredWaiter:
+    """HTTPPool.get: a request's outcome as a cancellable Deferred."""
+
+    __slots__ = ("deferred", "handle")
+
+    def __init__(self, pool, target, headers):
+        self.deferred = Deferred(self._cancel)
+        self.handle = pool.send(target, headers, self)
+
+    def answered(self, answer):
+        self.deferred.callback(answer)
+
+    def failed(self, failure):
+        self.deferred.errback(failure)
+
+    def _cancel(self, _d):
+        self.handle.cancel()
+
+
 class _Pending:
     """A request waiting for its new connection."""
 
-    __slots__ = ("pool", "request", "deferred", "connecting", "sent")
+    __slots__ = ("pool", "request", "waiter", "connecting", "sent", "cancelled")
 
-    def __init__(self, pool, request):
+    def __init__(self, pool, request, waiter):
         self.pool = pool
         self.request = request
+        self.waiter = waiter
         self.sent = None
-        self.deferred = Deferred(self._cancel)
+        self.cancelled = False
         self.connecting = pool.endpoint.connect(pool._factory)
         self.connecting.addCallbacks(self._connected, self._failed)
 
     def _connected(self, conn):
         self.connecting = None
-        if self.deferred.called:  # cancelled meanwhile
+        if self.cancelled:
             conn.close()
             return
-        self.sent = conn.send(self.request)
-        self.sent.chainDeferred(self.deferred)
+        self.sent = conn
+        conn.send(self.request, self.waiter)
 
     def _failed(self, failure):
         self.connecting = None
-        if not self.deferred.called:
-            self.deferred.errback(failure)
+        if not self.cancelled:
+            self.waiter.failed(failure)
 
-    def _cancel(self, _d):
-        if self.connecting is not None:
-            self.connecting.cancel()
+    def cancel(self):
+        if self.cancelled:
+            return
+        self.cancelled = True
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()
         if self.sent is not None:
             self.sent.cancel()
 
@@ -144,7 +177,7 @@ class _Extra(Exception):
 class _Connection(Protocol):
     """One connection: one request at a time, its answer parsed by llhttp."""
 
-    d = None  # the request's Deferred while one runs
+    waiter = None  # the waiter of the request under way (HTTPPool.send)
     lost = False
     parser = None
     sock = None  # the socket, on plain TCP
@@ -162,7 +195,7 @@ class _Connection(Protocol):
         idle, and (on plain TCP, with ``peek``) the server has neither
         closed it nor sent anything since the last answer, as far as the
         socket knows now (before the reactor has seen it)."""
-        if self.lost or self.d is not None or self.transport is None:
+        if self.lost or self.waiter is not None or self.transport is None:
             return False
         sock = self.sock
         if peek and sock is not None:
@@ -181,8 +214,8 @@ class _Connection(Protocol):
             self.lost = True
             self.transport.loseConnection()
 
-    def send(self, request):
-        self.d = Deferred(self._cancel)
+    def send(self, request, waiter):
+        self.waiter = waiter
         if self.parser is None:
             self.parser = httptools.HttpResponseParser(self)  # llhttp starts over after each answer
         self.status = None
@@ -193,11 +226,13 @@ class _Connection(Protocol):
         self.body = []
         self.size = 0
         write_now(self.transport, request)
-        return self.d
 
-    def _cancel(self, _d):
-        # The answer may still come: this connection cannot be reused.
-        self.d = None
+    def cancel(self):
+        """Give up the request under way: its waiter hears nothing more; the
+        answer may still come, so this connection cannot be reused."""
+        if self.waiter is None:
+            return
+        self.waiter = None
         self.lost = True
         self.transport.abortConnection()
 
@@ -237,7 +272,7 @@ class _Connection(Protocol):
     # -- the transport
 
     def dataReceived(self, data):
-        if self.d is None:
+        if self.waiter is None:
             self.lost = True  # bytes nobody asked for: the stream is out of step
             self.transport.abortConnection()
             return
@@ -260,7 +295,7 @@ class _Connection(Protocol):
                 self._fail(CardError(errors.UPSTREAM, "HTTP response head too long"))
 
     def _done(self, keep):
-        d, self.d = self.d, None
+        waiter, self.waiter = self.waiter, None
         result = (self.status, b"".join(self.body))
         self.body = []
         if keep:
@@ -268,25 +303,25 @@ class _Connection(Protocol):
         else:
             self.lost = True
             self.transport.loseConnection()
-        d.callback(result)
+        waiter.answered(result)
 
     def _fail(self, error):
-        d, self.d = self.d, None
+        waiter, self.waiter = self.waiter, None
         self.lost = True
         self.transport.abortConnection()
-        if d is not None:
-            d.errback(error)
+        if waiter is not None:
+            waiter.failed(Failure(error))
 
     def connectionLost(self, reason):
         self.lost = True
         self.pool.forget(self)
-        d, self.d = self.d, None
-        if d is None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is None:
             return
         if self.headers_done and not self.framed and self.status is None:
             # No Content-Length, not chunked: the body ends with the connection.
             status = self.parser.get_status_code()
             if status >= 200:
-                d.callback((status, b"".join(self.body)))
+                waiter.answered((status, b"".join(self.body)))
                 return
-        d.errback(reason)
+        waiter.failed(reason)

@@ -160,10 +160,10 @@ class _Exchange(_Cancellable):
 
     def _attempt(self):
         self.tries += 1
-        self.current = self.backend.request(self.params)
-        self.current.addCallbacks(self._got, self._failed)
+        self.current = self.backend.request(self.params, self)
 
-    def _got(self, answer):
+    # the waiter of RestBackend.request
+    def answered(self, answer):
         self.current = None
         if self.cancelled:
             return
@@ -187,7 +187,7 @@ class _Exchange(_Cancellable):
             return
         self.deferred.callback(value)
 
-    def _failed(self, failure):
+    def failed(self, failure):
         self.current = None
         if self.cancelled:
             return
@@ -365,21 +365,32 @@ class RestBackend:
         the Deferred fires with the body (bytes) of a 200 answer, fails with
         CardError(C086) for any other status, and its ``cancel()`` aborts
         the connection."""
-        return self.request(params).addCallback(self._checked)
-
-    def request(self, params):
-        """GET ``/api/v1/basic`` with ``params``: a cancellable Deferred for
-        ``(status, body)`` (int, bytes; see :meth:`_checked`).  The hot
-        path: with a ``client`` (:class:`.httpclient.HTTPPool`) the request
-        skips treq's and Agent's general machinery (docs/performance.md
-        compares the two)."""
         if self.client is None:
-            d = self.http.get(request_url(self.base_url + BASIC), params=params, headers=self._headers,
-                              unbuffered=True, allow_redirects=False)
-            return d.addCallback(lambda response: read_body(response, MAX_BODY).addCallback(
-                lambda body: (response.code, body)))
-        target = self._basic_target + "&".join(f"{k}={quote_value(v)}" for k, v in params)
-        return self.client.get(target.encode("ascii"), self._header_lines)
+            d = self._basic_by_treq(params)
+        else:
+            d = self.client.get(self._target(params), self._header_lines)
+        return d.addCallback(self._checked)
+
+    def request(self, params, waiter):
+        """GET ``/api/v1/basic`` with ``params``; later exactly one of
+        ``waiter.answered((status, body))`` (int, bytes; see
+        :meth:`_checked`) or ``waiter.failed(failure)``, unless the returned
+        handle's ``cancel()`` came first.  The hot path: with a ``client``
+        (:class:`.httpclient.HTTPPool`) the request skips treq's and Agent's
+        general machinery and Deferreds (docs/performance.md compares the
+        options)."""
+        if self.client is None:
+            return self._basic_by_treq(params).addCallbacks(waiter.answered, waiter.failed)
+        return self.client.send(self._target(params), self._header_lines, waiter)
+
+    def _basic_by_treq(self, params):
+        d = self.http.get(request_url(self.base_url + BASIC), params=params, headers=self._headers,
+                          unbuffered=True, allow_redirects=False)
+        return d.addCallback(lambda response: read_body(response, MAX_BODY).addCallback(
+            lambda body: (response.code, body)))
+
+    def _target(self, params):
+        return (self._basic_target + "&".join(f"{k}={quote_value(v)}" for k, v in params)).encode("ascii")
 
     def _checked(self, answer):
         """The body of a 200 ``(status, body)`` answer; else CardError(C086)."""
