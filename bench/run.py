@@ -648,6 +648,9 @@ def report(b, elapsed, cmdline):
     w(".venv/bin/python bench/run.py --profile-only    # py-spy profile of the 50-client K=1 load")
     w("tox -e bench                             # the same as the full run, in its own env")
     w(".venv/bin/python bench/loadgen.py --port 4001 -c 50 -k 1 -d 5 --pid PID   # ad hoc load")
+    w(".venv/bin/python bench/line_builds.py before=DIR/src now=. --floor   # builds in turns, and the floor")
+    w(".venv/bin/python bench/rest_http.py before=DIR/src now=src           # REST backend, builds in turns")
+    w(".venv/bin/python bench/api_load.py --rounds 3 [--build L=DIR/src]    # HTTP/WebSocket API")
     w("```")
     w("")
     w(f"Scenarios: {', '.join(ORDER)}. Raw numbers of the last run: `bench/results/*.json`. "

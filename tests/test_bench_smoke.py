@@ -92,3 +92,22 @@ def test_api_load_checks_every_answer():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         assert r["errors"] == 0 and r["apdus"] > 0, out.stdout + out.stderr
         assert r["transport"] == transport and r["cpu_us_per_apdu"] > 0
+
+
+def test_line_builds_runs(capsys):
+    from bench import line_builds
+
+    assert line_builds.main(["now=.", "--clients", "2", "--rounds", "1", "--duration", "0.5", "--floor"]) == 0
+    out = capsys.readouterr().out
+    assert "| now | " in out and "| trivial responder (floor) | " in out
+
+
+def test_api_load_rounds_table_judges_the_median():
+    from bench import api_load
+
+    runs = [dict(transport="ws", clients=1, build="now", apdus_per_s=a, p50_ms=0.3, p99_ms=0.6,
+                 cpu_us_per_apdu=c, errors=0) for a, c in ((100, 140.0), (90, 170.0), (95, 160.0))]
+    row = api_load.combine(runs)
+    assert (row["cpu_us_per_apdu"], row["cpu_min"], row["apdus_per_s"]) == (160.0, 140.0, 95)
+    text = api_load.table([row])
+    assert "| WebSocket | 1 | 95 | 0.30 | 0.60 | 160 (140; 140, 170, 160) | ≤ 150 OVER | 0 |" in text
