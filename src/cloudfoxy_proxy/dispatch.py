@@ -157,8 +157,13 @@ class Dispatcher:
         ``reader`` under the same per-card scheduling; a Deferred firing
         with the ``(id, result)`` pairs.  ``errors.is_error(result)`` tells
         a result code from an answer."""
-        result = self.execute(Request(reader, password, list(commands)), session or Session())
+        result = self.run(reader, commands, password, session)
         return result if isinstance(result, Deferred) else succeed(result)
+
+    def run(self, reader, commands, password=None, session=None):
+        """:meth:`submit`, but the list of pairs itself when the card
+        answered at once (no Deferred: the API's hot path)."""
+        return self.execute(Request(reader, password, list(commands)), session or Session())
 
     def result(self, value, atr, reader):
         """A backend's answer as a result: the hex of a response APDU

@@ -490,7 +490,9 @@ class ApiResource(Resource):
                                  data.get("session"), identity)
 
     def run_transmit(self, name, reset, apdus, session_id, identity, session=None):
-        """A Deferred firing with ``{"atr", "responses"}`` or failing with ApiError."""
+        """``{"atr", "responses"}`` when the card answered at once, else a
+        Deferred firing with it; ApiError (raised, or the Deferred's
+        failure) for an error."""
         commands = transmit_commands(reset, apdus)
         if session_id is not None:
             held = self.sessions.get(session_id) if isinstance(session_id, str) else None
@@ -504,8 +506,10 @@ class ApiResource(Resource):
                 raise ApiError(409, f"session {session_id} holds {held.reader.name}, not {reader.name}")
             session = held.session
             held.card.touch()
-        d = self.dispatcher.submit(name, commands, session=session or api_session("api"))
-        return d.addCallback(transmit_answer, name)
+        result = self.dispatcher.run(name, commands, session=session or api_session("api"))
+        if isinstance(result, list):
+            return transmit_answer(result, name)
+        return result.addCallback(transmit_answer, name)
 
     # -- card sessions
 
@@ -831,6 +835,9 @@ class ApiWebSocket(WebSocketServerProtocol):
                                  session=self.session)
         except ApiError as e:
             return self._error(mid, e)
+        if isinstance(d, dict):  # answered at once
+            d["id"] = mid
+            return self.send(d)
         self._track(mid, d)
 
     def _track(self, mid, d):
