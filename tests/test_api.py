@@ -452,6 +452,25 @@ class WebSocketMessages(ApiCase):
         self.assertTrue(other.called)
         self.assertEqual(result_of(other)[0][1], "9000")
 
+    def test_transmit_that_waits_for_the_card(self):
+        holder, ws = self.socket(), self.socket()
+        self.say(holder, {"id": 1, "hold": "Emulated 00"})
+        ws.onMessage(json.dumps({"id": 5, "reader": "Emulated 00", "reset": True,
+                                 "apdus": ["00A4000C023F00"]}).encode(), False)
+        ws.onMessage(json.dumps({"id": 6, "reader": "Emulated 00", "apdus": ["00EE0000"]}).encode(), False)
+        self.assertEqual((ws.sent, len(ws.inflight)), ([], 2))  # queued behind the session: answered later
+        self.say(holder, {"id": 2, "release": True})
+        self.assertEqual(ws.sent, [{"atr": ATR, "responses": ["9000"], "id": 5},
+                                   {"atr": None, "responses": ["6D00"], "id": 6}])
+        self.assertEqual(ws.inflight, {})
+        self.say(holder, {"id": 3, "hold": "Emulated 00"})
+        ws.sent.clear()
+        ws.onMessage(json.dumps({"id": 7, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}).encode(), False)
+        self.registry.get("Emulated 00").backend.remove(0)  # the card goes while the request waits
+        self.say(holder, {"id": 4, "release": True})
+        self.assertEqual(ws.sent[-1]["id"], 7)
+        self.assertEqual(ws.sent[-1]["error"]["code"], errors.NO_CARD, ws.sent[-1])  # the card is gone: C080
+
     def test_closing_releases_the_card(self):
         ws = self.socket()
         self.say(ws, {"id": 1, "hold": "Emulated 00"})
