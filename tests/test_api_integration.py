@@ -287,7 +287,7 @@ def test_start_up_errors_are_one_line(tmp_path, proxy_factory):
     assert out.returncode == 1
     problems = [line for line in (out.stdout + out.stderr).splitlines() if "twistd foxyproxy:" in line]
     assert len(problems) == 1 and f"twistd foxyproxy: cannot listen on tcp:{busy.api_port}" in problems[0]
-    assert problems[0].endswith("Address already in use")
+    assert problems[0].endswith(" (--api): Address already in use")
     assert "Traceback" not in out.stderr + out.stdout
 
 

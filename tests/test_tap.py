@@ -178,11 +178,13 @@ class CommandLineTests(SynchronousTestCase):
                 free_port = free.getsockname()[1]
             env = dict(os.environ, FOXYPROXY_REST_TOKEN="tok")
             for args, endpoint in [
-                (["-p", f"tcp:{port}:interface=127.0.0.1"], f"tcp:{port}:interface=127.0.0.1:backlog=1024"),
+                (["-p", f"tcp:{port}:interface=127.0.0.1"], f"tcp:{port}:interface=127.0.0.1:backlog=1024 (--port)"),
                 (["-p", f"tcp:{free_port}:interface=127.0.0.1", "--rest", f"tcp:{port}:interface=127.0.0.1"],
-                 f"tcp:{port}:interface=127.0.0.1:backlog=1024"),
+                 f"tcp:{port}:interface=127.0.0.1:backlog=1024 (--rest)"),
                 (["-p", f"tcp:{free_port}:interface=127.0.0.1", "--listen", f"tcp:{port}:interface=127.0.0.1"],
-                 f"tcp:{port}:interface=127.0.0.1:backlog=1024"),
+                 f"tcp:{port}:interface=127.0.0.1:backlog=1024 (--listen)"),
+                (["-p", f"tcp:{free_port}:interface=127.0.0.1", "--metrics", f"tcp:{port}:interface=127.0.0.1"],
+                 f"tcp:{port}:interface=127.0.0.1:backlog=1024 (--metrics)"),
             ]:
                 # twistd -n logs to stdout, and the message goes to the log
                 r = subprocess.run([TWISTD, "-n", "--pidfile=", "foxyproxy", "--no-signing", *args],

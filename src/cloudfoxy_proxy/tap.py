@@ -352,12 +352,14 @@ class Options(usage.Options):
 
 
 class Listener(StreamServerEndpointService):
-    """A listening endpoint that fails start-up with one clear line (e.g.
-    address in use) instead of a traceback."""
+    """A listening endpoint that fails start-up with one clear line naming
+    the endpoint and the option that gave it (e.g. ``cannot listen on
+    tcp:4001 (--api): Address already in use``) instead of a traceback."""
 
-    def __init__(self, endpoint, factory, description):
+    def __init__(self, endpoint, factory, description, option=None):
         super().__init__(endpoint, factory)
         self.description = description
+        self.option = option
         self._raiseSynchronously = True
 
     def privilegedStartService(self):
@@ -370,7 +372,8 @@ class Listener(StreamServerEndpointService):
             self._fail(str(e) or e.__class__.__name__)
 
     def _fail(self, reason):
-        sys.stderr.write(f"twistd foxyproxy: cannot listen on {self.description}: {reason}\n")
+        option = f" ({self.option})" if self.option else ""
+        sys.stderr.write(f"twistd foxyproxy: cannot listen on {self.description}{option}: {reason}\n")
         sys.stderr.flush()
         raise SystemExit(1)
 
@@ -462,8 +465,9 @@ def makeService(config, reactor=None):
     top.limits = top_limits
     top.readiness = ops.Readiness(top, registry, top.backends, reactor)
     guarded = top_limits.wrap(factory)
-    for description in config["endpoints"]:
-        Listener(serverFromString(reactor, description), guarded, description).setServiceParent(top)
+    for n, description in enumerate(config["endpoints"]):
+        Listener(serverFromString(reactor, description), guarded, description,
+                 "--port" if n == 0 else "--listen").setServiceParent(top)
     rest = None
     if config["rest"]:
         from .frontends.rest import RestSettings, make_rest_service

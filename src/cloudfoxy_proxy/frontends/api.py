@@ -919,4 +919,4 @@ def make_api_service(config, dispatcher, registry, reactor, limits):
                            cors_origins=config.get("api-cors-origin", ()))
     site = ApiSite(resource, buffers=limits.buffers, reactor=reactor, timeout=None)
     resource.site = site
-    return Listener(serverFromString(reactor, config["api"]), limits.wrap(site), config["api"])
+    return Listener(serverFromString(reactor, config["api"]), limits.wrap(site), config["api"], "--api")

@@ -535,6 +535,6 @@ def make_ram_service(config, backend, reactor, limits):
             backend.shutdown()
             return super().stopService()
 
-    service = _Listener(serverFromString(reactor, config["ram"]), limits.wrap(site), config["ram"])
+    service = _Listener(serverFromString(reactor, config["ram"]), limits.wrap(site), config["ram"], "--ram")
     service.site = site
     return service

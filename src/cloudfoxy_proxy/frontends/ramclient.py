@@ -469,6 +469,6 @@ def make_daemon_service(config, dispatcher, reactor, limits):
             return super().stopService()
 
     service = _Listener(serverFromString(reactor, config["ram-daemon"]), limits.wrap(site),
-                        config["ram-daemon"])
+                        config["ram-daemon"], "--ram-daemon")
     service.resource = resource
     return service

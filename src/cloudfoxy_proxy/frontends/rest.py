@@ -490,4 +490,4 @@ def make_rest_service(settings, dispatcher, registry, reactor, limits=None):
     if limits is None:
         limits = ConnectionLimits(reactor)
     site = RestSite(resource, buffers=limits.buffers, reactor=reactor, timeout=None)
-    return Listener(serverFromString(reactor, settings.endpoint), limits.wrap(site), settings.endpoint)
+    return Listener(serverFromString(reactor, settings.endpoint), limits.wrap(site), settings.endpoint, "--rest")

@@ -241,7 +241,7 @@ class MetricsService(Listener):
 
     def __init__(self, endpoint, root, description, limits=None):
         site = StatusSite(root)
-        super().__init__(endpoint, limits.wrap(site) if limits is not None else site, description)
+        super().__init__(endpoint, limits.wrap(site) if limits is not None else site, description, "--metrics")
         self.root = root
 
     def startService(self):
