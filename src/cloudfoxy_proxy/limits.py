@@ -217,7 +217,7 @@ class _Guard(ProtocolWrapper):
             fd = None
         if not limits.admit(self, fd if isinstance(fd, int) else None):
             self.wrappedProtocol = None
-            _abort_now(transport)
+            abort_now(transport)
             return
         self.admitted = True
         try:
@@ -248,7 +248,7 @@ class _Guard(ProtocolWrapper):
     def close(self):
         """Close now (idle, or making room): counted out at once."""
         self._leave()
-        _abort_now(self.transport)
+        abort_now(self.transport)
 
     def _leave(self):
         if self.admitted:
@@ -303,8 +303,9 @@ class _Guard(ProtocolWrapper):
         self.wrappedProtocol = None
 
 
-def _abort_now(transport):
-    """Abort a connection and free its descriptor at once.
+def abort_now(transport):
+    """Abort a connection and free its descriptor at once: the peer gets the
+    reset now, before anything written afterwards on other connections.
 
     ``abortConnection`` closes the socket on the reactor's next turn; a
     burst of accepts in one turn could run out of descriptors before that.

@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from .. import errors
 from ..errors import CardError
+from ..limits import abort_now
 from ..access import full_access
 from ..dispatch import Session
 from ..logs import Logger, RetryLogger
@@ -333,11 +334,14 @@ class VpcdProtocol(Protocol):
         """Stop at once: reset the connection (RST), so that vpcd's next
         send fails and pcscd answers the PC/SC program with an error; a
         plain close would let vpcd read an empty answer, which pcscd passes
-        on as a successful transmit of no bytes."""
+        on as a successful transmit of no bytes.  The reset leaves before
+        this method returns (limits.abort_now), so before any answer the
+        proxy writes afterwards, e.g. the RESET result of the client that
+        reset the card."""
         if not self.closed:
             self.closed = True
             self.pending.clear()
-            self.transport.abortConnection()
+            abort_now(self.transport)
 
     def _run(self):
         if self._running:
@@ -570,8 +574,9 @@ class VpcdBridge(Service):
                       peer=getattr(session, "peer", "") or "?", delay=self.reinsert_delay)
         self.card.reset_by_other()
         self._paused = self.clock.callLater(self.reinsert_delay, self._unpause)
-        self.protocol.abort()  # no answer of the reset card reaches the program
-        self.client.stopService()
+        protocol = self.protocol
+        self.client.stopService()  # no reconnecting until _unpause
+        protocol.abort()  # no answer of the reset card reaches the program
 
     def _unpause(self):
         self._paused = None
