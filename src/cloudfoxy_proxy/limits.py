@@ -283,9 +283,9 @@ class _Guard(ProtocolWrapper):
         self.write(b"".join(data))
 
     def loseConnection(self):
-        if self._gather:  # what was written first leaves first
-            gathered, self._gather = self._gather, []
-            write_now(self.transport, b"".join(gathered))
+        if self._gather:  # what was written first leaves first; later writes still gather
+            self._flush()
+            self._gather = []
         super().loseConnection()
 
     def readConnectionLost(self):

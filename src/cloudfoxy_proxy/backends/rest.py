@@ -353,10 +353,7 @@ class RestBackend:
         """GET ``path``: a cancellable Deferred for the body of a 200 answer
         (at most ``limit`` bytes); any other status is a CardError(C086)
         (after reading the body)."""
-        d = self.http.get(request_url(self.base_url + path), params=params, headers=self._headers,
-                          unbuffered=True, allow_redirects=False)
-        d.addCallback(self._check, limit)
-        return d
+        return self._fetch(path, params, limit).addCallback(self._checked)
 
     def basic(self, params):
         """GET ``/api/v1/basic`` with ``params``, like :meth:`get`.
@@ -366,7 +363,7 @@ class RestBackend:
         CardError(C086) for any other status, and its ``cancel()`` aborts
         the connection."""
         if self.client is None:
-            d = self._basic_by_treq(params)
+            d = self._fetch(BASIC, params)
         else:
             d = self.client.get(self._target(params), self._header_lines)
         return d.addCallback(self._checked)
@@ -380,13 +377,15 @@ class RestBackend:
         general machinery and Deferreds (docs/performance.md compares the
         options)."""
         if self.client is None:
-            return self._basic_by_treq(params).addCallbacks(waiter.answered, waiter.failed)
+            return self._fetch(BASIC, params).addCallbacks(waiter.answered, waiter.failed)
         return self.client.send(self._target(params), self._header_lines, waiter)
 
-    def _basic_by_treq(self, params):
-        d = self.http.get(request_url(self.base_url + BASIC), params=params, headers=self._headers,
+    def _fetch(self, path, params=None, limit=MAX_BODY):
+        """GET ``path`` through treq: a cancellable Deferred for ``(status,
+        body)``, the body read with a limit of ``limit`` bytes."""
+        d = self.http.get(request_url(self.base_url + path), params=params, headers=self._headers,
                           unbuffered=True, allow_redirects=False)
-        return d.addCallback(lambda response: read_body(response, MAX_BODY).addCallback(
+        return d.addCallback(lambda response: read_body(response, limit).addCallback(
             lambda body: (response.code, body)))
 
     def _target(self, params):
@@ -400,10 +399,6 @@ class RestBackend:
         text = " ".join(body_lines(body))[:160]
         hint = " (is the token right?)" if status in (401, 403) else ""
         raise CardError(errors.UPSTREAM, f"HTTP {status}{hint}: {text!r}")
-
-    def _check(self, response, limit=MAX_BODY):
-        d = read_body(response, limit)
-        return d.addCallback(lambda body: self._checked((response.code, body)))
 
     def upstream_error(self, failure, what, key):
         """The CardError for a failed exchange, logged once; a cancellation
