@@ -509,6 +509,91 @@ class WebSocketMessages(ApiCase):
         self.assertEqual(got[-1], {"event": "removed", "reader": "New 00"})
 
 
+def client_frame(opcode, payload, fin=True, mask=b"\x37\xfa\x21\x3d"):
+    """One masked client frame (RFC 6455 section 5.2; payloads under 126 bytes)."""
+    assert len(payload) < 126
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + mask + masked
+
+
+def server_messages(data):
+    """The text payloads of the unmasked server frames in ``data``."""
+    out = []
+    while data:
+        assert data[0] == 0x81, data  # FIN, text
+        n, head = data[1], 2
+        if n == 126:
+            n, head = int.from_bytes(data[2:4], "big"), 4
+        out.append(json.loads(data[head:head + n]))
+        data = data[head + n:]
+    return out
+
+
+class WebSocketFrames(ApiCase):
+    """Whole frames through Autobahn (ApiWebSocket's overrides of its
+    per-message path): handshake, then masked client frames in, answers out."""
+
+    def setUp(self):
+        super().setUp()
+        self.ws = self.resource.ws_factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.ws.makeConnection(self.transport)
+        key = base64.b64encode(b"0123456789abcdef").decode()
+        self.ws.dataReceived((f"GET /api/v1/ws HTTP/1.1\r\nHost: proxy.test\r\nUpgrade: websocket\r\n"
+                              f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                              f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").encode())
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 101 "), self.transport.value())
+        self.transport.clear()
+
+    def answers(self, *frames):
+        self.ws.dataReceived(b"".join(frames))
+        self.clock.advance(0)
+        got = server_messages(self.transport.value())
+        self.transport.clear()
+        return got
+
+    def test_one_message_one_frame(self):
+        msg = json.dumps({"id": 1, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}).encode()
+        self.assertEqual(self.answers(client_frame(1, msg)), [{"id": 1, "atr": None, "responses": ["9000"]}])
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_a_message_in_fragments_and_two_messages_in_one_read(self):
+        msg = json.dumps({"id": "f", "reader": "Emulated 01", "apdus": ["0084000008"]}).encode()
+        frames = [client_frame(1, msg[:10], fin=False), client_frame(0, msg[10:30], fin=False),
+                  client_frame(0, msg[30:])]
+        self.assertEqual(self.answers(frames[0]), [])  # nothing until the last fragment
+        got = self.answers(*frames[1:])
+        self.assertEqual((len(got), got[0]["id"], len(got[0]["responses"][0])), (1, "f", 20))  # 8 bytes + 9000
+        two = [json.dumps({"id": n, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}).encode() for n in (2, 3)]
+        self.assertEqual([a["id"] for a in self.answers(*(client_frame(1, m) for m in two))], [2, 3])
+
+    def test_bad_json_in_a_frame_is_answered_and_the_connection_stays(self):
+        self.assertEqual(self.answers(client_frame(1, b"\xef\xbb\xbf{}"))[0]["error"]["code"], errors.MALFORMED)
+        self.assertEqual(self.answers(client_frame(1, b'{"id": NaN}'))[0]["error"]["code"], errors.MALFORMED)
+        msg = json.dumps({"id": 4, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}).encode()
+        self.assertEqual(self.answers(client_frame(1, msg)), [{"id": 4, "atr": None, "responses": ["9000"]}])
+
+
+class Json(SynchronousTestCase):
+    """The API's one JSON codec (api.to_json / api.from_json)."""
+
+    def test_compact_utf8(self):
+        self.assertEqual(api.to_json({"atr": None, "responses": ["9000"], "name": "Lecteur é"}),
+                         '{"atr":null,"responses":["9000"],"name":"Lecteur é"}'.encode("utf-8"))
+        self.assertEqual(api.dump({"a": 1}), b'{"a":1}\n')
+
+    def test_what_orjson_refuses_is_still_written(self):
+        self.assertEqual(api.to_json({"reader": "bad \udcff name"}), b'{"reader":"bad \\udcff name"}')
+        self.assertEqual(api.to_json({"id": 2 ** 70}), b'{"id":1180591620717411303424}')
+
+    def test_what_is_not_json_is_a_value_error(self):
+        for text in (b"\xff", b"\xef\xbb\xbf{}", b'{"id": NaN}', b"[" * 2000 + b"]" * 2000, b'{"a": "\xed\xa0\x80"}',
+                     b"{", b""):
+            with self.assertRaises(ValueError, msg=text[:20]):
+                api.from_json(text)
+        self.assertEqual(api.from_json(b'{"id": 123456789012345678901234567890}'), {"id": 1.2345678901234568e29})
+
+
 def template_of(path):
     """The route template (ApiResource.ROUTES) a request path falls under."""
     parts = path.split("?")[0].split("/")
