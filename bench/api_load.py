@@ -10,7 +10,12 @@ latency p50/p99 and the proxy's CPU per APDU (utime+stime of the twistd
 process from /proc over the measured window, as bench/loadgen.py reads it).
 The clients run in this process under one Twisted reactor.
 
-    .venv/bin/python bench/api_load.py [--clients 1,10,50] [--duration 5] [--write]
+    .venv/bin/python bench/api_load.py [--clients 1,10,50] [--duration 5] [--rounds N]
+        [--build LABEL=SRC ...] [--floor] [--write]
+
+``--floor`` adds, to the WebSocket loads, a bare Autobahn server with the
+proxy's options answering a fixed transmit answer (``serve_floor``): what
+the library and the machine cost before the proxy does anything.
 
 ``--write`` puts the table into docs/performance.md (its own section after
 bench/run.py's KEEP_MARK, replaced on each run).  Loopback only; every run
@@ -137,7 +142,7 @@ def run_load(base, transport, clients, duration, warmup, pid):
     task.react(lambda r: main(r).addCallback(report))  # exits the process (this is a --one child)
 
 
-def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),)):
+def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),), floor=False):
     """Run every load ``rounds`` times, one proxy each (a fresh reactor per
     process: the loads run in child processes of this script); the
     ``builds`` (label, src: a tree whose ``src`` goes first on the proxy's
@@ -150,12 +155,13 @@ def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),)):
     for n in range(rounds):
         for transport in ("http", "ws"):
             for clients in clients_list:
-                for label, src in builds:
+                for label, src in list(builds) + ([("floor", None)] if floor and transport == "ws" else []):
                     env = dict(os.environ)
-                    if src != ".":
+                    if src not in (".", None):
                         env["PYTHONPATH"] = os.path.abspath(src)
                     out = subprocess.run([sys.executable, __file__, "--one", transport, str(clients),
-                                          "--duration", str(duration), "--warmup", str(warmup)],
+                                          "--duration", str(duration), "--warmup", str(warmup)]
+                                         + (["--floor"] if src is None else []),
                                          capture_output=True, text=True, timeout=warmup + duration + 60, env=env)
                     try:
                         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -181,6 +187,38 @@ def combine(runs):
     return row
 
 
+def serve_floor():
+    """The floor for the WebSocket rows: a bare Autobahn server on loopback
+    (the proxy's factory options, no HTTP upgrade through twisted.web, no
+    limits, no dispatcher, no card) answering every message ``{"id",
+    "atr": null, "responses": ["9000"]}``; prints its port."""
+    import orjson
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+    from twisted.internet import reactor
+
+    class Floor(WebSocketServerProtocol):
+        def onMessage(self, payload, isBinary):
+            self.sendMessage(orjson.dumps({"id": orjson.loads(payload)["id"], "atr": None, "responses": ["9000"]}))
+
+    factory = WebSocketServerFactory()
+    factory.protocol = Floor
+    factory.setProtocolOptions(utf8validateIncoming=False)
+    print(reactor.listenTCP(0, factory, interface=HOST).getHost().port, flush=True)
+    reactor.run()
+
+
+def one_floor(clients, duration, warmup):
+    import subprocess
+
+    server = subprocess.Popen([sys.executable, __file__, "--serve-floor"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        run_load(f"http://{HOST}:{port}", "ws", clients, duration, warmup, server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def one(transport, clients, duration, warmup):
     p = ProxyProcess("--api", f"tcp:0:interface={HOST}", "--backend", f"emulated:?cards={CARDS}", "--no-signing",
                      listeners=2, env={"FOXYPROXY_API_TOKEN": TOKEN}).start()
@@ -204,7 +242,8 @@ def table(rows):
         lines.append((f"| {r['build']} " if builds else "") +
                      f"| {name} | {r['clients']} | {r['apdus_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['cpu_us_per_apdu']:.0f} ({r['cpu_min']:.0f}; {rounds}) | "
-                     f"≤ {budget} {'ok' if r['cpu_us_per_apdu'] <= budget else 'OVER'} | {r['errors']} |")
+                     (f"≤ {budget} {'ok' if r['cpu_us_per_apdu'] <= budget else 'OVER'}" if r["build"] != "floor"
+                      else "(bare Autobahn: not the proxy)") + f" | {r['errors']} |")
     return "\n".join(lines)
 
 
@@ -251,19 +290,25 @@ def main(argv=None):
     ap.add_argument("--build", action="append", metavar="LABEL=SRC",
                     help="a proxy build to measure: the src directory of a tree of this project "
                          "(e.g. an older commit from git archive); repeatable; default: this checkout")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure a bare Autobahn WebSocket server under the same loads (the library's floor)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("TRANSPORT", "CLIENTS"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.duration = max(0.5, min(args.duration, 120))
     args.warmup = max(0.0, min(args.warmup, 30))
+    if args.serve_floor:
+        return serve_floor()
     if args.one:
-        return one(args.one[0], min(int(args.one[1]), 500), args.duration, args.warmup)
+        run = one_floor if args.floor else lambda *a: one(args.one[0], *a)
+        return run(min(int(args.one[1]), 500), args.duration, args.warmup)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     builds = [tuple(b.split("=", 1)) for b in args.build or ["now=."]]
     if any(len(b) != 2 for b in builds):
         raise SystemExit("--build LABEL=SRC, e.g. --build before=/tmp/before/src")
     rows = measure([min(int(c), 500) for c in args.clients.split(",")], args.duration, args.warmup,
-                   max(1, min(args.rounds, 10)), builds)
+                   max(1, min(args.rounds, 10)), builds, args.floor)
     text = table(rows)
     print("\n" + text)
     if args.write:

@@ -92,6 +92,10 @@ def test_api_load_checks_every_answer():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         assert r["errors"] == 0 and r["apdus"] > 0, out.stdout + out.stderr
         assert r["transport"] == transport and r["cpu_us_per_apdu"] > 0
+    out = subprocess.run([sys.executable, script, "--one", "ws", "2", "--floor", "--duration", "0.5",
+                          "--warmup", "0.2"], capture_output=True, text=True, timeout=60)
+    r = json.loads(out.stdout.strip().splitlines()[-1])  # the bare Autobahn floor, same checks of every answer
+    assert r["errors"] == 0 and r["apdus"] > 0 and r["cpu_us_per_apdu"] > 0, out.stdout + out.stderr
 
 
 def test_line_builds_runs(capsys):
