@@ -219,6 +219,25 @@ class Channel(SynchronousTestCase):
         self.assertEqual(self.budget.used, 0)
 
 
+    def test_requests_are_counted_and_logged_only_at_debug_level(self):
+        from twisted.logger import globalLogPublisher
+
+        from cloudfoxy_proxy import logs
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.addCleanup(logs.set_level, "info")
+        request = (b"GET /api/v1/readers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                   + b"\r\n\r\n")
+        for level in ("info", "debug"):
+            logs.set_level(level)
+            _, transport = self.send(request)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"), transport.value())
+        lines = [(e["method"], e["path"], e["code"]) for e in events if e.get("log_format", "").startswith("API {method}")]
+        self.assertEqual((self.site.requests, lines), (2, [("GET", "/api/v1/readers", 200)]))
+
+
 class Cors(ApiCase):
     def test_preflight_of_an_allowed_origin(self):
         code, body, h = self.call("OPTIONS", "/api/v1/readers", headers={

@@ -32,6 +32,7 @@ import orjson
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import CancelledError
+from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
@@ -41,7 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from .. import errors
 from ..access import full_access
 from ..dispatch import Session
-from ..logs import Logger, RateLimitedLog
+from ..logs import Logger, RateLimitedLog, enabled
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, Command, make_command, parse_apdu
 from .rest import REASONS, _Channel
 
@@ -225,8 +226,9 @@ class ApiSite(Site):
     def log(self, request):
         self.requests += 1
         self.bytes_out += request.sentLength
-        self._logger.debug("API {method} {path} -> {code}", method=request.method.decode("ascii", "replace"),
-                           path=request.path.decode("ascii", "replace"), code=request.code)
+        if enabled(LogLevel.debug):  # else its fields alone cost 4 % of a request
+            self._logger.debug("API {method} {path} -> {code}", method=request.method.decode("ascii", "replace"),
+                               path=request.path.decode("ascii", "replace"), code=request.code)
 
 
 class ApiSession:
