@@ -102,9 +102,10 @@ class ReadersAndTransmit(ApiCase):
             got = self.call("POST", path, body)
             self.assertEqual((got[0], got[1]["error"]["code"]), (status, code), (path, body))
             self.assertIsInstance(got[1]["error"]["message"], str)
-        got = self.call("POST", "/api/v1/readers/Emulated%2000/transmit", raw=b"{not json")
-        self.assertEqual((got[0], got[1]["error"]["code"]), (400, errors.MALFORMED))
-        # deeply nested JSON (Python's parser gives up with RecursionError): 400, no traceback
+        for raw in (b"{not json", b"\xef\xbb\xbf{}", b'{"apdus": ["00A4000C023F00"], "x": NaN}', b'{"a": "\xff"}'):
+            got = self.call("POST", "/api/v1/readers/Emulated%2000/transmit", raw=raw)
+            self.assertEqual((got[0], got[1]["error"]["code"]), (400, errors.MALFORMED), raw)
+        # deeply nested JSON: 400, no traceback
         for path in ("/api/v1/readers/Emulated%2000/transmit", "/api/v1/sessions", "/api/v1.0/command",
                      "/api/v1/certificates/X/sign"):
             got = self.call("POST", path, raw=b"[" * 100000)
