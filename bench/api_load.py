@@ -7,11 +7,13 @@ of 4 emulated cards (no card latency), check every answer
 (treq, one persistent connection per client) or over one WebSocket per
 client (Autobahn).  Reported per transport and client count: APDUs/s,
 latency p50/p99 and the proxy's CPU per APDU (utime+stime of the twistd
-process from /proc over the measured window, as bench/loadgen.py reads it).
+process from /proc over the measured window, as bench/loadgen.py reads it);
+each round's line also gives the machine's steal time over the window (the
+hypervisor running others on our cores: a round with steal was disturbed).
 The clients run in this process under one Twisted reactor.
 
     .venv/bin/python bench/api_load.py [--clients 1,10,50] [--duration 5] [--rounds N]
-        [--build LABEL=SRC ...] [--floor] [--write]
+        [--build LABEL=SRC ...] [--transports http,ws] [--floor] [--write]
 
 ``--floor`` adds, to the WebSocket loads, a bare Autobahn server with the
 proxy's options answering a fixed transmit answer (``serve_floor``): what
@@ -33,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from bench.loadgen import _percentile, proc_cpu  # noqa: E402
+from bench.loadgen import _percentile, machine_steal, proc_cpu  # noqa: E402
 from bench.run import KEEP_MARK  # noqa: E402
 from support import HOST, ProxyProcess  # noqa: E402
 
@@ -121,10 +123,10 @@ def run_load(base, transport, clients, duration, warmup, pid):
         loops = [http_client(n, pool) if transport == "http" else ws_client(n) for n in range(clients)]
         yield task.deferLater(reactor, warmup, lambda: None)
         stats.measuring = True
-        cpu0, t0 = proc_cpu(pid), time.perf_counter()
+        cpu0, t0, steal0 = proc_cpu(pid), time.perf_counter(), machine_steal()
         yield task.deferLater(reactor, duration, lambda: None)
         stats.measuring = False
-        cpu1, t1 = proc_cpu(pid), time.perf_counter()
+        cpu1, t1, steal1 = proc_cpu(pid), time.perf_counter(), machine_steal()
         stop[0] = True
         yield defer.DeferredList(loops).addTimeout(10, reactor)
         yield pool.closeCachedConnections()
@@ -134,7 +136,9 @@ def run_load(base, transport, clients, duration, warmup, pid):
                       apdus_per_s=n / (t1 - t0),
                       p50_ms=_percentile(lat, 50) * 1000 if lat else None,
                       p99_ms=_percentile(lat, 99) * 1000 if lat else None,
-                      cpu_us_per_apdu=(cpu1 - cpu0) * 1e6 / n if n and cpu0 is not None else None)
+                      cpu_us_per_apdu=(cpu1 - cpu0) * 1e6 / n if n and cpu0 is not None else None,
+                      steal_pct=(100 * (steal1[0] - steal0[0]) / max(steal1[1] - steal0[1], 1e-9)
+                                 if steal0 and steal1 else None))
 
     def report(_):
         print(json.dumps(result), flush=True)
@@ -142,7 +146,8 @@ def run_load(base, transport, clients, duration, warmup, pid):
     task.react(lambda r: main(r).addCallback(report))  # exits the process (this is a --one child)
 
 
-def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),), floor=False):
+def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),), floor=False,
+            transports=("http", "ws")):
     """Run every load ``rounds`` times, one proxy each (a fresh reactor per
     process: the loads run in child processes of this script); the
     ``builds`` (label, src: a tree whose ``src`` goes first on the proxy's
@@ -153,7 +158,7 @@ def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),), fl
 
     rows = {}
     for n in range(rounds):
-        for transport in ("http", "ws"):
+        for transport in transports:
             for clients in clients_list:
                 for label, src in list(builds) + ([("floor", None)] if floor and transport == "ws" else []):
                     env = dict(os.environ)
@@ -171,7 +176,8 @@ def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),), fl
                     rows.setdefault((label, transport, clients), []).append(r)
                     print(f"round {n + 1} {label:6} {transport:4} {clients:3} clients: {r['apdus_per_s']:8,.0f} "
                           f"APDUs/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
-                          f"{r['cpu_us_per_apdu']:.0f} us proxy CPU/APDU  errors {r['errors']}", flush=True)
+                          f"{r['cpu_us_per_apdu']:.0f} us proxy CPU/APDU  errors {r['errors']}  "
+                          f"steal {r.get('steal_pct') or 0:.1f}%", flush=True)
     return [combine(runs) for runs in rows.values()]
 
 
@@ -290,6 +296,7 @@ def main(argv=None):
     ap.add_argument("--build", action="append", metavar="LABEL=SRC",
                     help="a proxy build to measure: the src directory of a tree of this project "
                          "(e.g. an older commit from git archive); repeatable; default: this checkout")
+    ap.add_argument("--transports", default="http,ws", help="http, ws or both (default)")
     ap.add_argument("--floor", action="store_true",
                     help="also measure a bare Autobahn WebSocket server under the same loads (the library's floor)")
     ap.add_argument("--write", action="store_true")
@@ -308,7 +315,8 @@ def main(argv=None):
     if any(len(b) != 2 for b in builds):
         raise SystemExit("--build LABEL=SRC, e.g. --build before=/tmp/before/src")
     rows = measure([min(int(c), 500) for c in args.clients.split(",")], args.duration, args.warmup,
-                   max(1, min(args.rounds, 10)), builds, args.floor)
+                   max(1, min(args.rounds, 10)), builds, args.floor,
+                   [t for t in ("http", "ws") if t in args.transports.split(",")])
     text = table(rows)
     print("\n" + text)
     if args.write:

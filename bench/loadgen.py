@@ -63,6 +63,18 @@ def machine_busy():
     return (sum(ticks) - ticks[3] - ticks[4]) / _TICK
 
 
+def machine_steal():
+    """(steal, all) CPU seconds of all cores since boot (/proc/stat): time
+    the hypervisor ran something else while a core of this machine wanted
+    to run, or None."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    return ticks[7] / _TICK, sum(ticks) / _TICK
+
+
 def proc_status(pid, key):
     """A ``kB`` value (``VmRSS``, ``VmHWM``...) of /proc/PID/status in bytes, or None."""
     if not pid:
