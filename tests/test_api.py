@@ -143,6 +143,13 @@ class Auth(ApiCase):
             self.assertEqual(body["error"]["code"], errors.BAD_PIN)
         self.assertEqual(self.call("GET", "/api/v1/readers", headers={"Authorization": f"bearer {TOKEN}"})[0], 200)
 
+    def test_websocket_upgrade_with_a_wrong_token_is_a_json_401(self):
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "MDEyMzQ1Njc4OWFiY2RlZg=="}
+        code, body, h = self.call("GET", "/api/v1/ws", headers={**upgrade, "Authorization": "Bearer wrong"})
+        self.assertEqual((code, body["error"]["code"]), (401, errors.BAD_PIN))
+        self.assertEqual(h.getRawHeaders("www-authenticate"), ['Bearer realm="cloudfoxy-proxy"'])
+
     def test_check_is_one_small_function(self):
         auth = api.BearerAuth(TOKEN)
         self.assertEqual(auth.check(f"Bearer {TOKEN}".encode()), "token")
@@ -392,6 +399,25 @@ class FoxyProxy210(ApiCase):
                                                                          "command": {"nonce": "1", "line": "RESET"}}})
         self.assertEqual((code, body), (200, [{"response": [{"id": "1", "line": errors.NOT_FOUND}]}]))
 
+    def test_nonces_are_strings_or_numbers(self):
+        deep = "[" * 1000 + "]" * 1000  # deeper than Python's recursion limit lets str() or json go
+        raw = ('{"data": {"reader": "Emulated 01", "commands": [{"nonce": 5, "line": "APDU:00A4000C023F00"}, '
+               '{"nonce": 1.5, "line": "APDU:00A4000C023F00"}, {"nonce": true, "line": "RESET"}, '
+               '{"nonce": {"a": [1]}, "line": "RESET"}, {"nonce": %s, "line": "RESET"}, '
+               '{"nonce": null, "line": "RESET"}]}}' % deep)  # all but the first two are skipped (no nonce)
+        code, body, _ = self.call("POST", "/api/v1.0/command", raw=raw.encode())
+        self.assertEqual((code, body), (200, [{"response": [{"id": "5", "line": "9000"},
+                                                            {"id": "1.5", "line": "9000"}]}]))
+        raw = '{"data": {"reader": "Emulated 01", "commands": [{"nonce": %s, "line": "RESET"}]}}' % deep
+        code, body, _ = self.call("POST", "/api/v1.0/command", raw=raw.encode())
+        self.assertEqual((code, body["error"]["code"]), (400, errors.MALFORMED))
+
+    def test_reader_must_be_a_name(self):
+        for reader in (5, None, {"name": "Emulated 01"}, ["Emulated 01"]):
+            code, body, _ = self.call("POST", "/api/v1.0/command", {"data": {"reader": reader, "commands": [
+                {"nonce": "1", "line": "APDU:00A4000C023F00"}]}})
+            self.assertEqual((code, body["error"]["message"]), (400, "reader must be a reader name"), reader)
+
     def test_malformed_command(self):
         for body in ({}, {"data": {"commands": []}}, {"data": {"reader": "x"}}, [],
                      {"data": {"reader": "x", "commands": [{"line": "RESET"}]}}):
@@ -448,6 +474,19 @@ class WebSocketMessages(ApiCase):
         ws = self.socket(identity=None)  # ... also before authenticating
         ws.onMessage(b"[" * 4000, False)
         self.assertEqual(ws.sent.pop()["error"]["code"], errors.MALFORMED)
+
+    def test_ids_are_echoed_and_must_be_scalars(self):
+        ws = self.socket()
+        for mid in ("a\u2028\x01", 7, -0.5, 2 ** 63, None, "x" * 1000):
+            answer = self.say(ws, {"id": mid, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]})
+            self.assertEqual(answer, {"id": mid, "atr": None, "responses": ["9000"]})
+        for mid in ("true", "[1]", '{"a": 1}', "[" * 1000 + "]" * 1000):  # deeper than json.dumps goes
+            ws.onMessage(('{"id": %s, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}' % mid).encode(), False)
+            self.assertEqual(ws.sent.pop(), {"id": None, "error": {"code": errors.MALFORMED,
+                                                                   "message": "id must be a string, a number or null"}})
+        ws = self.socket(identity=None)  # before authenticating too: not authenticated by it
+        self.assertEqual(self.say(ws, {"id": [[1]], "auth": TOKEN})["error"]["code"], errors.MALFORMED)
+        self.assertIsNone(ws.identity)
 
     def test_auth_message(self):
         ws = self.socket(identity=None)
@@ -592,6 +631,69 @@ class WebSocketFrames(ApiCase):
         self.assertEqual(self.answers(client_frame(1, b'{"id": NaN}'))[0]["error"]["code"], errors.MALFORMED)
         msg = json.dumps({"id": 4, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}).encode()
         self.assertEqual(self.answers(client_frame(1, msg)), [{"id": 4, "atr": None, "responses": ["9000"]}])
+
+
+    def test_a_deep_id_is_an_error_answer_not_a_dropped_connection(self):
+        msg = b'{"id": ' + b"[" * 1000 + b"]" * 1000 + b', "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}'
+        self.ws.dataReceived(b"".join(client_frame(1, msg[i:i + 100], fin=False) if i == 0 else
+                                      client_frame(0, msg[i:i + 100], fin=i + 100 >= len(msg))
+                                      for i in range(0, len(msg), 100)))
+        self.assertEqual(server_messages(self.transport.value())[0]["error"]["code"], errors.MALFORMED)
+        self.assertFalse(self.transport.disconnecting)
+
+
+class WebSocketFailures(SynchronousTestCase):
+    """A client that breaks a limit or the protocol gets a close frame with
+    the code (failByDrop off), and Autobahn's lines about it go through the
+    API's rate-limited client log."""
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        self.case = WebSocketFrames("test_one_message_one_frame")
+        self.case.setUp()
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def connect(self, headers=f"Authorization: Bearer {TOKEN}\r\n"):
+        ws = self.case.resource.ws_factory.buildProtocol(None)
+        transport = StringTransport()
+        ws.makeConnection(transport)
+        ws.dataReceived(("GET /api/v1/ws HTTP/1.1\r\nHost: proxy.test\r\nUpgrade: websocket\r\n"
+                         "Connection: Upgrade\r\nSec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
+                         f"Sec-WebSocket-Version: 13\r\n{headers}\r\n").encode())
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 "))
+        transport.clear()
+        return ws, transport
+
+    @staticmethod
+    def close_code(data):
+        self_ = data[:2]
+        assert self_[0] == 0x88, data  # FIN, close
+        return int.from_bytes(data[2:4], "big")
+
+    def test_too_big_before_authenticating_is_closed_with_1009(self):
+        ws, transport = self.connect(headers="")
+        ws.dataReceived(client_frame(1, b"x" * 100, fin=False) + client_frame(0, b"x" * 125, fin=False)
+                        + b"".join(client_frame(0, b"x" * 125, fin=False) for _ in range(40)))
+        self.assertEqual(self.close_code(transport.value()), 1009)
+
+    def test_protocol_violation_is_closed_with_1002(self):
+        ws, transport = self.connect()
+        ws.dataReceived(bytes([0x81, 5]) + b"hello")  # an unmasked client frame
+        self.assertEqual(self.close_code(transport.value()), 1002)
+
+    def test_autobahn_lines_are_rate_limited_and_name_the_peer(self):
+        for _ in range(30):
+            ws, transport = self.connect()
+            ws.dataReceived(bytes([0x81, 5]) + b"hello")
+        lines = [e for e in self.events if "failing WebSocket connection" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 10)  # RateLimitedLog: 10 lines per 10 s, then a summary
+        self.assertEqual(lines[0]["peer"], "192.168.1.1")  # StringTransport's peer
+        self.assertIn("WebSocket client {peer}: ", lines[0]["log_format"])
+        self.case.clock.advance(11)
+        self.assertTrue(any("suppressed" in (e.get("log_format") or "") for e in self.events))
 
 
 class Json(SynchronousTestCase):

@@ -389,12 +389,14 @@ class ApiResource(Resource):
             request.setHeader(b"vary", b"Origin")
         if request.method == b"OPTIONS":
             return self.preflight(request, allowed)
+        authorization = request.getHeader(b"authorization")
         if request.path == b"/api/v1/ws":
             if origin is not None and self.cors_origins and not allowed:
                 return self._error(request, ApiError(403, "origin not allowed"))
-            return self.websocket.render(request)
-        identity = self.auth.check(request.getHeader(b"authorization"))
-        if identity is None:  # _ApiChannel refused it already; kept for in-memory use
+            if authorization is None or self.auth.check(authorization) is not None:
+                return self.websocket.render(request)  # without a header: the first message authenticates
+        identity = self.auth.check(authorization)
+        if identity is None:  # _ApiChannel refused it already but for a WebSocket; kept for in-memory use
             self.auth_failed()
             request.setHeader(b"www-authenticate", b'Bearer realm="cloudfoxy-proxy"')
             return self._error(request, ApiError(401, "unauthorized: send Authorization: Bearer TOKEN"))
@@ -630,16 +632,18 @@ class ApiResource(Resource):
         if not isinstance(items, list) or len(items) > MAX_APDUS:
             raise ApiError(400, f"commands must be a list of at most {MAX_APDUS}")
         commands = []
+        if not isinstance(data["reader"], str):
+            raise ApiError(400, "reader must be a reader name")
         for item in items:
             cid = item.get("nonce", item.get("id")) if isinstance(item, dict) else None
             line = item.get("line") if isinstance(item, dict) else None
-            if cid is None or not isinstance(line, str):
+            if cid.__class__ is bool or not isinstance(cid, (str, int, float)) or not isinstance(line, str):
                 continue  # FoxyProxy skips such items
-            cid = str(cid)
+            cid = cid if isinstance(cid, str) else to_json(cid).decode("ascii")
             commands.append(make_command([cid] + line.split(":", 2)))
         if not commands:
-            raise ApiError(400, "no command has both nonce (or id) and line")
-        reader = data["reader"] if isinstance(data["reader"], str) else ""
+            raise ApiError(400, "no command has both nonce (or id: a string or a number) and line")
+        reader = data["reader"]
         pin = data.get("password") if isinstance(data.get("password"), str) else None
         d = self.dispatcher.submit(reader, commands, password=pin, session=api_session("api"))
         return d.addCallback(lambda lines: [{"response": [{"id": c, "line": r} for c, r in lines]}])
@@ -713,6 +717,40 @@ def buffered_bytes(transport):
     return 0
 
 
+class _AutobahnLog:
+    """Autobahn's log of one API WebSocket: its debug lines as the proxy's
+    (``--log-level``), the others (a failed handshake, a protocol
+    violation, a closing handshake that timed out: all caused by the
+    client) through the front end's rate-limited client log, naming the
+    peer."""
+
+    _debug = Logger(namespace="autobahn")
+
+    def __init__(self, client_log, peer):
+        self.client_log = client_log
+        self.peer = getattr(peer, "host", peer)
+
+    def debug(self, format, **fields):
+        self._debug.debug(format, **fields)
+
+    def _client(self, level, format, **fields):
+        if "peer" not in fields:
+            format, fields["peer"] = "WebSocket client {peer}: " + format, self.peer
+        self.client_log.emit(level, format, **fields)
+
+    def info(self, format, **fields):
+        self._client(LogLevel.info, format, **fields)
+
+    def warn(self, format, **fields):
+        self._client(LogLevel.warn, format, **fields)
+
+    def error(self, format, **fields):
+        self._client(LogLevel.error, format, **fields)
+
+    def __getattr__(self, name):  # any other level Autobahn may use: as debug
+        return self.debug
+
+
 class ApiWebSocket(WebSocketServerProtocol):
     """One WebSocket client: ``{"id", "reader", "reset", "apdus"}`` is
     answered ``{"id", "atr", "responses"}`` or ``{"id", "error"}``;
@@ -739,6 +777,7 @@ class ApiWebSocket(WebSocketServerProtocol):
             self.transport = guard
 
     def connectionMade(self):
+        self.log = _AutobahnLog(self.factory.api.client_log, self.transport.getPeer())
         self._as_tls(super().connectionMade)
 
     def _onOpen(self):
@@ -828,6 +867,9 @@ class ApiWebSocket(WebSocketServerProtocol):
         if not isinstance(msg, dict):
             return self.send({"id": None, "error": {"code": errors.MALFORMED, "message": "send JSON objects"}})
         mid = msg.get("id")
+        if mid is not None and (mid.__class__ is bool or not isinstance(mid, (str, int, float))):
+            return self.send({"id": None, "error": {"code": errors.MALFORMED,
+                                                    "message": "id must be a string, a number or null"}})
         api = self.factory.api
         if self.identity is None:
             self.identity = api.auth.check_token(msg.get("auth"))
@@ -932,8 +974,10 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         self.api = api
         # Bounded messages (a transmit of MAX_APDUS short APDUs fits).
         # Incoming text is not UTF-8-checked twice: from_json rejects bad UTF-8.
+        # A client that breaks the protocol or a limit gets a close frame
+        # with the code and reason (RFC 6455 section 7.4), not a bare drop.
         self.setProtocolOptions(maxFramePayloadSize=MAX_WS_MESSAGE, maxMessagePayloadSize=MAX_WS_MESSAGE,
-                                utf8validateIncoming=False)
+                                utf8validateIncoming=False, failByDrop=False)
 
 
 def make_api_service(config, dispatcher, registry, reactor, limits):
