@@ -48,7 +48,7 @@ class RetryLogger(Logger):
         super().emit(LogLevel.debug if level == LogLevel.info else level, format, **kwargs)
 
 
-class _Levels:
+class Levels:
     """``debug``/``info``/``warn``/``error`` over ``emit``."""
 
     __slots__ = ()
@@ -66,7 +66,7 @@ class _Levels:
         self.emit(LogLevel.error, format, **fields)
 
 
-class RateLimitedLog(_Levels):
+class RateLimitedLog(Levels):
     """Log lines a client can cause, at most ``lines`` per ``period`` seconds.
 
     Use one instance per kind of client-caused event (refused connections,
@@ -158,7 +158,7 @@ class SummaryService(Service):
         return super().stopService()
 
 
-class _BoundLog(_Levels):
+class _BoundLog(Levels):
     """``RateLimitedLog.bind``: the same limiter, with fields added."""
 
     __slots__ = ("_limited", "_fields", "_prefix")

@@ -42,7 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from .. import errors
 from ..access import full_access
 from ..dispatch import Session
-from ..logs import Logger, RateLimitedLog, enabled
+from ..logs import Levels, Logger, RateLimitedLog, enabled
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, Command, make_command, parse_apdu
 from .rest import REASONS, _Channel
 
@@ -717,7 +717,7 @@ def buffered_bytes(transport):
     return 0
 
 
-class _AutobahnLog:
+class _AutobahnLog(Levels):
     """Autobahn's log of one API WebSocket: its debug lines as the proxy's
     (``--log-level``), the others (a failed handshake, a protocol
     violation, a closing handshake that timed out: all caused by the
@@ -730,22 +730,12 @@ class _AutobahnLog:
         self.client_log = client_log
         self.peer = getattr(peer, "host", peer)
 
-    def debug(self, format, **fields):
-        self._debug.debug(format, **fields)
-
-    def _client(self, level, format, **fields):
+    def emit(self, level, format, **fields):
+        if level == LogLevel.debug:
+            return self._debug.emit(level, format, **fields)
         if "peer" not in fields:
             format, fields["peer"] = "WebSocket client {peer}: " + format, self.peer
         self.client_log.emit(level, format, **fields)
-
-    def info(self, format, **fields):
-        self._client(LogLevel.info, format, **fields)
-
-    def warn(self, format, **fields):
-        self._client(LogLevel.warn, format, **fields)
-
-    def error(self, format, **fields):
-        self._client(LogLevel.error, format, **fields)
 
     def __getattr__(self, name):  # any other level Autobahn may use: as debug
         return self.debug
