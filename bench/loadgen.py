@@ -51,28 +51,29 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _cpu_ticks():
+    """The first 8 counters of /proc/stat's ``cpu`` line (user nice system
+    idle iowait irq softirq steal, all cores), or None."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
 def machine_busy():
     """CPU seconds all cores spent busy since boot (/proc/stat: all but idle
     and iowait), or None."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            fields = f.readline().split()[1:]
-    except OSError:
-        return None
-    ticks = [int(x) for x in fields[:8]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / _TICK
+    ticks = _cpu_ticks()
+    return None if ticks is None else (sum(ticks) - ticks[3] - ticks[4]) / _TICK
 
 
 def machine_steal():
     """(steal, all) CPU seconds of all cores since boot (/proc/stat): time
     the hypervisor ran something else while a core of this machine wanted
     to run, or None."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError, IndexError):
-        return None
-    return ticks[7] / _TICK, sum(ticks) / _TICK
+    ticks = _cpu_ticks()
+    return None if ticks is None else (ticks[7] / _TICK, sum(ticks) / _TICK)
 
 
 def proc_status(pid, key):

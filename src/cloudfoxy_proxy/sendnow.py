@@ -34,10 +34,8 @@ def write_now(transport, data):
             and not transport.dataBuffer):
         try:
             sent = transport.socket.send(data)
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # full, interrupted, or an error the write path below meets and closes on as usual
             sent = 0
-        except OSError:
-            sent = 0  # the write path below meets the same error and closes as usual
         if sent == len(data):
             return
         data = data[sent:]

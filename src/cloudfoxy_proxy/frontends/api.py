@@ -97,6 +97,13 @@ def from_json(data):
     return orjson.loads(data)
 
 
+def is_message_id(value):
+    """Whether a client's ``id`` (or FoxyProxy ``nonce``), echoed in its
+    answer, is a string or a number (not a boolean, not a container: those
+    could be nested deeper than any JSON writer goes)."""
+    return value.__class__ is not bool and isinstance(value, (str, int, float))
+
+
 def dump(obj):
     """A JSON answer's bytes (one line, so curl output ends with a newline)."""
     return to_json(obj) + b"\n"
@@ -390,12 +397,12 @@ class ApiResource(Resource):
         if request.method == b"OPTIONS":
             return self.preflight(request, allowed)
         authorization = request.getHeader(b"authorization")
+        identity = self.auth.check(authorization)
         if request.path == b"/api/v1/ws":
             if origin is not None and self.cors_origins and not allowed:
                 return self._error(request, ApiError(403, "origin not allowed"))
-            if authorization is None or self.auth.check(authorization) is not None:
+            if authorization is None or identity is not None:
                 return self.websocket.render(request)  # without a header: the first message authenticates
-        identity = self.auth.check(authorization)
         if identity is None:  # _ApiChannel refused it already but for a WebSocket; kept for in-memory use
             self.auth_failed()
             request.setHeader(b"www-authenticate", b'Bearer realm="cloudfoxy-proxy"')
@@ -637,7 +644,7 @@ class ApiResource(Resource):
         for item in items:
             cid = item.get("nonce", item.get("id")) if isinstance(item, dict) else None
             line = item.get("line") if isinstance(item, dict) else None
-            if cid.__class__ is bool or not isinstance(cid, (str, int, float)) or not isinstance(line, str):
+            if not is_message_id(cid) or not isinstance(line, str):
                 continue  # FoxyProxy skips such items
             cid = cid if isinstance(cid, str) else to_json(cid).decode("ascii")
             commands.append(make_command([cid] + line.split(":", 2)))
@@ -857,7 +864,7 @@ class ApiWebSocket(WebSocketServerProtocol):
         if not isinstance(msg, dict):
             return self.send({"id": None, "error": {"code": errors.MALFORMED, "message": "send JSON objects"}})
         mid = msg.get("id")
-        if mid is not None and (mid.__class__ is bool or not isinstance(mid, (str, int, float))):
+        if mid is not None and not is_message_id(mid):
             return self.send({"id": None, "error": {"code": errors.MALFORMED,
                                                     "message": "id must be a string, a number or null"}})
         api = self.factory.api
