@@ -36,7 +36,7 @@ import os
 import socket
 import struct
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
@@ -333,6 +333,15 @@ class GuardedFactory(WrappingFactory):
         super().__init__(wrappedFactory)
         self.limits = limits
         self.client_log = limits.client_log
+        # TLS asks the factory under it which protocols to accept in ALPN
+        # (IProtocolNegotiationFactory); hiding that interface makes
+        # Twisted answer every client that offers ALPN with an alert.
+        if IProtocolNegotiationFactory.providedBy(wrappedFactory):
+            directlyProvides(self, IProtocolNegotiationFactory)
+
+    def acceptableProtocols(self):
+        """The wrapped factory's ALPN protocols (IProtocolNegotiationFactory)."""
+        return self.wrappedFactory.acceptableProtocols()
 
     def logPrefix(self):
         inner = self.wrappedFactory
