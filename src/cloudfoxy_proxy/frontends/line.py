@@ -2,6 +2,8 @@
 (``LineFramer``), flow control and writing responses (``LineProtocol``).
 Parsing lives in ``parser``, execution in ``dispatch``."""
 
+import re
+
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -27,6 +29,34 @@ TERMINATOR = "@@\n"
 #: many bytes wait unprocessed, then stops reading from it.  Below that,
 #: nothing is paused or resumed: no system call on the hot path.
 READ_AHEAD = 64 * 1024
+
+
+#: An HTTP request line (RFC 9112 section 3: ``METHOD SP target SP
+#: HTTP/version``, any token method, ``PRI * HTTP/2.0`` included) or a
+#: header line every browser sends: a connection with such a line is an
+#: HTTP client, in practice a web page's ``fetch``/form POST
+#: (docs/protocol.md "HTTP requests are refused").  Only lines that do not
+#: start with ``>`` are matched against these; a method may not start with
+#: ``#`` (a ``#`` line is the protocol's comment/signal).
+HTTP_REQUEST_LINE = re.compile(
+    rb"[ \t]*[!$%&'*+.^_`|~0-9A-Za-z-][!#$%&'*+.^_`|~0-9A-Za-z-]*[ \t]+[^ \t]+[ \t]+HTTP/[^ \t]*\s*",
+    re.IGNORECASE)
+HTTP_HEADER_LINE = re.compile(
+    rb"[ \t]*(?:host|origin|referer|user-agent|content-type|content-length|connection|upgrade|cookie"
+    rb"|accept|accept-encoding|accept-language|sec-[a-z0-9-]+)[ \t]*:", re.IGNORECASE)
+#: The start of a request line that is too long to be framed (an over-long
+#: line's first 80 bytes): a method, then a request target.
+HTTP_REQUEST_START = re.compile(rb"[ \t]*[A-Z]+ +(?:/|\*|https?://)", re.IGNORECASE)
+
+
+def http_line(line, overlong=False):
+    """What makes ``line`` (bytes) HTTP: ``"request line"``, ``"header
+    line"`` or None.  ``overlong``: ``line`` is only the start of a line."""
+    if HTTP_HEADER_LINE.match(line):
+        return "header line"
+    if (HTTP_REQUEST_START.match(line) if overlong else HTTP_REQUEST_LINE.fullmatch(line)):
+        return "request line"
+    return None
 
 
 #: What ``LineFramer.next`` found.
@@ -267,10 +297,33 @@ class LineProtocol(Protocol):
                 if request is None:
                     return
             else:
+                # Only a line that does not start with ">" can be HTTP.
+                if value[:1] != b">" and self._http(value, kind is OVERLONG):
+                    return
                 request = parser.overlong(value) if kind is OVERLONG else parser.line(value)
                 if request is None:
                     continue
             self._run(request)
+
+    def _http(self, line, overlong):
+        """A browser's HTTP request (a web page's fetch or form POST to
+        this port, docs/protocol.md "HTTP requests are refused"): close the
+        connection at once, before the request this line is part of, or
+        any later one, runs (the body of a POST would be line-protocol
+        lines).  True when it closed."""
+        what = http_line(line, overlong)
+        if what is None:
+            return False
+        self._closed = True
+        self._out = []  # nothing is answered
+        self._framer.clear()  # the pending request never completes: nothing runs once closed
+        self.factory.cross_protocol += 1
+        self.factory.client_log.warn(
+            "client {peer}: closed: an HTTP {what} on the line-protocol port "
+            "(cross-protocol request, e.g. from a web page)", peer=self.session.peer, what=what)
+        abort = getattr(self.transport, "abortConnection", None)
+        (abort or self.transport.loseConnection)()
+        return True
 
     def _run(self, request):
         self.factory.requests += 1
@@ -340,6 +393,9 @@ class LineFactory(Factory):
         self.connections = 0
         # counters read by metrics.Metrics (the front end "line")
         self.requests = self.auth_failures = self.bytes_in = self.bytes_out = 0
+        #: connections closed for speaking HTTP (LineProtocol._http)
+        self.cross_protocol = 0
 
     def buildProtocol(self, addr):
         return LineProtocol(self)
+
