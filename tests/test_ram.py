@@ -514,9 +514,10 @@ class OptionsTests(SynchronousTestCase):
             self.parse("--ram-connect", "ftp://h/x=Emulated 00")
         config = self.file("c.toml", 'ram-connect = ["http://h/rt/z=Emulated 01"]\n')
         self.assertEqual(self.parse("--config", config)["ram-connect"], [("http://h/rt/z", "Emulated 01")])
-        o = self.parse("--ram-approved-urls", self.file("u", "# ok\nhttps://h/rt/\n"), "--ram-reader", "E")
+        o = self.parse("--ram-approved-urls", self.file("u", "# ok\nhttps://h/rt/\nhttps://h/x Emulated 01\n"),
+                       "--ram-reader", "E")
         self.assertEqual(o["ram-daemon"], "tcp:27001:interface=127.0.0.1:backlog=1024")
-        self.assertEqual(o["ram-approved-url-list"], ["https://h/rt/"])
+        self.assertEqual(o["ram-approved-url-list"], [("https://h/rt/", None), ("https://h/x", "Emulated 01")])
         with self.assertRaisesRegex(usage.UsageError, "needs --ram-approved-urls"):
             self.parse("--ram-daemon", "tcp:0")
         with self.assertRaisesRegex(usage.UsageError, "no URL in the file"):

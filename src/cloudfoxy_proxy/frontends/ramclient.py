@@ -19,7 +19,7 @@ only when a reused connection died before the answer is the identical
 import struct
 import zlib
 from http.cookies import CookieError, SimpleCookie
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -343,37 +343,65 @@ MAX_DAEMON_SESSIONS = 4
 
 
 def read_approved_urls(path):
-    """``--ram-approved-urls FILE``: one URL a line (``#`` comments), each
-    exact or a prefix ending in ``/``; ValueError with a one-line reason."""
+    """``--ram-approved-urls FILE``: one ``URL [READER]`` a line (``#``
+    comments).  URL is exact or a prefix ending in ``/``; READER, after
+    white space, is the reader sessions of that URL run on (it may contain
+    spaces; without it, ``--ram-reader``).  Returns ``[(url, reader or
+    None)]``; ValueError with a one-line reason naming the file and line."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--ram-approved-urls {path!r}: {getattr(e, 'strerror', None) or e}") from None
-    urls = []
+    entries = []
+    seen = {}
     for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if not line.lower().startswith(("http://", "https://")):
+        fields = line.split(None, 1)
+        url = fields[0]
+        reader = fields[1].strip() if len(fields) > 1 else None
+        if not url.lower().startswith(("http://", "https://")) or not urlsplit(url).netloc:
             raise ValueError(f"--ram-approved-urls {path!r} line {n}: not an http:// or https:// URL")
-        urls.append(line)
-    if not urls:
+        if url in seen:
+            raise ValueError(f"--ram-approved-urls {path!r} line {n}: {url} is given twice "
+                             f"(first on line {seen[url]})")
+        seen[url] = n
+        entries.append((url, reader))
+    if not entries:
         raise ValueError(f"--ram-approved-urls {path!r}: no URL in the file")
-    return urls
+    return entries
 
 
-def approved(url, urls):
-    """``url`` equals an approved URL or starts with one ending in ``/``."""
-    return any(url == u or (u.endswith("/") and url.startswith(u)) for u in urls)
+def approved(url, entries):
+    """The entry ``(approved URL, reader or None)`` of ``entries`` (as
+    ``read_approved_urls`` gives; a plain string is a URL without a
+    reader) that ``url`` equals, else the longest that ends in ``/`` and
+    ``url`` starts with; None when ``url`` is not approved."""
+    best = None
+    for entry in entries:
+        u, reader = (entry, None) if isinstance(entry, str) else entry
+        if url == u:
+            return u, reader
+        if u.endswith("/") and url.startswith(u) and (best is None or len(u) > len(best[0])):
+            best = u, reader
+    return best
 
 
 class RamDaemonResource(Resource):
     """``GET /<anything>.png?url=U&sessionId=S[&reader=R]`` (OCF's daemon):
     one RamClient session, answered with PASSED_PNG or FAILED_PNG.
 
+    The caller (any web page: the trigger is an ``<img>``) chooses neither
+    the server nor the card: ``U`` must be approved (``approved_urls``, as
+    ``read_approved_urls`` gives), and the session runs on the reader
+    configured for it, else on ``default_reader`` (``--ram-reader``); with
+    neither, or with a ``reader=`` naming another reader, nothing starts.
+
     Query values are taken as sent (OCF does not URL-decode them); a value
-    starting ``http%3A``/``https%3A`` is decoded.  ``pinrequired=`` other
+    starting ``http%3A``/``https%3A`` is decoded, and ``reader=`` matches
+    the configured reader as sent or URL-decoded.  ``pinrequired=`` other
     than 0 is refused (failed image): the proxy has no PIN source for it."""
 
     isLeaf = True
@@ -398,24 +426,29 @@ class RamDaemonResource(Resource):
         if url.lower().startswith(("http%3a", "https%3a")):
             url = unquote(url)
         session_id = params.get("sessionId") or None
-        reader = params.get("reader") or self.default_reader
-        if reader and "%" in reader:
-            reader = unquote(reader)
-        why = None
+        asked = params.get("reader") or None
+        why = reader = None
         if not path.lower().endswith(b".png"):
             why = "the path does not end in .png"
         elif not url:
             why = "no url="
         elif params.get("pinrequired", "0") not in ("", "0"):
             why = "pinrequired= is not supported (no PIN source)"
-        elif not approved(url, self.approved_urls):
-            why = f"{url[:200]} is not in --ram-approved-urls"
-        elif not reader:
-            why = "no reader= and no --ram-reader"
-        elif len(self.running) >= MAX_DAEMON_SESSIONS:
-            why = f"{MAX_DAEMON_SESSIONS} sessions running"
+        else:
+            entry = approved(url, self.approved_urls)
+            if entry is None:
+                why = f"{url[:200]} is not in --ram-approved-urls"
+            else:
+                reader = entry[1] or self.default_reader
+                if not reader:
+                    why = f"no reader for {entry[0][:200]} in --ram-approved-urls and no --ram-reader"
+                elif asked is not None and reader not in (asked, unquote(asked), unquote_plus(asked)):
+                    why = f"reader= {asked[:100]!r} is not the reader configured for {entry[0][:200]}"
+                elif len(self.running) >= MAX_DAEMON_SESSIONS:
+                    why = f"{MAX_DAEMON_SESSIONS} sessions running"
         if why is not None:
-            self.client_log.warn("RAM daemon request refused: {why}", why=why)
+            self.client_log.warn("client {peer}: RAM daemon request refused: {why}",
+                                 peer=self._peer(request), why=why)
             return self._image(request, FAILED, why)  # twisted.web writes it and Content-Length
         client = RamClient(self.dispatcher, reader, url, self.clock, session_id=session_id)
         self.running.add(client)
@@ -431,6 +464,13 @@ class RamDaemonResource(Resource):
 
         client.run().addCallback(done)
         return NOT_DONE_YET
+
+    @staticmethod
+    def _peer(request):
+        """``host:port`` of the request's client, for log lines."""
+        address = request.getClientAddress()
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        return f"{host}:{port}" if host is not None else str(address)
 
     @staticmethod
     def _image(request, outcome, text):
