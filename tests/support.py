@@ -409,3 +409,30 @@ def wait_for(predicate, timeout=20.0, interval=0.1, what=None):
     if not value and what is not None:
         raise AssertionError(f"timed out waiting for {what}")
     return value
+
+
+def memory_core(dispatcher, clock=None, header_timeout=10.0, **limits):
+    """A frontends.base.Core over ``dispatcher`` for in-memory tests of a
+    front end (``limits``: ConnectionLimits arguments, e.g. buffered_bytes)."""
+    from twisted.application.service import MultiService
+
+    from cloudfoxy_proxy.frontends.base import Core
+    from cloudfoxy_proxy.limits import ConnectionLimits
+
+    clock = clock or dispatcher.clock
+    return Core(reactor=clock, dispatcher=dispatcher, registry=dispatcher.registry,
+                limits=ConnectionLimits(clock, **limits), service=MultiService(),
+                header_timeout=header_timeout)
+
+
+def site_treq(site):
+    """A treq.testing.StubTreq whose requests reach ``site`` (an HttpSite:
+    its channel judges every request head, as on a real listener) from
+    127.0.0.1.  treq's StubTreq builds a plain Site around a resource; its
+    agent's ``_serverFactory`` is replaced here, the one place tests reach
+    into treq."""
+    from treq.testing import StubTreq
+
+    stub = StubTreq(site.resource)
+    stub._agent._serverFactory = site
+    return stub

@@ -66,7 +66,9 @@ class Harness:
         self.clock = Clock()
         self.registry = ReaderRegistry()
         EmulatedBackend(self.clock, [Iso7816Card(serial=i) for i in range(cards)]).start(self.registry)
-        self.dispatcher = Dispatcher(self.registry, self.clock, 15.0, password, access=access)
+        if access is None and password is not None:
+            access = Access(simple=[(password, None)])  # simple mode: one client password
+        self.dispatcher = Dispatcher(self.registry, self.clock, 15.0, access=access)
         self.factory = LineFactory(self.dispatcher)
 
     def connect(self, host="127.0.0.1", port=40000):
@@ -349,14 +351,16 @@ class EmulatedPinFileTests(SynchronousTestCase):
 
 
 class RestTests(SynchronousTestCase):
-    """The REST front end asks the same dispatcher (restapi._Channel)."""
+    """The REST front end asks the same dispatcher (the HTTP base, frontends/http.py)."""
 
     def setUp(self):
+        from support import memory_core
+
         from cloudfoxy_proxy.frontends import rest as restapi
 
         self.h = Harness(load_credentials(write(CREDENTIALS)))
-        resource = restapi.RestResource(self.h.dispatcher, self.h.registry, None, self.h.clock)
-        self.site = restapi.RestSite(resource, reactor=self.h.clock, timeout=None)
+        resource = restapi.RestResource(self.h.dispatcher, self.h.registry, self.h.clock)
+        self.site = restapi.RestSite(resource, memory_core(self.h.dispatcher, self.h.clock))
 
     def get(self, path, token, host="10.0.0.9"):
         peer = IPv4Address("TCP", host, 5555)

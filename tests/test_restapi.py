@@ -4,7 +4,7 @@ cards are emulated; a Clock drives card latency and timeouts."""
 
 import base64
 
-from treq.testing import StubTreq
+from support import memory_core, site_treq
 from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -13,9 +13,11 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from cloudfoxy_proxy import limits, tap
+from cloudfoxy_proxy import limits
+from cloudfoxy_proxy.frontends.base import Listener
 from cloudfoxy_proxy.frontends import rest
 from cloudfoxy_proxy.interfaces import IBackend, ReaderInfo
+from cloudfoxy_proxy.access import Access
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.dispatch import Dispatcher
@@ -75,9 +77,14 @@ class RestApiTests(SynchronousTestCase):
             ReaderInfo("/10.0.0.1@3", "CloudFoxy 10.0.0.1@3", aliases=("shared alias",), present=False),
         ])
         self.manual.start(self.registry)
-        self.dispatcher = Dispatcher(self.registry, self.clock, command_timeout=5.0)
-        self.resource = rest.RestResource(self.dispatcher, self.registry, TOKEN, self.clock)
-        self.http = StubTreq(self.resource)
+        self.serve(Access(simple=[(TOKEN, "rest")]))
+
+    def serve(self, access):
+        """The REST front end on the HTTP base over this dispatcher's cards."""
+        self.dispatcher = Dispatcher(self.registry, self.clock, command_timeout=5.0, access=access)
+        self.resource = rest.RestResource(self.dispatcher, self.registry, self.clock)
+        self.site = rest.RestSite(self.resource, memory_core(self.dispatcher, self.clock))
+        self.http = site_treq(self.site)
 
     def get(self, path, token=TOKEN, **params):
         headers = {"X-Auth-Token": token} if token is not None else {}
@@ -123,11 +130,14 @@ class RestApiTests(SynchronousTestCase):
     def test_token_is_required(self):
         with capturedLogs() as events:
             for token in (None, "bad-guess", TOKEN + "x", ""):
-                code, body = self.answer(self.get("/api/v1/hello", token=token))
+                d = self.get("/api/v1/hello", token=token)
+                self.clock.advance(5)  # guesses after the third are answered later (access.Throttle)
+                code, body = self.answer(d)
                 self.assertEqual(code, 401, token)
                 self.assertIn("X-Auth-Token", body)
-                code, _ = self.basic(token=token, terminal="/Emulated 00", apdu="00A4000C023F00")
-                self.assertEqual(code, 401)
+                d = self.get("/api/v1/basic", token=token, terminal="/Emulated 00", apdu="00A4000C023F00")
+                self.clock.advance(5)
+                self.assertEqual(self.answer(d)[0], 401)
         text = " ".join(formatEvent(e) for e in events)
         self.assertIn("refused", text)
         self.assertNotIn("bad-guess", text)  # never log what was sent
@@ -247,8 +257,13 @@ class RestApiTests(SynchronousTestCase):
         self.assertEqual(self.answer(live), (200, "6100\n"))
 
     def test_client_password_does_not_apply_to_rest(self):
-        self.dispatcher.password = "line-password"
-        self.assertEqual(self.basic(terminal="/Emulated 00", apdu="00A4000C023F00"), (200, "9000\n"))
+        """The line protocol's client password (--client-password-file: a
+        secret of front end ``line``) is no X-Auth-Token; the REST token is."""
+        self.serve(Access(simple=[("line-password", "line"), (TOKEN, "rest")]))  # as tap.py builds it
+        select = {"terminal": "/Emulated 00", "apdu": "00A4000C023F00"}
+        code, body = self.answer(self.get("/api/v1/basic", token="line-password", **select))
+        self.assertEqual((code, body.startswith("C085 unauthorized")), (401, True))
+        self.assertEqual(self.basic(**select), (200, "9000\n"))
 
 
 class EarlyRefusalTests(SynchronousTestCase):
@@ -257,7 +272,8 @@ class EarlyRefusalTests(SynchronousTestCase):
 
     def setUp(self):
         RestApiTests.setUp(self)
-        self.site = rest.RestSite(self.resource, reactor=self.clock, timeout=None)
+
+    serve = RestApiTests.serve
 
     def connect(self):
         peer = IPv4Address("TCP", "10.0.0.9", 5555)
@@ -278,7 +294,7 @@ class EarlyRefusalTests(SynchronousTestCase):
         self.assertIsNone(channel.requests[-1].content)  # no body buffer, no temporary file
         channel.dataReceived(b"a" * (1 << 20))
         self.assertEqual(t.value(), answer)  # the body goes nowhere
-        self.assertIn("REST request from 10.0.0.9 refused: a request body", formatEvent(events[0]))
+        self.assertIn("rest request from 10.0.0.9:5555 refused (413)", formatEvent(events[0]))
 
     def test_no_token_is_401_before_the_body(self):
         for token in (b"", b"X-Auth-Token: wrong\r\n"):
@@ -288,29 +304,29 @@ class EarlyRefusalTests(SynchronousTestCase):
             head, _, body = t.value().partition(b"\r\n\r\n")
             self.assertTrue(head.startswith(b"HTTP/1.1 401 Unauthorized"), head)
             self.assertIn(b"www-authenticate: x-auth-token", head.lower())
-            self.assertEqual(body, b"unauthorized: send the X-Auth-Token header\n")
+            self.assertEqual(body, b"C085 unauthorized: send your secret as the X-Auth-Token header\n")
             self.assertTrue(t.disconnecting)
         self.assertEqual(self.emulated.cards[0].transmit(bytes.fromhex("00A4000C023F00")), b"\x90\x00")
 
-    def test_chunked_body_with_token_is_413(self):
+    def test_chunked_body_with_token_is_411(self):
         channel, t = self.connect()
         channel.dataReceived(b"GET /api/v1/hello HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + TOKEN.encode()
                              + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        self.assertTrue(t.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 411 "))
         self.assertTrue(t.disconnecting)
 
     def test_request_heads_share_the_buffered_bytes_budget(self):
-        self.site = rest.RestSite(self.resource, buffers=limits.BufferBudget(total=100_000, free=4096),
-                                     reactor=self.clock, timeout=None)
+        self.site = rest.RestSite(self.resource, memory_core(self.dispatcher, self.clock,
+                                                             buffered_bytes=100_000))
         big, tb = self.connect()
         big.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=" + b"0" * 90_000)
-        self.assertEqual(self.site.buffers.used, len(big._buffer) - 4096)
+        self.assertEqual(self.site.buffers.used, len(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=") + 90_000 - 4096)
         other, to = self.connect()
         with capturedLogs() as events:
             other.dataReceived(b"GET /api/v1/basic?terminal=/Emulated%2000&apdu=" + b"0" * 20_000)
         self.assertTrue(to.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), to.value())
         self.assertTrue(to.disconnecting)
-        self.assertIn("REST request from 10.0.0.9 refused", formatEvent(events[0]))
+        self.assertIn("rest request from 10.0.0.9:5555 refused", formatEvent(events[0]))
         small, ts = self.connect()  # short requests are still served
         small.dataReceived(b"GET /api/v1/hello HTTP/1.1\r\nHost: x\r\nX-Auth-Token: " + TOKEN.encode() + b"\r\n\r\n")
         self.assertTrue(ts.value().startswith(b"HTTP/1.1 200 OK"))
@@ -330,27 +346,28 @@ class EarlyRefusalTests(SynchronousTestCase):
 
 
 class ServiceTests(SynchronousTestCase):
-    def test_settings_are_validated(self):
-        self.assertRaises(ValueError, rest.RestSettings, endpoint="tcp:0", token=" ")
-        self.assertRaises(ValueError, rest.RestSettings, endpoint="", token=TOKEN)
-        self.assertEqual(rest.RestSettings(endpoint="tcp:0", token=TOKEN).token, TOKEN)
+    def test_settings_come_from_the_options(self):
+        self.assertEqual(rest.REST.settings({"rest": "tcp:0"}), [rest.RestSettings(endpoint="tcp:0")])
+        self.assertEqual(rest.REST.settings({"rest": None}), [])
 
     def test_make_rest_service(self):
         reactor = MemoryReactorClock()
         registry = ReaderRegistry()
-        settings = rest.RestSettings(endpoint="tcp:0:interface=127.0.0.1", token=TOKEN)
-        service = rest.make_rest_service(settings, Dispatcher(registry, reactor), registry, reactor)
-        self.assertIsInstance(service, tap.Listener)  # a busy port is one line, like -p
+        core = memory_core(Dispatcher(registry, reactor), reactor)
+        service = rest.REST.make_service(rest.RestSettings(endpoint="tcp:0:interface=127.0.0.1"), core)
+        self.assertIsInstance(service, Listener)  # a busy port is one line, like -p
         self.assertIsInstance(service.factory, limits.GuardedFactory)  # counted with the other front ends
-        self.assertIsInstance(service.factory.wrappedFactory, rest.RestSite)
-        self.assertIsNone(service.factory.wrappedFactory.timeOut)  # idle connections: limits.py's job
-        self.assertIs(service.factory.wrappedFactory.buffers, service.factory.limits.buffers)
+        self.assertIs(service.factory.limits, core.limits)
+        site = service.factory.wrappedFactory
+        self.assertIsInstance(site, rest.RestSite)
+        self.assertIsNone(site.timeOut)  # idle connections: limits.py's job
+        self.assertIs(site.buffers, core.limits.buffers)
+        self.assertIs(core.stats["rest"], site.counters)  # counted for --metrics
         self.assertEqual(service.factory.logPrefix(), "Site")  # tests find the port by "Site starting on N"
         service.startService()
         self.assertEqual(reactor.tcpServers[0][0], 0)
         self.assertEqual(reactor.tcpServers[0][3], "127.0.0.1")
         service.stopService()
 
-    def test_token_is_needed(self):
-        registry = ReaderRegistry()
-        self.assertRaises(ValueError, rest.RestResource, Dispatcher(registry, Clock()), registry, "", Clock())
+    def test_an_empty_token_is_refused(self):
+        self.assertRaises(ValueError, Access, simple=[("", "rest")])

@@ -36,9 +36,11 @@ import sys
 
 from .parser import COMMANDS
 
-#: The front-end names a client's ``frontends`` may list.
-FRONTENDS = ("line", "rest", "api", "ram", "vpcd")
-#: Commands an identity's ``commands`` may list (PROTOCOL.md 1.3).
+#: The front-end names a client's ``frontends`` may list: ``ram`` is the
+#: RAMOverHTTP server's clients (who attach a card), ``metrics`` the
+#: metrics and status listener.
+FRONTENDS = ("line", "rest", "api", "ram", "metrics")
+#: Commands an identity's ``commands`` may list (docs/protocol.md "Commands").
 KNOWN_COMMANDS = frozenset(COMMANDS - {"EMPTYLINE"})
 #: Commands simple mode answers without a password (as before identities).
 OPEN_IN_SIMPLE_MODE = frozenset(("READERS", "LIST", "ENUM", "ALIASES", "CHAIN", "PERSONALIZE"))
@@ -96,9 +98,6 @@ class Identity:
                 return True
         return False
 
-    def may(self, command):
-        return self.commands is None or command in self.commands
-
     def serves(self, frontend):
         return self.frontends is None or frontend in self.frontends
 
@@ -145,10 +144,10 @@ class Access:
     def __init__(self, by_hash=None, by_cert=None, simple=(), allow_anonymous=False):
         self.by_hash = dict(by_hash or {})
         self.by_cert = dict(by_cert or {})
-        self.simple = [(s, f, full_access("client" if f is None else f)) for s, f in simple]
+        self.simple = []
         self.allow_anonymous = allow_anonymous
         self.anonymous = full_access("anonymous")
-        self._modes()
+        self.add_simple(simple)
 
     def __eq__(self, other):
         """Same secrets, certificates, identities and settings (config checks)."""
@@ -165,12 +164,20 @@ class Access:
         #: secret applies to is open (protected mode)
         self.modes = {f: self.mode if self.mode != "simple" or any(
             only is None or only == f for _s, only, _i in self.simple) else "open" for f in FRONTENDS}
-        #: commands answered without a secret
-        self.open_commands = OPEN_IN_SIMPLE_MODE if self.mode == "simple" else frozenset()
+        #: front end -> commands answered without a secret there (simple
+        #: mode's listings; none in protected mode or with identities)
+        self.open_commands = {f: OPEN_IN_SIMPLE_MODE if m == "simple" else frozenset()
+                              for f, m in self.modes.items()}
 
     def add_simple(self, simple):
-        """Add simple mode's secrets (``[(secret, frontend or None)]``)."""
-        self.simple += [(s, f, full_access("client" if f is None else f)) for s, f in simple]
+        """Add simple mode's secrets: ``(secret, frontend or None[, name])``
+        each, an identity with full access named ``name`` (default: the
+        front end's name, or ``client``)."""
+        for secret, frontend, *name in simple:
+            if not secret:
+                raise ValueError("an empty secret would let anybody in")
+            name = name[0] if name else ("client" if frontend is None else frontend)
+            self.simple.append((secret, frontend, full_access(name)))
         self._modes()
 
     def check(self, given, frontend):

@@ -74,26 +74,21 @@ class Dispatcher:
     """Executes requests against the reader registry.
 
     ``clock`` bounds every backend call with ``command_timeout`` seconds;
-    ``access`` (an access.Access) says who may use which reader, command
-    and front end: :meth:`identify` is the one place every front end's
-    requests are checked (docs/security.md).  ``password``, when set and
-    ``access`` is not, is simple mode's client password, required on the
-    reader line of card commands (``READER:PASSWORD``; for SIGN
-    ``ALIAS:PASSWORD:PIN``, see docs/signing.md).  ``signing``, when set
-    (tap.py sets a certindex.CertIndex), answers ENUM, ALIASES, CHAIN and
-    SIGN.  ``audit``, when set, is an audit.AuditLog.
+    ``access`` (an access.Access; None: ``Access()``, no credentials, i.e.
+    protected mode) says who may use which reader, command and front end:
+    :meth:`identify` is the one place every front end's requests are
+    checked (docs/security.md).  ``signing``, when set (tap.py sets a
+    signing.index.CertIndex), answers ENUM, ALIASES, CHAIN and SIGN.
+    ``audit``, when set, is an audit.AuditLog.
     """
 
     log = Logger()
 
-    def __init__(self, registry, clock, command_timeout=15.0, password=None, access=None):
+    def __init__(self, registry, clock, command_timeout=15.0, access=None):
         self.registry = registry
         self.clock = clock
         self.command_timeout = command_timeout
-        self.password = password
-        if access is None:
-            access = Access(simple=[(password, None)] if password is not None else [])
-        self.access = access
+        self.access = Access() if access is None else access
         self.throttle = Throttle()
         self.auth_log = RateLimitedLog(clock, self.log, what="authentication failures")
         self._protected_warned = {}  # peer hosts told about protected mode (bounded)
@@ -320,6 +315,12 @@ class Dispatcher:
         return self.signing.sign(reader, request.reader, pin, command.data, command.obj)
 
 
+#: What a step of ``_Run.step`` gives when its command cannot go on: its
+#: result line is in (on to the next command), or the request waits.
+_ANSWERED = object()
+_WAITING = object()
+
+
 class _Run:
     """One request in progress: a trampoline over its commands that only
     becomes asynchronous when a card is busy or a backend answers later."""
@@ -352,7 +353,11 @@ class _Run:
         self._sleep = None  # the delay of a throttled failed authentication
 
     def step(self):
-        """Run commands until done (True) or waiting (False)."""
+        """Run commands until done (True) or waiting (False): each is
+        authorized (``_authorize``), answered without a card
+        (``_call_simple``) or run on its reader once the request has its
+        turn there (``_enter_queue``, then ``_call_batch`` or
+        ``_call_backend``)."""
         self._stepping = True
         try:
             commands = self.request.commands
@@ -363,62 +368,26 @@ class _Run:
                 if command.error is not None:
                     self._result(command.error)
                     continue
-                identity = self.identity
-                open_commands = self.d.access.open_commands
-                if identity is None and command.name not in open_commands:
-                    identity, self.pin, delay = self.d.identify(self.request, self.session)
-                    self.identity = identity
-                    if delay:
-                        self._sleep = deferLater(self.d.clock, delay, lambda: identity)
-                        if not self._wait(self._sleep):
-                            return False
-                        continue
-                if identity is None or (identity.__class__ is str and command.name in open_commands):
-                    identity = None  # simple mode: listings need no password (a wrong one is ignored)
-                elif identity.__class__ is str:
-                    self._result(identity)
+                identity = self._authorize(command)
+                if identity is _ANSWERED:
                     continue
-                elif identity.commands is not None and command.name not in identity.commands:
-                    self._result(errors.BAD_PIN)  # a command this client may not use
-                    continue
+                if identity is _WAITING:
+                    return False
                 if command.name not in CARD_COMMANDS:
-                    result = self.d.simple(command, self.session, self.request, identity)
-                    if isinstance(result, Deferred):  # ENUM/ALIASES/CHAIN waiting for a probe
-                        if not self._wait(result):
-                            return False
-                        continue
-                    self._result(result)
+                    if not self._call_simple(command, identity):
+                        return False
                     continue
                 reader = self.reader
                 if reader is None:
                     reader = self.reader = self.d.target(self.request, identity)
-                if isinstance(reader, str):
+                if reader.__class__ is str:  # a result code: no such reader for this client
                     self._result(reader)
                     continue
-                if not self.holding:
-                    queue = reader.queue
-                    card = self.session.card
-                    if card is not None and card.reader is reader:
-                        queue = card.queue  # the holder's requests (CardSession)
-                        self.card = card
-                    elif reader.exclusive and reader.holder is not None and reader.holder is not self.session:
-                        self._result(errors.UPSTREAM)  # reserved (docs/vpcd.md, exclusive=1)
-                        continue
-                    self.queue = queue
-                    try:
-                        got = queue.acquire(self)
-                    except QueueFull:
-                        self.d.client_log.info("client {peer}: queue of {reader} is full (--max-queue)",
-                                               peer=self.session.peer, reader=reader.name)
-                        self._result(errors.UPSTREAM)
-                        continue
-                    if not got:
-                        self._pending = True
-                        return False
-                    self.holding = True
-                if self.card is not None and self.card.state != CardSession.HELD:
-                    self._result(errors.NO_CARD)  # the card session ended: its card state is gone
+                entered = self._enter_queue(reader)
+                if entered is _ANSWERED:
                     continue
+                if entered is _WAITING:
+                    return False
                 if reader.batch is not None and command.name != SIGN:
                     end = self._run_end()
                     if end:
@@ -431,6 +400,80 @@ class _Run:
             return True
         finally:
             self._stepping = False
+
+    def _authorize(self, command):
+        """Who runs ``command``: an access.Identity, or None for simple
+        mode's listings (they need no secret; a wrong one is ignored).
+        ``_ANSWERED`` when it may not run (its line is the refusal: C085,
+        or the code ``Dispatcher.identify`` gave), ``_WAITING`` while a
+        throttled refusal waits.  The request's secret is judged once, at
+        its first command that needs one."""
+        identity = self.identity
+        name = command.name
+        if identity is not None and identity.__class__ is not str:  # known: the common case
+            if identity.commands is not None and name not in identity.commands:
+                self._result(errors.BAD_PIN)  # a command this client may not use
+                return _ANSWERED
+            return identity
+        open_commands = self.d.access.open_commands.get(self.session.frontend, ())
+        if identity is None and name not in open_commands:
+            identity, self.pin, delay = self.d.identify(self.request, self.session)
+            self.identity = identity
+            if delay:
+                self._sleep = deferLater(self.d.clock, delay, lambda: identity)
+                return _ANSWERED if self._wait(self._sleep) else _WAITING
+        if identity is None or (identity.__class__ is str and name in open_commands):
+            return None
+        if identity.__class__ is str:
+            self._result(identity)
+            return _ANSWERED
+        if identity.commands is not None and name not in identity.commands:
+            self._result(errors.BAD_PIN)  # a command this client may not use
+            return _ANSWERED
+        return identity
+
+    def _call_simple(self, command, identity):
+        """Answer a command that needs no card (``Dispatcher.simple``);
+        False if its answer comes later (ENUM/ALIASES/CHAIN waiting for a
+        probe)."""
+        result = self.d.simple(command, self.session, self.request, identity)
+        if isinstance(result, Deferred):
+            return self._wait(result)
+        self._result(result)
+        return True
+
+    def _enter_queue(self, reader):
+        """Take the request's turn on ``reader``, once: in its card's queue,
+        or in the queue of the card session this connection holds on it
+        (kept until ``_release``).  None when the command may run;
+        ``_ANSWERED`` when it may not (another connection reserved the
+        reader, the queue is full, the card session ended); ``_WAITING``
+        until the queue grants the turn (``granted``)."""
+        if not self.holding:
+            queue = reader.queue
+            card = self.session.card
+            if card is not None and card.reader is reader:
+                queue = card.queue  # the holder's requests (CardSession)
+                self.card = card
+            elif reader.exclusive and reader.holder is not None and reader.holder is not self.session:
+                self._result(errors.UPSTREAM)  # reserved (docs/vpcd.md, exclusive=1)
+                return _ANSWERED
+            self.queue = queue
+            try:
+                got = queue.acquire(self)
+            except QueueFull:
+                self.d.client_log.info("client {peer}: queue of {reader} is full (--max-queue)",
+                                       peer=self.session.peer, reader=reader.name)
+                self._result(errors.UPSTREAM)
+                return _ANSWERED
+            if not got:
+                self._pending = True
+                return _WAITING
+            self.holding = True
+        if self.card is not None and self.card.state != CardSession.HELD:
+            self._result(errors.NO_CARD)  # the card session ended: its card state is gone
+            return _ANSWERED
+        return None
 
     def _call_backend(self, reader, command):
         """Run one card command; False if its answer comes later."""
@@ -451,11 +494,11 @@ class _Run:
                              backend=backend.description, reader=reader.name)
             self._result(errors.INTERNAL)
             return True
+        if type(result) is bytes and command.name == APDU and 2 <= len(result) <= MAX_RESPONSE:
+            self._result(result.hex().upper())  # the hot path
+            return True
         if not isinstance(result, Deferred):
-            if type(result) is bytes and command.name == APDU and 2 <= len(result) <= MAX_RESPONSE:
-                self._result(result.hex().upper())  # the hot path
-            else:
-                self._result(self._value(result, command.name, reader))
+            self._result(self._value(result, command.name, reader))
             return True
         self._pending = True
         self._call = result

@@ -1,5 +1,6 @@
 """The interfaces of the core: ``IBackend`` (what every card source implements),
-``ReaderInfo`` (one reader a backend reports) and the attrs validator ``provides``.
+``IFrontend`` (what every way in implements), ``ReaderInfo`` (one reader a
+backend reports) and the attrs validator ``provides``.
 
 The service that starts and stops a backend is ``backends/service.py``.
 """
@@ -55,6 +56,35 @@ class IBackend(Interface):
 
     def transmit(key, apdu):
         """Send the command APDU (bytes) to reader ``key``; the response APDU as bytes."""
+
+
+class IFrontend(Interface):
+    """A way in for clients: the line protocol, CloudFoxy REST, the JSON API,
+    RAMOverHTTP, the vpcd bridge, metrics/status...
+
+    A front end never talks to a backend: it turns its wire protocol into
+    requests for ``core.dispatcher`` (``frontends.base.Core``), whose
+    ``identify`` is the one access check.  ``tap.makeService`` imports a
+    front end's module only when its option is given (``frontends.TABLE``),
+    then calls ``settings`` and, for each settings object, ``make_service``.
+    """
+
+    name = Attribute("The front end's name: in --credentials ``frontends``, audit lines, metrics labels.")
+
+    def settings(options):
+        """Typed settings (attrs instances) from the validated command-line
+        options (a dict-like ``tap.Options``): one per service to build,
+        none when the front end is not configured."""
+
+    def make_service(settings, core):
+        """An ``IService`` serving one ``settings`` with ``core``
+        (``frontends.base.Core``); a listener is a ``frontends.base.Listener``
+        from ``core.listen``, so its connections count in the shared limits."""
+
+    def listeners(settings):
+        """``[(endpoint description, option)]``: where ``settings`` listens
+        for clients (the start-up warning about listeners reachable from
+        outside loopback without authentication names them)."""
 
 
 #: A response APDU: at most 65,536 data bytes (extended Le, ISO 7816-4

@@ -67,22 +67,6 @@ class ReaderStats:
                    if result != "OK" and (code is None or result == code))
 
 
-class FrontendStats:
-    """Counters of one front end (``line``, ``rest``...).  Any object with
-    these five attributes can stand for a front end: the line protocol's
-    LineFactory keeps them itself."""
-
-    __slots__ = ("connections", "requests", "auth_failures", "bytes_in", "bytes_out")
-
-    def __init__(self):
-        self.connections = 0  # open now
-        self.requests = 0
-        #: no front end authenticates with identities of its own yet: 0 for now
-        self.auth_failures = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-
 class Metrics:
     """All counters of one proxy process.
 
@@ -99,6 +83,8 @@ class Metrics:
         self.readers = {}  # Reader -> ReaderStats (the hot-path lookup)
         self.by_name = {}  # label value -> ReaderStats
         self.none = ReaderStats(NO_READER)
+        #: front-end name -> counters (frontends.base.FrontendStats), the
+        #: core's ``stats``: every front end registers itself there
         self.frontends = {}
         self.started = clock()
 
@@ -134,14 +120,6 @@ class Metrics:
         self.readers[reader] = stats
         return stats
 
-    def frontend(self, name, counters=None):
-        """Register ``counters`` (an object with FrontendStats' attributes,
-        a new FrontendStats when None) as the front end ``name``; returns it."""
-        if counters is None:
-            counters = FrontendStats()
-        self.frontends[name] = counters
-        return counters
-
     def stats_of(self, reader):
         """The ReaderStats a reader is counted in (made on first use)."""
         return self.readers.get(reader) or self._stats_for(reader)
@@ -171,11 +149,14 @@ def _cumulative(buckets):
 class Collector:
     """A prometheus_client collector over :class:`Metrics` (and the
     readiness of ``ready``, a callable returning a list of reasons, empty
-    when ready)."""
+    when ready).  ``sees`` (``access.Identity.sees``, or None: every
+    reader) limits the readers it names to those a scraper may see: no
+    label of another reader, and no ``(other)`` group mixing them."""
 
-    def __init__(self, metrics, ready=None):
+    def __init__(self, metrics, ready=None, sees=None):
         self.metrics = metrics
         self.ready = ready
+        self.sees = sees
 
     def describe(self):
         return []
@@ -195,6 +176,10 @@ class Collector:
         present = GaugeMetricFamily("foxyproxy_reader_present",
                                     "1 when the reader is listed and has a card.", labels=["reader"])
         groups = list(m.by_name.values()) + [m.none]
+        sees = self.sees
+        if sees is not None:
+            get = m.registry.get
+            groups = [g for g in groups if g is m.none or (get(g.name) is not None and sees(get(g.name)))]
         for stats in groups:
             for (kind, result), n in sorted(stats.counts.items()):
                 commands.add_metric([stats.name, kind, result], n)
@@ -204,6 +189,8 @@ class Collector:
         for reader in m.registry.readers:
             if listed >= m.max_readers:
                 break
+            if sees is not None and not sees(reader):
+                continue
             listed += 1
             queue.add_metric([reader.name], len(reader.queue))
             busy.add_metric([reader.name], 1 if reader.queue.busy else 0)
@@ -220,7 +207,8 @@ class Collector:
                                          labels=["backend"])
         for backend in m.backends:
             name = m.backend_names[id(backend)]
-            readers.add_metric([name], len(m.backend_readers(backend)))
+            readers.add_metric([name], len([r for r in m.backend_readers(backend)
+                                            if sees is None or sees(r)]))
             errors.add_metric([name], m.backend_upstream_errors(backend))
             reconnects.add_metric([name], getattr(backend, "reconnects", 0))
         yield from (readers, errors, reconnects)

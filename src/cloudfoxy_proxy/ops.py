@@ -162,6 +162,8 @@ class ProxyService(MultiService):
         super().__init__()
         self.clock = clock
         self.drain_timeout = drain_timeout
+        #: the frontends.base.Core every front end was built with (tap.py)
+        self.core = None
         self.dispatcher = None
         self.readiness = None
         self.logfile = None

@@ -3,16 +3,15 @@
 import re
 import sys
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from . import backends, config_file, limits, logs, ops
+from . import backends, config_file, frontends, limits, logs, ops
 from .backends.service import BackendService
 from .dispatch import Dispatcher
+from .frontends.base import Core
 from .registry import ReaderRegistry
+from .frontends.line import DEFAULT_MAX_LINE
 from .secrets import read_secret as load_secret
-from .frontends.line import DEFAULT_MAX_LINE, LineFactory
 
 DEFAULT_PORT = "4001"
 DEFAULT_BACKEND = "emulated:"
@@ -93,6 +92,9 @@ class Options(usage.Options):
          "recently active idle connection is closed, or the newcomer is."],
         ["idle-timeout", None, str(int(limits.DEFAULT_IDLE_TIMEOUT)),
          "Close client connections idle this many seconds (not those waiting on a card); 0: never."],
+        ["header-timeout", None, "10",
+         "Seconds an HTTP client has to send a whole request head once it started one "
+         "(never more than --idle-timeout); then the connection is closed."],
         ["max-buffered-bytes", None, str(limits.DEFAULT_BUFFER_BUDGET),
          "Bytes all client connections together may hold unprocessed beyond 4096 each; over it, "
          "a long partial line is dropped (C084; REST: 431) or reading pauses."],
@@ -240,6 +242,7 @@ class Options(usage.Options):
         self["max-connections"] = self._number("max-connections", int, 1, 1000000)
         self["max-connections-per-peer"] = self._number("max-connections-per-peer", int, 1, 1000000)
         self["idle-timeout"] = self._number("idle-timeout", float, 0, 86400 * 365)
+        self["header-timeout"] = self._number("header-timeout", float, 0.1, 3600)
         self["max-buffered-bytes"] = self._number("max-buffered-bytes", int, 65536, 1 << 40)
         self["max-queue"] = self._number("max-queue", int, 1, 1000000)
         self["drain-timeout"] = self._number("drain-timeout", float, 0, 3600)
@@ -271,10 +274,11 @@ class Options(usage.Options):
         if self["api"] is not None:
             self["api"] = check_endpoint("api", self["api"])
             self["api-token"] = read_secret("api-token-file", self["api-token-file"], "FOXYPROXY_API_TOKEN")
-            if not self["api-token"]:
-                raise usage.UsageError("--api needs a token: --api-token-file FILE or env FOXYPROXY_API_TOKEN")
-        self["access"] = self._access()
+            if not self["api-token"] and not self["credentials"]:
+                raise usage.UsageError("--api needs a token: --api-token-file FILE, env FOXYPROXY_API_TOKEN, "
+                                       "or client secrets in --credentials FILE")
         self._validate_ram()
+        self["access"] = self._access()
         settings = backends.BackendSettings(
             token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
         makers = []
@@ -300,10 +304,13 @@ class Options(usage.Options):
         self["ram-max-sessions"] = self._number("ram-max-sessions", int, 1, 100000)
         self["ram-session-timeout"] = self._number("ram-session-timeout", float, 1, 86400)
         self["ram-done-after"] = self._number("ram-done-after", float, 0, 86400 * 365)
+        self["ram-tokens"] = {}
         if self["ram"] is not None:
             self["ram"] = check_endpoint("ram", self["ram"])
-            if not self["ram-token-file"]:
-                raise usage.UsageError("--ram needs --ram-token-file FILE (lines NAME SECRET)")
+            if not self["ram-token-file"] and not self["credentials"]:
+                raise usage.UsageError("--ram needs --ram-token-file FILE (lines NAME SECRET) or client "
+                                       "secrets in --credentials FILE")
+        if self["ram"] is not None and self["ram-token-file"]:
             try:
                 self["ram-tokens"] = read_named_secrets("--ram-token-file", self["ram-token-file"])
             except ValueError as e:
@@ -327,9 +334,13 @@ class Options(usage.Options):
         """The access.Access of the options (docs/security.md)."""
         from .access import Access, load_credentials
 
-        simple = [(self["client-password"], "line")] if self["client-password"] else []
-        if self.get("rest-token"):
-            simple.append((self["rest-token"], "rest"))
+        # The single-token options: each secret one identity with full
+        # access on its front end (simple mode); --ram-token-file's NAMEs
+        # are the identities of RAM clients (reader "RAM NAME").
+        simple = [(self[key], frontend) for key, frontend in (
+            ("client-password", "line"), ("rest-token", "rest"), ("api-token", "api"),
+            ("metrics-token", "metrics")) if self.get(key)]
+        simple += [(secret, "ram", name) for name, secret in (self.get("ram-tokens") or {}).items()]
         if self["credentials"]:
             try:
                 access = load_credentials(self["credentials"], self["allow-anonymous"])
@@ -351,33 +362,6 @@ class Options(usage.Options):
         return number
 
 
-class Listener(StreamServerEndpointService):
-    """A listening endpoint that fails start-up with one clear line naming
-    the endpoint and the option that gave it (e.g. ``cannot listen on
-    tcp:4001 (--api): Address already in use``) instead of a traceback."""
-
-    def __init__(self, endpoint, factory, description, option=None):
-        super().__init__(endpoint, factory)
-        self.description = description
-        self.option = option
-        self._raiseSynchronously = True
-
-    def privilegedStartService(self):
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            self._fail(reason)
-        except Exception as e:  # e.g. a TLS key file that cannot be read
-            self._fail(str(e) or e.__class__.__name__)
-
-    def _fail(self, reason):
-        option = f" ({self.option})" if self.option else ""
-        sys.stderr.write(f"twistd foxyproxy: cannot listen on {self.description}{option}: {reason}\n")
-        sys.stderr.flush()
-        raise SystemExit(1)
-
-
 def raise_file_limit():
     """Allow as many open files as the hard limit permits (many clients)."""
     try:
@@ -393,52 +377,55 @@ def raise_file_limit():
 _LOOPBACK_INTERFACE = re.compile(r"(?:^|:)interface=(?:127\.[0-9.]+|\\:\\:1|::1|localhost)(?::|$)")
 
 
-def warn_open_listeners(config, access):
-    """Say at start-up which listeners outside loopback have no authentication."""
+def warn_open_listeners(listeners, access):
+    """Say at start-up which listeners outside loopback have no
+    authentication: ``listeners`` is ``[(endpoint, option, front end)]``."""
     from .logs import Logger
 
     log = Logger(namespace="cloudfoxy_proxy.access")
-    if access.mode != "open":
-        return
-    for description in config["endpoints"]:
+    for description, option, frontend in listeners:
+        if access.modes.get(frontend, access.mode) != "open":
+            continue
         if description.startswith(("unix:", "systemd:")) or _LOOPBACK_INTERFACE.search(description):
             continue
         if access.allow_anonymous:
-            log.warn("listener {listener} is reachable from outside loopback with NO authentication "
-                     "(--allow-anonymous): anyone who reaches it can use every card",
-                     listener=description)
+            log.warn("listener {listener} ({option}) is reachable from outside loopback with NO "
+                     "authentication (--allow-anonymous): anyone who reaches it can use every card",
+                     listener=description, option=option)
         else:
-            log.warn("listener {listener} is reachable from outside loopback with no authentication: "
-                     "protected mode, only loopback clients are served; use --credentials FILE "
-                     "(docs/security.md) or --allow-anonymous", listener=description)
+            log.warn("listener {listener} ({option}) is reachable from outside loopback with no "
+                     "authentication: protected mode, only loopback clients are served; use "
+                     "--credentials FILE (docs/security.md) or --allow-anonymous",
+                     listener=description, option=option)
 
 
 def makeService(config, reactor=None):
+    """The service tree: the core (registry, backends, dispatcher, limits,
+    audit, certificate index), then one service per configured front end
+    (frontends.TABLE)."""
     if reactor is None:
         from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
 
     logs.set_level(config["log-level"])
     raise_file_limit()
-    # One account of connections for every front end (limits.py).
-    top_limits = limits.ConnectionLimits(
-        reactor, max_connections=config["max-connections"],
-        per_peer=config["max-connections-per-peer"], idle_timeout=config["idle-timeout"],
-        buffered_bytes=config["max-buffered-bytes"])
     top = ops.ProxyService(reactor, config.get("drain-timeout", 5.0))
     top.observer, top.logfile = ops.log_observer(config.get("log-format", "text"),
                                                  getattr(config, "parent", None))
     logs.SummaryService().setServiceParent(top)
     registry = ReaderRegistry(max_queue=config["max-queue"])
-    top.registry = registry
-    top.backends = []
+    dispatcher = Dispatcher(registry, reactor, config["command-timeout"], access=config.get("access"))
+    # One account of connections for every front end (limits.py).
+    core = top.core = Core(
+        reactor=reactor, dispatcher=dispatcher, registry=registry, service=top,
+        limits=limits.ConnectionLimits(
+            reactor, max_connections=config["max-connections"],
+            per_peer=config["max-connections-per-peer"], idle_timeout=config["idle-timeout"],
+            buffered_bytes=config["max-buffered-bytes"]),
+        header_timeout=config.get("header-timeout", 10.0))
     for make in config["backend-makers"]:
         backend = make(reactor)
-        top.backends.append(backend)
+        core.backends.append(backend)
         BackendService(backend, registry).setServiceParent(top)
-    dispatcher = Dispatcher(registry, reactor, config["command-timeout"], config["client-password"],
-                            access=config.get("access"))
-    warn_open_listeners(config, dispatcher.access)
     if config.get("audit-log"):
         from .audit import AuditLog
 
@@ -446,7 +433,6 @@ def makeService(config, reactor=None):
         top.reopeners.append(dispatcher.audit.reopen)
     # Certificates on signing cards (ENUM, ALIASES, CHAIN, SIGN): probes
     # cards as they arrive, so it watches the registry before backends start.
-    top.certindex = None
     if not config.get("no-signing"):
         from .signing.index import CertIndex
 
@@ -454,61 +440,12 @@ def makeService(config, reactor=None):
                                        ca_certs=config.get("ca-cert-list", ()))
         dispatcher.signing.start()  # listening now: before any backend adds a reader
         dispatcher.signing.setServiceParent(top)  # stopService cancels pending probes
-        top.certindex = dispatcher.signing
-    factory = LineFactory(
-        dispatcher,
-        max_line_length=config["max-line-length"],
-        max_commands=config["max-commands-per-request"],
-        buffers=top_limits.buffers,
-    )
     top.dispatcher = dispatcher
-    top.limits = top_limits
-    top.readiness = ops.Readiness(top, registry, top.backends, reactor)
-    guarded = top_limits.wrap(factory)
-    for n, description in enumerate(config["endpoints"]):
-        Listener(serverFromString(reactor, description), guarded, description,
-                 "--port" if n == 0 else "--listen").setServiceParent(top)
-    rest = None
-    if config["rest"]:
-        from .frontends.rest import RestSettings, make_rest_service
-
-        settings = RestSettings(endpoint=config["rest"], token=config["rest-token"])
-        rest = make_rest_service(settings, dispatcher, registry, reactor, top_limits)
-        rest.setServiceParent(top)
-    api = None
-    if config.get("api"):
-        from .frontends.api import make_api_service
-
-        api = make_api_service(config, dispatcher, registry, reactor, top_limits)
-        api.setServiceParent(top)
-    if config.get("metrics"):
-        from .frontends.status import make_metrics_service
-
-        make_metrics_service(config, top, factory, rest, reactor).setServiceParent(top)
-        if api is not None:
-            top.metrics.frontend("api", api.factory.wrappedFactory)
-    if config.get("ram"):
-        from .frontends.ram import RamBackend, make_ram_service
-
-        ram = RamBackend(reactor, config["ram-max-sessions"], config["ram-session-timeout"],
-                         done_after=config["ram-done-after"])
-        top.backends.append(ram)
-        BackendService(ram, registry).setServiceParent(top)
-        ram_service = make_ram_service(config, ram, reactor, top_limits)
-        ram_service.setServiceParent(top)
-        if getattr(top, "metrics", None) is not None:  # --metrics counts it as front end "ram"
-            top.metrics.frontend("ram", ram_service.site)
-    if config.get("ram-daemon"):
-        from .frontends.ramclient import make_daemon_service
-
-        make_daemon_service(config, dispatcher, reactor, top_limits).setServiceParent(top)
-    for url, reader in config.get("ram-connect", ()):
-        from .frontends.ramclient import RamConnectService
-
-        RamConnectService(dispatcher, url, reader, reactor).setServiceParent(top)
-    for host, port, reader, exclusive in config["vpcd"]:
-        from .frontends.vpcd import make_vpcd_service
-
-        make_vpcd_service(host, port, reader, dispatcher, registry, reactor,
-                          exclusive=exclusive).setServiceParent(top)
+    top.readiness = core.readiness = ops.Readiness(top, registry, core.backends, reactor)
+    listening = []
+    for frontend in frontends.configured(config):
+        for settings in frontend.settings(config):
+            listening += [(d, o, frontend.name) for d, o in frontend.listeners(settings)]
+            frontend.make_service(settings, core).setServiceParent(top)
+    warn_open_listeners(listening, dispatcher.access)
     return top

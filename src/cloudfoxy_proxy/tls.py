@@ -75,6 +75,37 @@ def mtls_endpoint(reactor, port, privateKey=None, certKey=None, caCerts=None, in
     return SSL4ServerEndpoint(reactor, int(port), options, backlog=int(backlog), interface=interface)
 
 
+def negotiate_alpn(endpoint, protocols):
+    """Make a TLS server ``endpoint`` choose in ALPN the first of
+    ``protocols`` (bytes, e.g. ``[b"http/1.1"]``; none for the line
+    protocol) that the client offers, and go on without ALPN when it
+    offers none of them (RFC 7301 section 3.2 allows it).
+
+    Twisted's own choice (``_sslverify.setupForALPN``, Twisted 22.10 to
+    26.10) answers such a client with an ``internal_error`` alert, so a
+    listener refused every curl, browser or Prometheus client (they offer
+    ``h2`` and ``http/1.1``) unless its factory listed one of them.  The
+    choice is set on the endpoint's OpenSSL context before it makes any
+    connection (pyOpenSSL refuses later changes); the context factory is
+    the endpoint's private ``_sslContextFactory``, the one private Twisted
+    attribute used for TLS (tests/test_tls_alpn.py checks it).  Endpoints
+    without TLS are left alone."""
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is None or not hasattr(options, "getContext"):
+        return
+    from OpenSSL.SSL import NO_OVERLAPPING_PROTOCOLS
+
+    ours = tuple(protocols)
+
+    def select(_connection, offered):
+        for protocol in ours:
+            if protocol in offered:
+                return protocol
+        return NO_OVERLAPPING_PROTOCOLS
+
+    options.getContext().set_alpn_select_callback(select)
+
+
 def peer_certificate_der(transport):
     """The DER bytes of the client certificate a TLS connection presented
     (verified by the ``mtls:`` endpoint), or None."""

@@ -4,12 +4,14 @@ Parsing lives in ``parser``, execution in ``dispatch``."""
 
 import re
 
+import attr
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from .. import errors
+from ..interfaces import IFrontend
 from ..dispatch import Session
 from ..limits import BufferBudget
 from ..logs import Logger, RateLimitedLog
@@ -399,3 +401,43 @@ class LineFactory(Factory):
     def buildProtocol(self, addr):
         return LineProtocol(self)
 
+
+@attr.s(frozen=True, kw_only=True)
+class LineSettings:
+    """One line-protocol listener: ``endpoint`` (a Twisted endpoint string),
+    ``option`` (``--port`` or ``--listen``), the longest line and the
+    commands of one request (``--max-line-length``,
+    ``--max-commands-per-request``)."""
+
+    endpoint = attr.ib()
+    option = attr.ib()
+    max_line_length = attr.ib(default=DEFAULT_MAX_LINE)
+    max_commands = attr.ib(default=1000)
+
+
+@implementer(IFrontend)
+class LineFrontend:
+    """``--port`` and ``--listen``: the line protocol (IFrontend).  Every
+    listener serves one LineFactory, the front end ``line``'s counters."""
+
+    name = "line"
+
+    def settings(self, options):
+        return [LineSettings(endpoint=e, option="--port" if n == 0 else "--listen",
+                             max_line_length=options["max-line-length"],
+                             max_commands=options["max-commands-per-request"])
+                for n, e in enumerate(options["endpoints"])]
+
+    def listeners(self, settings):
+        return [(settings.endpoint, settings.option)]
+
+    def make_service(self, settings, core):
+        factory = core.stats.get("line")
+        if not isinstance(factory, LineFactory):
+            factory = core.counters("line", LineFactory(
+                core.dispatcher, max_line_length=settings.max_line_length,
+                max_commands=settings.max_commands, buffers=core.limits.buffers))
+        return core.listen(settings.endpoint, factory, settings.option)
+
+
+LINE_FRONTEND = LineFrontend()

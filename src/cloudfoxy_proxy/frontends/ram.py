@@ -19,22 +19,21 @@ answer, when a reset answers no ATR, or when the proxy stops (a held POST
 is then answered 204).  Every answer carries ``Content-Length``.
 """
 
-import hmac
 import re
 import secrets as _random
 
+import attr
 from twisted.internet.defer import Deferred
-from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .. import errors
-from ..interfaces import IBackend, ReaderInfo, settle
+from ..interfaces import IBackend, IFrontend, ReaderInfo, settle
 from ..errors import CardError
-from ..logs import Logger, RateLimitedLog
-from .rest import RestSite, _Channel
+from ..logs import Logger
 from . import ramwire as wire
+from .http import HttpSite, Route
 
 #: Seconds a POST with nothing to send is held before ``AA 00`` (under the
 #: 30 s docs/ramoverhttp.md promises; the C client gives up after 40 s).
@@ -404,47 +403,21 @@ class RamBackend:
 
 
 class RamResource(Resource):
-    """``POST /rt/<secret>``: one leaf resource over a RamBackend."""
+    """``POST /rt/<secret>``: one leaf resource over a RamBackend.  The
+    secret in the path was checked by the HTTP base (``RamSite``,
+    ``Dispatcher.identify``): the identity's name is the session's NAME
+    (``--ram-token-file`` lines, or a ``--credentials`` client allowed the
+    front end ``ram``)."""
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, backend, tokens, clock):
-        """``tokens``: {NAME: SECRET} (secrets.read_named_secrets)."""
+    def __init__(self, backend):
         super().__init__()
         self.backend = backend
-        self.paths = [(b"/rt/" + secret.encode("utf-8"), name) for name, secret in tokens.items()]
-        self.client_log = RateLimitedLog(clock, self.log, what="refused RAM requests")
-
-    def name_of(self, path):
-        """The NAME whose secret the request path carries, or None (every
-        secret compared in constant time)."""
-        path = path.split(b"?", 1)[0]
-        found = None
-        for expected, name in self.paths:
-            if hmac.compare_digest(path, expected):
-                found = name
-        return found
-
-    def refusal(self, method, path, length, chunked, peer):
-        """``(status, text, headers)`` for a request refused from its head
-        alone (before any body is read), else None."""
-        if self.name_of(path) is None:
-            self.client_log.info("RAM request from {peer} refused: unknown path", peer=peer)
-            return 404, "not found", ()
-        if method != b"POST":
-            return 405, "method not allowed: use POST", ((b"allow", b"POST"),)
-        if chunked:
-            return 411, "length required: send Content-Length", ()
-        if length is None or length > wire.MAX_BODY:
-            return 413, f"request body too large (at most {wire.MAX_BODY} bytes)", ()
-        return None
 
     def render_POST(self, request):
-        name = self.name_of(request.uri)
-        if name is None:  # checked by the channel already
-            request.setResponseCode(404)
-            return b""
+        name = request.session.identity.name
         body = request.content.read()
         try:
             tag, items = wire.template(body)
@@ -483,58 +456,74 @@ class RamResource(Resource):
         return body
 
 
-class _RamChannel(_Channel):
-    """The REST front end's guarded channel (buffered-bytes budget,
-    counters), judging RAM requests from their head: wrong path 404,
-    not POST 405, no Content-Length 411, over MAX_BODY 413."""
-
-    MAX_LENGTH = 16384
-    totalHeadersSize = 32768
-
-    def allHeadersReceived(self):
-        request = self.requests[-1]
-        headers = request.requestHeaders
-        peer = self.transport.getPeer()
-        refusal = self.site.resource.refusal(self._command, self._path, self.length,
-                                             headers.hasHeader(b"transfer-encoding"),
-                                             getattr(peer, "host", peer))
-        if refusal is None:
-            return HTTPChannel.allHeadersReceived(self)
-        if refusal[0] == 404:
-            self.site.auth_failures += 1
-        self._refuse(*refusal)
+#: ``POST /rt/<secret>`` with a body of at most wire.MAX_BODY bytes.
+_POST = Route({b"POST"}, body=wire.MAX_BODY)
 
 
-class RamSite(RestSite):
-    protocol = _RamChannel
+class RamSite(HttpSite):
+    """The RAM server on the HTTP base: the secret is the path's last
+    segment (``/rt/<secret>``); a wrong one is 404, as for any unknown
+    path; errors are text."""
+
+    frontend = "ram"
+    log_prefix = "RamSite"
+    json_errors = False
+    unauthorized = 404
+    how_to_authenticate = " in the path /rt/SECRET"
+    challenge = ()
     _logger = Logger()
 
-    def logPrefix(self):
-        return "RamSite"
+    def route(self, head):
+        return _POST
+
+    def credential(self, head):
+        if not head.path.startswith(b"/rt/") or b"/" in head.path[4:]:
+            return None
+        return head.path[4:].decode("utf-8", "replace") or None
 
     def log(self, request):
-        self.requests += 1
-        self.bytes_out += request.sentLength
+        super().log(request)
         self._logger.debug("RAM {method} -> {code}", method=request.method.decode("ascii", "replace"),
                            code=request.code)
 
 
-def make_ram_service(config, backend, reactor, limits):
-    """The ``--ram`` listener (a tap.Listener) over ``backend`` (a
-    RamBackend started by tap.py like any backend); on stop it answers the
-    held POSTs 204 and ends every session before the drain."""
-    from twisted.internet.endpoints import serverFromString
+@attr.s(frozen=True, kw_only=True)
+class RamSettings:
+    """``--ram ENDPOINT`` and its sessions' limits (``--ram-max-sessions``,
+    ``--ram-session-timeout``, ``--ram-done-after``); the secrets of
+    ``--ram-token-file`` are the dispatcher's access (tap.py)."""
 
-    from ..tap import Listener
+    endpoint = attr.ib()
+    max_sessions = attr.ib(default=MAX_SESSIONS)
+    session_timeout = attr.ib(default=SESSION_TIMEOUT)
+    done_after = attr.ib(default=0)
 
-    resource = RamResource(backend, config["ram-tokens"], reactor)
-    site = RamSite(resource, buffers=limits.buffers, reactor=reactor, timeout=None)
 
-    class _Listener(Listener):
-        def stopService(self):
-            backend.shutdown()
-            return super().stopService()
+@implementer(IFrontend)
+class RamFrontend:
+    """``--ram``: the RAMOverHTTP server (IFrontend); its cards are the
+    readers of a RamBackend it adds to the core."""
 
-    service = _Listener(serverFromString(reactor, config["ram"]), limits.wrap(site), config["ram"], "--ram")
-    service.site = site
-    return service
+    name = "ram"
+
+    def settings(self, options):
+        if not options.get("ram"):
+            return []
+        return [RamSettings(endpoint=options["ram"], max_sessions=options["ram-max-sessions"],
+                            session_timeout=options["ram-session-timeout"],
+                            done_after=options["ram-done-after"])]
+
+    def listeners(self, settings):
+        return [(settings.endpoint, "--ram")]
+
+    def make_service(self, settings, core):
+        backend = RamBackend(core.reactor, settings.max_sessions, settings.session_timeout,
+                             done_after=settings.done_after)
+        core.add_backend(backend)
+        service = core.listen(settings.endpoint, RamSite(RamResource(backend), core), "--ram")
+        # on stop: held POSTs get 204 and every session ends, before the drain
+        service.on_stop.append(backend.shutdown)
+        return service
+
+
+RAM = RamFrontend()

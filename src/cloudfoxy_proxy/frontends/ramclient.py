@@ -21,19 +21,23 @@ import zlib
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import unquote, unquote_plus, urlsplit
 
+import attr
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.web.client import HTTPConnectionPool, ResponseNeverReceived, RequestTransmissionFailed
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from .. import errors
 from ..access import full_access
 from ..dispatch import Session
 from ..errors import CardError
+from ..interfaces import IFrontend
 from ..logs import Logger, RateLimitedLog
 from ..parser import APDU, RESET, make_command
 from . import ramwire as wire
+from .http import LOOPBACK, HttpSite, Route
 
 #: Seconds without an answer before the client gives up (the C client's 40 s).
 ANSWER_TIMEOUT = 40.0
@@ -486,29 +490,81 @@ class RamDaemonResource(Resource):
             client.stop()
 
 
-class _DaemonSite(Site):
-    noisy = False
+class DaemonSite(HttpSite):
+    """The RAM daemon on the HTTP base: ``GET`` without a body, for
+    loopback clients only (unless --allow-anonymous) and only with a
+    ``Host`` naming this machine (no DNS rebinding): the trigger has no
+    secret by design (``<img>`` tags)."""
 
-    def logPrefix(self):
-        return "RamDaemonSite"
+    frontend = "ram-daemon"
+    log_prefix = "RamDaemonSite"
+    json_errors = False
+
+    def route(self, head):
+        return _TRIGGER
 
 
-def make_daemon_service(config, dispatcher, reactor, limits):
-    """The ``--ram-daemon`` listener (a tap.Listener)."""
-    from twisted.internet.endpoints import serverFromString
+_TRIGGER = Route({b"GET"}, auth=LOOPBACK)
 
-    from ..tap import Listener
 
-    resource = RamDaemonResource(dispatcher, reactor, config["ram-approved-url-list"],
-                                 config["ram-reader"])
-    site = _DaemonSite(resource, reactor=reactor, timeout=None)
+@attr.s(frozen=True, kw_only=True)
+class DaemonSettings:
+    """``--ram-daemon ENDPOINT`` with ``--ram-approved-urls`` (parsed) and
+    ``--ram-reader``."""
 
-    class _Listener(Listener):
-        def stopService(self):
-            resource.stop()
-            return super().stopService()
+    endpoint = attr.ib()
+    approved_urls = attr.ib()
+    default_reader = attr.ib(default=None)
 
-    service = _Listener(serverFromString(reactor, config["ram-daemon"]), limits.wrap(site),
-                        config["ram-daemon"], "--ram-daemon")
-    service.resource = resource
-    return service
+
+@implementer(IFrontend)
+class DaemonFrontend:
+    """``--ram-daemon``: OCF-daemon-compatible triggers (IFrontend)."""
+
+    name = "ram-daemon"
+
+    def settings(self, options):
+        if not options.get("ram-daemon"):
+            return []
+        return [DaemonSettings(endpoint=options["ram-daemon"], approved_urls=options["ram-approved-url-list"],
+                               default_reader=options["ram-reader"])]
+
+    def listeners(self, settings):
+        return [(settings.endpoint, "--ram-daemon")]
+
+    def make_service(self, settings, core):
+        resource = RamDaemonResource(core.dispatcher, core.reactor, settings.approved_urls,
+                                     settings.default_reader)
+        service = core.listen(settings.endpoint, DaemonSite(resource, core), "--ram-daemon")
+        service.on_stop.append(resource.stop)
+        service.resource = resource
+        return service
+
+
+@attr.s(frozen=True, kw_only=True)
+class ConnectSettings:
+    """One ``--ram-connect URL=READER``."""
+
+    url = attr.ib()
+    reader = attr.ib()
+
+
+@implementer(IFrontend)
+class ConnectFrontend:
+    """``--ram-connect``: the proxy connects out to a RAM server (no
+    listener), with the operator's full access (IFrontend)."""
+
+    name = "ram-connect"
+
+    def settings(self, options):
+        return [ConnectSettings(url=u, reader=r) for u, r in options.get("ram-connect", ())]
+
+    def listeners(self, settings):
+        return []
+
+    def make_service(self, settings, core):
+        return RamConnectService(core.dispatcher, settings.url, settings.reader, core.reactor)
+
+
+RAM_DAEMON = DaemonFrontend()
+RAM_CONNECT = ConnectFrontend()

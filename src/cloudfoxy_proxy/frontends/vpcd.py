@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from .. import errors
 from ..errors import CardError
+from ..interfaces import IFrontend
 from ..limits import abort_now
 from ..access import full_access
 from ..dispatch import Session
@@ -599,3 +600,34 @@ def make_vpcd_service(host, port, reader, dispatcher, registry, reactor, exclusi
     endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
     return VpcdBridge(BridgedCard(reader, dispatcher), registry, endpoint, reactor, where=where,
                       quickack=QUICKACK, exclusive=exclusive)
+
+
+@attr.s(frozen=True, kw_only=True)
+class VpcdSettings:
+    """One ``--vpcd HOST:PORT=READER[?exclusive=1]``."""
+
+    host = attr.ib()
+    port = attr.ib()
+    reader = attr.ib()
+    exclusive = attr.ib(default=False)
+
+
+@implementer(IFrontend)
+class VpcdFrontend:
+    """``--vpcd``: the proxy connects out to vpcd (no listener); the bridge
+    is configured by the operator and acts with full access (IFrontend)."""
+
+    name = "vpcd"
+
+    def settings(self, options):
+        return [VpcdSettings(host=h, port=p, reader=r, exclusive=x) for h, p, r, x in options["vpcd"]]
+
+    def listeners(self, settings):
+        return []
+
+    def make_service(self, settings, core):
+        return make_vpcd_service(settings.host, settings.port, settings.reader, core.dispatcher,
+                                 core.registry, core.reactor, exclusive=settings.exclusive)
+
+
+VPCD = VpcdFrontend()
