@@ -10,10 +10,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import MultiService
 from twisted.internet.task import Clock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.python import usage
-from twisted.web.test.requesthelper import DummyRequest
+
+from support import memory_core, site_treq
 
 from cloudfoxy_proxy import config_file, dispatch, errors, metrics, ops, tap
+from cloudfoxy_proxy.access import Access
 from cloudfoxy_proxy.frontends import status
 from cloudfoxy_proxy.backends.emulated import from_url as emulated
 from cloudfoxy_proxy.dispatch import Dispatcher, Session
@@ -31,12 +35,12 @@ class FakeTime:
         return self.now
 
 
-def setup(url="emulated:?cards=4", max_readers=metrics.MAX_READERS, clock=None):
+def setup(url="emulated:?cards=4", max_readers=metrics.MAX_READERS, clock=None, access=None):
     clock = clock or Clock()
     registry = ReaderRegistry()
     backend = emulated(url, {})(clock)
     backend.start(registry)
-    d = Dispatcher(registry, clock, command_timeout=5)
+    d = Dispatcher(registry, clock, command_timeout=5, access=access)
     m = Metrics = metrics.Metrics(registry, [backend], max_readers=max_readers)
     d.metrics = Metrics
     return clock, registry, backend, d, m
@@ -131,47 +135,113 @@ def test_quantile():
     assert metrics.quantile(buckets, 0.99) == pytest.approx(0.000995)
 
 
-def render(root, path, headers=None):
-    segments = path.strip("/").split("/") if path.strip("/") else [""]
-    request = DummyRequest([s.encode() for s in segments])
-    for k, v in (headers or {}).items():
-        request.requestHeaders.setRawHeaders(k.encode(), [v.encode()])
-    resource = root
-    for seg in request.postpath[:]:
-        resource = resource.getChildWithDefault(seg, request)
-    body = resource.render_GET(request)
-    return request.responseCode or 200, body
+def result_of(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    return out[0]
+
+
+def render(site, path, headers=None, clock=None):
+    """``(status, body)`` of a GET of ``path`` through ``site``'s real channel
+    (a StatusSite on the HTTP base) from 127.0.0.1; ``clock`` is advanced
+    past a throttled refusal (access.Throttle: guesses after the third are
+    answered later)."""
+    http = site_treq(site)
+    d = http.get("http://127.0.0.1:9100" + path, headers=headers)
+    http.flush()
+    if clock is not None:
+        clock.advance(5)
+        http.flush()
+    response = result_of(d)
+    body = result_of(response.content())
+    return response.code, body, response.headers
+
+
+def raw_get(site, path, host="10.0.0.9", extra=b""):
+    """``(status, headers, body)`` of a GET of ``path`` sent by hand from
+    ``host`` (the HTTP base judges the peer address)."""
+    peer = IPv4Address("TCP", host, 5555)
+    channel = site.buildProtocol(peer)
+    t = StringTransport(peerAddress=peer)
+    channel.makeConnection(t)
+    channel.dataReceived(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 10.0.0.1:9100\r\n" + extra + b"\r\n")
+    head, _, body = t.value().partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers[k.strip().lower()] = v.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def refused(body, code=errors.BAD_PIN):
+    """A metrics refusal is JSON: ``{"error": {"code": ..., "message": ...}}``."""
+    error = json.loads(body)["error"]
+    return error["code"] == code and isinstance(error["message"], str) and error["message"]
 
 
 def status_root(token=None):
-    clock, registry, backend, d, m = setup()
+    """(StatusResource, StatusSite, clock, dispatcher, metrics); ``token``:
+    the --metrics-token-file secret (simple mode's secret of front end
+    ``metrics``, as tap.Options._access builds it), None: protected mode."""
+    access = Access(simple=[(token, "metrics")] if token else [])
+    clock, registry, backend, d, m = setup(access=access)
     top = MultiService()
     top.startService()
     readiness = ops.Readiness(top, registry, [backend], clock)
-    return status.make_root(m, readiness, clock, token), clock, d, m
+    resource = status.StatusResource(m, readiness, clock)
+    site = status.StatusSite(resource, memory_core(d, clock))
+    return resource, site, clock, d, m
 
 
 def test_status_resources_and_token():
-    root, clock, d, m = status_root(b"tok")
-    assert render(root, "/healthz") == (200, b"ok\n")
-    assert render(root, "/readyz")[0] == 200
+    _, site, clock, d, m = status_root("tok")
+    assert render(site, "/healthz")[:2] == (200, b"ok\n")
+    assert render(site, "/readyz")[0] == 200
     for path in ("/metrics", "/", "/status.json"):
-        assert render(root, path)[0] == 401
-        assert render(root, path, {"Authorization": "Bearer bad"})[0] == 401
-        assert render(root, path, {"Authorization": "Basic !!!"})[0] == 401
-    code, body = render(root, "/metrics", {"Authorization": "Bearer tok"})
+        for headers in (None, {"Authorization": "Bearer bad"}, {"Authorization": "Basic !!!"}):
+            code, body, response_headers = render(site, path, headers, clock)
+            assert code == 401, (path, headers)
+            assert refused(body), body  # JSON, C085
+            assert response_headers.getRawHeaders(b"www-authenticate") == [
+                b'Basic realm="cloudfoxy-proxy metrics"']
+    code, body, _ = render(site, "/metrics", {"Authorization": "Bearer tok"})
     assert code == 200 and b"foxyproxy_ready 1.0" in body and b"process_cpu_seconds_total" in body
     basic = base64.b64encode(b"anyone:tok").decode()
-    code, body = render(root, "/status.json", {"Authorization": f"Basic {basic}"})
+    code, body, _ = render(site, "/status.json", {"Authorization": f"Basic {basic}"})
     assert code == 200 and [r["name"] for r in json.loads(body)["readers"]] == [
         "Emulated 00", "Emulated 01", "Emulated 02", "Emulated 03"]
-    code, page = render(root, "/", {"Authorization": "Bearer tok"})
+    code, page, _ = render(site, "/", {"Authorization": "Bearer tok"})
     assert b"<svg id=\"chart\"" in page and b"http" not in page.split(b"<body>")[1]  # nothing remote
 
 
+def test_wrong_metrics_token_is_401_from_anywhere():
+    _, site, clock, d, m = status_root("tok")
+    status_code, headers, body = raw_get(site, "/metrics", extra=b"Authorization: Bearer bad\r\n")
+    assert status_code == 401 and headers[b"content-type"] == b"application/json" and refused(body)
+    status_code, _, body = raw_get(site, "/metrics", extra=b"Authorization: Bearer tok\r\n")
+    assert status_code == 200 and b"foxyproxy_ready" in body
+
+
+def test_protected_mode_serves_loopback_clients_only():
+    """No --metrics-token-file and no credentials: /metrics, / and
+    /status.json answer 403 (JSON, C085) to clients outside loopback;
+    /healthz and /readyz stay open; loopback clients are served."""
+    _, site, clock, d, m = status_root()
+    for path in ("/metrics", "/", "/status.json"):
+        status_code, headers, body = raw_get(site, path)
+        assert status_code == 403, path
+        assert headers[b"content-type"] == b"application/json" and refused(body), body
+    assert raw_get(site, "/healthz")[::2] == (200, b"ok\n")
+    assert raw_get(site, "/readyz")[0] == 200
+    code, body, _ = render(site, "/metrics")  # from 127.0.0.1
+    assert code == 200 and b"foxyproxy_ready 1.0" in body
+
+
 def test_sampler_rates_and_percentiles():
-    root, clock, d, m = status_root()
-    sampler = root.sampler
+    resource, site, clock, d, m = status_root()
+    sampler = resource.sampler
     sampler.start()
     for second in range(3):
         for _ in range(10):
@@ -195,13 +265,14 @@ def test_readyz_until_every_backend_reported():
     fired = []
     readiness.on_ready(lambda: fired.append(1))
     readiness.start()
-    root = status.make_root(metrics.Metrics(registry, [backend]), readiness, clock)
-    code, body = render(root, "/readyz")
+    resource = status.StatusResource(metrics.Metrics(registry, [backend]), readiness, clock)
+    site = status.StatusSite(resource, memory_core(Dispatcher(registry, clock), clock))
+    code, body, _ = render(site, "/readyz")
     assert code == 503
     assert json.loads(body) == {"ready": False, "reasons": [
         "backend emulated: 1 iso7816 cards has not reported its readers"]}
     backend.start(registry)
-    assert fired == [1] and render(root, "/readyz")[0] == 200
+    assert fired == [1] and render(site, "/readyz")[0] == 200
     clock.advance(1)
     assert fired == [1]
 
@@ -303,12 +374,15 @@ def test_config_and_command_line_give_the_same_tree(tmp_path):
 
     def tree(options):
         top = tap.makeService(options, MemoryReactorClock())
+        core = top.core
         return [(type(s).__name__, getattr(s, "description", None),
-                 getattr(getattr(s, "backend", None), "description", None)) for s in top], (
-            top.registry.max_queue, top.dispatcher.command_timeout, top.drain_timeout, top.certindex)
+                 getattr(getattr(s, "backend", None), "description", None),
+                 type(getattr(getattr(s, "factory", None), "wrappedFactory", None)).__name__) for s in top], (
+            core.registry.max_queue, core.dispatcher.command_timeout, top.drain_timeout,
+            core.dispatcher.signing)
 
     assert tree(a) == tree(b)
-    assert "MetricsService" in [name for name, _, _ in tree(a)[0]]
+    assert ("Listener", "tcp:4103:interface=127.0.0.1:backlog=1024", None, "StatusSite") in tree(a)[0]
     assert {k: v for k, v in a.items() if k not in ("config", "backend-makers")} == {
         k: v for k, v in b.items() if k not in ("config", "backend-makers")}
 

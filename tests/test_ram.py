@@ -1,18 +1,21 @@
 """RAMOverHTTP in memory: the TLV codec against the byte sequences of
-docs/ramoverhttp.md, the server (RamBackend + RamSite over StringTransport,
-Clock) and the client (RamClient against the server through StubTreq)."""
+docs/ramoverhttp.md, the server (RamBackend + RamSite on the HTTP base over
+StringTransport, Clock) and the client (RamClient against the server's
+RamSite through support.site_treq)."""
 
 import re
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from cloudfoxy_proxy import errors
+from cloudfoxy_proxy.access import Access
 from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.apdu import parse_tlvs, tlv
-from cloudfoxy_proxy.dispatch import Session
+from cloudfoxy_proxy.dispatch import Dispatcher, Session
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.frontends import ramwire as wire
 from cloudfoxy_proxy.frontends.ram import KEEP_ALIVE, RamBackend, RamResource, RamSite
@@ -22,8 +25,24 @@ from cloudfoxy_proxy.frontends.ramclient import (
 from cloudfoxy_proxy.parser import make_command
 from cloudfoxy_proxy.secrets import read_named_secrets
 
+from support import memory_core, site_treq
 from test_card_sessions import Results
 from test_server import Harness
+
+#: --ram-token-file's lines (NAME SECRET) as tap.Options._access builds them:
+#: secrets of front end ``ram`` whose identities are named after the NAMEs.
+RAM_TOKENS = [("alicesecret", "ram", "alice"), ("bobsecret", "ram", "bob")]
+
+
+def ram_server(harness, tokens=RAM_TOKENS, **backend_kw):
+    """(dispatcher, backend, site): a RamBackend serving ``harness``'s
+    registry and its RamSite on the HTTP base, over a dispatcher whose
+    access holds ``tokens``; card commands go through that dispatcher."""
+    dispatcher = Dispatcher(harness.registry, harness.clock, 15.0, access=Access(simple=tokens))
+    backend = RamBackend(harness.clock, **backend_kw)
+    backend.start(harness.registry)
+    site = RamSite(RamResource(backend), memory_core(dispatcher, harness.clock))
+    return dispatcher, backend, site
 
 #: The first POST seen on the wire (docs/ramoverhttp.md).
 E8_SEEN = bytes.fromhex("E80DC00B3B951381018073FF01000B")
@@ -115,9 +134,9 @@ def responses(data):
 
 
 class Connection:
-    def __init__(self, site, port):
-        self.proto = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-        self.t = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+    def __init__(self, site, port, host="127.0.0.1"):
+        self.proto = site.buildProtocol(IPv4Address("TCP", host, port))
+        self.t = StringTransport(peerAddress=IPv4Address("TCP", host, port))
         self.proto.makeConnection(self.t)
 
     def post(self, body, **kw):
@@ -139,14 +158,11 @@ class ServerTests(SynchronousTestCase):
     def setUp(self):
         self.h = Harness()
         self.clock = self.h.clock
-        self.backend = RamBackend(self.clock, max_sessions=2, session_timeout=60.0)
-        self.backend.start(self.h.registry)
-        self.site = RamSite(RamResource(self.backend, {"alice": "alicesecret", "bob": "bobsecret"},
-                                        self.clock), reactor=self.clock, timeout=None)
+        self.dispatcher, self.backend, self.site = ram_server(self.h, max_sessions=2, session_timeout=60.0)
         self.ports = iter(range(40000, 41000))
 
-    def connect(self):
-        return Connection(self.site, next(self.ports))
+    def connect(self, host="127.0.0.1"):
+        return Connection(self.site, next(self.ports), host)
 
     def begin(self, cookie=None):
         c = self.connect()
@@ -154,8 +170,8 @@ class ServerTests(SynchronousTestCase):
         return c
 
     def apdu(self, reader="RAM alice", *hexes):
-        return Results(self.h.dispatcher.submit(reader, [make_command([str(i), "APDU", h])
-                                                         for i, h in enumerate(hexes or ["00A4000C023F00"], 1)]))
+        return Results(self.dispatcher.submit(reader, [make_command([str(i), "APDU", h])
+                                                       for i, h in enumerate(hexes or ["00A4000C023F00"], 1)]))
 
     def test_backend_provides_interface(self):
         verifyObject(IBackend, self.backend)
@@ -168,7 +184,64 @@ class ServerTests(SynchronousTestCase):
         self.assertNotIn(b"set-cookie", headers)
         self.assertEqual(self.backend.sessions, {})
         self.assertTrue(c.t.disconnecting)  # the body was never read
-        self.assertEqual(self.site.auth_failures, 1)
+        self.assertEqual(self.site.counters.auth_failures, 1)
+
+    def test_wrong_secret_is_counted_once_and_logged_without_it(self):
+        c = self.connect()
+        with capturedLogs() as events:
+            c.post(E8_SEEN, path=b"/rt/wrong42")
+        [(status, headers, _)] = c.take()
+        self.assertEqual(status, 404)
+        self.assertNotIn(b"set-cookie", headers)
+        self.assertTrue(c.t.disconnecting)
+        self.assertEqual(self.backend.sessions, {})
+        self.assertEqual(self.site.counters.auth_failures, 1)  # one failure, counted once
+        text = "\n".join(formatEvent(e) for e in events)
+        # logged by the dispatcher (Dispatcher.identify) and by the HTTP base
+        self.assertIn("client 127.0.0.1:40000: authentication failed on ram", text)
+        self.assertIn("ram request from 127.0.0.1:40000 refused (404)", text)
+        self.assertNotIn("wrong42", text)  # never log what was sent
+
+    def test_wrong_secrets_are_throttled(self):
+        """Wrong secrets are guesses (access.Throttle): after the free ones,
+        the 404 is answered later; a right secret is still served."""
+        answered = []
+        for _ in range(4):
+            c = self.connect()
+            c.proto.dataReceived(http_post(E8_SEEN, path=b"/rt/guess"))
+            answered.append(c)
+        self.assertEqual([c.take()[0][0] for c in answered[:3]], [404, 404, 404])
+        self.assertEqual(answered[3].take(), [])  # the fourth guess waits
+        self.clock.advance(0.25)
+        [(status, headers, _)] = answered[3].take()
+        self.assertEqual(status, 404)
+        self.assertNotIn(b"set-cookie", headers)
+        self.assertEqual(self.site.counters.auth_failures, 4)
+        self.assertEqual(self.backend.sessions, {})
+        self.begin("after")
+        self.assertIsNotNone(self.h.registry.get("RAM alice"))
+
+    def test_remote_clients_are_served_with_their_secret(self):
+        """RAM users are remote: a secret is what lets them in, from any
+        address (not protected mode's loopback rule)."""
+        c = self.connect(host="10.0.0.9")
+        c.post(E8_SEEN, cookie=b"remote")
+        self.assertEqual(c.take(), [])  # held: the session began
+        self.assertEqual(self.h.registry.get("RAM alice").info.atr, ATR_SEEN)
+        c = self.connect(host="10.0.0.9")
+        c.post(E8_SEEN, path=b"/rt/nope")
+        self.assertEqual(c.take()[0][0], 404)
+
+    def test_a_secret_of_another_front_end_is_404(self):
+        """The REST token (a secret of front end ``rest``) opens no RAM
+        session: the RAM secrets are those of front end ``ram``."""
+        h = Harness()
+        _, backend, site = ram_server(h, tokens=RAM_TOKENS + [("resttoken", "rest")])
+        c = Connection(site, 40000)
+        c.post(E8_SEEN, path=b"/rt/resttoken")
+        self.assertEqual(c.take()[0][0], 404)
+        self.assertEqual(backend.sessions, {})
+        self.assertIsNone(h.registry.get("RAM resttoken"))
 
     def test_body_over_a_template_and_chunked_are_refused_before_the_body(self):
         c = self.connect()
@@ -215,7 +288,7 @@ class ServerTests(SynchronousTestCase):
         c = self.begin("s300")
         commands = [make_command(["0", "RESET"])] + [
             make_command([str(i), "APDU", "00A4000C023F00"]) for i in range(1, 301)]
-        got = Results(self.h.dispatcher.submit("RAM alice", commands))
+        got = Results(self.dispatcher.submit("RAM alice", commands))
         [(_, _, body)] = c.take()
         self.assertEqual(body[:2], b"\xAA\x82")
         steps = wire.decode_script(wire.template(body)[1])
@@ -252,8 +325,8 @@ class ServerTests(SynchronousTestCase):
         c = self.begin("shape")
         first = self.apdu()
         c.take()
-        second = Results(self.h.dispatcher.submit("RAM alice", [make_command(["1", "RESET"]),
-                                                                make_command(["2", "APDU", "00A4000C023F00"])]))
+        second = Results(self.dispatcher.submit("RAM alice", [make_command(["1", "RESET"]),
+                                                              make_command(["2", "APDU", "00A4000C023F00"])]))
         ab = wire.encode_answer([(wire.RESPONSE, b"\x90\x00")])
         c.post(ab, cookie=b"shape")
         [(_, _, script2)] = c.take()
@@ -298,8 +371,8 @@ class ServerTests(SynchronousTestCase):
         c = self.begin("e1")
         other = Session("other")
         inflight = self.apdu()
-        queued = Results(self.h.dispatcher.submit("RAM alice", [make_command(["1", "APDU", "00A4000C023F00"])],
-                                                  session=other))
+        queued = Results(self.dispatcher.submit("RAM alice", [make_command(["1", "APDU", "00A4000C023F00"])],
+                                                session=other))
         c.take()
         c.post(wire.encode_answer([(wire.FAILURE, "card removed")]), cookie=b"e1")
         [(status, _, body)] = c.take()
@@ -369,17 +442,13 @@ class ServerTests(SynchronousTestCase):
 
 
 class ClientTests(SynchronousTestCase):
-    """RamClient against RamResource of another dispatcher, through StubTreq."""
+    """RamClient against the RamSite of another dispatcher, through site_treq."""
 
     def setUp(self):
-        from treq.testing import StubTreq
-
         self.server = Harness()
         self.client = Harness()
-        self.backend = RamBackend(self.server.clock)
-        self.backend.start(self.server.registry)
-        self.resource = RamResource(self.backend, {"alice": "alicesecret"}, self.server.clock)
-        self.stub = StubTreq(self.resource)
+        self.dispatcher, self.backend, site = ram_server(self.server, tokens=RAM_TOKENS[:1])
+        self.stub = site_treq(site)
 
     def run_client(self, url="http://h/rt/alicesecret", **kw):
         client = RamClient(self.client.dispatcher, "Emulated 00", url, self.client.clock,
@@ -393,7 +462,7 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(reader.info.atr, self.client.registry.get("Emulated 00").info.atr
                          or reader.info.atr)
         self.assertIs(self.client.registry.get("Emulated 00").holder, client.session)
-        got = Results(self.server.dispatcher.submit("RAM alice", [
+        got = Results(self.dispatcher.submit("RAM alice", [
             make_command(["1", "APDU", "00A4000C023F00"]), make_command(["2", "APDU", "0084000008"]),
             make_command(["3", "RESET"])]))
         self.stub.flush()
@@ -535,10 +604,10 @@ class OptionsTests(SynchronousTestCase):
                        "--ram-approved-urls", self.file("u", "http://127.0.0.1:1/rt/\n"),
                        "--ram-daemon", "tcp:0", "--metrics", "tcp:0")
         top = tap.makeService(o, MemoryReactorClock())
-        self.assertIn("ram", top.metrics.frontends)
+        self.assertIn("ram", top.core.dispatcher.metrics.frontends)
         rams = [s.backend for s in top if isinstance(s, BackendService) and isinstance(s.backend, RamBackend)]
         self.assertEqual(len(rams), 1)
-        self.assertIn(rams[0], top.backends)
+        self.assertIn(rams[0], top.core.backends)
         self.assertEqual([d for d in (getattr(s, "description", None) for s in top) if d],
                          ["tcp:4001:backlog=1024", "tcp:0:backlog=1024", "tcp:0:backlog=1024",
                           "tcp:0:backlog=1024"])

@@ -80,23 +80,26 @@ class OptionTests(SynchronousTestCase):
 class ServiceTests(SynchronousTestCase):
     def test_index_is_wired(self):
         top = tap.makeService(parse("--backend", "emulated:?type=piv&cards=1&prefix=W"), MemoryReactorClock())
-        self.assertIsInstance(top.certindex, CertIndex)
-        self.assertIs(top.dispatcher.signing, top.certindex)
-        self.assertTrue(top.certindex.started)
+        certindex = top.core.dispatcher.signing
+        self.assertIsInstance(certindex, CertIndex)
+        self.assertIs(top.dispatcher, top.core.dispatcher)  # the one dispatcher every front end uses
+        self.assertIs(certindex.registry, top.core.registry)  # it watches the readers of the tree
+        self.assertTrue(certindex.started)
 
     def test_index_is_a_service_stopped_with_the_application(self):
         reactor = MemoryReactorClock()
         top = tap.makeService(parse("--backend", "emulated:?type=piv&cards=1&prefix=W"), reactor)
-        self.assertIs(top.certindex.parent, top)
+        certindex = top.core.dispatcher.signing
+        self.assertIs(certindex.parent, top)
         top.startService()
-        self.assertTrue(top.certindex.running)
-        pending = [c for c in top.certindex._arrivals if c.active()]
+        self.assertTrue(certindex.running)
+        pending = [c for c in certindex._arrivals if c.active()]
         self.assertEqual(len(pending), 1)  # the arrival probe of the emulated card
         top.stopService()
-        self.assertFalse(top.certindex.running)
+        self.assertFalse(certindex.running)
         self.assertEqual([c.active() for c in pending], [False])  # cancelled, never run
 
     def test_no_signing(self):
         top = tap.makeService(parse("--no-signing"), MemoryReactorClock())
-        self.assertIsNone(top.certindex)
-        self.assertIsNone(top.dispatcher.signing)
+        self.assertIsNone(top.core.dispatcher.signing)
+        self.assertEqual([s for s in top if isinstance(s, CertIndex)], [])

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from cloudfoxy_proxy import tap
 from cloudfoxy_proxy.backends.service import BackendService
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
+from cloudfoxy_proxy.frontends.base import Listener
 
 from support import TWISTD
 
@@ -114,15 +115,16 @@ class OptionsTests(SynchronousTestCase):
         o = parse("--listen", "4002", "--rest", "tcp:0", "--max-connections", "50",
                   "--max-connections-per-peer", "7", "--idle-timeout", "12", "--max-buffered-bytes", "1000000")
         top = tap.makeService(o, MemoryReactorClock())
+        limits = top.core.limits
         listeners = [s for s in top if isinstance(s, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 3)
         for listener in listeners:
-            self.assertIsInstance(listener, tap.Listener)
-            self.assertIs(listener.factory.limits, top.limits)
-        self.assertEqual((top.limits.max_connections, top.limits.per_peer, top.limits.idle_timeout), (50, 7, 12.0))
+            self.assertIsInstance(listener, Listener)
+            self.assertIs(listener.factory.limits, limits)
+        self.assertEqual((limits.max_connections, limits.per_peer, limits.idle_timeout), (50, 7, 12.0))
         self.assertEqual(listeners[0].factory.wrappedFactory.buffers.total, 1000000)
-        self.assertIs(listeners[2].factory.wrappedFactory.buffers, top.limits.buffers)  # REST: the same budget
-        self.assertIs(listeners[0].factory.wrappedFactory.buffers, top.limits.buffers)
+        self.assertIs(listeners[2].factory.wrappedFactory.buffers, limits.buffers)  # REST: the same budget
+        self.assertIs(listeners[0].factory.wrappedFactory.buffers, limits.buffers)
 
 
 @pytest.mark.integration
