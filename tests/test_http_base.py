@@ -30,9 +30,9 @@ class Echo(Resource):
         return b"%s %d" % ((identity.name if identity else "-").encode(), len(request.content.read()))
 
 
-class TestSite(http.HttpSite):
+class EchoSite(http.HttpSite):
     frontend = "api"
-    log_prefix = "TestSite"
+    log_prefix = "EchoSite"
 
     def route(self, head):
         if head.path == b"/open":
@@ -47,7 +47,7 @@ class BaseTests(SynchronousTestCase):
         self.clock = Clock()
         self.dispatcher = Dispatcher(ReaderRegistry(), self.clock, access=Access(simple=[(SECRET, "api")]))
         self.core = memory_core(self.dispatcher, self.clock, header_timeout=10.0, idle_timeout=300)
-        self.site = TestSite(Echo(), self.core)
+        self.site = EchoSite(Echo(), self.core)
 
     def connect(self, host="10.0.0.9"):
         peer = IPv4Address("TCP", host, 5555)
@@ -120,7 +120,7 @@ class BaseTests(SynchronousTestCase):
 
     def test_the_deadline_is_never_longer_than_the_idle_timeout(self):
         core = memory_core(self.dispatcher, self.clock, header_timeout=10.0, idle_timeout=3)
-        self.assertEqual(TestSite(Echo(), core).header_timeout, 3)
+        self.assertEqual(EchoSite(Echo(), core).header_timeout, 3)
 
     def test_requests_without_a_secret_must_name_this_machine_in_host(self):
         t = self.request(b"GET /open HTTP/1.1\r\nHost: attacker.example:8080", host="127.0.0.1")
@@ -138,6 +138,9 @@ class BaseTests(SynchronousTestCase):
         self.assertTrue(t.value().startswith(b"HTTP/1.1 403 "), t.value())
         t = self.request(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1", host="127.0.0.1")
         self.assertTrue(t.value().endswith(b"anonymous 0"), t.value())
+        # a DNS-rebinding page may send any Authorization: no secret proves anything here
+        t = self.request(b"GET /x HTTP/1.1\r\nHost: attacker.example\r\n" + self.auth("junk"), host="127.0.0.1")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 403 "), t.value())
 
     def test_alpn_offers_http_1_1_only(self):
         self.assertEqual(self.site.acceptableProtocols(), [b"http/1.1"])

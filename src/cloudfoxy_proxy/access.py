@@ -164,6 +164,9 @@ class Access:
         #: secret applies to is open (protected mode)
         self.modes = {f: self.mode if self.mode != "simple" or any(
             only is None or only == f for _s, only, _i in self.simple) else "open" for f in FRONTENDS}
+        #: the RAM daemon's triggers carry no secret by design (<img> tags):
+        #: always protected mode, loopback clients only
+        self.modes["ram-daemon"] = "open"
         #: front end -> commands answered without a secret there (simple
         #: mode's listings; none in protected mode or with identities)
         self.open_commands = {f: OPEN_IN_SIMPLE_MODE if m == "simple" else frozenset()

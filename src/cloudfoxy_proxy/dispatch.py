@@ -244,7 +244,7 @@ class Dispatcher:
             access = self.access
             if access.modes.get(session.frontend, access.mode) == "open":
                 if not (access.allow_anonymous or is_local(session.host)):
-                    self._protected(session)
+                    self.protected(session)
                     return errors.BAD_PIN, None, 0.0
                 identity, pin = access.anonymous, given
             elif given is None:
@@ -291,7 +291,7 @@ class Dispatcher:
     #: Peer hosts remembered as told about protected mode (then forgotten).
     MAX_WARNED = 1000
 
-    def _protected(self, session):
+    def protected(self, session):
         """A non-loopback client in protected mode: said once per peer."""
         host = session.host
         warned = self._protected_warned

@@ -147,7 +147,9 @@ class Options(usage.Options):
          "default tcp:27001:interface=127.0.0.1 when --ram-approved-urls is given."],
         ["ram-approved-urls", None, None,
          "File of RAM server URLs (exact, or a prefix ending in /) the daemon may connect to."],
-        ["ram-reader", None, None, "The RAM daemon's default reader (reader= overrides it)."],
+        ["ram-reader", None, None,
+         "The RAM daemon's reader for approved URLs whose line names none (a trigger's reader= "
+         "may only repeat it)."],
     ]
 
     def __init__(self):

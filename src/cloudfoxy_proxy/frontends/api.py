@@ -42,14 +42,13 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from .. import errors
 from ..dispatch import Session
-from ..interfaces import IFrontend
 from ..logs import Logger, enabled
 from ..parser import Request as CardRequest
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, Command, make_command, parse_apdu
+from .base import OneListener
 from .foxyproxy import FoxyProxyRoutes
 from .http import NONE, HttpSite, Route, answer_later
 from .jsonapi import DEFAULT_IDLE, JSON, MAX_APDUS, MAX_IDLE, ApiError, dump, error_body, from_json
@@ -463,19 +462,13 @@ class ApiSettings:
     cors_origins = attr.ib(default=(), converter=tuple)
 
 
-@implementer(IFrontend)
-class ApiFrontend:
+class ApiFrontend(OneListener):
     """``--api``: the HTTP/JSON and WebSocket API (IFrontend)."""
 
-    name = "api"
+    name = option = "api"
 
-    def settings(self, options):
-        if not options.get("api"):
-            return []
-        return [ApiSettings(endpoint=options["api"], cors_origins=options.get("api-cors-origin", ()))]
-
-    def listeners(self, settings):
-        return [(settings.endpoint, "--api")]
+    def settings_of(self, options):
+        return ApiSettings(endpoint=options["api"], cors_origins=options.get("api-cors-origin", ()))
 
     def make_service(self, settings, core):
         resource = ApiResource(core.dispatcher, core.registry, core.reactor, cors_origins=settings.cors_origins)

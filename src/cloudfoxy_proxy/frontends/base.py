@@ -13,6 +13,9 @@ import sys
 import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import CannotListenError
+from zope.interface import implementer
+
+from ..interfaces import IFrontend
 
 
 class FrontendStats:
@@ -75,6 +78,24 @@ class Listener(StreamServerEndpointService):
         raise SystemExit(1)
 
 
+@implementer(IFrontend)
+class OneListener:
+    """An IFrontend with one listener, given by the option ``option`` (an
+    endpoint string): ``settings`` is one ``settings_of(options)`` when the
+    option is given, none otherwise; ``listeners`` names its endpoint."""
+
+    name = option = None
+
+    def settings(self, options):
+        return [self.settings_of(options)] if options.get(self.option) else []
+
+    def settings_of(self, options):
+        raise NotImplementedError
+
+    def listeners(self, settings):
+        return [(settings.endpoint, "--" + self.option)]
+
+
 @attr.s(kw_only=True, eq=False)
 class Core:
     """What a front end is given: the parts of the process it may use.
@@ -99,15 +120,16 @@ class Core:
       request head (``--header-timeout``).
     """
 
-    reactor = attr.ib()
-    dispatcher = attr.ib()
-    registry = attr.ib()
-    limits = attr.ib()
-    service = attr.ib()
-    backends = attr.ib(factory=list)
-    stats = attr.ib(factory=dict)
-    readiness = attr.ib(default=None)
-    header_timeout = attr.ib(default=10.0)
+    # (the parts are not in the repr: they are large, and some hold secrets)
+    reactor = attr.ib(repr=False)
+    dispatcher = attr.ib(repr=False)
+    registry = attr.ib(repr=False)
+    limits = attr.ib(repr=False)
+    service = attr.ib(repr=False)
+    backends = attr.ib(factory=list, repr=False)
+    stats = attr.ib(factory=dict, repr=False)
+    readiness = attr.ib(default=None, repr=False)
+    header_timeout = attr.ib(default=10.0, converter=float)
 
     @property
     def access(self):

@@ -119,9 +119,21 @@ class Refusal(Exception):
 
 class HttpRequest(Request):
     """twisted.web's Request with ``session``: the ``dispatch.Session`` the
-    base gave the request (its identity fixed), or None."""
+    base gave the request (its identity fixed), or None; and ``gone``:
+    True once the client's connection was lost (nothing can be written)."""
 
     session = None
+    gone = False
+
+    def connectionLost(self, reason):
+        self.gone = True
+        super().connectionLost(reason)
+
+
+def gone(request):
+    """Whether ``request``'s client went away (False for requests that are
+    not HttpRequests, e.g. in tests)."""
+    return getattr(request, "gone", False)
 
 
 _THIS_HOST = None
@@ -422,16 +434,7 @@ class HttpSite(Site):
     def judge(self, head, channel):
         """The ``dispatch.Session`` a request runs with, or raise Refusal;
         see the module docstring."""
-        if head.length is None:
-            raise Refusal(411, "send the body with a Content-Length (no chunked bodies)", errors.MALFORMED)
         route = self.route(head)
-        if head.method not in route.methods:
-            allowed = b", ".join(sorted(route.methods))
-            raise Refusal(405, "method not allowed: use " + allowed.decode("ascii"), errors.FAILED,
-                          ((b"allow", allowed),))
-        if head.length > route.body:
-            raise Refusal(413, f"request body over {route.body} bytes" if route.body else
-                          "no request body allowed here", errors.MALFORMED)
         auth = channel.auth
         dispatcher = self.dispatcher
         if route.auth == SECRET:
@@ -448,16 +451,29 @@ class HttpSite(Site):
                 raise Refusal(self.unauthorized, "unauthorized: send your secret" + self.how_to_authenticate,
                               errors.BAD_PIN, self.challenge, delay,
                               why="no secret" if given is None else "wrong secret or front end not allowed")
-            secret = given is not None or auth.fixed
+            # proven by a secret (or a client certificate): not protected
+            # mode's anonymous loopback client, whatever it sent
+            secret = auth.fixed or (given is not None and identity is not dispatcher.access.anonymous)
         else:
             identity, secret = None, False
             if route.auth == LOOPBACK and not (dispatcher.access.allow_anonymous or is_local(auth.host)):
-                dispatcher._protected(auth)
+                dispatcher.protected(auth)
                 raise Refusal(403, "forbidden: only loopback clients are served", errors.BAD_PIN,
                               why="not loopback")
         if route.host_check and not secret and not host_allowed(head.header(b"host")):
             raise Refusal(403, "forbidden: Host does not name this machine (DNS rebinding?)", errors.BAD_PIN,
                           why="Host " + (head.header(b"host") or b"(none)")[:100].decode("latin-1"))
+        # Then what the request may be, once it is known who sends it (a
+        # client without a secret learns nothing of the routes).
+        if head.length is None:
+            raise Refusal(411, "send the body with a Content-Length (no chunked bodies)", errors.MALFORMED)
+        if head.method not in route.methods:
+            allowed = b", ".join(sorted(route.methods))
+            raise Refusal(405, "method not allowed: use " + allowed.decode("ascii"), errors.FAILED,
+                          ((b"allow", allowed),))
+        if head.length > route.body:
+            raise Refusal(413, f"request body over {route.body} bytes" if route.body else
+                          "no request body allowed here", errors.MALFORMED)
         return Session(auth.peer, self.frontend, auth.host, identity=identity, counters=self.counters)
 
     #: appended to the 401 message: how this front end takes its secret

@@ -299,8 +299,8 @@ class LineProtocol(Protocol):
                 if request is None:
                     return
             else:
-                # Only a line that does not start with ">" can be HTTP.
-                if value[:1] != b">" and self._http(value, kind is OVERLONG):
+                # Only a non-empty line that does not start with ">" (62) can be HTTP.
+                if value and value[0] != 62 and self._http(value, kind is OVERLONG):
                     return
                 request = parser.overlong(value) if kind is OVERLONG else parser.line(value)
                 if request is None:

@@ -29,11 +29,12 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .. import errors
-from ..interfaces import IBackend, IFrontend, ReaderInfo, settle
+from ..interfaces import IBackend, ReaderInfo, settle
 from ..errors import CardError
 from ..logs import Logger
 from . import ramwire as wire
-from .http import HttpSite, Route
+from .base import OneListener
+from .http import HttpSite, Route, gone
 
 #: Seconds a POST with nothing to send is held before ``AA 00`` (under the
 #: 30 s docs/ramoverhttp.md promises; the C client gives up after 40 s).
@@ -215,7 +216,7 @@ class RamSession:
         request, self.parked = self.parked, None
         self._cancel(self._keep_alive)
         self._keep_alive = None
-        if request is not None and not request.finished and not request._disconnected:
+        if request is not None and not request.finished and not gone(request):
             self._answer(request, 200, wire.KEEP_ALIVE, remember=False)
 
     def _answer(self, request, code, body, remember=True):
@@ -231,7 +232,7 @@ class RamSession:
             request.setHeader(b"content-type", wire.SCRIPT_TYPE)
         request.setHeader(b"content-length", b"%d" % len(body))
         request.setHeader(b"cache-control", b"no-store")
-        if not request._disconnected:
+        if not gone(request):
             if body:
                 request.write(body)
             request.finish()
@@ -499,22 +500,15 @@ class RamSettings:
     done_after = attr.ib(default=0)
 
 
-@implementer(IFrontend)
-class RamFrontend:
+class RamFrontend(OneListener):
     """``--ram``: the RAMOverHTTP server (IFrontend); its cards are the
     readers of a RamBackend it adds to the core."""
 
-    name = "ram"
+    name = option = "ram"
 
-    def settings(self, options):
-        if not options.get("ram"):
-            return []
-        return [RamSettings(endpoint=options["ram"], max_sessions=options["ram-max-sessions"],
-                            session_timeout=options["ram-session-timeout"],
-                            done_after=options["ram-done-after"])]
-
-    def listeners(self, settings):
-        return [(settings.endpoint, "--ram")]
+    def settings_of(self, options):
+        return RamSettings(endpoint=options["ram"], max_sessions=options["ram-max-sessions"],
+                           session_timeout=options["ram-session-timeout"], done_after=options["ram-done-after"])
 
     def make_service(self, settings, core):
         backend = RamBackend(core.reactor, settings.max_sessions, settings.session_timeout,

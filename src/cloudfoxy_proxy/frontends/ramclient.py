@@ -37,7 +37,8 @@ from ..interfaces import IFrontend
 from ..logs import Logger, RateLimitedLog
 from ..parser import APDU, RESET, make_command
 from . import ramwire as wire
-from .http import LOOPBACK, HttpSite, Route
+from .base import OneListener
+from .http import LOOPBACK, HttpSite, Route, gone
 
 #: Seconds without an answer before the client gives up (the C client's 40 s).
 ANSWER_TIMEOUT = 40.0
@@ -460,7 +461,7 @@ class RamDaemonResource(Resource):
 
         def done(outcome):
             self.running.discard(client)
-            if not request._disconnected:
+            if not gone(request):
                 body = self._image(request, *outcome)
                 request.setHeader(b"content-length", b"%d" % len(body))
                 request.write(body)
@@ -517,20 +518,14 @@ class DaemonSettings:
     default_reader = attr.ib(default=None)
 
 
-@implementer(IFrontend)
-class DaemonFrontend:
+class DaemonFrontend(OneListener):
     """``--ram-daemon``: OCF-daemon-compatible triggers (IFrontend)."""
 
-    name = "ram-daemon"
+    name = option = "ram-daemon"
 
-    def settings(self, options):
-        if not options.get("ram-daemon"):
-            return []
-        return [DaemonSettings(endpoint=options["ram-daemon"], approved_urls=options["ram-approved-url-list"],
-                               default_reader=options["ram-reader"])]
-
-    def listeners(self, settings):
-        return [(settings.endpoint, "--ram-daemon")]
+    def settings_of(self, options):
+        return DaemonSettings(endpoint=options["ram-daemon"], approved_urls=options["ram-approved-url-list"],
+                              default_reader=options["ram-reader"])
 
     def make_service(self, settings, core):
         resource = RamDaemonResource(core.dispatcher, core.reactor, settings.approved_urls,

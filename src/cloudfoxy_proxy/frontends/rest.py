@@ -18,12 +18,11 @@ import re
 
 import attr
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from .. import __version__, errors
-from ..interfaces import IFrontend
 from ..logs import Logger
 from ..parser import APDU, MAX_APDU_BYTES, RESET, make_command
+from .base import OneListener
 from .http import HttpSite, Route, answer_later
 
 #: HTTP status and reason for each result code a card command can end with.
@@ -277,17 +276,13 @@ class RestSettings:
     endpoint = attr.ib(validator=attr.validators.instance_of(str))
 
 
-@implementer(IFrontend)
-class RestFrontend:
+class RestFrontend(OneListener):
     """``--rest``: the CloudFoxy REST front end (IFrontend)."""
 
-    name = "rest"
+    name = option = "rest"
 
-    def settings(self, options):
-        return [RestSettings(endpoint=options["rest"])] if options.get("rest") else []
-
-    def listeners(self, settings):
-        return [(settings.endpoint, "--rest")]
+    def settings_of(self, options):
+        return RestSettings(endpoint=options["rest"])
 
     def make_service(self, settings, core):
         resource = RestResource(core.dispatcher, core.registry, core.reactor)

@@ -33,11 +33,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from .. import __version__, errors
-from ..interfaces import IFrontend
 from ..metrics import Collector, Metrics, quantile
+from .base import OneListener
 from .http import NONE, HttpSite, Route
 from .jsonapi import error_body
 
@@ -246,19 +245,15 @@ class MetricsSettings:
     endpoint = attr.ib()
 
 
-@implementer(IFrontend)
-class MetricsFrontend:
+class MetricsFrontend(OneListener):
     """``--metrics``: Prometheus metrics, health, the status page
     (IFrontend).  Turns on counting in the dispatcher; counts every front
     end of ``core.stats``."""
 
-    name = "metrics"
+    name = option = "metrics"
 
-    def settings(self, options):
-        return [MetricsSettings(endpoint=options["metrics"])] if options.get("metrics") else []
-
-    def listeners(self, settings):
-        return [(settings.endpoint, "--metrics")]
+    def settings_of(self, options):
+        return MetricsSettings(endpoint=options["metrics"])
 
     def make_service(self, settings, core):
         metrics = Metrics(core.registry, core.backends)

@@ -606,10 +606,13 @@ def make_vpcd_service(host, port, reader, dispatcher, registry, reactor, exclusi
 class VpcdSettings:
     """One ``--vpcd HOST:PORT=READER[?exclusive=1]``."""
 
-    host = attr.ib()
-    port = attr.ib()
-    reader = attr.ib()
-    exclusive = attr.ib(default=False)
+    #: where vpcd listens (slot n: port 35963 + n)
+    host = attr.ib(validator=attr.validators.instance_of(str))
+    port = attr.ib(validator=attr.validators.instance_of(int))
+    #: the reader line naming the card
+    reader = attr.ib(validator=attr.validators.instance_of(str))
+    #: reserve the card for the bridge
+    exclusive = attr.ib(default=False, converter=bool)
 
 
 @implementer(IFrontend)
