@@ -10,19 +10,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.hashes import SHA256
-from treq.testing import StubTreq
+from support import memory_core, site_treq
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy import errors
+from cloudfoxy_proxy.access import Access, full_access, load_credentials
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.cards.piv import PivCard
 from cloudfoxy_proxy.signing.index import CertIndex
-from cloudfoxy_proxy.dispatch import Dispatcher
-from cloudfoxy_proxy.frontends import api
-from cloudfoxy_proxy.limits import BufferBudget
+from cloudfoxy_proxy.dispatch import Dispatcher, Session
+from cloudfoxy_proxy.frontends import api, jsonapi, websocket
 from cloudfoxy_proxy.registry import ReaderRegistry
 from test_restapi import result_of
 
@@ -41,10 +41,15 @@ class ApiCase(SynchronousTestCase):
         self.registry = ReaderRegistry()
         self.backend = EmulatedBackend(clock=self.clock, cards=[Iso7816Card(serial=i) for i in range(self.cards)])
         self.backend.start(self.registry)
-        self.dispatcher = Dispatcher(self.registry, self.clock, command_timeout=5.0)
-        self.resource = api.ApiResource(self.dispatcher, self.registry, api.BearerAuth(TOKEN), self.clock,
-                                        cors_origins=["http://app.test"])
-        self.http = StubTreq(self.resource)
+        self.serve(Dispatcher(self.registry, self.clock, command_timeout=5.0, access=Access(simple=[(TOKEN, "api")])))
+
+    def serve(self, dispatcher, **limits):
+        """The API on the HTTP base over ``dispatcher``, as --api builds it."""
+        self.dispatcher = dispatcher
+        self.core = memory_core(dispatcher, self.clock, **limits)
+        self.site = api.API.site(api.ApiSettings(endpoint="tcp:0", cors_origins=["http://app.test"]), self.core)
+        self.resource = self.site.resource
+        self.http = site_treq(self.site)
 
     #: every (method, path, status) answered in this module, for the OpenAPI test
     seen = set()
@@ -54,6 +59,9 @@ class ApiCase(SynchronousTestCase):
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         d = self.http.request(method, BASE + path, data=data, headers=headers)
         self.http.flush()
+        if not d.called:  # a throttled guess (access.Throttle) is answered later
+            self.clock.advance(5)
+            self.http.flush()
         response = result_of(d)
         text = result_of(response.text("utf-8"))
         try:
@@ -150,14 +158,31 @@ class Auth(ApiCase):
         self.assertEqual((code, body["error"]["code"]), (401, errors.BAD_PIN))
         self.assertEqual(h.getRawHeaders("www-authenticate"), ['Bearer realm="cloudfoxy-proxy"'])
 
-    def test_check_is_one_small_function(self):
-        auth = api.BearerAuth(TOKEN)
-        self.assertEqual(auth.check(f"Bearer {TOKEN}".encode()), "token")
-        self.assertIsNone(auth.check(None))
-        self.assertIsNone(auth.check(b"Bearer "))
-        self.assertEqual(auth.check_token(TOKEN), "token")
-        self.assertIsNone(auth.check_token(5))
-        self.assertRaises(ValueError, api.BearerAuth, "")
+    def test_identities_apply_to_every_route(self):
+        """A --credentials client on the API: its readers only, its commands only."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write('[[client]]\nname = "web"\nsecret_sha256 = "%s"\nreaders = ["Emulated 00"]\n'
+                    'commands = ["APDU"]\nfrontends = ["api"]\n'
+                    '[[client]]\nname = "liner"\nsecret_sha256 = "%s"\nfrontends = ["line"]\n'
+                    % (hashlib.sha256(b"web-secret").hexdigest(), hashlib.sha256(b"line-secret").hexdigest()))
+        access = load_credentials(f.name)
+        access.add_simple([(TOKEN, "api")])
+        self.serve(Dispatcher(self.registry, self.clock, command_timeout=5.0, access=access))
+        web = {"Authorization": "Bearer web-secret"}
+        self.assertEqual([r["name"] for r in self.call("GET", "/api/v1/readers", headers=web)[1]["readers"]],
+                         ["Emulated 00"])
+        transmit = {"apdus": ["00A4000C023F00"]}
+        self.assertEqual(self.call("POST", "/api/v1/readers/Emulated%2000/transmit", transmit, headers=web)[:2],
+                         (200, {"atr": None, "responses": ["9000"]}))
+        code, body, _ = self.call("POST", "/api/v1/readers/Emulated%2001/transmit", transmit, headers=web)
+        self.assertEqual((code, body["error"]["code"]), (404, errors.NOT_FOUND))  # invisible, as if absent
+        code, body, _ = self.call("POST", "/api/v1/readers/Emulated%2000/transmit", {"reset": True}, headers=web)
+        self.assertEqual((code, body["error"]["code"]), (403, errors.BAD_PIN))  # RESET: not its command
+        code, body, _ = self.call("GET", "/api/v1/readers", headers={"Authorization": "Bearer line-secret"})
+        self.assertEqual((code, body["error"]["code"]), (401, errors.BAD_PIN))  # not allowed on the API
+        self.assertEqual(len(self.call("GET", "/api/v1/readers")[1]["readers"]), 2)  # the API token: all
 
 
 class Channel(SynchronousTestCase):
@@ -168,10 +193,10 @@ class Channel(SynchronousTestCase):
         clock = Clock()
         registry = ReaderRegistry()
         EmulatedBackend(clock=clock, cards=[Iso7816Card(serial=0)]).start(registry)
-        self.resource = api.ApiResource(Dispatcher(registry, clock), registry, api.BearerAuth(TOKEN), clock)
-        self.budget = BufferBudget(total=1 << 20)
-        self.site = api.ApiSite(self.resource, buffers=self.budget, reactor=clock)
-        self.resource.site = self.site
+        dispatcher = Dispatcher(registry, clock, access=Access(simple=[(TOKEN, "api")]))
+        self.site = api.API.site(api.ApiSettings(endpoint="tcp:0"), memory_core(dispatcher, clock,
+                                                                               buffered_bytes=1 << 20))
+        self.budget = self.site.buffers
 
     def send(self, data):
         channel = self.site.buildProtocol(None)
@@ -190,7 +215,7 @@ class Channel(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         channel.dataReceived(b"x" * 100000)  # ignored
         self.assertEqual(self.budget.used, 0)
-        self.assertEqual(self.site.auth_failures, 1)
+        self.assertEqual(self.site.counters.auth_failures, 0)  # no secret presented: not a guess
 
     def test_oversized_and_chunked_bodies_are_refused(self):
         auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
@@ -212,7 +237,8 @@ class Channel(SynchronousTestCase):
 
     def test_preflight_and_websocket_upgrade_take_no_body_without_a_token(self):
         for head in (b"OPTIONS /api/v1/readers HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n",
-                     b"GET /api/v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nContent-Length: 50000\r\n\r\n"):
+                     b"GET /api/v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     b"Content-Length: 50000\r\n\r\n"):
             _, t = self.send(head)
             self.assertTrue(t.value().startswith(b"HTTP/1.1 413 "), head)
             self.assertTrue(t.disconnecting)
@@ -243,7 +269,7 @@ class Channel(SynchronousTestCase):
             _, transport = self.send(request)
             self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"), transport.value())
         lines = [(e["method"], e["path"], e["code"]) for e in events if e.get("log_format", "").startswith("API {method}")]
-        self.assertEqual((self.site.requests, lines), (2, [("GET", "/api/v1/readers", 200)]))
+        self.assertEqual((self.site.counters.requests, lines), (2, [("GET", "/api/v1/readers", 200)]))
 
 
 class Cors(ApiCase):
@@ -328,12 +354,11 @@ class Signing(ApiCase):
         super().setUp()
         self.registry = ReaderRegistry()
         self.piv = EmulatedBackend(clock=self.clock, cards=[PivCard(serial=0)], prefix="PIV", kind="piv")
-        self.dispatcher = Dispatcher(self.registry, self.clock, command_timeout=5.0)
-        self.dispatcher.signing = CertIndex(self.registry, self.clock, 5.0)
-        self.dispatcher.signing.start()
+        dispatcher = Dispatcher(self.registry, self.clock, command_timeout=5.0, access=Access(simple=[(TOKEN, "api")]))
+        dispatcher.signing = CertIndex(self.registry, self.clock, 5.0)
+        dispatcher.signing.start()
         self.piv.start(self.registry)
-        self.resource = api.ApiResource(self.dispatcher, self.registry, api.BearerAuth(TOKEN), self.clock)
-        self.http = StubTreq(self.resource)
+        self.serve(dispatcher)
         self.call("GET", "/api/v1/certificates")  # the index probes the card
 
     def test_certificates_chain_and_sign(self):
@@ -441,12 +466,13 @@ class OpenApi(ApiCase):
 class WebSocketMessages(ApiCase):
     """ApiWebSocket's message handling, with Autobahn's sendMessage captured."""
 
-    def socket(self, identity="token"):
-        ws = api.ApiWebSocket()
+    def socket(self, identity=full_access("api")):
+        ws = websocket.ApiWebSocket()
         ws.factory = self.resource.ws_factory
         ws.state = ws.STATE_OPEN
         ws.identity = identity
-        ws.session = api.Session("test")
+        ws.counters = self.site.counters
+        ws.session = Session("test", "api", identity=identity)
         ws.inflight = {}
         ws.transport = StringTransport()
         ws.sent = []
@@ -546,18 +572,41 @@ class WebSocketMessages(ApiCase):
         self.assertEqual(ws.sent.pop(), {"event": "inserted", "reader": "Emulated 01", "atr": ATR})
         ws.dropped = []
         ws.dropConnection = lambda abort=False: ws.dropped.append(abort)
-        ws.transport.dataBuffer = b"x" * (api.MAX_SUBSCRIBER_BACKLOG + 1)
+        ws.transport.dataBuffer = b"x" * (websocket.MAX_SUBSCRIBER_BACKLOG + 1)
         ws.transport.offset = 0
         ws.transport._tempDataLen = 0
         self.backend.remove(0)
         self.assertEqual(ws.dropped, [True])
         self.assertNotIn(ws, self.resource.events.subscribers)
 
+    def test_first_message_secret_goes_through_identify(self):
+        ws = self.socket(identity=None)
+        ws.session = Session("10.0.0.7:1", "api", "10.0.0.7", counters=self.site.counters)
+        self.assertEqual(self.say(ws, {"id": 1, "auth": "wrong"}), ("close", 4401))
+        self.assertEqual(self.site.counters.auth_failures, 1)  # counted like every failed secret
+        ws = self.socket(identity=None)
+        ws.session = Session("10.0.0.7:2", "api", "10.0.0.7", counters=self.site.counters)
+        self.assertEqual(self.say(ws, {"id": 2, "auth": TOKEN}), {"id": 2, "authenticated": True})
+        self.assertEqual(ws.identity.name, "api")
+        answer = self.say(ws, {"id": 3, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]})
+        self.assertEqual(answer, {"id": 3, "atr": None, "responses": ["9000"]})
+
+    def test_events_name_only_the_readers_of_the_identity(self):
+        from cloudfoxy_proxy.access import Identity
+
+        ws = self.socket(identity=Identity("one", readers=["Emulated 01"]))
+        subscribed = self.say(ws, {"id": 1, "subscribe": True})
+        self.assertEqual([r["name"] for r in subscribed["readers"]], ["Emulated 01"])
+        self.backend.remove(0)
+        self.assertEqual(ws.sent, [])  # Emulated 00 is not its reader: no event
+        self.backend.remove(1)
+        self.assertEqual(ws.sent.pop(), {"event": "ejected", "reader": "Emulated 01"})
+
     def test_added_and_removed(self):
         got = []
 
         class Sub:
-            def event(self, e):
+            def event(self, e, reader):
                 got.append(e)
 
         self.resource.events.subscribers.add(Sub())
@@ -595,6 +644,8 @@ class WebSocketFrames(ApiCase):
     def setUp(self):
         super().setUp()
         self.ws = self.resource.ws_factory.buildProtocol(None)
+        # as the HTTP base hands it over: the upgrade request proved the token
+        self.ws.upgrade = Session("127.0.0.1:1", "api", "127.0.0.1", identity=full_access("api"))
         self.transport = StringTransport()
         self.ws.makeConnection(self.transport)
         key = base64.b64encode(b"0123456789abcdef").decode()
@@ -658,6 +709,9 @@ class WebSocketFailures(SynchronousTestCase):
 
     def connect(self, headers=f"Authorization: Bearer {TOKEN}\r\n"):
         ws = self.case.resource.ws_factory.buildProtocol(None)
+        # as the HTTP base hands it over: with the header, the upgrade proved the token
+        ws.upgrade = Session("192.168.1.1:1", "api", "192.168.1.1",
+                             identity=full_access("api") if headers else None)
         transport = StringTransport()
         ws.makeConnection(transport)
         ws.dataReceived(("GET /api/v1/ws HTTP/1.1\r\nHost: proxy.test\r\nUpgrade: websocket\r\n"
@@ -697,23 +751,23 @@ class WebSocketFailures(SynchronousTestCase):
 
 
 class Json(SynchronousTestCase):
-    """The API's one JSON codec (api.to_json / api.from_json)."""
+    """The API's one JSON codec (jsonapi.to_json / jsonapi.from_json)."""
 
     def test_compact_utf8(self):
-        self.assertEqual(api.to_json({"atr": None, "responses": ["9000"], "name": "Lecteur é"}),
+        self.assertEqual(jsonapi.to_json({"atr": None, "responses": ["9000"], "name": "Lecteur é"}),
                          '{"atr":null,"responses":["9000"],"name":"Lecteur é"}'.encode("utf-8"))
-        self.assertEqual(api.dump({"a": 1}), b'{"a":1}\n')
+        self.assertEqual(jsonapi.dump({"a": 1}), b'{"a":1}\n')
 
     def test_what_orjson_refuses_is_still_written(self):
-        self.assertEqual(api.to_json({"reader": "bad \udcff name"}), b'{"reader":"bad \\udcff name"}')
-        self.assertEqual(api.to_json({"id": 2 ** 70}), b'{"id":1180591620717411303424}')
+        self.assertEqual(jsonapi.to_json({"reader": "bad \udcff name"}), b'{"reader":"bad \\udcff name"}')
+        self.assertEqual(jsonapi.to_json({"id": 2 ** 70}), b'{"id":1180591620717411303424}')
 
     def test_what_is_not_json_is_a_value_error(self):
         for text in (b"\xff", b"\xef\xbb\xbf{}", b'{"id": NaN}', b"[" * 2000 + b"]" * 2000, b'{"a": "\xed\xa0\x80"}',
                      b"{", b""):
             with self.assertRaises(ValueError, msg=text[:20]):
-                api.from_json(text)
-        self.assertEqual(api.from_json(b'{"id": 123456789012345678901234567890}'), {"id": 1.2345678901234568e29})
+                jsonapi.from_json(text)
+        self.assertEqual(jsonapi.from_json(b'{"id": 123456789012345678901234567890}'), {"id": 1.2345678901234568e29})
 
 
 def template_of(path):

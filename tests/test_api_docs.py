@@ -40,7 +40,7 @@ def same(doc, got):
 
 
 def compact(value):
-    """JSON as the API writes it: no spaces, UTF-8 (frontends/api.py ``to_json``)."""
+    """JSON as the API writes it: no spaces, UTF-8 (frontends/jsonapi.py ``to_json``)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -14,6 +14,7 @@ from cloudfoxy_proxy import errors
 from cloudfoxy_proxy.interfaces import IBackend, ReaderInfo
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
+from cloudfoxy_proxy.access import Access
 from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.parser import make_command
 from cloudfoxy_proxy.registry import ReaderRegistry
@@ -59,7 +60,9 @@ class Harness:
         self.manual = ManualBackend()
         self.emulated.start(self.registry)
         self.manual.start(self.registry)
-        self.dispatcher = Dispatcher(self.registry, self.clock, kw.pop("timeout", 15.0), kw.pop("password", None))
+        password = kw.pop("password", None)
+        access = Access(simple=[(password, None)]) if password is not None else None
+        self.dispatcher = Dispatcher(self.registry, self.clock, kw.pop("timeout", 15.0), access=access)
         self.factory = LineFactory(self.dispatcher, **kw)
 
     def connect(self):

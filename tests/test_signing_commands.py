@@ -20,6 +20,7 @@ from cloudfoxy_proxy.cards.pki import get_pki
 from cloudfoxy_proxy.cards.piv import PivCard
 from cloudfoxy_proxy.signing.certs import build_chain, load_ca_certs
 from cloudfoxy_proxy.signing.index import CertIndex, parse_digest
+from cloudfoxy_proxy.access import Access
 from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.registry import ReaderRegistry
@@ -69,7 +70,8 @@ class Harness:
     def __init__(self, password=None, timeout=15.0, ca_certs=(), extra=()):
         self.clock = Clock()
         self.registry = ReaderRegistry()
-        self.dispatcher = Dispatcher(self.registry, self.clock, timeout, password)
+        access = Access(simple=[(password, None)]) if password is not None else None
+        self.dispatcher = Dispatcher(self.registry, self.clock, timeout, access=access)
         self.index = CertIndex(self.registry, self.clock, timeout, ca_certs=ca_certs)
         self.dispatcher.signing = self.index
         self.index.start()

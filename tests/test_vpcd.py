@@ -21,6 +21,7 @@ from cloudfoxy_proxy.frontends import vpcd
 from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
+from cloudfoxy_proxy.access import Access
 from cloudfoxy_proxy.dispatch import Dispatcher
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.registry import ReaderRegistry
@@ -155,7 +156,8 @@ class Harness:
         self.backend = RecordingBackend(
             clock=self.clock, cards=[Iso7816Card(serial=i) for i in range(cards)], latency=latency)
         self.backend.start(self.registry)
-        self.dispatcher = Dispatcher(self.registry, self.clock, 15.0, password)
+        access = Access(simple=[(password, None)]) if password is not None else None
+        self.dispatcher = Dispatcher(self.registry, self.clock, 15.0, access=access)
         self.card = BridgedCard(reader, self.dispatcher)
 
     def connect(self):

@@ -50,8 +50,10 @@ class AuditLog:
 
     def request(self, run):
         """A finished request of the dispatcher (a dispatch._Run); only
-        requests with card commands (RESET, APDU, SIGN) are written."""
-        if not any(c.name in CARD_COMMANDS for c in run.request.commands):
+        requests with card commands (RESET, APDU, SIGN) that the access
+        check let run are written (a refused one is an ``auth_failure``
+        line when a wrong secret was presented, on every front end)."""
+        if run.identity.__class__ is str or not any(c.name in CARD_COMMANDS for c in run.request.commands):
             return
         session = run.session
         identity = run.identity

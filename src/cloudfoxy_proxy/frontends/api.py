@@ -470,11 +470,15 @@ class ApiFrontend(OneListener):
     def settings_of(self, options):
         return ApiSettings(endpoint=options["api"], cors_origins=options.get("api-cors-origin", ()))
 
-    def make_service(self, settings, core):
+    def site(self, settings, core):
+        """The API's ApiSite and its ApiResource (``site.resource``)."""
         resource = ApiResource(core.dispatcher, core.registry, core.reactor, cors_origins=settings.cors_origins)
         site = resource.site = ApiSite(resource, core)
         resource.client_log = site.client_log
-        return core.listen(settings.endpoint, site, "--api")
+        return site
+
+    def make_service(self, settings, core):
+        return core.listen(settings.endpoint, self.site(settings, core), "--api")
 
 
 API = ApiFrontend()

@@ -74,7 +74,9 @@ class RamClient:
         self.start_wait = start_wait
         # configured by the operator (--ram-connect, --ram-approved-urls): a
         # fixed identity with access to every reader (docs/security.md)
-        self.session = Session(f"RAM client of {url}", "ram", identity=full_access("ram-connect"))
+        #: the URL as logs and the audit trail show it (its secret cut out)
+        self.shown = shown_url(url)
+        self.session = Session(f"RAM client of {self.shown}", "ram", identity=full_access("ram-connect"))
         self.pool = HTTPConnectionPool(clock, persistent=True)
         self.pool.maxPersistentPerHost = 1
         if http is None:
@@ -102,29 +104,29 @@ class RamClient:
             while True:
                 code, answer = await self._post(body)
                 if code == 204:
-                    self.log.info("RAM session on {reader} with {url} done", reader=self.reader, url=self.url)
+                    self.log.info("RAM session on {reader} with {url} done", reader=self.reader, url=self.shown)
                     return PASSED, "done"
                 if code == 404:
-                    raise SessionFailed(f"{self.url}: 404 (not a RAM URL, or a wrong secret)")
+                    raise SessionFailed(f"{self.shown}: 404 (not a RAM URL, or a wrong secret)")
                 if code == 504:
-                    raise SessionFailed(f"{self.url}: 504 (the server aborted the session)")
+                    raise SessionFailed(f"{self.shown}: 504 (the server aborted the session)")
                 if code != 200:
-                    raise SessionFailed(f"{self.url}: HTTP status {code}")
+                    raise SessionFailed(f"{self.shown}: HTTP status {code}")
                 if not answer:
-                    raise SessionFailed(f"{self.url}: an empty 200 answer")
+                    raise SessionFailed(f"{self.shown}: an empty 200 answer")
                 try:
                     tag, items = wire.template(answer)
                     if tag != wire.SCRIPT:
                         raise ValueError(f"template {tag:02X} instead of AA")
                     steps = wire.decode_script(items)
                 except ValueError as e:
-                    raise SessionFailed(f"{self.url}: not a script ({e})") from None
+                    raise SessionFailed(f"{self.shown}: not a script ({e})") from None
                 body = await self._execute(steps)
                 if body is None:
                     return PASSED, "stopped by the server's negative notify id"
         except SessionFailed as e:
             self.log.warn("RAM session on {reader} with {url} failed: {why}", reader=self.reader,
-                          url=self.url, why=str(e))
+                          url=self.shown, why=str(e))
             return FAILED, str(e)
         finally:
             if self.card is not None:
@@ -165,7 +167,7 @@ class RamClient:
         for kind, value in steps:
             if kind == wire.MESSAGE:
                 number, text = value
-                self.log.info("RAM server {url} says: {text}", url=self.url, text=text[:500])
+                self.log.info("RAM server {url} says: {text}", url=self.shown, text=text[:500])
                 if number < 0:
                     return None
                 continue
@@ -185,14 +187,14 @@ class RamClient:
             return await self._post_once(body)
         except (ResponseNeverReceived, RequestTransmissionFailed) as e:
             if not self.requests or self.stopped:
-                raise SessionFailed(f"{self.url}: {_why(e)}") from None
+                raise SessionFailed(f"{self.shown}: {_why(e)}") from None
             self.log.info("RAM connection to {url} died before the answer: sending the same "
-                          "answer once more on a new connection", url=self.url)
+                          "answer once more on a new connection", url=self.shown)
             await self.pool.closeCachedConnections()
             try:
                 return await self._post_once(body)
             except (ResponseNeverReceived, RequestTransmissionFailed) as e2:
-                raise SessionFailed(f"{self.url}: {_why(e2)}") from None
+                raise SessionFailed(f"{self.shown}: {_why(e2)}") from None
 
     async def _post_once(self, body):
         if self.stopped:
@@ -208,26 +210,26 @@ class RamClient:
             length = response.length
             if isinstance(length, int) and length > wire.MAX_BODY:
                 response.deliverBody(_Discard())
-                raise SessionFailed(f"{self.url}: an answer of {length} bytes")
+                raise SessionFailed(f"{self.shown}: an answer of {length} bytes")
             content = response.content()
             content.addTimeout(self.answer_timeout, self.clock)
             self._call = content
             answer = await content
         except (TimeoutError, CancelledError):
-            raise SessionFailed(f"{self.url}: no answer within {self.answer_timeout:g} s"
+            raise SessionFailed(f"{self.shown}: no answer within {self.answer_timeout:g} s"
                                 if not self.stopped else "stopped") from None
         except (ResponseNeverReceived, RequestTransmissionFailed):
             raise
         except SessionFailed:
             raise
         except Exception as e:
-            raise SessionFailed(f"{self.url}: {_why(e)}") from None
+            raise SessionFailed(f"{self.shown}: {_why(e)}") from None
         finally:
             self._call = None
         self.requests += 1
         self._keep_cookie(response.headers)
         if len(answer) > wire.MAX_BODY:
-            raise SessionFailed(f"{self.url}: an answer of {len(answer)} bytes")
+            raise SessionFailed(f"{self.shown}: an answer of {len(answer)} bytes")
         return response.code, answer
 
     def _keep_cookie(self, headers):
@@ -307,6 +309,17 @@ class RamConnectService(Service):
         super().stopService()
         if self.client is not None:
             self.client.stop()
+
+
+def shown_url(url):
+    """``url`` as logs and audit lines may show it: a RAM server's URL
+    carries its secret as the last path segment (``https://host/rt/SECRET``),
+    so that segment (and any query) is shown as ``...``."""
+    base, _, _query = url.partition("?")
+    head, slash, last = base.rpartition("/")
+    if not slash or head.endswith("/") or head.count("/") < 2:  # no path beyond the host
+        return base
+    return f"{head}/..." if last else base
 
 
 def split_session(url):
@@ -457,7 +470,7 @@ class RamDaemonResource(Resource):
             return self._image(request, FAILED, why)  # twisted.web writes it and Content-Length
         client = RamClient(self.dispatcher, reader, url, self.clock, session_id=session_id)
         self.running.add(client)
-        self.log.info("RAM daemon: session on {reader} with {url}", reader=reader, url=url)
+        self.log.info("RAM daemon: session on {reader} with {url}", reader=reader, url=shown_url(url))
 
         def done(outcome):
             self.running.discard(client)
