@@ -59,12 +59,14 @@ class RamClient:
     :data:`PASSED` after the server's 204, else :data:`FAILED` with why.
     ``session_id`` presets the JSESSIONID cookie (OCF ``-s``).  ``agent``:
     a twisted.web IAgent factory taking a pool (tests), default
-    ``treq``'s HTTPClient over twisted's Agent."""
+    ``treq``'s HTTPClient over twisted's Agent.  ``frontend``: who
+    started it, ``ram-connect`` or ``ram-daemon`` (its audit lines' front
+    end and identity)."""
 
     log = Logger()
 
     def __init__(self, dispatcher, reader, url, clock, session_id=None, http=None,
-                 answer_timeout=ANSWER_TIMEOUT, start_wait=0.0):
+                 answer_timeout=ANSWER_TIMEOUT, start_wait=0.0, frontend="ram-connect"):
         self.dispatcher = dispatcher
         self.reader = reader
         self.url = url
@@ -76,7 +78,7 @@ class RamClient:
         # fixed identity with access to every reader (docs/security.md)
         #: the URL as logs and the audit trail show it (its secret cut out)
         self.shown = shown_url(url)
-        self.session = Session(f"RAM client of {self.shown}", "ram", identity=full_access("ram-connect"))
+        self.session = Session(f"RAM client of {self.shown}", frontend, identity=full_access(frontend))
         self.pool = HTTPConnectionPool(clock, persistent=True)
         self.pool.maxPersistentPerHost = 1
         if http is None:
@@ -468,7 +470,7 @@ class RamDaemonResource(Resource):
             self.client_log.warn("client {peer}: RAM daemon request refused: {why}",
                                  peer=self._peer(request), why=why)
             return self._image(request, FAILED, why)  # twisted.web writes it and Content-Length
-        client = RamClient(self.dispatcher, reader, url, self.clock, session_id=session_id)
+        client = RamClient(self.dispatcher, reader, url, self.clock, session_id=session_id, frontend="ram-daemon")
         self.running.add(client)
         self.log.info("RAM daemon: session on {reader} with {url}", reader=reader, url=shown_url(url))
 
