@@ -35,7 +35,8 @@ def client_frame(payload, mask=b"\x37\xfa\x21\x3d"):
 
 
 def connection():
-    """(protocol, transport, frame): an upgraded ApiWebSocket and one transmit frame."""
+    """(protocol, transport, frame): an upgraded, authenticated ApiWebSocket
+    and one transmit frame."""
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
@@ -47,8 +48,20 @@ def connection():
 
     clock, registry = Clock(), ReaderRegistry()
     EmulatedBackend(clock=clock, cards=[Iso7816Card(serial=i) for i in range(4)]).start(registry)
-    resource = api.ApiResource(Dispatcher(registry, clock, command_timeout=5.0), registry, api.BearerAuth(TOKEN),
-                               clock)
+    if hasattr(api, "API"):  # the API on the HTTP base: the token is an access secret
+        from twisted.application.service import MultiService
+
+        from cloudfoxy_proxy.access import Access
+        from cloudfoxy_proxy.frontends.base import Core
+        from cloudfoxy_proxy.limits import ConnectionLimits
+
+        dispatcher = Dispatcher(registry, clock, command_timeout=5.0, access=Access(simple=[(TOKEN, "api")]))
+        core = Core(reactor=clock, dispatcher=dispatcher, registry=registry, limits=ConnectionLimits(clock),
+                    service=MultiService())
+        resource = api.API.site(api.ApiSettings(endpoint="tcp:0"), core).resource
+    else:  # an older build (PYTHONPATH=DIR/src): BearerAuth
+        resource = api.ApiResource(Dispatcher(registry, clock, command_timeout=5.0), registry,
+                                   api.BearerAuth(TOKEN), clock)
     ws = resource.ws_factory.buildProtocol(None)
     transport = StringTransport()
     ws.makeConnection(transport)
@@ -59,6 +72,11 @@ def connection():
     if not transport.value().startswith(b"HTTP/1.1 101 "):
         raise SystemExit(f"no WebSocket: {transport.value()[:200]!r}")
     transport.clear()
+    if ws.identity is None:  # not judged by the HTTP channel here: the first message authenticates
+        ws.dataReceived(client_frame(json.dumps({"id": 0, "auth": TOKEN}).encode()))
+        if b'"authenticated":true' not in transport.value():
+            raise SystemExit(f"not authenticated: {transport.value()!r}")
+        transport.clear()
     frame = client_frame(json.dumps({"id": 1, "reader": "Emulated 00", "apdus": [SELECT_MF]}).encode())
     ws.dataReceived(frame)
     answer = transport.value()
