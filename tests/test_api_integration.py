@@ -228,7 +228,8 @@ def test_openapi_is_served_and_metrics_count_the_api(proxy_factory):
                and line.endswith(" 1.0") for line in text.splitlines()), text
     assert 'foxyproxy_frontend_connections{frontend="api"} 0.0' in text  # the WebSocket was counted out
     requests = [line for line in text.splitlines() if line.startswith('foxyproxy_frontend_requests_total{frontend="api"}')]
-    assert requests == ['foxyproxy_frontend_requests_total{frontend="api"} 2.0']  # openapi.json + 1 WebSocket message
+    # openapi.json, the refused one (every answer counts), 1 WebSocket message
+    assert requests == ['foxyproxy_frontend_requests_total{frontend="api"} 3.0']
 
 
 def test_pcsc_reader_events_within_2_s(card0, proxy_factory):
@@ -281,7 +282,8 @@ def test_start_up_errors_are_one_line(tmp_path, proxy_factory):
     out = twistd("--api", "tcp:0", env=env)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
-        "twistd foxyproxy: --api needs a token: --api-token-file FILE or env FOXYPROXY_API_TOKEN"]
+        "twistd foxyproxy: --api needs a token: --api-token-file FILE, env FOXYPROXY_API_TOKEN, "
+        "or client secrets in --credentials FILE"]
     busy = start(proxy_factory)
     out = twistd("--api", f"tcp:{busy.api_port}:interface={HOST}", env=dict(env, FOXYPROXY_API_TOKEN="t"))
     assert out.returncode == 1

@@ -16,7 +16,8 @@ from twisted.python import usage
 
 from support import memory_core, site_treq
 
-from cloudfoxy_proxy import config_file, dispatch, errors, metrics, ops, tap
+from cloudfoxy_proxy import config_file, errors, metrics, ops, tap
+from cloudfoxy_proxy import run as run_module
 from cloudfoxy_proxy.access import Access
 from cloudfoxy_proxy.frontends import status
 from cloudfoxy_proxy.backends.emulated import from_url as emulated
@@ -87,7 +88,7 @@ def test_counts_by_reader_kind_and_result():
 def test_latency_lands_in_its_bucket_queue_wait_included(monkeypatch):
     fake = FakeTime()
     monkeypatch.setattr(metrics, "perf_counter", fake)
-    monkeypatch.setattr(dispatch, "perf_counter", fake)
+    monkeypatch.setattr(run_module, "perf_counter", fake)
     clock, _, _, d, m = setup("emulated:?cards=1&latency_ms=3")
     first = run(d, "Emulated 00", f"1:APDU:{SELECT_MF}")
     second = run(d, "Emulated 00", f"1:APDU:{SELECT_MF}")  # queued behind the first

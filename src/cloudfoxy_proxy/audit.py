@@ -49,7 +49,7 @@ class AuditLog:
             self.log.failure("cannot write the audit log {path}", path=self.path)
 
     def request(self, run):
-        """A finished request of the dispatcher (a dispatch._Run); only
+        """A finished request of the dispatcher (a run.RequestRun); only
         requests with card commands (RESET, APDU, SIGN) that the access
         check let run are written (a refused one is an ``auth_failure``
         line when a wrong secret was presented, on every front end)."""

@@ -1,7 +1,7 @@
 """Counting what the proxy does, cheaply, and exporting it to Prometheus.
 
 The hot path only touches plain Python integers: the dispatcher calls
-:meth:`Metrics.record` once per command result (``dispatch._Run._result``),
+:meth:`Metrics.record` once per command result (``run.RequestRun._result``),
 which bumps a per-reader ``{(kind, result): count}`` dict entry and one slot
 of a small latency-bucket list.  Nothing is locked and no
 ``prometheus_client`` object is touched per APDU; :class:`Collector` turns
@@ -90,7 +90,7 @@ class Metrics:
 
     def record(self, run, value):
         """Count the result ``value`` of the command ``run`` just finished
-        (``dispatch._Run``, its ``i`` already past the command) and its
+        (``run.RequestRun``, its ``i`` already past the command) and its
         latency since ``run.started``; returns the time now, the start of
         the run's next command.  The only metrics code on the hot path."""
         now = perf_counter()
