@@ -15,10 +15,10 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, jsonFileLogObserver, textFileLogObserver
 from twisted.python import logfile
-from twisted.python.failure import Failure
 
 from . import errors
 from .logs import Logger
+from .twisted_internals import forget_exit_signal, listening
 
 log = Logger()
 
@@ -67,16 +67,6 @@ def name_inherited_sockets(environ=os.environ):
     except ValueError:
         return
     environ["LISTEN_FDNAMES"] = ":".join(["unknown"] * count)
-
-
-def listening(service):
-    """True once a StreamServerEndpointService's endpoint listens.
-    (Twisted keeps the listen Deferred as ``_waitingForPort``; after a
-    failure its result is None.)"""
-    d = getattr(service, "_waitingForPort", None)
-    if not (service.running and d is not None and d.called):
-        return False
-    return d.result is not None and not isinstance(d.result, Failure)
 
 
 class Readiness:
@@ -255,8 +245,7 @@ class ProxyService(MultiService):
         # twistd re-raises the signal that stopped the reactor once it has
         # run down (the process then dies of SIGTERM); the stop here is
         # orderly, so the process exits 0 instead, as a drained service should.
-        if getattr(self.clock, "_exitSignal", None) == signal.SIGTERM:
-            self.clock._exitSignal = None
+        forget_exit_signal(self.clock, signal.SIGTERM)
         Service.stopService(self)
         return DeferredList([maybeDeferred(s.stopService) for s in reversed(list(self)) if s.running])
 

@@ -22,6 +22,8 @@ buffer in, and a Twisted without them simply gets ``transport.write``.
 
 from twisted.internet import tcp
 
+from .twisted_internals import nothing_queued
+
 _TCP = tcp.Connection
 
 
@@ -30,8 +32,7 @@ def write_now(transport, data):
     is a plain TCP connection with an empty send buffer; else, and for the
     part the kernel did not take, ``transport.write(data)``."""
     if (isinstance(transport, _TCP) and transport.connected and not transport.disconnecting
-            and not transport.TLS and not getattr(transport, "_tempDataLen", 1)
-            and not transport.dataBuffer):
+            and not transport.TLS and nothing_queued(transport)):
         try:
             sent = transport.socket.send(data)
         except OSError:  # full, interrupted, or an error the write path below meets and closes on as usual

@@ -87,11 +87,13 @@ def negotiate_alpn(endpoint, protocols):
     ``h2`` and ``http/1.1``) unless its factory listed one of them.  The
     choice is set on the endpoint's OpenSSL context before it makes any
     connection (pyOpenSSL refuses later changes); the context factory is
-    the endpoint's private ``_sslContextFactory``, the one private Twisted
-    attribute used for TLS (tests/test_tls_alpn.py checks it).  Endpoints
+    the endpoint's private ``_sslContextFactory``
+    (``twisted_internals.tls_options``).  Endpoints
     without TLS are left alone."""
-    options = getattr(endpoint, "_sslContextFactory", None)
-    if options is None or not hasattr(options, "getContext"):
+    from .twisted_internals import tls_options
+
+    options = tls_options(endpoint)
+    if options is None:
         return
     from OpenSSL.SSL import NO_OVERLAPPING_PROTOCOLS
 

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..logs import RetryLogger
+from ..twisted_internals import quiet_retries
 from .tcp_upstream import _QUEUED, _SENT, PROBE_DELAY, _UpstreamFactory
 
 #: Back-off between connection attempts: the first retry after a lost
@@ -59,10 +60,11 @@ class _Slot(ClientService):
     ``parked``: waiting without a deadline (an upstream that closes after
     every answer gets one-off connections instead)."""
 
-    _log = RetryLogger()
     waiting = False
     parked = False
 
+
+quiet_retries(_Slot, RetryLogger())
 
 #: How long a parked slot waits before it reconnects on its own.
 PARKED = 3600.0

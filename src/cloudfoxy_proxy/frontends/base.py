@@ -16,6 +16,7 @@ from twisted.internet.error import CannotListenError
 from zope.interface import implementer
 
 from ..interfaces import IFrontend
+from ..twisted_internals import raise_listen_errors
 
 
 class FrontendStats:
@@ -48,9 +49,7 @@ class Listener(StreamServerEndpointService):
         self.option = option
         self.on_start = []
         self.on_stop = []
-        # Twisted's own attribute: raise a listen failure from
-        # privilegedStartService instead of logging it.
-        self._raiseSynchronously = True
+        raise_listen_errors(self)
 
     def privilegedStartService(self):
         try:

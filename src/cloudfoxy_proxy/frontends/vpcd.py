@@ -52,6 +52,7 @@ from ..limits import abort_now
 from ..access import full_access
 from ..dispatch import Session
 from ..logs import Logger, RetryLogger
+from ..twisted_internals import quiet_retries
 from ..parser import make_command
 
 # -- wire format (pure) --------------------------------------------------------
@@ -416,7 +417,10 @@ def retry_policy(initial=0.25, cap=3.0, jitter=0.1):
 
 
 class VpcdClientService(ClientService):
-    _log = RetryLogger()
+    """vpcd's connection: its retries logged by a RetryLogger."""
+
+
+quiet_retries(VpcdClientService, RetryLogger())
 
 
 @implementer(IStreamClientEndpoint)

@@ -16,6 +16,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from .. import errors
 from ..logs import Levels, Logger
+from ..twisted_internals import unsent_bytes
 from ..dispatch import Session
 from ..parser import Request as CardRequest
 from .jsonapi import DEFAULT_IDLE, MAX_IDLE, ApiError, from_json, is_message_id, to_json
@@ -75,7 +76,7 @@ def buffered_bytes(transport):
     seen = 0
     while transport is not None and seen < 8:
         if hasattr(transport, "dataBuffer"):
-            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            return unsent_bytes(transport)
         transport = getattr(transport, "transport", None)
         seen += 1
     return 0
