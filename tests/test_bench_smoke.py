@@ -124,3 +124,14 @@ def test_api_load_rounds_table_judges_the_median():
     text = api_load.table([row, floor])  # builds side by side; the floor is not judged
     assert "| now | WebSocket | 1 | 98 | 0.30 | 0.60 | 150 (140; 140, 170*, 160) | ≤ 150 ok | 0 |" in text
     assert "| floor | WebSocket | 1 | 100 | 0.30 | 0.60 | 140 (140; 140) | – (bare Autobahn, not the proxy) | 0 |" in text
+
+
+def test_line_inprocess_runs():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "bench/line_inprocess.py", "now=src", "--rounds", "1",
+                          "--requests", "200"], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("| now | ")
