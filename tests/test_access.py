@@ -323,6 +323,21 @@ class AuditTests(SynchronousTestCase):
         h.send(proto, t, f">Emulated 00:{A_SECRET}|\n" + SELECT)
         self.assertEqual(len(open(path).readlines()), 1)
 
+    def test_what_a_client_typed_as_reader_line_is_never_written(self):
+        path = write("")
+        h = Harness(load_credentials(write(CREDENTIALS)))
+        h.dispatcher.audit = AuditLog(path)
+        proto, t = h.connect()
+        h.send(proto, t, f">Emulated 00:{A_SECRET}|\n" + SELECT)  # authenticated: later lines may omit it
+        h.send(proto, t, f">{A_SECRET}|\n" + SELECT)  # the secret typed as the reader line
+        h.send(proto, t, f">Emulated 00;{A_SECRET}|\n" + SELECT)  # a mistyped separator
+        h.send(proto, t, f">Emulated 00:{A_SECRET}|\n>1:APDU:00A4|\n\n")  # malformed only: nothing ran
+        text = open(path).read()
+        self.assertNotIn(A_SECRET, text)
+        records = [json.loads(line) for line in text.splitlines()]
+        self.assertEqual([(r["event"], r["reader"]) for r in records],
+                         [("request", "Emulated 00"), ("request", None), ("request", None)])
+
 
 class ToolTests(SynchronousTestCase):
     def test_foxyproxy_credentials_prints_a_pasteable_table(self):

@@ -404,6 +404,45 @@ class Signing(ApiCase):
         self.assertEqual(self.call("GET", "/api/v1.0/select/x/abc")[0], 400)
 
 
+class SigningPerIdentity(ApiCase):
+    """CHAIN and the certificate routes choose among the identity's readers
+    only: another reader answers like one that does not exist."""
+
+    def setUp(self):
+        super().setUp()
+        import tempfile
+
+        self.registry = ReaderRegistry()
+        piv = EmulatedBackend(clock=self.clock, cards=[PivCard(serial=0), PivCard(serial=1)], prefix="PIV",
+                              kind="piv")
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write('[[client]]\nname = "one"\nsecret_sha256 = "%s"\nreaders = ["PIV 00"]\n'
+                    % hashlib.sha256(b"one-secret").hexdigest())
+        dispatcher = Dispatcher(self.registry, self.clock, command_timeout=5.0, access=load_credentials(f.name))
+        dispatcher.signing = CertIndex(self.registry, self.clock, 5.0)
+        dispatcher.signing.start()
+        piv.start(self.registry)
+        self.serve(dispatcher)
+        self.one = {"Authorization": "Bearer one-secret"}
+        self.call("GET", "/api/v1/certificates", headers=self.one)  # the index probes the cards
+
+    def test_another_readers_chain_is_not_there(self):
+        code, body, _ = self.call("GET", "/api/v1/certificates/PIV%2000/chain", headers=self.one)
+        self.assertEqual(code, 200)
+        self.assertTrue(body["chain"])
+        missing = self.call("GET", "/api/v1/certificates/PIV%2009/chain", headers=self.one)
+        hidden = self.call("GET", "/api/v1/certificates/PIV%2001/chain", headers=self.one)
+        self.assertEqual((hidden[0], hidden[1]["error"]["code"]), (404, errors.NOT_FOUND))
+        self.assertEqual(hidden[1], dict(missing[1], error=dict(missing[1]["error"],
+                                                                 message=hidden[1]["error"]["message"])))
+        by_alias = self.call("GET", "/api/v1/certificates/PIV%20PIV%2001%20Signing/chain", headers=self.one)
+        self.assertEqual((by_alias[0], by_alias[1]["error"]["code"]), (404, errors.NOT_FOUND))
+        code, body, _ = self.call("GET", "/api/v1/certificates/PIV/chain", headers=self.one)
+        self.assertEqual(code, 200)  # the pattern picks among its own readers: PIV 00 alone
+        listed = self.call("GET", "/api/v1/certificates", headers=self.one)[1]["certificates"]
+        self.assertEqual({c["reader"] for c in listed}, {"PIV 00"})
+
+
 class FoxyProxy210(ApiCase):
     """Shapes recorded from foxyproxy 2.10.0's foxy_proxy_rest.py and
     client_thread.py: hello is ``{"result": true}``; command answers the
@@ -497,9 +536,10 @@ class WebSocketMessages(ApiCase):
         self.assertEqual(ws.sent.pop()["error"]["code"], errors.MALFORMED)
         ws.onMessage(b"[" * 100000, False)  # deeply nested: an error answer, no traceback
         self.assertEqual(ws.sent.pop()["error"]["code"], errors.MALFORMED)
-        ws = self.socket(identity=None)  # ... also before authenticating
-        ws.onMessage(b"[" * 4000, False)
-        self.assertEqual(ws.sent.pop()["error"]["code"], errors.MALFORMED)
+        for first in (b"[" * 4000, b"[]", b"not json", b"\xff", b'{"id": 1}'):  # before authenticating:
+            ws = self.socket(identity=None)  # anything but {"auth": SECRET} closes with 4401
+            ws.onMessage(first, False)
+            self.assertEqual(ws.sent, [("close", 4401)], first)
 
     def test_ids_are_echoed_and_must_be_scalars(self):
         ws = self.socket()
@@ -510,8 +550,8 @@ class WebSocketMessages(ApiCase):
             ws.onMessage(('{"id": %s, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}' % mid).encode(), False)
             self.assertEqual(ws.sent.pop(), {"id": None, "error": {"code": errors.MALFORMED,
                                                                    "message": "id must be a string, a number or null"}})
-        ws = self.socket(identity=None)  # before authenticating too: not authenticated by it
-        self.assertEqual(self.say(ws, {"id": [[1]], "auth": TOKEN})["error"]["code"], errors.MALFORMED)
+        ws = self.socket(identity=None)  # before authenticating too: not authenticated by it, closed
+        self.assertEqual(self.say(ws, {"id": [[1]], "auth": TOKEN}), ("close", 4401))
         self.assertIsNone(ws.identity)
 
     def test_auth_message(self):
@@ -737,6 +777,18 @@ class WebSocketFailures(SynchronousTestCase):
         ws, transport = self.connect()
         ws.dataReceived(bytes([0x81, 5]) + b"hello")  # an unmasked client frame
         self.assertEqual(self.close_code(transport.value()), 1002)
+
+    def test_the_secret_of_an_upgrade_is_not_logged_even_at_debug_level(self):
+        from twisted.logger import formatEvent
+
+        from cloudfoxy_proxy import logs
+
+        logs.set_level("debug")
+        self.addCleanup(logs.set_level, "info")
+        ws, transport = self.connect()
+        ws.dataReceived(client_frame(1, b'{"id": 1, "reader": "Emulated 00", "apdus": ["00A4000C023F00"]}'))
+        text = " ".join(formatEvent(e) + repr(e) for e in self.events)
+        self.assertNotIn(TOKEN, text)
 
     def test_autobahn_lines_are_rate_limited_and_name_the_peer(self):
         for _ in range(30):

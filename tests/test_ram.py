@@ -253,6 +253,9 @@ class ServerTests(SynchronousTestCase):
         c = self.connect()
         c.proto.dataReceived(b"GET /rt/alicesecret HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(c.take()[0][0], 405)
+        c = self.connect()
+        c.proto.dataReceived(b"POST /rt/alicesecret HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(c.take()[0][0], 411)  # no Content-Length (docs/ramoverhttp.md)
 
     def test_session_is_a_reader_with_the_e8_atr_and_keep_alive(self):
         c = self.begin()

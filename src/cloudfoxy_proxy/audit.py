@@ -4,7 +4,7 @@ One JSON object per line, appended:
 
 * per request with card commands (``"event": "request"``): ``time`` (UTC,
   ISO 8601), ``identity``, ``peer``, ``frontend``, ``reader`` (the canonical
-  name, else the reader line as given, cut to 200 characters), ``commands``
+  name, or null when the reader line named none), ``commands``
   (command name -> count), ``count``, ``results`` (result code or ``OK`` ->
   count), ``duration_ms``; for SIGN also ``alias`` (the reader line) and
   ``algorithm`` (the digest algorithm named, if any);
@@ -53,10 +53,11 @@ class AuditLog:
         requests with card commands (RESET, APDU, SIGN) that the access
         check let run are written (a refused one is an ``auth_failure``
         line when a wrong secret was presented, on every front end)."""
-        if run.identity.__class__ is str or not any(c.name in CARD_COMMANDS for c in run.request.commands):
-            return
-        session = run.session
         identity = run.identity
+        if identity is None or identity.__class__ is str or not any(
+                c.name in CARD_COMMANDS for c in run.request.commands):
+            return  # refused, or no card command got as far as the access check
+        session = run.session
         reader = run.reader
         commands, results = {}, {}
         sign = None
@@ -72,14 +73,16 @@ class AuditLog:
             "identity": getattr(identity, "name", None),
             "peer": session.peer,
             "frontend": session.frontend,
-            "reader": reader.name if hasattr(reader, "name") else (run.request.reader or "")[:200],
+            # the canonical name, or null: a reader line that names no
+            # reader may be anything the client typed (a mistyped secret)
+            "reader": reader.name if hasattr(reader, "name") else None,
             "commands": commands,
             "count": len(run.request.commands),
             "results": results,
             "duration_ms": round((perf_counter() - run.begun) * 1000, 3),
         }
         if sign is not None:
-            record["alias"] = (run.request.reader or "")[:200]
+            record["alias"] = (run.request.reader or "").partition(":")[0][:200] if hasattr(reader, "name") else None
             record["algorithm"] = sign.obj[:40] or None
         self.write(record)
 

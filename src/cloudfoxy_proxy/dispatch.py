@@ -220,8 +220,7 @@ class Dispatcher:
             found = cache.get(text)
             if found is None:
                 sees = identity.sees
-                found = registry._one([r for r in registry.match(text) if sees(r)] if text is not None
-                                      else [], text)
+                found = registry.resolve(text, sees=sees)
                 if len(cache) < 256 and len(text) <= 256:
                     cache[text] = found
             return found

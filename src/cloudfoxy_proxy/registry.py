@@ -332,11 +332,15 @@ class ReaderRegistry:
         """The listed reader with this canonical name, or None."""
         return self._exact.get(name) if self.readers else None
 
-    def resolve(self, text, patterns=True):
+    def resolve(self, text, patterns=True, sees=None):
         """The one reader a reader line names; raises CardError C083/C082.
 
         ``patterns=False`` stops after the exact name and the aliases
-        (REST ``terminal=``, which names one card exactly)."""
+        (REST ``terminal=``, which names one card exactly).  ``sees``
+        (``access.Identity.sees``; None: every reader) chooses among the
+        readers it accepts only: another reader is not there at all."""
+        if sees is not None:
+            return self._one([r for r in self.match(text, patterns) if sees(r)] if text is not None else [], text)
         if not patterns:
             return self._one(self.match(text, patterns=False), text)
         cache = self._cache

@@ -280,6 +280,17 @@ class Options(usage.Options):
                 raise usage.UsageError("--api needs a token: --api-token-file FILE, env FOXYPROXY_API_TOKEN, "
                                        "or client secrets in --credentials FILE")
         self._validate_ram()
+        for option, needs in (("rest-token-file", "rest"), ("api-token-file", "api"),
+                              ("metrics-token-file", "metrics"), ("ram-token-file", "ram"),
+                              ("ram-reader", "ram-daemon"), ("api-cors-origin", "api")):
+            if self[option] and not self[needs]:
+                raise usage.UsageError(f"--{option} is given without --{needs}")
+        if self["audit-log"]:
+            try:
+                open(self["audit-log"], "a", encoding="utf-8").close()
+            except OSError as e:
+                raise usage.UsageError(f"--audit-log {self['audit-log']!r}: cannot open it for "
+                                       f"appending ({e.strerror})") from None
         self["access"] = self._access()
         settings = backends.BackendSettings(
             token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
@@ -392,13 +403,14 @@ def warn_open_listeners(listeners, access):
             continue
         if access.allow_anonymous:
             log.warn("listener {listener} ({option}) is reachable from outside loopback with NO "
-                     "authentication (--allow-anonymous): anyone who reaches it can use every card",
+                     "authentication (--allow-anonymous): anyone who reaches it is served with full access",
                      listener=description, option=option)
         else:
+            advice = ("its triggers carry no secret: bind it to loopback" if frontend == "ram-daemon" else
+                      "use --credentials FILE (docs/security.md) or --allow-anonymous")
             log.warn("listener {listener} ({option}) is reachable from outside loopback with no "
-                     "authentication: protected mode, only loopback clients are served; use "
-                     "--credentials FILE (docs/security.md) or --allow-anonymous",
-                     listener=description, option=option)
+                     "authentication: protected mode, only loopback clients are served; {advice}",
+                     listener=description, option=option, advice=advice)
 
 
 def makeService(config, reactor=None):

@@ -74,13 +74,15 @@ def reason(status):
 @attr.s(frozen=True, slots=True)
 class Route:
     """What a request head may be: ``methods`` (bytes), ``body`` the largest
-    body in bytes (0: none), ``auth`` (SECRET, NONE or LOOPBACK) and
-    ``host_check`` (the Host rule above, for requests without a secret)."""
+    body in bytes (0: none), ``auth`` (SECRET, NONE or LOOPBACK),
+    ``host_check`` (the Host rule above, for requests without a secret)
+    and ``length_required`` (a ``Content-Length`` must be sent: 411)."""
 
     methods = attr.ib(converter=frozenset)
     body = attr.ib(default=0)
     auth = attr.ib(default=SECRET)
     host_check = attr.ib(default=True)
+    length_required = attr.ib(default=False)
 
 
 @attr.s(frozen=True, slots=True)
@@ -465,12 +467,12 @@ class HttpSite(Site):
                           why="Host " + (head.header(b"host") or b"(none)")[:100].decode("latin-1"))
         # Then what the request may be, once it is known who sends it (a
         # client without a secret learns nothing of the routes).
-        if head.length is None:
-            raise Refusal(411, "send the body with a Content-Length (no chunked bodies)", errors.MALFORMED)
         if head.method not in route.methods:
             allowed = b", ".join(sorted(route.methods))
             raise Refusal(405, "method not allowed: use " + allowed.decode("ascii"), errors.FAILED,
                           ((b"allow", allowed),))
+        if head.length is None or (route.length_required and not head.headers.hasHeader(b"content-length")):
+            raise Refusal(411, "send the body with a Content-Length (no chunked bodies)", errors.MALFORMED)
         if head.length > route.body:
             raise Refusal(413, f"request body over {route.body} bytes" if route.body else
                           "no request body allowed here", errors.MALFORMED)

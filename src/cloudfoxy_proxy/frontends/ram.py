@@ -458,7 +458,7 @@ class RamResource(Resource):
 
 
 #: ``POST /rt/<secret>`` with a body of at most wire.MAX_BODY bytes.
-_POST = Route({b"POST"}, body=wire.MAX_BODY)
+_POST = Route({b"POST"}, body=wire.MAX_BODY, length_required=True)
 
 
 class RamSite(HttpSite):

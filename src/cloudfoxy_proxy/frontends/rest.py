@@ -192,22 +192,22 @@ class RestResource(Resource):
 
     # -- /api/v1/basic
 
-    def terminal(self, text):
+    def terminal(self, text, identity=None):
         """The reader a ``terminal=`` value names: its terminal id (as
         listed by the inventory, ``/`` optional), ``/`` + canonical name, the
         canonical name, or an alias (``/IP@id``, ``Foxy NET IP-id``, base64).
         No patterns: a REST client always names one card exactly, so only
-        the exact steps of the registry's resolution apply."""
+        the exact steps of the registry's resolution apply.  A reader
+        ``identity`` may not see is not there (C083)."""
+        sees = None if identity is None or identity.readers is None else identity.sees
         ids = self.inventory.ids
         reader = ids.get(text) or ids.get("/" + text)
-        if reader is not None:
-            return reader, None
-        if text.startswith("/"):
+        if reader is None and text.startswith("/"):
             reader = self.registry.get(text[1:])
-            if reader is not None:
-                return reader, None
+        if reader is not None:
+            return (reader, None) if sees is None or sees(reader) else (None, errors.NOT_FOUND)
         try:
-            return self.registry.resolve(text, patterns=False), None
+            return self.registry.resolve(text, patterns=False, sees=sees), None
         except errors.CardError as e:
             return None, e.code
 
@@ -236,7 +236,7 @@ class RestResource(Resource):
             commands.append(command)
         if not commands:
             return self._answer(request, 400, "bad request: give apdu=HEX, reset=1, or both")
-        reader, code = self.terminal(terminal)
+        reader, code = self.terminal(terminal, request.session.identity)
         if reader is None:
             return self._error(request, code, terminal)
         lines = self.dispatcher.run(reader.name, commands, session=request.session)

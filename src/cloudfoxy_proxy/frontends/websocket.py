@@ -15,7 +15,7 @@ from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from .. import errors
-from ..logs import Levels, Logger
+from ..logs import Levels
 from ..twisted_internals import unsent_bytes
 from ..dispatch import Session
 from ..parser import Request as CardRequest
@@ -83,13 +83,12 @@ def buffered_bytes(transport):
 
 
 class _AutobahnLog(Levels):
-    """Autobahn's log of one API WebSocket: its debug lines as the proxy's
-    (``--log-level``), the others (a failed handshake, a protocol
-    violation, a closing handshake that timed out: all caused by the
-    client) through the front end's rate-limited client log, naming the
-    peer."""
-
-    _debug = Logger(namespace="autobahn")
+    """Autobahn's log of one API WebSocket: its debug lines are dropped
+    (they hold the raw opening handshake, whose ``Authorization`` header
+    is the client's secret, and every frame); the others (a failed
+    handshake, a protocol violation, a closing handshake that timed out:
+    all caused by the client) go through the front end's rate-limited
+    client log, naming the peer."""
 
     def __init__(self, client_log, peer):
         self.client_log = client_log
@@ -97,7 +96,7 @@ class _AutobahnLog(Levels):
 
     def emit(self, level, format, **fields):
         if level == LogLevel.debug:
-            return self._debug.emit(level, format, **fields)
+            return
         if "peer" not in fields:
             format, fields["peer"] = "WebSocket client {peer}: " + format, self.peer
         self.client_log.emit(level, format, **fields)
@@ -120,6 +119,7 @@ class ApiWebSocket(WebSocketServerProtocol):
 
     identity = None
     _auth_timer = None
+    _judged = False  # the first message is being (or was) judged
     upgrade = None  # the dispatch Session the HTTP base gave the upgrade request
 
     def _as_tls(self, method):
@@ -225,6 +225,8 @@ class ApiWebSocket(WebSocketServerProtocol):
             msg = from_json(payload)
         except ValueError:
             msg = None
+        if self.identity is None:
+            return self._authenticate(msg)
         if not isinstance(msg, dict):
             return self.send({"id": None, "error": {"code": errors.MALFORMED, "message": "send JSON objects"}})
         mid = msg.get("id")
@@ -232,20 +234,6 @@ class ApiWebSocket(WebSocketServerProtocol):
             return self.send({"id": None, "error": {"code": errors.MALFORMED,
                                                     "message": "id must be a string, a number or null"}})
         api = self.factory.api
-        if self.identity is None:
-            secret = msg.get("auth")
-            identity, _pin, delay = api.dispatcher.identify(
-                CardRequest(None, secret if isinstance(secret, str) and secret else None), self.session)
-            if identity.__class__ is str:
-                if delay and not self.session.drop:  # a throttled guess: closed later
-                    self._auth_timer = api.clock.callLater(delay, self.sendClose, 4401, "unauthorized")
-                    return
-                return self.sendClose(4401, "unauthorized")
-            self.identity = identity
-            if self._auth_timer is not None and self._auth_timer.active():
-                self._auth_timer.cancel()
-            self._limit(MAX_WS_MESSAGE)
-            return self.send({"id": mid, "authenticated": True})
         try:
             if msg.get("subscribe") is not None:
                 if msg["subscribe"]:
@@ -274,6 +262,33 @@ class ApiWebSocket(WebSocketServerProtocol):
             d["id"] = mid
             return self.send(d)
         self._track(mid, d)
+
+    def _authenticate(self, msg):
+        """The first message of a connection without a secret in its
+        upgrade: ``{"auth": SECRET}`` judged by ``Dispatcher.identify``;
+        anything else, or a wrong secret (after the throttle's delay),
+        closes with 4401.  Nothing else is read meanwhile."""
+        if self._judged:
+            return
+        self._judged = True
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._auth_timer = None
+        secret = msg.get("auth") if isinstance(msg, dict) else None
+        mid = msg.get("id") if isinstance(msg, dict) else None
+        if not isinstance(secret, str) or not secret or (mid is not None and not is_message_id(mid)):
+            return self.sendClose(4401, "unauthorized: send {\"auth\": SECRET} first")
+        api = self.factory.api
+        identity, _pin, delay = api.dispatcher.identify(CardRequest(None, secret), self.session)
+        if identity.__class__ is str:
+            if delay and not self.session.drop:  # a throttled guess: closed later
+                self._auth_timer = api.clock.callLater(delay, self.sendClose, 4401, "unauthorized")
+                return
+            return self.sendClose(4401, "unauthorized")
+        self.identity = identity
+        self._judged = False
+        self._limit(MAX_WS_MESSAGE)
+        self.send({"id": mid, "authenticated": True})
 
     def _track(self, mid, d):
         key = object()

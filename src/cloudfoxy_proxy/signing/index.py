@@ -352,20 +352,22 @@ class CertIndex(Service):
                 if cert.usable:
                     yield state, cert
 
-    def lookup(self, text):
+    def lookup(self, text, sees=None):
         """The (state, certificate) a reader line names; raises CardError.
 
         Certificate alias or full subject first (two certificates: C082);
         otherwise the reader (docs/protocol.md "Reader names and selection") and its card's first usable
-        certificate."""
+        certificate.  ``sees`` (None: every reader) limits both to the
+        readers it accepts: another reader's certificates and name are not
+        there at all (C083, as for a reader that does not exist)."""
         if text is None:
             raise CardError(errors.NOT_FOUND, "no reader line")
-        hits = [(s, c) for s, c in self.entries() if text == c.alias or text == c.subject]
+        hits = [(s, c) for s, c in self.entries(sees) if text == c.alias or text == c.subject]
         if len(hits) > 1:
             raise CardError(errors.AMBIGUOUS, "alias on more than one card")
         if hits:
             return hits[0]
-        reader = self.registry.resolve(text)
+        reader = self.registry.resolve(text, sees=sees)
         return reader_entry(self._cards.get(reader), reader, text)
 
     # Commands --------------------------------------------------------------------------
@@ -393,11 +395,9 @@ class CertIndex(Service):
     def chain(self, text, sees=None):
         """CHAIN: base64 DER certificates, leaf first, joined by ``:``."""
         try:
-            state, cert = self.lookup(text)
+            state, cert = self.lookup(text, sees)
         except CardError as e:
             return e.code
-        if sees is not None and not sees(state.reader):
-            return errors.NOT_FOUND
         pool = [c.cert for c in state.certs if c.cert is not None and c is not cert] + self.ca_certs
         return ":".join(base64.b64encode(der_bytes(c)).decode("ascii") for c in build_chain(cert.cert, pool))
 
