@@ -4,7 +4,7 @@ One JSON object per line, appended:
 
 * per request with card commands (``"event": "request"``): ``time`` (UTC,
   ISO 8601), ``identity``, ``peer``, ``frontend``, ``reader`` (the canonical
-  name, or null when the reader line named none), ``commands``
+  name, or null when the reader line named no reader exactly), ``commands``
   (command name -> count), ``count``, ``results`` (result code or ``OK`` ->
   count), ``duration_ms``; for SIGN also ``alias`` (the reader line) and
   ``algorithm`` (the digest algorithm named, if any);
@@ -73,9 +73,11 @@ class AuditLog:
             "identity": getattr(identity, "name", None),
             "peer": session.peer,
             "frontend": session.frontend,
-            # the canonical name, or null: a reader line that names no
+            # the canonical name (also of a reader the identity may not
+            # see, named exactly), or null: a reader line that names no
             # reader may be anything the client typed (a mistyped secret)
-            "reader": reader.name if hasattr(reader, "name") else None,
+            "reader": reader.name if hasattr(reader, "name") else (
+                run.request.reader if run.d.registry.get(run.request.reader) is not None else None),
             "commands": commands,
             "count": len(run.request.commands),
             "results": results,

@@ -103,10 +103,15 @@ class Dispatcher:
         #: requests answered later, in start order (``give_up`` on shutdown)
         self.pending = {}
 
-    def execute(self, request, session):
+    def execute(self, request, session, unresolved=None):
         """Response lines (``(id, result)`` pairs) or a Deferred for them;
-        a Deferred's ``cancel()`` abandons the request (client gone)."""
+        a Deferred's ``cancel()`` abandons the request (client gone).
+        ``unresolved``: a result code (C083, C082) that the front end's own
+        reader resolution gave; the card commands answer it once authorized
+        (and the request is audited like any other)."""
         run = RequestRun(self, request, session)
+        if unresolved is not None:
+            run.reader = unresolved
         if run.step():
             if self.audit is not None:
                 self.audit.request(run)
@@ -156,10 +161,11 @@ class Dispatcher:
         result = self.run(reader, commands, password, session)
         return result if isinstance(result, Deferred) else succeed(result)
 
-    def run(self, reader, commands, password=None, session=None):
+    def run(self, reader, commands, password=None, session=None, unresolved=None):
         """:meth:`submit`, but the list of pairs itself when the card
-        answered at once (no Deferred: the API's hot path)."""
-        return self.execute(Request(reader, password, list(commands)), session or Session())
+        answered at once (no Deferred: the API's hot path); ``unresolved``
+        as for :meth:`execute`."""
+        return self.execute(Request(reader, password, list(commands)), session or Session(), unresolved)
 
     def result(self, value, atr, reader):
         """A backend's answer as a result: the hex of a response APDU

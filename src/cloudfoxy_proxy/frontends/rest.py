@@ -237,9 +237,16 @@ class RestResource(Resource):
         if not commands:
             return self._answer(request, 400, "bad request: give apdu=HEX, reset=1, or both")
         reader, code = self.terminal(terminal, request.session.identity)
-        if reader is None:
-            return self._error(request, code, terminal)
-        lines = self.dispatcher.run(reader.name, commands, session=request.session)
+        if reader is None and code == errors.NOT_FOUND:
+            # a reader the identity may not see: the dispatcher answers C083
+            # for it as for any, and the audit line names it
+            reader, code = self.terminal(terminal)
+            if reader is None:
+                code = errors.NOT_FOUND
+        # an unknown terminal still goes through the dispatcher: authorized
+        # and audited like every request, answered with its code
+        lines = self.dispatcher.run(terminal if reader is None else reader.name, commands,
+                                    session=request.session, unresolved=code if reader is None else None)
         if isinstance(lines, list):
             return self._results(request, lines, terminal)
         return answer_later(request, lines, lambda done: self._results(request, done, terminal),
