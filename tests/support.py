@@ -1,9 +1,11 @@
 """Helpers for integration tests: a real ``twistd foxyproxy`` process on a
 free loopback port, and a blocking line-protocol client."""
 
+import contextlib
 import os
 import re
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -349,25 +351,9 @@ def browser_dom(url, done_js, timeout=30.0):
 
     import websocket
 
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen(
-            [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
-             "--remote-debugging-port=0", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with devtools_chromium(url, timeout) as (port, deadline):
         ws = None
         try:
-            deadline = time.monotonic() + timeout
-            port_file = os.path.join(profile, "DevToolsActivePort")
-            port = None
-            while port is None:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"chromium gave no DevTools port (exit {proc.poll()})")
-                try:
-                    with open(port_file) as f:
-                        port = int(f.readline())
-                except (OSError, ValueError):
-                    time.sleep(0.1)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
                 page = next(t for t in json.load(r) if t.get("type") == "page")
             ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=10, suppress_origin=True)
@@ -388,12 +374,49 @@ def browser_dom(url, done_js, timeout=30.0):
         finally:
             if ws is not None:
                 ws.close()
-            proc.terminate()
+
+
+@contextlib.contextmanager
+def devtools_chromium(url, timeout, *flags):
+    """Headless chromium on ``url`` (extra command-line ``flags``) with a
+    fresh profile and DevTools on a free loopback port: yields ``(port,
+    deadline)`` (``deadline``: time.monotonic() + ``timeout``).  On exit the
+    whole process group is stopped (renderers and helpers too, which
+    otherwise still write into the profile), then the profile removed."""
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    proc = subprocess.Popen(
+        [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={profile}", *flags, "--remote-debugging-address=127.0.0.1",
+         "--remote-debugging-port=0", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        port = None
+        while port is None:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise AssertionError(f"chromium gave no DevTools port (exit {proc.poll()})")
             try:
-                proc.wait(10)
+                with open(os.path.join(profile, "DevToolsActivePort")) as f:
+                    port = int(f.readline())
+            except (OSError, ValueError):
+                time.sleep(0.1)
+        yield port, deadline
+    finally:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)  # our own session: chromium and its children only
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+                break
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+                continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlived the browser
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def wait_for(predicate, timeout=20.0, interval=0.1, what=None):

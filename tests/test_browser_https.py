@@ -28,14 +28,13 @@ import re
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from support import HOST, ProxyProcess, chromium_path, free_port, wait_for
+from support import HOST, ProxyProcess, devtools_chromium, free_port, wait_for
 
 from test_api_browser import Texts
 
@@ -87,24 +86,10 @@ def browse(url, done_js, spki_pin, timeout=45.0):
     once the Network domain is on, so no response goes unseen."""
     import websocket
 
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.Popen(
-            [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--user-data-dir={profile}", f"--ignore-certificate-errors-spki-list={spki_pin}",
-             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with devtools_chromium("about:blank", timeout, f"--ignore-certificate-errors-spki-list={spki_pin}") as (
+            port, deadline):
         ws = None
         try:
-            deadline = time.monotonic() + timeout
-            port = None
-            while port is None:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"chromium gave no DevTools port (exit {proc.poll()})")
-                try:
-                    with open(os.path.join(profile, "DevToolsActivePort")) as f:
-                        port = int(f.readline())
-                except (OSError, ValueError):
-                    time.sleep(0.1)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
                 page = next(t for t in json.load(r) if t.get("type") == "page")
             ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=10, suppress_origin=True)
@@ -134,12 +119,6 @@ def browse(url, done_js, spki_pin, timeout=45.0):
         finally:
             if ws is not None:
                 ws.close()
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def test_status_page_over_https(cert):
