@@ -419,6 +419,15 @@ def devtools_chromium(url, timeout, *flags):
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def accepts(port, host=HOST):
+    """True when ``host:port`` accepts a TCP connection now."""
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def wait_for(predicate, timeout=20.0, interval=0.1, what=None):
     """Call ``predicate`` every ``interval`` seconds until it gives a true
     value (returned) or ``timeout`` seconds pass: then its last value, or,

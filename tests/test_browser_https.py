@@ -25,7 +25,6 @@ import http.server
 import json
 import os
 import re
-import socket
 import ssl
 import subprocess
 import threading
@@ -34,7 +33,7 @@ import urllib.request
 
 import pytest
 
-from support import HOST, ProxyProcess, devtools_chromium, free_port, wait_for
+from support import HOST, ProxyProcess, accepts, devtools_chromium, free_port, wait_for
 
 from test_api_browser import Texts
 
@@ -56,14 +55,6 @@ def cert(tmp_path_factory):
                          capture_output=True).stdout
     pin = base64.b64encode(hashlib.sha256(der).digest()).decode()
     return str(d / "key.pem"), str(d / "cert.pem"), pin
-
-
-def accepts(port):
-    try:
-        socket.create_connection((HOST, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def start_proxy(*args, port):

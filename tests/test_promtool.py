@@ -12,14 +12,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
 
-from support import HOST, ProxyProcess, free_port, wait_for
+from support import HOST, ProxyProcess, accepts, free_port, wait_for
 
 REST_TOKEN = "rest-token-0123456789"
 API_TOKEN = "api-token-0123456789"
@@ -78,14 +77,6 @@ def traffic(proxy, rest_port=None, api_port=None):
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(urllib.request.Request(req.full_url, headers={"Authorization": "Bearer no"}),
                                    timeout=10)
-
-
-def accepts(port):
-    try:
-        socket.create_connection((HOST, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def start(*args, ports=()):

@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from support import HOST, ProxyProcess, free_port, wait_for
+from support import HOST, ProxyProcess, accepts, free_port, wait_for
 
 TOKENS = {"rest": "rest-token-0123456789", "api": "api-token-0123456789",
           "metrics": "metrics-token-0123456789"}
@@ -58,14 +58,6 @@ def make_self_signed(d):
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    cwd=d, check=True, capture_output=True, timeout=60)
     return os.path.join(d, "key.pem"), os.path.join(d, "cert.pem")
-
-
-def accepts(port):
-    try:
-        socket.create_connection((HOST, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
