@@ -1,7 +1,8 @@
 """RAMOverHTTP in memory: the TLV codec against the byte sequences of
 docs/ramoverhttp.md, the server (RamBackend + RamSite on the HTTP base over
 StringTransport, Clock) and the client (RamClient against the server's
-RamSite through support.site_treq)."""
+RamSite through support.site_treq).  Re-sends and session liveness:
+test_ram_exactly_once.py."""
 
 import re
 
@@ -302,43 +303,6 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(got.value, [("0", new_atr.hex().upper())] + [(str(i), "9000") for i in range(1, 301)])
         self.assertEqual(self.h.registry.get("RAM alice").info.atr, new_atr)
 
-    def test_duplicate_answer_on_a_new_connection_is_the_continuation(self):
-        c = self.begin("dup")
-        first = self.apdu()
-        c.take()
-        second = self.apdu("RAM alice", "0084000008")  # queued behind the first? no: after it
-        ab = wire.encode_answer([(wire.RESPONSE, b"\x90\x00")])
-        c.post(ab, cookie=b"dup")
-        self.assertEqual(first.value, [("1", "9000")])
-        [(_, _, script2)] = c.take()
-        self.assertEqual(wire.decode_script(wire.template(script2)[1]),
-                         [(wire.APDU, bytes.fromhex("0084000008"))])
-        # the connection died before the client read script2: the same AB again, elsewhere
-        c.close()
-        c2 = self.connect()
-        c2.post(ab, cookie=b"dup")
-        [(status, _, again)] = c2.take()
-        self.assertEqual((status, again), (200, script2))
-        self.assertEqual(first.value, [("1", "9000")])  # not mapped twice
-        self.assertIsNone(second.value)
-        c2.post(wire.encode_answer([(wire.RESPONSE, bytes.fromhex("11223344556677889000"))]), cookie=b"dup")
-        self.assertEqual(second.value, [("1", "11223344556677889000")])
-
-    def test_duplicate_that_does_not_fit_the_script_in_flight(self):
-        c = self.begin("shape")
-        first = self.apdu()
-        c.take()
-        second = Results(self.dispatcher.submit("RAM alice", [make_command(["1", "RESET"]),
-                                                              make_command(["2", "APDU", "00A4000C023F00"])]))
-        ab = wire.encode_answer([(wire.RESPONSE, b"\x90\x00")])
-        c.post(ab, cookie=b"shape")
-        [(_, _, script2)] = c.take()
-        c.post(ab, cookie=b"shape")  # even on the same connection: one answer cannot answer RESET + APDU
-        [(status, _, again)] = c.take()
-        self.assertEqual((status, again), (200, script2))
-        self.assertEqual(first.value, [("1", "9000")])
-        self.assertIsNone(second.value)
-
     def test_clients_on_new_connections_each_time_are_not_stuck_on_keep_alives(self):
         c = self.begin("fresh")
         self.clock.advance(KEEP_ALIVE)
@@ -385,18 +349,6 @@ class ServerTests(SynchronousTestCase):
         self.assertIsNone(self.h.registry.get("RAM alice"))
         c.post(wire.encode_answer([]), cookie=b"e1")
         self.assertEqual(c.take()[0][0], 504)  # the session is gone
-
-    def test_no_post_within_the_timeout_ends_the_session(self):
-        self.backend.session_timeout = 10.0  # under the command timeout (15 s)
-        c = self.begin("quiet")
-        got = self.apdu()
-        c.take()  # the script went out; the client never answers
-        self.clock.advance(9)
-        self.assertIsNone(got.value)
-        self.assertIsNotNone(self.h.registry.get("RAM alice"))
-        self.clock.advance(1.5)
-        self.assertEqual(got.value, [("1", errors.NO_CARD)])
-        self.assertIsNone(self.h.registry.get("RAM alice"))
 
     def test_held_post_whose_connection_dies_starts_the_timeout(self):
         c = self.begin("gone")

@@ -57,6 +57,24 @@ class InternalsTests(SynchronousTestCase):
         self.assertFalse(internals.nothing_queued(fd))
         self.assertEqual(internals.unsent_bytes(fd), 5)
 
+    def test_held_back_follows_tls_down_to_tcp(self):
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.ssl import CertificateOptions
+        from twisted.internet.task import Clock
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        fd = FileDescriptor()
+        fd._tempDataLen = 5
+        tls = TLSMemoryBIOFactory(CertificateOptions(), False, Factory.forProtocol(Protocol),
+                                  Clock()).buildProtocol(None)
+        tls.makeConnection(fd)
+        self.assertEqual((tls._appSendBuffer, tls._aggregator._buffer, tls.transport), ([], [], fd))
+        tls._appSendBuffer.append(b"ab")
+        tls._aggregator._buffer.append(b"cde")
+        self.assertEqual(internals.held_back(tls), 10)
+        self.assertEqual(internals.held_back(object()), 0)
+
     def test_tls_options(self):
         from twisted.internet.ssl import CertificateOptions
 

@@ -44,6 +44,30 @@ def unsent_bytes(transport):
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
+def held_back(transport):
+    """Bytes written to a connection's transport that the proxy still
+    holds (not yet handed to the kernel): following protocol wrappers down
+    (``transport``), a TLS transport's cleartext waiting for the handshake
+    (``_appSendBuffer``) and its small-write aggregator (``_aggregator._buffer``,
+    flushed on the next reactor turn), then the TCP transport's
+    ``unsent_bytes``; 0 for a transport with no such buffers.  After the
+    connection was lost, Twisted leaves a TCP transport's buffer as it was:
+    what was never sent (TLS's aggregator is flushed into the closed
+    connection then, and no longer counted)."""
+    from twisted.internet.abstract import FileDescriptor
+
+    held, depth = 0, 0
+    while transport is not None and depth < 8:
+        if isinstance(transport, FileDescriptor):
+            return held + unsent_bytes(transport)
+        own = vars(transport) if hasattr(transport, "__dict__") else {}  # wrappers forward other names down
+        held += sum(len(b) for b in own.get("_appSendBuffer") or ())
+        held += sum(len(b) for b in getattr(own.get("_aggregator"), "_buffer", None) or ())
+        transport = own.get("transport")
+        depth += 1
+    return held
+
+
 def nothing_queued(transport):
     """True when a FileDescriptor transport has no bytes waiting to be
     sent (``_tempDataLen`` and ``dataBuffer`` empty)."""

@@ -12,11 +12,19 @@ order.  A POST with nothing to send yet is held and answered ``AA 00``
 after :data:`KEEP_ALIVE` seconds (the C client gives up after 40 s).
 
 Sessions are keyed by the ``JSESSIONID`` cookie, never by the TCP
-connection.  A session ends, its reader disappears and every command in
-flight or queued gets ``C080`` when the client sends ``E1`` (a card
-error), when no POST comes for ``--ram-session-timeout`` seconds after an
-answer, when a reset answers no ATR, or when the proxy stops (a held POST
-is then answered 204).  Every answer carries ``Content-Length``.
+connection.  Every ``AB`` is the answer to the script sent before it, on
+whatever connection it comes, identical to the previous ``AB`` or not,
+except a re-send: the ``AB`` of the previous POST again, on another
+connection, while the answer to that POST is known not to have left the
+proxy (see :meth:`RamSession.post`); that one is answered with the same
+script again, which has not reached the client, so no command runs twice.
+
+A session ends, its reader disappears and every command in flight or
+queued gets ``C080`` when the client sends ``E1`` (a card error), when the
+client is silent for ``--ram-session-timeout`` seconds since it last could
+have answered (see :meth:`RamSession.waiting`), when a reset answers no
+ATR, or when the proxy stops (a held POST is then answered 204).  Every
+answer carries ``Content-Length``.
 """
 
 import re
@@ -32,6 +40,7 @@ from .. import errors
 from ..interfaces import IBackend, ReaderInfo, settle
 from ..errors import CardError
 from ..logs import Logger
+from ..twisted_internals import held_back
 from . import ramwire as wire
 from .base import OneListener
 from .http import HttpSite, Route, gone
@@ -39,8 +48,9 @@ from .http import HttpSite, Route, gone
 #: Seconds a POST with nothing to send is held before ``AA 00`` (under the
 #: 30 s docs/ramoverhttp.md promises; the C client gives up after 40 s).
 KEEP_ALIVE = 25.0
-#: Default of ``--ram-session-timeout``: seconds without a POST after an
-#: answer before the session ends (the client is gone).
+#: Default of ``--ram-session-timeout``: seconds the client may be silent
+#: once it could have answered (RamSession.waiting) before the session
+#: ends (the client is gone).
 SESSION_TIMEOUT = 60.0
 #: Default of ``--ram-max-sessions``.
 MAX_SESSIONS = 100
@@ -62,14 +72,10 @@ class _Script:
         self.deferred = Deferred(lambda d: canceller(self))
 
 
-def _fits(answers, steps):
-    """The answer items could be the answers to ``steps``: one per step of
-    the matching kind, or fewer ending in an E1."""
-    failed = bool(answers) and answers[-1][0] == wire.FAILURE
-    done = answers[:-1] if failed else answers
-    if len(done) > len(steps) or (not failed and len(done) != len(steps)):
-        return False
-    return all((got == wire.RESET) == (kind == wire.RESET) for (got, _), (kind, _) in zip(done, steps))
+def _transport(request):
+    """The transport of ``request``'s connection (None once it is lost)."""
+    channel = getattr(request, "channel", None)
+    return getattr(channel, "transport", None)
 
 
 class RamSession:
@@ -77,10 +83,10 @@ class RamSession:
 
     At most one script is at the client at a time (``sent``); ``parked``
     is the POST held while nothing is to be sent.  ``last_body`` /
-    ``last_answer`` / ``last_channel`` remember the newest ``AB`` and what
-    it was answered with, so that the identical ``AB`` re-sent on another
-    connection (after a reused connection died before the answer) gets the
-    same answer again instead of being taken as the next one."""
+    ``last_answer`` / ``last_carrier`` remember the newest POST's body,
+    what it was answered with (None: not answered yet) and the transport
+    that answer was written to, so that a re-send (:meth:`post`) gets the
+    same answer again instead of being taken as the next answer."""
 
     log = Logger()
 
@@ -95,7 +101,7 @@ class RamSession:
         self.parked = None
         self.last_body = None
         self.last_answer = None
-        self.last_channel = None
+        self.last_carrier = None
         self.ended = False
         self.finishing = False  # done: the next POST is answered 204
         self._keep_alive = None
@@ -106,7 +112,24 @@ class RamSession:
     # -- HTTP side
 
     def post(self, request, tag, items, body):
-        """A POST of this session (``tag`` E8 or AB, its ``items``)."""
+        """A POST of this session (``tag`` E8 or AB, its ``items``).
+
+        An ``AB`` is the answer to the script sent before it, except a
+        re-send: the body of the previous POST again, on another
+        connection, when the answer to that POST never left the proxy --
+        not answered yet (held), or its connection was lost (or is still
+        open) with bytes of that answer not yet handed to the kernel
+        (:func:`twisted_internals.held_back`).  A re-send gets the same
+        answer again (or is held in the previous one's place).
+
+        What this can know: only that bytes are still in the proxy.  An
+        answer the kernel took counts as written, although the network may
+        still lose it (a peer that vanishes silently); a re-send after such
+        a loss is taken as the next answer, so its items answer the script
+        the client never saw (or, when they cannot, end the session with
+        an error) -- never is a script the client may have run sent twice.
+        For TLS, bytes in the TLS layer when the connection is lost count
+        as written for the same reason."""
         self._cancel(self._silence)
         self._silence = None
         answers = wire.decode_answer(items) if tag == wire.ANSWER else None
@@ -114,9 +137,9 @@ class RamSession:
             if self.last_answer is None:  # the held POST sent again: hold this one instead
                 self._drop_parked()
                 return self._park(request)
-            if self.last_answer != wire.KEEP_ALIVE and self._again(request, answers):
-                self.log.info("RAM {name}: the same answer again: answered as before, "
-                              "not run twice", name=self.name)
+            if self.last_answer != wire.KEEP_ALIVE and self._undelivered(request):
+                self.log.info("RAM {name}: the previous answer sent again (its script never left the "
+                              "proxy): the script is sent again, not run twice", name=self.name)
                 return self._answer(request, 200, self.last_answer)
         self._drop_parked()
         self.last_body = body
@@ -134,17 +157,15 @@ class RamSession:
             return self._park(request)
         return self._send(request, script)
 
-    def _again(self, request, answers):
-        """Whether an ``AB`` identical to the last one is that one sent
-        again (its answer was lost) rather than the answer to the script
-        sent since: yes when its items do not fit that script, and when
-        they do, when it came on another connection than the one that
-        carried the script (the real clients re-send only after a reused
-        connection died)."""
-        script = self.sent
-        if script is None or not _fits(answers, script.steps):
-            return True
-        return request.channel is not self.last_channel
+    def _undelivered(self, request):
+        """Whether the answer to the previous POST is known not to have been
+        completely written, ``request`` coming on another connection (a
+        client re-sends only on a new one; on the same connection it read
+        that answer first)."""
+        carrier = self.last_carrier
+        if carrier is None or carrier is _transport(request):
+            return False
+        return held_back(carrier) > 0
 
     def _answered(self, answers):
         """Map an AB's items to the script at the client; the text of an E1
@@ -193,7 +214,7 @@ class RamSession:
     def _park(self, request):
         self.parked = request
         self.last_answer = None
-        self.last_channel = None
+        self.last_carrier = None
         self._keep_alive = self.backend.clock.callLater(self.backend.keep_alive, self._unpark)
         request.notifyFinish().addErrback(self._parked_lost, request)
         return NOT_DONE_YET
@@ -210,7 +231,7 @@ class RamSession:
             self.parked = None
             self._cancel(self._keep_alive)
             self._keep_alive = None
-            self._wait_for_post()
+            self.waiting()
 
     def _drop_parked(self):
         request, self.parked = self.parked, None
@@ -223,9 +244,9 @@ class RamSession:
         """Answer a POST; ``remember``: as the answer to ``last_body``."""
         if remember:
             self.last_answer = body
-            self.last_channel = request.channel
+            self.last_carrier = _transport(request)
         if not self.ended:
-            self._wait_for_post()
+            self.waiting()
         request.setResponseCode(code)
         request.addCookie(b"JSESSIONID", self.sid.encode("ascii"), path=b"/")
         if body:
@@ -238,13 +259,34 @@ class RamSession:
             request.finish()
         return NOT_DONE_YET
 
-    def _wait_for_post(self):
+    def waiting(self):
+        """(Re)start the silence clock if the client could answer now.
+
+        The client is given ``--ram-session-timeout`` seconds of silence
+        from the moment it last could have posted: once it has an answer
+        that gives it nothing to run (``AA 00``, a held POST's connection
+        lost), or once the script it runs is no longer waited for.  A
+        script at the client stops the clock: its card may need any time,
+        up to what the dispatcher allows the request
+        (``--command-timeout`` per command of the script); when the
+        dispatcher gives up on it (``C086`` to the requester), the clock
+        starts.  So a client gone mid-script ends its session
+        ``--command-timeout`` x commands + ``--ram-session-timeout``
+        after its last POST, and no session of a live client ends while
+        its card runs a script.  A held POST also stops the clock (the
+        client is there)."""
         self._cancel(self._silence)
+        self._silence = None
+        if self.ended or self.parked is not None:
+            return
+        if self.sent is not None and not self.sent.cancelled:
+            return
         self._silence = self.backend.clock.callLater(self.backend.session_timeout, self._silent)
 
     def _silent(self):
         self._silence = None
-        self.end(f"no POST for {self.backend.session_timeout:g} s")
+        self.end(f"the client was silent for {self.backend.session_timeout:g} s "
+                 "(--ram-session-timeout) with nothing to run")
 
     def _unused(self):
         """(Re)start the ``--ram-done-after`` clock: no card command for
@@ -284,6 +326,8 @@ class RamSession:
         script.cancelled = True
         if not script.sent and script in self.queue:
             self.queue.remove(script)
+        if script is self.sent:
+            self.waiting()  # nothing waits for the client's answer any more
 
     def end(self, why, code=504, request=None):
         """End the session: the reader goes, every command in flight or
