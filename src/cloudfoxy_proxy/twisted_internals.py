@@ -61,3 +61,35 @@ def quiet_retries(service_class, logger):
     """Give a ClientService subclass ``logger`` for its connection-retry
     lines (ClientService logs every retry at info through ``_log``)."""
     service_class._log = logger
+
+
+def use_monotonic_clock(reactor):
+    """Make ``reactor`` (a real reactor: a ``twisted.internet.base.ReactorBase``)
+    measure time on ``time.monotonic`` instead of the wall clock: every
+    ``callLater``, ``LoopingCall`` and timeout then keeps its length when
+    the wall clock is stepped (NTP, a VM's clock fix).  Wall-clock time
+    stays where it belongs: log and audit timestamps read ``time.time``
+    themselves, not the reactor.
+
+    Twisted lets ``seconds`` be replaced (``ReactorBase.seconds``, used by
+    ``callLater``, ``runUntilCurrent`` and ``timeout``); the calls scheduled
+    before the switch are moved onto the new clock, keeping what each has
+    left to wait (their ``time``, and the reactor's private
+    ``_pendingTimedCalls`` / ``_newTimedCalls`` lists that hold them, with
+    cancelled ones: all shift by the same amount, so the heap order holds).
+    Returns how many scheduled calls were moved, or None when ``reactor``
+    is not a real reactor (a test's Clock) or already monotonic."""
+    import time
+
+    from twisted.internet.base import ReactorBase
+
+    if not isinstance(reactor, ReactorBase) or reactor.seconds is time.monotonic:
+        return None
+    shift = time.monotonic() - reactor.seconds()
+    moved = 0
+    for call in list(reactor._pendingTimedCalls) + list(reactor._newTimedCalls):
+        call.time += shift
+        call.seconds = time.monotonic
+        moved += 1
+    reactor.seconds = time.monotonic
+    return moved
