@@ -452,3 +452,98 @@ def test_refused_without_credentials(tls, listener, tmp_path):
     assert answer.status in statuses, answer
     assert "Emulated" not in answer.text() and "foxyproxy_" not in answer.text(), answer
     assert "set-cookie" not in answer.headers, answer
+
+
+# --- TLS half-close: the request, then the client's close_notify -------------------------------
+
+def tls_half_close(port, cert, alpn, request, timeout=10.0):
+    """Handshake (offering ALPN or not), send ``request``, then close_notify
+    (``unwrap``) with the TCP connection left open, as a client that is
+    done sending does; returns ``(what arrived, how it ended)``: ``"close_notify"``
+    (the proxy's own, after its answers), ``"eof"`` (TCP closed without
+    it) or ``"timeout"``."""
+    raw = socket.create_connection((HOST, port), timeout)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context(cert, alpn).wrap_bio(incoming, outgoing, server_hostname=HOST)
+    got, how = b"", "timeout"
+    try:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                data = raw.recv(65536)
+                assert data, "the proxy closed during the handshake"
+                incoming.write(data)
+        raw.sendall(outgoing.read())
+        assert obj.selected_alpn_protocol() in (None, "http/1.1")
+        obj.write(request)
+        try:
+            obj.unwrap()  # close_notify right after the request
+        except ssl.SSLWantReadError:
+            pass
+        raw.sendall(outgoing.read())
+        deadline = time.monotonic() + timeout
+        while how == "timeout" and time.monotonic() < deadline:
+            raw.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = raw.recv(65536)
+            except socket.timeout:
+                break
+            if not data:
+                how = "eof"
+                break
+            incoming.write(data)
+            while True:
+                try:
+                    chunk = obj.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    how = "close_notify"
+                    break
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        raw.close()
+    return got, how
+
+
+def http_request(path, headers, body=b"", method="GET"):
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"] + [f"{k}: {v}" for k, v in headers.items()]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+#: listener -> (request, a regex the whole answer must match)
+HALF_CLOSE = {
+    "line-port": (b">Emulated 00|\n>1:APDU:00A4000C023F00|\n\n", rb">1:9000\n@@\n"),
+    "line-listen": (b">Emulated 01|\n>1:APDU:0084000008|\n>2:RESET|\n\n",
+                    rb">1:[0-9A-F]{16}9000\n>2:" + EMULATED_ATR.encode() + rb"\n@@\n"),
+    "rest": (http_request("/api/v1/basic?terminal=/Emulated_02&apdu=00A4000C023F00",
+                          {"X-Auth-Token": TOKENS["rest"]}),
+             rb"HTTP/1\.1 200 .*\r\n\r\n9000\s*"),
+    "api": (http_request("/api/v1/readers/Emulated%2003/transmit",
+                         {"Authorization": "Bearer " + TOKENS["api"], "Content-Type": "application/json"},
+                         json.dumps({"apdus": ["00A4000C023F00"]}).encode(), "POST"),
+            rb'HTTP/1\.1 200 .*\r\n\r\n.*"responses": ?\["9000"\].*'),
+    "metrics": (http_request("/healthz", {}), rb"HTTP/1\.1 200 .*"),
+    "ram": (http_request("/rt/wrong-secret", {"Content-Type": RAM_TYPE}, INITIATION, "POST"),
+            rb"HTTP/1\.1 404 .*"),
+}
+
+
+@pytest.mark.parametrize("client", PYTHON_CLIENTS)
+@pytest.mark.parametrize("listener", sorted(HALF_CLOSE))
+def test_a_request_then_close_notify_is_answered_then_closed(tls, listener, client):
+    """RFC 8446 section 6.1: close_notify closes one direction; the
+    request sent before it is answered (as a TCP half-close is), and the
+    proxy then sends its own close_notify."""
+    proxy, ports, cert = tls
+    request, expected = HALF_CLOSE[listener]
+    got, how = tls_half_close(ports[listener], cert, client == "python-alpn", request)
+    assert re.fullmatch(expected, got, re.S), f"{listener}: request + close_notify got {got!r} ({how})"
+    assert how == "close_notify", f"{listener}: after the answer the proxy's close was {how!r}"

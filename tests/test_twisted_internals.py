@@ -91,3 +91,159 @@ class InternalsTests(SynchronousTestCase):
         internals.quiet_retries(Service, logger)
         self.assertIs(Service._log, logger)
         self.assertTrue(hasattr(ClientService, "_log"))
+
+
+class _ScheduleOnly:
+    """A reactor that only schedules (ReactorBase without I/O), never run."""
+
+    @staticmethod
+    def make():
+        from twisted.internet.base import ReactorBase
+
+        class Reactor(ReactorBase):
+            def installWaker(self):
+                pass
+
+            def wakeUp(self):
+                pass
+
+        return Reactor()
+
+
+class MonotonicClockTests(SynchronousTestCase):
+    def test_the_reactor_and_what_it_had_scheduled_move_onto_the_monotonic_clock(self):
+        import time
+
+        reactor = _ScheduleOnly.make()
+        early = reactor.callLater(10, lambda: None)
+        cancelled = reactor.callLater(5, lambda: None)
+        cancelled.cancel()
+        self.assertGreater(early.getTime(), 1e9)  # Twisted's default: wall-clock seconds
+        self.assertEqual(internals.use_monotonic_clock(reactor), 2)  # the cancelled one moves too
+        self.assertIs(reactor.seconds, time.monotonic)
+        self.assertLess(abs(early.getTime() - time.monotonic() - 10), 1)  # what it had left
+        self.assertIs(early.seconds, time.monotonic)  # its delay()/reset() use it too
+        later = reactor.callLater(3, lambda: None)
+        self.assertLess(abs(later.getTime() - time.monotonic() - 3), 1)
+        self.assertLess(abs(reactor.timeout() - 3), 1)  # the next call is the new one
+        self.assertIsNone(internals.use_monotonic_clock(reactor))  # once only
+
+    def test_a_test_clock_is_left_alone(self):
+        clock = Clock()
+        self.assertIsNone(internals.use_monotonic_clock(clock))
+        self.assertEqual(clock.seconds(), 0)
+        self.assertIsNone(internals.use_monotonic_clock(MemoryReactor()))
+
+    def test_the_attributes_it_moves_exist(self):
+        reactor = _ScheduleOnly.make()
+        self.assertIsInstance(reactor._pendingTimedCalls, list)
+        self.assertIsInstance(reactor._newTimedCalls, list)
+
+
+class HalfClosingTLSTests(SynchronousTestCase):
+    """The client's close_notify as a half-close, over Twisted's TLS in
+    memory (iosim): a server protocol that is half-closeable answers, then
+    its loseConnection sends the server's close_notify."""
+
+    def connect(self, server_protocol, half_closeable=True):
+        import os
+
+        import twisted.test
+        from twisted.internet import ssl
+        from twisted.internet.protocol import Protocol
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
+
+        with open(os.path.join(os.path.dirname(twisted.test.__file__), "server.pem"), "rb") as f:
+            cert = ssl.PrivateCertificate.loadPEM(f.read())
+        server_factory = TLSMemoryBIOFactory(cert.options(), False, Factory.forProtocol(lambda: server_protocol))
+        server_factory.protocol = internals.half_closing_tls_protocol()
+
+        got = self.got = []
+        lost = self.lost = []
+
+        class Client(Protocol):
+            def connectionMade(self):
+                self.transport.write(b"request\n")
+                self.transport.loseConnection()  # close_notify right after the request
+
+            def dataReceived(self, data):
+                got.append(data)
+
+            def connectionLost(self, reason):
+                lost.append(reason)
+
+        client_factory = TLSMemoryBIOFactory(ssl.CertificateOptions(), True, Factory.forProtocol(Client))
+        server = server_factory.buildProtocol(None)
+        client = client_factory.buildProtocol(None)
+        pump = connect(server, makeFakeServer(server), client, makeFakeClient(client), greet=False)
+        return pump
+
+    def test_close_notify_is_a_half_close_and_the_answer_arrives(self):
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from twisted.internet.protocol import Protocol
+        from zope.interface import implementer
+
+        @implementer(IHalfCloseableProtocol)
+        class Server(Protocol):
+            received = b""
+            eof = False
+
+            def dataReceived(self, data):
+                self.received += data
+
+            def readConnectionLost(self):
+                self.eof = True
+                self.transport.registerProducer(self, True)  # as the front ends do
+                self.transport.write(b"answer to " + self.received)
+                self.transport.loseConnection()
+
+            def writeConnectionLost(self):
+                pass
+
+            def pauseProducing(self):
+                pass
+
+            resumeProducing = stopProducing = pauseProducing
+
+        server = Server()
+        pump = self.connect(server)
+        pump.flush()
+        self.assertTrue(server.eof)
+        self.assertEqual(b"".join(self.got), b"answer to request\n")
+        self.assertEqual(len(self.lost), 1)  # and the connection closed
+
+    def test_a_protocol_that_is_not_half_closeable_is_closed_as_before(self):
+        from twisted.internet.protocol import Protocol
+
+        class Server(Protocol):
+            received = b""
+            lost = False
+
+            def dataReceived(self, data):
+                self.received += data
+
+            def connectionLost(self, reason):
+                self.lost = True
+
+        server = Server()
+        pump = self.connect(server)
+        pump.flush()
+        self.assertEqual(server.received, b"request\n")
+        self.assertTrue(server.lost)
+        self.assertEqual(self.got, [])
+
+    def test_the_tls_internals_it_replaces_exist(self):
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        for name in ("_flushReceiveBIO", "_flushSendBIO", "_shutdownTLS", "_tlsShutdownFinished"):
+            self.assertTrue(callable(getattr(TLSMemoryBIOProtocol, name)), name)
+        for name in ("_lostTLSConnection", "_aborted", "_producer"):
+            self.assertTrue(hasattr(TLSMemoryBIOProtocol, name), name)
+
+    def test_tls_server_parts(self):
+        reactor = MemoryReactor()
+        options = object()
+        endpoint = SSL4ServerEndpoint(reactor, 443, options, backlog=7, interface="::1")
+        self.assertEqual(internals.tls_server_parts(endpoint), (reactor, 443, options, 7, "::1"))
+        self.assertIsNone(internals.tls_server_parts(TCP4ServerEndpoint(reactor, 1)))

@@ -420,6 +420,11 @@ def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
 
+    # Every timeout on a monotonic clock, before anything here schedules
+    # one (a wall-clock step must not move --command-timeout or idle timeouts).
+    from .twisted_internals import use_monotonic_clock
+
+    use_monotonic_clock(reactor)
     logs.set_level(config["log-level"])
     raise_file_limit()
     top = ops.ProxyService(reactor, config.get("drain-timeout", 5.0))

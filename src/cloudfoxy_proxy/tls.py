@@ -10,7 +10,8 @@ TLS 1.3's suites are all forward-secret.  ``certKey`` may hold the server
 certificate followed by its intermediate certificates.
 """
 
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IStreamServerEndpoint, ISSLTransport
+from zope.interface import implementer
 
 #: OpenSSL cipher string of the TLS 1.2 suites offered: ECDHE key exchange,
 #: AEAD encryption (no static-RSA, no CBC).
@@ -106,6 +107,43 @@ def negotiate_alpn(endpoint, protocols):
         return NO_OVERLAPPING_PROTOCOLS
 
     options.getContext().set_alpn_select_callback(select)
+
+
+@implementer(IStreamServerEndpoint)
+class HalfClosingTLSEndpoint:
+    """A TLS server endpoint (what ``ssl:`` and ``mtls:`` give) whose
+    connections treat the client's ``close_notify`` like a TCP half-close:
+    a request followed by close_notify is answered, then the proxy sends
+    its own close_notify and closes (``twisted_internals.half_closing_tls_protocol``).
+    Listens like ``SSL4ServerEndpoint`` (``reactor.listenSSL`` is
+    ``listenTCP`` under a ``TLSMemoryBIOFactory``)."""
+
+    def __init__(self, reactor, port, options, backlog=50, interface=""):
+        self._reactor = reactor
+        self._port = port
+        self._sslContextFactory = options  # where twisted_internals.tls_options looks
+        self._backlog = backlog
+        self._interface = interface
+
+    def listen(self, factory):
+        from twisted.internet.defer import execute
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from .twisted_internals import half_closing_tls_protocol
+
+        tls = TLSMemoryBIOFactory(self._sslContextFactory, False, factory)
+        tls.protocol = half_closing_tls_protocol()
+        return execute(self._reactor.listenTCP, self._port, tls, backlog=self._backlog,
+                       interface=self._interface)
+
+
+def half_closing(endpoint):
+    """``endpoint`` with TLS half-close answered (HalfClosingTLSEndpoint)
+    when it is a TLS server endpoint; other endpoints unchanged."""
+    from .twisted_internals import tls_server_parts
+
+    parts = tls_server_parts(endpoint)
+    return endpoint if parts is None else HalfClosingTLSEndpoint(*parts)
 
 
 def peer_certificate_der(transport):

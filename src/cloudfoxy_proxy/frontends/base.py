@@ -160,9 +160,9 @@ class Core:
         from twisted.internet.endpoints import serverFromString
         from twisted.internet.interfaces import IProtocolNegotiationFactory
 
-        from ..tls import negotiate_alpn
+        from ..tls import half_closing, negotiate_alpn
 
-        endpoint = serverFromString(self.reactor, description)
+        endpoint = half_closing(serverFromString(self.reactor, description))
         negotiate_alpn(endpoint, factory.acceptableProtocols()
                        if IProtocolNegotiationFactory.providedBy(factory) else ())
         return Listener(endpoint, self.limits.wrap(factory), description, option)

@@ -48,8 +48,10 @@ import socket
 
 import attr
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from .. import errors
 from ..access import is_local
@@ -195,8 +197,13 @@ def credential_of_authorization(value):
     return secret.decode("utf-8", "replace") or None
 
 
+@implementer(IHalfCloseableProtocol)
 class HttpChannel(HTTPChannel):
-    """One HTTP connection of an HttpSite; see the module docstring."""
+    """One HTTP connection of an HttpSite; see the module docstring.
+
+    A client that half-closes (TCP, or TLS ``close_notify``) after its
+    request gets the answer, then the connection closes; a request still
+    incomplete at that point is not answered."""
 
     _state = "idle"  # idle (between requests), head, body, busy (request running), refused
     _line = None  # the request line of the head being read
@@ -309,6 +316,23 @@ class HttpChannel(HTTPChannel):
     def requestDone(self, request):
         self._state = "idle"
         super().requestDone(request)
+        if self._eof and self._state != "busy" and self.transport is not None:
+            self.loseConnection()
+
+    # -- the client is done sending (IHalfCloseableProtocol)
+
+    _eof = False
+
+    def readConnectionLost(self):
+        if self._eof:
+            return
+        self._eof = True
+        if self._state == "busy" or self._delayed is not None:
+            return  # closed once answered (requestDone, _refuse)
+        self.loseConnection()
+
+    def writeConnectionLost(self):
+        self.loseConnection()
 
     # -- refusing
 

@@ -11,8 +11,10 @@ and is each connection's ``factory.api``; this module does not import it.
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import LogLevel
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from .. import errors
 from ..logs import Levels
@@ -105,6 +107,7 @@ class _AutobahnLog(Levels):
         return self.debug
 
 
+@implementer(IPushProducer)
 class ApiWebSocket(WebSocketServerProtocol):
     """One WebSocket client: ``{"id", "reader", "reset", "apdus"}`` is
     answered ``{"id", "atr", "responses"}`` or ``{"id", "error"}``;
@@ -149,6 +152,39 @@ class ApiWebSocket(WebSocketServerProtocol):
             self.session = Session(upgrade.peer if upgrade is not None else str(peer), "api",
                                    host if isinstance(host, str) else None, counters=self.counters)
         self._as_tls(super().connectionMade)
+        # Back-pressure: the HTTP channel this connection replaced is still
+        # the transport's producer; this connection takes its place, so a
+        # client that does not read its answers is not read from either.
+        try:
+            self.transport.unregisterProducer()
+        except RuntimeError:
+            pass  # none registered (a transport not taken over from HTTP)
+        self.transport.registerProducer(self, True)
+
+    # IPushProducer (registered on the transport in connectionMade): the
+    # transport's send buffer is full (the client does not read), so stop
+    # reading its requests until the buffer has drained.  Answers of the
+    # requests already read (at most 64 in flight, and those of the bytes
+    # being handled) still go out.
+    def pauseProducing(self):
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
+
+    # The HTTP channel it replaced was half-closeable (the connection's
+    # wrapper says so): a client that half-closes the TCP connection (or
+    # sends TLS close_notify) without a close frame is closed.
+    def readConnectionLost(self):
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
 
     def _onOpen(self):
         self._as_tls(super()._onOpen)
@@ -353,11 +389,12 @@ class ApiWebSocketFactory(WebSocketServerFactory):
         super().__init__()
         self.api = api
         # Bounded messages (a transmit of MAX_APDUS short APDUs fits).
-        # Incoming text is not UTF-8-checked twice: from_json rejects bad UTF-8.
         # A client that breaks the protocol or a limit gets a close frame
-        # with the code and reason (RFC 6455 section 7.4), not a bare drop.
+        # with the code and reason (RFC 6455 section 7.4), not a bare drop;
+        # a text message that is not UTF-8 is closed 1007 (section 8.1:
+        # Autobahn's incremental validator, native code).
         self.setProtocolOptions(maxFramePayloadSize=MAX_WS_MESSAGE, maxMessagePayloadSize=MAX_WS_MESSAGE,
-                                utf8validateIncoming=False, failByDrop=False)
+                                utf8validateIncoming=True, failByDrop=False)
         self._upgrade = None
 
     def upgrade(self, resource, request):
