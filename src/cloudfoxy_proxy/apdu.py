@@ -239,3 +239,37 @@ def run_deferred(steps, transmit):
             apdu = steps.send(response)
     except StopIteration as done:
         return done.value
+
+
+# -- what traces keep out (docs/trace.md, "Privacy") ------------------------------
+
+#: Instructions whose data field is a secret (a PIN, a PUK, a new reference
+#: value): VERIFY (20, 21), CHANGE REFERENCE DATA (24), RESET RETRY COUNTER (2C).
+SECRET_INS = frozenset((0x20, 0x21, 0x24, 0x2C))
+
+
+def secure_messaging(cla):
+    """True when the class byte ``cla`` says the command is protected by
+    secure messaging (ISO 7816-4 5.4.1): bits 4-3 of a first interindustry
+    class (``x4``, ``x8``, ``xC``: also how GlobalPlatform marks a secure
+    channel in its ``8x`` class), bit 6 of a further interindustry class."""
+    if cla & 0x40:
+        return bool(cla & 0x20)
+    return bool(cla & 0x0C)
+
+
+def secret_span(apdu):
+    """``(offset, length)`` of the data field of the command APDU ``apdu``
+    (bytes) that must not be written down — the data of VERIFY, CHANGE
+    REFERENCE DATA, RESET RETRY COUNTER and of every command under secure
+    messaging — or None when it has no such data.  An APDU whose structure
+    is not one of the four cases hides everything after its header."""
+    if len(apdu) < 5 or (apdu[1] not in SECRET_INS and not secure_messaging(apdu[0])):
+        return None
+    try:
+        command = parse_command(apdu)
+    except BadLength:
+        return (4, len(apdu) - 4)
+    if not command.data:
+        return None
+    return (7 if command.extended else 5, len(command.data))

@@ -100,6 +100,8 @@ class Dispatcher:
         self._rejected = {}  # reader name -> [next warn time, results not warned about]
         #: a metrics.Metrics counting every command result, or None
         self.metrics = None
+        #: a trace.Tracer recording card exchanges (--trace), or None
+        self.trace = None
         #: requests answered later, in start order (``give_up`` on shutdown)
         self.pending = {}
 

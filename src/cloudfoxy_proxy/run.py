@@ -313,6 +313,8 @@ class RequestRun:
         return self.d.result(result, name == RESET, reader)
 
     def _result(self, value):
+        if self.d.trace is not None:  # --trace (trace.Tracer)
+            self.d.trace.record(self, value)
         self.lines.append((self.request.commands[self.i].id, value))
         self.i += 1
         if self.d.metrics is not None:

@@ -73,6 +73,8 @@ class Options(usage.Options):
         ["no-signing", None,
          "Do not look for certificates on cards: no card is probed when it arrives or "
          "after RESET, and ENUM, ALIASES, CHAIN and SIGN answer C081."],
+        ["trace-unredacted", None,
+         "Keep PINs and secure-channel data in --trace files and the live trace (lab use only)."],
     ]
 
     optParameters = [
@@ -160,6 +162,18 @@ class Options(usage.Options):
         self["vpcd"] = []
         self["ram-connect"] = []
         self["api-cors-origin"] = []
+        self["trace"] = []
+        self["trace-readers"] = []
+
+    def opt_trace(self, value):
+        """Write an APDU trace of the card exchanges to FILE (repeatable): FILE.pcapng is
+        pcapng (GSMTAP SIM frames for Wireshark), anything else JSON lines; mode 0600,
+        reopened on SIGHUP (docs/trace.md)."""
+        self["trace"].append(value)
+
+    def opt_trace_readers(self, value):
+        """Trace only readers whose name matches this glob (repeatable; default: all)."""
+        self["trace-readers"].append(value)
 
     def opt_ram_connect(self, value):
         """URL=READER: let the RAMOverHTTP server at URL drive the card READER
@@ -291,6 +305,17 @@ class Options(usage.Options):
             except OSError as e:
                 raise usage.UsageError(f"--audit-log {self['audit-log']!r}: cannot open it for "
                                        f"appending ({e.strerror})") from None
+        for path in self["trace"]:
+            from .trace import open_append
+
+            try:
+                open_append(path, True).close()
+            except OSError as e:
+                raise usage.UsageError(f"--trace {path!r}: cannot open it for appending "
+                                       f"({e.strerror})") from None
+        if (self["trace-readers"] or self["trace-unredacted"]) and not self["trace"]:
+            raise usage.UsageError(f"--{'trace-readers' if self['trace-readers'] else 'trace-unredacted'} "
+                                   "is given without --trace")
         self["access"] = self._access()
         settings = backends.BackendSettings(
             token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
@@ -459,6 +484,20 @@ def makeService(config, reactor=None):
                                        ca_certs=config.get("ca-cert-list", ()))
         dispatcher.signing.start()  # listening now: before any backend adds a reader
         dispatcher.signing.setServiceParent(top)  # stopService cancels pending probes
+    if config.get("trace"):
+        from .trace import TraceService, Tracer, trace_file
+
+        unredacted = bool(config.get("trace-unredacted"))
+        dispatcher.trace = Tracer(config.get("trace-readers") or (), unredacted)
+        if dispatcher.signing is not None:
+            dispatcher.signing.trace = dispatcher.trace
+        tracing = TraceService(dispatcher.trace, [trace_file(p, unredacted) for p in config["trace"]], reactor)
+        tracing.setServiceParent(top)
+        top.reopeners.append(tracing.reopen)
+        if unredacted:
+            logs.Logger(namespace="cloudfoxy_proxy.trace").warn(
+                "--trace-unredacted: PINs, PUKs and secure-channel data are written IN CLEAR to "
+                "{files}; for lab use only, never with real users' cards", files=", ".join(config["trace"]))
     top.dispatcher = dispatcher
     top.readiness = core.readiness = ops.Readiness(top, registry, core.backends, reactor)
     listening = []

@@ -6,6 +6,9 @@ Signing cards (``type=piv``, ``openpgp``, ``ica`` or ``postsignum``) take
 ``pin=`` (default 123456) or ``pin_file=FILE`` (its first line, read by
 secrets.read_secret, so no PIN needs the command line), and ``keys=DIR`` (keep their PKI as PEM files in DIR; see
 cards/pki.py and docs/signing.md).
+
+``emulated:?replay=FILE&mode=strict|lookup[&reader=NAME]`` serves one card
+that answers from a recorded ``--trace`` (cards/replay.py, docs/trace.md).
 """
 
 import attr
@@ -51,7 +54,12 @@ PIN_LENGTHS = {"piv": (6, 8), "openpgp": (6, 127), "ica": (4, 16), "postsignum":
 
 
 def from_url(url, settings=None):
-    params = query(url, {"cards", "type", "latency_ms", "prefix", "pin", "pin_file", "keys"})
+    params = query(url, {"cards", "type", "latency_ms", "prefix", "pin", "pin_file", "keys",
+                         "replay", "mode", "reader"})
+    if "replay" in params:
+        return _replay(params)
+    if "mode" in params or "reader" in params:
+        raise ValueError("mode= and reader= are for replay=FILE")
     cards = int_param(params, "cards", 4, 1, 10000)
     latency = float_param(params, "latency_ms", 0.0, 0.0, 600000.0) / 1000.0
     prefix = params.get("prefix", "Emulated").strip()
@@ -72,6 +80,32 @@ def from_url(url, settings=None):
         return EmulatedBackend(
             clock=reactor, cards=[factory(serial=i, **options) for i in range(cards)],
             latency=latency, prefix=prefix, kind=kind)
+
+    return make
+
+
+def _replay(params):
+    """``emulated:?replay=FILE[&reader=NAME][&mode=strict|lookup][&prefix=P][&latency_ms=N]``:
+    one card, ``PREFIX 00``, answering from the JSON-lines trace FILE
+    (cards/replay.py, docs/trace.md)."""
+    from ..cards.replay import STRICT, ReplayCard, load
+
+    other = sorted(set(params) - {"replay", "mode", "reader", "prefix", "latency_ms"})
+    if other:
+        raise ValueError(f"replay= takes reader=, mode=, prefix= and latency_ms=, not {', '.join(other)}=")
+    latency = float_param(params, "latency_ms", 0.0, 0.0, 600000.0) / 1000.0
+    prefix = params.get("prefix", "Emulated").strip()
+    if not prefix:
+        raise ValueError("prefix= must not be empty")
+    path = params["replay"]
+    reader, records = load(path, params.get("reader") or None)
+    try:
+        card = ReplayCard(records, params.get("mode", STRICT), source=f"{path} ({reader})")
+    except ValueError as e:
+        raise ValueError(f"replay={path!r}, reader {reader!r}: {e}") from None
+
+    def make(reactor):
+        return EmulatedBackend(clock=reactor, cards=[card], latency=latency, prefix=prefix, kind="replay")
 
     return make
 

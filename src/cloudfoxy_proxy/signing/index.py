@@ -90,17 +90,21 @@ class _CardState:
         self.wrong_pin = None
 
 
-def card_transmit(reader):
+def card_transmit(reader, trace=None):
     """``transmit(apdu) -> Deferred[bytes]`` straight to the reader's backend.
-    Only for use while holding the card's queue."""
+    Only for use while holding the card's queue.  ``trace``: a
+    trace.Tracer that records each exchange (``--trace``), or None."""
     backend, key = reader.backend, reader.key
 
     def transmit(apdu):
         try:
             result = backend.transmit(key, apdu)
         except Exception:
-            return fail()
-        return result if isinstance(result, Deferred) else succeed(result)
+            result = fail()
+        d = result if isinstance(result, Deferred) else succeed(result)
+        if trace is not None:
+            trace.follow(d, reader, "signing", apdu)
+        return d
 
     return transmit
 
@@ -109,9 +113,10 @@ class _Turn:
     """One turn on a card's queue for ``work(transmit)``: waits its turn,
     runs, releases the card; ``result`` fires with work's outcome."""
 
-    __slots__ = ("reader", "work", "clock", "timeout", "result", "abandoned")
+    __slots__ = ("reader", "work", "clock", "timeout", "result", "abandoned", "trace")
 
-    def __init__(self, reader, work, clock, timeout):
+    def __init__(self, reader, work, clock, timeout, trace=None):
+        self.trace = trace
         self.reader = reader
         self.work = work
         self.clock = clock
@@ -130,7 +135,7 @@ class _Turn:
         return self.result
 
     def granted(self):
-        d = maybeDeferred(self.work, card_transmit(self.reader))
+        d = maybeDeferred(self.work, card_transmit(self.reader, self.trace))
         d.addTimeout(self.timeout, self.clock)
         d.addBoth(self._finished)
 
@@ -165,6 +170,8 @@ class CertIndex(Service):
         self._cards = {}  # Reader -> _CardState
         self._arrivals = []  # DelayedCalls of arrival probes
         self.started = False
+        #: a trace.Tracer for the index's own APDUs (``--trace``), or None
+        self.trace = None
 
     def start(self):
         """Watch the registry (probing the cards it already has)."""
@@ -267,7 +274,8 @@ class CertIndex(Service):
             return succeed(None)
         state.queued = True
         generation = state.generation
-        turn = _Turn(reader, lambda transmit: self._started(state, transmit), self.clock, self.timeout)
+        turn = _Turn(reader, lambda transmit: self._started(state, transmit), self.clock, self.timeout,
+                     self.trace)
         d = turn.start()
         d.addBoth(self._probed, state, generation)
         return d
@@ -445,7 +453,7 @@ class CertIndex(Service):
 
     @inlineCallbacks
     def _sign(self, state, text, pin, tag, digest):
-        transmit = card_transmit(state.reader)
+        transmit = card_transmit(state.reader, self.trace)
         by_alias = text in state.reader.extra_aliases and text != state.reader.name
         if not state.probed or state.dirty:
             # The card arrived or was reset and its probe has not run yet:
