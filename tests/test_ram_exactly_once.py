@@ -65,7 +65,7 @@ class Client:
     bytes), a reset with the ATR."""
 
     def __init__(self, site):
-        self.site = site
+        self.factory = site.core.limits.wrap(site)  # as a listener builds it (limits' wrapper on top)
         self.ports = iter(range(41000, 42000))
         self.ran = Counter()
         self.conn = None
@@ -73,7 +73,7 @@ class Client:
 
     def connect(self):
         peer = IPv4Address("TCP", "127.0.0.1", next(self.ports))
-        proto = self.site.buildProtocol(peer)
+        proto = self.factory.buildProtocol(peer)
         t = KernelTransport(peer)
         proto.makeConnection(t)
         self.conn = (proto, t)

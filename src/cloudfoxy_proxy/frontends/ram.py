@@ -134,9 +134,10 @@ class RamSession:
         self._silence = None
         answers = wire.decode_answer(items) if tag == wire.ANSWER else None
         if tag == wire.ANSWER and body == self.last_body:
-            if self.last_answer is None:  # the held POST sent again: hold this one instead
+            if self.last_answer is None:  # the held POST sent again: in its place
                 self._drop_parked()
-                return self._park(request)
+                script = self._next()
+                return self._park(request) if script is None else self._send(request, script)
             if self.last_answer != wire.KEEP_ALIVE and self._undelivered(request):
                 self.log.info("RAM {name}: the previous answer sent again (its script never left the "
                               "proxy): the script is sent again, not run twice", name=self.name)
