@@ -228,6 +228,21 @@ class ExactlyOnceTests(SynchronousTestCase):
         self.assertEqual(nxt.value, [("1", "9000")])
         self.assertEqual(c.ran, Counter(["00A4000C023F00", "00D6000001AA"]))
 
+    def test_held_post_lost_then_a_command_then_sent_again(self):
+        """A command arrives while no POST is held (the held one was lost):
+        the re-sent POST gets its script at once."""
+        c = self.client
+        got = self.line("00A4000C023F00")
+        ab = c.run(self.script(c.answers()))
+        c.post(ab)
+        c.lose()
+        nxt = self.line("00D6000001AA")
+        c.connect()
+        c.post(ab)
+        c.post(c.run(self.script(c.answers())))
+        self.assertEqual((got.value, nxt.value), ([("1", "9000")], [("1", "9000")]))
+        self.assertEqual(c.ran, Counter(["00A4000C023F00", "00D6000001AA"]))
+
     def test_an_answer_that_cannot_answer_the_script_ends_the_session(self):
         """The previous AB again, on the same connection, while the script
         sent since is a RESET + APDU: it is the next answer, and it does not

@@ -31,8 +31,9 @@ class CardClient(threading.Thread):
     then sent again, identical, on a new connection).  ``seconds`` is how
     long the card needs per script."""
 
-    def __init__(self, port, reconnect=lambda n: False, lose=lambda n: False, seconds=0.0):
+    def __init__(self, port, reconnect=lambda n: False, lose=lambda n: False, seconds=0.0, die=0):
         super().__init__(daemon=True)
+        self.die = die  # after receiving this script, close the connection and never post again
         self.port, self.reconnect, self.lose, self.seconds = port, reconnect, lose, seconds
         self.ran = Counter()
         self.scripts = 0
@@ -61,6 +62,9 @@ class CardClient(threading.Thread):
                 if steps:
                     self.scripts += 1
                     self.got_script.set()
+                    if self.scripts == self.die:
+                        conn.close()
+                        return
                     time.sleep(self.seconds)
                     if self.lose(self.scripts):
                         post_and_reset(self.port, answer, self.headers["Cookie"].split("=", 1)[1], conn)
@@ -144,3 +148,29 @@ def test_script_longer_than_the_session_timeout(proxy_factory, tmp_path):
     assert client.ran == Counter(APDUS[:2])
     assert b.log().count("RAM session of alice ended") == 1  # when the proxy stopped
     assert "RAM session of alice ended: the proxy stops" in b.log()
+
+
+def test_client_gone_mid_script(proxy_factory, tmp_path):
+    """--command-timeout 2, --ram-session-timeout 2: the client takes a
+    script and is gone.  Its requester gets C086 after 2 s; a request
+    queued behind gets C080 when the session ends, 2 s later."""
+    b, client = session(proxy_factory, tmp_path, "--command-timeout", "2", "--ram-session-timeout", "2", die=1)
+    results = {}
+
+    def ask(key, apdu):
+        results[key] = (line(b, apdu), time.monotonic())
+
+    started = time.monotonic()
+    first = threading.Thread(target=ask, args=("first", "00D6000001AA"))
+    first.start()
+    assert client.got_script.wait(20)
+    second = threading.Thread(target=ask, args=("second", "00B0000001"))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert results["first"][0] == [("1", "C086")]
+    assert results["second"][0] == [("1", "C080")]
+    assert 1.5 < results["first"][1] - started < 8
+    assert 3.5 < results["second"][1] - started < 12
+    wait_for(lambda: "RAM alice" not in readers(b), timeout=10, what="RAM alice removed")
+    assert client.ran == Counter(["00D6000001AA"])

@@ -229,6 +229,8 @@ class RamSession:
 
     def _parked_lost(self, _failure, request):
         if self.parked is request:
+            self.log.info("RAM {name}: the connection of the held POST was lost (the client may post "
+                          "again within {timeout:g} s)", name=self.name, timeout=self.backend.session_timeout)
             self.parked = None
             self._cancel(self._keep_alive)
             self._keep_alive = None
