@@ -301,6 +301,16 @@ class LivenessTests(SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertIsNone(self.h.registry.get("RAM alice"))
 
+    def test_a_held_post_replaced_by_another_stops_the_clock(self):
+        c = self.client
+        first = c.conn
+        c.connect()
+        c.post(wire.encode_answer([]))  # a second POST while the first is held
+        self.assertEqual(c.answers(first)[0][2], wire.KEEP_ALIVE)  # the first gets the empty script
+        self.assertEqual(c.answers(), [])  # this one is held
+        self.clock.advance(KEEP_ALIVE - 0.1)
+        self.assertIsNotNone(self.h.registry.get("RAM alice"))
+
     def test_client_gone_mid_script(self):
         """The dispatcher gives up on the script after its command timeout
         (C086); from then on the client has nothing it could still be

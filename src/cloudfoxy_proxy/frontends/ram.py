@@ -216,6 +216,7 @@ class RamSession:
         self.parked = request
         self.last_answer = None
         self.last_carrier = None
+        self.waiting()  # stops the silence clock: the client is there
         self._keep_alive = self.backend.clock.callLater(self.backend.keep_alive, self._unpark)
         request.notifyFinish().addErrback(self._parked_lost, request)
         return NOT_DONE_YET
