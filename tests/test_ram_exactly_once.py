@@ -65,7 +65,7 @@ class Client:
     bytes), a reset with the ATR."""
 
     def __init__(self, site):
-        self.site = site
+        self.factory = site.core.limits.wrap(site)  # as a listener builds it (limits' wrapper on top)
         self.ports = iter(range(41000, 42000))
         self.ran = Counter()
         self.conn = None
@@ -73,7 +73,7 @@ class Client:
 
     def connect(self):
         peer = IPv4Address("TCP", "127.0.0.1", next(self.ports))
-        proto = self.site.buildProtocol(peer)
+        proto = self.factory.buildProtocol(peer)
         t = KernelTransport(peer)
         proto.makeConnection(t)
         self.conn = (proto, t)
@@ -228,6 +228,21 @@ class ExactlyOnceTests(SynchronousTestCase):
         self.assertEqual(nxt.value, [("1", "9000")])
         self.assertEqual(c.ran, Counter(["00A4000C023F00", "00D6000001AA"]))
 
+    def test_held_post_lost_then_a_command_then_sent_again(self):
+        """A command arrives while no POST is held (the held one was lost):
+        the re-sent POST gets its script at once."""
+        c = self.client
+        got = self.line("00A4000C023F00")
+        ab = c.run(self.script(c.answers()))
+        c.post(ab)
+        c.lose()
+        nxt = self.line("00D6000001AA")
+        c.connect()
+        c.post(ab)
+        c.post(c.run(self.script(c.answers())))
+        self.assertEqual((got.value, nxt.value), ([("1", "9000")], [("1", "9000")]))
+        self.assertEqual(c.ran, Counter(["00A4000C023F00", "00D6000001AA"]))
+
     def test_an_answer_that_cannot_answer_the_script_ends_the_session(self):
         """The previous AB again, on the same connection, while the script
         sent since is a RESET + APDU: it is the next answer, and it does not
@@ -285,6 +300,16 @@ class LivenessTests(SynchronousTestCase):
         self.assertIsNotNone(self.h.registry.get("RAM alice"))
         self.clock.advance(0.2)
         self.assertIsNone(self.h.registry.get("RAM alice"))
+
+    def test_a_held_post_replaced_by_another_stops_the_clock(self):
+        c = self.client
+        first = c.conn
+        c.connect()
+        c.post(wire.encode_answer([]))  # a second POST while the first is held
+        self.assertEqual(c.answers(first)[0][2], wire.KEEP_ALIVE)  # the first gets the empty script
+        self.assertEqual(c.answers(), [])  # this one is held
+        self.clock.advance(KEEP_ALIVE - 0.1)
+        self.assertIsNotNone(self.h.registry.get("RAM alice"))
 
     def test_client_gone_mid_script(self):
         """The dispatcher gives up on the script after its command timeout

@@ -140,7 +140,8 @@ class Options(usage.Options):
         ["ram-token-file", None, None, "Lines 'NAME SECRET' for --ram (required with it)."],
         ["ram-max-sessions", None, "100", "RAM sessions at once; more are answered 204."],
         ["ram-session-timeout", None, "60",
-         "Seconds a RAM session may go without a POST after an answer before it ends."],
+         "Seconds a RAM client may be silent once it could have posted (after an answer with nothing "
+         "to run, or once its script is no longer waited for: --command-timeout) before its session ends."],
         ["ram-done-after", None, "0",
          "End a RAM session (its client gets 204: done) once its card has had no command for "
          "this many seconds; 0: never (sessions end when the client stops or the proxy does)."],

@@ -134,9 +134,10 @@ class RamSession:
         self._silence = None
         answers = wire.decode_answer(items) if tag == wire.ANSWER else None
         if tag == wire.ANSWER and body == self.last_body:
-            if self.last_answer is None:  # the held POST sent again: hold this one instead
+            if self.last_answer is None:  # the held POST sent again: in its place
                 self._drop_parked()
-                return self._park(request)
+                script = self._next()
+                return self._park(request) if script is None else self._send(request, script)
             if self.last_answer != wire.KEEP_ALIVE and self._undelivered(request):
                 self.log.info("RAM {name}: the previous answer sent again (its script never left the "
                               "proxy): the script is sent again, not run twice", name=self.name)
@@ -215,6 +216,7 @@ class RamSession:
         self.parked = request
         self.last_answer = None
         self.last_carrier = None
+        self.waiting()  # stops the silence clock: the client is there
         self._keep_alive = self.backend.clock.callLater(self.backend.keep_alive, self._unpark)
         request.notifyFinish().addErrback(self._parked_lost, request)
         return NOT_DONE_YET
@@ -228,6 +230,8 @@ class RamSession:
 
     def _parked_lost(self, _failure, request):
         if self.parked is request:
+            self.log.info("RAM {name}: the connection of the held POST was lost (the client may post "
+                          "again within {timeout:g} s)", name=self.name, timeout=self.backend.session_timeout)
             self.parked = None
             self._cancel(self._keep_alive)
             self._keep_alive = None
