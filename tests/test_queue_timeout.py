@@ -237,3 +237,33 @@ class QueueTimeoutTests(SynchronousTestCase):
         page = status.status(self.d.metrics, sampler, None, self.clock)
         self.assertEqual(page["holders"], [])
         self.assert_clean()
+
+
+class OptionTests(SynchronousTestCase):
+    def parse(self, *args):
+        from cloudfoxy_proxy import tap
+
+        o = tap.Options()
+        o.parseOptions(list(args))
+        return o
+
+    def test_default_follows_the_command_timeout(self):
+        self.assertEqual(self.parse()["queue-timeout"], 15.0)
+        self.assertEqual(self.parse("--command-timeout", "4")["queue-timeout"], 4.0)
+        self.assertEqual(self.parse("--command-timeout", "4", "--queue-timeout", "30")["queue-timeout"], 30.0)
+
+    def test_bad_values_are_one_line(self):
+        from twisted.python import usage
+
+        for bad, why in (("soon", "not a number"), ("0", "must be between 0.001 and 3600")):
+            with self.assertRaises(usage.UsageError) as e:
+                self.parse("--queue-timeout", bad)
+            self.assertEqual(str(e.exception), f"--queue-timeout {bad!r}: {why}")
+
+    def test_the_dispatcher_gets_it(self):
+        from cloudfoxy_proxy import tap
+        from twisted.internet.testing import MemoryReactorClock
+
+        top = tap.makeService(self.parse("--queue-timeout", "3.5", "--no-signing"), MemoryReactorClock())
+        self.assertEqual((top.dispatcher.queue_timeout, top.dispatcher.queue_deadlines.timeout), (3.5, 3.5))
+        self.assertEqual(top.dispatcher.command_timeout, 15.0)
