@@ -94,14 +94,14 @@ class CardSessionTests(SynchronousTestCase):
         self.assertIsNone(self.holder.card)
 
     def test_idle_timeout(self):
-        card = self.hold(idle_timeout=30).value
-        other = self.send(self.other, "Emulated 00", SELECT_MF)
-        self.h.clock.advance(20)
-        self.send(self.holder, "Emulated 00", SELECT_MF)  # used: 30 s again from now
-        self.h.clock.advance(20)
+        card = self.hold(idle_timeout=8).value
+        other = self.send(self.other, "Emulated 00", SELECT_MF)  # waits at most 15 s (--queue-timeout)
+        self.h.clock.advance(5)
+        self.send(self.holder, "Emulated 00", SELECT_MF)  # used: 8 s again from now
+        self.h.clock.advance(5)
         self.assertTrue(card.held)
         ended = Results(card.ended)
-        self.h.clock.advance(10)
+        self.h.clock.advance(3)
         self.assertEqual(ended.value, "idle")
         self.assertEqual(other.value, [("1", "9000")])
         self.assertEqual(self.h.clock.getDelayedCalls(), [])

@@ -34,6 +34,10 @@ def _same(given, cached):
         return hmac.compare_digest(given.encode("utf-8"), cached.encode("utf-8"))
 
 
+def _timed_out(waiter):
+    waiter.timed_out()
+
+
 class Session:
     """What a client connection remembers between requests: the PERSONALIZE
     tag, the peer address for logs (``peer``, ``host:port``), the card it
@@ -80,15 +84,24 @@ class Dispatcher:
     :meth:`identify` is the one place every front end's requests are
     checked (docs/security.md).  ``signing``, when set (tap.py sets a
     signing.index.CertIndex), answers ENUM, ALIASES, CHAIN and SIGN.
-    ``audit``, when set, is an audit.AuditLog.
+    ``audit``, when set, is an audit.AuditLog.  ``queue_timeout`` (seconds;
+    None: ``command_timeout``) bounds the wait of a request or a card
+    session in a card's queue (behind a busy card or one held by a card
+    session): then its commands are answered ``C086`` and it leaves the
+    queue; the card never runs them.  The wait and the command's own time
+    on the card (``command_timeout``) are separate bounds.
     """
 
     log = Logger()
 
-    def __init__(self, registry, clock, command_timeout=15.0, access=None):
+    def __init__(self, registry, clock, command_timeout=15.0, access=None, queue_timeout=None):
         self.registry = registry
         self.clock = clock
         self.command_timeout = command_timeout
+        self.queue_timeout = command_timeout if queue_timeout is None else queue_timeout
+        #: the waiters in card queues (RequestRun, CardSession), each told
+        #: ``timed_out()`` after ``queue_timeout`` seconds without its turn
+        self.queue_deadlines = Deadlines(clock, self.queue_timeout, _timed_out)
         self.access = Access() if access is None else access
         self.throttle = Throttle()
         self.auth_log = RateLimitedLog(clock, self.log, what="authentication failures")
@@ -146,7 +159,10 @@ class Dispatcher:
             return fail(CardError(errors.UPSTREAM, f"queue of {found.name} is full"))
         if got:
             card.granted()
+        else:
+            self.queue_deadlines.watch(card)
         return d
+
     def give_up(self, code):
         """Answer every request still waiting with ``code`` for each of its
         unanswered commands, now (the end of a drain on shutdown)."""

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from .errors import MEANING
 from .parser import CARD_COMMANDS
 from .registry import Reader
+from .sessions import holder
 
 #: Upper bounds (seconds) of the command latency buckets: 100 µs to 30 s.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -43,16 +44,18 @@ class ReaderStats:
 
     ``counts``: ``{(kind, result): n}``, result ``OK`` for an answer;
     ``buckets``: observations per latency bucket (the last is +Inf), not
-    cumulative; ``seconds``: the sum of the latencies.
+    cumulative; ``seconds``: the sum of the latencies; ``queue_timeouts``:
+    requests and card sessions that got no turn within ``--queue-timeout``.
     """
 
-    __slots__ = ("name", "counts", "buckets", "seconds")
+    __slots__ = ("name", "counts", "buckets", "seconds", "queue_timeouts")
 
     def __init__(self, name):
         self.name = name
         self.counts = {}
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.seconds = 0.0
+        self.queue_timeouts = 0
 
     @property
     def commands(self):
@@ -87,6 +90,13 @@ class Metrics:
         #: core's ``stats``: every front end registers itself there
         self.frontends = {}
         self.started = clock()
+        #: the dispatcher's clock (``IReactorTime.seconds``): how long holders held their cards
+        self.seconds = time.monotonic
+
+    def queue_timeout(self, reader):
+        """A request or card session got no turn on ``reader`` within
+        ``--queue-timeout`` (counted apart from its C086 results)."""
+        self.stats_of(reader).queue_timeouts += 1
 
     def record(self, run, value):
         """Count the result ``value`` of the command ``run`` just finished
@@ -175,6 +185,14 @@ class Collector:
                                  "1 while a request holds the card.", labels=["reader"])
         present = GaugeMetricFamily("foxyproxy_reader_present",
                                     "1 when the reader is listed and has a card.", labels=["reader"])
+        timeouts = CounterMetricFamily(
+            "foxyproxy_reader_queue_timeouts", "Requests and card sessions answered C086 because they "
+            "got no turn on the card within --queue-timeout.", labels=["reader"])
+        held = GaugeMetricFamily("foxyproxy_reader_held", "1 while a card session (or a vpcd bridge) "
+                                 "holds the card, labelled with its holder.",
+                                 labels=["reader", "frontend", "identity"])
+        held_for = GaugeMetricFamily("foxyproxy_reader_held_seconds", "Seconds the card session "
+                                     "holding the card has held it.", labels=["reader", "frontend", "identity"])
         groups = list(m.by_name.values()) + [m.none]
         sees = self.sees
         if sees is not None:
@@ -185,7 +203,10 @@ class Collector:
                 commands.add_metric([stats.name, kind, result], n)
             if stats.counts:
                 latency.add_metric([stats.name], _cumulative(stats.buckets), stats.seconds)
+            if stats.queue_timeouts:
+                timeouts.add_metric([stats.name], stats.queue_timeouts)
         listed = 0
+        now = m.seconds()
         for reader in m.registry.readers:
             if listed >= m.max_readers:
                 break
@@ -195,7 +216,13 @@ class Collector:
             queue.add_metric([reader.name], len(reader.queue))
             busy.add_metric([reader.name], 1 if reader.queue.busy else 0)
             present.add_metric([reader.name], 1 if reader.present else 0)
-        yield from (commands, latency, queue, busy, present)
+            who = holder(reader, now) if reader.holder is not None else None
+            if who is not None:
+                labels = [reader.name, who["frontend"], who["identity"] or ""]
+                held.add_metric(labels, 1)
+                if who["held_seconds"] is not None:
+                    held_for.add_metric(labels, who["held_seconds"])
+        yield from (commands, latency, queue, busy, present, timeouts, held, held_for)
 
         readers = GaugeMetricFamily("foxyproxy_backend_readers", "Readers the backend lists now.",
                                     labels=["backend"])

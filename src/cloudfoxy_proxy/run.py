@@ -19,7 +19,7 @@ from .interfaces import MAX_RESPONSE
 from .logs import Logger
 from .parser import APDU, CARD_COMMANDS, RESET, SIGN
 from .registry import QueueFull
-from .sessions import CardSession
+from .sessions import CardSession, held_by
 
 
 #: What a step of ``RequestRun.step`` gives when its command cannot go on: its
@@ -175,6 +175,7 @@ class RequestRun:
                 return _ANSWERED
             if not got:
                 self._pending = True
+                self.d.queue_deadlines.watch(self)  # --queue-timeout: timed_out()
                 return _WAITING
             self.holding = True
         if self.card is not None and self.card.state != CardSession.HELD:
@@ -348,8 +349,35 @@ class RequestRun:
 
     def granted(self):
         """The card queue says it is our turn."""
+        self.d.queue_deadlines.forget(self)
         self.holding = True
         self._resume()
+
+    def timed_out(self):
+        """No turn within the dispatcher's ``queue_timeout`` (called by its
+        ``queue_deadlines``): leave the queue (the card never runs these
+        commands) and answer every command not answered yet ``C086`` (a
+        parse error keeps its own code); the card's holder and the
+        command on the card are not touched."""
+        if not self._pending or self.holding or self.abandoned:
+            return
+        self.queue.leave(self)  # the queue skips us from now on
+        self._pending = False
+        d = self.d
+        reader = self.reader
+        d.client_log.info("client {peer}: no turn on {reader} within {timeout:g} s (--queue-timeout): "
+                          "answered C086{held}", peer=self.session.peer, reader=reader.name,
+                          timeout=d.queue_timeout, held=held_by(reader))
+        if d.metrics is not None:
+            d.metrics.queue_timeout(reader)
+        commands = self.request.commands
+        while self.i < len(commands):
+            self._result(commands[self.i].error or errors.UPSTREAM)
+        if d.audit is not None:
+            d.audit.request(self)
+        d.pending.pop(self, None)
+        if self.deferred is not None:
+            self.deferred.callback(self.lines)
 
     def _resume(self):
         self._pending = False
@@ -387,6 +415,7 @@ class RequestRun:
         finishes on the card, then the card goes to the next request."""
         self.d.pending.pop(self, None)
         if self._pending and not self.holding and not self._stepping and self._call is None:
+            self.d.queue_deadlines.forget(self)
             self.queue.leave(self)  # queued by step(), not granted yet
             return
         self.abandoned = True

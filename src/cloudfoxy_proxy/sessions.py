@@ -25,11 +25,14 @@ class CardSession:
     queued in the session when it ends gets ``C080`` for its card commands
     (the session's card state is gone); later requests of the same
     ``Session`` queue for the card like anybody's (docs/protocol.md,
-    "Card sessions").
+    "Card sessions").  A session still waiting for the card after the
+    dispatcher's ``queue_timeout`` seconds ends with ``"queue timeout"``
+    (its ``opened`` fails with ``C086``); the card's holder is not touched.
+    ``granted_at`` is the dispatcher clock's time the card was granted.
     """
 
     __slots__ = ("dispatcher", "reader", "session", "idle_timeout", "max_duration", "queue",
-                 "state", "abandoned", "opened", "ended", "_idle", "_deadline")
+                 "state", "abandoned", "opened", "ended", "granted_at", "_idle", "_deadline")
 
     WAITING, HELD, CLOSED = "waiting", "held", "closed"
 
@@ -44,6 +47,7 @@ class CardSession:
         self.abandoned = False  # CardQueue waiter protocol
         self.opened = None
         self.ended = Deferred()
+        self.granted_at = None
         self._idle = None
         self._deadline = None
 
@@ -57,6 +61,8 @@ class CardSession:
         self.session.card = self
         self.reader.holder = self.session
         clock = self.dispatcher.clock
+        self.dispatcher.queue_deadlines.forget(self)
+        self.granted_at = clock.seconds()
         if self.max_duration is not None:
             self._deadline = clock.callLater(self.max_duration, self.close, "max duration")
         self.touch()
@@ -85,7 +91,21 @@ class CardSession:
         self.opened = None
         if self.state == self.WAITING:
             self.state = self.CLOSED
+            self.dispatcher.queue_deadlines.forget(self)
             self.reader.queue.leave(self)
+
+    def timed_out(self):
+        """No turn within the dispatcher's ``queue_timeout`` (called by its
+        ``queue_deadlines``): the session ends before it began."""
+        if self.state != self.WAITING:
+            return
+        d = self.dispatcher
+        d.client_log.info("client {peer}: no turn on {reader} within {timeout:g} s (--queue-timeout): "
+                          "card session refused with C086{held}", peer=self.session.peer,
+                          reader=self.reader.name, timeout=d.queue_timeout, held=held_by(self.reader))
+        if d.metrics is not None:
+            d.metrics.queue_timeout(self.reader)
+        self.close("queue timeout")
 
     def close(self, reason="closed"):
         """End the session (idempotent); the card is let go once no request
@@ -99,10 +119,11 @@ class CardSession:
                 call.cancel()
         self._idle = self._deadline = None
         if was == self.WAITING:
+            self.dispatcher.queue_deadlines.forget(self)
             self.reader.queue.leave(self)
             opened, self.opened = self.opened, None
             if opened is not None:
-                opened.errback(CardError(errors.UPSTREAM, f"card session {reason} before it began"))
+                opened.errback(CardError(errors.UPSTREAM, f"card session ended ({reason}) before it began"))
         elif not self.queue.busy:
             self._let_go()
         self.ended.callback(reason)
@@ -124,3 +145,33 @@ class CardSession:
         if reader.release is not None:
             reader.release(reader.key)
         reader.queue.release()
+
+
+def held_by(reader):
+    """For a log line: ``", held by PEER (FRONTEND)"`` while a session
+    holds ``reader``, else ``""``."""
+    session = reader.holder
+    return "" if session is None else f", held by {session.peer} ({session.frontend})"
+
+
+def holder(reader, now):
+    """Who holds ``reader``, for the status page and metrics: None, or
+    ``{"frontend", "identity", "peer", "held_seconds", "queued"}`` with
+    the holder's front end, identity name (None: not authenticated), peer
+    (``host:port`` or a description), seconds held by ``now`` (the
+    dispatcher clock's time; None when the holder is not a card session,
+    e.g. a vpcd bridge) and its own requests waiting inside the session."""
+    session = reader.holder
+    if session is None:
+        return None
+    card = session.card
+    if card is not None and card.reader is not reader:
+        card = None
+    identity = session.identity
+    return {
+        "frontend": session.frontend,
+        "identity": getattr(identity, "name", None),
+        "peer": session.peer,
+        "held_seconds": None if card is None or card.granted_at is None else max(0.0, now - card.granted_at),
+        "queued": 0 if card is None else len(card.queue),
+    }

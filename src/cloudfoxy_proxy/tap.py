@@ -82,6 +82,10 @@ class Options(usage.Options):
          "Line-protocol listener: a port number or a Twisted endpoint string."],
         ["command-timeout", None, "15",
          "Seconds allowed for every backend call; a client gets C086 instead of a hang."],
+        ["queue-timeout", None, None,
+         "Seconds a request (or card session) may wait in a card's queue behind a busy card or "
+         "one held by a card session; then it gets C086 and the card never runs it. Apart from "
+         "--command-timeout, the bound on the command's own time on the card (default: the same)."],
         ["max-line-length", None, str(DEFAULT_MAX_LINE),
          "Longest accepted line in bytes (the default fits the longest extended APDU in hex)."],
         ["max-commands-per-request", None, "1000",
@@ -254,6 +258,8 @@ class Options(usage.Options):
         self["endpoints"] = [check_endpoint("port", self["port"])] + [
             check_endpoint("listen", v) for v in self["listen"]]
         self["command-timeout"] = self._number("command-timeout", float, 0.001, 3600)
+        self["queue-timeout"] = (self["command-timeout"] if self["queue-timeout"] is None
+                                 else self._number("queue-timeout", float, 0.001, 3600))
         self["max-line-length"] = self._number("max-line-length", int, 1024, 64 * 1024 * 1024)
         self["max-commands-per-request"] = self._number("max-commands-per-request", int, 1, 1000000)
         self["max-connections"] = self._number("max-connections", int, 1, 1000000)
@@ -458,7 +464,8 @@ def makeService(config, reactor=None):
                                                  getattr(config, "parent", None))
     logs.SummaryService().setServiceParent(top)
     registry = ReaderRegistry(max_queue=config["max-queue"])
-    dispatcher = Dispatcher(registry, reactor, config["command-timeout"], access=config.get("access"))
+    dispatcher = Dispatcher(registry, reactor, config["command-timeout"], access=config.get("access"),
+                            queue_timeout=config.get("queue-timeout"))
     # One account of connections for every front end (limits.py).
     core = top.core = Core(
         reactor=reactor, dispatcher=dispatcher, registry=registry, service=top,

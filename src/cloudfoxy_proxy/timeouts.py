@@ -4,20 +4,32 @@
 call: on the hot path that was the largest single cost of an asynchronous
 APDU.  Here every call gets the same timeout, so deadlines arrive in start
 order: an insertion-ordered dict holds the pending ones, and a single
-DelayedCall waits for the oldest.
+DelayedCall waits for the oldest.  The same structure bounds the waits in
+the cards' queues (``--queue-timeout``): there the watched items are
+queue waiters and ``expire`` tells each that its time is up.
 """
+
+
+def _cancel(d):
+    d.cancel()
 
 
 class Deadlines:
     """Cancel each watched Deferred that is still pending ``timeout``
-    seconds after ``watch``; ``forget`` it once it has an answer."""
+    seconds after ``watch``; ``forget`` it once it has an answer.
 
-    __slots__ = ("clock", "timeout", "_pending", "_timer")
+    ``expire`` (a callable taking the item; default: ``item.cancel()``) is
+    called instead of ``cancel`` when the watched items are not Deferreds;
+    an item is forgotten before ``expire`` is called, at ``timeout``
+    seconds exactly (by ``clock``)."""
 
-    def __init__(self, clock, timeout):
+    __slots__ = ("clock", "timeout", "expire", "_pending", "_timer")
+
+    def __init__(self, clock, timeout, expire=_cancel):
         self.clock = clock
         self.timeout = timeout
-        self._pending = {}  # Deferred -> deadline, oldest first
+        self.expire = expire
+        self._pending = {}  # Deferred (or other item) -> deadline, oldest first
         self._timer = None
 
     def watch(self, d):
@@ -46,4 +58,6 @@ class Deadlines:
             expired.append(d)
         for d in expired:
             del self._pending[d]
-            d.cancel()
+        expire = self.expire
+        for d in expired:
+            expire(d)

@@ -36,6 +36,7 @@ from twisted.web.resource import Resource
 
 from .. import __version__, errors
 from ..metrics import Collector, Metrics, quantile
+from ..sessions import holder
 from .base import OneListener
 from .http import NONE, HttpSite, Route
 from .jsonapi import error_body
@@ -103,11 +104,19 @@ def status(metrics, sampler, readiness, clock, sees=None):
     """The dict behind ``/status.json`` (shape in docs/deployment.md);
     ``sees`` (None: every reader) limits the readers listed."""
     readers = []
+    holders = []
+    now, wall = clock.seconds(), time.time()
     for reader in metrics.registry.readers[:metrics.max_readers]:
         if sees is not None and not sees(reader):
             continue
         stats = metrics.stats_of(reader)
         rate, p50, p99 = sampler.window(stats.name)
+        who = holder(reader, now) if reader.holder is not None else None
+        if who is not None:
+            held = who.pop("held_seconds")
+            who.update(reader=reader.name, held_seconds=None if held is None else round(held, 1),
+                       since=None if held is None else round(wall - held, 3), waiting=len(reader.queue))
+            holders.append(who)
         readers.append({
             "name": reader.name,
             "backend": reader.backend.description,
@@ -119,6 +128,7 @@ def status(metrics, sampler, readiness, clock, sees=None):
             "rate": round(rate, 1),
             "p50_ms": None if p50 is None else round(p50 * 1000, 3),
             "p99_ms": None if p99 is None else round(p99 * 1000, 3),
+            "queue_timeouts": stats.queue_timeouts,
         })
     backends = [{
         "name": metrics.backend_names[id(b)],
@@ -144,6 +154,7 @@ def status(metrics, sampler, readiness, clock, sees=None):
         "readers": readers,
         "backends": backends,
         "frontends": frontends,
+        "holders": holders,
         "unrouted_commands": metrics.none.commands,
         "interval": sampler.interval,
         "rates": list(sampler.rates),
@@ -258,6 +269,7 @@ class MetricsFrontend(OneListener):
     def make_service(self, settings, core):
         metrics = Metrics(core.registry, core.backends)
         metrics.frontends = core.stats
+        metrics.seconds = core.reactor.seconds
         core.dispatcher.metrics = metrics
         resource = StatusResource(metrics, core.readiness, core.reactor)
         service = core.listen(settings.endpoint, StatusSite(resource, core), "--metrics")
