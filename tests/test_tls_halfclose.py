@@ -111,3 +111,79 @@ class Endpoints(SynchronousTestCase):
         self.assertIs(factory.wrappedFactory.__class__, Factory)
         tcp = TCP4ServerEndpoint(reactor, 1)
         self.assertIs(tls.half_closing(tcp), tcp)
+
+
+# --- integration: an mtls: listener (the ssl: ones: tests/test_tls_listeners.py) ---------------
+
+def _mtls_half_close(port, d, alpn):
+    import os
+    import socket
+    import ssl
+    import time
+
+    ctx = ssl.create_default_context(cafile=os.path.join(d, "ca.pem"))
+    ctx.load_cert_chain(os.path.join(d, "client.pem"), os.path.join(d, "client.key"))
+    if alpn:
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+    raw = socket.create_connection(("127.0.0.1", port), 10)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    got, how = b"", "timeout"
+    with raw:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        raw.sendall(outgoing.read())
+        obj.write(b">Emulated 00|\n>1:APDU:00A4000C023F00|\n>2:APDU:0084000008|\n\n")
+        try:
+            obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        raw.sendall(outgoing.read())
+        deadline = time.monotonic() + 10
+        while how == "timeout" and time.monotonic() < deadline:
+            raw.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = raw.recv(65536)
+            except socket.timeout:
+                break
+            if not data:
+                how = "eof"
+                break
+            incoming.write(data)
+            while True:
+                try:
+                    chunk = obj.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    how = "close_notify"
+                    break
+                got += chunk
+    return got, how
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("alpn", [False, True])
+def test_mtls_listener_answers_a_request_then_close_notify(proxy_factory, tmp_path, alpn):
+    import re
+
+    from support import HOST
+    from test_access_integration import make_pki
+
+    d = str(tmp_path)
+    make_pki(d)
+    proxy = proxy_factory(
+        "--no-signing",
+        "--listen", f"mtls:0:privateKey={d}/server.key:certKey={d}/server.pem:caCerts={d}/ca.pem:interface={HOST}",
+        listeners=2)
+    got, how = _mtls_half_close(proxy.ports["LineFactory"][1], d, alpn)
+    assert re.fullmatch(rb">1:9000\n>2:[0-9A-F]{16}9000\n@@\n", got), (got, how)
+    assert how == "close_notify", how
