@@ -258,6 +258,7 @@ class MetricsFrontend(OneListener):
     def make_service(self, settings, core):
         metrics = Metrics(core.registry, core.backends)
         metrics.frontends = core.stats
+        metrics.audit = core.dispatcher.audit
         core.dispatcher.metrics = metrics
         resource = StatusResource(metrics, core.readiness, core.reactor)
         service = core.listen(settings.endpoint, StatusSite(resource, core), "--metrics")
