@@ -97,6 +97,8 @@ class Metrics:
         """A request or card session got no turn on ``reader`` within
         ``--queue-timeout`` (counted apart from its C086 results)."""
         self.stats_of(reader).queue_timeouts += 1
+        #: the audit.AuditLog of --audit-log, or None (its counts are read at scrape time)
+        self.audit = None
 
     def record(self, run, value):
         """Count the result ``value`` of the command ``run`` just finished
@@ -257,6 +259,15 @@ class Collector:
             received.add_metric([name], f.bytes_in)
             sent.add_metric([name], f.bytes_out)
         yield from (conns, requests, auth, received, sent)
+
+        # -- the audit trail (--audit-log) --
+        audit = m.audit
+        if audit is not None:
+            yield CounterMetricFamily("foxyproxy_audit_records", "Audit records written.",
+                                      value=audit.written)
+            yield CounterMetricFamily("foxyproxy_audit_records_lost",
+                                      "Audit records that could not be written (a full disk, EIO).",
+                                      value=audit.lost)
 
         if self.ready is not None:
             yield GaugeMetricFamily("foxyproxy_ready", "1 when /readyz answers 200.",

@@ -74,7 +74,12 @@ class Readiness:
     (for backends with an ``up`` property or method: reported while up,
     e.g. a REST backend's first inventory rather than its empty
     placeholder) and every listener of ``top`` listens.  ``reasons()`` lists what is missing (empty when
-    ready); ``on_ready`` callbacks run once, the first time it is."""
+    ready); ``on_ready`` callbacks run once, the first time it is.
+
+    ``checks``: more callables, each returning a list of reasons (strings)
+    that hold *now*, e.g. ``audit.AuditLog.reasons`` (records being lost):
+    unlike a backend's first report, these can make a ready proxy not
+    ready again, and ready once they pass."""
 
     def __init__(self, top, registry, backends, clock, poll=0.1):
         self.top = top
@@ -84,6 +89,7 @@ class Readiness:
         self.ready = False
         self._reported = set()  # id() of backends that have reported their readers
         self._callbacks = []
+        self.checks = []
         self._loop = LoopingCall(self.check)
         self._loop.clock = clock
         self._poll = poll
@@ -116,6 +122,8 @@ class Readiness:
             if not listening(service):
                 missing.append(f"listener {getattr(service, 'description', service.endpoint)} "
                                "is not listening")
+        for check in self.checks:
+            missing.extend(check())
         return missing
 
     def listeners(self):

@@ -482,6 +482,7 @@ def makeService(config, reactor=None):
         from .audit import AuditLog
 
         dispatcher.audit = AuditLog(config["audit-log"], reactor)
+        dispatcher.audit.setServiceParent(top)  # its stop ends the write retries
         top.reopeners.append(dispatcher.audit.reopen)
     # Certificates on signing cards (ENUM, ALIASES, CHAIN, SIGN): probes
     # cards as they arrive, so it watches the registry before backends start.
@@ -508,6 +509,8 @@ def makeService(config, reactor=None):
                 "{files}; for lab use only, never with real users' cards", files=", ".join(config["trace"]))
     top.dispatcher = dispatcher
     top.readiness = core.readiness = ops.Readiness(top, registry, core.backends, reactor)
+    if dispatcher.audit is not None:
+        top.readiness.checks.append(dispatcher.audit.reasons)  # not ready while records are lost
     listening = []
     for frontend in frontends.configured(config):
         for settings in frontend.settings(config):

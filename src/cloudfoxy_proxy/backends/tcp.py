@@ -1,6 +1,7 @@
 """``tcp://`` and ``tls://`` — another line-protocol endpoint as a backend.
 
 ``tcp://HOST:PORT?prefix=NAME&password_file=FILE&connections=4&refresh=10&readers_max=10000``
+``&heartbeat=2&heartbeat_timeout=2&keepalive_idle=2&keepalive_interval=1&keepalive_count=3``
 ``tls://HOST:PORT?ca=FILE&cert=FILE&key=FILE&prefix=NAME&...``
 
 The upstream is a CloudFoxy TCP endpoint or another proxy (chaining).  Its
@@ -42,6 +43,17 @@ request per connection": the pool is parked and every request gets a
 connection of its own, opened when it is needed (no idle connections, no
 warnings).  A later connection that stays open switches back.
 
+Liveness (an upstream that goes silent without closing: NAT or firewall
+state dropped, a frozen peer): every ``heartbeat`` seconds an idle pooled
+connection of a persistent upstream carries a READERS request (answered by
+every line-protocol server, no card touched); one not answered within
+``heartbeat_timeout`` drops that connection *and every sibling to the same
+upstream* at once (their commands in flight get ``C086``, never re-sent)
+and they are dialled again, so a silent flow loss costs one short timeout,
+not one per connection.  TCP keepalive with ``keepalive_idle`` /
+``keepalive_interval`` / ``keepalive_count`` (and TCP_USER_TIMEOUT for
+unacknowledged data) ends a connection whose peer host is gone.
+
 Files: this module holds the URL's settings and ``TcpBackend`` (IBackend,
 requests and answers, the reader list); ``tcp_pool.py`` the connection
 pool policy (``UpstreamPool``, its base class); ``tcp_upstream.py`` the
@@ -76,6 +88,13 @@ LISTING_BYTES_PER_READER = 4 * -(-MAX_NAME // 3) + 1
 #: An empty or failed READERS answer is asked again after this, doubling up
 #: to ``refresh`` (an upstream proxy that has not found its own cards yet).
 EMPTY_RETRY = 0.5
+#: Liveness defaults (seconds; see docs/tcp.md "Liveness"): a heartbeat on an
+#: idle connection every HEARTBEAT, answered within HEARTBEAT_TIMEOUT; TCP
+#: keepalive (idle, interval, probes).  A silent upstream is found within
+#: HEARTBEAT + HEARTBEAT_TIMEOUT (4 s).
+HEARTBEAT = 2.0
+HEARTBEAT_TIMEOUT = 2.0
+KEEPALIVE = (2, 1, 3)
 
 
 def check_password(password):
@@ -109,7 +128,8 @@ def from_url(url, settings=BackendSettings()):
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     tls = scheme == "tls"
-    allowed = {"prefix", "password_file", "connections", "refresh", "readers_max"}
+    allowed = {"prefix", "password_file", "connections", "refresh", "readers_max", "heartbeat",
+               "heartbeat_timeout", "keepalive_idle", "keepalive_interval", "keepalive_count"}
     if tls:
         allowed |= {"ca", "cert", "key"}
     if any(k == "password" for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
@@ -134,6 +154,13 @@ def from_url(url, settings=BackendSettings()):
     refresh = float_param(params, "refresh", 10.0, 0.0, 86400.0)
     if 0 < refresh < 0.1:
         raise ValueError("refresh= must be 0 (off) or at least 0.1 seconds")
+    heartbeat = float_param(params, "heartbeat", HEARTBEAT, 0.0, 3600.0)
+    if 0 < heartbeat < 0.1:
+        raise ValueError("heartbeat= must be 0 (off) or at least 0.1 seconds")
+    heartbeat_timeout = float_param(params, "heartbeat_timeout", HEARTBEAT_TIMEOUT, 0.1, 600.0)
+    keepalive = (int_param(params, "keepalive_idle", KEEPALIVE[0], 1, 32767),
+                 int_param(params, "keepalive_interval", KEEPALIVE[1], 1, 32767),
+                 int_param(params, "keepalive_count", KEEPALIVE[2], 1, 127))
     prefix = params.get("prefix", "")
     if "password_file" in params:
         password = read_secret("password_file", params["password_file"])
@@ -154,7 +181,8 @@ def from_url(url, settings=BackendSettings()):
             endpoint = wrapClientTLS(options, endpoint)
         return TcpBackend(endpoint=endpoint, clock=reactor, where=where, password=password,
                           prefix=prefix, connections=connections, refresh=refresh,
-                          timeout=timeout, tls=tls, readers_max=readers_max)
+                          timeout=timeout, tls=tls, readers_max=readers_max, heartbeat=heartbeat,
+                          heartbeat_timeout=heartbeat_timeout, keepalive=keepalive)
 
     return make
 
@@ -173,7 +201,11 @@ class TcpBackend(UpstreamPool):
     been learnt about the upstream: None (not yet known), True (keeps
     connections open: a pool of ClientServices, pipelining) or False (one
     request per connection: a new connection for every request, at most
-    ``connections`` at once, and the pool parked).
+    ``connections`` at once, and the pool parked).  ``heartbeat`` (seconds, 0:
+    off; ``from_url`` gives HEARTBEAT) and ``heartbeat_timeout``: the
+    liveness check of idle connections of a persistent upstream;
+    ``keepalive``: (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) in seconds,
+    seconds and probes, or None (the system's defaults).
     """
 
     endpoint = attr.ib()
@@ -187,6 +219,12 @@ class TcpBackend(UpstreamPool):
     tls = attr.ib(default=False)
     retry_delay = attr.ib(default=None)
     persistent = attr.ib(default=None)
+    heartbeat = attr.ib(default=0.0)
+    heartbeat_timeout = attr.ib(default=HEARTBEAT_TIMEOUT)
+    keepalive = attr.ib(default=None)
+    #: silent flow losses found by a missed heartbeat (metrics, tests)
+    heartbeat_misses = attr.ib(init=False, default=0, repr=False)
+    _silent = attr.ib(init=False, default=False, repr=False)  # missed, and none answered since
     services = attr.ib(init=False, factory=list, repr=False)
     listing = attr.ib(init=False, default=None, repr=False)  # upstream names, as last read
     _live = attr.ib(init=False, factory=list, repr=False)  # ready connections, oldest first
@@ -325,6 +363,15 @@ class TcpBackend(UpstreamPool):
 
     def _answer(self, conn, call):
         call.stop_watch()
+        if self._silent:
+            self._silent = False
+            self.log.info("upstream {upstream} answers again", upstream=self.where)
+        if call.heartbeat:
+            call.state = _DONE
+            conn.arm()
+            if self._queue:
+                self._flush()
+            return
         if not self.persistent:
             # Not known to keep connections: do not reuse this one until it
             # has stayed open a while (then the upstream is persistent).
@@ -390,10 +437,7 @@ class TcpBackend(UpstreamPool):
         if self._down or (not self._live and self.persistent is not False):
             self._stale = True  # on the next connection
             return
-        cid = self._id()
-        data = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") \
-            + b"|\n>" + cid + b":READERS|\n\n"
-        call = _Call(self, [cid], None, data, readers=True)
+        call = self._readers_call()
         conn = self._pick(None)
         if conn is not None:
             conn.send(call)
@@ -403,6 +447,13 @@ class TcpBackend(UpstreamPool):
         d.addTimeout(self.timeout, self.clock)
         d.addCallbacks(self._got_readers, self._readers_failed)
         d.addBoth(self._refreshed)
+
+    def _readers_call(self, heartbeat=False):
+        """A READERS request (for no reader in particular)."""
+        cid = self._id()
+        data = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") \
+            + b"|\n>" + cid + b":READERS|\n\n"
+        return _Call(self, [cid], None, data, readers=True, heartbeat=heartbeat)
 
     def _refreshed(self, _):
         self._refreshing = None

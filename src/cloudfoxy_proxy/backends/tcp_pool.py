@@ -76,7 +76,7 @@ class UpstreamPool:
     ``_opening``, ``_down``, ``_failures``, ``services``...; see there).
     The backend calls ``_slot``, ``_pick``, ``_wait``, ``_flush`` and
     ``_fail_queue``; the connections call back ``_ready``, ``_lost``,
-    ``_probed`` and ``_watch``."""
+    ``_probed``, ``_watch`` and ``_missed``."""
 
     # -- requests ---------------------------------------------------------
 
@@ -142,6 +142,34 @@ class UpstreamPool:
                           upstream=self.where, seconds=2 * self.timeout)
             conn.broken = True
             conn.transport.abortConnection()
+
+    # -- liveness -------------------------------------------------------
+
+    def _missed(self, conn, call):
+        """``conn`` did not answer its heartbeat within ``heartbeat_timeout``:
+        the flow to the upstream is taken for silently lost (NAT or firewall
+        state gone, a frozen peer), and what holds for one connection holds
+        for its siblings through the same path.  All are dropped at once
+        (their commands in flight get C086, never re-sent) and dialled
+        again."""
+        call.watch = None
+        if conn.broken or call not in conn.calls or not self._running:
+            return
+        self.heartbeat_misses += 1
+        siblings = [c for c in self._live if not c.broken and c.factory.slot is not None]
+        in_flight = sum(1 for c in siblings for k in c.calls if k.state == _SENT and not k.heartbeat)
+        if not self._silent:  # once until a heartbeat is answered again
+            self._silent = True
+            self.log.warn("upstream {upstream} did not answer a heartbeat within {seconds:g}s: "
+                          "dropping its {n} connection(s), {k} command(s) in flight answered C086, "
+                          "and reconnecting", upstream=self.where, seconds=self.heartbeat_timeout,
+                          n=len(siblings), k=in_flight)
+        else:
+            self.log.debug("upstream {upstream} still does not answer heartbeats", upstream=self.where)
+        for c in siblings:
+            c.broken = c.silent = True
+        for c in siblings:
+            c.transport.abortConnection()
 
     def _fail_queue(self, reason):
         queue, self._queue = self._queue, collections.deque()
@@ -265,13 +293,15 @@ class UpstreamPool:
                         c.transport.loseConnection()  # idle: it would stall the upstream
             in_flight = sum(1 for c in calls if c.state == _SENT)
             expected = conn.spent and not in_flight and self.persistent is not True
-            if self._running and not expected and (in_flight or not self._live):
+            if self._running and not expected and not conn.silent and (in_flight or not self._live):
                 if not self._live:
                     self._stale = True
                 self.log.warn(
                     "lost a connection to upstream {upstream} ({why}); {n} command(s) in "
                     "flight answered C086; reconnecting",
                     upstream=self.where, why=reason.getErrorMessage(), n=in_flight)
+            elif conn.silent and not self._live:
+                self._stale = True  # read the readers again once it answers
         for call in calls:
             call.fail(f"connection to upstream {self.where} lost")
         if self._queue and self._running:

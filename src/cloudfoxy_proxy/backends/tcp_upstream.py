@@ -9,6 +9,7 @@
 """
 
 import collections
+import socket
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
@@ -38,15 +39,19 @@ class _Call:
     """One upstream request: its bytes, our ids of its commands (in order),
     its Deferred.  ``results`` collects one text per answer line (None for
     a line that was malformed); ``batch``: the Deferred fires with a list
-    of per-command results (see :meth:`TcpBackend.transmit_batch`)."""
+    of per-command results (see :meth:`TcpBackend.transmit_batch`);
+    ``heartbeat``: the liveness check of its connection (its answer and
+    failure go nowhere; ``watch`` is then its deadline)."""
 
     __slots__ = ("backend", "ids", "key", "data", "readers", "batch", "d", "state", "conn",
-                 "results", "bad", "watch")
+                 "results", "bad", "watch", "heartbeat")
 
-    def __init__(self, backend, ids, key, data, readers=False, batch=False):
+    def __init__(self, backend, ids, key, data, readers=False, batch=False, heartbeat=False):
         self.backend, self.ids, self.key, self.data = backend, ids, key, data
-        self.readers, self.batch = readers, batch
+        self.readers, self.batch, self.heartbeat = readers, batch, heartbeat
         self.d = Deferred(self._cancel)
+        if heartbeat:
+            self.d.addErrback(lambda f: None)  # a lost connection says all there is to say
         self.state, self.conn, self.results = _QUEUED, None, []
         self.bad = None  # why an answer line was malformed, for the log
         self.watch = None
@@ -167,6 +172,8 @@ class _UpstreamProtocol(Protocol):
         self.spent = False  # not to be reused (the upstream may close it)
         self.probe = None  # DelayedCall: is it still open PROBE_DELAY after an answer?
         self.broken = False
+        self.silent = False  # dropped for a missed heartbeat (it or a sibling)
+        self.beat = None  # DelayedCall: the next heartbeat
         self._buf = b""
         self._skipping = False  # discarding the rest of an over-long line
 
@@ -177,6 +184,8 @@ class _UpstreamProtocol(Protocol):
                 getattr(transport, option)(True)
             except Exception:
                 pass  # not a TCP transport (tests), or not supported
+        if self.backend.keepalive is not None:
+            set_keepalive(transport, *self.backend.keepalive)
         if not self.tls:
             self._ready()
 
@@ -189,6 +198,31 @@ class _UpstreamProtocol(Protocol):
             self.ready = True
             self.ready_at = self.backend.clock.seconds()
             self.backend._ready(self)
+            self.arm()
+
+    # -- liveness -------------------------------------------------------
+
+    def arm(self):
+        """The next heartbeat in ``heartbeat`` seconds (none when off)."""
+        backend = self.backend
+        if backend.heartbeat and not self.broken and (self.beat is None or not self.beat.active()):
+            self.beat = backend.clock.callLater(backend.heartbeat, self._beat)
+
+    def _beat(self):
+        """Idle (nothing in flight) on a persistent upstream: a READERS
+        request that must be answered within ``heartbeat_timeout``.  Busy
+        connections are left alone (a slow card is not a dead flow); their
+        idle siblings' heartbeats speak for the upstream."""
+        self.beat = None
+        backend = self.backend
+        if self.broken or not backend._running:
+            return
+        if self.calls or backend.persistent is not True or self.factory.slot is None:
+            self.arm()
+            return
+        call = backend._readers_call(heartbeat=True)
+        self.send(call)
+        call.watch = backend.clock.callLater(backend.heartbeat_timeout, backend._missed, self, call)
 
     def send(self, call):
         call.state = _SENT
@@ -307,10 +341,42 @@ class _UpstreamProtocol(Protocol):
         self.broken = True
         if self.probe is not None and self.probe.active():
             self.probe.cancel()
+        if self.beat is not None and self.beat.active():
+            self.beat.cancel()
+        self.beat = None
         calls = list(self.calls)
         self.calls.clear()
         self.keys.clear()
         self.backend._lost(self, reason, calls)
+
+
+def set_keepalive(transport, idle, interval, count):
+    """TCP keepalive on the socket under ``transport`` (TLS over TCP
+    included): the first probe after ``idle`` s without traffic, then every
+    ``interval`` s, ``count`` probes; TCP_USER_TIMEOUT bounds unacknowledged
+    data the same way.  False when there is no TCP socket (tests) or the
+    system lacks the options."""
+    handle = None
+    for _ in range(4):  # our transport, TLS's transport, ...
+        get = getattr(transport, "getHandle", None)
+        handle = get() if get is not None else None
+        if isinstance(handle, socket.socket):
+            break
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return False
+    if not isinstance(handle, socket.socket):
+        return False
+    try:
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18),
+                          1000 * (idle + interval * count))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 @implementer(IHandshakeListener)

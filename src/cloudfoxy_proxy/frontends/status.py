@@ -270,6 +270,7 @@ class MetricsFrontend(OneListener):
         metrics = Metrics(core.registry, core.backends)
         metrics.frontends = core.stats
         metrics.seconds = core.reactor.seconds
+        metrics.audit = core.dispatcher.audit
         core.dispatcher.metrics = metrics
         resource = StatusResource(metrics, core.readiness, core.reactor)
         service = core.listen(settings.endpoint, StatusSite(resource, core), "--metrics")
