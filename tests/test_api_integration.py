@@ -174,6 +174,8 @@ def test_websocket_transmit_hold_and_auth(agent, api_proxy):
     other = api_proxy.base.rsplit(":", 1)[0] + ":1"
     for origin in (api_proxy.base.replace("http://", "https://"), other):
         assert agent.ws_open("near", headers={"Origin": origin, **agent.auth()})["error"].count("403") == 1
+    # a page opened from a file (Origin: null) is refused, as docs/api.md says
+    assert "403" in agent.ws_open("file", headers={"Origin": "null", **agent.auth()})["error"]
 
 
 def test_https_and_wss(proxy_factory, tmp_path):
