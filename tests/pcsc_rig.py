@@ -157,8 +157,8 @@ def ensure_packages(packages=DEBIAN_PACKAGES, quiet: bool = True) -> None:
     """Install what the rig needs, or raise :class:`RigError` saying what.
 
     Debian packages are installed with apt-get when running as root.  pyscard
-    and pycryptodome are pip-installed into the current interpreter's venv
-    (``sys.prefix``) if they do not import.
+    and pycryptodome must import (tests/run.sh installs them; a
+    :class:`RigError` names the command otherwise).
     """
     out = subprocess.DEVNULL if quiet else None
     missing = missing_debian_packages(packages)
@@ -184,22 +184,12 @@ def ensure_packages(packages=DEBIAN_PACKAGES, quiet: bool = True) -> None:
 
     dists = missing_python_modules()
     if dists:
-        if sys.prefix == sys.base_prefix:
-            raise RigError(
-                "PC/SC rig: %s not importable in %s, which is not a venv; "
-                "install them: %s -m pip install %s"
-                % (", ".join(dists), sys.executable, sys.executable,
-                   " ".join(dists)))
-        r = subprocess.run([sys.executable, "-m", "pip", "install", *dists],
-                           stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                           timeout=1200)
-        if r.returncode != 0:
-            raise RigError("PC/SC rig: pip install %s failed (exit %d)"
-                           % (" ".join(dists), r.returncode))
-        still = missing_python_modules()
-        if still:
-            raise RigError("PC/SC rig: still not importable after pip: %s"
-                           % ", ".join(still))
+        # never pip here: the test run is offline (tests/run.sh's install
+        # phase installs the [pcsc,test] extras)
+        raise RigError(
+            "PC/SC rig: %s not importable in %s; install them before the tests "
+            "(tests/run.sh does): %s -m pip install %s"
+            % (", ".join(dists), sys.executable, sys.executable, " ".join(dists)))
 
 
 # --------------------------------------------------------------------------

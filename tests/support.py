@@ -156,26 +156,29 @@ FOXYPROXY_VENV = os.path.join(ROOT, ".venv-foxyproxy")
 FOXYPROXY_PACKAGES = ["foxyproxy==2.10.0", "cryptography==3.3.2"]
 
 
+def foxyproxy_check():
+    """None when FOXYPROXY_VENV holds a FoxyProxy 2.10 that imports, else
+    what is wrong (one line)."""
+    python = os.path.join(FOXYPROXY_VENV, "bin", "python")
+    if not os.path.exists(os.path.join(FOXYPROXY_VENV, "bin", "foxyproxy")):
+        return f"no {FOXYPROXY_VENV}/bin/foxyproxy"
+    done = subprocess.run([python, "-c", "import foxyproxy.__main__, foxyproxy.version as v; "
+                                         "assert v.proxy_version.startswith('2.10'), v.proxy_version"],
+                          capture_output=True, text=True, timeout=60)
+    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1]
+
+
 def foxyproxy_venv():
     """The original FoxyProxy 2.10's console script, in its own virtualenv
-    (``.venv-foxyproxy``), installed from PyPI when missing: on Python 3.11
-    it needs ``cryptography==3.3.2`` to import."""
-    python = os.path.join(FOXYPROXY_VENV, "bin", "python")
-    script = os.path.join(FOXYPROXY_VENV, "bin", "foxyproxy")
-    check = [python, "-c", "import foxyproxy.__main__, foxyproxy.version as v; "
-                           "assert v.proxy_version.startswith('2.10'), v.proxy_version"]
-    if os.path.exists(script) and subprocess.run(check, capture_output=True, timeout=60).returncode == 0:
-        return script
-    base = getattr(sys, "_base_executable", sys.executable)
-    for step in ([base, "-m", "venv", "--clear", FOXYPROXY_VENV],
-                 [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"] + FOXYPROXY_PACKAGES):
-        done = subprocess.run(step, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"cannot install foxyproxy 2.10 ({' '.join(step[:3])}): {done.stderr[-800:]}")
-    done = subprocess.run(check, capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise RuntimeError(f"foxyproxy 2.10 does not import: {done.stderr[-800:]}")
-    return script
+    (``.venv-foxyproxy``; on Python 3.11 it needs ``cryptography==3.3.2``
+    to import).  The install phase of tests/run.sh provisions it
+    (tests/provision.py); the tests never download: RuntimeError naming
+    the command when it is missing."""
+    problem = foxyproxy_check()
+    if problem:
+        raise RuntimeError(f"FoxyProxy 2.10 is not provisioned ({problem}): run tests/run.sh, or "
+                           f".venv/bin/python tests/provision.py /tmp/wheels (needs the network)")
+    return os.path.join(FOXYPROXY_VENV, "bin", "foxyproxy")
 
 
 class FoxyProxy:

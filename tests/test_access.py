@@ -8,7 +8,7 @@ import io
 import json
 import os
 import tempfile
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
@@ -17,6 +17,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from cloudfoxy_proxy import access as access_module
+from cloudfoxy_proxy import secrets as secrets_module
 from cloudfoxy_proxy.access import Access, Identity, Throttle, is_local, load_credentials
 from cloudfoxy_proxy.audit import AuditLog
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend, from_url
@@ -340,17 +341,69 @@ class AuditTests(SynchronousTestCase):
 
 
 class ToolTests(SynchronousTestCase):
-    def test_foxyproxy_credentials_prints_a_pasteable_table(self):
-        out = io.StringIO()
-        with redirect_stdout(out):
-            self.assertEqual(access_module.main(["billing"]), 0)
-        text = out.getvalue()
-        secret = text.splitlines()[1].split()[-1]
+    """foxyproxy-credentials (secrets.main): the secret never on stdout."""
+
+    def run_tool(self, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            status = secrets_module.main(list(argv))
+        return status, out.getvalue(), err.getvalue()
+
+    def test_new_client_table_on_stdout_secret_in_a_0600_file(self):
+        folder = tempfile.mkdtemp()
+        secret_file = os.path.join(folder, "billing.secret")
+        status, out, err = self.run_tool("billing", "--secret-file", secret_file)
+        self.assertEqual(status, 0)
+        self.assertEqual(os.stat(secret_file).st_mode & 0o777, 0o600)
+        secret = open(secret_file).read().strip()
         self.assertGreaterEqual(len(secret), 43)  # 256 bits
-        table = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-        access = load_credentials(write(table))
+        self.assertNotIn(secret, out + err)
+        access = load_credentials(write(out))  # stdout as it is: `>> clients.toml`
         self.assertEqual(access.check(secret, "line")[0].name, "billing")
-        self.assertNotIn(secret, table)
+        # an existing file is never overwritten
+        status, out, err = self.run_tool("other", "--secret-file", secret_file)
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err, f"foxyproxy-credentials: --secret-file {secret_file!r}: File exists\n")
+        self.assertEqual(open(secret_file).read().strip(), secret)
+
+    def test_rotate_replaces_only_that_clients_hash(self):
+        folder = tempfile.mkdtemp()
+        path = os.path.join(folder, "clients.toml")
+        with open(path, "w") as f:
+            f.write(CREDENTIALS)
+        os.chmod(path, 0o640)
+        status, out, err = self.run_tool("--rotate", path, "b", "--secret-file", os.path.join(folder, "b"))
+        self.assertEqual((status, out), (0, ""))
+        new = open(os.path.join(folder, "b")).read().strip()
+        access = load_credentials(path)
+        self.assertEqual(access.check(new, "line")[0].name, "b")
+        self.assertEqual(access.check(B_SECRET, "line"), (None, None))
+        self.assertEqual(access.check(A_SECRET, "line")[0].name, "a")
+        self.assertEqual(open(path).read(), CREDENTIALS.replace(sha(B_SECRET), sha(new)))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
+        status, out, err = self.run_tool("--rotate", path, "nobody")
+        self.assertEqual(status, 1)
+        self.assertEqual(err.splitlines(), [
+            f"foxyproxy-credentials: --rotate {path!r}: no client 'nobody' (written as name = \"nobody\") in the file"])
+
+    def test_check_gives_start_ups_one_line_errors(self):
+        good = write(CREDENTIALS)
+        status, out, err = self.run_tool("--check", good)
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("valid", out)
+        bad = write('[[client]]\nname = "billing"\nsecret_sha256 = "1234"\n')
+        status, out, err = self.run_tool("--check", bad)
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(err.splitlines(), [
+            f"foxyproxy-credentials: --credentials {bad!r}, client 'billing': secret_sha256 must be 64 hex "
+            "digits (make one with foxyproxy-credentials)"])
+
+    def test_usage_errors_are_one_line(self):
+        for argv in ([], ["--bogus"], ['bad"name'], ["--check"]):
+            status, out, err = self.run_tool(*argv)
+            self.assertEqual((status, out), (2 if argv != ['bad"name'] else 1, ""), argv)
+            self.assertEqual(len(err.splitlines()), 1, (argv, err))
+            self.assertTrue(err.startswith("foxyproxy-credentials: "), err)
 
 
 class EmulatedPinFileTests(SynchronousTestCase):

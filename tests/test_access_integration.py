@@ -295,11 +295,11 @@ def test_bad_credentials_stop_start_up_in_one_line_naming_the_client(tmp_path):
 
 def test_rest_with_credentials_only_and_the_console_script(proxy_factory, tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "foxyproxy-credentials")
-    out = subprocess.run([script, "kiosk"], capture_output=True, text=True, check=True, timeout=30).stdout
-    secret = out.splitlines()[1].split()[-1]
-    table = "\n".join(line for line in out.splitlines() if not line.startswith("#"))
     path = tmp_path / "c.toml"
-    path.write_text(table + "\n")
+    with open(path, "w") as f:  # the documented `foxyproxy-credentials kiosk >> clients.toml`
+        subprocess.run([script, "kiosk", "--secret-file", str(tmp_path / "kiosk.secret")], stdout=f,
+                       check=True, timeout=30)
+    secret = (tmp_path / "kiosk.secret").read_text().strip()
     assert secret not in path.read_text()
     proxy = proxy_factory("--no-signing", "--credentials", str(path), "--rest", f"tcp:0:interface={HOST}",
                           listeners=2)

@@ -166,6 +166,16 @@ def test_websocket_transmit_hold_and_auth(agent, api_proxy):
     assert agent.ws_recv("big")["closed"][0] == 1009  # a close frame: message too big (RFC 6455 7.4.1)
     assert agent.ws_open("bad", headers={"Authorization": "Bearer nope"})["error"].count("401") == 1
     assert agent.ws_open("evil", headers={"Origin": "http://evil.test", **agent.auth()})["error"].count("403") == 1
+    # the proxy's own origin (a page it served) is allowed beside the --api-cors-origin list
+    assert agent.ws_open("own", headers={"Origin": api_proxy.base, **agent.auth()}) == {"open": True}
+    agent.ws_send({"id": "o", "reader": "Emulated 00", "apdus": [SELECT_MF]}, name="own")
+    assert agent.ws_recv("own")["msg"] == {"id": "o", "atr": None, "responses": ["9000"]}
+    # ...but not on another scheme or port
+    other = api_proxy.base.rsplit(":", 1)[0] + ":1"
+    for origin in (api_proxy.base.replace("http://", "https://"), other):
+        assert agent.ws_open("near", headers={"Origin": origin, **agent.auth()})["error"].count("403") == 1
+    # a page opened from a file (Origin: null) is refused, as docs/api.md says
+    assert "403" in agent.ws_open("file", headers={"Origin": "null", **agent.auth()})["error"]
 
 
 def test_https_and_wss(proxy_factory, tmp_path):

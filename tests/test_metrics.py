@@ -337,7 +337,7 @@ def test_json_log_observer(tmp_path):
     Logger(observer=observer).info("hello {who}", who="json")
     lf.flush()
     [event] = [json.loads(line) for line in path.read_text().splitlines()]
-    assert event["who"] == "json" and event["log_format"] == "hello {who}"
+    assert (event["who"], event["message"], event["level"]) == ("json", "hello json", "info")
     assert ops.log_observer("json", {"logger": "x.y"}) == (None, None)
 
 

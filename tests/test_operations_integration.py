@@ -3,8 +3,10 @@
 --log-format json, SIGHUP and the drain on SIGTERM."""
 
 import base64
+import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -349,8 +351,42 @@ def test_json_log_on_stdout_and_sighup_reopens_the_log_file(tmp_path):
     assert proc.returncode == 0
     events = [json.loads(line) for line in out.decode().splitlines()]
     assert len(events) > 5 and all(isinstance(e, dict) for e in events)
-    assert any(e.get("tag") == "json-test" for e in events)
     assert err == b""
+    for e in events:  # the shape journald/Vector/Loki read: time, level, message, logger, fields
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]), e
+        assert abs(datetime.datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp()
+                   - time.time()) < 120
+        assert e["level"] in ("debug", "info", "warn", "error", "critical"), e
+        assert isinstance(e["message"], str) and e["message"] and "{" not in e["message"], e
+        assert isinstance(e["logger"], str) and e["logger"], e
+        assert not [k for k in e if k.startswith("log_") and k != "log_namespace"], e
+    assert "__class_uuid__" not in out.decode()
+    personalized = [e for e in events if e.get("tag") == "json-test"]
+    assert len(personalized) == 1, events
+    assert personalized[0]["logger"].startswith("cloudfoxy_proxy.")
+    assert "json-test" in personalized[0]["message"]
+    assert any(e["logger"].startswith("twisted.") for e in events)  # Twisted's own lines in the shape too
+
+    # --log-level applies to Twisted's own lines: at warn a calm run writes nothing
+    proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "foxyproxy", "-p", f"tcp:{port}:interface={HOST}",
+                             "--log-format", "json", "--log-level", "warn", "--backend", "emulated:",
+                             "--backend", "tcp://127.0.0.1:1"],  # a down upstream: warn lines
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        _wait_port(port, proc)
+        with LineClient(HOST, port) as c:
+            c.results(">Emulated 00|\n>1:PERSONALIZE:json-test|\n\n")
+        first = proc.stdout.readline()  # the down upstream's warning (bounded by the finally's kill)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    events = [json.loads(line) for line in (first + out).decode().splitlines()]
+    assert [e for e in events if e["level"] in ("debug", "info")] == []
+    assert any(e["level"] == "warn" and "tcp://127.0.0.1:1" in e["message"] for e in events), events
+    assert not any("Starting factory" in e["message"] or "starting up" in e["message"] for e in events)
 
     log = tmp_path / "foxyproxy.log"
     proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--logfile", str(log), "foxyproxy",

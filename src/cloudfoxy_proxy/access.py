@@ -32,7 +32,6 @@ import hmac
 import ipaddress
 import re
 import secrets as _random
-import sys
 
 from .parser import COMMANDS
 
@@ -349,29 +348,3 @@ class Throttle:
 def generate_secret():
     """A new client secret: 32 random bytes, URL-safe base64 (no ``:``)."""
     return base64.urlsafe_b64encode(_random.token_bytes(32)).decode("ascii").rstrip("=")
-
-
-def main(argv=None):
-    """``foxyproxy-credentials NAME``: print a new secret and the
-    ``[[client]]`` table to paste into the ``--credentials`` file."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-") or '"' in argv[0] or "\\" in argv[0]:
-        sys.stderr.write("usage: foxyproxy-credentials NAME\n"
-                         "  prints a new high-entropy secret (give it to the client) and the\n"
-                         "  [[client]] table to paste into the --credentials file (hash only)\n")
-        return 2
-    secret = generate_secret()
-    sys.stdout.write(
-        f"# secret for {argv[0]} (give it to the client; it is not stored anywhere):\n"
-        f"#   {secret}\n"
-        f"[[client]]\n"
-        f"name = \"{argv[0]}\"\n"
-        f"secret_sha256 = \"{sha256_hex(secret)}\"\n"
-        f"readers = [\"*\"]        # glob patterns over reader names and aliases\n"
-        f"# commands = [\"APDU\", \"RESET\", \"READERS\"]\n"
-        f"# frontends = [\"line\", \"rest\"]\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,37 @@
-"""Logging with a process-wide level threshold.
+"""Logging with a process-wide level threshold, and the ``--log-format``
+observers.
 
-twistd owns the log observers, so ``--log-level`` is applied at the source:
-``Logger.emit`` drops events below the threshold before any formatting,
-which also keeps debug logging free on the hot path.
+``--log-level`` is applied twice: at the source (``Logger.emit`` drops our
+own events below the threshold before any formatting, which keeps debug
+logging free on the hot path) and in the observer ``observer()`` makes,
+which drops every other event below it too (Twisted's and other
+libraries'), with Twisted's "Starting factory ..."/"Stopping factory ..."
+lines counted as debug.
+
+``--log-format json`` writes one JSON object per line (``json_line``)::
+
+    {"time": "2026-12-07T17:40:01.234Z", "level": "info",
+     "message": "listener tcp:4001 is ready", "logger": "cloudfoxy_proxy.tap",
+     "log_namespace": "cloudfoxy_proxy.tap", "listener": "tcp:4001"}
+
+``time`` is RFC 3339 in UTC (milliseconds), ``level`` one of ``debug``,
+``info``, ``warn``, ``error``, ``critical``, ``message`` the rendered line
+(as the text format shows it), ``logger`` the namespace (also as
+``log_namespace``, Twisted's name for it), then the event's own fields
+(``peer``, ``reader``, ``frontend``...) as JSON values: a value JSON has no
+type for is written as its ``repr`` (at most 500 characters).  A logged
+failure adds ``traceback`` (text); a line from ``twisted.python.log``
+with a system other than ``-`` adds ``system``.
 """
 
+import json
 import weakref
+from datetime import datetime, timezone
 
 from twisted.application.service import Service
-from twisted.logger import Logger as _TwistedLogger, LogLevel
+from twisted.logger import FileLogObserver, ILogObserver, Logger as _TwistedLogger, LogLevel, formatEvent
+from twisted.logger import textFileLogObserver
+from zope.interface import implementer
 
 LEVELS = {
     "debug": LogLevel.debug,
@@ -170,3 +193,87 @@ class _BoundLog(Levels):
 
     def emit(self, level, format, **fields):
         self._limited.emit(level, self._prefix + format, **self._fields, **fields)
+
+
+# -- the --log-format observers ----------------------------------------------
+
+#: Twisted's per-factory lines (twisted.internet.protocol.Factory.doStart and
+#: doStop): one pair per outgoing connection, so debug, not info.
+_FACTORY_FORMATS = frozenset(("Starting factory {factory!r}", "Stopping factory {factory!r}"))
+#: keys of Twisted's legacy events (twisted.python.log.msg) that are its
+#: bookkeeping, not fields; ``log_*`` keys are all bookkeeping
+_LEGACY_KEYS = frozenset(("message", "format", "isError", "system", "time", "failure", "why"))
+_OURS = ("time", "level", "message", "logger", "log_namespace", "traceback", "system")
+_REPR_LIMIT = 500
+
+
+def event_level(event):
+    """The level an event is written at: its ``log_level`` (info when it
+    has none), debug for Twisted's factory start/stop lines."""
+    if event.get("log_format") in _FACTORY_FORMATS:
+        return LogLevel.debug
+    return event.get("log_level") or LogLevel.info
+
+
+@implementer(ILogObserver)
+class LevelFilter:
+    """An ``ILogObserver`` passing to ``observer`` only the events at or
+    above ``--log-level`` (``set_level``), at their ``event_level``."""
+
+    def __init__(self, observer):
+        self.observer = observer
+
+    def __call__(self, event):
+        level = event_level(event)
+        if _ORDER.get(level, 4) < _threshold:
+            return
+        if level is not event.get("log_level"):
+            event = dict(event, log_level=level)
+        self.observer(event)
+
+
+def _plain(value):
+    """``value`` if JSON writes it as it is, else its ``repr`` (bounded)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+        return text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT] + "..."
+
+
+def json_line(event):
+    """One event as one line of JSON (``str``, no newline): the shape in the
+    module docstring."""
+    when = datetime.fromtimestamp(event.get("log_time", 0), timezone.utc)
+    namespace = event.get("log_namespace", "")
+    record = {
+        "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "level": event_level(event).name,
+        "message": formatEvent(event),
+        "logger": namespace,
+        "log_namespace": namespace,
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception as e:  # a failure that cannot be shown still leaves its line
+            record["traceback"] = f"(traceback unavailable: {e!r})"
+    system = event.get("log_system")
+    if isinstance(system, str) and system != "-":
+        record["system"] = system
+    legacy = namespace == "log_legacy" or "isError" in event
+    for key, value in event.items():
+        if key.startswith("log_") or key in _OURS or (legacy and key in _LEGACY_KEYS) or not isinstance(key, str):
+            continue
+        record[key] = _plain(value)
+    return json.dumps(record, ensure_ascii=False, allow_nan=False)
+
+
+def observer(format, out):
+    """The ``--log-format`` observer (``text`` or ``json``) writing to the
+    file object ``out``, filtered by ``--log-level`` (``LevelFilter``)."""
+    if format == "json":
+        return LevelFilter(FileLogObserver(out, lambda event: json_line(event) + "\n"))
+    return LevelFilter(textFileLogObserver(out))

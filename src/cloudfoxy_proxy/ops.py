@@ -13,10 +13,10 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, jsonFileLogObserver, textFileLogObserver
+from twisted.logger import ILogObserver
 from twisted.python import logfile
 
-from . import errors
+from . import errors, logs
 from .logs import Logger
 from .twisted_internals import forget_exit_signal, listening
 
@@ -290,7 +290,5 @@ def log_observer(format, twistd_options):
         out, lf = sys.stdout, None
     else:
         lf = out = logfile.LogFile.fromFullPath(name or "twistd.log")
-    if format == "json":
-        return jsonFileLogObserver(out, recordSeparator=""), lf
-    return textFileLogObserver(out), lf
+    return logs.observer(format, out), lf
 

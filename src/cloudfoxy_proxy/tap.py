@@ -57,13 +57,29 @@ def read_secret(option, path, env):
         raise usage.UsageError(str(e)) from None
 
 
+class _Once(usage.CoerceParameter):
+    """A single-valued option's parser: given twice it is a usage error
+    naming it (the last value would win silently)."""
+
+    def __init__(self, inner, seen):
+        self.__dict__.update(inner.__dict__)
+        self.seen = seen
+
+    def dispatch(self, parameterName, value):
+        if parameterName in self.seen:
+            raise usage.UsageError(f"--{parameterName} is given twice; it takes one value")
+        self.seen.add(parameterName)
+        super().dispatch(parameterName, value)
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "A smart-card access proxy: clients speak the CloudFoxy/FoxyProxy line "
         "protocol (default port 4001) and reach cards on the configured backends. "
         "Backend URLs: emulated:?cards=4&type=iso7816&latency_ms=0&prefix=Emulated "
-        "(the default). See docs/ for the protocol and every backend."
+        "(the default). The protocol, every backend and front end: README.md and docs/ "
+        "of the cloudfoxy-proxy source repository."
     )
 
     optFlags = [
@@ -161,6 +177,9 @@ class Options(usage.Options):
 
     def __init__(self):
         super().__init__()
+        seen = set()
+        for name, *_ in self.optParameters:
+            self._dispatch[name] = _Once(self._dispatch[name], seen)
         ops.name_inherited_sockets()  # before Twisted's systemd: endpoint reads them
         self["listen"] = []
         self["backend"] = []
@@ -179,6 +198,18 @@ class Options(usage.Options):
     def opt_trace_readers(self, value):
         """Trace only readers whose name matches this glob (repeatable; default: all)."""
         self["trace-readers"].append(value)
+
+    def opt_version(self):
+        """Show the versions of cloudfoxy-proxy, Twisted and Python, and exit."""
+        import platform
+
+        from twisted import copyright
+
+        from . import __version__
+
+        print(f"cloudfoxy-proxy {__version__} (Twisted {copyright.version}, "
+              f"{platform.python_implementation()} {platform.python_version()})")
+        sys.exit(0)
 
     def opt_ram_connect(self, value):
         """URL=READER: let the RAMOverHTTP server at URL drive the card READER
@@ -417,6 +448,12 @@ def raise_file_limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
         pass
+
+
+# --help shows each opt_ method's docstring as it is: one line of words each
+for _method in vars(Options).values():
+    if callable(_method) and getattr(_method, "__name__", "").startswith("opt_") and _method.__doc__:
+        _method.__doc__ = " ".join(_method.__doc__.split())
 
 
 _LOOPBACK_INTERFACE = re.compile(r"(?:^|:)interface=(?:127\.[0-9.]+|\\:\\:1|::1|localhost)(?::|$)")

@@ -50,7 +50,7 @@ from ..parser import Request as CardRequest
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, Command, make_command, parse_apdu
 from .base import OneListener
 from .foxyproxy import FoxyProxyRoutes
-from .http import NONE, HttpSite, Route, answer_later
+from .http import NONE, HttpSite, Route, answer_later, host_allowed
 from .jsonapi import DEFAULT_IDLE, JSON, MAX_APDUS, MAX_IDLE, ApiError, dump, error_body, from_json
 from .websocket import ApiWebSocketFactory, ReaderEvents
 
@@ -157,6 +157,15 @@ def transmit_answer(lines, reader):
     return {"atr": atr, "responses": responses}
 
 
+def same_origin(request, origin):
+    """True when ``origin`` (bytes) is the request's own origin: a page
+    this proxy served (scheme and ``Host`` as the request came in, and
+    ``Host`` names this machine, so a rebound domain is not taken for it)."""
+    host = request.getHeader(b"host")
+    scheme = b"https://" if request.isSecure() else b"http://"
+    return host is not None and origin == scheme + host and host_allowed(host)
+
+
 class ApiResource(Resource):
     """Every route of the API as one leaf resource (routing by path
     segments; the WebSocket route hands its request to Autobahn)."""
@@ -247,7 +256,7 @@ class ApiResource(Resource):
             return self.preflight(request, allowed)
         session = request.session  # judged by the HTTP base (ApiSite): who this is
         if request.path == b"/api/v1/ws":
-            if origin is not None and self.cors_origins and not allowed:
+            if origin is not None and self.cors_origins and not allowed and not same_origin(request, origin):
                 return self._error(request, ApiError(403, "origin not allowed"))
             return self.ws_factory.upgrade(self.websocket, request)  # without a secret: the first message
         request.setHeader(b"content-type", JSON)
