@@ -385,6 +385,8 @@ class TraceService(Service):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._thread is None or not self._thread.is_alive():
+            self.flush()  # what came after the thread's last round
         self.warn_dropped()
         for f in self.files:
             f.close()
