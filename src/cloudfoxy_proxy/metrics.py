@@ -92,13 +92,13 @@ class Metrics:
         self.started = clock()
         #: the dispatcher's clock (``IReactorTime.seconds``): how long holders held their cards
         self.seconds = time.monotonic
+        #: the audit.AuditLog of --audit-log, or None (its counts are read at scrape time)
+        self.audit = None
 
     def queue_timeout(self, reader):
         """A request or card session got no turn on ``reader`` within
         ``--queue-timeout`` (counted apart from its C086 results)."""
         self.stats_of(reader).queue_timeouts += 1
-        #: the audit.AuditLog of --audit-log, or None (its counts are read at scrape time)
-        self.audit = None
 
     def record(self, run, value):
         """Count the result ``value`` of the command ``run`` just finished

@@ -38,13 +38,14 @@ import struct
 import threading
 import time
 from collections import deque
+from time import perf_counter
 from json.encoder import encode_basestring_ascii as _js
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
 from . import errors
-from .apdu import secret_span
+from .apdu import SECRET_INS, secret_span
 from .logs import Logger
 from .parser import APDU, RESET
 
@@ -148,6 +149,7 @@ class JsonLinesFile:
         self.path = path
         self.unredacted = unredacted
         self.file = None
+        self._quoted = {}  # (reader, frontend, identity, peer) -> their JSON members
 
     def open(self):
         old, self.file = self.file, open_append(self.path, False)
@@ -155,9 +157,36 @@ class JsonLinesFile:
             old.close()
 
     def write(self, records):
+        """One line per record, formatted by hand (what :func:`as_dict`
+        gives, as compact JSON): json.dumps of a dict costs several times
+        more, and this runs for every APDU while tracing."""
         unredacted = self.unredacted
-        lines = [json.dumps(as_dict(r, unredacted), separators=(",", ":")) for r in records]
-        self.file.write("\n".join(lines) + "\n")
+        quoted = self._quoted
+        if len(quoted) > 10000:
+            quoted.clear()
+        out = []
+        for when, reader, frontend, identity, peer, event, command, result, seconds in records:
+            names = quoted.get((reader, frontend, identity, peer))
+            if names is None:
+                names = quoted[(reader, frontend, identity, peer)] = (
+                    f'"reader":{_js(reader)},"frontend":{_js(frontend)},'
+                    f'"identity":{"null" if identity is None else _js(identity)},"peer":{_js(peer)}')
+            head = f'{{"time":"{_utc(when)}",{names},"event":'
+            if event == RESET:
+                key = "result" if result in errors.MEANING else "atr"
+                out.append(f'{head}"reset","ms":{seconds * 1000:.3f},"{key}":"{result}"}}\n')
+                continue
+            c = command[0] if command else 0
+            hidden = ""
+            if not unredacted and len(command) > 4 and (
+                    command[1] in SECRET_INS or (c & 0x20 if c & 0x40 else c & 0x0C)):
+                command, n = redacted(command)
+                if n:
+                    hidden = f',"redacted":{n}'
+            key = "result" if result in errors.MEANING else "response"
+            out.append(f'{head}"apdu","ms":{seconds * 1000:.3f},"command":"{command.hex().upper()}"'
+                       f'{hidden},"{key}":"{result}"}}\n')
+        self.file.write("".join(out))
         self.file.flush()
 
     def close(self):
@@ -257,6 +286,8 @@ class Tracer:
         self.files = 0  # TraceServices writing the queue (0: records go to watchers only)
         self.watchers = {}  # reader name -> [callables taking a record dict]
         self._selected = {}  # Reader -> bool
+        #: wall-clock time minus perf_counter: records take one clock reading
+        self.wall = time.time() - perf_counter()
 
     def traces(self, reader):
         """True when ``reader`` (a registry Reader) is traced."""
@@ -272,29 +303,41 @@ class Tracer:
     def record(self, run, value):
         """``run`` (a run.RequestRun, ``i`` at the command) got ``value``
         (its result line); keeps it when it is a RESET or APDU that ran on
-        a traced card.  Moves ``run.started`` on when metrics do not."""
+        a traced card.  Moves ``run.started`` on when metrics do not.
+        The hot path of tracing: a few attribute reads and one append."""
         command = run.request.commands[run.i]
         name = command.name
         if (name != APDU and name != RESET) or not run.holding:
             return
         reader = run.reader
-        if not self.traces(reader):
+        selected = self._selected.get(reader)
+        if selected is None:
+            selected = self.traces(reader)
+        if not selected:
             return
-        now = time.perf_counter()
+        now = perf_counter()
         seconds = now - run.started
         if run.d.metrics is None:
             run.started = now
         identity = run.identity
         session = run.session
-        self.add((time.time(), reader.name, session.frontend,
+        record = (now + self.wall, reader.name, session.frontend,
                   identity.name if identity is not None and identity.__class__ is not str else None,
-                  session.peer, name, command.apdu, value, seconds))
+                  session.peer, name, command.apdu, value, seconds)
+        queue = self.queue
+        if self.files:
+            if len(queue) < self.max_buffer:
+                queue.append(record)
+            else:
+                self.dropped += 1
+        if self.watchers:
+            self._tell(record)
 
     def exchange(self, reader, frontend, command, result, seconds):
         """An APDU the proxy sent itself (``frontend`` says who, e.g.
         ``signing``): ``command`` bytes, ``result`` bytes or a result code."""
         if self.traces(reader):
-            self.add((time.time(), reader.name, frontend, None, "", APDU, command,
+            self.add((perf_counter() + self.wall, reader.name, frontend, None, "", APDU, command,
                       result.hex().upper() if isinstance(result, bytes) else result, seconds))
 
     def follow(self, d, reader, frontend, command):
@@ -302,14 +345,14 @@ class Tracer:
         response bytes) fires; ``d``'s result passes through unchanged."""
         if not self.traces(reader):
             return
-        started = time.perf_counter()
+        started = perf_counter()
 
         def done(result):
             if isinstance(result, bytes):
                 value = result
             else:  # a Failure
                 value = result.value.code if isinstance(result.value, errors.CardError) else errors.UPSTREAM
-            self.exchange(reader, frontend, command, value, time.perf_counter() - started)
+            self.exchange(reader, frontend, command, value, perf_counter() - started)
             return result
 
         d.addBoth(done)
@@ -322,14 +365,17 @@ class Tracer:
             else:
                 queue.append(record)
         if self.watchers:
-            watchers = self.watchers.get(record[1])
-            if watchers:
-                shown = as_dict(record, self.unredacted)
-                for watcher in list(watchers):
-                    try:
-                        watcher(shown)
-                    except Exception:
-                        self.log.failure("trace watcher failed")
+            self._tell(record)
+
+    def _tell(self, record):
+        watchers = self.watchers.get(record[1])
+        if watchers:
+            shown = as_dict(record, self.unredacted)
+            for watcher in list(watchers):
+                try:
+                    watcher(shown)
+                except Exception:
+                    self.log.failure("trace watcher failed")
 
     def watch(self, reader_name, watcher):
         """Call ``watcher(record_dict)`` (:func:`as_dict`, redacted unless
@@ -385,6 +431,8 @@ class TraceService(Service):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._thread is None or not self._thread.is_alive():
+            self.flush()  # what came after the thread's last round
         self.warn_dropped()
         for f in self.files:
             f.close()
