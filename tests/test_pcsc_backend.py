@@ -498,6 +498,9 @@ class MonitorTests(SynchronousTestCase):
         h.reactor.advance(1.0)
         h.scan()
         self.assertEqual(h.listed(), [(R0, True), (R1, False)])
+        # the card was powered down with pcscd: the client that used it is
+        # told once (docs/backends.md, "Resets"), then served
+        self.assertEqual(h.request(R0, "APDU:0084000008"), ["C080"])
         d = h.request(R0, "APDU:0084000008")
         h.run_readers()
         self.assertEqual(h.results(self.successResultOf(d)), ["01010101010101019000"])
