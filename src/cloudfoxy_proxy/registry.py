@@ -152,10 +152,8 @@ def changed_behind(reader, session):
     last = session.seen.get(reader)
     if last is None:
         last = reader.known.get(client_of(session))
-    if last == generation:
-        return False
     synced(reader, session)
-    return last is not None
+    return last is not None and last != generation
 
 
 class Reader:
