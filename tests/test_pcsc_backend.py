@@ -41,6 +41,7 @@ class FakeCard:
         self.received = []
         self.fail_transfer = False
         self.challenges = 0
+        self.powered = True  # pcscd powers a card with no handle down (power_down)
 
     def transmit(self, apdu):
         self.received.append(apdu)
@@ -60,7 +61,7 @@ class FakeScard:
 
     SCARD_S_SUCCESS = 0
     SCARD_SCOPE_USER = 0
-    SCARD_SHARE_EXCLUSIVE, SCARD_SHARE_SHARED = 1, 2
+    SCARD_SHARE_EXCLUSIVE, SCARD_SHARE_SHARED, SCARD_SHARE_DIRECT = 1, 2, 3
     SCARD_PROTOCOL_T0, SCARD_PROTOCOL_T1 = 1, 2
     SCARD_LEAVE_CARD, SCARD_RESET_CARD, SCARD_UNPOWER_CARD = 0, 1, 2
     SCARD_STATE_UNAWARE, SCARD_STATE_IGNORE, SCARD_STATE_CHANGED = 0, 1, 2
@@ -115,6 +116,16 @@ class FakeScard:
 
     def restart(self):
         self.generation += 1
+
+    def power_down(self, name):
+        """pcscd's power management: a card no program has connected to is
+        powered down (pcsc-lite, after its grace period); invisible in
+        SCardGetStatusChange, the protocol reads as undefined (0)."""
+        assert not any(i["reader"] == name for i in self.handles.values()), "a handle is open"
+        self.readers[name][0].powered = False
+
+    def handles_on(self, name):
+        return [i["share"] for i in self.handles.values() if i["reader"] == name]
 
     def card(self, name):
         return self.readers[name][0]
@@ -213,6 +224,10 @@ class FakeScard:
         if name not in self.readers:
             return self.SCARD_E_UNKNOWN_READER, 0, 0
         card, counter = self.readers[name]
+        if share == self.SCARD_SHARE_DIRECT:  # no card needed, none powered up
+            h = self._id()
+            self.handles[h] = dict(ctx=ctx, reader=name, counter=counter, share=share)
+            return 0, h, 0
         if card is None:
             return self.SCARD_E_NO_SMARTCARD, 0, 0
         for info in self.handles.values():
@@ -221,6 +236,7 @@ class FakeScard:
                 return self.SCARD_E_SHARING_VIOLATION, 0, 0
         h = self._id()
         self.handles[h] = dict(ctx=ctx, reader=name, counter=counter, share=share)
+        card.powered = True
         return 0, h, protocols & self.SCARD_PROTOCOL_T1 or self.SCARD_PROTOCOL_T0
 
     def SCardReconnect(self, h, share, protocols, init):
@@ -270,11 +286,19 @@ class FakeScard:
         return 0, list(card.transmit(bytes(apdu)))
 
     def SCardStatus(self, h):
-        info, hr = self._handle(h)
-        if info is None:
-            return hr, "", 0, 0, []
-        card = self.readers[info["reader"]][0]
-        return 0, info["reader"], 0x34, self.SCARD_PROTOCOL_T1, list(card.atr)
+        self.calls.append(("SCardStatus",))
+        direct = self.handles.get(h, {}).get("share") == self.SCARD_SHARE_DIRECT
+        if direct:
+            info = self.handles[h]
+        else:
+            info, hr = self._handle(h)
+            if info is None:
+                return hr, "", 0, 0, []
+        card, counter = self.readers[info["reader"]]
+        if card is None:
+            return 0, info["reader"], (counter << 16) | 0x2, 0, []
+        protocol = self.SCARD_PROTOCOL_T1 if card.powered else 0
+        return 0, info["reader"], (counter << 16) | 0x34, protocol, list(card.atr)
 
     def names(self):
         return [c[0] for c in self.calls]
@@ -385,7 +409,7 @@ class FromUrlTests(SynchronousTestCase):
         verifyObject(IBackend, backend)
         self.assertEqual((backend.mode, backend.protocol, backend.chain, backend.readers),
                          ("shared", "any", False, None))
-        self.assertEqual(backend.description, "pcsc: all readers, shared, protocol any")
+        self.assertEqual(backend.description, "pcsc: all readers, shared, protocol any, idle release 5s")
 
     def test_parameters(self):
         make = pcsc.from_url("pcsc:?readers=^Virtual.*01$&mode=exclusive&protocol=T1&chain=1",
@@ -498,6 +522,9 @@ class MonitorTests(SynchronousTestCase):
         h.reactor.advance(1.0)
         h.scan()
         self.assertEqual(h.listed(), [(R0, True), (R1, False)])
+        # the card was powered down with pcscd: the client that used it is
+        # told once (docs/backends.md, "Resets"), then served
+        self.assertEqual(h.request(R0, "APDU:0084000008"), ["C080"])
         d = h.request(R0, "APDU:0084000008")
         h.run_readers()
         self.assertEqual(h.results(self.successResultOf(d)), ["01010101010101019000"])
@@ -770,6 +797,156 @@ class CommandTests(SynchronousTestCase):
         h.run_readers()
         self.assertEqual(h.results(self.successResultOf(d)),
                          [ATR.hex().upper(), "9000", "01010101010101019000"])
+
+
+class IdleReleaseTests(SynchronousTestCase):
+    """idle_release: the card handle is let go after that many seconds
+    without a request; the next command connects again, C080 only when the
+    card changed meanwhile (and then once for every client that used it)."""
+
+    def request(self, h, session, *apdus):
+        cmds = [make_command([str(i), "APDU", a]) for i, a in enumerate(apdus, 1)]
+        d = h.dispatcher.execute(Request(R0, None, cmds), session)
+        if isinstance(d, Deferred):
+            h.run_readers()
+            d = self.successResultOf(d)
+        return [r for _, r in d]
+
+    def other_program_exclusive(self, h):
+        """Another local program's SCardConnect(SCARD_SHARE_EXCLUSIVE): its result."""
+        s = h.scard
+        _, ctx = s.SCardEstablishContext(s.SCARD_SCOPE_USER)
+        hr, handle, _ = s.SCardConnect(ctx, R0, s.SCARD_SHARE_EXCLUSIVE, s.SCARD_PROTOCOL_T1)
+        if hr == 0:
+            s.SCardDisconnect(handle, s.SCARD_LEAVE_CARD)
+        s.SCardReleaseContext(ctx)
+        return hr
+
+    def test_handle_let_go_after_idle_release(self):
+        h = Harness(self, idle_release=5.0)
+        a = Session("a")
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+        self.assertEqual(h.scard.handles_on(R0), [h.scard.SCARD_SHARE_SHARED])
+        self.assertEqual(self.other_program_exclusive(h), h.scard.SCARD_E_SHARING_VIOLATION)
+        h.reactor.advance(4.9)
+        h.run_readers()
+        self.assertEqual(h.scard.handles_on(R0), [h.scard.SCARD_SHARE_SHARED])
+        h.reactor.advance(0.1)
+        h.run_readers()
+        self.assertEqual(h.scard.handles_on(R0), [])
+        self.assertEqual(h.scard.locks, {})
+        self.assertEqual(self.other_program_exclusive(h), 0)
+        # the card was not powered down nor swapped: no C080, the handle is back
+        self.assertEqual(self.request(h, a, "0084000008"), ["01010101010101019000"])
+        self.assertEqual(h.scard.handles_on(R0), [h.scard.SCARD_SHARE_SHARED])
+        self.assertEqual(h.reactor.getDelayedCalls()[-1].getTime(), 10.0)
+
+    def test_requests_keep_the_handle(self):
+        h = Harness(self, idle_release=5.0)
+        a = Session("a")
+        for _ in range(4):
+            self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+            h.reactor.advance(3.0)
+            h.run_readers()
+        self.assertEqual(h.scard.names().count("SCardConnect"), 1)
+        self.assertEqual(h.scard.handles_on(R0), [h.scard.SCARD_SHARE_SHARED])
+
+    def test_zero_keeps_the_handle(self):
+        h = Harness(self, idle_release=0)
+        self.assertEqual(self.request(h, Session("a"), "00A4000C023F00"), ["9000"])
+        h.reactor.advance(3600)
+        h.run_readers()
+        self.assertEqual(h.scard.handles_on(R0), [h.scard.SCARD_SHARE_SHARED])
+
+    def test_no_release_while_a_card_session_holds_it(self):
+        h = Harness(self, idle_release=5.0)
+        holder = Session("holder")
+        opened = h.dispatcher.hold(R0, holder)
+        card = self.successResultOf(opened)
+        self.assertEqual(self.request(h, holder, "00A4000C023F00"), ["9000"])
+        h.reactor.advance(60)
+        h.run_readers()
+        self.assertEqual(h.scard.handles_on(R0), [h.scard.SCARD_SHARE_SHARED])
+        card.close()
+        h.run_readers()
+        h.reactor.advance(5.0)
+        h.run_readers()
+        self.assertEqual(h.scard.handles_on(R0), [])
+
+    def test_powered_down_meanwhile_is_c080_once_per_client(self):
+        h = Harness(self, idle_release=5.0)
+        a, b = Session("a"), Session("b", frontend="rest")
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+        self.assertEqual(self.request(h, b, "00A4000C023F00"), ["9000"])
+        h.reactor.advance(5.0)
+        h.run_readers()
+        h.scard.power_down(R0)
+        sent = len(h.scard.card(R0).received)
+        # a: C080 from the reconnect (the APDU is not sent), then its next one runs
+        self.assertEqual(self.request(h, a, "00A4000C023F00", "00A4000C023F00"), ["C080", "9000"])
+        self.assertEqual(len(h.scard.card(R0).received), sent + 1)
+        # b is told once too, by the dispatcher, and a new connection of a's client is not
+        self.assertEqual(self.request(h, b, "00A4000C023F00"), ["C080"])
+        self.assertEqual(self.request(h, b, "00A4000C023F00"), ["9000"])
+        self.assertEqual(self.request(h, Session("a2"), "00A4000C023F00"), ["9000"])
+
+    def test_swapped_meanwhile_is_c080(self):
+        h = Harness(self, idle_release=5.0)
+        a = Session("a")
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+        h.reactor.advance(5.0)
+        h.run_readers()
+        h.scard.remove(R0)  # between two looks of the monitor
+        h.scard.insert(R0, FakeCard())
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["C080"])
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+
+    def test_other_atr_meanwhile_is_c080(self):
+        h = Harness(self, idle_release=5.0)
+        a = Session("a")
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+        h.reactor.advance(5.0)
+        h.run_readers()
+        h.scard.card(R0).atr = OTHER_ATR
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["C080"])
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+
+    def test_from_url(self):
+        backend = pcsc.from_url("pcsc:?idle_release=0.5", scard=FakeScard())(FakeReactor())
+        self.assertEqual(backend.idle_release, 0.5)
+        for url, message in [("pcsc:?idle_release=-1", "idle_release=-1 is out of range"),
+                             ("pcsc:?idle_release=soon", "idle_release='soon' is not a number")]:
+            e = self.assertRaises(ValueError, pcsc.from_url, url, None, FakeScard())
+            self.assertIn(message, str(e))
+
+
+class ResetGenerationTests(SynchronousTestCase):
+    """The dispatcher's reset generation over pcsc: a C080 one client got
+    (another program reset the card) reaches every other client once."""
+
+    def test_reset_by_another_program_reaches_every_client_once(self):
+        h = Harness(self, idle_release=0)
+        sessions = [Session("a"), Session("b"), Session("c", frontend="api")]
+        for s in sessions:
+            self.assertEqual(IdleReleaseTests.request(self, h, s, "00A4000C023F00"), ["9000"])
+        h.scard.reset_by_another_program(R0)
+        got = [IdleReleaseTests.request(self, h, s, "00A4000C023F00") for s in sessions]
+        self.assertEqual(got, [["C080"]] * 3)
+        got = [IdleReleaseTests.request(self, h, s, "00A4000C023F00") for s in sessions]
+        self.assertEqual(got, [["9000"]] * 3)
+
+    def test_a_clients_reset_reaches_the_others_once(self):
+        h = Harness(self, idle_release=0)
+        a, b = Session("a"), Session("b", frontend="api")
+        self.assertEqual(IdleReleaseTests.request(self, h, b, "00A4000C023F00"), ["9000"])
+        d = h.dispatcher.execute(Request(R0, None, [make_command(["1", "RESET"]),
+                                                    make_command(["2", "APDU", "00A4000C023F00"])]), a)
+        h.run_readers()
+        h.run_readers()
+        self.assertEqual([r for _, r in self.successResultOf(d)], [ATR.hex().upper(), "9000"])
+        self.assertEqual(IdleReleaseTests.request(self, h, b, "00A4000C023F00"), ["C080"])
+        self.assertEqual(IdleReleaseTests.request(self, h, b, "00A4000C023F00"), ["9000"])
+        self.assertEqual(IdleReleaseTests.request(self, h, a, "00A4000C023F00"), ["9000"])
 
 
 class StuckCardTests(SynchronousTestCase):

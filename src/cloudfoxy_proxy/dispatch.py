@@ -54,11 +54,13 @@ class Session:
     secret that proves one and remembers that secret (``given``), so later
     requests of the connection cost a comparison, no hashing.  ``drop``
     becomes True when the connection must be closed (too many failed
-    authentications).
+    authentications).  ``seen`` holds the card generation each reader's
+    card had at the connection's last command (a change since: ``C080``
+    once, docs/backends.md "Resets").
     """
 
     __slots__ = ("tag", "peer", "card", "frontend", "host", "counters", "identity", "fixed", "given",
-                 "pin", "failures", "drop")
+                 "pin", "failures", "drop", "seen")
 
     def __init__(self, peer="", frontend="line", host=None, identity=None, counters=None):
         self.tag = None
@@ -73,6 +75,9 @@ class Session:
         self.pin = None
         self.failures = 0
         self.drop = False
+        #: Reader -> the card's reset generation this connection last saw
+        #: (registry.Reader.generation; at most one entry per reader)
+        self.seen = {}
 
 
 class Dispatcher:

@@ -131,13 +131,38 @@ class CardQueue:
         return len(self.waiters) - self._gone
 
 
+def client_of(session):
+    """Who a dispatch Session belongs to, for reset generations: its front
+    end and identity name (a client's new connection knows what its last
+    one knew)."""
+    identity = session.identity
+    return session.frontend, identity.name if identity is not None else None
+
+
+def synced(reader, session):
+    """``session`` (and its client) now knows the card's current generation."""
+    session.seen[reader] = reader.known[client_of(session)] = reader.generation
+
+
+def changed_behind(reader, session):
+    """True when the card in ``reader`` changed behind ``session`` since
+    its last command on it (or, on a new connection, since its client's
+    last); ``session`` knows the current generation afterwards."""
+    generation = reader.generation
+    last = session.seen.get(reader)
+    if last is None:
+        last = reader.known.get(client_of(session))
+    synced(reader, session)
+    return last is not None and last != generation
+
+
 class Reader:
     """One reader as the registry knows it.  The same object stays for the
     same (backend, key) for the life of the process, so its name and its
     card queue survive the reader vanishing and coming back."""
 
     __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info",
-                 "release", "batch", "holder", "exclusive")
+                 "release", "batch", "holder", "exclusive", "generation", "known")
 
     def __init__(self, name, backend, key, queue):
         self.name = name
@@ -158,6 +183,14 @@ class Reader:
         self.holder = None
         #: with ``holder``: other sessions' card commands get C086 at once
         self.exclusive = False
+        #: the card's reset generation (docs/backends.md, "Resets"): +1 at
+        #: every reset, power cycle or swap; a connection whose last command
+        #: saw an older one gets C080 once (run.RequestRun._changed)
+        self.generation = 0
+        #: client -> the generation it last saw (a client: front end and
+        #: identity name, see :func:`client_of`; bounded by the configured
+        #: identities): what a new connection of that client is taken to know
+        self.known = {}
 
     def __repr__(self):
         return f"<Reader {self.name!r}>"
@@ -209,9 +242,19 @@ class ReaderRegistry:
         changed(self)
 
     def card_reset(self, reader, session):
-        """The dispatcher is about to reset the card in ``reader`` for ``session``."""
+        """The dispatcher is about to reset the card in ``reader`` for
+        ``session``: a new generation that ``session`` knows of."""
+        reader.generation += 1
+        synced(reader, session)
         for callback in self._reset_listeners:
             callback(reader, session)
+
+    def card_lost(self, reader, session):
+        """The card's state is gone behind its clients (a backend answered
+        ``C080``: reset by another program, pulled, swapped): a new
+        generation; ``session``, which got that ``C080``, knows of it."""
+        reader.generation += 1
+        synced(reader, session)
 
     def update(self, backend, infos):
         """Replace ``backend``'s readers with ``infos`` (ReaderInfo objects).
@@ -235,6 +278,9 @@ class ReaderRegistry:
                 known[(bid, info.key)] = reader
                 self._names[reader.name] = reader
             if reader.info != info:
+                if reader.info is not None and (info.present, info.atr) != (
+                        reader.info.present, reader.info.atr):
+                    reader.generation += 1  # a card left, came or changed (docs/backends.md, "Resets")
                 reader.info = info
                 reader.present = info.present
                 reader.aliases = tuple(info.aliases)

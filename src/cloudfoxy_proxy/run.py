@@ -18,7 +18,7 @@ from .errors import CardError
 from .interfaces import MAX_RESPONSE
 from .logs import Logger
 from .parser import APDU, CARD_COMMANDS, RESET, SIGN
-from .registry import QueueFull
+from .registry import QueueFull, changed_behind
 from .sessions import CardSession, held_by
 
 
@@ -95,6 +95,8 @@ class RequestRun:
                     continue
                 if entered is _WAITING:
                     return False
+                if command.name == APDU and self._changed(reader):
+                    continue
                 if reader.batch is not None and command.name != SIGN:
                     end = self._run_end()
                     if end:
@@ -183,6 +185,20 @@ class RequestRun:
             return _ANSWERED
         return None
 
+    def _changed(self, reader):
+        """True when the card changed behind this connection since its last
+        command on it (``reader.generation`` moved: a reset by another
+        client, a ``C080`` another client got, a card swap): this command
+        answers ``C080``, once; the next ones run (docs/backends.md,
+        "Resets").  Only APDUs are checked: RESET and SIGN set up the
+        card's state themselves."""
+        if self.session.seen.get(reader) == reader.generation:
+            return False  # the common case
+        if not changed_behind(reader, self.session):
+            return False
+        self._result(errors.NO_CARD)
+        return True
+
     def _call_backend(self, reader, command):
         """Run one card command; False if its answer comes later."""
         backend = reader.backend
@@ -195,6 +211,8 @@ class RequestRun:
             else:
                 result = self.d.sign(reader, command, self.request, self.pin)
         except CardError as e:
+            if e.code == errors.NO_CARD:
+                self.d.registry.card_lost(reader, self.session)
             self._result(e.code)
             return True
         except Exception:
@@ -263,6 +281,8 @@ class RequestRun:
         try:
             result = reader.batch(reader.key, steps)
         except CardError as e:
+            if e.code == errors.NO_CARD:
+                self.d.registry.card_lost(reader, self.session)
             self._batch_results(e.code, reader)
             return True
         except Exception:
@@ -294,6 +314,8 @@ class RequestRun:
             k += 1
             if isinstance(value, CardError):
                 value = value.code
+                if value == errors.NO_CARD:
+                    self.d.registry.card_lost(reader, self.session)
             elif isinstance(value, str):
                 value = value if errors.is_error(value) else errors.INTERNAL
             else:
@@ -332,6 +354,8 @@ class RequestRun:
         self._call = None
         if failure.check(CardError):
             code = failure.value.code
+            if code == errors.NO_CARD:
+                self.d.registry.card_lost(reader, self.session)
         elif failure.check(TimeoutError, CancelledError):
             if not self.abandoned:
                 self.log.warn("command timed out after {timeout}s on {reader}",

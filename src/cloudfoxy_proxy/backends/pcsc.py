@@ -1,6 +1,6 @@
 """``pcsc:`` — the PC/SC readers of this machine (USB readers via pcscd).
 
-``pcsc:?readers=REGEX&mode=shared&protocol=any&chain=0``
+``pcsc:?readers=REGEX&mode=shared&protocol=any&chain=0&idle_release=5``
 
 * ``readers``  — only readers whose PC/SC name matches this regular
   expression (searched, case-insensitive); default: all readers.
@@ -11,6 +11,12 @@
 * ``chain``    — ``1``: follow ``61xx`` with GET RESPONSE and answer
   ``6Cxx`` by re-sending with that Le; ``0`` (default): the card's exact
   answer.
+* ``idle_release`` — seconds (default 5; 0: never) without a request or
+  card session after which a reader's card handle is let go
+  (``SCardDisconnect(SCARD_LEAVE_CARD)``), so programs that want the card
+  exclusively get it between the proxy's requests; the next command
+  connects again and answers ``C080`` if the card changed meanwhile
+  (``_Link._changed_while_released``; docs/pcsc.md).
 
 Threads (no blocking call on the reactor thread): every reader has its own single-thread pool and its
 own PC/SC context, so a card that stops answering blocks only its reader;
@@ -35,10 +41,12 @@ from .. import errors
 from ..interfaces import IBackend, ReaderInfo
 from ..errors import CardError
 from ..logs import Logger
-from . import query
+from . import float_param, query
 from .pcsc_thread import _Down, _Link, _message, _Monitor, abandon_pool, make_thread_pool
 
 MODES = ("shared", "exclusive")
+#: Default seconds of idleness before a reader's card handle is let go.
+IDLE_RELEASE = 5.0
 PROTOCOLS = ("any", "t0", "t1")
 
 INSTALL_PYSCARD = "pip install 'cloudfoxy-proxy[pcsc]' (needs swig and libpcsclite-dev)"
@@ -76,7 +84,8 @@ def check_service(scard):
 
 
 def from_url(url, settings=None, scard=None):
-    params = query(url, {"readers", "mode", "protocol", "chain"})
+    params = query(url, {"readers", "mode", "protocol", "chain", "idle_release"})
+    idle_release = float_param(params, "idle_release", IDLE_RELEASE, 0.0, 86400.0)
     pattern = params.get("readers")
     if pattern is not None:
         if not pattern.strip():
@@ -101,7 +110,7 @@ def from_url(url, settings=None, scard=None):
 
     def make(reactor):
         return PcscBackend(reactor=reactor, scard=scard, readers=pattern, mode=mode,
-                           protocol=protocol, chain=chain)
+                           protocol=protocol, chain=chain, idle_release=idle_release)
 
     return make
 
@@ -135,6 +144,7 @@ class _Reader:
     present = attr.ib(default=False)
     atr = attr.ib(default=None)
     listed = attr.ib(default=False)
+    idle = attr.ib(default=None)  # DelayedCall letting the handle go (idle_release)
 
 
 @implementer(IBackend)
@@ -155,6 +165,7 @@ class PcscBackend:
     mode = attr.ib(default="shared", validator=attr.validators.in_(MODES))
     protocol = attr.ib(default="any", validator=attr.validators.in_(PROTOCOLS))
     chain = attr.ib(default=False)
+    idle_release = attr.ib(default=IDLE_RELEASE)  # seconds; 0: keep handles
     pool_factory = attr.ib(default=make_thread_pool)
     abandon = attr.ib(default=abandon_pool)
     poll_interval = attr.ib(default=0.5)  # seconds per SCardGetStatusChange wait
@@ -177,7 +188,8 @@ class PcscBackend:
     @property
     def description(self):
         which = f"readers matching {self.readers.pattern!r}" if self.readers else "all readers"
-        return f"pcsc: {which}, {self.mode}, protocol {self.protocol}" + (", chain" if self.chain else "")
+        return (f"pcsc: {which}, {self.mode}, protocol {self.protocol}" + (", chain" if self.chain else "")
+                + (f", idle release {self.idle_release:g}s" if self.idle_release else ""))
 
     # -- life cycle
 
@@ -203,6 +215,8 @@ class PcscBackend:
         if self._later is not None and self._later.active():
             self._later.cancel()
         self._later = None
+        for reader in self._readers.values():
+            self._not_idle(reader)
         waits = []
         if self._monitor_worker is not None:
             waits.append(self._after_idle(self._monitor_worker, self._monitor.close))
@@ -380,10 +394,35 @@ class PcscBackend:
         """The dispatcher is done with this card for one request: end its
         transaction in the reader's thread, after the request's commands."""
         reader = self._readers.get(key)
-        if reader is not None and reader.link.in_transaction:
+        if reader is None:
+            return
+        if reader.link.in_transaction:
             reader.worker.pool.callInThread(reader.link.end)
+        if self.idle_release and self._running:
+            self._not_idle(reader)
+            reader.idle = self.reactor.callLater(self.idle_release, self._idle, reader)
+
+    def _not_idle(self, reader):
+        idle, reader.idle = reader.idle, None
+        if idle is not None and idle.active():
+            idle.cancel()
+
+    def _idle(self, reader):
+        """``idle_release`` seconds since the last request on ``reader``
+        ended: let its handle go, unless a command runs or a card session
+        holds the card (its end calls :meth:`release` again)."""
+        reader.idle = None
+        if not self._running or reader.worker.busy:
+            return
+        held = self._registry.get(reader.name) if self._registry is not None else None
+        if held is not None and held.backend is self and held.holder is not None:
+            return
+        self._call(reader.worker, reader.link.let_go).addErrback(
+            lambda f: self.log.failure("{reader}: letting the idle handle go failed", f,
+                                       reader=reader.name))
 
     def _command(self, reader, fn, *args):
+        self._not_idle(reader)
         d = self._call(reader.worker, fn, *args, canceller=lambda d: self._gave_up(reader))
         d.addErrback(self._failed, reader)
         return d

@@ -87,6 +87,9 @@ class _Link:
         self.active = None  # the protocol in use
         self.epoch = None
         self.in_transaction = False  # one PC/SC transaction spans a whole request
+        #: (event counter, ATR) of the card when the handle was let go while
+        #: idle (let_go), None otherwise: compared when connecting again
+        self.released = None
         s = scard
         self.dead = dead_results(s)
         #: results meaning "reconnect first; nothing was sent to the card"
@@ -113,11 +116,54 @@ class _Link:
         """Disconnect and release the context, ignoring every error."""
         self._drop_handle()
         ctx, self.ctx = self.ctx, None
+        self.released = None
         release_context(self.scard, ctx)
 
     def forget(self):
         """Disconnect from a card that left; keep the context."""
+        self.released = None  # the registry tells the clients (a presence change)
         self._drop_handle()
+
+    def let_go(self):
+        """The reader is idle: end any transaction and disconnect
+        (SCARD_LEAVE_CARD), remembering pcscd's event counter and the ATR,
+        so that programs wanting the card exclusively get it meanwhile."""
+        s = self.scard
+        if self.handle is None:
+            return
+        self.end()
+        hr, _name, state, _protocol, atr = s.SCardStatus(self.handle)
+        self.released = (state >> 16, bytes(atr)) if hr == s.SCARD_S_SUCCESS else None
+        self._drop_handle()
+
+    def _changed_while_released(self):
+        """Why the card cannot be the one let go by :meth:`let_go` in the
+        state it was (a string), or None: pcscd's event counter moved (card
+        pulled, swapped), the ATR differs, or the card's protocol is unset
+        (pcscd powered the idle card down: pcsc-lite does a few seconds
+        after the last program disconnects).  Looked at through an
+        SCARD_SHARE_DIRECT handle, which neither powers the card up nor
+        negotiates a protocol.  A reset by another program that also
+        connected meanwhile is not seen."""
+        s = self.scard
+        counter, atr = self.released
+        self.released = None
+        hr, handle, _active = s.SCardConnect(self.ctx, self.name, s.SCARD_SHARE_DIRECT, 0)
+        if hr != s.SCARD_S_SUCCESS:
+            return None  # the real connect says what is wrong
+        try:
+            hr, _name, state, protocol, now = s.SCardStatus(handle)
+        finally:
+            s.SCardDisconnect(handle, s.SCARD_LEAVE_CARD)
+        if hr != s.SCARD_S_SUCCESS:
+            return None
+        if state >> 16 != counter:
+            return "the card was removed or swapped"
+        if bytes(now) != atr:
+            return "the card's ATR changed"
+        if not protocol:
+            return "pcscd powered the idle card down"
+        return None
 
     def _drop_handle(self):
         s = self.scard
@@ -140,6 +186,7 @@ class _Link:
                 raise CardError(errors.UPSTREAM, f"{self.name}: pcscd: {_message(s, hr)}")
             self.ctx, self.epoch = ctx, epoch
         if self.handle is None:
+            changed = self._changed_while_released() if self.released is not None else None
             hr, handle, active = s.SCardConnect(self.ctx, self.name, self.share, self.protocols)
             if hr in self.dead:
                 self.close()
@@ -147,6 +194,10 @@ class _Link:
             if hr != s.SCARD_S_SUCCESS:
                 raise self._error("connect", hr)
             self.handle, self.active = handle, active
+            if changed:
+                # the APDU is not sent: C080, as for SCARD_W_RESET_CARD
+                raise CardError(errors.NO_CARD, f"{self.name}: connected again after an idle "
+                                                f"release: {changed}; its session state is gone")
 
     def _reconnect(self, init):
         s = self.scard

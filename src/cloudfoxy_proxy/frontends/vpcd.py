@@ -54,6 +54,7 @@ from ..dispatch import Session
 from ..logs import Logger, RetryLogger
 from ..twisted_internals import quiet_retries
 from ..parser import make_command
+from ..registry import synced
 
 # -- wire format (pure) --------------------------------------------------------
 
@@ -578,6 +579,7 @@ class VpcdBridge(Service):
                       "showing pcscd a removal for {delay}s", where=self.where, reader=reader.name,
                       peer=getattr(session, "peer", "") or "?", delay=self.reinsert_delay)
         self.card.reset_by_other()
+        synced(reader, self.card.session)  # the removal shown to pcscd is the bridge's C080
         self._paused = self.clock.callLater(self.reinsert_delay, self._unpause)
         protocol = self.protocol
         self.client.stopService()  # no reconnecting until _unpause
