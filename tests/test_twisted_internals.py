@@ -75,6 +75,26 @@ class InternalsTests(SynchronousTestCase):
         self.assertEqual(internals.held_back(tls), 10)
         self.assertEqual(internals.held_back(object()), 0)
 
+    def test_held_back_is_kept_when_the_connection_is_lost(self):
+        """What held_back relies on after a loss: Twisted's TCP transport
+        drops its buffer without clearing it."""
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        class Loop:
+            def addWriter(self, _):
+                pass
+
+            removeWriter = addReader = removeReader = addWriter
+
+        fd = FileDescriptor(reactor=Loop())
+        fd.connected = 1
+        fd.write(b"unsent answer")
+        fd.connectionLost(Failure(ConnectionLost()))
+        fd.write(b"after the loss")  # dropped
+        self.assertEqual(internals.held_back(fd), len(b"unsent answer"))
+
     def test_tls_options(self):
         from twisted.internet.ssl import CertificateOptions
 
