@@ -78,3 +78,36 @@ def test_status_page_in_chromium(proxy_factory, tmp_path):
     assert taken.returncode == 0, taken.stderr[-2000:]
     with open(shot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_held_card_in_the_page(proxy_factory):
+    """A card held by an API session shows in "Held cards" with its holder,
+    and a line client waiting behind it counts in "Others waiting"."""
+    import http.client
+    import json
+
+    token = "status-page-api-token"
+    p = proxy_factory("--metrics", f"tcp:0:interface={HOST}", "--api", f"tcp:0:interface={HOST}",
+                      "--queue-timeout", "20", listeners=3, env={"FOXYPROXY_API_TOKEN": token})
+    api = http.client.HTTPConnection(HOST, p.ports["ApiSite"][0], timeout=10)
+    api.request("POST", "/api/v1/sessions", json.dumps({"reader": "Emulated 01", "idle_timeout": 60}),
+                {"Authorization": f"Bearer {token}"})
+    answer = api.getresponse()
+    assert answer.status == 200, answer.read()
+    answer.read()
+    url = f"http://{HOST}:{p.ports['StatusSite'][0]}/"
+    with socket.create_connection((HOST, p.port), timeout=30) as waiter:
+        waiter.sendall(b">Emulated 01|\n>1:APDU:00A4000C023F00|\n\n")  # waits behind the session
+        dom = chromium("--dump-dom", url).stdout.decode("utf-8")
+        body = re.search(r'<table id="holders">.*?<tbody>(.*?)</tbody>', dom, re.S)
+        assert body, dom[:2000]
+        rows = [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", r)]
+                for r in re.findall(r"<tr>(.*?)</tr>", body.group(1), re.S)]
+        assert len(rows) == 1, rows
+        reader, frontend, identity, peer, since, held, queued, waiting = rows[0]
+        assert (reader, frontend, identity, queued, waiting) == ("Emulated 01", "api", "api", "0", "1"), rows
+        assert peer.startswith("127.0.0.1:") and "api session" in peer, peer
+        assert re.search(r"\d", since) and float(held) >= 0, rows
+        none = re.search(r'<p[^>]*id="holders-none"[^>]*>', dom).group(0)
+        assert "hidden" in none, none  # "No card is held." is not shown
+    api.close()

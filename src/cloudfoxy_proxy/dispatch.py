@@ -145,7 +145,8 @@ class Dispatcher:
         ``session`` (which must not hold a card yet): a Deferred firing with
         it once the card is granted (cancel it to give up waiting), or
         failing with a CardError (``C083``/``C082`` no such reader,
-        ``C085`` wrong password, ``C086`` queue full or card reserved)."""
+        ``C085`` wrong password, ``C086`` queue full, card reserved, or no
+        turn within ``queue_timeout`` seconds)."""
         if session.card is not None:
             raise ValueError("this session holds a card already")
         request = Request(reader, password, [])
