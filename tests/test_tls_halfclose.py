@@ -6,12 +6,12 @@ answers the request it has, then closes; the line protocol does the same
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from zope.interface import directlyProvides
 
 from support import memory_core
 
@@ -56,6 +56,9 @@ class HttpHalfClose(SynchronousTestCase):
         peer = IPv4Address("TCP", "10.0.0.9", 5555)
         self.channel = self.site.buildProtocol(peer)
         self.transport = StringTransport(peerAddress=peer)
+        directlyProvides(self.transport, ISSLTransport)  # close_notify comes over TLS
+        self.transport.setTcpNoDelay = lambda on: None
+        self.transport.getPeerCertificate = lambda: None
         self.channel.makeConnection(self.transport)
 
     def test_the_channel_is_half_closeable(self):
@@ -91,6 +94,29 @@ class HttpHalfClose(SynchronousTestCase):
         channel.readConnectionLost()
         self.assertTrue(t.disconnecting)
         self.assertEqual(self.resource.pending, [])  # nothing ran
+
+
+class HttpTcpFin(HttpHalfClose):
+    def setUp(self):
+        super().setUp()
+        peer = IPv4Address("TCP", "10.0.0.9", 5556)
+        self.channel = self.site.buildProtocol(peer)
+        self.transport = StringTransport(peerAddress=peer)  # plain TCP
+        self.channel.makeConnection(self.transport)
+
+    def test_a_request_then_a_half_close_is_answered_then_closed(self):
+        """On plain TCP a FIN is the client gone: closed now, nothing answered."""
+        self.channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n" + AUTH + b"\r\n\r\n")
+        self.channel.readConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.channel.connectionLost(Failure(ConnectionDone()))  # once closed
+        self.assertTrue(self.resource.pending[0].called)  # cancelled: its queue slot is free
+        self.assertEqual(self.transport.value(), b"")
+
+    test_pipelined_requests_then_a_half_close_are_all_answered = None
 
 
 class Endpoints(SynchronousTestCase):

@@ -201,9 +201,11 @@ def credential_of_authorization(value):
 class HttpChannel(HTTPChannel):
     """One HTTP connection of an HttpSite; see the module docstring.
 
-    A client that half-closes (TCP, or TLS ``close_notify``) after its
-    request gets the answer, then the connection closes; a request still
-    incomplete at that point is not answered."""
+    A TLS client that sends ``close_notify`` after its request (done
+    sending) gets the answer, then the connection closes; a request still
+    incomplete at that point is not answered.  On plain TCP a FIN is taken
+    as the client gone (HTTP clients close, they do not half-close): the
+    connection closes at once and its request is cancelled."""
 
     _state = "idle"  # idle (between requests), head, body, busy (request running), refused
     _line = None  # the request line of the head being read
@@ -327,7 +329,7 @@ class HttpChannel(HTTPChannel):
         if self._eof:
             return
         self._eof = True
-        if self._state == "busy" or self._delayed is not None:
+        if ISSLTransport.providedBy(self.transport) and (self._state == "busy" or self._delayed is not None):
             return  # closed once answered (requestDone, _refuse)
         self.loseConnection()
 
