@@ -9,9 +9,10 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from test_metrics import get, samples
 from test_tcp_backend import NAMES, Base, outcome
 
-from cloudfoxy_proxy import errors
+from cloudfoxy_proxy import errors, metrics
 from cloudfoxy_proxy.backends import BackendSettings, tcp
 from cloudfoxy_proxy.backends.tcp_upstream import set_keepalive
 
@@ -78,6 +79,9 @@ class HeartbeatTests(Base):
             conn.lose(ConnectionAborted())
         self.assertEqual(outcome(d), errors.UPSTREAM)  # 4 s after the loss, not 15
         self.assertEqual(self.backend.heartbeat_misses, 1)  # one flow loss
+        m = metrics.Metrics(self.registry, [self.backend])
+        self.assertEqual(get(samples(m), "foxyproxy_backend_heartbeat_misses_total",
+                             backend=self.backend.description), 1)
         said = self.logged("did not answer a heartbeat")
         self.assertEqual(len(said), 1, said)
         self.assertIn("dropping its 3 connection(s), 1 command(s) in flight answered C086", said[0])
