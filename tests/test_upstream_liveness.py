@@ -6,10 +6,13 @@ C086 and never re-sent, the URL parameters and TCP keepalive."""
 import socket
 
 from twisted.internet.error import ConnectionAborted
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
 
-from test_tcp_backend import Base, outcome
+from test_metrics import get, samples
+from test_tcp_backend import NAMES, Base, outcome
 
-from cloudfoxy_proxy import errors
+from cloudfoxy_proxy import errors, metrics
 from cloudfoxy_proxy.backends import BackendSettings, tcp
 from cloudfoxy_proxy.backends.tcp_upstream import set_keepalive
 
@@ -76,6 +79,9 @@ class HeartbeatTests(Base):
             conn.lose(ConnectionAborted())
         self.assertEqual(outcome(d), errors.UPSTREAM)  # 4 s after the loss, not 15
         self.assertEqual(self.backend.heartbeat_misses, 1)  # one flow loss
+        m = metrics.Metrics(self.registry, [self.backend])
+        self.assertEqual(get(samples(m), "foxyproxy_backend_heartbeat_misses_total",
+                             backend=self.backend.description), 1)
         said = self.logged("did not answer a heartbeat")
         self.assertEqual(len(said), 1, said)
         self.assertIn("dropping its 3 connection(s), 1 command(s) in flight answered C086", said[0])
@@ -133,18 +139,8 @@ class HeartbeatTests(Base):
         self.assertEqual([self.beats(c) for c in conns], [[], [], []])
 
 
-NAMES = ["Emulated 00", "Emulated 01"]
-
-
-def make(url):
-    backend = tcp.from_url(url, BackendSettings(command_timeout=15.0))(None)
-    return backend
-
-
-class UrlTests(Base):
+class UrlTests(SynchronousTestCase):
     def test_defaults_find_a_silent_upstream_within_4_seconds(self):
-        from twisted.internet.testing import MemoryReactorClock
-
         b = tcp.from_url("tcp://h:4001", BackendSettings())(MemoryReactorClock())
         self.assertEqual((b.heartbeat, b.heartbeat_timeout, b.keepalive), (2.0, 2.0, (2, 1, 3)))
         b = tcp.from_url("tcp://h:4001?heartbeat=5&heartbeat_timeout=1.5&keepalive_idle=10&"

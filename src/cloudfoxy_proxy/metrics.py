@@ -260,7 +260,15 @@ class Collector:
             sent.add_metric([name], f.bytes_out)
         yield from (conns, requests, auth, received, sent)
 
-        # -- the audit trail (--audit-log) --
+        # -- upstream liveness (tcp://, tls://) and the audit trail (--audit-log) --
+        misses = CounterMetricFamily("foxyproxy_backend_heartbeat_misses",
+                                     "Silent upstream flows found by a missed heartbeat (every "
+                                     "connection to the upstream dropped and dialled again).",
+                                     labels=["backend"])
+        for backend in m.backends:
+            if hasattr(backend, "heartbeat_misses"):
+                misses.add_metric([m.backend_names[id(backend)]], backend.heartbeat_misses)
+        yield misses
         audit = m.audit
         if audit is not None:
             yield CounterMetricFamily("foxyproxy_audit_records", "Audit records written.",
