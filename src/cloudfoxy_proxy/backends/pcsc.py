@@ -41,7 +41,8 @@ from .pcsc_thread import _Down, _Link, _message, _Monitor, abandon_pool, make_th
 MODES = ("shared", "exclusive")
 PROTOCOLS = ("any", "t0", "t1")
 
-INSTALL_PYSCARD = "pip install 'cloudfoxy-proxy[pcsc]' (needs swig and libpcsclite-dev)"
+INSTALL_PYSCARD = ("pip install '.[pcsc]' from a clone of cloudfoxy-proxy (pyscard builds from source: "
+                   "first apt-get install swig libpcsclite-dev gcc python3-dev)")
 INSTALL_PCSCD = "install and start it, e.g. apt-get install pcscd && systemctl start pcscd.socket"
 
 # -- configuration -------------------------------------------------------------
