@@ -81,3 +81,30 @@ def test_readme_first_command_in_a_fresh_copy(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
         log.close()
+
+
+def docs_command_lines():
+    """Every ``twistd -n`` command line in a code block of docs/*.md, as
+    (file, line)."""
+    import glob
+
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        inside = False
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("```"):
+                    inside = not inside
+                elif inside and re.search(r"(^|[\s/])twistd -n\b", line):
+                    found.append((os.path.basename(path), line.strip()))
+    return found
+
+
+def test_docs_commands_start_beside_a_running_proxy():
+    """No docs command writes twistd.pid ("Another twistd server is
+    running" beside the README's proxy); README says what to do about 4001."""
+    lines = docs_command_lines()
+    assert len(lines) >= 15
+    assert [(f, line) for f, line in lines if "--pidfile=" not in line] == []
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "give `--pidfile=`" in readme and "-p tcp:4011" in readme
