@@ -327,7 +327,7 @@ class CertIndex(Service):
         state.probed = True
         names = []
         for cert in certs:
-            for name in cert.names:
+            for name in (cert.alias, cert.subject):  # listed as the reader's aliases
                 if name not in names:
                     names.append(name)
             if cert.foxyproxy is not None:
@@ -345,8 +345,9 @@ class CertIndex(Service):
         (``>commonName: X, organizationName: Y:PIN|`` parses as reader
         ``commonName``): when the reader line is a known certificate's
         FoxyProxy name, optionally followed by ``:`` and a password/PIN,
-        ``request.reader`` becomes that name and ``request.password`` the
-        rest (None when there is none).  Other requests are left alone."""
+        ``request.reader`` becomes the certificate's RFC 4514 subject (an
+        alias of its reader) and ``request.password`` the rest (None when
+        there is none).  Other requests are left alone."""
         if request.password is None or request.reader not in self._foxyproxy_heads:
             return
         line = f"{request.reader}:{request.password}"
@@ -354,7 +355,7 @@ class CertIndex(Service):
             name = cert.foxyproxy
             if name is not None and line.startswith(name) and (
                     len(line) == len(name) or line[len(name)] == ":"):
-                request.reader, request.password = name, (line[len(name) + 1:] or None)
+                request.reader, request.password = cert.subject, (line[len(name) + 1:] or None)
                 return
 
     def _present_states(self):
