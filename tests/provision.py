@@ -5,8 +5,10 @@ it needs the network, the pytest phase never does):
   ``.venv-foxyproxy``), for the differential tests; kept when it already
   imports;
 * the project's wheel, built from a copy of the tree (the checkout is not
-  written) into the directory given as the argument, for
-  tests/test_packaging.py (``CLOUDFOXY_TEST_WHEELS``).
+  written), and the wheels of its dependencies and build backend, into the
+  directory given as the argument (``CLOUDFOXY_TEST_WHEELS``), for
+  tests/test_packaging.py and the README's install command
+  (tests/test_readme.py).
 
 Usage: ``.venv/bin/python tests/provision.py WHEEL_DIR``.  Prints what it
 installs; exit status non-zero with one line on stderr on failure.
@@ -52,10 +54,12 @@ def wheel(out):
     with tempfile.TemporaryDirectory(prefix="cloudfoxy-wheel-") as tmp:
         copy = os.path.join(tmp, "cloudfoxy-proxy")
         shutil.copytree(ROOT, copy, ignore=COPY_IGNORE)
-        # offline: the build backend (setuptools, wheel) is .venv's own
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
-             "--no-index", "--no-build-isolation", "-w", out, copy], "building the wheel")
-    print(f"  wheel: {', '.join(sorted(os.listdir(out)))} in {out}")
+        # the project's wheel and every wheel its install needs (its
+        # dependencies, the build backend): the README's first command then
+        # installs offline (tests/test_readme.py, PIP_FIND_LINKS)
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", out, copy,
+             "setuptools>=64", "wheel"], "building the wheels")
+    print(f"  wheels: {len(os.listdir(out))} in {out} (the project's and its dependencies')")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,27 @@ def test_help_is_clean():
     assert described and not [d for d in described if re.search(r"\S {2,}\S", d)]
     assert "--backend" in text and "--version" in text
     assert "See docs/ for" not in text and "source repository" in text
+
+
+def test_default_start_line_is_calm_information_without_endpoint_internals():
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    from cloudfoxy_proxy.access import Access
+
+    o = tap.Options()
+    o.parseOptions(["--no-signing"])
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        tap.warn_open_listeners([(o["endpoints"][0], "--port", "line")], Access())
+        tap.warn_open_listeners([(o["endpoints"][0], "--port", "line")], Access(allow_anonymous=True))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert o["endpoints"] == ["tcp:4001:backlog=1024"]  # what Twisted is given
+    mine = [e for e in events if e.get("log_namespace") == "cloudfoxy_proxy.access"]
+    assert [e["log_level"] for e in mine] == [LogLevel.info, LogLevel.warn]
+    calm = formatEvent(mine[0])
+    assert calm == ("listener tcp:4001 (--port) is reachable from outside loopback with no authentication, "
+                    "so it serves loopback clients only (protected mode); to serve other machines give "
+                    "--credentials FILE (docs/security.md) or --allow-anonymous")
+    assert "backlog" not in formatEvent(mine[1]) and "NO authentication" in formatEvent(mine[1])

@@ -100,3 +100,11 @@ class ObserverTests(SynchronousTestCase):
         [line] = self.lines()
         self.assertEqual((line["level"], line["message"], line["factory"]),
                          ("debug", "Starting factory <Thing>", "<Thing>"))
+
+    def test_the_listening_port_line_is_kept_at_every_level(self):
+        self.use("json", level="error")
+        for text in ("LineFactory starting on 4001", "Site (TLS) starting on 8443", "(TCP Port 4001 Closed)"):
+            publishToNewObserver(self.publisher, {"message": (text,), "isError": 0, "system": "-", "time": 1.5},
+                                 legacy_log.textFromEventDict)
+        self.assertEqual([line["message"] for line in self.lines()],
+                         ["LineFactory starting on 4001", "Site (TLS) starting on 8443"])

@@ -453,8 +453,9 @@ class FromUrlTests(SynchronousTestCase):
         finally:
             del sys.modules["smartcard"]
             sys.modules.update(saved)
-        self.assertEqual(str(e), "pyscard is not installed: pip install 'cloudfoxy-proxy[pcsc]' "
-                                 "(needs swig and libpcsclite-dev)")
+        self.assertEqual(str(e), "pyscard is not installed: pip install '.[pcsc]' from a clone of cloudfoxy-proxy "
+                                 "(pyscard builds from source: first apt-get install swig libpcsclite-dev gcc "
+                                 "python3-dev)")
 
 
 class MonitorTests(SynchronousTestCase):

@@ -58,7 +58,10 @@ def test_readme_first_command_in_a_fresh_copy(tmp_path):
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
         ".venv*", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".tox"))
     log = open(tmp_path / "out.log", "wb")
-    proc = subprocess.Popen(["bash", "-c", command], cwd=str(copy), stdout=log, stderr=subprocess.STDOUT,
+    env = dict(os.environ)
+    if os.environ.get("CLOUDFOXY_TEST_WHEELS"):  # offline: the install phase's wheels (tests/provision.py)
+        env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=os.environ["CLOUDFOXY_TEST_WHEELS"])
+    proc = subprocess.Popen(["bash", "-c", command], cwd=str(copy), env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -74,10 +77,39 @@ def test_readme_first_command_in_a_fresh_copy(tmp_path):
         assert out.stdout.decode() == (">1:RW11bGF0ZWQgMDA=|RW11bGF0ZWQgMDE=|RW11bGF0ZWQgMDI=|"
                                        "RW11bGF0ZWQgMDM=\n@@\n")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(15)
+        except ProcessLookupError:
+            pass  # it ended by itself (the assertion above says why)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
         log.close()
+
+
+def docs_command_lines():
+    """Every ``twistd -n`` command line in a code block of docs/*.md, as
+    (file, line)."""
+    import glob
+
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        inside = False
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("```"):
+                    inside = not inside
+                elif inside and re.search(r"(^|[\s/])twistd -n\b", line):
+                    found.append((os.path.basename(path), line.strip()))
+    return found
+
+
+def test_docs_commands_start_beside_a_running_proxy():
+    """No docs command writes twistd.pid ("Another twistd server is
+    running" beside the README's proxy); README says what to do about 4001."""
+    lines = docs_command_lines()
+    assert len(lines) >= 15
+    assert [(f, line) for f, line in lines if "--pidfile=" not in line] == []
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "give `--pidfile=`" in readme and "-p tcp:4011" in readme

@@ -148,6 +148,19 @@ class ListingTests(SynchronousTestCase):
         self.assertEqual(self.h.registry.resolve("P PIV 01 Signing").name, "P 01")
         self.assertEqual(self.h.registry.resolve("CN=G OpenPGP 00 Signing,O=CloudFoxy Emulated").name, "G 00")
 
+    def test_foxyproxy_alias_strings_are_reader_lines(self):
+        """FoxyProxy 2.10's ALIASES entry (sorted ``oidName: value`` pairs)
+        names the certificate, though the line protocol splits it at ``:``."""
+        name = "commonName: P PIV 01 Signing, organizationName: CloudFoxy Emulated"
+        self.assertEqual(self.h.chain(name), self.h.chain("P PIV 01 Signing"))
+        signature = base64.b16decode(self.h.sign(name, "123456"))
+        verify(self.h.chain("P PIV 01 Signing")[0], SHA256, signature)
+        self.assertEqual(self.h.sign(name, "999999"), errors.BAD_PIN)  # the PIN after the name counts
+        self.assertEqual(self.h.result(f">{name}|\n>1:APDU:00A4040C05A000000308|\n\n"), "9000")
+        # only whole names: a part of one, or one with more after it, names nothing
+        for other in ("commonName: P PIV 01", name + " x", "commonName"):
+            self.assertEqual(self.h.result(f">{other}|\n>1:CHAIN|\n\n"), errors.NOT_FOUND, other)
+
     def test_chain_without_and_with_ca_certificates(self):
         [leaf] = self.h.chain("P PIV 00 Signing")
         self.assertEqual(x509.load_der_x509_certificate(leaf).subject.rfc4514_string(),

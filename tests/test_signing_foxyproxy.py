@@ -80,6 +80,20 @@ def test_ica_same_aliases_chains_and_signatures(proxy_factory, tmp_path):
         assert ours == ["E I.CA 00 Signing", "E I.CA 01 Signing"]
         theirs = b64list(fp.request(">*|\n>1:ALIASES|\n\n")[0][1])
         assert sorted(theirs) == sorted(f"commonName: {cn}, organizationName: CloudFoxy Emulated" for cn in ours)
+        # a migrating client keeps FoxyProxy's ALIASES strings: they name the same certificate here
+        for entry in theirs:
+            cn = entry.split(", ")[0].split(": ", 1)[1]
+            chain = one(b, cn, "CHAIN")
+            assert one(b, entry, "CHAIN") == chain
+            digest = hashlib.sha256(entry.encode()).digest()
+            signature = one(b, f"{entry}:{PIN}", f"SIGN:{digest.hex()}")
+            verify(chain, digest, signature)
+            assert signature == one(b, f"{cn}:{PIN}", f"SIGN:{digest.hex()}")
+            assert one(b, f"{entry}:9999", f"SIGN:{digest.hex()}") == "C085"  # the PIN after the name counts
+            with b.client() as c:  # the card's reader too: a card command on the alias's reader line
+                assert c.results(f">{entry}|\n>1:APDU:00A4000C023F00|\n\n") == ["9000"]
+        with b.client() as c:  # ENUM beside such a reader line: the readers with signing certificates
+            assert b64list(c.results(f">{theirs[0]}|\n>1:ENUM|\n\n")[0]) == ["CloudFoxy E_00", "CloudFoxy E_01"]
 
         assert b64list(one(b, "*", "ENUM")) == ["CloudFoxy E_00", "CloudFoxy E_01"]
         theirs_enum = b64list(fp.request(">*|\n>1:ENUM|\n\n")[0][1])

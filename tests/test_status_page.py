@@ -111,3 +111,68 @@ def test_held_card_in_the_page(proxy_factory):
         none = re.search(r'<p[^>]*id="holders-none"[^>]*>', dom).group(0)
         assert "hidden" in none, none  # "No card is held." is not shown
     api.close()
+
+
+def test_status_page_labels_its_windows_and_reads_at_phone_width(proxy_factory, tmp_path):
+    """At 420 CSS px (a phone): nothing wider than the screen, the chart's
+    axis text drawn at its 11 px (not squeezed with the chart), and both
+    rate windows named; the screenshot is kept as ``status-420.png``
+    (``STATUS_SCREENSHOT_PHONE=path`` keeps it elsewhere)."""
+    import base64
+    import json
+    import struct
+    import urllib.request
+
+    import websocket
+    from support import devtools_chromium
+
+    p = proxy_factory("--backend", "emulated:?cards=6", "--metrics", f"tcp:0:interface={HOST}", listeners=2)
+    url = f"http://{HOST}:{p.ports['StatusSite'][0]}/"
+    with devtools_chromium("about:blank", 60, "--window-size=420,900", "--hide-scrollbars") as (port, deadline):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            page = next(t for t in json.load(r) if t.get("type") == "page")
+        ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=10, suppress_origin=True)
+        try:
+            calls = iter(range(1, 1000000))
+
+            def call(method, **params):
+                n = next(calls)
+                ws.send(json.dumps({"id": n, "method": method, "params": params}))
+                while True:
+                    msg = json.loads(ws.recv())
+                    if msg.get("id") == n:
+                        return msg.get("result", {})
+
+            def evaluate(expression):
+                return call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+            call("Emulation.setDeviceMetricsOverride", width=420, height=900, deviceScaleFactor=1, mobile=True)
+            call("Page.navigate", url=url)
+            while time.monotonic() < deadline and not evaluate(
+                    "document.querySelectorAll('#readers tbody tr').length === 6 && "
+                    "document.querySelectorAll('#chart text.lbl').length >= 5"):
+                time.sleep(0.2)
+            facts = evaluate("""(() => {
+                const labels = [...document.querySelectorAll('#chart text.lbl')].map(t => t.getBoundingClientRect());
+                return {width: document.documentElement.clientWidth,
+                        scroll: document.documentElement.scrollWidth,
+                        chart: document.getElementById('chart').getBoundingClientRect().width,
+                        label_heights: labels.map(r => r.height), label_widths: labels.map(r => r.width),
+                        now: document.getElementById('rate-now').parentElement.textContent,
+                        heads: [...document.querySelectorAll('#readers th')].map(t => t.textContent)};
+            })()""")
+            shot = base64.b64decode(call("Page.captureScreenshot", format="png")["data"])
+        finally:
+            ws.close()
+    keep = os.environ.get("STATUS_SCREENSHOT_PHONE") or str(tmp_path / "status-420.png")
+    with open(keep, "wb") as f:
+        f.write(shot)
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">I", shot[16:20])[0] == 420
+    assert facts["width"] == 420 and facts["scroll"] <= 420, facts  # no sideways scrolling of the page
+    assert 300 < facts["chart"] <= 420, facts
+    # 11 px text is about 13 px tall and "−5 min" about 30 px wide; drawn in a 1000-unit-wide
+    # chart squeezed into 338 px it keeps its height but shrinks to a third of its width
+    assert min(facts["label_heights"]) >= 10, facts
+    assert max(facts["label_widths"]) >= 25, facts
+    assert "in the last second" in facts["now"], facts
+    assert "APDUs/s (10 s)" in facts["heads"] and "p99 ms (10 s)" in facts["heads"], facts

@@ -129,6 +129,8 @@ class Dispatcher:
         ``unresolved``: a result code (C083, C082) that the front end's own
         reader resolution gave; the card commands answer it once authorized
         (and the request is audited like any other)."""
+        if self.signing is not None and request.password is not None:
+            self.signing.reader_line(request)  # a FoxyProxy 2.10 alias holds ":" (signing/index.py)
         run = RequestRun(self, request, session)
         if unresolved is not None:
             run.reader = unresolved

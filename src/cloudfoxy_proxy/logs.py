@@ -6,7 +6,8 @@ own events below the threshold before any formatting, which keeps debug
 logging free on the hot path) and in the observer ``observer()`` makes,
 which drops every other event below it too (Twisted's and other
 libraries'), with Twisted's "Starting factory ..."/"Stopping factory ..."
-lines counted as debug.
+lines counted as debug; only Twisted's one line per listener saying where
+it listens ("LineFactory starting on 4001") is kept at every level.
 
 ``--log-format json`` writes one JSON object per line (``json_line``)::
 
@@ -25,6 +26,7 @@ with a system other than ``-`` adds ``system``.
 """
 
 import json
+import re
 import weakref
 from datetime import datetime, timezone
 
@@ -215,6 +217,16 @@ def event_level(event):
     return event.get("log_level") or LogLevel.info
 
 
+_PORT_LINE = re.compile(r"\w+(?: \(TLS\))? starting on \d+")
+
+
+def _announces_a_port(event):
+    """Twisted's one line per listener saying where it listens
+    (``LineFactory starting on 4001``): kept at every level, since it is
+    the only place a log says which port a ``tcp:0`` listener got."""
+    return event.get("log_namespace") == "log_legacy" and bool(_PORT_LINE.fullmatch(formatEvent(event)))
+
+
 @implementer(ILogObserver)
 class LevelFilter:
     """An ``ILogObserver`` passing to ``observer`` only the events at or
@@ -225,7 +237,7 @@ class LevelFilter:
 
     def __call__(self, event):
         level = event_level(event)
-        if _ORDER.get(level, 4) < _threshold:
+        if _ORDER.get(level, 4) < _threshold and not _announces_a_port(event):
             return
         if level is not event.get("log_level"):
             event = dict(event, log_level=level)

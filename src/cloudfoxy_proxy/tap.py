@@ -470,16 +470,19 @@ def warn_open_listeners(listeners, access):
             continue
         if description.startswith(("unix:", "systemd:")) or _LOOPBACK_INTERFACE.search(description):
             continue
+        shown = description.removesuffix(f":backlog={DEFAULT_BACKLOG}")  # our default, not the user's words
         if access.allow_anonymous:
             log.warn("listener {listener} ({option}) is reachable from outside loopback with NO "
                      "authentication (--allow-anonymous): anyone who reaches it is served with full access",
-                     listener=description, option=option)
+                     listener=shown, option=option)
         else:
-            advice = ("its triggers carry no secret: bind it to loopback" if frontend == "ram-daemon" else
-                      "use --credentials FILE (docs/security.md) or --allow-anonymous")
-            log.warn("listener {listener} ({option}) is reachable from outside loopback with no "
-                     "authentication: protected mode, only loopback clients are served; {advice}",
-                     listener=description, option=option, advice=advice)
+            # protected mode is safe: an information, not a warning
+            advice = ("its triggers carry no secret: bind it to loopback to silence this" if frontend == "ram-daemon"
+                      else "to serve other machines give --credentials FILE (docs/security.md) "
+                           "or --allow-anonymous")
+            log.info("listener {listener} ({option}) is reachable from outside loopback with no "
+                     "authentication, so it serves loopback clients only (protected mode); {advice}",
+                     listener=shown, option=option, advice=advice)
 
 
 def makeService(config, reactor=None):

@@ -49,7 +49,8 @@ MODES = ("shared", "exclusive")
 IDLE_RELEASE = 5.0
 PROTOCOLS = ("any", "t0", "t1")
 
-INSTALL_PYSCARD = "pip install 'cloudfoxy-proxy[pcsc]' (needs swig and libpcsclite-dev)"
+INSTALL_PYSCARD = ("pip install '.[pcsc]' from a clone of cloudfoxy-proxy (pyscard builds from source: "
+                   "first apt-get install swig libpcsclite-dev gcc python3-dev)")
 INSTALL_PCSCD = "install and start it, e.g. apt-get install pcscd && systemctl start pcscd.socket"
 
 # -- configuration -------------------------------------------------------------

@@ -168,6 +168,8 @@ class CertIndex(Service):
         self.ca_certs = list(ca_certs)
         self._secret = secret or os.urandom(32)
         self._cards = {}  # Reader -> _CardState
+        #: the text before the first ":" of every FoxyProxy name seen (reader_line's quick test)
+        self._foxyproxy_heads = set()
         self._arrivals = []  # DelayedCalls of arrival probes
         self.started = False
         #: a trace.Tracer for the index's own APDUs (``--trace``), or None
@@ -333,9 +335,11 @@ class CertIndex(Service):
         state.probed = True
         names = []
         for cert in certs:
-            for name in (cert.alias, cert.subject):
+            for name in (cert.alias, cert.subject):  # listed as the reader's aliases
                 if name not in names:
                     names.append(name)
+            if cert.foxyproxy is not None:
+                self._foxyproxy_heads.add(cert.foxyproxy.split(":", 1)[0])
         self.registry.set_extra_aliases(state.reader, names)
         if profile is not None:
             usable = [c.alias for c in certs if c.usable]
@@ -344,6 +348,24 @@ class CertIndex(Service):
                           aliases=", ".join(usable))
 
     # Lookups (no APDUs) ------------------------------------------------------------
+    def reader_line(self, request):
+        """Undo the line protocol's split at ``:`` of a FoxyProxy 2.10 alias
+        (``>commonName: X, organizationName: Y:PIN|`` parses as reader
+        ``commonName``): when the reader line is a known certificate's
+        FoxyProxy name, optionally followed by ``:`` and a password/PIN,
+        ``request.reader`` becomes the certificate's RFC 4514 subject (an
+        alias of its reader) and ``request.password`` the rest (None when
+        there is none).  Other requests are left alone."""
+        if request.password is None or request.reader not in self._foxyproxy_heads:
+            return
+        line = f"{request.reader}:{request.password}"
+        for _state, cert in self.entries():
+            name = cert.foxyproxy
+            if name is not None and line.startswith(name) and (
+                    len(line) == len(name) or line[len(name)] == ":"):
+                request.reader, request.password = cert.subject, (line[len(name) + 1:] or None)
+                return
+
     def _present_states(self):
         for reader in self.registry.readers:
             state = self._cards.get(reader)
@@ -370,7 +392,7 @@ class CertIndex(Service):
         there at all (C083, as for a reader that does not exist)."""
         if text is None:
             raise CardError(errors.NOT_FOUND, "no reader line")
-        hits = [(s, c) for s, c in self.entries(sees) if text == c.alias or text == c.subject]
+        hits = [(s, c) for s, c in self.entries(sees) if text in c.names]
         if len(hits) > 1:
             raise CardError(errors.AMBIGUOUS, "alias on more than one card")
         if hits:
@@ -463,7 +485,7 @@ class CertIndex(Service):
             profile, certs = yield self.scan(transmit, state.profile)
             if state.generation == generation and state.present:
                 self._store(state, profile, certs)
-            if by_alias and not any(text in (c.alias, c.subject) for c in state.certs):
+            if by_alias and not any(text in c.names for c in state.certs):
                 raise CardError(errors.NOT_FOUND, "the alias is no longer on this card")
         state_cert = reader_entry(state, state.reader, text)
         cert = state_cert[1]
@@ -498,7 +520,7 @@ def reader_entry(state, reader, text):
     if state is None or not state.present or not reader.present:
         raise CardError(errors.NO_CARD)
     usable = [c for c in state.certs if c.usable]
-    named = [c for c in usable if text == c.alias or text == c.subject]
+    named = [c for c in usable if text in c.names]
     if len(named) > 1:
         raise CardError(errors.AMBIGUOUS, "alias names two certificates on one card")
     if named:

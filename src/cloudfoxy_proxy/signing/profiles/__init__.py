@@ -70,12 +70,21 @@ def pin_failure(sw, step):
     return None
 
 
+def foxyproxy_subject(cert):
+    """The subject of ``cert`` (an x509.Certificate) as FoxyProxy 2.10
+    names a certificate in ALIASES: its ``oidName: value`` pairs, sorted as
+    strings, joined by ``", "`` (``commonName: Jan Novák, organizationName:
+    …``).  The OID names are the ones the cryptography package gives."""
+    return ", ".join(sorted(f"{a.oid._name}: {a.value}" for a in cert.subject))
+
+
 @attr.s(frozen=True, slots=True)
 class CardCertificate:
     """A certificate on a card whose private key the card holds.
 
     ``alias``: the subject common name (or the RFC 4514 subject when it has
-    none); ``key_ref``: the profile's handle for the key (e.g. ``0x9C``);
+    none); ``foxyproxy``: the subject as FoxyProxy 2.10's ALIASES writes it
+    (``foxyproxy_subject``); ``key_ref``: the profile's handle for the key (e.g. ``0x9C``);
     ``key_type``: ``rsa`` or ``ec``; ``key_bits``: modulus or curve size.
     """
 
@@ -87,6 +96,12 @@ class CardCertificate:
     key_bits = attr.ib()
     usable = attr.ib(default=True)
     cert = attr.ib(default=None, eq=False, repr=False)
+    foxyproxy = attr.ib(default=None, eq=False, repr=False)
+
+    @property
+    def names(self):
+        """Every name a reader line may give for this certificate."""
+        return (self.alias, self.subject) if self.foxyproxy is None else (self.alias, self.subject, self.foxyproxy)
 
     @classmethod
     def from_der(cls, der, key_ref):
@@ -110,7 +125,7 @@ class CardCertificate:
             usable = usage.digital_signature or usage.content_commitment
         except x509.ExtensionNotFound:
             usable = True
-        return cls(alias, subject, bytes(der), key_ref, key_type, bits, usable, cert)
+        return cls(alias, subject, bytes(der), key_ref, key_type, bits, usable, cert, foxyproxy_subject(cert))
 
     def public_key(self):
         return self.cert.public_key()
