@@ -250,18 +250,31 @@ _GSMTAP = struct.pack(">BBBBHbbIBBBB", GSMTAP_VERSION, 4, GSMTAP_TYPE_SIM, 0, 0,
                       GSMTAP_SIM_APDU, 0, 0, 0)  # hdr_len 4 words; no timeslot, ARFCN, frame number
 
 
+_IP = struct.Struct(">BBHHHBBH4s4s")
+_UDP = struct.Struct(">HHHH")
+_LOOPBACK = b"\x7f\0\0\1"
+
+
+def _ip_checksum_base():
+    words = struct.unpack(">10H", _IP.pack(0x45, 0, 0, 0, 0, 64, 17, 0, _LOOPBACK, _LOOPBACK))
+    return sum(words)
+
+
+#: The IPv4 header's one's-complement sum without its total length field.
+_IP_SUM = _ip_checksum_base()
+
+
 def gsmtap_frame(payload):
     """An IPv4 packet 127.0.0.1 -> 127.0.0.1, UDP 4729 -> 4729, carrying
     the 16-byte GSMTAP header (version 2, type SIM, sub-type APDU) and
     ``payload`` (command APDU then response APDU)."""
     udp_length = 8 + len(_GSMTAP) + len(payload)
     total = 20 + udp_length
-    header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0, b"\x7f\0\0\1", b"\x7f\0\0\1")
-    s = sum(struct.unpack(">10H", header))
+    s = _IP_SUM + total
     s = (s & 0xFFFF) + (s >> 16)
     s = (s & 0xFFFF) + (s >> 16)
-    header = header[:10] + struct.pack(">H", ~s & 0xFFFF) + header[12:]
-    return header + struct.pack(">HHHH", GSMTAP_PORT, GSMTAP_PORT, udp_length, 0) + _GSMTAP + payload
+    return b"".join((_IP.pack(0x45, 0, total, 0, 0, 64, 17, ~s & 0xFFFF, _LOOPBACK, _LOOPBACK),
+                     _UDP.pack(GSMTAP_PORT, GSMTAP_PORT, udp_length, 0), _GSMTAP, payload))
 
 
 def trace_file(path, unredacted=False):
