@@ -150,6 +150,7 @@ class JsonLinesFile:
         self.unredacted = unredacted
         self.file = None
         self._quoted = {}  # (reader, frontend, identity, peer) -> their JSON members
+        self._hex = {}  # command APDU -> its hex (clients repeat their commands)
 
     def open(self):
         old, self.file = self.file, open_append(self.path, False)
@@ -164,6 +165,9 @@ class JsonLinesFile:
         quoted = self._quoted
         if len(quoted) > 10000:
             quoted.clear()
+        hexes = self._hex
+        if len(hexes) > 4096:
+            hexes.clear()
         out = []
         for when, reader, frontend, identity, peer, event, command, result, seconds in records:
             names = quoted.get((reader, frontend, identity, peer))
@@ -184,7 +188,10 @@ class JsonLinesFile:
                 if n:
                     hidden = f',"redacted":{n}'
             key = "result" if result in errors.MEANING else "response"
-            out.append(f'{head}"apdu","ms":{seconds * 1000:.3f},"command":"{command.hex().upper()}"'
+            text = hexes.get(command)
+            if text is None:
+                text = hexes[command] = command.hex().upper()
+            out.append(f'{head}"apdu","ms":{seconds * 1000:.3f},"command":"{text}"'
                        f'{hidden},"{key}":"{result}"}}\n')
         self.file.write("".join(out))
         self.file.flush()
