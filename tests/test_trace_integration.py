@@ -210,3 +210,21 @@ def test_live_trace_over_the_api_websocket(proxy_factory, tmp_path):
         assert "313233343536" not in json.dumps(second)
         agent.ws_send({"id": 3, "untrace": "Emulated 00"})
         assert agent.ws_recv()["msg"] == {"id": 3, "untraced": "Emulated 00"}
+
+
+def test_sign_with_a_pin_leaves_no_pin_in_the_trace(proxy_factory, tmp_path):
+    """SIGN presents the reader line's PIN to the card itself (the
+    certificate index's VERIFY, front end ``signing``): redacted too."""
+    import hashlib
+
+    jsonl, pcap = str(tmp_path / "t.jsonl"), str(tmp_path / "t.pcapng")
+    proxy = proxy_factory("--backend", "emulated:?type=piv&cards=1", "--trace", jsonl, "--trace", pcap)
+    digest = hashlib.sha256(b"trace me").hexdigest()
+    with LineClient(port=proxy.port) as c:
+        wait_for(lambda: "Emulated PIV 00 Signing" in " ".join(c.results(">Emulated 00|\n>1:ALIASES|\n\n")), 10)
+        [signature] = c.results(f">Emulated PIV 00 Signing:123456|\n>1:SIGN:{digest}|\n\n")
+    assert not signature.startswith("C08"), signature
+    wait_for(lambda: any(r.get("redacted") and r["frontend"] == "signing" for r in records(jsonl)), 10)
+    time.sleep(0.2)
+    assert b"313233343536" not in open(jsonl, "rb").read().upper()  # the PIN's hex
+    assert b"123456" not in open(pcap, "rb").read()  # the PIN's bytes
