@@ -366,3 +366,12 @@ def test_json_lines_are_what_as_dict_gives(tmp_path):
                          event, command, result, record["ms"] / 1000), unredacted=True)
         assert {k: v for k, v in again.items() if k != "time"} == {
             k: v for k, v in record.items() if k not in ("time", "redacted")}
+
+
+def test_trace_options_from_the_config_file(tmp_path):
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(f'trace = ["{tmp_path / "a.jsonl"}"]\ntrace-readers = ["Emulated 01"]\n'
+                           'trace-unredacted = true\n')
+    config = options("--config", str(config_path))
+    assert config["trace"] == [str(tmp_path / "a.jsonl")] and config["trace-readers"] == ["Emulated 01"]
+    assert config["trace-unredacted"]
