@@ -198,8 +198,9 @@ class ApiWebSocket(WebSocketServerProtocol):
 
     @property
     def busy(self):
-        """Not idle for limits.py while subscribed, holding a card or waiting on one."""
-        return bool(self.inflight) or self.session.card is not None or self in self.factory.api.events.subscribers
+        """Not idle for limits.py while subscribed, following a trace, holding a card or waiting on one."""
+        return bool(self.inflight) or self.session.card is not None or self in self.factory.api.events.subscribers \
+            or bool(self.__dict__.get("_traced"))  # following a live trace
 
     def send(self, obj):
         if self.state == self.STATE_OPEN:
