@@ -45,7 +45,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
 from . import errors
-from .apdu import SECRET_INS, secret_span
+from .apdu import SECRET_INS, SM_CLASSES, secret_span
 from .logs import Logger
 from .parser import APDU, RESET
 
@@ -180,10 +180,9 @@ class JsonLinesFile:
                 key = "result" if result in errors.MEANING else "atr"
                 out.append(f'{head}"reset","ms":{seconds * 1000:.3f},"{key}":"{result}"}}\n')
                 continue
-            c = command[0] if command else 0
             hidden = ""
             if not unredacted and len(command) > 4 and (
-                    command[1] in SECRET_INS or (c & 0x20 if c & 0x40 else c & 0x0C)):
+                    command[1] in SECRET_INS or command[0] in SM_CLASSES):  # secret_span's own test, inline
                 command, n = redacted(command)
                 if n:
                     hidden = f',"redacted":{n}'
@@ -237,7 +236,8 @@ class PcapngFile:
             command, result = r[6], r[7]
             if r[5] != APDU or errors.is_error(result):
                 continue
-            if not self.unredacted:
+            if not self.unredacted and len(command) > 4 and (
+                    command[1] in SECRET_INS or command[0] in SM_CLASSES):  # secret_span's own test, inline
                 span = secret_span(command)
                 if span is not None:
                     start, n = span
