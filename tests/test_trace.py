@@ -375,3 +375,14 @@ def test_trace_options_from_the_config_file(tmp_path):
     config = options("--config", str(config_path))
     assert config["trace"] == [str(tmp_path / "a.jsonl")] and config["trace-readers"] == ["Emulated 01"]
     assert config["trace-unredacted"]
+
+
+def test_a_malformed_command_between_card_commands_is_not_a_card_exchange(tmp_path):
+    dispatcher, service = rig(tmp_path)
+    request = Request("Emulated 00", None, [make_command(["1", "APDU", "00A4000C023F00"]),
+                                            make_command(["2", "APDU", "ZZ"]),
+                                            make_command(["3", "APDU", "00B0000004"])])
+    results = [r for _, r in dispatcher.execute(request, Session("127.0.0.1:9"))]
+    assert results[1] == errors.MALFORMED
+    service.flush()
+    assert [r["command"] for r in lines(tmp_path)] == ["00A4000C023F00", "00B0000004"]

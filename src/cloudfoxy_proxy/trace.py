@@ -327,8 +327,8 @@ class Tracer:
         The hot path of tracing: a few attribute reads and one append."""
         command = run.request.commands[run.i]
         name = command.name
-        if (name != APDU and name != RESET) or not run.holding:
-            return
+        if (name != APDU and name != RESET) or not run.holding or command.error is not None:
+            return  # not a card command, not on the card (refused, queued), or not parsed
         reader = run.reader
         selected = self._selected.get(reader)
         if selected is None:
