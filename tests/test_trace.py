@@ -345,3 +345,44 @@ def test_card_error_keeps_its_code_in_replay():
 def test_emulated_backend_kind_is_replay(tmp_path):
     backend = from_url(f"emulated:?replay={recorded(tmp_path)}&prefix=Replayed")(Clock())
     assert isinstance(backend, EmulatedBackend) and backend.name(0) == "Replayed 00"
+
+
+def test_json_lines_are_what_as_dict_gives(tmp_path):
+    """The hand-written JSON-lines formatter and as_dict agree, record for record."""
+    dispatcher, service = rig(tmp_path, "piv")
+    run(dispatcher, "Emulated 00", *VERIFY["piv"][0], "00B0000004", reset=True)
+    dispatcher.registry.readers[0].backend.remove(0)
+    run(dispatcher, "Emulated 00", "00B0000004", reset=True)
+    service.flush()
+    got = lines(tmp_path)
+    assert len(got) == 6
+    written = list(dispatcher.trace.queue)  # emptied by flush: rebuild from the file's own fields
+    assert not written
+    for record in got:
+        event = "RESET" if record["event"] == "reset" else "APDU"
+        command = None if event == "RESET" else bytes.fromhex(record["command"])
+        result = record.get("result") or record.get("response") or record.get("atr")
+        again = as_dict((0.0, record["reader"], record["frontend"], record["identity"], record["peer"],
+                         event, command, result, record["ms"] / 1000), unredacted=True)
+        assert {k: v for k, v in again.items() if k != "time"} == {
+            k: v for k, v in record.items() if k not in ("time", "redacted")}
+
+
+def test_trace_options_from_the_config_file(tmp_path):
+    config_path = tmp_path / "proxy.toml"
+    config_path.write_text(f'trace = ["{tmp_path / "a.jsonl"}"]\ntrace-readers = ["Emulated 01"]\n'
+                           'trace-unredacted = true\n')
+    config = options("--config", str(config_path))
+    assert config["trace"] == [str(tmp_path / "a.jsonl")] and config["trace-readers"] == ["Emulated 01"]
+    assert config["trace-unredacted"]
+
+
+def test_a_malformed_command_between_card_commands_is_not_a_card_exchange(tmp_path):
+    dispatcher, service = rig(tmp_path)
+    request = Request("Emulated 00", None, [make_command(["1", "APDU", "00A4000C023F00"]),
+                                            make_command(["2", "APDU", "ZZ"]),
+                                            make_command(["3", "APDU", "00B0000004"])])
+    results = [r for _, r in dispatcher.execute(request, Session("127.0.0.1:9"))]
+    assert results[1] == errors.MALFORMED
+    service.flush()
+    assert [r["command"] for r in lines(tmp_path)] == ["00A4000C023F00", "00B0000004"]

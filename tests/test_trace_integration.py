@@ -173,3 +173,58 @@ def test_sighup_reopens_the_trace(proxy_factory, tmp_path):
     assert [r["command"] for r in records(trace)] == ["00B0000004"]
     assert [r["command"] for r in records(trace + ".1")] == ["00A4000C023F00"]
     assert os.stat(trace).st_mode & 0o777 == 0o600
+
+
+def test_live_trace_over_the_api_websocket(proxy_factory, tmp_path):
+    """An API identity follows one reader's exchanges over the WebSocket,
+    redacted like the files; a reader it may not see does not exist for it."""
+    from support import ApiAgent
+
+    creds = tmp_path / "creds.toml"
+    import hashlib
+
+    creds.write_text("".join(
+        f'[[client]]\nname = "{name}"\nsecret_sha256 = "{hashlib.sha256(secret.encode()).hexdigest()}"\n'
+        f'readers = {readers}\n\n' for name, secret, readers in (
+            ("watcher", "watcher-secret-0123456789", '["Emulated 00"]'),
+            ("user", "user-secret-0123456789abc", '["*"]'))))
+    trace = str(tmp_path / "t.jsonl")
+    proxy = proxy_factory("--backend", "emulated:?type=piv&cards=2", "--trace", trace, "--no-signing",
+                          "--credentials", str(creds), "--api", "tcp:0:interface=127.0.0.1", listeners=2)
+    base = f"http://127.0.0.1:{proxy.ports['ApiSite'][0]}"
+    with ApiAgent(base, "watcher-secret-0123456789") as agent:
+        assert agent.ws_open() == {"open": True}
+        agent.ws_send({"id": 1, "trace": "Emulated 00"})
+        assert agent.ws_recv()["msg"] == {"id": 1, "traced": "Emulated 00"}
+        agent.ws_send({"id": 2, "trace": "Emulated 01"})
+        assert agent.ws_recv()["msg"]["error"]["code"] == "C083"
+        with LineClient(port=proxy.port) as c:
+            assert c.results(">Emulated 01:user-secret-0123456789abc|\n>1:APDU:00B0000004|\n\n")
+            assert c.results(">Emulated 00:user-secret-0123456789abc|\n>1:APDU:00A4040009"
+                             + PIV_AID + "|\n>2:APDU:0020008008313233343536FFFF|\n\n")[1] == "9000"
+        first = agent.ws_recv()["msg"]
+        second = agent.ws_recv()["msg"]
+        assert first["event"] == "trace" and first["record"]["command"] == "00A4040009" + PIV_AID
+        assert first["record"]["identity"] == "user" and first["record"]["reader"] == "Emulated 00"
+        assert second["record"]["command"] == "0020008008" and second["record"]["redacted"] == 8
+        assert "313233343536" not in json.dumps(second)
+        agent.ws_send({"id": 3, "untrace": "Emulated 00"})
+        assert agent.ws_recv()["msg"] == {"id": 3, "untraced": "Emulated 00"}
+
+
+def test_sign_with_a_pin_leaves_no_pin_in_the_trace(proxy_factory, tmp_path):
+    """SIGN presents the reader line's PIN to the card itself (the
+    certificate index's VERIFY, front end ``signing``): redacted too."""
+    import hashlib
+
+    jsonl, pcap = str(tmp_path / "t.jsonl"), str(tmp_path / "t.pcapng")
+    proxy = proxy_factory("--backend", "emulated:?type=piv&cards=1", "--trace", jsonl, "--trace", pcap)
+    digest = hashlib.sha256(b"trace me").hexdigest()
+    with LineClient(port=proxy.port) as c:
+        wait_for(lambda: "Emulated PIV 00 Signing" in " ".join(c.results(">Emulated 00|\n>1:ALIASES|\n\n")), 10)
+        [signature] = c.results(f">Emulated PIV 00 Signing:123456|\n>1:SIGN:{digest}|\n\n")
+    assert not signature.startswith("C08"), signature
+    wait_for(lambda: any(r.get("redacted") and r["frontend"] == "signing" for r in records(jsonl)), 10)
+    time.sleep(0.2)
+    assert b"313233343536" not in open(jsonl, "rb").read().upper()  # the PIN's hex
+    assert b"123456" not in open(pcap, "rb").read()  # the PIN's bytes

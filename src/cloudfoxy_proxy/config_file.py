@@ -11,7 +11,7 @@ name; the command line overrides the file.
 
 Values: strings (numbers are accepted for numeric options), ``true`` /
 ``false`` for flags, lists of strings for the repeatable options
-(``listen``, ``backend``, ``vpcd``, ``ram-connect``, ``api-cors-origin``).  A repeatable option given on the
+(``listen``, ``backend``, ``vpcd``, ``ram-connect``, ``api-cors-origin``, ``trace``, ``trace-readers``).  A repeatable option given on the
 command line replaces the file's list.  An unknown key or a bad value stops
 start-up with one line naming the file, the line and the key.
 
@@ -32,7 +32,7 @@ except ModuleNotFoundError:  # Python < 3.11: the same parser, from PyPI
 from twisted.python import usage
 
 #: Options that may be given more than once: a list in the file.
-REPEATABLE = ("listen", "backend", "vpcd", "ram-connect", "api-cors-origin")
+REPEATABLE = ("listen", "backend", "vpcd", "ram-connect", "api-cors-origin", "trace", "trace-readers")
 
 
 def given_options(options, argv):

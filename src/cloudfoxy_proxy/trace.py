@@ -45,7 +45,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
 from . import errors
-from .apdu import SECRET_INS, secret_span
+from .apdu import SECRET_INS, SM_CLASSES, secret_span
 from .logs import Logger
 from .parser import APDU, RESET
 
@@ -150,6 +150,7 @@ class JsonLinesFile:
         self.unredacted = unredacted
         self.file = None
         self._quoted = {}  # (reader, frontend, identity, peer) -> their JSON members
+        self._hex = {}  # command APDU -> its hex (clients repeat their commands)
 
     def open(self):
         old, self.file = self.file, open_append(self.path, False)
@@ -164,6 +165,9 @@ class JsonLinesFile:
         quoted = self._quoted
         if len(quoted) > 10000:
             quoted.clear()
+        hexes = self._hex
+        if len(hexes) > 4096:
+            hexes.clear()
         out = []
         for when, reader, frontend, identity, peer, event, command, result, seconds in records:
             names = quoted.get((reader, frontend, identity, peer))
@@ -176,15 +180,17 @@ class JsonLinesFile:
                 key = "result" if result in errors.MEANING else "atr"
                 out.append(f'{head}"reset","ms":{seconds * 1000:.3f},"{key}":"{result}"}}\n')
                 continue
-            c = command[0] if command else 0
             hidden = ""
             if not unredacted and len(command) > 4 and (
-                    command[1] in SECRET_INS or (c & 0x20 if c & 0x40 else c & 0x0C)):
+                    command[1] in SECRET_INS or command[0] in SM_CLASSES):  # secret_span's own test, inline
                 command, n = redacted(command)
                 if n:
                     hidden = f',"redacted":{n}'
             key = "result" if result in errors.MEANING else "response"
-            out.append(f'{head}"apdu","ms":{seconds * 1000:.3f},"command":"{command.hex().upper()}"'
+            text = hexes.get(command)
+            if text is None:
+                text = hexes[command] = command.hex().upper()
+            out.append(f'{head}"apdu","ms":{seconds * 1000:.3f},"command":"{text}"'
                        f'{hidden},"{key}":"{result}"}}\n')
         self.file.write("".join(out))
         self.file.flush()
@@ -230,7 +236,8 @@ class PcapngFile:
             command, result = r[6], r[7]
             if r[5] != APDU or errors.is_error(result):
                 continue
-            if not self.unredacted:
+            if not self.unredacted and len(command) > 4 and (
+                    command[1] in SECRET_INS or command[0] in SM_CLASSES):  # secret_span's own test, inline
                 span = secret_span(command)
                 if span is not None:
                     start, n = span
@@ -250,18 +257,31 @@ _GSMTAP = struct.pack(">BBBBHbbIBBBB", GSMTAP_VERSION, 4, GSMTAP_TYPE_SIM, 0, 0,
                       GSMTAP_SIM_APDU, 0, 0, 0)  # hdr_len 4 words; no timeslot, ARFCN, frame number
 
 
+_IP = struct.Struct(">BBHHHBBH4s4s")
+_UDP = struct.Struct(">HHHH")
+_LOOPBACK = b"\x7f\0\0\1"
+
+
+def _ip_checksum_base():
+    words = struct.unpack(">10H", _IP.pack(0x45, 0, 0, 0, 0, 64, 17, 0, _LOOPBACK, _LOOPBACK))
+    return sum(words)
+
+
+#: The IPv4 header's one's-complement sum without its total length field.
+_IP_SUM = _ip_checksum_base()
+
+
 def gsmtap_frame(payload):
     """An IPv4 packet 127.0.0.1 -> 127.0.0.1, UDP 4729 -> 4729, carrying
     the 16-byte GSMTAP header (version 2, type SIM, sub-type APDU) and
     ``payload`` (command APDU then response APDU)."""
     udp_length = 8 + len(_GSMTAP) + len(payload)
     total = 20 + udp_length
-    header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0, b"\x7f\0\0\1", b"\x7f\0\0\1")
-    s = sum(struct.unpack(">10H", header))
+    s = _IP_SUM + total
     s = (s & 0xFFFF) + (s >> 16)
     s = (s & 0xFFFF) + (s >> 16)
-    header = header[:10] + struct.pack(">H", ~s & 0xFFFF) + header[12:]
-    return header + struct.pack(">HHHH", GSMTAP_PORT, GSMTAP_PORT, udp_length, 0) + _GSMTAP + payload
+    return b"".join((_IP.pack(0x45, 0, total, 0, 0, 64, 17, ~s & 0xFFFF, _LOOPBACK, _LOOPBACK),
+                     _UDP.pack(GSMTAP_PORT, GSMTAP_PORT, udp_length, 0), _GSMTAP, payload))
 
 
 def trace_file(path, unredacted=False):
@@ -307,8 +327,8 @@ class Tracer:
         The hot path of tracing: a few attribute reads and one append."""
         command = run.request.commands[run.i]
         name = command.name
-        if (name != APDU and name != RESET) or not run.holding:
-            return
+        if (name != APDU and name != RESET) or not run.holding or command.error is not None:
+            return  # not a card command, not on the card (refused, queued), or not parsed
         reader = run.reader
         selected = self._selected.get(reader)
         if selected is None:

@@ -234,8 +234,9 @@ class ApiWebSocket(WebSocketServerProtocol):
 
     @property
     def busy(self):
-        """Not idle for limits.py while subscribed, holding a card or waiting on one."""
-        return bool(self.inflight) or self.session.card is not None or self in self.factory.api.events.subscribers
+        """Not idle for limits.py while subscribed, following a trace, holding a card or waiting on one."""
+        return bool(self.inflight) or self.session.card is not None or self in self.factory.api.events.subscribers \
+            or bool(self.__dict__.get("_traced"))  # following a live trace
 
     def send(self, obj):
         if self.state == self.STATE_OPEN:
@@ -286,6 +287,8 @@ class ApiWebSocket(WebSocketServerProtocol):
                     raise ApiError(409, "this connection holds no card")
                 card.close()
                 return self.send({"id": mid, "released": True})
+            if "trace" in msg or "untrace" in msg:  # the live trace (docs/trace.md "Live view")
+                return self.send(dict(self._live_trace(msg), id=mid))
             reader = msg.get("reader")
             if not isinstance(reader, str):
                 raise ApiError(400, "reader must be a reader name")
@@ -370,9 +373,45 @@ class ApiWebSocket(WebSocketServerProtocol):
     def _error(self, mid, e):
         self.send({"id": mid, "error": {"code": e.code, "message": e.message}})
 
+    def _live_trace(self, msg):
+        """``{"trace": READER}`` / ``{"untrace": READER}``: follow (or stop
+        following) the --trace records of a reader this identity may see
+        (``Dispatcher.target`` under its identity), redacted as the files."""
+        api = self.factory.api
+        tracer = api.dispatcher.trace
+        name = msg.get("trace", msg.get("untrace"))
+        if not isinstance(name, str):
+            raise ApiError(400, "trace must be a reader name")
+        found = api.dispatcher.target(CardRequest(name, None), self.identity)
+        if found.__class__ is str:
+            raise ApiError.of(found, name)
+        watching = self.__dict__.setdefault("_traced", {})
+        if "untrace" in msg:
+            stop = watching.pop(found.name, None)
+            if stop is not None:
+                stop()
+            return {"untraced": found.name}
+        if tracer is None or not tracer.traces(found):
+            raise ApiError(409, f"{found.name} is not traced (start the proxy with --trace)")
+        if found.name not in watching:
+            if len(watching) >= 16:
+                raise ApiError(409, "at most 16 live traces per connection")
+
+            def tell(record, reader=found.name):
+                if buffered_bytes(self.transport) > MAX_SUBSCRIBER_BACKLOG:
+                    watching.pop(reader, lambda: None)()
+                    self.send({"event": "untraced", "reader": reader, "reason": "not reading"})
+                    return
+                self.send({"event": "trace", "record": record})
+
+            watching[found.name] = tracer.watch(found.name, tell)
+        return {"traced": found.name}
+
     def onClose(self, wasClean, code, reason):
         api = self.factory.api
         api.events.subscribers.discard(self)
+        for stop in list(self.__dict__.pop("_traced", {}).values()):  # live traces
+            stop()
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
         for d in list(getattr(self, "inflight", {}).values()):
