@@ -418,11 +418,13 @@ def test_pcsc_power_up_reset_reaches_every_line_connection_once(bridge, slot):
         time.sleep(1.5)  # no PC/SC program connected: pcscd powers the vpcd card down
         ctx, card, proto = _scard_connect()  # ... and up: the bridge resets the card
         _scard_close(ctx, card)
-        for c in (a, b):
+        for c in (a, b):  # (one card: its current EF is every client's)
             assert c.results(f">Emulated 00|\n>1:APDU:{READ_BINARY}|\n\n") == ["C080"]
+        for c in (a, b):
             assert c.results(f">Emulated 00|\n>1:APDU:{READ_BINARY}|\n\n") == ["6986"]
-            assert c.results(">Emulated 00|\n>1:APDU:00A4080C0450005001|\n>2:APDU:00B0000004|\n\n") \
-                == ["9000", "CAFEBABE9000"]
+        assert b.results(">Emulated 00|\n>1:APDU:00A4080C0450005001|\n>2:APDU:00B0000004|\n\n") \
+            == ["9000", "CAFEBABE9000"]
+        assert a.results(f">Emulated 00|\n>1:APDU:{READ_BINARY}|\n\n") == ["CAFEBABE9000"]
     with LineClient(port=proxy.port) as c:
         assert c.results(">Emulated 00|\n>1:RESET|\n>2:APDU:00A4080C0450005001|\n\n") \
             == [EMULATED_ATR.hex().upper(), "9000"]
