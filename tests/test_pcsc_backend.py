@@ -891,6 +891,25 @@ class IdleReleaseTests(SynchronousTestCase):
         self.assertEqual(self.request(h, b, "00A4000C023F00"), ["9000"])
         self.assertEqual(self.request(h, Session("a2"), "00A4000C023F00"), ["9000"])
 
+    def test_powered_down_while_another_program_held_it(self):
+        """A command while another program holds the card exclusively gets
+        C086; the comparison with the released card waits for the next
+        connect that works."""
+        h = Harness(self, idle_release=5.0)
+        a = Session("a")
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+        h.reactor.advance(5.0)
+        h.run_readers()
+        s = h.scard
+        _, ctx = s.SCardEstablishContext(s.SCARD_SCOPE_USER)
+        hr, other, _ = s.SCardConnect(ctx, R0, s.SCARD_SHARE_EXCLUSIVE, s.SCARD_PROTOCOL_T1)
+        self.assertEqual(hr, 0)
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["C086"])
+        s.SCardDisconnect(other, s.SCARD_LEAVE_CARD)
+        s.power_down(R0)
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["C080"])
+        self.assertEqual(self.request(h, a, "00A4000C023F00"), ["9000"])
+
     def test_swapped_meanwhile_is_c080(self):
         h = Harness(self, idle_release=5.0)
         a = Session("a")

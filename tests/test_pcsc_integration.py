@@ -398,3 +398,99 @@ def test_card_reset_by_another_program_is_c080_once(cards, pcsc_proxy):
             ("1", "C080"), ("2", "9000")]
         assert apdu(c, SLOT0, GET_CHALLENGE).endswith("9000")
         assert apdu(c, SLOT1, SELECT_MF) == "9000"  # the other card never noticed
+
+
+def _exclusive_connect(reader, timeout):
+    """Another program's SCardConnect(SCARD_SHARE_EXCLUSIVE), retried until
+    it works or ``timeout`` seconds pass: (seconds it took, handle, context,
+    protocol);
+    AssertionError naming the last result otherwise."""
+    from smartcard import scard
+
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert hr == scard.SCARD_S_SUCCESS
+    t0 = time.monotonic()
+    while True:
+        hr, handle, protocol = scard.SCardConnect(ctx, reader, scard.SCARD_SHARE_EXCLUSIVE,
+                                                  scard.SCARD_PROTOCOL_ANY)
+        if hr == scard.SCARD_S_SUCCESS:
+            return time.monotonic() - t0, handle, ctx, protocol
+        if time.monotonic() - t0 > timeout:
+            scard.SCardReleaseContext(ctx)
+            raise AssertionError(f"exclusive SCardConnect kept failing: 0x{hr & 0xFFFFFFFF:08X}")
+        time.sleep(0.05)
+
+
+def test_idle_release_lets_an_exclusive_program_in(cards, proxy_factory):
+    """idle_release=1: a second after the last request the proxy lets the
+    handle go; a program's SCARD_SHARE_EXCLUSIVE connect then works, and
+    while it holds the card the proxy answers C086 (sharing violation).
+    After it left, pcscd powers the unused card down: every connection
+    that used the card gets C080 exactly once, then the card's answers."""
+    from smartcard import scard
+
+    proxy = proxy_factory("--backend", "pcsc:?readers=00 01$&idle_release=1",
+                          "--command-timeout", str(TIMEOUT))
+    with proxy.client() as a, proxy.client() as b:
+        wait_for(a, SLOT1, "9000", 10.0, allowed={"C083", "C080"})
+        assert apdu(b, SLOT1, SELECT_MF) == "9000"
+        hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        hr, handle, _ = scard.SCardConnect(ctx, SLOT1, scard.SCARD_SHARE_EXCLUSIVE,
+                                           scard.SCARD_PROTOCOL_ANY)
+        scard.SCardReleaseContext(ctx)
+        assert hr == scard.SCARD_E_SHARING_VIOLATION  # just used: the proxy holds it
+        took, handle, ctx, protocol = _exclusive_connect(SLOT1, 5.0)
+        assert took < 1.5, took
+        try:
+            hr, answer = scard.SCardTransmit(handle, protocol, list(bytes.fromhex(SELECT_MF)))
+            assert (hr, bytes(answer).hex().upper()) == (0, "9000")
+            assert apdu(a, SLOT1, SELECT_MF) == "C086"  # the program has it alone
+        finally:
+            scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+            scard.SCardReleaseContext(ctx)
+        time.sleep(2.0)  # pcscd powers the unused card down (vpcd: within 0.8 s)
+        assert a.results(f">{SLOT1}|\n>1:APDU:{SELECT_MF}|\n>2:APDU:{GET_CHALLENGE}|\n\n")[0] == "C080"
+        assert apdu(a, SLOT1, SELECT_MF) == "9000"
+        assert apdu(b, SLOT1, SELECT_MF) == "C080"
+        assert apdu(b, SLOT1, SELECT_MF) == "9000"
+
+
+def test_idle_release_reconnect_is_not_a_reset(cards, proxy_factory):
+    """While another program keeps a shared handle (so pcscd keeps the card
+    powered), the proxy's release and reconnect change nothing: no C080."""
+    from smartcard import scard
+
+    proxy = proxy_factory("--backend", "pcsc:?readers=00 01$&idle_release=0.5",
+                          "--command-timeout", str(TIMEOUT))
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    hr, handle, _ = scard.SCardConnect(ctx, SLOT1, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_ANY)
+    assert hr == scard.SCARD_S_SUCCESS
+    try:
+        with proxy.client() as a:
+            wait_for(a, SLOT1, "9000", 10.0, allowed={"C083", "C080"})
+            for _ in range(3):
+                time.sleep(1.5)  # released after 0.5 s each time
+                assert apdu(a, SLOT1, SELECT_MF) == "9000"
+    finally:
+        scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+        scard.SCardReleaseContext(ctx)
+
+
+def test_reset_by_another_program_reaches_every_connection_once(cards, pcsc_proxy):
+    """Another program resets the card (SCardReconnect SCARD_RESET_CARD):
+    each of two line connections that used it gets C080 once, then data."""
+    from smartcard import scard
+
+    with pcsc_proxy.client() as a, pcsc_proxy.client() as b:
+        assert apdu(a, SLOT0, SELECT_MF) == "9000"
+        assert apdu(b, SLOT0, SELECT_MF) == "9000"
+        hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        hr, handle, _ = scard.SCardConnect(ctx, SLOT0, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_ANY)
+        assert hr == scard.SCARD_S_SUCCESS
+        hr, _ = scard.SCardReconnect(handle, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_ANY,
+                                     scard.SCARD_RESET_CARD)
+        assert hr == scard.SCARD_S_SUCCESS
+        scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+        scard.SCardReleaseContext(ctx)
+        assert [apdu(a, SLOT0, SELECT_MF) for _ in range(2)] == ["C080", "9000"]
+        assert [apdu(b, SLOT0, SELECT_MF) for _ in range(2)] == ["C080", "9000"]

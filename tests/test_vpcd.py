@@ -22,7 +22,8 @@ from cloudfoxy_proxy.interfaces import IBackend
 from cloudfoxy_proxy.backends.emulated import EmulatedBackend
 from cloudfoxy_proxy.cards.iso7816 import Iso7816Card
 from cloudfoxy_proxy.access import Access
-from cloudfoxy_proxy.dispatch import Dispatcher
+from cloudfoxy_proxy.dispatch import Dispatcher, Session
+from cloudfoxy_proxy.parser import make_command
 from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.registry import ReaderRegistry
 from cloudfoxy_proxy.frontends.vpcd import (
@@ -571,6 +572,30 @@ class BridgeTests(SynchronousTestCase):
         self.assertEqual(self.line("RESET"), [ATR.hex().upper()])  # connected again: shown again
         self.h.clock.advance(0)
         self.assertTrue(second.lost)
+
+    def test_power_on_reset_reaches_line_connections_once(self):
+        """pcscd's power up resets the card: a line connection that used it
+        gets C080 once, then runs; the bridge is not told of its own reset."""
+        self.start()
+        proto = self.bridge.protocol
+        a, b = Session("a"), Session("b", frontend="api")
+        line = lambda s, *c: [r for _, r in self.successResultOf(self.h.dispatcher.submit(
+            "Emulated 00", [make_command(["1", *c])], session=s))]
+        self.assertEqual(line(a, "APDU", "00A4000C023F00"), ["9000"])
+        self.assertEqual(line(b, "APDU", "00A4000C023F00"), ["9000"])
+        proto.dataReceived(ctrl(POWER_OFF) + ctrl(POWER_ON) + frame(SELECT_MF))
+        self.assertEqual(answers(self.vpcd.current), [b"\x90\x00"])  # the bridge: no C080
+        for s in (a, b):
+            self.assertEqual(line(s, "APDU", "00A4000C023F00"), ["C080"])
+            self.assertEqual(line(s, "APDU", "00A4000C023F00"), ["9000"])
+        # another client's RESET: the bridge shows pcscd a removal and, connected
+        # again, is not told a second time (its first APDU runs)
+        self.assertEqual(line(a, "RESET"), [ATR.hex().upper()])
+        self.h.clock.advance(vpcd.REINSERT_DELAY + 0.2)
+        second = self.vpcd.current
+        second.protocol.dataReceived(ctrl(POWER_ON) + frame(SELECT_MF))
+        self.assertEqual(answers(second), [b"\x90\x00"])
+        self.assertEqual(line(b, "APDU", "00A4000C023F00"), ["C080"])
 
     def test_exclusive_reserves_the_card(self):
         bridge = VpcdBridge(self.h.card, self.h.registry, self.vpcd, self.h.clock,

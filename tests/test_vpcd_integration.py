@@ -401,3 +401,30 @@ def test_no_probe_behind_a_pcsc_program_after_its_reset(bridge, slot):
     finally:
         _scard_close(ctx, card)
     assert "PIV card with" in proxy.log()  # signing was on: the card was probed when it arrived
+
+
+def test_pcsc_power_up_reset_reaches_every_line_connection_once(bridge, slot):
+    """pcscd powers the idle bridged card down and a PC/SC program's connect
+    powers it up: the bridge resets the backend card, and each of two line
+    connections that had state on it gets C080 exactly once, then the card
+    as the reset left it (6986: no current EF) and its data after a new
+    SELECT; a line connection that resets first gets no C080."""
+    proxy = bridge()
+    with LineClient(port=proxy.port) as a, LineClient(port=proxy.port) as b:
+        assert a.results(">Emulated 00|\n>1:APDU:00A4080C0450005001|\n>2:APDU:00D6000004CAFEBABE|\n\n") \
+            == ["9000", "9000"]
+        assert b.results(">Emulated 00|\n>1:APDU:00A4080C0450005001|\n>2:APDU:00B0000004|\n\n") \
+            == ["9000", "CAFEBABE9000"]
+        time.sleep(1.5)  # no PC/SC program connected: pcscd powers the vpcd card down
+        ctx, card, proto = _scard_connect()  # ... and up: the bridge resets the card
+        _scard_close(ctx, card)
+        for c in (a, b):  # (one card: its current EF is every client's)
+            assert c.results(f">Emulated 00|\n>1:APDU:{READ_BINARY}|\n\n") == ["C080"]
+        for c in (a, b):
+            assert c.results(f">Emulated 00|\n>1:APDU:{READ_BINARY}|\n\n") == ["6986"]
+        assert b.results(">Emulated 00|\n>1:APDU:00A4080C0450005001|\n>2:APDU:00B0000004|\n\n") \
+            == ["9000", "CAFEBABE9000"]
+        assert a.results(f">Emulated 00|\n>1:APDU:{READ_BINARY}|\n\n") == ["CAFEBABE9000"]
+    with LineClient(port=proxy.port) as c:
+        assert c.results(">Emulated 00|\n>1:RESET|\n>2:APDU:00A4080C0450005001|\n\n") \
+            == [EMULATED_ATR.hex().upper(), "9000"]

@@ -147,7 +147,6 @@ class _Link:
         connected meanwhile is not seen."""
         s = self.scard
         counter, atr = self.released
-        self.released = None
         hr, handle, _active = s.SCardConnect(self.ctx, self.name, s.SCARD_SHARE_DIRECT, 0)
         if hr != s.SCARD_S_SUCCESS:
             return None  # the real connect says what is wrong
@@ -192,8 +191,9 @@ class _Link:
                 self.close()
                 raise _Retry()
             if hr != s.SCARD_S_SUCCESS:
-                raise self._error("connect", hr)
+                raise self._error("connect", hr)  # (what was let go is still compared next time)
             self.handle, self.active = handle, active
+            self.released = None
             if changed:
                 # the APDU is not sent: C080, as for SCARD_W_RESET_CARD
                 raise CardError(errors.NO_CARD, f"{self.name}: connected again after an idle "
