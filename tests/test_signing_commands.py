@@ -444,3 +444,36 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(len(load_ca_certs(d)), 3)
         for bad in (os.path.join(d, "notes.txt"), os.path.join(d, "missing")):
             self.assertRaises(ValueError, load_ca_certs, bad)
+
+
+class Releasing(Counting):
+    """A backend with the optional ``release(key)`` (as pcsc: has, to end
+    its transaction and start its idle release): records each call and
+    whether an APDU was sent after the last one."""
+
+    def __attrs_post_init__(self):
+        super().__attrs_post_init__()
+        self.released = []
+
+    def release(self, key):
+        self.released.append((key, self.apdus))
+
+
+class ProbeReleaseTests(SynchronousTestCase):
+    def test_the_certificate_probe_releases_the_card_like_a_request(self):
+        """The proxy's own probe of an arriving card ends its turn through
+        the backend's ``release`` too: without it a pcsc: card stayed inside
+        the probe's PC/SC transaction, and every other program's
+        SCardConnect waited for ever."""
+        clock = Clock()
+        registry = ReaderRegistry()
+        index = CertIndex(registry, clock, 15.0)
+        index.start()
+        made = emulated.from_url("emulated:?type=piv&cards=1&prefix=R")(clock)
+        b = Releasing(clock, made.cards, prefix="R", kind="piv")
+        b.start(registry)
+        clock.advance(0)
+        self.assertGreater(b.apdus, 0)  # the probe ran on the card
+        self.assertTrue(b.released, "the probe never released the card")
+        self.assertEqual(b.released[-1][1], b.apdus, "APDUs were sent after the last release")
+        self.assertFalse(registry.readers[0].queue.busy)

@@ -162,7 +162,7 @@ class Reader:
     card queue survive the reader vanishing and coming back."""
 
     __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info",
-                 "release", "batch", "holder", "exclusive", "generation", "known")
+                 "release", "batch", "holder", "held_since", "exclusive", "generation", "known")
 
     def __init__(self, name, backend, key, queue):
         self.name = name
@@ -181,6 +181,8 @@ class Reader:
         #: vpcd bridge while connected to vpcd), or None; the proxy's own
         #: work on the card (certificate probes) never runs while it is set
         self.holder = None
+        #: with ``holder``: since when (the dispatcher clock's seconds), for the status page
+        self.held_since = None
         #: with ``holder``: other sessions' card commands get C086 at once
         self.exclusive = False
         #: the card's reset generation (docs/backends.md, "Resets"): +1 at
@@ -191,6 +193,15 @@ class Reader:
         #: identity name, see :func:`client_of`; bounded by the configured
         #: identities): what a new connection of that client is taken to know
         self.known = {}
+
+    def done(self):
+        """The card's current turn is over (a request, a card session or
+        the proxy's own probe): the backend may end its per-request state
+        (``release(key)``: pcsc: ends its transaction and starts counting
+        ``idle_release``), then the queue's next waiter gets the card."""
+        if self.release is not None:
+            self.release(self.key)
+        self.queue.release()
 
     def __repr__(self):
         return f"<Reader {self.name!r}>"

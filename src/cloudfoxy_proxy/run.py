@@ -426,9 +426,7 @@ class RequestRun:
             reader = self.reader
             queue = self.queue
             if queue is reader.queue:
-                if reader.release is not None:
-                    reader.release(reader.key)
-                queue.release()
+                reader.done()
             else:  # a card session's turn: the card stays held
                 queue.release()
                 self.card.request_done()

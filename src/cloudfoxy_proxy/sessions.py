@@ -142,9 +142,7 @@ class CardSession:
             self.session.card = None
         if reader.holder is self.session:
             reader.holder = None
-        if reader.release is not None:
-            reader.release(reader.key)
-        reader.queue.release()
+        reader.done()
 
 
 def held_by(reader):
@@ -159,8 +157,8 @@ def holder(reader, now):
     ``{"frontend", "identity", "peer", "held_seconds", "queued"}`` with
     the holder's front end, identity name (None: not authenticated), peer
     (``host:port`` or a description), seconds held by ``now`` (the
-    dispatcher clock's time; None when the holder is not a card session,
-    e.g. a vpcd bridge) and its own requests waiting inside the session."""
+    dispatcher clock's time; a vpcd bridge counts from its connect to
+    vpcd) and its own requests waiting inside the session."""
     session = reader.holder
     if session is None:
         return None
@@ -168,10 +166,11 @@ def holder(reader, now):
     if card is not None and card.reader is not reader:
         card = None
     identity = session.identity
+    since = reader.held_since if card is None else card.granted_at
     return {
         "frontend": session.frontend,
         "identity": getattr(identity, "name", None),
         "peer": session.peer,
-        "held_seconds": None if card is None or card.granted_at is None else max(0.0, now - card.granted_at),
+        "held_seconds": None if since is None else max(0.0, now - since),
         "queued": 0 if card is None else len(card.queue),
     }

@@ -140,7 +140,7 @@ class _Turn:
         d.addBoth(self._finished)
 
     def _finished(self, outcome):
-        self.reader.queue.release()
+        self.reader.done()  # pcsc: ends the probe's transaction, as after a request
         self.result.callback(outcome)  # a Failure outcome errbacks
 
 
