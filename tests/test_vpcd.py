@@ -540,6 +540,17 @@ class BridgeTests(SynchronousTestCase):
         self.h.clock.advance(0)
         self.assertIsNone(reader.holder)
 
+    def test_the_status_page_sees_the_bridge_hold_since_its_connect(self):
+        from cloudfoxy_proxy.sessions import holder
+
+        reader = self.h.registry.get("Emulated 00")
+        self.h.clock.advance(100)
+        self.start()
+        self.h.clock.advance(7.5)
+        who = holder(reader, self.h.clock.seconds())
+        self.assertEqual(who["frontend"], self.h.card.session.frontend)
+        self.assertAlmostEqual(who["held_seconds"], 7.5, delta=0.2)  # start() itself takes ~0.1 s
+
     def test_reset_by_another_client_shows_pcscd_a_removal(self):
         self.start()
         first = self.vpcd.current

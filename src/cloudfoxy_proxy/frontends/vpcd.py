@@ -561,6 +561,7 @@ class VpcdBridge(Service):
         self._held = reader
         if reader.holder is None:  # (a second bridge on the card does not hold it)
             reader.holder = self.card.session
+            reader.held_since = self.clock.seconds()
             reader.exclusive = self.exclusive
 
     def _let_go(self):
