@@ -409,7 +409,7 @@ class FromUrlTests(SynchronousTestCase):
         verifyObject(IBackend, backend)
         self.assertEqual((backend.mode, backend.protocol, backend.chain, backend.readers),
                          ("shared", "any", False, None))
-        self.assertEqual(backend.description, "pcsc: all readers, shared, protocol any, idle release 5s")
+        self.assertEqual(backend.description, "pcsc: all readers, shared, protocol any, idle release 0.5s")
 
     def test_parameters(self):
         make = pcsc.from_url("pcsc:?readers=^Virtual.*01$&mode=exclusive&protocol=T1&chain=1",

@@ -1,6 +1,6 @@
 """``pcsc:`` — the PC/SC readers of this machine (USB readers via pcscd).
 
-``pcsc:?readers=REGEX&mode=shared&protocol=any&chain=0&idle_release=5``
+``pcsc:?readers=REGEX&mode=shared&protocol=any&chain=0&idle_release=0.5``
 
 * ``readers``  — only readers whose PC/SC name matches this regular
   expression (searched, case-insensitive); default: all readers.
@@ -11,7 +11,7 @@
 * ``chain``    — ``1``: follow ``61xx`` with GET RESPONSE and answer
   ``6Cxx`` by re-sending with that Le; ``0`` (default): the card's exact
   answer.
-* ``idle_release`` — seconds (default 5; 0: never) without a request or
+* ``idle_release`` — seconds (default 0.5; 0: never) without a request or
   card session after which a reader's card handle is let go
   (``SCardDisconnect(SCARD_LEAVE_CARD)``), so programs that want the card
   exclusively get it between the proxy's requests; the next command
@@ -46,7 +46,7 @@ from .pcsc_thread import _Down, _Link, _message, _Monitor, abandon_pool, make_th
 
 MODES = ("shared", "exclusive")
 #: Default seconds of idleness before a reader's card handle is let go.
-IDLE_RELEASE = 5.0
+IDLE_RELEASE = 0.5
 PROTOCOLS = ("any", "t0", "t1")
 
 INSTALL_PYSCARD = ("pip install '.[pcsc]' from a clone of cloudfoxy-proxy (pyscard builds from source: "
