@@ -14,7 +14,9 @@ the same virtualenv builds pyscard and ``twistd foxyproxy --backend pcsc:``
 serves the PC/SC rig's readers.
 """
 
+import base64
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,13 +139,11 @@ def test_pcsc_install_fresh_venv(tmp_path, wheels, request):
     try:
         def port():
             assert proc.poll() is None, (tmp_path / "proxy.log").read_text()
-            import re
             m = re.search(r"LineFactory starting on (\d+)", (tmp_path / "proxy.log").read_text(errors="replace"))
             return m and int(m.group(1))
         number = wait_for(port, timeout=60, what="the pcsc: proxy's listener")
         out = subprocess.run(["bash", "-c", f"printf '>*|\\n>1:READERS|\\n\\n' | nc -N {HOST} {number}"],
                              capture_output=True, text=True, timeout=30)
-        import base64
         names = [base64.b64decode(n).decode() for n in out.stdout.splitlines()[0][3:].split("|")]
         assert any(n.startswith("Virtual PCD") for n in names), (out.stdout, names)
     finally:
