@@ -8,7 +8,11 @@ it needs the network, the pytest phase never does):
   written), and the wheels of its dependencies and build backend, into the
   directory given as the argument (``CLOUDFOXY_TEST_WHEELS``), for
   tests/test_packaging.py and the README's install command
-  (tests/test_readme.py).
+  (tests/test_readme.py);
+* pyscard's source distribution (the ``pcsc`` extra; no Linux wheel is
+  assumed) and the wheels of its build requirements (setuptools, swig), into
+  the same directory: tests/test_pcsc_install.py builds it in a new
+  virtualenv with ``pip install '.[pcsc]'`` offline.
 
 Usage: ``.venv/bin/python tests/provision.py WHEEL_DIR``.  Prints what it
 installs; exit status non-zero with one line on stderr on failure.
@@ -62,8 +66,24 @@ def wheel(out):
     print(f"  wheels: {len(os.listdir(out))} in {out} (the project's and its dependencies')")
 
 
+def pyscard_source(out):
+    import configparser
+
+    extras = configparser.ConfigParser()
+    extras.read(os.path.join(ROOT, "setup.cfg"))
+    pcsc = extras["options.extras_require"]["pcsc"].split()
+    # --no-binary: what a fresh machine builds (pyscard's pyproject.toml
+    # build requirements are setuptools and swig, from wheels)
+    run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+         "--no-binary", "pyscard", "-d", out, " ".join(pcsc), "setuptools", "swig", "wheel"],
+        "downloading pyscard's source and build requirements")
+    print(f"  pyscard: {', '.join(n for n in sorted(os.listdir(out)) if n.lower().startswith(('pyscard', 'swig')))}"
+          f" in {out}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: tests/provision.py WHEEL_DIR")
     foxyproxy()
     wheel(sys.argv[1])
+    pyscard_source(sys.argv[1])

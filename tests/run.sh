@@ -10,7 +10,8 @@
 #      changed since the last run);
 #   3. provisions the original FoxyProxy 2.10 for the differential tests
 #      (.venv-foxyproxy, its own virtualenv) and builds the project's wheel
-#      for the packaging tests into this run's own directory.
+#      for the packaging tests into this run's own directory, beside
+#      pyscard's source for the fresh-venv PC/SC install test.
 # Pytest phase (no network): pytest over tests/ (extra arguments go to
 # pytest); as root it runs in a network namespace of its own with only
 # loopback (unshare --net), which tests/test_offline.py checks.
