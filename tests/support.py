@@ -471,3 +471,60 @@ def site_treq(site):
     stub = StubTreq(site.resource)
     stub._agent._serverFactory = site
     return stub
+
+
+def tls_half_close(port, ctx, request, timeout=10.0):
+    """Over ``ctx`` (an _ssl.SSLContext, offering ALPN or not): handshake, send ``request``, then close_notify
+    (``unwrap``) with the TCP connection left open, as a client that is
+    done sending does; returns ``(what arrived, how it ended)``: ``"close_notify"``
+    (the proxy's own, after its answers), ``"eof"`` (TCP closed without
+    it) or ``"timeout"``."""
+    import ssl as _ssl
+
+    raw = socket.create_connection((HOST, port), timeout)
+    incoming, outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=HOST)
+    got, how = b"", "timeout"
+    try:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except _ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                data = raw.recv(65536)
+                assert data, "the proxy closed during the handshake"
+                incoming.write(data)
+        raw.sendall(outgoing.read())
+        assert obj.selected_alpn_protocol() in (None, "http/1.1")
+        obj.write(request)
+        try:
+            obj.unwrap()  # close_notify right after the request
+        except _ssl.SSLWantReadError:
+            pass
+        raw.sendall(outgoing.read())
+        deadline = time.monotonic() + timeout
+        while how == "timeout" and time.monotonic() < deadline:
+            raw.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = raw.recv(65536)
+            except socket.timeout:
+                break
+            if not data:
+                how = "eof"
+                break
+            incoming.write(data)
+            while True:
+                try:
+                    chunk = obj.read(65536)
+                except _ssl.SSLWantReadError:
+                    break
+                except _ssl.SSLZeroReturnError:
+                    how = "close_notify"
+                    break
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        raw.close()
+    return got, how

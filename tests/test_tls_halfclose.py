@@ -143,54 +143,15 @@ class Endpoints(SynchronousTestCase):
 
 def _mtls_half_close(port, d, alpn):
     import os
-    import socket
     import ssl
-    import time
+
+    from support import tls_half_close
 
     ctx = ssl.create_default_context(cafile=os.path.join(d, "ca.pem"))
     ctx.load_cert_chain(os.path.join(d, "client.pem"), os.path.join(d, "client.key"))
     if alpn:
         ctx.set_alpn_protocols(["h2", "http/1.1"])
-    raw = socket.create_connection(("127.0.0.1", port), 10)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
-    got, how = b"", "timeout"
-    with raw:
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                raw.sendall(outgoing.read())
-                incoming.write(raw.recv(65536))
-        raw.sendall(outgoing.read())
-        obj.write(b">Emulated 00|\n>1:APDU:00A4000C023F00|\n>2:APDU:0084000008|\n\n")
-        try:
-            obj.unwrap()
-        except ssl.SSLWantReadError:
-            pass
-        raw.sendall(outgoing.read())
-        deadline = time.monotonic() + 10
-        while how == "timeout" and time.monotonic() < deadline:
-            raw.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = raw.recv(65536)
-            except socket.timeout:
-                break
-            if not data:
-                how = "eof"
-                break
-            incoming.write(data)
-            while True:
-                try:
-                    chunk = obj.read(65536)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    how = "close_notify"
-                    break
-                got += chunk
-    return got, how
+    return tls_half_close(port, ctx, b">Emulated 00|\n>1:APDU:00A4000C023F00|\n>2:APDU:0084000008|\n\n")
 
 
 import pytest  # noqa: E402

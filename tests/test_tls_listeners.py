@@ -30,6 +30,7 @@ import time
 
 import pytest
 
+import support
 from support import HOST, ProxyProcess, accepts, free_port, wait_for
 
 TOKENS = {"rest": "rest-token-0123456789", "api": "api-token-0123456789",
@@ -457,58 +458,8 @@ def test_refused_without_credentials(tls, listener, tmp_path):
 # --- TLS half-close: the request, then the client's close_notify -------------------------------
 
 def tls_half_close(port, cert, alpn, request, timeout=10.0):
-    """Handshake (offering ALPN or not), send ``request``, then close_notify
-    (``unwrap``) with the TCP connection left open, as a client that is
-    done sending does; returns ``(what arrived, how it ended)``: ``"close_notify"``
-    (the proxy's own, after its answers), ``"eof"`` (TCP closed without
-    it) or ``"timeout"``."""
-    raw = socket.create_connection((HOST, port), timeout)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = context(cert, alpn).wrap_bio(incoming, outgoing, server_hostname=HOST)
-    got, how = b"", "timeout"
-    try:
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                raw.sendall(outgoing.read())
-                data = raw.recv(65536)
-                assert data, "the proxy closed during the handshake"
-                incoming.write(data)
-        raw.sendall(outgoing.read())
-        assert obj.selected_alpn_protocol() in (None, "http/1.1")
-        obj.write(request)
-        try:
-            obj.unwrap()  # close_notify right after the request
-        except ssl.SSLWantReadError:
-            pass
-        raw.sendall(outgoing.read())
-        deadline = time.monotonic() + timeout
-        while how == "timeout" and time.monotonic() < deadline:
-            raw.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                data = raw.recv(65536)
-            except socket.timeout:
-                break
-            if not data:
-                how = "eof"
-                break
-            incoming.write(data)
-            while True:
-                try:
-                    chunk = obj.read(65536)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    how = "close_notify"
-                    break
-                if not chunk:
-                    break
-                got += chunk
-    finally:
-        raw.close()
-    return got, how
+    """support.tls_half_close with this module's client context."""
+    return support.tls_half_close(port, context(cert, alpn), request, timeout)
 
 
 def http_request(path, headers, body=b"", method="GET"):
