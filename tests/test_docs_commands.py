@@ -31,6 +31,14 @@ VENV_BIN = os.path.dirname(sys.executable)
 # (doc, start of the command) -> why a test cannot run it
 SKIP = {
     ("README.md", "python3 -m venv .venv"): "installs into a fresh copy: tests/test_readme.py runs it",
+    ("trace.md", "twistd -n --pidfile= foxyproxy --backend 'pcsc:?readers=Yubico'"):
+        "a YubiKey on a PC/SC reader",
+    ("trace.md", "twistd -n --pidfile= foxyproxy --backend 'emulated:?replay=session.jsonl"):
+        "replays the YubiKey recording of the command above",
+    ("trace.md", "twistd -n --pidfile= foxyproxy --backend 'emulated:?type=piv&cards=1' --vpcd"):
+        "the vpcd rig and OpenSC: tests/test_trace_integration.py records and replays exactly this",
+    ("trace.md", "twistd -n --pidfile= foxyproxy --backend 'emulated:?replay=piv.jsonl' --vpcd"):
+        "replays the recording of the command above on the vpcd rig (tests/test_trace_integration.py)",
     ("deployment.md", "twistd -n --pidfile= foxyproxy -p tcp:4001:interface=127.0.0.1 --listen ssl:4002:privateKey=..."):
         "an outline of a production set-up with elided values (...) and a CloudFoxy box",
     ("pcsc.md", ".venv/bin/twistd -n --pidfile= foxyproxy --backend pcsc: -p tcp:4001"):
@@ -179,7 +187,7 @@ def test_every_docs_proxy_command_runs_or_has_a_reason():
     # the skip list stays small and names only commands still in the docs
     used = {(d, h) for (d, h) in SKIP for doc, c in found if doc == d and c.startswith(h)}
     assert set(SKIP) - used == set()
-    assert len(SKIP) <= 15
+    assert len(SKIP) <= 19
     # the runnable ones can run side by side, and beside the README's proxy
     ports = {}
     for doc, (starts, _, _) in docs.items():
