@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 
-import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -282,8 +281,7 @@ fetch("http://{host}:{port}/", {{method: "POST", mode: "no-cors", body: {body}}}
 
 
 def test_browser_fetch_post_to_the_line_port_changes_nothing(proxy, tmp_path):
-    if shutil.which("chromium") is None:
-        pytest.skip("no Debian chromium")
+    assert shutil.which("chromium"), "Debian chromium missing: tests/run.sh installs it (tests/debian-packages.txt)"
     import json
 
     body = json.dumps(BODY.decode())
