@@ -31,7 +31,7 @@ if ! flock -n 9; then
     flock -w 1200 9 || { say "gave up waiting for $ROOT/.tests-install.lock" >&2; exit 2; }
 fi
 
-mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' tests/debian-packages.txt)
+mapfile -t packages < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' tests/debian-packages.txt)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
