@@ -157,13 +157,14 @@ def write(table, args, load):
     if KEEP_MARK in text:
         text = text[:text.index(KEEP_MARK)]
     cmd = "python bench/rest_http.py " + " ".join(sys.argv[1:])
-    section = (f"{KEEP_MARK}\n## REST backend: HTTP client options\n\n"
+    section = (f"{KEEP_MARK}\n## REST backend: beside the line path\n\n"
                f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `{cmd}` on {os.cpu_count()} CPUs, "
                f"Python {platform.python_version()}; load average before the run {load}. "
                f"The load of the `rest` scenario above (120 cards on the fake CloudFoxy server, 50 "
                f"persistent clients, K=1, every answer checked), {args.duration:g} s measured a load, "
-               f"one proxy build per HTTP client for the per-APDU path, the builds taking turns "
-               f"{args.rounds} times; the median of the rounds, every round in brackets.\n\n"
+               f"each build also under the same load on `emulated:?cards=120` (the line path), builds and "
+               f"paths taking turns {args.rounds} times; the median of the rounds, every round in "
+               f"brackets.\n\n"
                f"{table}\n\n{NOTES}\n")
     with open(path, "w") as f:
         f.write(text.rstrip("\n") + "\n\n" + section)
