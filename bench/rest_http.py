@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Proxy CPU per APDU of the REST backend's HTTP client options, side by side.
+"""Proxy CPU per APDU of the REST backend, beside the same build's line
+path on emulated cards, for one or more proxy builds taking turns.
 
 The load of ``bench/run.py``'s ``rest`` scenario (120 cards on the fake
 CloudFoxy server, 50 persistent line-protocol clients, K=1, every answer
@@ -7,11 +8,49 @@ checked), run against one proxy build per option.  An option is
 ``LABEL=SRC``: the ``src`` directory of a tree of this project put first on
 the proxy's PYTHONPATH (e.g. an older commit exported with ``git archive``,
 or a copy with another HTTP client wired in); ``LABEL=.`` is this checkout.
-Options take turns, ``--rounds`` times, so that a change in the load of the
-machine hits each alike; the median of the rounds is reported.
 
-    .venv/bin/python bench/rest_http.py httptools=. treq=/tmp/treq/src [--rounds 3] [--duration 5] [--write]
+The reference of each build is the same load on the same build with
+``--backend emulated:?cards=120`` (the "line path": front end, parser,
+dispatcher and a card answering at once, no upstream).  A bare HTTP
+*server* is no floor for an HTTP *client*; the REST backend's own cost is
+the delta, REST minus line path, each round's pair measured back to back.
+The fake server's CPU per request over the same window is printed as
+context (what one HTTP exchange costs the other side, in Python asyncio).
+Builds and paths take turns, ``--rounds`` times, so that a change in the
+load of the machine hits each alike; medians of the rounds, every round in
+brackets.
 
+    .venv/bin/python bench/rest_http.py now=. [before=/tmp/before/src] [--rounds 5] [--duration 4] [--write]
+
+Bounded: about ``rounds x builds x 2 x (duration + 4)`` seconds; the proxies
+and the fake server are this script's own processes, stopped by PID.
+``--write`` puts the table into docs/performance.md (its own section, which
+``bench/run.py`` keeps when it rewrites the file).
+Proxy CPU per APDU of the REST backend, beside the same build's line
+path on emulated cards, for one or more proxy builds taking turns.
+
+The load of ``bench/run.py``'s ``rest`` scenario (120 cards on the fake
+CloudFoxy server, 50 persistent line-protocol clients, K=1, every answer
+checked), run against one proxy build per option.  An option is
+``LABEL=SRC``: the ``src`` directory of a tree of this project put first on
+the proxy's PYTHONPATH (e.g. an older commit exported with ``git archive``,
+or a copy with another HTTP client wired in); ``LABEL=.`` is this checkout.
+
+The reference of each build is the same load on the same build with
+``--backend emulated:?cards=120`` (the "line path": front end, parser,
+dispatcher and a card answering at once, no upstream).  A bare HTTP
+*server* is no floor for an HTTP *client*; the REST backend's own cost is
+the delta, REST minus line path, each round's pair measured back to back.
+The fake server's CPU per request over the same window is printed as
+context (what one HTTP exchange costs the other side, in Python asyncio).
+Builds and paths take turns, ``--rounds`` times, so that a change in the
+load of the machine hits each alike; medians of the rounds, every round in
+brackets.
+
+    .venv/bin/python bench/rest_http.py now=. [before=/tmp/before/src] [--rounds 5] [--duration 4] [--write]
+
+Bounded: about ``rounds x builds x 2 x (duration + 4)`` seconds; the proxies
+and the fake server are this script's own processes, stopped by PID.
 ``--write`` puts the table into docs/performance.md (its own section, which
 ``bench/run.py`` keeps when it rewrites the file).
 """
@@ -33,17 +72,39 @@ from bench.run import KEEP_MARK, wait_readers  # noqa: E402
 from support import ProxyProcess  # noqa: E402
 
 
-def one(src, fake_port, duration):
-    args, env = rest_args(fake_port)
+def one(src, fake, duration, backend=None):
+    """The load on a fresh proxy of build ``src``: the REST backend on the
+    fake server (``backend`` None) or ``backend``; the loadgen result."""
+    if backend is None:
+        args, env = rest_args(fake.port)
+    else:
+        args, env = ["--backend", backend], {}
     if src != ".":
         env = dict(env, PYTHONPATH=os.path.abspath(src))
     p = ProxyProcess(*args, "--no-signing", env=env).start()
     try:
         names = wait_readers(p.port, 120)
         return loadgen.run(HOST, p.port, clients=50, k=1, duration=duration, warmup=1.0,
-                           readers=names[:120], pid=p.proc.pid)
+                           readers=names[:120], pid=p.proc.pid, watch={"fake": fake.pid})
     finally:
         p.stop()
+
+
+LINE = "emulated:?cards=120"  #: the line path: the same load, cards in the proxy
+
+
+def cpu(r):
+    return r.get("proxy_cpu_us_per_apdu") or 0.0
+
+
+def fake_cpu(r):
+    """The fake server's CPU µs per HTTP request (one per APDU at K=1)."""
+    util = (r.get("watch_cpu_util") or {}).get("fake")
+    return util / r["apdus_per_s"] * 1e6 if util is not None and r["apdus_per_s"] else 0.0
+
+
+def cell(values):
+    return f"{statistics.median(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
 
 
 def main(argv=None):
@@ -55,24 +116,32 @@ def main(argv=None):
     args = ap.parse_args(argv)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     options = [o.split("=", 1) for o in args.options]
-    runs = {label: [] for label, _ in options}
+    if any(len(o) != 2 for o in options):
+        ap.error("each option is LABEL=SRC")
+    duration = max(0.5, min(args.duration, 60.0))
+    rest = {label: [] for label, _ in options}
+    line = {label: [] for label, _ in options}
     with fake_cloudfoxy(cards=120) as fake:
         for n in range(max(1, min(args.rounds, 10))):
             for label, src in options:
-                r = one(src, fake.port, args.duration)
-                runs[label].append(r)
-                print(f"round {n + 1} {label}: {r['apdus_per_s']:,.0f} APDUs/s, "
-                      f"{r.get('proxy_cpu_us_per_apdu') or 0:.1f} us/APDU, p99 {r['latency_ms']['p99']} ms, "
-                      f"errors {r['errors']}", flush=True)
-    lines = ["| HTTP client | proxy CPU µs/APDU (median; all rounds) | APDUs/s (median) | p99 ms (median) | errors |",
-             "|---|---|---|---|---|"]
+                for runs, backend, what in ((rest, None, "REST"), (line, LINE, "line")):
+                    r = one(src, fake, duration, backend)
+                    runs[label].append(r)
+                    print(f"round {n + 1} {label} {what}: {r['apdus_per_s']:,.0f} APDUs/s, "
+                          f"{cpu(r):.1f} us/APDU, p99 {r['latency_ms']['p99']} ms, "
+                          f"errors {r['errors']}", flush=True)
+    lines = ["| path | ours: proxy CPU µs/APDU (median; rounds) | reference: line path, same build | "
+             "delta (REST minus line, per round) | APDUs/s REST / line | errors |",
+             "|---|---|---|---|---|---|"]
     for label, _ in options:
-        rs = runs[label]
-        cpu = [r.get("proxy_cpu_us_per_apdu") or 0.0 for r in rs]
-        lines.append(f"| {label} | {statistics.median(cpu):.1f} ({', '.join(f'{c:.1f}' for c in cpu)}) | "
-                     f"{statistics.median(r['apdus_per_s'] for r in rs):,.0f} | "
-                     f"{statistics.median(r['latency_ms']['p99'] for r in rs):.2f} | "
-                     f"{sum(r['errors'] for r in rs)} |")
+        rs, ls = rest[label], line[label]
+        lines.append(f"| REST backend, {label} | {cell([cpu(r) for r in rs])} | {cell([cpu(r) for r in ls])} | "
+                     f"{cell([cpu(r) - cpu(q) for r, q in zip(rs, ls)])} | "
+                     f"{statistics.median(r['apdus_per_s'] for r in rs):,.0f} / "
+                     f"{statistics.median(r['apdus_per_s'] for r in ls):,.0f} | "
+                     f"{sum(r['errors'] for r in rs + ls)} |")
+    fakes = [fake_cpu(r) for label, _ in options for r in rest[label]]
+    lines.append(f"| context: the fake CloudFoxy server's CPU per request (asyncio) | {cell(fakes)} | | | | |")
     table = "\n".join(lines)
     print("\n" + table)
     if args.write:
@@ -88,13 +157,14 @@ def write(table, args, load):
     if KEEP_MARK in text:
         text = text[:text.index(KEEP_MARK)]
     cmd = "python bench/rest_http.py " + " ".join(sys.argv[1:])
-    section = (f"{KEEP_MARK}\n## REST backend: HTTP client options\n\n"
+    section = (f"{KEEP_MARK}\n## REST backend: beside the line path\n\n"
                f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `{cmd}` on {os.cpu_count()} CPUs, "
                f"Python {platform.python_version()}; load average before the run {load}. "
                f"The load of the `rest` scenario above (120 cards on the fake CloudFoxy server, 50 "
                f"persistent clients, K=1, every answer checked), {args.duration:g} s measured a load, "
-               f"one proxy build per HTTP client for the per-APDU path, the builds taking turns "
-               f"{args.rounds} times; the median of the rounds, every round in brackets.\n\n"
+               f"each build also under the same load on `emulated:?cards=120` (the line path), builds and "
+               f"paths taking turns {args.rounds} times; the median of the rounds, every round in "
+               f"brackets.\n\n"
                f"{table}\n\n{NOTES}\n")
     with open(path, "w") as f:
         f.write(text.rstrip("\n") + "\n\n" + section)

@@ -81,8 +81,17 @@ class HTTPPool:
     def get(self, target, headers=b""):
         return _DeferredWaiter(self, target, headers).deferred
 
+    def request_tail(self, headers):
+        """What follows the target in a request with these extra header
+        lines: ``b" HTTP/1.1\\r\\nHost: ...\\r\\n" + headers + b"\\r\\n"``."""
+        return b" HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (self.host, headers)
+
     def send(self, target, headers, waiter):
-        request = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (target, self.host, headers)
+        return self.send_request(b"GET %s%s" % (target, self.request_tail(headers)), waiter)
+
+    def send_request(self, request, waiter):
+        """``send``, the request's bytes made already (``b"GET " + target +
+        request_tail(headers)``)."""
         now = self.clock.seconds()
         idle = self.idle
         while idle:

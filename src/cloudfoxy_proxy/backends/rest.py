@@ -32,6 +32,7 @@ concern, a little over 500 lines); ``rest_wire.py`` the REST paths, the parsers 
 answers and the HTTP plumbing.
 """
 
+from binascii import hexlify
 from urllib.parse import quote, urlsplit
 
 import attr
@@ -140,19 +141,23 @@ class _Cancellable:
 
 
 class _Exchange(_Cancellable):
-    """One card command: its HTTP request(s) (three tries on a hardware
-    error), cancellable as a whole."""
+    """One card command, ``apdu`` (bytes) or a reset (``apdu`` None): its
+    HTTP request(s) (three tries on a hardware error), cancellable as a
+    whole."""
 
-    __slots__ = ("backend", "key", "params", "reset", "what", "tries")
+    __slots__ = ("backend", "key", "apdu", "reset", "tries")
 
-    def __init__(self, backend, key, params, reset, what):
+    def __init__(self, backend, key, apdu):
         super().__init__()
         self.backend = backend
         self.key = key
-        self.params = params
-        self.reset = reset
-        self.what = what
+        self.apdu = apdu
+        self.reset = apdu is None
         self.tries = 0
+
+    @property
+    def what(self):
+        return "RESET" if self.reset else "APDU"
 
     def start(self):
         self._attempt()
@@ -160,13 +165,25 @@ class _Exchange(_Cancellable):
 
     def _attempt(self):
         self.tries += 1
-        self.current = self.backend.request(self.params, self)
+        self.current = self.backend.request(self)
 
     # the waiter of RestBackend.request
     def answered(self, answer):
         self.current = None
         if self.cancelled:
             return
+        status, body = answer
+        if status == 200 and not self.reset:
+            # The common answer: one line, a response APDU whose SW1 is not C0.
+            parts = body.split()
+            if len(parts) == 1:
+                try:
+                    value = bytes.fromhex(parts[0].decode("ascii"))
+                except ValueError:  # not hex (UnicodeDecodeError is one): the full check below
+                    value = None
+                if value is not None and (len(value) < 2 or value[-2] != 0xC0):
+                    self.deferred.callback(value)
+                    return
         try:
             lines = body_lines(self.backend._checked(answer))
             if not lines:
@@ -316,6 +333,8 @@ class RestBackend:
     _headers = attr.ib(init=False, default=None)
     _header_lines = attr.ib(init=False, default=None)
     _basic_target = attr.ib(init=False, default=None)
+    _request_tail = attr.ib(init=False, default=None)
+    _starts = attr.ib(init=False, factory=dict)  # terminal -> b"GET .../basic?terminal=T&reset="
     _uptime = attr.ib(init=False, default=None)
     _loaded = attr.ib(init=False, default=False)
     _cards = attr.ib(init=False, factory=list)
@@ -331,6 +350,8 @@ class RestBackend:
         self._headers = {"X-Auth-Token": [self.token], "Accept": ["text/plain"]}
         self._header_lines = b"X-Auth-Token: %s\r\nAccept: text/plain\r\n" % self.token.encode("utf-8")
         self._basic_target = urlsplit(self.base_url).path + BASIC + "?"
+        if self.client is not None:
+            self._request_tail = self.client.request_tail(self._header_lines)
         self._cap = ReaderCap(self.base_url, self.readers_max)
 
     @property
@@ -368,17 +389,29 @@ class RestBackend:
             d = self.client.get(self._target(params), self._header_lines)
         return d.addCallback(self._checked)
 
-    def request(self, params, waiter):
-        """GET ``/api/v1/basic`` with ``params``; later exactly one of
-        ``waiter.answered((status, body))`` (int, bytes; see
-        :meth:`_checked`) or ``waiter.failed(failure)``, unless the returned
-        handle's ``cancel()`` came first.  The hot path: with a ``client``
-        (:class:`.httpclient.HTTPPool`) the request skips treq's and Agent's
-        general machinery and Deferreds (docs/performance.md compares the
-        options)."""
+    def request(self, exchange):
+        """GET ``/api/v1/basic`` for ``exchange`` (an ``_Exchange``: its
+        ``key``, and its ``apdu`` or a reset); later exactly one of
+        ``exchange.answered((status, body))`` (int, bytes; see
+        :meth:`_checked`) or ``exchange.failed(failure)``, unless the
+        returned handle's ``cancel()`` came first.  The hot path: with a
+        ``client`` (:class:`.httpclient.HTTPPool`) the request skips treq's
+        and Agent's general machinery and Deferreds (docs/performance.md
+        compares the options), its bytes made from a start kept per card."""
+        key, apdu = exchange.key, exchange.apdu
         if self.client is None:
-            return self._fetch(BASIC, params).addCallbacks(waiter.answered, waiter.failed)
-        return self.client.send(self._target(params), self._header_lines, waiter)
+            params = [("terminal", key), ("reset", "1" if apdu is None else "0")]
+            if apdu is not None:
+                params.append(("apdu", apdu.hex().upper()))
+            return self._fetch(BASIC, params).addCallbacks(exchange.answered, exchange.failed)
+        start = self._starts.get(key)
+        if start is None:
+            start = self._starts[key] = b"GET %s&reset=" % self._target([("terminal", key)])
+        if apdu is None:
+            request = start + b"1" + self._request_tail
+        else:
+            request = b"%s0&apdu=%s%s" % (start, hexlify(apdu).upper(), self._request_tail)
+        return self.client.send_request(request, exchange)
 
     def _fetch(self, path, params=None, limit=MAX_BODY):
         """GET ``path`` through treq: a cancellable Deferred for ``(status,
@@ -421,11 +454,10 @@ class RestBackend:
     # -- IBackend
 
     def reset(self, key):
-        return _Exchange(self, key, [("terminal", key), ("reset", "1")], True, "RESET").start()
+        return _Exchange(self, key, None).start()
 
     def transmit(self, key, apdu):
-        params = [("terminal", key), ("reset", "0"), ("apdu", apdu.hex().upper())]
-        return _Exchange(self, key, params, False, "APDU").start()
+        return _Exchange(self, key, apdu).start()
 
     def transmit_batch(self, key, steps):
         """``steps`` (``("RESET", None)``/``("APDU", bytes)``) in as few
@@ -504,6 +536,7 @@ class RestBackend:
         self._loaded = True
         self._cards = cards
         self._atrs = {name: atr for name, atr in cards if atr is not None}
+        self._starts = {}  # only the cards listed now
         if self.pool is not None:
             self.pool.maxPersistentPerHost = max(self.connections, len(cards) + 8)
         if self.client is not None:
