@@ -101,9 +101,13 @@ def test_api_load_checks_every_answer():
 def test_line_builds_runs(capsys):
     from bench import line_builds
 
-    assert line_builds.main(["now=.", "--clients", "2", "--rounds", "1", "--duration", "0.5", "--floor"]) == 0
+    assert line_builds.main(["now=.", "--clients", "2", "--rounds", "1", "--duration", "0.5", "--floor",
+                             "--k", "1,4"]) == 0
     out = capsys.readouterr().out
-    assert "| now | " in out and "| trivial responder (floor) | " in out
+    for k in (1, 4):  # every answer was checked (exit 0); one row per K and floor, ours / floor / ratio
+        assert f"| now, emulated, K={k}, 2 clients: proxy CPU µs/APDU vs bare Twisted responder | " in out
+        assert f"| now, emulated, K={k}, 2 clients: proxy CPU µs/APDU vs plain-Python epoll responder | " in out
+        assert f"| K={k} bare Twisted responder | " in out
 
 
 def test_api_load_rounds_table_judges_the_median():

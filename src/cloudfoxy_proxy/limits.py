@@ -273,10 +273,10 @@ class _Guard(ProtocolWrapper):
             write_now(self.transport, gathered[0] if len(gathered) == 1 else b"".join(gathered))
 
     def write(self, data):
-        self.last = self._seconds()
         if self._gather is not None:
-            self._gather.append(data)
+            self._gather.append(data)  # dataReceived noted the time of this turn
         else:
+            self.last = self._seconds()
             write_now(self.transport, data)
 
     def writeSequence(self, data):

@@ -110,8 +110,8 @@ class CardQueue:
     def release(self):
         """Hand the card to the next live waiter (iteratively, so a long run
         of requests that finish at once cannot nest calls)."""
-        if self._releasing:
-            self.busy = False
+        if self._releasing or not self.waiters:
+            self.busy = False  # nobody waits (the common case), or release() below hands it on
             return
         self._releasing = True
         try:

@@ -75,11 +75,13 @@ class RequestRun:
                 if command.error is not None:
                     self._result(command.error)
                     continue
-                identity = self._authorize(command)
-                if identity is _ANSWERED:
-                    continue
-                if identity is _WAITING:
-                    return False
+                identity = self.identity
+                if identity is None or identity.__class__ is str or identity.commands is not None:
+                    identity = self._authorize(command)  # else: known, every command allowed
+                    if identity is _ANSWERED:
+                        continue
+                    if identity is _WAITING:
+                        return False
                 if command.name not in CARD_COMMANDS:
                     if not self._call_simple(command, identity):
                         return False
@@ -90,12 +92,14 @@ class RequestRun:
                 if reader.__class__ is str:  # a result code: no such reader for this client
                     self._result(reader)
                     continue
-                entered = self._enter_queue(reader)
-                if entered is _ANSWERED:
-                    continue
-                if entered is _WAITING:
-                    return False
-                if command.name == APDU and self._changed(reader):
+                if not self.holding or self.card is not None:  # else: our turn on the card already
+                    entered = self._enter_queue(reader)
+                    if entered is _ANSWERED:
+                        continue
+                    if entered is _WAITING:
+                        return False
+                if (command.name == APDU and self.session.seen.get(reader) != reader.generation
+                        and self._changed(reader)):
                     continue
                 if reader.batch is not None and command.name != SIGN:
                     end = self._run_end()
@@ -221,7 +225,12 @@ class RequestRun:
             self._result(errors.INTERNAL)
             return True
         if type(result) is bytes and command.name == APDU and 2 <= len(result) <= MAX_RESPONSE:
-            self._result(result.hex().upper())  # the hot path
+            d = self.d
+            if d.trace is None and d.metrics is None:  # the hot path: _result, inline
+                self.lines.append((command.id, result.hex().upper()))
+                self.i += 1
+            else:
+                self._result(result.hex().upper())
             return True
         if not isinstance(result, Deferred):
             self._result(self._value(result, command.name, reader))

@@ -185,7 +185,14 @@ class EmulatedBackend:
         return self._later(key, self._card(key).reset())
 
     def transmit(self, key, apdu):
-        return self._later(key, self._card(key).transmit(apdu))
+        try:
+            card = self._slots[key]
+        except (IndexError, TypeError):
+            card = None
+        if card is None:
+            card = self._card(key)  # raises: no such reader, or no card in it
+        result = card.transmit(apdu)
+        return self._later(key, result) if self.latency else result
 
     def _later(self, key, result):
         if not self.latency:

@@ -151,6 +151,9 @@ class LineFramer:
 
 def format_response(lines):
     """``>ID:RESULT`` lines, then ``@@``: one response, as bytes."""
+    if len(lines) == 1:
+        cid, result = lines[0]
+        return f">{cid}:{result}\n{TERMINATOR}".encode("utf-8")
     return ("".join([f">{cid}:{result}\n" for cid, result in lines]) + TERMINATOR).encode("utf-8")
 
 
@@ -255,7 +258,10 @@ class LineProtocol(Protocol):
 
     def _throttle(self):
         """Read while requests can run or little is waiting; else stop."""
-        held = self._framer.held
+        framer = self._framer
+        held = len(framer.buf) - framer.pos
+        if not held and self._reading and not self._charged:
+            return  # the common case: everything consumed, reading
         if (held > self.factory.buffers.free or self._charged) and self._over_budget(held):
             want = False
         else:
@@ -290,7 +296,20 @@ class LineProtocol(Protocol):
     def _process(self):
         parser = self.parser
         framer = self._framer
+        max_line = framer.max_line
         while self._inflight is None and not self._write_paused and not self._closed:
+            buf, pos = framer.buf, framer.pos
+            nl = buf.find(b"\n", pos)
+            if nl >= 0 and nl - pos <= max_line and framer.discard is None:
+                # LineFramer.next's LINE, inline: the hot path, one call less a line.
+                framer.pos = nl + 1
+                value = buf[pos:nl]
+                if value and value[0] != 62 and self._http(value, False):
+                    return
+                request = parser.line(value)
+                if request is not None:
+                    self._run(request)
+                continue
             kind, value = framer.next()
             if kind is WAIT:
                 return
