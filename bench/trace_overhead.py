@@ -4,17 +4,20 @@
 1. In process: one K=1 line-protocol request through
    ``LineProtocol.dataReceived`` on an emulated card (as
    bench/line_inprocess.py), without a tracer and with one whose writer
-   thread writes JSON lines to a file: ``time.process_time`` counts every
-   thread of the process, so the writer's formatting and writing are in
-   the figure.  Each in its own child process, taking turns.
+   thread writes JSON lines / pcapng to a file: ``time.process_time``
+   counts every thread of the process, so the writer's formatting and
+   writing are in the figure.  Each in its own child process, taking turns.
 2. Real processes: emulated, 4 cards, 50 persistent clients, K=1 (the
    budget load), the proxy's CPU per APDU without ``--trace``, with
    ``--trace FILE.jsonl`` and with ``--trace FILE.pcapng``, and the
    machine's floor (bench/trivial_responder.py), taking turns ``--rounds``
    times so drift on a shared machine hits all alike.
 
-Every load is bounded in time; every process is started here and stopped
-by its PID.  Usage::
+Prints ``| load | off | jsonl | pcapng | overhead % |``: medians, every
+round in brackets, the overhead of each format against "off" of the same
+run (and the machine's floor for the real-process load).  Every load is
+bounded in time; every process is started here and stopped by its PID.
+Usage::
 
     .venv/bin/python bench/trace_overhead.py [--rounds 5] [--duration 4]
 """
@@ -116,38 +119,46 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rounds = max(1, min(args.rounds, 10))
     duration = max(0.5, min(args.duration, 30.0))
+    kinds = ("off", "jsonl", "pcapng")
     with tempfile.TemporaryDirectory() as tmp:
-        off, on = [], []
-        for n in range(rounds):
-            off.append(inprocess("-", args.requests))
-            on.append(inprocess(os.path.join(tmp, f"in{n}.jsonl"), args.requests))
-            print(f"in process round {n + 1}: off {off[-1]:.2f} us, on {on[-1]:.2f} us", flush=True)
-        m_off, m_on = statistics.median(off), statistics.median(on)
-        print(f"\nin process, one K=1 request (median of {rounds}): off {m_off:.2f} us, "
-              f"on {m_on:.2f} us ({(m_on - m_off) / m_off * 100:+.1f} %)")
-        if args.no_processes:
-            return 0
-        kinds = {"off": [], "--trace FILE.jsonl": [], "--trace FILE.pcapng": [], "floor": []}
+        inproc = {k: [] for k in kinds}
         for n in range(rounds):
             for kind in kinds:
-                if kind == "floor":
-                    r = floor_load(args.clients, duration)
-                elif kind == "off":
-                    r = proxy_load([], args.clients, duration)
-                else:
-                    r = proxy_load(["--trace", os.path.join(tmp, f"r{n}." + kind.rsplit(".", 1)[1])],
-                                   args.clients, duration)
-                assert r["errors"] == 0, r.get("error_samples")
-                kinds[kind].append(r)
-                print(f"round {n + 1} {kind}: {r['proxy_cpu_us_per_apdu']:.1f} us/APDU, "
-                      f"{r['apdus_per_s']:,.0f} APDUs/s", flush=True)
-    print(f"\n| load ({args.clients} clients, K=1, emulated, 4 cards) | proxy CPU µs/APDU, median (rounds) "
-          "| APDUs/s (median) |")
-    print("|---|---|---|")
-    for kind, rs in kinds.items():
-        cpu = [r["proxy_cpu_us_per_apdu"] for r in rs]
-        print(f"| {kind} | {statistics.median(cpu):.1f} ({', '.join(f'{c:.1f}' for c in cpu)}) | "
-              f"{statistics.median(r['apdus_per_s'] for r in rs):,.0f} |")
+                inproc[kind].append(inprocess("-" if kind == "off" else os.path.join(tmp, f"in{n}.{kind}"),
+                                              args.requests))
+            print(f"in process round {n + 1}: " + ", ".join(f"{k} {inproc[k][-1]:.2f} us" for k in kinds),
+                  flush=True)
+        real = {k: [] for k in kinds + ("floor",)}
+        if not args.no_processes:
+            for n in range(rounds):
+                for kind in real:
+                    if kind == "floor":
+                        r = floor_load(args.clients, duration)
+                    elif kind == "off":
+                        r = proxy_load([], args.clients, duration)
+                    else:
+                        r = proxy_load(["--trace", os.path.join(tmp, f"r{n}.{kind}")], args.clients, duration)
+                    assert r["errors"] == 0, r.get("error_samples")
+                    real[kind].append(r["proxy_cpu_us_per_apdu"])
+                    print(f"round {n + 1} {kind}: {r['proxy_cpu_us_per_apdu']:.1f} us/APDU, "
+                          f"{r['apdus_per_s']:,.0f} APDUs/s", flush=True)
+
+    def cell(values):
+        return f"{statistics.median(values):.2f} ({', '.join(f'{v:.2f}' for v in values)})"
+
+    def overhead(runs):
+        off = statistics.median(runs["off"])
+        return " / ".join(f"{k} {(statistics.median(runs[k]) - off) / off * 100:+.1f} %"
+                          f" ({statistics.median(runs[k]) - off:+.2f} µs)" for k in ("jsonl", "pcapng"))
+
+    print("\n| load | off | jsonl | pcapng | overhead % |")
+    print("|---|---|---|---|---|")
+    print(f"| in process, one K=1 request, CPU µs (all threads) | {cell(inproc['off'])} | {cell(inproc['jsonl'])} "
+          f"| {cell(inproc['pcapng'])} | {overhead(inproc)} |")
+    if not args.no_processes:
+        print(f"| real processes, emulated, 4 cards, {args.clients} clients, K=1, proxy CPU µs/APDU "
+              f"(floor: trivial responder {cell(real['floor'])}) | {cell(real['off'])} | {cell(real['jsonl'])} "
+              f"| {cell(real['pcapng'])} | {overhead(real)} |")
     return 0
 
 

@@ -6,14 +6,16 @@ The pieces:
 * :class:`Tracer`: the dispatcher's hook (``Dispatcher.trace``).
   ``RequestRun`` calls :meth:`Tracer.record` for each command result, the
   certificate index :meth:`Tracer.exchange` for its own APDUs.  A record is
-  one tuple appended to a bounded deque on the reactor thread; nothing is
-  formatted or written there.  When the deque is full the record is
+  one tuple appended to a bounded list on the reactor thread; nothing is
+  formatted or written there.  When the list is full the record is
   dropped and counted (:attr:`Tracer.dropped`), logged once a minute.
   Live watchers (:meth:`Tracer.watch`) get each record of their reader
   as a dict, redacted, on the reactor thread.
-* :class:`TraceService`: a thread that takes what the deque holds every
-  :data:`FLUSH_EVERY` seconds, formats it for each file and writes it with
-  one ``write`` per file; files are reopened on SIGHUP (:meth:`reopen`).
+* :class:`TraceService`: a thread that takes what the list holds every
+  :data:`FLUSH_EVERY` seconds, formats it for each file in one loop and
+  writes it with one ``write`` per file (the GIL is released while the
+  disk works: a slow disk delays the writer, never the card); files are
+  reopened on SIGHUP (:meth:`reopen`).
 * Formats: :class:`JsonLinesFile` (one JSON object per exchange, the
   source of ``foxyproxy-trace`` and of ``emulated:?replay=``) and
   :class:`PcapngFile` (GSMTAP SIM frames for Wireshark/tshark).
@@ -37,7 +39,6 @@ import os
 import struct
 import threading
 import time
-from collections import deque
 from time import perf_counter
 from json.encoder import encode_basestring_ascii as _js
 
@@ -49,7 +50,7 @@ from .apdu import SECRET_INS, SM_CLASSES, secret_span
 from .logs import Logger
 from .parser import APDU, RESET
 
-#: Records held for the writer thread at most; more are dropped (counted).
+#: Records each file holds for the writer thread at most; more are dropped (counted).
 MAX_BUFFER = 100000
 #: Seconds between the writer thread's rounds.
 FLUSH_EVERY = 0.05
@@ -141,7 +142,14 @@ def open_append(path, binary):
 
 
 class JsonLinesFile:
-    """A trace file of JSON lines (:func:`as_dict` per exchange)."""
+    """A trace file of JSON lines: :func:`as_dict` per exchange, as compact
+    JSON, one object a line (UTF-8; every non-ASCII character escaped).
+
+    :meth:`lines` formats a batch of records by hand: json.dumps of a dict
+    costs several times more, and this runs for every APDU while tracing.
+    What repeats is cached: the ``reader`` to ``peer`` members of each
+    (reader, front end, identity, peer), the text of the second, and each
+    command's hex with its redaction."""
 
     binary = False
 
@@ -149,50 +157,61 @@ class JsonLinesFile:
         self.path = path
         self.unredacted = unredacted
         self.file = None
-        self._quoted = {}  # (reader, frontend, identity, peer) -> their JSON members
-        self._hex = {}  # command APDU -> its hex (clients repeat their commands)
+        self._names = {}  # (reader, frontend, identity, peer) -> their JSON members
+        self._commands = {}  # command APDU -> its "command" member (clients repeat their commands)
+        self._second = (None, "")  # (whole second, its '{"time":"...' text)
 
     def open(self):
         old, self.file = self.file, open_append(self.path, False)
         if old is not None:
             old.close()
 
-    def write(self, records):
-        """One line per record, formatted by hand (what :func:`as_dict`
-        gives, as compact JSON): json.dumps of a dict costs several times
-        more, and this runs for every APDU while tracing."""
-        unredacted = self.unredacted
-        quoted = self._quoted
-        if len(quoted) > 10000:
-            quoted.clear()
-        hexes = self._hex
-        if len(hexes) > 4096:
-            hexes.clear()
+    def lines(self, records):
+        """``records`` (tuples of this module's docstring) as their lines
+        (one str, a newline after each line)."""
+        names_of = self._names
+        if len(names_of) > 10000:
+            names_of.clear()
+        commands = self._commands
+        meaning = errors.MEANING
+        second, head = self._second
         out = []
+        add = out.append
         for when, reader, frontend, identity, peer, event, command, result, seconds in records:
-            names = quoted.get((reader, frontend, identity, peer))
+            names = names_of.get((reader, frontend, identity, peer))
             if names is None:
-                names = quoted[(reader, frontend, identity, peer)] = (
+                names = names_of[(reader, frontend, identity, peer)] = (
                     f'"reader":{_js(reader)},"frontend":{_js(frontend)},'
-                    f'"identity":{"null" if identity is None else _js(identity)},"peer":{_js(peer)}')
-            head = f'{{"time":"{_utc(when)}",{names},"event":'
+                    f'"identity":{"null" if identity is None else _js(identity)},"peer":{_js(peer)},"event":')
+            whole = int(when)
+            if second != whole:
+                second, head = whole, time.strftime('{"time":"%Y-%m-%dT%H:%M:%S.', time.gmtime(whole))
             if event == RESET:
-                key = "result" if result in errors.MEANING else "atr"
-                out.append(f'{head}"reset","ms":{seconds * 1000:.3f},"{key}":"{result}"}}\n')
+                add(f'{head}{int((when - whole) * 1e6):06d}Z",{names}"reset","ms":{seconds * 1000:.3f},'
+                    f'"{"result" if len(result) == 4 and result in meaning else "atr"}":"{result}"}}\n')
                 continue
-            hidden = ""
-            if not unredacted and len(command) > 4 and (
-                    command[1] in SECRET_INS or command[0] in SM_CLASSES):  # secret_span's own test, inline
-                command, n = redacted(command)
-                if n:
-                    hidden = f',"redacted":{n}'
-            key = "result" if result in errors.MEANING else "response"
-            text = hexes.get(command)
-            if text is None:
-                text = hexes[command] = command.hex().upper()
-            out.append(f'{head}"apdu","ms":{seconds * 1000:.3f},"command":"{text}"'
-                       f'{hidden},"{key}":"{result}"}}\n')
-        self.file.write("".join(out))
+            shown = commands.get(command)
+            if shown is None:
+                shown = self._command(command)
+            add(f'{head}{int((when - whole) * 1e6):06d}Z",{names}"apdu","ms":{seconds * 1000:.3f},{shown},'
+                f'"{"result" if len(result) == 4 and result in meaning else "response"}":"{result}"}}\n')
+        self._second = second, head
+        return "".join(out)
+
+    def _command(self, command):
+        """The ``"command"`` member of ``command`` (with ``"redacted"``
+        when data was left out), cached unless it hid a secret."""
+        shown, hidden = redacted(command, self.unredacted)
+        if hidden:
+            return f'"command":"{shown.hex().upper()}","redacted":{hidden}'
+        if len(self._commands) > 4096:
+            self._commands.clear()
+        text = self._commands[command] = f'"command":"{command.hex().upper()}"'
+        return text
+
+    def write(self, records):
+        """Append ``records`` (tuples) with one write."""
+        self.file.write(self.lines(records))
         self.file.flush()
 
     def close(self):
@@ -209,48 +228,76 @@ class PcapngFile:
     word's meaning).  Resets and commands answered with a result code are
     not written (the dissector has no frame for them; the JSON-lines
     format keeps them).  Redacted data bytes are zeros, so the frame stays
-    a well-formed APDU.  The pcapng blocks are dpkt's; a file reopened
-    (or appended to) gets a new pcapng section, which readers accept."""
+    a well-formed APDU.
+
+    The blocks, little-endian, as "PCAP Next Generation (pcapng) Capture
+    File Format" (IETF draft-ietf-opsawg-pcapng) defines them: each
+    :meth:`open` writes a Section Header Block (§4.1: version 1.0, section
+    length -1 = not given) and one Interface Description Block (§4.2: link
+    type 228 = raw IPv4, snap length 65535, no options: timestamps in
+    microseconds), so a file reopened (or appended to) starts a new
+    section, which readers accept; each frame is an Enhanced Packet Block
+    (§4.3: interface 0, the timestamp in microseconds as two 32-bit
+    halves, high first, captured = original length, data padded to 32
+    bits, no options).  :meth:`frames` builds them from the parts cached
+    per payload length (:func:`_epb_heads`)."""
 
     binary = True
 
     def __init__(self, path, unredacted=False):
-        import dpkt.pcapng  # only when a pcapng trace is asked for
-
-        self._pcapng = dpkt.pcapng
         self.path = path
         self.unredacted = unredacted
         self.file = None
-        self.writer = None
+        self._heads = {}  # payload length -> (EPB type+length+interface, lengths+IP+UDP+GSMTAP, padding+length)
 
     def open(self):
         old, self.file = self.file, open_append(self.path, True)
-        self.writer = self._pcapng.Writer(self.file, snaplen=0xFFFF, linktype=LINKTYPE_IPV4)
+        self.file.write(_SHB + _IDB)
         self.file.flush()
         if old is not None:
             old.close()
 
-    def write(self, records):
-        frames = []
-        for r in records:
-            command, result = r[6], r[7]
-            if r[5] != APDU or errors.is_error(result):
+    def frames(self, records):
+        """``records`` (tuples of this module's docstring) as their
+        Enhanced Packet Blocks (one bytes); a RESET or a result code has
+        no frame."""
+        heads_of = self._heads
+        if len(heads_of) > 4096:
+            heads_of.clear()
+        unredacted = self.unredacted
+        meaning = errors.MEANING
+        stamp = _TIMESTAMP
+        out = []
+        add = out.extend
+        for when, _reader, _frontend, _identity, _peer, event, command, result, _seconds in records:
+            if event != APDU or (len(result) == 4 and result in meaning):
                 continue
-            if not self.unredacted and len(command) > 4 and (
+            if not unredacted and len(command) > 4 and (
                     command[1] in SECRET_INS or command[0] in SM_CLASSES):  # secret_span's own test, inline
                 span = secret_span(command)
                 if span is not None:
                     start, n = span
                     command = command[:start] + bytes(n) + command[start + n:]
-            frames.append((r[0], gsmtap_frame(command + bytes.fromhex(result))))
+            response = bytes.fromhex(result)
+            n = len(command) + len(response)
+            heads = heads_of.get(n)
+            if heads is None:
+                heads = heads_of[n] = _epb_heads(n)
+            us = round(when * 1e6)
+            add((heads[0], stamp(us >> 32, us & 0xFFFFFFFF), heads[1], command, response, heads[2]))
+        return b"".join(out)
+
+    def write(self, records):
+        """Append ``records`` (tuples) with one write."""
+        frames = self.frames(records)
         if frames:
-            self.writer.writepkts(frames)
+            self.file.write(frames)
             self.file.flush()
 
     def close(self):
         if self.file is not None:
             self.file.close()
-            self.file = self.writer = None
+            self.file = None
 
 
 _GSMTAP = struct.pack(">BBBBHbbIBBBB", GSMTAP_VERSION, 4, GSMTAP_TYPE_SIM, 0, 0, 0, 0, 0,
@@ -260,6 +307,33 @@ _GSMTAP = struct.pack(">BBBBHbbIBBBB", GSMTAP_VERSION, 4, GSMTAP_TYPE_SIM, 0, 0,
 _IP = struct.Struct(">BBHHHBBH4s4s")
 _UDP = struct.Struct(">HHHH")
 _LOOPBACK = b"\x7f\0\0\1"
+#: IPv4 + UDP + GSMTAP header bytes in front of a frame's payload.
+_HEADERS = 20 + 8 + len(_GSMTAP)
+
+#: pcapng Section Header Block (§4.1): type, length 28, byte-order magic,
+#: version 1.0, section length -1 (not given), length again.
+_SHB = struct.pack("<IIIHHqI", 0x0A0D0D0A, 28, 0x1A2B3C4D, 1, 0, -1, 28)
+#: pcapng Interface Description Block (§4.2): type 1, length 20, link
+#: type, reserved, snap length, length again; no options.
+_IDB = struct.pack("<IIHHII", 1, 20, LINKTYPE_IPV4, 0, 0xFFFF, 20)
+#: An Enhanced Packet Block's (§4.3) bytes besides its padded data: type,
+#: length, interface, timestamp high and low, captured and original
+#: length (7 x 4) and the length again at its end.
+_EPB_OVERHEAD = 7 * 4 + 4
+_TIMESTAMP = struct.Struct("<II").pack
+
+
+def _epb_heads(n):
+    """The parts of an Enhanced Packet Block around a payload of ``n``
+    bytes that are the same in every such frame: (type, length and
+    interface; captured and original length, IPv4, UDP and GSMTAP headers;
+    padding and the length again)."""
+    captured = _HEADERS + n
+    padded = (captured + 3) & ~3
+    total = _EPB_OVERHEAD + padded
+    return (struct.pack("<III", 6, total, 0),
+            struct.pack("<II", captured, captured) + gsmtap_frame(bytes(n))[:_HEADERS],
+            bytes(padded - captured) + struct.pack("<I", total))
 
 
 def _ip_checksum_base():
@@ -293,7 +367,8 @@ def trace_file(path, unredacted=False):
 class Tracer:
     """The hook the dispatcher calls (``Dispatcher.trace``); see the module
     docstring.  ``patterns``: reader-name globs (none: every reader);
-    ``unredacted``: live watchers get secrets too (``--trace-unredacted``)."""
+    ``unredacted``: live watchers get secrets too (``--trace-unredacted``);
+    ``max_buffer``: records held for the writer at most."""
 
     log = Logger()
 
@@ -301,7 +376,9 @@ class Tracer:
         self.patterns = list(patterns)
         self.unredacted = unredacted
         self.max_buffer = max_buffer
-        self.queue = deque()
+        #: records (tuples) the writer thread has not taken yet; a list, not
+        #: a deque: the writer takes them with a slice and a slice deletion
+        self.queue = []
         self.dropped = 0
         self.files = 0  # TraceServices writing the queue (0: records go to watchers only)
         self.watchers = {}  # reader name -> [callables taking a record dict]
@@ -324,7 +401,7 @@ class Tracer:
         """``run`` (a run.RequestRun, ``i`` at the command) got ``value``
         (its result line); keeps it when it is a RESET or APDU that ran on
         a traced card.  Moves ``run.started`` on when metrics do not.
-        The hot path of tracing: a few attribute reads and one append."""
+        The hot path of tracing: a few attribute reads and :meth:`add`."""
         command = run.request.commands[run.i]
         name = command.name
         if (name != APDU and name != RESET) or not run.holding or command.error is not None:
@@ -344,8 +421,8 @@ class Tracer:
         record = (now + self.wall, reader.name, session.frontend,
                   identity.name if identity is not None and identity.__class__ is not str else None,
                   session.peer, name, command.apdu, value, seconds)
-        queue = self.queue
         if self.files:
+            queue = self.queue
             if len(queue) < self.max_buffer:
                 queue.append(record)
             else:
@@ -378,12 +455,15 @@ class Tracer:
         d.addBoth(done)
 
     def add(self, record):
+        """Keep one record (the module docstring's tuple) for the writer,
+        or drop and count it when ``max_buffer`` are waiting; tell live
+        watchers."""
         if self.files:
             queue = self.queue
-            if len(queue) >= self.max_buffer:
-                self.dropped += 1
-            else:
+            if len(queue) < self.max_buffer:
                 queue.append(record)
+            else:
+                self.dropped += 1
         if self.watchers:
             self._tell(record)
 
@@ -470,17 +550,18 @@ class TraceService(Service):
             self._warned_dropped = dropped
 
     def _run(self):
-        queue = self.tracer.queue
         stop = self._stop
         while True:
             stopping = stop.wait(self.flush_every)
-            self.flush(queue)
+            self.flush()
             if stopping:
                 return
 
-    def flush(self, queue=None):
-        """Write what the queue holds now (the writer thread's round)."""
-        queue = self.tracer.queue if queue is None else queue
+    def flush(self):
+        """Write what the queue holds now (the writer thread's round), one
+        write per file.  Taking the records is a slice and a slice
+        deletion of a list, each atomic under the GIL, so the reactor
+        thread appends meanwhile without a lock."""
         if self._reopen:
             self._reopen = False
             for f in self.files:
@@ -488,11 +569,12 @@ class TraceService(Service):
                     f.open()
                 except OSError as e:
                     self._say(f"trace: cannot reopen {f.path}: {e.strerror}; still writing the old file")
+        queue = self.tracer.queue
         n = len(queue)
         if not n:
             return
-        pop = queue.popleft
-        records = [pop() for _ in range(n)]
+        records = queue[:n]
+        del queue[:n]
         for f in self.files:
             try:
                 f.write(records)
