@@ -93,11 +93,13 @@ class ServiceTests(SynchronousTestCase):
         self.assertIs(certindex.parent, top)
         top.startService()
         self.assertTrue(certindex.running)
-        pending = [c for c in certindex._arrivals if c.active()]
-        self.assertEqual(len(pending), 1)  # the arrival probe of the emulated card
+        self.assertEqual(list(certindex._arrivals), list(top.core.registry.readers))  # the emulated card's
+        pending = certindex._arrival_call
+        self.assertTrue(pending.active())  # its arrival probe, not run yet
         top.stopService()
         self.assertFalse(certindex.running)
-        self.assertEqual([c.active() for c in pending], [False])  # cancelled, never run
+        self.assertFalse(pending.active())  # cancelled, never run
+        self.assertEqual(list(certindex._arrivals), [])
 
     def test_no_signing(self):
         top = tap.makeService(parse("--no-signing"), MemoryReactorClock())

@@ -24,11 +24,6 @@ quoted, at the start of a line); a key written as part of a dotted name
 import getopt
 import re
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11: the same parser, from PyPI
-    import tomli as tomllib
-
 from twisted.python import usage
 
 #: Options that may be given more than once: a list in the file.
@@ -83,6 +78,10 @@ def apply(options, path, given):
     except OSError as e:
         raise usage.UsageError(f"--config {path!r}: {e.strerror}") from None
     text = raw.decode("utf-8", "replace")
+    try:  # imported here: only --config needs a TOML parser
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11: the same parser, from PyPI
+        import tomli as tomllib
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

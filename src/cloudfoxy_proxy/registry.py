@@ -5,8 +5,6 @@ plus each card's FIFO queue (section 1.5)."""
 import base64
 import collections
 
-import re2
-
 from . import errors
 from .logs import Logger
 
@@ -22,15 +20,23 @@ CACHE_ENTRIES = 1024
 CACHE_CHARS = 256 * 1024
 
 
-def _pattern_options():
-    options = re2.Options()
-    options.case_sensitive = False
-    options.never_capture = True
-    options.log_errors = False  # a client's bad pattern is not worth a stderr line
-    return options
+_PATTERN_OPTIONS = None
 
 
-_PATTERN_OPTIONS = _pattern_options()
+def _re2():
+    """The re2 module and the options of reader-line patterns, imported at
+    the first pattern (RE2 costs about 2 MB of memory: most proxies never
+    see one)."""
+    global _PATTERN_OPTIONS
+    import re2
+
+    if _PATTERN_OPTIONS is None:
+        options = re2.Options()
+        options.case_sensitive = False
+        options.never_capture = True
+        options.log_errors = False  # a client's bad pattern is not worth a stderr line
+        _PATTERN_OPTIONS = options
+    return re2
 
 
 def compile_pattern(text):
@@ -46,6 +52,7 @@ def compile_pattern(text):
     """
     if len(text) > MAX_PATTERN:
         return None
+    re2 = _re2()
     try:
         pattern = re2.compile(text, _PATTERN_OPTIONS)
     except re2.error:

@@ -24,6 +24,7 @@ card change) and answers ``C085`` without touching the card.
 """
 
 import base64
+import collections
 import hashlib
 import hmac
 import os
@@ -39,6 +40,13 @@ from ..logs import Logger
 from .certs import build_chain, der_bytes
 from .profiles import HASH_NAMES, HASHES, PROFILES, PinBlocked, WrongPin
 from ..registry import QueueFull, b64name
+
+
+#: Arrival probes run at once; the other arrived cards wait in arrival
+#: order.  A backend such as cloudfoxy+http opens one upstream connection
+#: per exchange in flight and keeps it: probing 120 cards at once left 120
+#: idle connections (about 4 MB) and held up the first clients' commands.
+ARRIVAL_PROBES = 8
 
 
 def parse_digest(data, algorithm=""):
@@ -170,7 +178,9 @@ class CertIndex(Service):
         self._cards = {}  # Reader -> _CardState
         #: the text before the first ":" of every FoxyProxy name seen (reader_line's quick test)
         self._foxyproxy_heads = set()
-        self._arrivals = []  # DelayedCalls of arrival probes
+        self._arrivals = collections.deque()  # readers whose arrival probe waits
+        self._arrival_call = None  # the DelayedCall that starts waiting arrival probes
+        self._probing = 0  # arrival probes running
         self.started = False
         #: a trace.Tracer for the index's own APDUs (``--trace``), or None
         self.trace = None
@@ -217,8 +227,9 @@ class CertIndex(Service):
         self.registry.set_extra_aliases(state.reader, ())
         # Later, not inside the registry's update (the backend may still be
         # in the middle of reporting its readers).
-        self._arrivals = [c for c in self._arrivals if c.active()]
-        self._arrivals.append(self.clock.callLater(0, self._probe_if_free, state.reader))
+        self._arrivals.append(state.reader)
+        if self._arrival_call is None:
+            self._arrival_call = self.clock.callLater(0, self._start_arrivals)
 
     def _departed(self, state):
         state.present = False
@@ -238,10 +249,10 @@ class CertIndex(Service):
 
     def stop(self):
         """Cancel pending arrival probes (for an orderly shutdown)."""
-        arrivals, self._arrivals = self._arrivals, []
-        for call in arrivals:
-            if call.active():
-                call.cancel()
+        self._arrivals.clear()
+        call, self._arrival_call = self._arrival_call, None
+        if call is not None and call.active():
+            call.cancel()
 
     @staticmethod
     def free(reader):
@@ -249,12 +260,28 @@ class CertIndex(Service):
         vpcd bridge on it."""
         return reader.holder is None and not reader.queue.busy and not reader.queue.waiters
 
+    def _start_arrivals(self):
+        """Start waiting arrival probes, up to :data:`ARRIVAL_PROBES` at once
+        (a loop, not a recursion: a probe may end at once)."""
+        self._arrival_call = None
+        while self._arrivals and self._probing < ARRIVAL_PROBES:
+            reader = self._arrivals.popleft()
+            self._probing += 1
+            self._probe_if_free(reader).addBoth(self._arrival_done)
+
+    def _arrival_done(self, _):
+        self._probing -= 1
+        if self._arrivals and self._arrival_call is None:
+            self._arrival_call = self.clock.callLater(0, self._start_arrivals)
+
     def _probe_if_free(self, reader):
         """The arrival probe, unless a client holds the card (then ENUM,
-        ALIASES, CHAIN or SIGN probe it later) or a lazy one did it already."""
+        ALIASES, CHAIN or SIGN probe it later) or a lazy one did it already:
+        a Deferred that fires when it is over."""
         state = self._cards.get(reader)
         if reader.holder is None and state is not None and not state.probed:
-            self.probe(reader)
+            return self.probe(reader)
+        return succeed(None)
 
     def _due(self):
         """The present, never-probed cards that nobody holds: the lazy probes
