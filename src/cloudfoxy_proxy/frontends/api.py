@@ -39,13 +39,12 @@ from urllib.parse import unquote
 
 import attr
 from autobahn.twisted.resource import WebSocketResource
-from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from .. import errors
 from ..dispatch import Session
-from ..logs import Logger, enabled
+from ..logs import Logger
 from ..parser import Request as CardRequest
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, Command, make_command, parse_apdu
 from .base import OneListener
@@ -68,7 +67,8 @@ class ApiSite(HttpSite):
     frontend = "api"
     log_prefix = "ApiSite"
     json_errors = True
-    _logger = Logger()
+    access_line = "API {method} {path} -> {code}"
+    access_log = Logger()
 
     def route(self, head):
         if head.method == b"OPTIONS":  # a CORS preflight: no secret (browsers send none)
@@ -86,12 +86,6 @@ class ApiSite(HttpSite):
 
     def refusal_headers(self, request):
         return self.resource.cors_headers(request)
-
-    def log(self, request):
-        super().log(request)
-        if enabled(LogLevel.debug):  # else its fields alone cost 4 % of a request
-            self._logger.debug("API {method} {path} -> {code}", method=request.method.decode("ascii", "replace"),
-                               path=request.path.decode("ascii", "replace"), code=request.code)
 
 
 _PREFLIGHT = Route({b"OPTIONS"}, auth=NONE, host_check=False)
@@ -277,11 +271,14 @@ class ApiResource(Resource):
     # -- plumbing
 
     def render(self, request):
-        origin = request.getHeader(b"origin")
-        allowed = origin is not None and origin in self.cors_origins
-        if allowed:
-            request.setHeader(b"access-control-allow-origin", origin)
-            request.setHeader(b"vary", b"Origin")
+        if self.cors_origins:  # (else no origin is allowed, and none is looked at)
+            origin = request.getHeader(b"origin")
+            allowed = origin is not None and origin in self.cors_origins
+            if allowed:
+                request.setHeader(b"access-control-allow-origin", origin)
+                request.setHeader(b"vary", b"Origin")
+        else:
+            origin, allowed = None, False
         if request.method == b"OPTIONS":
             return self.preflight(request, allowed)
         session = request.session  # judged by the HTTP base (ApiSite): who this is
@@ -296,6 +293,8 @@ class ApiResource(Resource):
             result = handler(request, session, *params)
         except ApiError as e:
             return self._error(request, e)
+        if result.__class__ is dict:  # answered at once (an idle card)
+            return dump(result)
         if isinstance(result, bytes):
             return result
         if not hasattr(result, "addCallbacks"):
