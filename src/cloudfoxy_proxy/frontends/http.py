@@ -220,10 +220,13 @@ class HttpChannel(HTTPChannel):
     _delayed = None  # DelayedCall of a throttled refusal
     auth = None  # the dispatch.Session identify() keeps for this connection
 
+    _peer = _host = None  # the connection's addresses (getPeer, getHost)
+
     def connectionMade(self):
         site = self.site
         site.counters.connections += 1
-        peer = self.transport.getPeer()
+        peer = self._peer = self.transport.getPeer()
+        self._host = self.transport.getHost()
         host = getattr(peer, "host", None)
         port = getattr(peer, "port", None)
         self.auth = Session(f"{host}:{port}" if isinstance(host, str) and port is not None else str(peer),
@@ -231,6 +234,14 @@ class HttpChannel(HTTPChannel):
                             counters=site.counters)
         self._tls = ISSLTransport.providedBy(self.transport)
         super().connectionMade()
+
+    # twisted.web asks for both with every request; they do not change
+    # while the connection lasts (the host is a getsockname call each time).
+    def getPeer(self):
+        return self._peer
+
+    def getHost(self):
+        return self._host
 
     @property
     def busy(self):
