@@ -369,9 +369,9 @@ def table(rows):
 NOTES = """With one client every request is a round trip on its own: the proxy sleeps in `epoll_wait`
 between messages and is woken for each, so its CPU per APDU is highest there, and the same Python
 work costs about three times what it costs back to back (`python bench/api_frame.py`: the CPU has
-run other code in between). The `floor` rows are a bare Autobahn server with the proxy's options
-answering a fixed transmit answer: what the library and the machine cost before the proxy does
-anything. Over HTTP most of the proxy's CPU is twisted.web's request machinery (a `Request`
+run other code in between). The `floor` rows are a bare Autobahn server (WebSocket) or a bare twisted.web
+`Site` with one leaf `Resource` (HTTP, REST) with the proxy's options, answering a fixed answer of
+the same shape: what the library and the machine cost before the proxy does anything. Over HTTP most of the proxy's CPU is twisted.web's request machinery (a `Request`
 object, header parsing and formatting, a `Date` header, pausing and resuming the transport around
 each request). APDUs/s are bounded by the Python clients sharing the 2 cores, not by the proxy.
 On this shared machine a round with steal time is a disturbed round: compare builds within a run
