@@ -5,7 +5,9 @@ C closed-loop clients each send ``transmit`` of one SELECT MF (K=1) to one
 of 4 emulated cards (no card latency), check every answer
 (``{"responses": ["9000"]}``) and send the next; over HTTP/1.1 keep-alive
 (treq, one persistent connection per client) or over one WebSocket per
-client (Autobahn).  Reported per transport and client count: APDUs/s,
+client (Autobahn).  The ``rest`` transport is the CloudFoxy REST front end
+(``--rest``) under the same load: ``GET /api/v1/basic?terminal=/Emulated_0N&apdu=00A4000C023F00``
+with ``X-Auth-Token`` over keep-alive, answer ``9000``.  Reported per transport and client count: APDUs/s,
 latency p50/p99 and the proxy's CPU per APDU (utime+stime of the twistd
 process from /proc over the measured window, as bench/loadgen.py reads it);
 each round's line also gives the machine's steal time over the window (the
@@ -13,11 +15,15 @@ hypervisor running others on our cores: a round with steal was disturbed).
 The clients run in this process under one Twisted reactor.
 
     .venv/bin/python bench/api_load.py [--clients 1,10,50] [--duration 5] [--rounds N]
-        [--build LABEL=SRC ...] [--transports http,ws] [--floor] [--write]
+        [--build LABEL=SRC ...] [--transports http,ws,rest] [--floor] [--write]
 
-``--floor`` adds, to the WebSocket loads, a bare Autobahn server with the
-proxy's options answering a fixed transmit answer (``serve_floor``): what
-the library and the machine cost before the proxy does anything.
+``--floor`` adds to every load a floor taking turns with the proxy: for
+the WebSocket loads a bare Autobahn server with the proxy's options, for
+the HTTP and REST loads a bare twisted.web ``Site`` and one leaf
+``Resource`` (``serve_floor``), each answering a fixed answer of the same
+shape: what the library and the machine cost before the proxy does
+anything.  With it, a second table gives ours / floor / ratio per load.
+The report's command: ``.venv/bin/python bench/api_load.py --floor --rounds 5 --clients 1,10``.
 
 ``--write`` puts the table into docs/performance.md (its own section after
 bench/run.py's KEEP_MARK, replaced on each run).  Loopback only; every run
@@ -69,6 +75,7 @@ def run_load(base, transport, clients, duration, warmup, pid):
     stats = Stats()
     stop = [False]
     headers = {"Authorization": f"Bearer {TOKEN}"}
+    rest_headers = {"X-Auth-Token": TOKEN}
 
     @defer.inlineCallbacks
     def http_client(n, pool):
@@ -80,6 +87,19 @@ def run_load(base, transport, clients, duration, warmup, pid):
                 r = yield treq.post(url, data=body, headers=headers, pool=pool, timeout=10)
                 answer = yield r.json()
                 ok = r.code == 200 and answer["responses"] == ["9000"]
+            except Exception:
+                ok = False
+            stats.record(t0, ok)
+
+    @defer.inlineCallbacks
+    def rest_client(n, pool):
+        url = f"{base}/api/v1/basic?terminal=/Emulated_0{n % CARDS}&apdu={APDU}".encode()
+        while not stop[0]:
+            t0 = time.perf_counter()
+            try:
+                r = yield treq.get(url, headers=rest_headers, pool=pool, timeout=10)
+                answer = yield r.content()
+                ok = r.code == 200 and answer == b"9000\n"
             except Exception:
                 ok = False
             stats.record(t0, ok)
@@ -120,7 +140,8 @@ def run_load(base, transport, clients, duration, warmup, pid):
     def main(reactor):
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = clients
-        loops = [http_client(n, pool) if transport == "http" else ws_client(n) for n in range(clients)]
+        client = {"http": lambda n: http_client(n, pool), "rest": lambda n: rest_client(n, pool), "ws": ws_client}
+        loops = [client[transport](n) for n in range(clients)]
         yield task.deferLater(reactor, warmup, lambda: None)
         stats.measuring = True
         cpu0, t0, steal0 = proc_cpu(pid), time.perf_counter(), machine_steal()
@@ -153,7 +174,8 @@ def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),), fl
     ``builds`` (label, src: a tree whose ``src`` goes first on the proxy's
     PYTHONPATH, ``.`` this checkout) take turns within each round, so a
     change in the machine's load hits each alike; ``floor`` adds the bare
-    Autobahn server (``serve_floor``) to the WebSocket loads' turns.  A load
+    Autobahn server or the bare twisted.web one (``serve_floor``) to
+    every load's turns (build ``floor``).  A load
     during which the machine's steal time exceeded ``max_steal`` % is
     disturbed: it is run again, at most ``retries`` times, and kept marked
     if it stays disturbed.  One row per build, transport and client count,
@@ -164,7 +186,7 @@ def measure(clients_list, duration, warmup, rounds=1, builds=(("now", "."),), fl
     for n in range(rounds):
         for transport in transports:
             for clients in clients_list:
-                for label, src in list(builds) + ([("floor", None)] if floor and transport == "ws" else []):
+                for label, src in list(builds) + ([("floor", None)] if floor else []):
                     env = dict(os.environ)
                     if src not in (".", None):
                         env["PYTHONPATH"] = os.path.abspath(src)
@@ -208,14 +230,62 @@ def combine(runs):
     return row
 
 
-def serve_floor():
-    """The floor for the WebSocket rows: a bare Autobahn server on loopback
-    (the proxy's factory options, no HTTP upgrade through twisted.web, no
-    limits, no dispatcher, no card) answering every message ``{"id",
-    "atr": null, "responses": ["9000"]}``; prints its port."""
+def serve_floor(transport="ws"):
+    """The floor of a load, on loopback; prints its port.
+
+    ``ws``: a bare Autobahn server (the proxy's factory options, no HTTP
+    upgrade through twisted.web, no limits, no dispatcher, no card)
+    answering every message ``{"id", "atr": null, "responses": ["9000"]}``.
+
+    ``http`` and ``rest``: a bare twisted.web ``Site`` with one leaf
+    ``Resource`` (no access check, no dispatcher, no card), with the
+    proxy's listener options that change the cost of a request: no
+    twisted.web idle timeout (``timeout=None``), no access log line,
+    TCP_NODELAY.  A POST (the HTTP/JSON API's transmit) has its JSON body
+    parsed and is answered ``{"atr":null,"responses":["9000"]}`` as
+    ``application/json``; a GET (the REST front end's ``/api/v1/basic``)
+    ``9000`` as ``text/plain``; both with ``Cache-Control: no-store``, as
+    the proxy answers them."""
     import orjson
-    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
     from twisted.internet import reactor
+
+    if transport != "ws":
+        from twisted.web.http import HTTPChannel
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        class Transmit(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                orjson.loads(request.content.read())
+                request.setHeader(b"content-type", b"application/json")
+                request.setHeader(b"cache-control", b"no-store")
+                return orjson.dumps({"atr": None, "responses": ["9000"]}) + b"\n"
+
+            def render_GET(self, request):
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                request.setHeader(b"cache-control", b"no-store")
+                return b"9000\n"
+
+        class Channel(HTTPChannel):
+            def connectionMade(self):
+                self.transport.setTcpNoDelay(True)
+                super().connectionMade()
+
+        class FloorSite(Site):
+            noisy = False
+            protocol = Channel
+
+            def log(self, request):
+                pass
+
+        print(reactor.listenTCP(0, FloorSite(Transmit(), timeout=None), interface=HOST).getHost().port,
+              flush=True)
+        reactor.run()
+        return
+
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 
     class Floor(WebSocketServerProtocol):
         def onMessage(self, payload, isBinary):
@@ -228,26 +298,50 @@ def serve_floor():
     reactor.run()
 
 
-def one_floor(clients, duration, warmup):
+def one_floor(transport, clients, duration, warmup):
     import subprocess
 
-    server = subprocess.Popen([sys.executable, __file__, "--serve-floor"], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, __file__, "--serve-floor", transport], stdout=subprocess.PIPE,
+                              text=True)
     try:
         port = int(server.stdout.readline())
-        run_load(f"http://{HOST}:{port}", "ws", clients, duration, warmup, server.pid)
+        run_load(f"http://{HOST}:{port}", transport, clients, duration, warmup, server.pid)
     finally:
         server.terminate()
         server.wait(10)
 
 
 def one(transport, clients, duration, warmup):
-    p = ProxyProcess("--api", f"tcp:0:interface={HOST}", "--backend", f"emulated:?cards={CARDS}", "--no-signing",
-                     listeners=2, env={"FOXYPROXY_API_TOKEN": TOKEN}).start()
+    front = ("--rest", "Site", "FOXYPROXY_REST_TOKEN") if transport == "rest" else (
+        "--api", "ApiSite", "FOXYPROXY_API_TOKEN")
+    p = ProxyProcess(front[0], f"tcp:0:interface={HOST}", "--backend", f"emulated:?cards={CARDS}", "--no-signing",
+                     listeners=2, env={front[2]: TOKEN}).start()
     try:
-        base = f"http://{HOST}:{p.ports['ApiSite'][0]}"
+        base = f"http://{HOST}:{p.ports[front[1]][0]}"
         run_load(base, transport, clients, duration, warmup, p.proc.pid)
     finally:
         p.stop()
+
+
+NAMES = {"http": "HTTP keep-alive", "ws": "WebSocket", "rest": "REST front end (keep-alive)"}
+FLOORS = {"http": "bare twisted.web", "ws": "bare Autobahn", "rest": "bare twisted.web"}
+
+
+def ratio_table(rows):
+    """Markdown: ours / floor / ratio of the proxy's CPU per APDU for every
+    load measured with a floor (medians, every round in brackets)."""
+    floors = {(r["transport"], r["clients"]): r for r in rows if r["build"] == "floor"}
+    lines = ["| path | ours µs/APDU | floor µs/APDU | ratio |", "|---|---|---|---|"]
+    for r in rows:
+        f = floors.get((r["transport"], r["clients"]))
+        if r["build"] == "floor" or f is None:
+            continue
+        rounds = lambda x: ", ".join(f"{c:.0f}" for c in x["cpu_rounds"])  # noqa: E731
+        label = f"{r['build']}: " if len({x['build'] for x in rows}) > 2 else ""
+        lines.append(f"| {label}{NAMES[r['transport']]}, {r['clients']} clients | {r['cpu_us_per_apdu']:.0f} "
+                     f"[{rounds(r)}] | {FLOORS[r['transport']]} {f['cpu_us_per_apdu']:.0f} [{rounds(f)}] | "
+                     f"{r['cpu_us_per_apdu'] / f['cpu_us_per_apdu']:.2f}× |")
+    return "\n".join(lines)
 
 
 def table(rows):
@@ -258,11 +352,11 @@ def table(rows):
              ("|---" if builds else "") + "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = 150 if r["transport"] == "ws" else 300
-        name = "WebSocket" if r["transport"] == "ws" else "HTTP keep-alive"
+        name = NAMES[r["transport"]]
         rounds = ", ".join(f"{c:.0f}" + ("*" if d else "")
                            for c, d in zip(r["cpu_rounds"], r.get("disturbed") or [False] * len(r["cpu_rounds"])))
         verdict = (f"≤ {budget} {'ok' if r['cpu_us_per_apdu'] <= budget else 'OVER'}" if r["build"] != "floor"
-                   else "– (bare Autobahn, not the proxy)")
+                   else f"– ({FLOORS[r['transport']]}, not the proxy)")
         lines.append((f"| {r['build']} " if builds else "") +
                      f"| {name} | {r['clients']} | {r['apdus_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['cpu_us_per_apdu']:.0f} ({r['cpu_min']:.0f}; {rounds}) | {verdict} | {r['errors']} |")
@@ -275,9 +369,9 @@ def table(rows):
 NOTES = """With one client every request is a round trip on its own: the proxy sleeps in `epoll_wait`
 between messages and is woken for each, so its CPU per APDU is highest there, and the same Python
 work costs about three times what it costs back to back (`python bench/api_frame.py`: the CPU has
-run other code in between). The `floor` rows are a bare Autobahn server with the proxy's options
-answering a fixed transmit answer: what the library and the machine cost before the proxy does
-anything. Over HTTP most of the proxy's CPU is twisted.web's request machinery (a `Request`
+run other code in between). The `floor` rows are a bare Autobahn server (WebSocket) or a bare twisted.web
+`Site` with one leaf `Resource` (HTTP, REST) with the proxy's options, answering a fixed answer of
+the same shape: what the library and the machine cost before the proxy does anything. Over HTTP most of the proxy's CPU is twisted.web's request machinery (a `Request`
 object, header parsing and formatting, a `Date` header, pausing and resuming the transport around
 each request). APDUs/s are bounded by the Python clients sharing the 2 cores, not by the proxy.
 On this shared machine a round with steal time is a disturbed round: compare builds within a run
@@ -319,32 +413,36 @@ def main(argv=None):
     ap.add_argument("--build", action="append", metavar="LABEL=SRC",
                     help="a proxy build to measure: the src directory of a tree of this project "
                          "(e.g. an older commit from git archive); repeatable; default: this checkout")
-    ap.add_argument("--transports", default="http,ws", help="http, ws or both (default)")
+    ap.add_argument("--transports", default="http,ws,rest",
+                    help="some of http, ws, rest (the CloudFoxy REST front end), comma-separated (default: all)")
     ap.add_argument("--max-steal", type=float, default=5.0,
                     help="a load with more steal time (%% of the machine) is disturbed and run again (default 5)")
     ap.add_argument("--retries", type=int, default=2, help="runs again of a disturbed load (default 2)")
     ap.add_argument("--floor", action="store_true",
-                    help="also measure a bare Autobahn WebSocket server under the same loads (the library's floor)")
+                    help="also measure the floor under the same loads: a bare Autobahn WebSocket server, "
+                         "a bare twisted.web HTTP server (the libraries' floors)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("TRANSPORT", "CLIENTS"), help=argparse.SUPPRESS)
-    ap.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-floor", nargs="?", const="ws", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.duration = max(0.5, min(args.duration, 120))
     args.warmup = max(0.0, min(args.warmup, 30))
     if args.serve_floor:
-        return serve_floor()
+        return serve_floor(args.serve_floor)
     if args.one:
-        run = one_floor if args.floor else lambda *a: one(args.one[0], *a)
-        return run(min(int(args.one[1]), 500), args.duration, args.warmup)
+        run = one_floor if args.floor else one
+        return run(args.one[0], min(int(args.one[1]), 500), args.duration, args.warmup)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     builds = [tuple(b.split("=", 1)) for b in args.build or ["now=."]]
     if any(len(b) != 2 for b in builds):
         raise SystemExit("--build LABEL=SRC, e.g. --build before=/tmp/before/src")
     rows = measure([min(int(c), 500) for c in args.clients.split(",")], args.duration, args.warmup,
                    max(1, min(args.rounds, 10)), builds, args.floor,
-                   [t for t in ("http", "ws") if t in args.transports.split(",")], args.max_steal,
+                   [t for t in ("http", "ws", "rest") if t in args.transports.split(",")], args.max_steal,
                    max(0, min(args.retries, 5)))
     text = table(rows)
+    if args.floor:
+        text += "\n\n" + ratio_table(rows)
     print("\n" + text)
     if args.write:
         write(text, args, load)

@@ -86,16 +86,17 @@ def test_api_load_checks_every_answer():
     import subprocess
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "api_load.py")
-    for transport in ("http", "ws"):
+    for transport in ("http", "ws", "rest"):
         out = subprocess.run([sys.executable, script, "--one", transport, "2", "--duration", "0.5",
                               "--warmup", "0.2"], capture_output=True, text=True, timeout=60)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         assert r["errors"] == 0 and r["apdus"] > 0, out.stdout + out.stderr
         assert r["transport"] == transport and r["cpu_us_per_apdu"] > 0
-    out = subprocess.run([sys.executable, script, "--one", "ws", "2", "--floor", "--duration", "0.5",
-                          "--warmup", "0.2"], capture_output=True, text=True, timeout=60)
-    r = json.loads(out.stdout.strip().splitlines()[-1])  # the bare Autobahn floor, same checks of every answer
-    assert r["errors"] == 0 and r["apdus"] > 0 and r["cpu_us_per_apdu"] > 0, out.stdout + out.stderr
+    for transport in ("ws", "http"):  # the bare Autobahn / twisted.web floors, same checks of every answer
+        out = subprocess.run([sys.executable, script, "--one", transport, "2", "--floor", "--duration", "0.5",
+                              "--warmup", "0.2"], capture_output=True, text=True, timeout=60)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        assert r["errors"] == 0 and r["apdus"] > 0 and r["cpu_us_per_apdu"] > 0, out.stdout + out.stderr
 
 
 def test_line_builds_runs(capsys):
@@ -127,6 +128,8 @@ def test_api_load_rounds_table_judges_the_median():
     floor = api_load.combine([dict(runs[0], build="floor")])
     text = api_load.table([row, floor])  # builds side by side; the floor is not judged
     assert "| now | WebSocket | 1 | 98 | 0.30 | 0.60 | 150 (140; 140, 170*, 160) | ≤ 150 ok | 0 |" in text
+    ratios = api_load.ratio_table([row, dict(floor, cpu_us_per_apdu=100.0, cpu_rounds=[100.0, 120.0])])
+    assert "| WebSocket, 1 clients | 150 [140, 170, 160] | bare Autobahn 100 [100, 120] | 1.50× |" in ratios
     assert "| floor | WebSocket | 1 | 100 | 0.30 | 0.60 | 140 (140; 140) | – (bare Autobahn, not the proxy) | 0 |" in text
 
 

@@ -118,6 +118,29 @@ class BaseTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertFalse(t.disconnected)  # between requests: no deadline either
 
+    def test_each_head_of_a_connection_has_its_own_deadline(self):
+        channel, t = self.connect()
+        request = b"GET /x HTTP/1.1\r\nHost: h\r\n" + self.auth() + b"\r\n\r\n"
+        channel.dataReceived(request)  # the check of the first head is left running...
+        self.clock.advance(8)
+        channel.dataReceived(b"GET /x HTTP/1.1\r\n")  # ...and a second head starts 2 s before it fires
+        self.clock.advance(2)
+        self.assertFalse(t.disconnected)  # that head has 10 s of its own
+        self.clock.advance(7.5)
+        self.assertFalse(t.disconnected)
+        channel.dataReceived(b"Host: h\r\n")
+        self.clock.advance(0.6)
+        self.assertTrue(t.disconnected)  # 10.1 s after its first byte
+        self.assertEqual(t.value().count(b"HTTP/1.1 200 "), 1)
+        channel, t = self.connect()
+        for _ in range(3):  # heads completed within the deadline, one after the other
+            channel.dataReceived(request)
+            self.clock.advance(6)
+        self.assertFalse(t.disconnected)
+        self.assertEqual(t.value().count(b"HTTP/1.1 200 "), 3)
+        channel.connectionLost(None)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.func == channel._too_slow], [])
+
     def test_the_deadline_is_never_longer_than_the_idle_timeout(self):
         core = memory_core(self.dispatcher, self.clock, header_timeout=10.0, idle_timeout=3)
         self.assertEqual(EchoSite(Echo(), core).header_timeout, 3)

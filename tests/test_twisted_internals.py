@@ -160,6 +160,25 @@ class MonotonicClockTests(SynchronousTestCase):
         self.assertIsInstance(reactor._newTimedCalls, list)
 
 
+class RequestLineTests(SynchronousTestCase):
+    def test_the_request_line_is_known_when_the_headers_are(self):
+        from twisted.internet.testing import StringTransport
+        from twisted.web.http import HTTPChannel
+
+        seen = []
+
+        class Channel(HTTPChannel):
+            def allHeadersReceived(self):
+                seen.append(internals.request_line(self))
+                super().allHeadersReceived()
+
+        channel = Channel()
+        self.assertEqual(internals.request_line(channel), (None, None))
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"POST /a/b%20c?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n")
+        self.assertEqual(seen, [(b"POST", b"/a/b%20c?x=1")])
+
+
 class HalfClosingTLSTests(SynchronousTestCase):
     """The client's close_notify as a half-close, over Twisted's TLS in
     memory (iosim): a server protocol that is half-closeable answers, then

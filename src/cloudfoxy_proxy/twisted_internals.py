@@ -211,3 +211,10 @@ def _half_closing_tls():
             super().loseConnection()
 
     return HalfClosingTLSProtocol
+
+
+def request_line(channel):
+    """``(method, target)`` (bytes) of the request line a twisted.web
+    HTTPChannel has parsed for the request whose head it is reading
+    (``_command`` and ``_path``, set as the line arrives; None before)."""
+    return getattr(channel, "_command", None), getattr(channel, "_path", None)

@@ -39,13 +39,12 @@ from urllib.parse import unquote
 
 import attr
 from autobahn.twisted.resource import WebSocketResource
-from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from .. import errors
 from ..dispatch import Session
-from ..logs import Logger, enabled
+from ..logs import Logger
 from ..parser import Request as CardRequest
 from ..parser import ALIASES, APDU, CHAIN, MAX_APDU_BYTES, RESET, SIGN, Command, make_command, parse_apdu
 from .base import OneListener
@@ -68,7 +67,8 @@ class ApiSite(HttpSite):
     frontend = "api"
     log_prefix = "ApiSite"
     json_errors = True
-    _logger = Logger()
+    access_line = "API {method} {path} -> {code}"
+    access_log = Logger()
 
     def route(self, head):
         if head.method == b"OPTIONS":  # a CORS preflight: no secret (browsers send none)
@@ -79,19 +79,20 @@ class ApiSite(HttpSite):
         methods = self.resource.methods_of(head.path)
         if methods is None:
             return _UNKNOWN
-        return Route(methods, body=MAX_BODY if b"POST" in methods else 0)
+        route = _ROUTES.get(methods)
+        if route is None:  # one Route per set of methods (the routes have a few)
+            route = _ROUTES[methods] = Route(methods, body=MAX_BODY if b"POST" in methods else 0)
+        return route
 
     def refusal_headers(self, request):
         return self.resource.cors_headers(request)
 
-    def log(self, request):
-        super().log(request)
-        if enabled(LogLevel.debug):  # else its fields alone cost 4 % of a request
-            self._logger.debug("API {method} {path} -> {code}", method=request.method.decode("ascii", "replace"),
-                               path=request.path.decode("ascii", "replace"), code=request.code)
-
 
 _PREFLIGHT = Route({b"OPTIONS"}, auth=NONE, host_check=False)
+_ROUTES = {}
+_NO_MATCH = object()
+#: ApiResource._match remembers paths up to this long (bytes), this many.
+_MATCHED_PATH, _MATCHED = 512, 1024
 _WS_FIRST_MESSAGE = Route({b"GET"}, auth=NONE)
 #: An unknown path: the secret first, then 404.
 _UNKNOWN = Route({b"GET", b"POST", b"DELETE", b"PUT", b"PATCH", b"HEAD"})
@@ -113,7 +114,8 @@ class ApiSession:
 
 
 def _segments(path):
-    return [unquote(s) for s in path.decode("ascii", "replace").split("/")[1:]]
+    text = path.decode("ascii", "replace")
+    return [unquote(s) for s in text.split("/")[1:]] if "%" in text else text.split("/")[1:]
 
 
 def _hex_list(values, what):
@@ -206,6 +208,9 @@ class ApiResource(Resource):
         self.websocket = WebSocketResource(self.ws_factory)
         self.openapi = resources.files(__package__).joinpath("openapi.json").read_bytes()
         self.foxyproxy = FoxyProxyRoutes(self)
+        #: path -> what ``_match`` found for it (paths up to _MATCHED_PATH bytes;
+        #: emptied when it holds _MATCHED entries)
+        self._matched = {}
         #: (path segments after /api, None for a parameter) -> {method: handler}
         self.table = tuple({
             ("v1", "readers"): {"GET": self.readers},
@@ -224,6 +229,24 @@ class ApiResource(Resource):
 
     def methods_of(self, path):
         """The methods (bytes) of the route ``path`` names, or None."""
+        found = self._match(path)
+        return None if found is None else found[2]
+
+    def _match(self, path):
+        """``({method: handler}, path parameters, methods as bytes)`` of
+        the route ``path`` names (the WebSocket route has no handlers), or
+        None; remembered per path, as the same few paths come again and
+        again."""
+        found = self._matched.get(path, _NO_MATCH)
+        if found is _NO_MATCH:
+            found = self._lookup(path)
+            if len(path) <= _MATCHED_PATH:
+                if len(self._matched) >= _MATCHED:
+                    self._matched.clear()
+                self._matched[path] = found
+        return found
+
+    def _lookup(self, path):
         try:
             parts = _segments(path.rstrip(b"/") if path != b"/" else path)
         except UnicodeDecodeError:
@@ -231,10 +254,11 @@ class ApiResource(Resource):
         key = [parts[1]] + parts[2:] if parts[:1] == ["api"] and parts[1:2] else None
         if key is not None:
             if key == ["v1", "ws"]:
-                return frozenset((b"GET",))
+                return {}, (), frozenset((b"GET",))
             for pattern, methods in self.table:
                 if len(pattern) == len(key) and all(p is None or p == k for p, k in zip(pattern, key)):
-                    return frozenset(m.encode("ascii") for m in methods)
+                    return (methods, tuple(k for p, k in zip(pattern, key) if p is None),
+                            frozenset(m.encode("ascii") for m in methods))
         return None
 
     def cors_headers(self, request):
@@ -247,11 +271,14 @@ class ApiResource(Resource):
     # -- plumbing
 
     def render(self, request):
-        origin = request.getHeader(b"origin")
-        allowed = origin is not None and origin in self.cors_origins
-        if allowed:
-            request.setHeader(b"access-control-allow-origin", origin)
-            request.setHeader(b"vary", b"Origin")
+        if self.cors_origins:  # (else no origin is allowed, and none is looked at)
+            origin = request.getHeader(b"origin")
+            allowed = origin is not None and origin in self.cors_origins
+            if allowed:
+                request.setHeader(b"access-control-allow-origin", origin)
+                request.setHeader(b"vary", b"Origin")
+        else:
+            origin, allowed = None, False
         if request.method == b"OPTIONS":
             return self.preflight(request, allowed)
         session = request.session  # judged by the HTTP base (ApiSite): who this is
@@ -266,6 +293,8 @@ class ApiResource(Resource):
             result = handler(request, session, *params)
         except ApiError as e:
             return self._error(request, e)
+        if result.__class__ is dict:  # answered at once (an idle card)
+            return dump(result)
         if isinstance(result, bytes):
             return result
         if not hasattr(result, "addCallbacks"):
@@ -281,18 +310,14 @@ class ApiResource(Resource):
 
     def route(self, method, path):
         """(handler, path parameters) or ApiError 404/405."""
-        parts = _segments(path.rstrip(b"/") if path != b"/" else path)
-        m = method.decode("ascii", "replace")
-        tail = parts[2:] if parts[:1] == ["api"] else None
-        if tail is not None and parts[1:2]:
-            key = [parts[1]] + tail
-            for pattern, methods in self.table:
-                if len(pattern) == len(key) and all(p is None or p == k for p, k in zip(pattern, key)):
-                    params = [k for p, k in zip(pattern, key) if p is None]
-                    if m not in methods:
-                        raise ApiError(405, f"method not allowed: use {', '.join(methods)}")
-                    return methods[m], params
-        raise ApiError(404, "no such resource; see /api/v1/openapi.json", errors.NOT_FOUND)
+        found = self._match(path)
+        if found is None or not found[0]:
+            raise ApiError(404, "no such resource; see /api/v1/openapi.json", errors.NOT_FOUND)
+        methods, params, _ = found
+        handler = methods.get(method.decode("ascii", "replace"))
+        if handler is None:
+            raise ApiError(405, f"method not allowed: use {', '.join(methods)}")
+        return handler, params
 
     def preflight(self, request, allowed):
         if not allowed:

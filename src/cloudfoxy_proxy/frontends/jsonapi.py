@@ -62,7 +62,10 @@ def is_message_id(value):
 
 def dump(obj):
     """A JSON answer's bytes (one line, so curl output ends with a newline)."""
-    return to_json(obj) + b"\n"
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return to_json(obj) + b"\n"
 
 
 def error_body(code, message):

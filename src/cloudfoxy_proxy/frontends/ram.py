@@ -520,7 +520,9 @@ class RamSite(HttpSite):
     unauthorized = 404
     how_to_authenticate = " in the path /rt/SECRET"
     challenge = ()
-    _logger = Logger()
+    access_line = "RAM {method} -> {code}"
+    access_path = False  # /rt/SECRET
+    access_log = Logger()
 
     def route(self, head):
         return _POST
@@ -529,11 +531,6 @@ class RamSite(HttpSite):
         if not head.path.startswith(b"/rt/") or b"/" in head.path[4:]:
             return None
         return head.path[4:].decode("utf-8", "replace") or None
-
-    def log(self, request):
-        super().log(request)
-        self._logger.debug("RAM {method} -> {code}", method=request.method.decode("ascii", "replace"),
-                           code=request.code)
 
 
 @attr.s(frozen=True, kw_only=True)

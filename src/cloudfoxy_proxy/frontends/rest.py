@@ -62,7 +62,8 @@ class RestSite(HttpSite):
     max_line = 2 * MAX_APDU_BYTES + 8192
     how_to_authenticate = " as the X-Auth-Token header"
     challenge = ((b"www-authenticate", b'X-Auth-Token realm="cloudfoxy-proxy"'),)
-    _logger = Logger()
+    access_line = "REST {method} {path} -> {code}"
+    access_log = Logger()
 
     def route(self, head):
         return _GET
@@ -70,11 +71,6 @@ class RestSite(HttpSite):
     def credential(self, head):
         token = head.header(b"x-auth-token")
         return None if token is None else token.decode("utf-8", "replace")
-
-    def log(self, request):
-        super().log(request)
-        self._logger.debug("REST {method} {path} -> {code}", method=request.method.decode("ascii", "replace"),
-                           path=request.path.decode("ascii", "replace"), code=request.code)
 
 
 class Inventory:
