@@ -26,33 +26,6 @@ Bounded: about ``rounds x builds x 2 x (duration + 4)`` seconds; the proxies
 and the fake server are this script's own processes, stopped by PID.
 ``--write`` puts the table into docs/performance.md (its own section, which
 ``bench/run.py`` keeps when it rewrites the file).
-Proxy CPU per APDU of the REST backend, beside the same build's line
-path on emulated cards, for one or more proxy builds taking turns.
-
-The load of ``bench/run.py``'s ``rest`` scenario (120 cards on the fake
-CloudFoxy server, 50 persistent line-protocol clients, K=1, every answer
-checked), run against one proxy build per option.  An option is
-``LABEL=SRC``: the ``src`` directory of a tree of this project put first on
-the proxy's PYTHONPATH (e.g. an older commit exported with ``git archive``,
-or a copy with another HTTP client wired in); ``LABEL=.`` is this checkout.
-
-The reference of each build is the same load on the same build with
-``--backend emulated:?cards=120`` (the "line path": front end, parser,
-dispatcher and a card answering at once, no upstream).  A bare HTTP
-*server* is no floor for an HTTP *client*; the REST backend's own cost is
-the delta, REST minus line path, each round's pair measured back to back.
-The fake server's CPU per request over the same window is printed as
-context (what one HTTP exchange costs the other side, in Python asyncio).
-Builds and paths take turns, ``--rounds`` times, so that a change in the
-load of the machine hits each alike; medians of the rounds, every round in
-brackets.
-
-    .venv/bin/python bench/rest_http.py now=. [before=/tmp/before/src] [--rounds 5] [--duration 4] [--write]
-
-Bounded: about ``rounds x builds x 2 x (duration + 4)`` seconds; the proxies
-and the fake server are this script's own processes, stopped by PID.
-``--write`` puts the table into docs/performance.md (its own section, which
-``bench/run.py`` keeps when it rewrites the file).
 """
 
 import argparse
