@@ -108,6 +108,10 @@ def summarise(stacks, top=15):
 
 
 #: What each profile runs: proxy arguments, clients, readers to use.
+#: The load generator's clients all come from 127.0.0.1 (240 of them for
+#: ``latency``): without this, --max-connections-per-peer closes most.
+ONE_PEER = ("--max-connections-per-peer", "1000000")
+
 SETUPS = {
     "emulated": ([], 50, None),
     "latency": (["--backend", "emulated:?cards=120&latency_ms=5"], 240, 120),
@@ -137,9 +141,9 @@ def profile(spy, seconds=8.0, outdir=None, log=print, clients=None, rate=500, ba
     if backend == "rest":
         fake = fake_cloudfoxy(cards=120)
         args, env = rest_args(fake.port)
-        p = ProxyProcess(*args, env=env)
+        p = ProxyProcess(*ONE_PEER, *args, env=env)
     else:
-        p = ProxyProcess(*args)
+        p = ProxyProcess(*ONE_PEER, *args)
     errors = []
     try:
         p.start()
