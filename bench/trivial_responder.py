@@ -21,6 +21,35 @@ import sys
 ANSWER = b":9000\n"
 
 
+def frame(data, out):
+    """Frame ``data`` (bytes, after the previous read's partial line): the
+    answers to send now (a list of bytes) and the new partial line.  Every
+    command line ``>ID:...`` is answered ``>ID:9000`` into ``out`` (the
+    request's pending answers); a request ends with ``@@`` on an empty line,
+    or when all received bytes are consumed and a command is pending.
+    Returns ``(partial, reply)``."""
+    lines = data.split(b"\n")
+    partial = lines.pop()  # partial line (b"" when data ended with \n)
+    reply = []
+    for line in lines:
+        line = line.strip()
+        if not line:
+            if out:
+                reply.extend(out)
+                reply.append(b"@@\n")
+                out.clear()
+            continue
+        if line[:1] == b">":
+            colon = line.find(b":")
+            if colon > 0:
+                out.append(b">" + line[1:colon] + ANSWER)
+    if out and not partial:
+        reply.extend(out)
+        reply.append(b"@@\n")
+        out.clear()
+    return partial, reply
+
+
 def serve(sock, stop_after=None):
     """Serve on the listening socket until SIGTERM/SIGINT (or ``stop_after`` s)."""
     import time
@@ -71,28 +100,7 @@ def serve(sock, stop_after=None):
                     del conns[fd]
                     c.close()
                     continue
-                if entry[1]:
-                    data = entry[1] + data
-                lines = data.split(b"\n")
-                entry[1] = lines.pop()  # partial line (b"" when data ended with \n)
-                out = entry[2]
-                reply = []
-                for line in lines:
-                    line = line.strip()
-                    if not line:
-                        if out:
-                            reply.extend(out)
-                            reply.append(b"@@\n")
-                            out.clear()
-                        continue
-                    if line[:1] == b">":
-                        colon = line.find(b":")
-                        if colon > 0:
-                            out.append(b">" + line[1:colon] + ANSWER)
-                if out and not entry[1]:
-                    reply.extend(out)
-                    reply.append(b"@@\n")
-                    out.clear()
+                entry[1], reply = frame(entry[1] + data if entry[1] else data, entry[2])
                 if reply:
                     try:
                         c.sendall(b"".join(reply))  # tiny answers; fine for a bench tool

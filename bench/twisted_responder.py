@@ -17,9 +17,11 @@ transport alone cost per request under the same load
 """
 
 import argparse
+import os
 import sys
 
-ANSWER = b":9000\n"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trivial_responder import frame  # noqa: E402  (the same framing rule)
 
 
 def make_factory():
@@ -35,28 +37,7 @@ def make_factory():
             self.transport.setTcpNoDelay(True)
 
         def dataReceived(self, data):
-            if self.partial:
-                data = self.partial + data
-            lines = data.split(b"\n")
-            self.partial = lines.pop()  # partial line (b"" when data ended with \n)
-            out = self.out
-            reply = []
-            for line in lines:
-                line = line.strip()
-                if not line:
-                    if out:
-                        reply.extend(out)
-                        reply.append(b"@@\n")
-                        out.clear()
-                    continue
-                if line[:1] == b">":
-                    colon = line.find(b":")
-                    if colon > 0:
-                        out.append(b">" + line[1:colon] + ANSWER)
-            if out and not self.partial:
-                reply.extend(out)
-                reply.append(b"@@\n")
-                out.clear()
+            self.partial, reply = frame(self.partial + data if self.partial else data, self.out)
             if reply:
                 self.transport.write(b"".join(reply))
 
