@@ -258,7 +258,7 @@ class Scenario:
         workers = self.load([name("rack2", 10 + k) for k in range(3)])
         time.sleep(1.0)
         t0 = time.monotonic()
-        self.tier.procs["rack1"].signal(signal.SIGSTOP)
+        self.tier.procs["rack1"].send(signal.SIGSTOP)
         try:
             in_flight = self.ask_each_front(name("rack1", 5), 12.0)
             time.sleep(0.5)
@@ -266,7 +266,7 @@ class Scenario:
             status = {f: self.tier.procs[f].status() for f in FRONTS}
             silent_for = time.monotonic() - t0
         finally:
-            self.tier.procs["rack1"].signal(signal.SIGCONT)
+            self.tier.procs["rack1"].send(signal.SIGCONT)
         back = self.wait_owner_back("rack1")
         time.sleep(0.5)
         return {"in_flight": in_flight, "later": later, "silent_for": round(silent_for, 2),
@@ -282,6 +282,8 @@ class Scenario:
         t0 = time.monotonic()
         t.procs["rack1"].stop(signal.SIGKILL)
         first = self.ask_each_front(name("rack1", 5), 12.0)
+        time.sleep(1.0)
+        killed_for = time.monotonic() - t0
         # a front restarts while rack1 is down
         t.restart("front3")
         restart_error = None
@@ -291,7 +293,6 @@ class Scenario:
             restart_error = str(e)[-1500:]
         readers_down = self.front_readers("front3")
         markers_down = self.read_markers(fronts=["front3"], owners=["rack2"])
-        down_for = time.monotonic() - t0
         # rack1 back (its cards' contents are new: markers written again)
         t.procs["rack1"].start()
         t.procs["rack1"].wait_listening()
@@ -302,7 +303,7 @@ class Scenario:
         return {"first": first, "restart_error": restart_error, "readers_down": readers_down,
                 "markers_down": markers_down, "back_after": back, "readers_back": readers_back,
                 "markers_back": markers_back, "load": self.stop_load(workers),
-                "max_gap": max(rig.gaps(w.answered_at, t0, t0 + down_for) for w in workers)}
+                "max_gap": max(rig.gaps(w.answered_at, t0, t0 + killed_for) for w in workers)}
 
     # 8. fronts restarted one by one under load
     def rolling(self):
@@ -535,10 +536,8 @@ def test_killed_owner_gives_c086_within_the_bound(tier):
     got = facts_of(tier, "killed_owner")
     for front, r in got["first"].items():
         assert r["got"] == ["C086"] and r["after"] <= 2.0, (front, r)
-    check_load(got["load"])
-    for w in got["load"]:
-        assert w["wrong"] == 0, w
-    assert got["max_gap"] < 2.0, got["max_gap"]
+    check_load(got["load"])  # (through HAProxy: also while front3 restarted)
+    assert got["max_gap"] < 1.0, got["max_gap"]  # the other owner's cards, until front3 restarts
 
 
 def test_fronts_restarted_one_by_one_under_load(tier):

@@ -147,7 +147,7 @@ class Proc:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def signal(self, sig):
+    def send(self, sig):
         if self.alive():
             os.kill(self.proc.pid, sig)
 
