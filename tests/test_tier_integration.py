@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -422,7 +421,8 @@ class Scenario:
 def main():
     out_path = sys.argv[sys.argv.index("--scenario") + 1]
     doc = sys.argv[sys.argv.index("--doc") + 1] if "--doc" in sys.argv else rig.DOC
-    workdir = tempfile.mkdtemp(prefix="tier-")
+    workdir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "tier")
+    os.makedirs(workdir, exist_ok=True)
     s = Scenario(workdir, doc)
     try:
         facts = s.run()
@@ -448,6 +448,9 @@ def tier(tmp_path_factory):
 
 
 def facts_of(tier, key):
+    if key not in tier:  # the tier did not start
+        start = tier["start"]
+        pytest.fail(f"phase {key} did not run: the tier did not start:\n{start.get('error')}\n{start.get('logs', '')}")
     got = tier[key]
     assert "error" not in got, f"phase {key} failed:\n{got['error']}\n{got.get('logs', '')}"
     return got
