@@ -98,6 +98,15 @@ def doc_commands(path=DOC):
     return out
 
 
+def doc_command_like(address, new_address, replace=(), **kw):
+    """The doc's command for ``address`` run at ``new_address`` (another
+    host of the same kind), with the ``replace`` (old, new) pairs done too."""
+    argv = [a.replace(address, new_address) for a in doc_command(address, **kw)]
+    for old, new in replace:
+        argv = [a.replace(old, new) for a in argv]
+    return argv
+
+
 def doc_command(address, config=None, route=False, path=DOC):
     """The doc's command line of the process on ``address`` (one using
     ``--config CONFIG`` when given; ``route``: a route-by-reader owner,
@@ -178,9 +187,9 @@ class Proc:
             return ""
 
 
-def accepts(host, port, timeout=0.3):
+def accepts(host, port, timeout=0.3, source=None):
     try:
-        socket.create_connection((host, port), timeout).close()
+        socket.create_connection((host, port), timeout, source_address=(source, 0) if source else None).close()
         return True
     except OSError:
         return False
@@ -222,7 +231,8 @@ class Proxy(Proc):
         self.audit = os.path.join(cwd, "audit.jsonl")
 
     def wait_listening(self, timeout=40.0):
-        wait_for(lambda: accepts(self.address, LINE_PORT), timeout, f"{self.name} listening", proc=self)
+        # from the balancer's address: a PROXY-protocol listener refuses (and logs) a connection from elsewhere
+        wait_for(lambda: accepts(self.address, LINE_PORT, source=LB), timeout, f"{self.name} listening", proc=self)
         if any(a.startswith("--metrics") for a in self.argv):
             wait_for(lambda: accepts(self.address, METRICS_PORT), timeout, f"{self.name} metrics", proc=self)
         return self
@@ -352,10 +362,11 @@ def haproxy_servers(admin_sock, timeout=2.0):
     return out
 
 
-def etcd_range(prefix, timeout=2.0):
-    """{key: value} of every etcd key under ``prefix`` (v3 JSON gateway)."""
-    key = prefix.encode()
-    end = key[:-1] + bytes([key[-1] + 1])
+def etcd_range(prefix="", timeout=2.0):
+    """{key: value} of every etcd key under ``prefix`` (v3 JSON gateway;
+    "": every key)."""
+    key = prefix.encode() or b"\0"
+    end = key[:-1] + bytes([key[-1] + 1]) if prefix else b"\0"
     body = json.dumps({"key": base64.b64encode(key).decode(), "range_end": base64.b64encode(end).decode()})
     req = urllib.request.Request(f"http://{ETCD}:{ETCD_PORT}/v3/kv/range", data=body.encode(), method="POST")
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -452,7 +463,10 @@ def write_marker(host, port, reader, marker):
 def read_marker(host, port, reader, source=None, client=None):
     """The marker bytes on ``reader`` (None with the result codes when the
     card did not answer 9000)."""
-    got = one(host, port, reader, [SELECT_EF, read_binary(MARKER_OFFSET, MARKER_LEN)], source=source, client=client)
+    for _ in range(2):  # C080: the card was replaced (its owner restarted) since it was used; said once
+        got = one(host, port, reader, [SELECT_EF, read_binary(MARKER_OFFSET, MARKER_LEN)], source=source, client=client)
+        if got[0] != "C080":
+            break
     if got[0] != "9000" or not got[1].endswith("9000"):
         return None, got
     return bytes.fromhex(got[1][:-4]), got
