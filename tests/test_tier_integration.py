@@ -564,10 +564,10 @@ def test_route_by_reader_through_haproxy(tier):
 
 def test_owner_added_and_removed_through_etcd_while_clients_run(tier):
     got = facts_of(tier, "etcd")
-    assert set(got["keys"]) == {"/foxyproxy/owners/rack3", "/foxyproxy/owners/rack4"}, got["keys"]
-    assert json.loads(got["keys"]["/foxyproxy/owners/rack4"]) == {"id": "rack4", "url": "tcp://127.0.0.34:4001"}
+    assert set(got["keys"]) == {"foxyproxy/owners/rack3", "foxyproxy/owners/rack4"}, got["keys"]
+    assert json.loads(got["keys"]["foxyproxy/owners/rack4"]) == {"id": "rack4", "url": "tcp://127.0.0.34:4001"}
     assert got["on_rack4"] == ["9000"]
-    assert set(got["keys_after"]) == {"/foxyproxy/owners/rack3"}
+    assert set(got["keys_after"]) == {"foxyproxy/owners/rack3"}
     assert got["duplicate_id_exit"] not in (None, 0), got["duplicate_id_output"]
     check_load(got["load"])
     for w in got["load"]:
