@@ -312,13 +312,23 @@ class Scenario:
         windows = []
         for front in FRONTS:
             t0 = time.monotonic()
-            rc = self.tier.procs[front].stop(signal.SIGTERM, timeout=20)
+            proc = self.tier.procs[front]
+            proc.send(signal.SIGTERM)
+            lb = self.tier.procs["haproxy"]
+            try:  # HAProxy takes it out of rotation while it still serves (drain-announce)
+                rig.wait_for(lambda: not rig.haproxy_servers(lb.admin).get(("fronts", front), "").startswith("UP"),
+                             10, f"HAProxy: {front} out of rotation", interval=0.05)
+                down = time.monotonic() - t0
+            except TimeoutError:
+                down = None
+            rc = proc.stop(signal.SIGTERM, timeout=20)
             stopped = time.monotonic() - t0
             self.tier.procs[front].start()
             self.wait_front(front, want=100)
             self.wait_haproxy_up([front])
             t1 = time.monotonic()
             windows.append({"front": front, "exit": rc, "stopped_after": round(stopped, 2),
+                            "out_of_rotation_after": down and round(down, 2),
                             "back_after": round(t1 - t0, 2),
                             "answers": sum(1 for w in workers for a in w.answered_at if t0 <= a <= t1),
                             "max_gap": round(max(rig.gaps(w.answered_at, t0, t1) for w in workers), 2)})
@@ -549,6 +559,8 @@ def test_fronts_restarted_one_by_one_under_load(tier):
     assert [w["front"] for w in got["windows"]] == list(FRONTS)
     for w in got["windows"]:
         assert w["exit"] == 0, w
+        # out of HAProxy's rotation (503 /readyz) before it stops serving
+        assert w["out_of_rotation_after"] is not None and w["out_of_rotation_after"] < w["stopped_after"], w
         assert w["answers"] > 0 and w["max_gap"] < 3.0, w  # the tier kept answering during each restart
 
 
