@@ -179,6 +179,16 @@ class Proc:
         self._out.close()
         return self.proc.returncode
 
+    def wait_exit(self, timeout=20.0):
+        """Wait (bounded) for a process already signalled to end, without
+        signalling it again (a second SIGTERM cuts the proxy's drain short);
+        SIGKILL after ``timeout``.  Returns the exit status."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.stop(signal.SIGKILL)
+
     def tail(self, chars=3000):
         try:
             with open(self.log, encoding="utf-8", errors="replace") as f:
