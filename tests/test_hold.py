@@ -370,3 +370,35 @@ class FrontTests(SynchronousTestCase):
         proto.connectionLost(None)  # the client of the front goes away
         self.pipe.flush()
         self.assertIsNone(self.owner_reader().holder)
+
+    def test_vpcd_exclusive_bridge_through_the_front_holds_at_the_owner(self):
+        from test_vpcd import FakeVpcd, answers, frame
+        from cloudfoxy_proxy.frontends.vpcd import BridgedCard, VpcdBridge, retry_policy
+
+        fake = FakeVpcd(self.clock)
+        bridge = VpcdBridge(BridgedCard("Emulated 00", self.front), self.registry, fake, self.clock,
+                            retry=retry_policy(jitter=0.0), quickack=False, exclusive=True)
+        bridge.startService()
+        self.pipe.flush()  # the card session upstream, then the bridge's RESET, then vpcd
+        self.clock.advance(0)
+        self.pipe.flush()
+        proto = bridge.protocol
+        self.assertIsNotNone(proto)
+        self.assertIsNotNone(self.owner_reader().holder)  # held at the owner
+        # the front's other clients: C086 at once (exclusive); the owner's: after its queue timeout
+        other = self.submit(Session("other", "api"), SELECT_MF)
+        self.assertEqual(other.value, [("1", errors.UPSTREAM)])
+        self.direct.dataReceived(b">Emulated 00|\n>1:APDU:%s|\n\n" % SELECT_MF.encode())
+        proto.dataReceived(frame(bytes.fromhex(SELECT_EF)))
+        self.pipe.flush()
+        self.assertEqual(answers(fake.current), [b"\x90\x00"])  # through the session's connection
+        self.clock.advance(3.1)
+        self.assertEqual(take(self.dt), ">1:C086\n@@\n")
+        self.assertEqual(self.ran, [(0, SELECT_EF)])  # the bridge's only (its RESET is not an APDU)
+        # the bridge stops: released at the owner
+        bridge.stopService()
+        self.clock.advance(0)
+        self.pipe.flush()
+        self.assertIsNone(self.owner_reader().holder)
+        self.direct.dataReceived(b">2:APDU:%s|\n\n" % SELECT_MF.encode())
+        self.assertEqual(take(self.dt), ">2:9000\n@@\n")
