@@ -13,6 +13,7 @@ import time
 import pytest
 
 from support import HOST, ApiAgent, LineClient, wait_for
+from test_vpcd_integration import slot  # noqa: F401 (the PC/SC rig fixture)
 
 TOKEN = "hold-integration-token"
 SELECT_MF = "00A4000C023F00"
@@ -142,3 +143,32 @@ def test_line_hold_through_a_front_and_at_the_owner(proxy_factory, tmp_path):
             assert second.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C086"]
             assert direct.results(">4:RELEASE|\n\n") == ["OK"]
             assert second.results(f">2:APDU:{SELECT_MF}|\n\n") == ["9000"]
+
+
+def test_vpcd_exclusive_bridge_through_a_front(proxy_factory, tmp_path, slot):
+    """The PC/SC rig: a front bridges the owner's card to vpcd with
+    exclusive=1; the owner's own clients wait (C086) while a PC/SC program
+    uses the card through the front; the bridge stopped, the owner's
+    clients get the card again."""
+    from test_vpcd_integration import SLOT, close, connect, send
+
+    o = owner(proxy_factory, tmp_path)
+    f1 = proxy_factory("--backend", f"tcp://{HOST}:{o.port}?prefix=o1-", "--no-signing",
+                       "--vpcd", f"127.0.0.1:{slot.port(SLOT)}={CARD}?exclusive=1")
+    try:
+        slot.wait_card(SLOT, True, 15)
+        with o.client(timeout=20) as direct:
+            assert direct.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C086"]
+            conn = connect()
+            try:
+                assert send(conn, SELECT_EF) == (b"", 0x9000)  # EF 5000/5001 by path
+                assert send(conn, READ)[1] == 0x9000  # its selection kept: nobody else ran
+            finally:
+                close(conn)
+            f1.stop()
+            slot.wait_card(SLOT, False, 10)
+            assert direct.results(f">2:APDU:{SELECT_MF}|\n\n") == ["9000"]
+    finally:
+        f1.stop()
+    counts = card_results(o)
+    assert counts.get("C086") == 1, counts
