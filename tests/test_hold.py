@@ -402,3 +402,25 @@ class FrontTests(SynchronousTestCase):
         self.assertIsNone(self.owner_reader().holder)
         self.direct.dataReceived(b">2:APDU:%s|\n\n" % SELECT_MF.encode())
         self.assertEqual(take(self.dt), ">2:9000\n@@\n")
+
+    def test_heartbeats_keep_the_session_and_a_silent_owner_ends_it(self):
+        self.backend.heartbeat, self.backend.heartbeat_timeout = 2.0, 2.0
+        session, got = self.hold(idle=60.0)
+        card = got.value
+        ended = Results(card.ended)
+        owner_card = self.owner_reader().holder.card
+        for _ in range(5):  # 10 s of heartbeats, each answered: the session stays
+            self.clock.advance(2.0)
+            self.pipe.flush()
+        self.assertIsNone(ended.value)
+        self.assertEqual(self.ran, [])  # no card command: a heartbeat is READERS
+        self.assertEqual(owner_card.state, "held")
+        # the owner goes silent: the next heartbeat is not answered within 2 s
+        self.clock.advance(2.0)  # sent, not delivered
+        self.clock.advance(2.0)
+        self.assertEqual(len(self.logged("did not answer a heartbeat")), 1)
+        self.pipe.flush()
+        self.assertEqual(ended.value, "upstream lost")
+        self.assertIsNone(session.card)
+        self.assertIsNone(self.registry.get("Emulated 00").holder)
+        self.assertIsNone(self.owner_reader().holder)  # the owner saw the connection go

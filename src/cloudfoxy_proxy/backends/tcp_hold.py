@@ -10,7 +10,12 @@ upstream ends its hold when that connection is lost, and so does this
 side: a lost connection ends the session (``lost``), its commands in
 flight get ``C086`` and are never re-sent.  A command the dispatcher
 cancels (command timeout) drops the connection too: the card's state is
-no longer known, so the session is over.
+no longer known, so the session is over.  While the session is idle, the
+backend's ``heartbeat`` (a READERS request, no card touched, the session's
+idle clock not reset) must be answered within ``heartbeat_timeout``, else
+the connection is dropped: a silent upstream ends the session within
+``heartbeat + heartbeat_timeout`` seconds, and the upstream's
+``--idle-timeout`` does not close a held connection whose holder pauses.
 """
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -19,7 +24,8 @@ from .. import errors
 from ..errors import CardError
 from ..interfaces import settle
 from ..logs import Logger
-from .tcp_upstream import _DONE, _SENT, MAX_LINE, _Call, _UpstreamFactory
+from ..sessions import MAX_HOLD_IDLE
+from .tcp_upstream import _DONE, _SENT, _Call, _UpstreamFactory
 
 #: Seconds added to the session's idle timeout in the upstream's ``HOLD``:
 #: the upstream's idle clock starts a little before ours (an answer's way
@@ -47,9 +53,8 @@ class HeldCard:
     """
 
     log = Logger()
-    heartbeat = 0.0  # no heartbeat: TCP keepalive watches this connection
+    heartbeat = 0.0  # for _UpstreamProtocol: no pool heartbeat (ours is _beat)
     persistent = True
-    listing_limit = MAX_LINE
 
     def __init__(self, backend, key, idle_timeout, lost):
         self.backend = backend
@@ -64,6 +69,11 @@ class HeldCard:
         self.conn = None
         self.d = Deferred(self._cancel)
         self._connecting = None
+        self._beat = None  # DelayedCall: the next heartbeat
+
+    @property
+    def listing_limit(self):
+        return self.backend.listing_limit
 
     @property
     def description(self):
@@ -97,6 +107,7 @@ class HeldCard:
         of the card either way); idempotent."""
         state, self.state = self.state, ENDED
         self.backend._held.discard(self)
+        self._disarm()
         conn = self.conn
         if state == HELD and conn is not None and not conn.broken:
             self._call([b"RELEASE"], control=True).d.addErrback(lambda f: None)  # closed next
@@ -129,7 +140,7 @@ class HeldCard:
             return
         self.conn = conn
         self.state = ASKING
-        idle = 0 if self.idle_timeout is None else self.idle_timeout + IDLE_MARGIN
+        idle = 0 if self.idle_timeout is None else min(self.idle_timeout + IDLE_MARGIN, MAX_HOLD_IDLE)
         call = self._call([b"HOLD:%s" % (b"%g" % idle)], control=True)
         call.d.addCallbacks(self._hold_answered, self._hold_failed)
 
@@ -139,6 +150,7 @@ class HeldCard:
         if result == "OK":
             self.state = HELD
             self.backend._hold_answered(True)
+            self._arm()
             self.d.callback(self)
             return
         self.state = ENDED
@@ -177,11 +189,51 @@ class HeldCard:
         if self.conn is not None:
             self.conn.transport.loseConnection()
 
+    # -- liveness --------------------------------------------------------------
+
+    def _arm(self):
+        heartbeat = self.backend.heartbeat
+        if heartbeat and self.state == HELD and (self._beat is None or not self._beat.active()):
+            self._beat = self.clock.callLater(heartbeat, self._heartbeat)
+
+    def _disarm(self):
+        beat, self._beat = self._beat, None
+        if beat is not None and beat.active():
+            beat.cancel()
+
+    def _heartbeat(self):
+        self._beat = None
+        conn = self.conn
+        if self.state != HELD or conn is None or conn.broken:
+            return
+        if conn.calls:  # busy: a slow card is not a dead flow (the command timeout bounds it)
+            self._arm()
+            return
+        call = self._call([b"READERS"], control=True)
+        call.heartbeat = True
+        call.d.addErrback(lambda f: None)
+        call.watch = self.clock.callLater(self.backend.heartbeat_timeout, self._missed_beat, call)
+
+    def _missed_beat(self, call):
+        call.watch = None
+        conn = self.conn
+        if self.state != HELD or conn is None or conn.broken or call not in conn.calls:
+            return
+        self.log.warn("upstream {upstream} did not answer a heartbeat within {seconds:g}s on the "
+                      "card session connection for {reader!r}: dropping it", upstream=self.where,
+                      seconds=self.backend.heartbeat_timeout, reader=self.key)
+        conn.broken = True
+        conn.transport.abortConnection()
+
     def _answer(self, conn, call):
         call.stop_watch()
         if call.state != _SENT:
             return  # cancelled: the connection is being dropped
         call.state = _DONE
+        if call.heartbeat:
+            self._arm()
+            call.d.callback(None)
+            return
         if call.readers:
             call.d.callback(call.results[0] if call.results else None)
             return
@@ -209,6 +261,7 @@ class HeldCard:
             call.fail(f"card session connection to upstream {self.where} lost")
         state, self.state = self.state, ENDED
         self.backend._held.discard(self)
+        self._disarm()
         if state in (CONNECTING, ASKING) and not self.d.called:
             self.d.errback(CardError(errors.UPSTREAM, f"connection to upstream {self.where} lost "
                                                       f"before it granted the card session"))
