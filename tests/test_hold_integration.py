@@ -172,3 +172,24 @@ def test_vpcd_exclusive_bridge_through_a_front(proxy_factory, tmp_path, slot):
         f1.stop()
     counts = card_results(o)
     assert counts.get("C086") == 1, counts
+
+
+def test_ram_session_through_a_front(proxy_factory, tmp_path):
+    """--ram-connect on a front holds the owner's card for the RAM session:
+    the owner's own clients wait (C086) while the RAM server's client uses it."""
+    from test_ram_integration import readers, start_server
+
+    o = owner(proxy_factory, tmp_path)
+    b = start_server(proxy_factory, tmp_path)
+    a = proxy_factory("--backend", f"tcp://{HOST}:{o.port}?prefix=o1-", "--no-signing",
+                      "--ram-connect", f"{b.ram_url}={CARD}")
+    wait_for(lambda: "RAM alice" in readers(b), timeout=20, what="reader RAM alice on the RAM server")
+    with o.client(timeout=20) as direct, b.client(timeout=20) as remote:
+        assert remote.results(f">RAM alice|\n>1:APDU:{SELECT_EF}|\n\n") == ["9000"]
+        assert direct.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C086"]
+        assert remote.results(f">2:APDU:{READ}|\n\n")[0].endswith("9000")  # selection kept
+        t0 = time.monotonic()
+        a.kill()
+        wait_for(lambda: direct.results(f">2:APDU:{SELECT_MF}|\n\n") == ["9000"], timeout=5,
+                 what="the owner's card free once the front is gone")
+        assert time.monotonic() - t0 < 5
