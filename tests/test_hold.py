@@ -149,6 +149,10 @@ class LineHoldTests(SynchronousTestCase):
         self.send(self.holder, b">Emulated 00|\n>7:HOLD:5|\n>8:HOLD:9|\n\n")  # again: OK, one hold
         self.assertEqual(take(self.ht), ">7:OK\n>8:OK\n@@\n")
         self.assertEqual(self.holder.session.card.idle_timeout, 9.0)
+        self.send(self.holder, b">Emulated 00|\n>7:HOLD:0|\n\n")  # no idle timeout now
+        self.assertEqual(take(self.ht), ">7:OK\n@@\n")
+        self.h.clock.advance(100)
+        self.assertTrue(self.holder.session.card.held)
         self.send(self.holder, b">Emulated 01|\n>9:HOLD:5|\n\n")  # one card at a time
         self.assertEqual(take(self.ht), ">9:C086\n@@\n")
 

@@ -143,6 +143,14 @@ class CardSession:
         else:
             self._idle = self.dispatcher.clock.callLater(self.idle_timeout, self._idle_expired)
 
+    def set_idle_timeout(self, seconds):
+        """A new idle timeout (seconds; None: none), counted from now."""
+        self.idle_timeout = seconds
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        self.touch()
+
     def _idle_expired(self):
         self._idle = None
         if self.queue.busy:
@@ -274,8 +282,7 @@ def line_hold(dispatcher, request, session, command):
         return errors.MALFORMED
     if card is not None:
         if dispatcher.target(request, session.identity) is card.reader and card.held:
-            card.idle_timeout = idle or None
-            card.touch()
+            card.set_idle_timeout(idle or None)
             return "OK"
         return errors.UPSTREAM  # one card at a time
     if not request.reader or request.reader == "*":
