@@ -13,6 +13,7 @@ import time
 import pytest
 
 from support import HOST, ApiAgent, LineClient, wait_for
+from test_tcp_integration import foxyproxy_upstream, listing  # noqa: F401 (FoxyProxy 2.10 fixture)
 from test_vpcd_integration import slot  # noqa: F401 (the PC/SC rig fixture)
 
 TOKEN = "hold-integration-token"
@@ -193,3 +194,24 @@ def test_ram_session_through_a_front(proxy_factory, tmp_path):
         wait_for(lambda: direct.results(f">2:APDU:{SELECT_MF}|\n\n") == ["9000"], timeout=5,
                  what="the owner's card free once the front is gone")
         assert time.monotonic() - t0 < 5
+
+
+def test_foxyproxy_210_owner_sessions_held_on_the_front_only(proxy_factory, foxyproxy_upstream):
+    """FoxyProxy 2.10 cannot hold cards (it answers one request per
+    connection): an API session on its reader is held on the front only,
+    said once in the front's log, and its commands still run."""
+    f1 = proxy_factory("--backend", f"tcp://{HOST}:{foxyproxy_upstream}?prefix=F%20", "--no-signing",
+                       "--api", f"tcp:0:interface={HOST}", listeners=2, env={"FOXYPROXY_API_TOKEN": TOKEN})
+    wait_for(lambda: len(listing(f1)) >= 2, timeout=30, what="FoxyProxy's readers on the front")
+    name = listing(f1)[0]
+    base = f"http://{HOST}:{f1.ports['ApiSite'][0]}"
+    path = "/api/v1/readers/" + name.replace(" ", "%20") + "/transmit"
+    with ApiAgent(base, TOKEN) as agent:
+        for _ in range(2):
+            status, body, _ = agent.http("POST", "/api/v1/sessions", {"reader": name, "idle_timeout": 10})
+            assert status == 200, body
+            sid = body["session"]
+            status, body, _ = agent.http("POST", path, {"session": sid, "apdus": [SELECT_MF, SELECT_MF]})
+            assert (status, body["responses"]) == (200, ["9000", "9000"]), body
+            assert agent.http("DELETE", f"/api/v1/sessions/{sid}")[0] == 200
+    assert f1.log().count("does not know HOLD") == 1, f1.log()
