@@ -128,7 +128,7 @@ class HeldCard:
         backend = self.backend
         ids = [backend._id() for _ in commands]
         data = b"".join(b">" + cid + b":" + command + b"|\n" for cid, command in zip(ids, commands))
-        # control: HOLD/RELEASE, whose answer is text ("OK" or a code), read raw
+        # control: HOLD, RELEASE, a heartbeat READERS: their answer is text, read raw
         call = _Call(self, ids, self.key, backend._reader_line(self.key) + data + b"\n",
                      readers=control, batch=batch)
         self.conn.send(call)
