@@ -24,6 +24,12 @@ COMMANDS = frozenset(
 )
 #: Commands that run on one card, under that card's queue.
 CARD_COMMANDS = frozenset((RESET, APDU, SIGN))
+#: A line-protocol connection's card session (docs/protocol.md "HOLD and
+#: RELEASE"): ``HOLD:IDLE_SECONDS`` holds the reader line's card for the
+#: connection, ``RELEASE`` lets it go.
+HOLD, RELEASE = "HOLD", "RELEASE"
+SESSION_COMMANDS = frozenset((HOLD, RELEASE))
+COMMANDS = COMMANDS | SESSION_COMMANDS
 
 
 @attr.s(slots=True, hash=True)

@@ -65,7 +65,7 @@ import collections
 from urllib.parse import parse_qsl, urlsplit
 
 import attr
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
@@ -75,6 +75,7 @@ from ..errors import CardError
 from ..logs import Logger
 from ..parser import COMMANDS
 from ..secrets import read_secret
+from .tcp_hold import HeldCard
 from .tcp_pool import UpstreamPool
 from .tcp_upstream import _CANCELLED, _DONE, PROBE_DELAY, _Call, _OneByOne
 from . import (
@@ -249,6 +250,8 @@ class TcpBackend(UpstreamPool):
     #: times a usable connection came back after every one was lost (metrics)
     reconnects = attr.ib(init=False, default=0, repr=False)
     _connected_before = attr.ib(init=False, default=False, repr=False)
+    _held = attr.ib(init=False, factory=set, repr=False)  # HeldCards: card sessions held upstream
+    _hold_unsupported = attr.ib(init=False, default=False, repr=False)  # said once
 
     log = Logger()
 
@@ -297,6 +300,9 @@ class TcpBackend(UpstreamPool):
         self._fail_queue("backend stopped")
         for d in list(self._opening):
             d.cancel()
+        for held in list(self._held):
+            held.release()
+        self._held.clear()
         for conn in list(self._live):
             if conn.factory.slot is None:
                 conn.transport.loseConnection()  # one-off connections; slots close their own
@@ -324,6 +330,40 @@ class TcpBackend(UpstreamPool):
         if self.persistent is not True:
             return _OneByOne(self, key, commands).start()
         return self._submit(key, commands, batch=True)
+
+    def hold(self, key, idle_timeout, lost):
+        """Hold the card ``key`` at the upstream for a card session
+        (IBackend's optional ``hold``), on a connection of its own: a
+        Deferred for a ``tcp_hold.HeldCard`` (its ``reset``, ``transmit``,
+        ``transmit_batch`` and ``release``), for None when the upstream
+        cannot hold cards (``C081``: logged once; the session is then held
+        on this proxy only), or failing with a CardError (docs/tcp.md
+        "Card sessions through a front")."""
+        if not self._running:
+            raise CardError(errors.UPSTREAM, "backend stopped")
+        if self.persistent is False:  # one request per connection: FoxyProxy 2.10
+            self._hold_answered(False)
+            return succeed(None)
+        held = HeldCard(self, key, idle_timeout, lost)
+        self._held.add(held)
+        d = held.start()
+        held.d.addBoth(self._hold_done, held)
+        return d
+
+    def _hold_done(self, result, held):
+        if held.state != "held":
+            self._held.discard(held)
+        return result
+
+    def _hold_answered(self, supported):
+        """Say once (until it holds cards again) that the upstream cannot."""
+        if supported:
+            self._hold_unsupported = False
+        elif not self._hold_unsupported:
+            self._hold_unsupported = True
+            self.log.warn("upstream {upstream} does not know HOLD (an older proxy or FoxyProxy 2.10): "
+                          "card sessions on its readers are held on this proxy only; its other "
+                          "clients can use those cards meanwhile", upstream=self.where)
 
     # -- requests ---------------------------------------------------------
 
