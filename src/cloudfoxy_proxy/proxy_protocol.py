@@ -119,6 +119,9 @@ def parse_header(data):
             if len(data) >= 108:
                 raise BadHeader("PROXY v1 header longer than 107 bytes")
             return None
+        line, _, rest = data.partition(b"\r\n")
+        if line == b"PROXY UNKNOWN" or line.startswith(b"PROXY UNKNOWN "):  # (Twisted refuses the bare one)
+            return None, None, rest
         parser = V1Parser()
     else:
         raise BadHeader("no PROXY header")
