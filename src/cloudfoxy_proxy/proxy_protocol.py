@@ -267,8 +267,9 @@ class ProxyHeaderFactory(WrappingFactory):
         # TLS asks its own wrapped factory for ALPN)
 
     def logPrefix(self):
+        """The wrapped factory's (``LineFactory starting on N`` as without the header)."""
         inner = self.wrappedFactory
-        return (inner.logPrefix() if hasattr(inner, "logPrefix") else inner.__class__.__name__) + " (PROXY)"
+        return inner.logPrefix() if hasattr(inner, "logPrefix") else inner.__class__.__name__
 
 
 @implementer(IStreamServerEndpoint)

@@ -206,6 +206,8 @@ class RequestRun:
     def _call_backend(self, reader, command):
         """Run one card command; False if its answer comes later."""
         backend = reader.backend
+        if reader.for_client is not None:  # an upstream proxy: on whose behalf (relay.py)
+            reader.for_client(self.session, self.identity)
         try:
             if command.name == APDU:
                 result = backend.transmit(reader.key, command.apdu)
@@ -287,6 +289,8 @@ class RequestRun:
             else:
                 steps.append((APDU, command.apdu))
         self._batch_end = end
+        if reader.for_client is not None:
+            reader.for_client(self.session, self.identity)
         try:
             result = reader.batch(reader.key, steps)
         except CardError as e:
