@@ -223,3 +223,30 @@ class WrapperTests(SynchronousTestCase):
         proto2, t2 = b.connect(fd=11)
         proto2.dataReceived(v2(src="127.0.0.99") + SELECT)
         self.assertEqual(take(t2), ">1:9000\n@@\n")
+
+
+class OptionTests(SynchronousTestCase):
+    def test_proxy_protocol_from_is_repeatable_and_checked(self):
+        from twisted.python import usage
+
+        from cloudfoxy_proxy import tap
+
+        o = tap.Options()
+        o.parseOptions(["--no-signing", "-p", "haproxy:tcp:0:interface=127.0.0.1",
+                        "--proxy-protocol-from", "10.0.0.10", "--proxy-protocol-from", "fd00::/8"])
+        self.assertEqual(o["proxy-protocol-from"], ["10.0.0.10", "fd00::/8"])
+        self.assertEqual(o["endpoints"][0], "haproxy:tcp:0:interface=127.0.0.1:backlog=1024")
+        with self.assertRaises(usage.UsageError) as e:
+            tap.Options().parseOptions(["--proxy-protocol-from", "10.0.0.300"])
+        self.assertIn("--proxy-protocol-from '10.0.0.300' is not an address or network", str(e.exception))
+
+    def test_in_the_config_file(self):
+        import tempfile
+
+        from cloudfoxy_proxy import tap
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write('no-signing = true\nproxy-protocol-from = ["10.0.0.10", "10.0.0.11"]\n')
+        o = tap.Options()
+        o.parseOptions(["--config", f.name])
+        self.assertEqual(o["proxy-protocol-from"], ["10.0.0.10", "10.0.0.11"])
