@@ -48,6 +48,9 @@ frontend v1
 frontend tls
     bind {lb}:{tls}
     default_backend front_tls
+frontend metrics
+    bind {lb}:{metrics}
+    default_backend front_metrics
 backend front_v2
     source {lb}
     server f {front}:{p_v2} send-proxy-v2
@@ -57,6 +60,9 @@ backend front_v1
 backend front_tls
     source {lb}
     server f {front}:{p_tls} send-proxy-v2
+backend front_metrics
+    source {lb}
+    server f {front}:{p_metrics} send-proxy-v2
 """
 
 
@@ -142,6 +148,20 @@ def per_peer(port):
     return out
 
 
+def http_via(port, source, path):
+    """One HTTP GET through the balancer from ``source``: the status code."""
+    s = socket.create_connection((LB, port), timeout=10, source_address=(source, 0))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {LB}:{port}\r\nConnection: close\r\n\r\n".encode())
+    got = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    return int(got.split(b" ", 2)[1])
+
+
 def raw_owner(port, secret, data):
     with LineClient(OWNER, port, timeout=10) as c:
         return c.results(f">*:{secret}|\n>1:CLIENT:{data}|\n\n")
@@ -175,21 +195,22 @@ def main():
         owner = ProxyProcess("--backend", "emulated:?cards=2", "--no-signing", "--credentials", creds,
                              "--audit-log", owner_audit, port=f"tcp:0:interface={OWNER}").start()
         procs.append(owner)
-        ports = {k: port_of(FRONT) for k in ("v2", "v1", "tls")}
+        ports = {k: port_of(FRONT) for k in ("v2", "v1", "tls", "metrics")}
         front = ProxyProcess(
             "--listen", f"haproxy:tcp:{ports['v1']}:interface={FRONT}",
             "--listen", f"haproxy:ssl:{ports['tls']}:interface={FRONT}:privateKey={d}/key.pem:certKey={d}/cert.pem",
             "--backend", f"tcp://{OWNER}:{owner.port}", "--password-file", password, "--no-signing",
-            "--audit-log", front_audit, "--proxy-protocol-from", LB, "--max-connections-per-peer", "2",
-            port=f"haproxy:tcp:{ports['v2']}:interface={FRONT}", listeners=3).start()
+            "--metrics", f"haproxy:tcp:{ports['metrics']}:interface={FRONT}", "--audit-log", front_audit, "--proxy-protocol-from", LB, "--max-connections-per-peer", "2",
+            port=f"haproxy:tcp:{ports['v2']}:interface={FRONT}", listeners=4).start()
         procs.append(front)
         deadline = time.time() + 20  # CLIENT goes only to an upstream known to keep connections
         while "keeps connections open" not in front.log() and time.time() < deadline:
             time.sleep(0.1)
-        lb_ports = {k: port_of(LB) for k in ("v2", "v1", "tls")}
+        lb_ports = {k: port_of(LB) for k in ("v2", "v1", "tls", "metrics")}
         with open(os.path.join(d, "haproxy.cfg"), "w") as f:
             f.write(HAPROXY.format(lb=LB, front=FRONT, v2=lb_ports["v2"], v1=lb_ports["v1"], tls=lb_ports["tls"],
-                                   p_v2=ports["v2"], p_v1=ports["v1"], p_tls=ports["tls"]))
+                                   metrics=lb_ports["metrics"], p_v2=ports["v2"], p_v1=ports["v1"],
+                                   p_tls=ports["tls"], p_metrics=ports["metrics"]))
         lb = subprocess.Popen(["haproxy", "-f", os.path.join(d, "haproxy.cfg"), "-db"], cwd=d,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -204,6 +225,9 @@ def main():
             result["v1"] = attempt(lambda: via(lb_ports["v1"], "127.0.0.78"))
             result["tls"] = attempt(lambda: tls_via(lb_ports["tls"], "127.0.0.79"))
             result["remote"] = attempt(lambda: via(lb_ports["v2"], REMOTE))  # protected mode: not loopback
+            result["metrics_local"] = attempt(lambda: http_via(lb_ports["metrics"], "127.0.0.77", "/metrics"))
+            result["metrics_remote"] = attempt(lambda: http_via(lb_ports["metrics"], REMOTE, "/metrics"))
+            result["healthz_remote"] = attempt(lambda: http_via(lb_ports["metrics"], REMOTE, "/healthz"))
             result["forged"] = attempt(lambda: forged(ports["v2"]))
             result["per_peer"] = attempt(lambda: per_peer(lb_ports["v2"]))
             result["not_relay"] = attempt(lambda: raw_owner(owner.port, PLAIN_SECRET, "eyJ9"))

@@ -1,5 +1,5 @@
-"""Behind real HAProxy (TCP mode; send-proxy-v2, send-proxy, and TLS passed
-through with send-proxy-v2) in a network namespace: a real twistd front
+"""Behind real HAProxy (TCP mode; send-proxy-v2, send-proxy, TLS passed
+through with send-proxy-v2, and the --metrics HTTP listener) in a network namespace: a real twistd front
 proxy (haproxy: listeners) with a real owner proxy behind it over tcp://.
 The front's audit log, --max-connections-per-peer and protected mode see
 each client's own address, never the balancer's; a PROXY header from an
@@ -62,6 +62,12 @@ def test_the_owner_records_on_whose_behalf_the_front_acted(run):
 def test_protected_mode_sees_the_client(run):
     assert run["remote"] == ["C085"]  # 192.0.2.77 via a balancer on a trusted address
     assert "client 192.0.2.77:" in run["front_log"] and "protected mode" in run["front_log"]
+
+
+def test_an_http_listener_behind_haproxy_sees_the_client(run):
+    assert run["metrics_local"] == 200  # 127.0.0.77 behind the balancer: a loopback client
+    assert run["metrics_remote"] == 403  # 192.0.2.77: protected mode refuses it
+    assert run["healthz_remote"] == 200
 
 
 def test_per_peer_limit_counts_clients_not_haproxy(run):

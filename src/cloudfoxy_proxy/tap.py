@@ -483,7 +483,8 @@ def warn_open_listeners(listeners, access):
     for description, option, frontend in listeners:
         if access.modes.get(frontend, access.mode) != "open":
             continue
-        if description.startswith(("unix:", "systemd:")) or _LOOPBACK_INTERFACE.search(description):
+        if description.removeprefix("haproxy:").startswith(("unix:", "systemd:")) or \
+                _LOOPBACK_INTERFACE.search(description):
             continue
         shown = description.removesuffix(f":backlog={DEFAULT_BACKLOG}")  # our default, not the user's words
         if access.allow_anonymous:
