@@ -195,7 +195,8 @@ class WrapperTests(SynchronousTestCase):
         proto.dataReceived(v2())
         b.clock.advance(6)
         self.assertFalse(t.aborted)
-        self.assertEqual(b.clock.getDelayedCalls().__len__() >= 0, True)
+        self.assertIsNone(proto._timer)
+        self.assertEqual(b.f.limits.count, 1)
 
     def test_eof_before_the_header_closes(self):
         b = Behind()
@@ -212,6 +213,21 @@ class WrapperTests(SynchronousTestCase):
         self.assertEqual(b.f.limits.count, 1)
         proto.connectionLost(None)
         self.assertEqual(b.f.limits.count, 0)
+
+    def test_the_failed_authentication_throttle_counts_each_client(self):
+        from cloudfoxy_proxy.access import Access
+
+        b = Behind()
+        dispatcher = b.f.h.dispatcher
+        dispatcher.access = Access(simple=[("right-password-0123", None)])
+        proto, t = b.connect()
+        proto.dataReceived(v2(src="10.9.8.7") + b">Emulated 00:wrong|\n>1:APDU:00A4000C023F00|\n\n")
+        self.assertEqual(take(t), ">1:C085\n@@\n")
+        proto2, t2 = b.connect(fd=11)
+        proto2.dataReceived(v2(src="10.9.8.8") + b">Emulated 00:right-password-0123|\n>1:APDU:00A4000C023F00|\n\n")
+        self.assertEqual(take(t2), ">1:9000\n@@\n")
+        self.assertEqual([dispatcher.throttle.failures(h) for h in ("10.9.8.7", "10.9.8.8", "127.0.0.10")],
+                         [1, 0, 0])
 
     def test_protected_mode_sees_the_client(self):
         b = Behind()
