@@ -166,6 +166,11 @@ class FrontTests(Base):
         data = self.conn.transport.value().decode()
         self.assertLess(data.index(":CLIENT:"), data.index(":RESET|"))
 
+    def reconnect(self):
+        self.conn.lose()
+        self.clock.advance(1.0)
+        return self.connect()
+
     def test_the_proxys_own_calls_tell_nothing(self):
         self.run_for(Session())  # no peer: the proxy's own work
         self.assertNotIn(b"CLIENT", self.conn.transport.value())
@@ -177,6 +182,12 @@ class FrontTests(Base):
         self.conn.answer(reqs[1][1][1:].split(":")[0], "9000")
         self.assertEqual(self.successResultOf(d), [("1", "9000")])
         self.assertEqual(len(self.logged("answered CLIENT with C085")), 1)
+        d = self.run_for(Session("192.0.2.78:5000", "line", "192.0.2.78"))  # refused here: not again
+        [apdu] = self.raw()
+        self.assertIn(":APDU:", apdu[1])
+        self.conn.answer(apdu[1][1:].split(":")[0], "9000")
+        self.assertEqual(self.successResultOf(d), [("1", "9000")])
+        self.conn = self.reconnect()  # a new connection tries again
         d = self.run_for(Session("192.0.2.78:5000", "line", "192.0.2.78"))
         reqs = self.raw()
         self.conn.answer(reqs[0][1][1:].split(":")[0], "C081")

@@ -383,7 +383,7 @@ class TcpBackend(UpstreamPool):
             self.log.info("upstream {upstream} answers again", upstream=self.where)
         if call.control:
             call.state = _DONE
-            self._client_answered(call.results[0] if call.results else None)
+            self._client_answered(conn, call.results[0] if call.results else None)
             if self._queue:
                 self._flush()
             return
@@ -436,9 +436,13 @@ class TcpBackend(UpstreamPool):
     #: At most one warning about a refused CLIENT this often (seconds).
     CLIENT_WARN_EVERY = 60.0
 
-    def _client_answered(self, result):
+    def _client_answered(self, conn, result):
+        """The upstream's answer to CLIENT on ``conn``: an error stops it on
+        that connection (a refusal is one audit line there, not one per
+        client), C081 on every connection."""
         if result == "OK":
             return
+        conn.refused = True
         if result == errors.FAILED:
             self.relaying = False
             self.log.info("upstream {upstream} does not know CLIENT (an older proxy): its audit log names "

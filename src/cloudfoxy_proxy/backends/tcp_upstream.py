@@ -185,6 +185,7 @@ class _UpstreamProtocol(Protocol):
         self._buf = b""
         self._skipping = False  # discarding the rest of an over-long line
         self.client = None  # the client the upstream was last told of (CLIENT), on this connection
+        self.refused = False  # the upstream answered CLIENT with an error here: not sent again on it
 
     def connectionMade(self):
         transport = self.transport
@@ -235,7 +236,7 @@ class _UpstreamProtocol(Protocol):
 
     def send(self, call):
         client = call.client
-        if client is not None and client != self.client and self.backend.relaying \
+        if client is not None and client != self.client and not self.refused and self.backend.relaying \
                 and self.backend.persistent is True:
             self.client = client  # sticky on the upstream's side: told once per change
             self._send(self.backend._client_call(client))
