@@ -266,3 +266,47 @@ class OptionTests(SynchronousTestCase):
         o = tap.Options()
         o.parseOptions(["--config", f.name])
         self.assertEqual(o["proxy-protocol-from"], ["10.0.0.10", "10.0.0.11"])
+
+
+def test_every_listener_option_takes_haproxy(tmp_path):
+    """-p, --listen (plain and TLS), --rest, --api, --ram, --ram-daemon and
+    --metrics wrapped in haproxy: listen with the PROXY header reader under
+    everything else (under TLS for ssl:), trusting --proxy-protocol-from."""
+    import hashlib
+    import subprocess
+
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from cloudfoxy_proxy import tap
+    from cloudfoxy_proxy.limits import GuardedFactory
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=t"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    (tmp_path / "c.toml").write_text(f'[[client]]\nname = "a"\nreaders = ["*"]\n'
+                                     f'secret_sha256 = "{hashlib.sha256(b"s" * 20).hexdigest()}"\n')
+    (tmp_path / "urls").write_text("https://ram.example/\n")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    o = tap.Options()
+    o.parseOptions([
+        "--no-signing", "--credentials", str(tmp_path / "c.toml"), "--proxy-protocol-from", "10.0.0.0/8",
+        "-p", "haproxy:tcp:4101:interface=127.0.0.1",
+        "--listen", f"haproxy:ssl:4102:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        "--rest", "haproxy:tcp:4103", "--api", "haproxy:tcp:4104", "--ram", "haproxy:tcp:4105",
+        "--ram-daemon", "haproxy:tcp:4106:interface=127.0.0.1", "--ram-approved-urls", str(tmp_path / "urls"),
+        "--ram-reader", "Emulated 00", "--metrics", "haproxy:tcp:4107"])
+    reactor = MemoryReactorClock()
+    top = tap.makeService(o, reactor)
+    top.privilegedStartService()
+    listening = {port: factory for port, factory, *_ in reactor.tcpServers}
+    assert sorted(listening) == list(range(4101, 4108))
+    for port, factory in listening.items():
+        assert isinstance(factory, ProxyHeaderFactory), port
+        assert factory.trusted == trusted_networks(["10.0.0.0/8"])
+        inner = factory.wrappedFactory
+        if port == 4102:
+            assert isinstance(inner, TLSMemoryBIOFactory)
+            inner = inner.wrappedFactory
+        assert isinstance(inner, GuardedFactory), port
+    top.stopService()
