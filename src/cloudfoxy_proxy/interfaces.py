@@ -49,6 +49,14 @@ class IBackend(Interface):
     session's (seconds, None: none); ``lost(why)`` is called if the held
     card is lost before ``release()`` (the session then ends).
 
+    Optionally a backend that fronts another proxy has
+    ``for_client(session, identity)``: called right before each
+    ``reset``/``transmit``/``transmit_batch`` (and SIGN's commands) made
+    for a client's request, with its ``dispatch.Session`` and
+    ``access.Identity`` (or None), so that the upstream learns on whose
+    behalf it runs (the tcp:// backend's CLIENT, relay.py).  Calls without
+    it before them are the proxy's own.
+
     The dispatcher checks every result (:func:`bad_result`): a response
     APDU of 2..65,538 bytes, an ATR of 2..33 bytes; anything else reaches
     the client as ``C086``.  Backends pass on what their source gave them

@@ -22,6 +22,9 @@ RESET, APDU, READERS, LIST, ENUM, ALIASES, CHAIN, SIGN, PERSONALIZE, EMPTYLINE =
 COMMANDS = frozenset(
     (RESET, APDU, READERS, LIST, ENUM, ALIASES, CHAIN, SIGN, PERSONALIZE, EMPTYLINE)
 )
+#: Between proxies: on whose behalf the next requests are (relay.py).
+CLIENT = "CLIENT"
+COMMANDS = COMMANDS | {CLIENT}
 #: Commands that run on one card, under that card's queue.
 CARD_COMMANDS = frozenset((RESET, APDU, SIGN))
 #: A line-protocol connection's card session (docs/protocol.md "HOLD and

@@ -228,8 +228,12 @@ class RequestRun:
     def _call_backend(self, reader, command):
         """Run one card command; False if its answer comes later."""
         card = self.card
-        # a card session held at an upstream too: its own connection there (sessions.py)
-        backend = reader.backend if card is None or card.upstream is None else card.upstream
+        if card is None or card.upstream is None:
+            backend = reader.backend
+            if reader.for_client is not None:  # an upstream proxy: on whose behalf (relay.py)
+                reader.for_client(self.session, self.identity)
+        else:  # a card session held at an upstream too: its own connection there (sessions.py)
+            backend = card.upstream
         try:
             if command.name == APDU:
                 result = backend.transmit(reader.key, command.apdu)
@@ -312,7 +316,12 @@ class RequestRun:
                 steps.append((APDU, command.apdu))
         self._batch_end = end
         card = self.card
-        batch = reader.batch if card is None or card.upstream is None else card.upstream.transmit_batch
+        if card is None or card.upstream is None:
+            batch = reader.batch
+            if reader.for_client is not None:  # an upstream proxy: on whose behalf (relay.py)
+                reader.for_client(self.session, self.identity)
+        else:  # a card session held at an upstream too: its own connection there (sessions.py)
+            batch = card.upstream.transmit_batch
         try:
             result = batch(reader.key, steps)
         except CardError as e:

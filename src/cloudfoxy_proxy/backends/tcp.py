@@ -252,6 +252,12 @@ class TcpBackend(UpstreamPool):
     _connected_before = attr.ib(init=False, default=False, repr=False)
     _held = attr.ib(init=False, factory=set, repr=False)  # HeldCards: card sessions held upstream
     _hold_unsupported = attr.ib(init=False, default=False, repr=False)  # said once
+    #: who the next card call is for (``for_client``), consumed by it
+    _client = attr.ib(init=False, default=None, repr=False)
+    #: False once the upstream answered CLIENT with C081 (an older proxy: it
+    #: audits this proxy, not its clients); CLIENT is not sent to it again
+    relaying = attr.ib(init=False, default=True, repr=False)
+    _client_warned = attr.ib(init=False, default=None, repr=False)  # when C085 was last logged
 
     log = Logger()
 
@@ -309,11 +315,19 @@ class TcpBackend(UpstreamPool):
         services, self.services = self.services, []
         return gatherResults([s.stopService() for s in services])
 
+    def for_client(self, session, identity):
+        """The next card call is for this client (IBackend's optional
+        ``for_client``): the upstream is told with CLIENT (relay.py).  A
+        session without a peer is the proxy's own work: nothing is told."""
+        self._client = (session.peer, getattr(identity, "name", None), session.frontend) if session.peer else None
+
     def reset(self, key):
-        return self._submit(key, [b"RESET"])
+        client, self._client = self._client, None
+        return self._submit(key, [b"RESET"], client=client)
 
     def transmit(self, key, apdu):
-        return self._submit(key, [b"APDU:" + apdu.hex().upper().encode("ascii")])
+        client, self._client = self._client, None
+        return self._submit(key, [b"APDU:" + apdu.hex().upper().encode("ascii")], client=client)
 
     def transmit_batch(self, key, steps):
         """The steps (``("RESET", None)`` / ``("APDU", bytes)``) as one
@@ -327,9 +341,10 @@ class TcpBackend(UpstreamPool):
         each, one after another."""
         commands = [b"RESET" if kind == "RESET" else b"APDU:" + data.hex().upper().encode("ascii")
                     for kind, data in steps]
+        client, self._client = self._client, None
         if self.persistent is not True:
-            return _OneByOne(self, key, commands).start()
-        return self._submit(key, commands, batch=True)
+            return _OneByOne(self, key, commands, client).start()
+        return self._submit(key, commands, batch=True, client=client)
 
     def hold(self, key, idle_timeout, lost):
         """Hold the card ``key`` at the upstream for a card session
@@ -386,7 +401,7 @@ class TcpBackend(UpstreamPool):
             line = self._lines[key] = b">" + text.encode("utf-8") + b"|\n"
         return line
 
-    def _submit(self, key, commands, batch=False):
+    def _submit(self, key, commands, batch=False, client=None):
         if not self._running:
             raise CardError(errors.UPSTREAM, "backend stopped")
         conn = self._pick(key)
@@ -394,7 +409,7 @@ class TcpBackend(UpstreamPool):
             raise CardError(errors.UPSTREAM, f"upstream {self.where} unreachable")
         ids = [self._id() for _ in commands]
         data = b"".join(b">" + cid + b":" + command + b"|\n" for cid, command in zip(ids, commands))
-        call = _Call(self, ids, key, self._reader_line(key) + data + b"\n", batch=batch)
+        call = _Call(self, ids, key, self._reader_line(key) + data + b"\n", batch=batch, client=client)
         if conn is not None:
             conn.send(call)
         else:
@@ -406,6 +421,12 @@ class TcpBackend(UpstreamPool):
         if self._silent:
             self._silent = False
             self.log.info("upstream {upstream} answers again", upstream=self.where)
+        if call.control:
+            call.state = _DONE
+            self._client_answered(conn, call.results[0] if call.results else None)
+            if self._queue:
+                self._flush()
+            return
         if call.heartbeat:
             call.state = _DONE
             conn.arm()
@@ -441,6 +462,39 @@ class TcpBackend(UpstreamPool):
                 settle(call.d, values, call.batch)
         if self._queue:
             self._flush()
+
+    def _client_call(self, client):
+        """The CLIENT request telling the upstream who the next requests on
+        a connection are for (relay.py)."""
+        from ..relay import encode
+
+        cid = self._id()
+        data = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") \
+            + b"|\n>" + cid + b":CLIENT:" + encode(*client).encode("ascii") + b"|\n\n"
+        return _Call(self, [cid], None, data, control=True)
+
+    #: At most one warning about a refused CLIENT this often (seconds).
+    CLIENT_WARN_EVERY = 60.0
+
+    def _client_answered(self, conn, result):
+        """The upstream's answer to CLIENT on ``conn``: an error stops it on
+        that connection (a refusal is one audit line there, not one per
+        client), C081 on every connection."""
+        if result == "OK":
+            return
+        conn.refused = True
+        if result == errors.FAILED:
+            self.relaying = False
+            self.log.info("upstream {upstream} does not know CLIENT (an older proxy): its audit log names "
+                          "this proxy, not the clients it acts for", upstream=self.where)
+            return
+        now = self.clock.seconds()
+        if self._client_warned is not None and now - self._client_warned < self.CLIENT_WARN_EVERY:
+            return
+        self._client_warned = now
+        self.log.warn("upstream {upstream} answered CLIENT with {result}: its audit log names this proxy, "
+                      "not the clients it acts for{hint}", upstream=self.where, result=result,
+                      hint=" (give this proxy's identity there relay = true)" if result == errors.BAD_PIN else "")
 
     def _value(self, result):
         """One answer line's result: the answer's bytes or a CardError."""
