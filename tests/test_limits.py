@@ -159,6 +159,18 @@ class TotalTests(SynchronousTestCase):
         self.assertEqual(default_reserve(4096), 256)
         self.assertEqual(default_reserve(1 << 20), 1024)
 
+    def test_an_eviction_of_the_last_connection_keeps_the_newcomer_counted(self):
+        f = Front(per_peer=1, max_connections=100)
+        a, _ = f.connect("10.0.0.1")
+        b, tb = f.connect("10.0.0.1")  # a (idle) makes room
+        self.assertEqual(f.limits.connections_of("10.0.0.1"), 1)
+        c, tc = f.connect("10.0.0.1")  # and now b does
+        self.assertTrue(tb.aborted)
+        self.assertFalse(tc.aborted)
+        f.lose(b)
+        f.lose(c)
+        self.assertEqual((f.limits.count, f.limits.peers), (0, {}))
+
     def test_refusals_are_rate_limited(self):
         f = Front(per_peer=1, max_connections=100)
         f.connect("10.0.0.1")
@@ -169,8 +181,8 @@ class TotalTests(SynchronousTestCase):
                     g.dataReceived(SLOW)  # busy: the next newcomers are refused
             f.clock.advance(10)
         lines = [formatEvent(e) for e in events]
-        self.assertEqual(len(lines), 11)  # 499 events: one eviction, then 498 refusals
-        self.assertIn("489 more connection log lines suppressed in the last 10 s", lines[-1])
+        self.assertEqual(len(lines), 11)  # 500 events: one eviction, then 499 refusals
+        self.assertIn("490 more connection log lines suppressed in the last 10 s", lines[-1])
 
 
 class IdleTests(SynchronousTestCase):

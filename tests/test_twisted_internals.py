@@ -286,3 +286,13 @@ class HalfClosingTLSTests(SynchronousTestCase):
         endpoint = SSL4ServerEndpoint(reactor, 443, options, backlog=7, interface="::1")
         self.assertEqual(internals.tls_server_parts(endpoint), (reactor, 443, options, 7, "::1"))
         self.assertIsNone(internals.tls_server_parts(TCP4ServerEndpoint(reactor, 1)))
+
+
+class ProxyHeaderParsersTests(SynchronousTestCase):
+    def test_the_parsers_read_a_v1_and_a_v2_header(self):
+        v1, v2 = internals.proxy_header_parsers()
+        info, rest = v1().feed(b"PROXY TCP4 10.1.2.3 10.0.0.1 5555 4001\r\nX")
+        self.assertEqual((info.source.host, info.source.port, rest), ("10.1.2.3", 5555, b"X"))
+        header = v2.PREFIX + b"\x21\x11\x00\x0c" + bytes([10, 1, 2, 3, 10, 0, 0, 1]) + b"\x15\xb3\x0f\xa1"
+        info, rest = v2().feed(header + b"Y")
+        self.assertEqual((info.source.host, info.source.port, rest), ("10.1.2.3", 5555, b"Y"))

@@ -50,12 +50,14 @@ class Identity:
     fnmatch-style, case-sensitive glob patterns over canonical reader names
     and aliases; None: every reader), ``commands`` (frozenset of command
     names; None: all), ``frontends`` (frozenset of front-end names; None:
-    all)."""
+    all), ``relay`` (True: it may send CLIENT, acting for its own
+    clients: another proxy in front of this one, relay.py)."""
 
-    __slots__ = ("name", "readers", "commands", "frontends", "_rx", "resolved")
+    __slots__ = ("name", "readers", "commands", "frontends", "_rx", "resolved", "relay")
 
-    def __init__(self, name, readers=None, commands=None, frontends=None):
+    def __init__(self, name, readers=None, commands=None, frontends=None, relay=False):
         self.name = name
+        self.relay = bool(relay)
         self.readers = None if readers is None else tuple(readers)
         self.commands = None if commands is None else frozenset(commands)
         self.frontends = None if frontends is None else frozenset(frontends)
@@ -69,7 +71,7 @@ class Identity:
         return f"Identity({self.name!r})"
 
     def _key(self):
-        return (self.name, self.readers, self.commands, self.frontends)
+        return (self.name, self.readers, self.commands, self.frontends, self.relay)
 
     def __eq__(self, other):
         return isinstance(other, Identity) and self._key() == other._key()
@@ -146,6 +148,7 @@ class Access:
         self.simple = []
         self.allow_anonymous = allow_anonymous
         self.anonymous = full_access("anonymous")
+        self.anonymous.relay = True  # open mode: loopback only unless --allow-anonymous (relay.py)
         self.add_simple(simple)
 
     def __eq__(self, other):
@@ -241,7 +244,7 @@ def load_credentials(path, allow_anonymous=False):
             raise ValueError(f"{where}: the name is used twice")
         names.add(name)
         bad = sorted(set(client) - {"name", "secret_sha256", "cert_sha256", "readers", "commands",
-                                    "frontends"})
+                                    "frontends", "relay"})
         if bad:
             raise ValueError(f"{where}: unknown key {bad[0]!r}")
         readers = _strings(client, "readers", where, default=[])
@@ -258,7 +261,10 @@ def load_credentials(path, allow_anonymous=False):
             if wrong:
                 raise ValueError(f"{where}: unknown front end {wrong[0]!r} in frontends "
                                  f"(use {', '.join(FRONTENDS)})")
-        identity = Identity(name, readers, commands, frontends)
+        relay = client.get("relay", False)
+        if not isinstance(relay, bool):
+            raise ValueError(f"{where}: relay must be true or false")
+        identity = Identity(name, readers, commands, frontends, relay)
         digest = client.get("secret_sha256")
         cert = client.get("cert_sha256")
         if digest is None and cert is None:

@@ -254,6 +254,8 @@ class AuditLog(Service):
             "results": results,
             "duration_ms": round((perf_counter() - run.begun) * 1000, 3),
         }
+        if session.on_behalf_of is not None:  # a relaying proxy's client (relay.py)
+            record["on_behalf_of"] = session.on_behalf_of
         if sign is not None:
             record["alias"] = (run.request.reader or "").partition(":")[0][:200] if hasattr(reader, "name") else None
             record["algorithm"] = sign.obj[:40] or None

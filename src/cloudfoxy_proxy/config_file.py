@@ -27,7 +27,8 @@ import re
 from twisted.python import usage
 
 #: Options that may be given more than once: a list in the file.
-REPEATABLE = ("listen", "backend", "vpcd", "ram-connect", "api-cors-origin", "trace", "trace-readers")
+REPEATABLE = ("listen", "backend", "vpcd", "ram-connect", "api-cors-origin", "trace", "trace-readers",
+              "proxy-protocol-from")
 
 
 def given_options(options, argv):

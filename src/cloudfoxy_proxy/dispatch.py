@@ -20,6 +20,7 @@ from .logs import Logger, RateLimitedLog
 from .parser import (
     ALIASES, CHAIN, ENUM, LIST, PERSONALIZE, READERS, Request,
 )
+from .parser import CLIENT
 from .registry import QueueFull, b64name
 from .run import RequestRun
 from .sessions import CardSession
@@ -60,7 +61,7 @@ class Session:
     """
 
     __slots__ = ("tag", "peer", "card", "frontend", "host", "counters", "identity", "fixed", "given",
-                 "pin", "failures", "drop", "seen")
+                 "pin", "failures", "drop", "seen", "on_behalf_of")
 
     def __init__(self, peer="", frontend="line", host=None, identity=None, counters=None):
         self.tag = None
@@ -78,6 +79,8 @@ class Session:
         #: Reader -> the card's reset generation this connection last saw
         #: (registry.Reader.generation; at most one entry per reader)
         self.seen = {}
+        #: who a relaying proxy on this connection acts for (relay.py: CLIENT), or None
+        self.on_behalf_of = None
 
 
 class Dispatcher:
@@ -235,6 +238,10 @@ class Dispatcher:
             return "OK"
         if self.signing is not None and (name == ENUM or name == ALIASES or name == CHAIN):
             return self.signing.command(name, command, request, sees)
+        if name == CLIENT:
+            from .relay import client_command
+
+            return client_command(self, command, session, identity)
         return errors.FAILED
 
     def target(self, request, identity=None):

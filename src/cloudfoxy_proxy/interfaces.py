@@ -34,6 +34,29 @@ class IBackend(Interface):
     uses it for a request's run of two or more RESET/APDU commands, bounded
     by the command timeout times the number of steps.
 
+    Optionally a backend that fronts another proxy's cards has
+    ``hold(key, idle_timeout, lost)``, used by every card session
+    (``sessions.CardSession``, whatever front end opened it) once this
+    proxy granted it the card: hold the card there too, so that the other
+    proxy's other clients are kept off it (docs/tcp.md "Card sessions
+    through a front").  It returns (or raises a CardError instead of) a
+    Deferred firing with a held card -- an object with ``reset``,
+    ``transmit`` and ``transmit_batch`` as here (the session's card
+    commands then go to it), ``release()`` (the session ended) and
+    ``description`` -- or with None when the source cannot hold cards (the
+    session is then held on this proxy only), or failing with a CardError
+    (``C086``: no turn there, unreachable).  ``idle_timeout`` is the
+    session's (seconds, None: none); ``lost(why)`` is called if the held
+    card is lost before ``release()`` (the session then ends).
+
+    Optionally a backend that fronts another proxy has
+    ``for_client(session, identity)``: called right before each
+    ``reset``/``transmit``/``transmit_batch`` (and SIGN's commands) made
+    for a client's request, with its ``dispatch.Session`` and
+    ``access.Identity`` (or None), so that the upstream learns on whose
+    behalf it runs (the tcp:// backend's CLIENT, relay.py).  Calls without
+    it before them are the proxy's own.
+
     The dispatcher checks every result (:func:`bad_result`): a response
     APDU of 2..65,538 bytes, an ATR of 2..33 bytes; anything else reaches
     the client as ``C086``.  Backends pass on what their source gave them

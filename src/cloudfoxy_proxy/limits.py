@@ -136,6 +136,8 @@ class ConnectionLimits:
             self.client_log.warn("closing the idle connection of {victim} to make room for {peer} ({why})",
                                  victim=victim.peer_text, peer=guard.peer_text, why=why)
             victim.close()
+            if key is not None:
+                mine = self.peers.get(key)  # the victim may have been its last: release dropped the dict
         self.count += 1
         if key is not None:
             if mine is None:

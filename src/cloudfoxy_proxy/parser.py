@@ -22,8 +22,17 @@ RESET, APDU, READERS, LIST, ENUM, ALIASES, CHAIN, SIGN, PERSONALIZE, EMPTYLINE =
 COMMANDS = frozenset(
     (RESET, APDU, READERS, LIST, ENUM, ALIASES, CHAIN, SIGN, PERSONALIZE, EMPTYLINE)
 )
+#: Between proxies: on whose behalf the next requests are (relay.py).
+CLIENT = "CLIENT"
+COMMANDS = COMMANDS | {CLIENT}
 #: Commands that run on one card, under that card's queue.
 CARD_COMMANDS = frozenset((RESET, APDU, SIGN))
+#: A line-protocol connection's card session (docs/protocol.md "HOLD and
+#: RELEASE"): ``HOLD:IDLE_SECONDS`` holds the reader line's card for the
+#: connection, ``RELEASE`` lets it go.
+HOLD, RELEASE = "HOLD", "RELEASE"
+SESSION_COMMANDS = frozenset((HOLD, RELEASE))
+COMMANDS = COMMANDS | SESSION_COMMANDS
 
 
 @attr.s(slots=True, hash=True)

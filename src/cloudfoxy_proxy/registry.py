@@ -169,7 +169,7 @@ class Reader:
     card queue survive the reader vanishing and coming back."""
 
     __slots__ = ("name", "backend", "key", "aliases", "extra_aliases", "present", "queue", "info",
-                 "release", "batch", "holder", "held_since", "exclusive", "generation", "known")
+                 "release", "batch", "for_client", "holder", "held_since", "exclusive", "generation", "known")
 
     def __init__(self, name, backend, key, queue):
         self.name = name
@@ -180,6 +180,8 @@ class Reader:
         self.release = getattr(backend, "release", None)
         #: the backend's optional ``transmit_batch(key, steps)`` (IBackend)
         self.batch = getattr(backend, "transmit_batch", None)
+        #: the backend's optional ``for_client(session, identity)`` (IBackend)
+        self.for_client = getattr(backend, "for_client", None)
         self.aliases = ()
         self.extra_aliases = ()  # from the certificate index (set_extra_aliases)
         self.present = False

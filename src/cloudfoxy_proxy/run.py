@@ -17,9 +17,9 @@ from . import errors
 from .errors import CardError
 from .interfaces import MAX_RESPONSE
 from .logs import Logger
-from .parser import APDU, CARD_COMMANDS, RESET, SIGN
+from .parser import APDU, CARD_COMMANDS, RESET, SESSION_COMMANDS, SIGN
 from .registry import QueueFull, changed_behind
-from .sessions import CardSession, held_by
+from .sessions import CardSession, held_by, line_hold
 
 
 #: What a step of ``RequestRun.step`` gives when its command cannot go on: its
@@ -34,7 +34,7 @@ class RequestRun:
 
     __slots__ = ("d", "request", "session", "lines", "i", "reader", "holding", "queue", "card",
                  "abandoned", "deferred", "_stepping", "_pending", "_call", "_batch_end",
-                 "started", "identity", "pin", "_sleep", "begun")
+                 "started", "identity", "pin", "_sleep", "begun", "_hold")
 
     log = Logger()
 
@@ -58,6 +58,7 @@ class RequestRun:
         self.identity = None  # an access.Identity or a result code, once known
         self.pin = None
         self._sleep = None  # the delay of a throttled failed authentication
+        self._hold = None  # a HOLD's wait for its card (cancelled when the client goes away)
 
     def step(self):
         """Run commands until done (True) or waiting (False): each is
@@ -83,7 +84,10 @@ class RequestRun:
                     if identity is _WAITING:
                         return False
                 if command.name not in CARD_COMMANDS:
-                    if not self._call_simple(command, identity):
+                    if command.name in SESSION_COMMANDS:
+                        if not self._card_session(command):
+                            return False
+                    elif not self._call_simple(command, identity):
                         return False
                     continue
                 reader = self.reader
@@ -155,6 +159,24 @@ class RequestRun:
         self._result(result)
         return True
 
+    def _card_session(self, command):
+        """HOLD / RELEASE (``sessions.line_hold``); False if the answer
+        comes later (HOLD waiting for its card).  Only the line protocol's
+        connections hold cards this way (they end the session when they
+        are lost): elsewhere ``C081``.  A turn this request has on a card
+        ends first; its later card commands take their turn again."""
+        if self.session.frontend != "line":
+            self._result(errors.FAILED)
+            return True
+        self._release()
+        self.card = None
+        result = line_hold(self.d, self.request, self.session, command)
+        if result.__class__ is str:
+            self._result(result)
+            return True
+        self._hold = result
+        return self._wait(result)
+
     def _enter_queue(self, reader):
         """Take the request's turn on ``reader``, once: in its card's queue,
         or in the queue of the card session this connection holds on it
@@ -205,7 +227,13 @@ class RequestRun:
 
     def _call_backend(self, reader, command):
         """Run one card command; False if its answer comes later."""
-        backend = reader.backend
+        card = self.card
+        if card is None or card.upstream is None:
+            backend = reader.backend
+            if reader.for_client is not None:  # an upstream proxy: on whose behalf (relay.py)
+                reader.for_client(self.session, self.identity)
+        else:  # a card session held at an upstream too: its own connection there (sessions.py)
+            backend = card.upstream
         try:
             if command.name == APDU:
                 result = backend.transmit(reader.key, command.apdu)
@@ -287,8 +315,15 @@ class RequestRun:
             else:
                 steps.append((APDU, command.apdu))
         self._batch_end = end
+        card = self.card
+        if card is None or card.upstream is None:
+            batch = reader.batch
+            if reader.for_client is not None:  # an upstream proxy: on whose behalf (relay.py)
+                reader.for_client(self.session, self.identity)
+        else:  # a card session held at an upstream too: its own connection there (sessions.py)
+            batch = card.upstream.transmit_batch
         try:
-            result = reader.batch(reader.key, steps)
+            result = batch(reader.key, steps)
         except CardError as e:
             if e.code == errors.NO_CARD:
                 self.d.registry.card_lost(reader, self.session)
@@ -453,6 +488,9 @@ class RequestRun:
         sleep, self._sleep = self._sleep, None
         if sleep is not None and not sleep.called:
             sleep.cancel()
+        hold, self._hold = self._hold, None
+        if hold is not None and not hold.called:
+            hold.cancel()
         if not self._stepping and self._call is None:
             self._release()
 

@@ -3,9 +3,11 @@
 dispatcher runs the holder's requests in the session's own queue."""
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from . import errors
 from .errors import CardError
+from .parser import RELEASE
 from .registry import CardQueue
 
 
@@ -29,10 +31,20 @@ class CardSession:
     dispatcher's ``queue_timeout`` seconds ends with ``"queue timeout"``
     (its ``opened`` fails with ``C086``); the card's holder is not touched.
     ``granted_at`` is the dispatcher clock's time the card was granted.
+
+    A card whose backend has ``hold`` (an upstream proxy: IBackend) is held
+    there too, on a connection of its own: ``opened`` fires once the
+    upstream granted it (or said it cannot hold cards: then the session is
+    held here only), and fails with the upstream's code (``C086``: no turn
+    there within its queue timeout, unreachable).  Meanwhile ``upstream``
+    (the backend's held card, or None) runs the holder's card commands; the
+    session ends (``"upstream lost"``) if the upstream lets go of the card
+    first, and lets go of it there when it ends.
     """
 
     __slots__ = ("dispatcher", "reader", "session", "idle_timeout", "max_duration", "queue",
-                 "state", "abandoned", "opened", "ended", "granted_at", "_idle", "_deadline")
+                 "state", "abandoned", "opened", "ended", "granted_at", "_idle", "_deadline",
+                 "upstream", "_upstream_wait")
 
     WAITING, HELD, CLOSED = "waiting", "held", "closed"
 
@@ -50,6 +62,9 @@ class CardSession:
         self.granted_at = None
         self._idle = None
         self._deadline = None
+        #: the backend's held card running the holder's card commands (IBackend ``hold``), or None
+        self.upstream = None
+        self._upstream_wait = None  # Deferred of the backend's ``hold`` not answered yet
 
     @property
     def held(self):
@@ -60,8 +75,57 @@ class CardSession:
         self.state = self.HELD
         self.session.card = self
         self.reader.holder = self.session
-        clock = self.dispatcher.clock
         self.dispatcher.queue_deadlines.forget(self)
+        hold = getattr(self.reader.backend, "hold", None)
+        if hold is None:
+            self._begin()
+            return
+        d = self.dispatcher
+        try:
+            wait = hold(self.reader.key, self.idle_timeout, self._upstream_lost)
+        except CardError as e:
+            self._upstream_refused(Failure(e))
+            return
+        # bounded: the upstream's own queue wait, then its answer
+        wait.addTimeout(d.queue_timeout + d.command_timeout, d.clock)
+        self._upstream_wait = wait
+        wait.addCallbacks(self._upstream_granted, self._upstream_refused)
+
+    def _upstream_granted(self, upstream):
+        self._upstream_wait = None
+        if self.state != self.HELD:  # ended meanwhile
+            if upstream is not None:
+                upstream.release()
+            return
+        self.upstream = upstream
+        self._begin()
+
+    def _upstream_refused(self, failure):
+        self._upstream_wait = None
+        if self.state != self.HELD:
+            return  # cancelled or closed meanwhile
+        code = failure.value.code if failure.check(CardError) else errors.UPSTREAM
+        self.dispatcher.client_log.info(
+            "client {peer}: card session on {reader} refused by its upstream ({why}): {code}",
+            peer=self.session.peer, reader=self.reader.name, why=failure.getErrorMessage(), code=code)
+        opened, self.opened = self.opened, None
+        self.close("upstream refused")
+        if opened is not None:
+            opened.errback(CardError(code, f"card session on {self.reader.name} refused upstream"))
+
+    def _upstream_lost(self, why):
+        """The backend's held card is gone (its connection lost): the
+        session ends; the holder's commands in flight there got C086."""
+        self.upstream = None
+        if self.state == self.HELD:
+            self.dispatcher.client_log.info(
+                "client {peer}: card session on {reader} ended: {why}",
+                peer=self.session.peer, reader=self.reader.name, why=why)
+            self.close("upstream lost")
+
+    def _begin(self):
+        """The card is ours (here, and upstream if held there): start the clocks."""
+        clock = self.dispatcher.clock
         self.granted_at = clock.seconds()
         if self.max_duration is not None:
             self._deadline = clock.callLater(self.max_duration, self.close, "max duration")
@@ -79,6 +143,14 @@ class CardSession:
         else:
             self._idle = self.dispatcher.clock.callLater(self.idle_timeout, self._idle_expired)
 
+    def set_idle_timeout(self, seconds):
+        """A new idle timeout (seconds; None: none), counted from now."""
+        self.idle_timeout = seconds
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        self.touch()
+
     def _idle_expired(self):
         self._idle = None
         if self.queue.busy:
@@ -93,6 +165,8 @@ class CardSession:
             self.state = self.CLOSED
             self.dispatcher.queue_deadlines.forget(self)
             self.reader.queue.leave(self)
+        elif self._upstream_wait is not None:  # granted here, still waiting upstream
+            self.close("cancelled")
 
     def timed_out(self):
         """No turn within the dispatcher's ``queue_timeout`` (called by its
@@ -118,6 +192,9 @@ class CardSession:
             if call is not None and call.active():
                 call.cancel()
         self._idle = self._deadline = None
+        wait, self._upstream_wait = self._upstream_wait, None
+        if wait is not None:
+            wait.cancel()
         if was == self.WAITING:
             self.dispatcher.queue_deadlines.forget(self)
             self.reader.queue.leave(self)
@@ -142,6 +219,9 @@ class CardSession:
             self.session.card = None
         if reader.holder is self.session:
             reader.holder = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.release()
         reader.done()
 
 
@@ -174,3 +254,44 @@ def holder(reader, now):
         "held_seconds": None if since is None else max(0.0, now - since),
         "queued": 0 if card is None else len(card.queue),
     }
+
+
+#: The longest idle timeout ``HOLD`` accepts (seconds; 0: none).
+MAX_HOLD_IDLE = 86400.0
+
+
+def line_hold(dispatcher, request, session, command):
+    """A line-protocol connection's ``HOLD:IDLE_SECONDS`` or ``RELEASE``
+    (docs/protocol.md "HOLD and RELEASE") for ``session`` on the reader
+    line of ``request``: a result now (``"OK"``, ``C084`` for idle seconds
+    that are not 0..MAX_HOLD_IDLE, ``C086`` while it holds another card)
+    or a Deferred firing with one once the card is granted (``OK``) or
+    refused (the code :meth:`Dispatcher.hold` failed with).  ``HOLD`` on
+    the card the connection holds already sets its idle timeout again;
+    ``RELEASE`` with nothing held is ``OK`` too."""
+    card = session.card
+    if command.name == RELEASE:
+        if card is not None:
+            card.close("released")
+        return "OK"
+    try:
+        idle = float(command.data)
+    except ValueError:
+        return errors.MALFORMED
+    if not 0 <= idle <= MAX_HOLD_IDLE:  # NaN fails too
+        return errors.MALFORMED
+    if card is not None:
+        if dispatcher.target(request, session.identity) is card.reader and card.held:
+            card.set_idle_timeout(idle or None)
+            return "OK"
+        return errors.UPSTREAM  # one card at a time
+    if not request.reader or request.reader == "*":
+        return errors.NOT_FOUND
+    return dispatcher.hold(request.reader, session, idle or None, password=request.password).addCallbacks(
+        lambda _card: "OK", _hold_failed)
+
+
+def _hold_failed(failure):
+    if failure.check(CardError):
+        return failure.value.code
+    return errors.UPSTREAM  # cancelled: nobody reads it

@@ -26,6 +26,8 @@ def endpoint_string(value):
     """A bare port number means ``tcp:N``; TCP listeners get a backlog of
     DEFAULT_BACKLOG unless the string sets one."""
     value = value.strip()
+    if value.startswith("haproxy:"):  # behind a balancer (proxy_protocol.py): the same for what it wraps
+        return "haproxy:" + endpoint_string(value[len("haproxy:"):])
     if value.isdigit():
         value = f"tcp:{value}"
     if value.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in value:
@@ -188,6 +190,7 @@ class Options(usage.Options):
         self["api-cors-origin"] = []
         self["trace"] = []
         self["trace-readers"] = []
+        self["proxy-protocol-from"] = []
 
     def opt_trace(self, value):
         """Write an APDU trace of the card exchanges to FILE (repeatable): FILE.pcapng is
@@ -235,6 +238,18 @@ class Options(usage.Options):
             raise usage.UsageError(f"--api-cors-origin {value!r}: give an origin like https://app.example:8443 "
                                    "(no '*', no path)")
         self["api-cors-origin"].append(value.rstrip("/"))
+
+    def opt_proxy_protocol_from(self, value):
+        """A balancer's address or network (CIDR) whose connections to haproxy: listeners may carry
+        a PROXY header naming the client (repeatable; default loopback: 127.0.0.0/8 and ::1);
+        a PROXY-protocol connection from anywhere else is closed."""
+        from .proxy_protocol import trusted_networks
+
+        try:
+            trusted_networks([value])
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy-protocol-from {e}") from None
+        self["proxy-protocol-from"].append(value)
 
     def opt_listen(self, value):
         """One more line-protocol listener, a Twisted endpoint string (repeatable)."""
@@ -468,7 +483,8 @@ def warn_open_listeners(listeners, access):
     for description, option, frontend in listeners:
         if access.modes.get(frontend, access.mode) != "open":
             continue
-        if description.startswith(("unix:", "systemd:")) or _LOOPBACK_INTERFACE.search(description):
+        if description.removeprefix("haproxy:").startswith(("unix:", "systemd:")) or \
+                _LOOPBACK_INTERFACE.search(description):
             continue
         shown = description.removesuffix(f":backlog={DEFAULT_BACKLOG}")  # our default, not the user's words
         if access.allow_anonymous:
@@ -514,6 +530,10 @@ def makeService(config, reactor=None):
             per_peer=config["max-connections-per-peer"], idle_timeout=config["idle-timeout"],
             buffered_bytes=config["max-buffered-bytes"]),
         header_timeout=config.get("header-timeout", 10.0))
+    if config.get("proxy-protocol-from"):  # haproxy: listeners (proxy_protocol.py)
+        from .proxy_protocol import trusted_networks
+
+        core.proxy_from = trusted_networks(config["proxy-protocol-from"])
     for make in config["backend-makers"]:
         backend = make(reactor)
         core.backends.append(backend)

@@ -116,7 +116,11 @@ class HalfClosingTLSEndpoint:
     a request followed by close_notify is answered, then the proxy sends
     its own close_notify and closes (``twisted_internals.half_closing_tls_protocol``).
     Listens like ``SSL4ServerEndpoint`` (``reactor.listenSSL`` is
-    ``listenTCP`` under a ``TLSMemoryBIOFactory``)."""
+    ``listenTCP`` under a ``TLSMemoryBIOFactory``).  ``under``, when set,
+    wraps the TLS factory: what it reads comes before the handshake (a
+    PROXY header: ``proxy_protocol``)."""
+
+    under = None
 
     def __init__(self, reactor, port, options, backlog=50, interface=""):
         self._reactor = reactor
@@ -133,6 +137,8 @@ class HalfClosingTLSEndpoint:
 
         tls = TLSMemoryBIOFactory(self._sslContextFactory, False, factory)
         tls.protocol = half_closing_tls_protocol()
+        if self.under is not None:
+            tls = self.under(tls)
         return execute(self._reactor.listenTCP, self._port, tls, backlog=self._backlog,
                        interface=self._interface)
 

@@ -218,3 +218,18 @@ def request_line(channel):
     HTTPChannel has parsed for the request whose head it is reading
     (``_command`` and ``_path``, set as the line arrives; None before)."""
     return getattr(channel, "_command", None), getattr(channel, "_path", None)
+
+
+def proxy_header_parsers():
+    """``(V1Parser, V2Parser)``: Twisted's PROXY protocol header parsers
+    (v1 text, v2 binary), whose ``feed(data)`` returns ``(ProxyInfo, rest)``
+    once a header is complete, ``(None, None)`` before, and raises
+    ``InvalidProxyHeader``; ``V2Parser.PREFIX`` is the v2 signature.
+    Twisted keeps them in the private modules
+    ``twisted.protocols.haproxy._v1parser`` / ``._v2parser`` (its package
+    exports only ``proxyEndpoint``, whose wrapper ``proxy_protocol.py``
+    cannot use)."""
+    from twisted.protocols.haproxy._v1parser import V1Parser
+    from twisted.protocols.haproxy._v2parser import V2Parser
+
+    return V1Parser, V2Parser

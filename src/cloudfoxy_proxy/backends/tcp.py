@@ -65,7 +65,7 @@ import collections
 from urllib.parse import parse_qsl, urlsplit
 
 import attr
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
@@ -75,6 +75,7 @@ from ..errors import CardError
 from ..logs import Logger
 from ..parser import COMMANDS
 from ..secrets import read_secret
+from .tcp_hold import HeldCard
 from .tcp_pool import UpstreamPool
 from .tcp_upstream import _CANCELLED, _DONE, PROBE_DELAY, _Call, _OneByOne
 from . import (
@@ -249,6 +250,14 @@ class TcpBackend(UpstreamPool):
     #: times a usable connection came back after every one was lost (metrics)
     reconnects = attr.ib(init=False, default=0, repr=False)
     _connected_before = attr.ib(init=False, default=False, repr=False)
+    _held = attr.ib(init=False, factory=set, repr=False)  # HeldCards: card sessions held upstream
+    _hold_unsupported = attr.ib(init=False, default=False, repr=False)  # said once
+    #: who the next card call is for (``for_client``), consumed by it
+    _client = attr.ib(init=False, default=None, repr=False)
+    #: False once the upstream answered CLIENT with C081 (an older proxy: it
+    #: audits this proxy, not its clients); CLIENT is not sent to it again
+    relaying = attr.ib(init=False, default=True, repr=False)
+    _client_warned = attr.ib(init=False, default=None, repr=False)  # when C085 was last logged
 
     log = Logger()
 
@@ -297,17 +306,28 @@ class TcpBackend(UpstreamPool):
         self._fail_queue("backend stopped")
         for d in list(self._opening):
             d.cancel()
+        for held in list(self._held):
+            held.release()
+        self._held.clear()
         for conn in list(self._live):
             if conn.factory.slot is None:
                 conn.transport.loseConnection()  # one-off connections; slots close their own
         services, self.services = self.services, []
         return gatherResults([s.stopService() for s in services])
 
+    def for_client(self, session, identity):
+        """The next card call is for this client (IBackend's optional
+        ``for_client``): the upstream is told with CLIENT (relay.py).  A
+        session without a peer is the proxy's own work: nothing is told."""
+        self._client = (session.peer, getattr(identity, "name", None), session.frontend) if session.peer else None
+
     def reset(self, key):
-        return self._submit(key, [b"RESET"])
+        client, self._client = self._client, None
+        return self._submit(key, [b"RESET"], client=client)
 
     def transmit(self, key, apdu):
-        return self._submit(key, [b"APDU:" + apdu.hex().upper().encode("ascii")])
+        client, self._client = self._client, None
+        return self._submit(key, [b"APDU:" + apdu.hex().upper().encode("ascii")], client=client)
 
     def transmit_batch(self, key, steps):
         """The steps (``("RESET", None)`` / ``("APDU", bytes)``) as one
@@ -321,9 +341,44 @@ class TcpBackend(UpstreamPool):
         each, one after another."""
         commands = [b"RESET" if kind == "RESET" else b"APDU:" + data.hex().upper().encode("ascii")
                     for kind, data in steps]
+        client, self._client = self._client, None
         if self.persistent is not True:
-            return _OneByOne(self, key, commands).start()
-        return self._submit(key, commands, batch=True)
+            return _OneByOne(self, key, commands, client).start()
+        return self._submit(key, commands, batch=True, client=client)
+
+    def hold(self, key, idle_timeout, lost):
+        """Hold the card ``key`` at the upstream for a card session
+        (IBackend's optional ``hold``), on a connection of its own: a
+        Deferred for a ``tcp_hold.HeldCard`` (its ``reset``, ``transmit``,
+        ``transmit_batch`` and ``release``), for None when the upstream
+        cannot hold cards (``C081``: logged once; the session is then held
+        on this proxy only), or failing with a CardError (docs/tcp.md
+        "Card sessions through a front")."""
+        if not self._running:
+            raise CardError(errors.UPSTREAM, "backend stopped")
+        if self.persistent is False:  # one request per connection: FoxyProxy 2.10
+            self._hold_answered(False)
+            return succeed(None)
+        held = HeldCard(self, key, idle_timeout, lost)
+        self._held.add(held)
+        d = held.start()
+        held.d.addBoth(self._hold_done, held)
+        return d
+
+    def _hold_done(self, result, held):
+        if held.state != "held":
+            self._held.discard(held)
+        return result
+
+    def _hold_answered(self, supported):
+        """Say once (until it holds cards again) that the upstream cannot."""
+        if supported:
+            self._hold_unsupported = False
+        elif not self._hold_unsupported:
+            self._hold_unsupported = True
+            self.log.warn("upstream {upstream} does not know HOLD (an older proxy or FoxyProxy 2.10): "
+                          "card sessions on its readers are held on this proxy only; its other "
+                          "clients can use those cards meanwhile", upstream=self.where)
 
     # -- requests ---------------------------------------------------------
 
@@ -346,7 +401,7 @@ class TcpBackend(UpstreamPool):
             line = self._lines[key] = b">" + text.encode("utf-8") + b"|\n"
         return line
 
-    def _submit(self, key, commands, batch=False):
+    def _submit(self, key, commands, batch=False, client=None):
         if not self._running:
             raise CardError(errors.UPSTREAM, "backend stopped")
         conn = self._pick(key)
@@ -354,7 +409,7 @@ class TcpBackend(UpstreamPool):
             raise CardError(errors.UPSTREAM, f"upstream {self.where} unreachable")
         ids = [self._id() for _ in commands]
         data = b"".join(b">" + cid + b":" + command + b"|\n" for cid, command in zip(ids, commands))
-        call = _Call(self, ids, key, self._reader_line(key) + data + b"\n", batch=batch)
+        call = _Call(self, ids, key, self._reader_line(key) + data + b"\n", batch=batch, client=client)
         if conn is not None:
             conn.send(call)
         else:
@@ -366,6 +421,12 @@ class TcpBackend(UpstreamPool):
         if self._silent:
             self._silent = False
             self.log.info("upstream {upstream} answers again", upstream=self.where)
+        if call.control:
+            call.state = _DONE
+            self._client_answered(conn, call.results[0] if call.results else None)
+            if self._queue:
+                self._flush()
+            return
         if call.heartbeat:
             call.state = _DONE
             conn.arm()
@@ -401,6 +462,39 @@ class TcpBackend(UpstreamPool):
                 settle(call.d, values, call.batch)
         if self._queue:
             self._flush()
+
+    def _client_call(self, client):
+        """The CLIENT request telling the upstream who the next requests on
+        a connection are for (relay.py)."""
+        from ..relay import encode
+
+        cid = self._id()
+        data = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") \
+            + b"|\n>" + cid + b":CLIENT:" + encode(*client).encode("ascii") + b"|\n\n"
+        return _Call(self, [cid], None, data, control=True)
+
+    #: At most one warning about a refused CLIENT this often (seconds).
+    CLIENT_WARN_EVERY = 60.0
+
+    def _client_answered(self, conn, result):
+        """The upstream's answer to CLIENT on ``conn``: an error stops it on
+        that connection (a refusal is one audit line there, not one per
+        client), C081 on every connection."""
+        if result == "OK":
+            return
+        conn.refused = True
+        if result == errors.FAILED:
+            self.relaying = False
+            self.log.info("upstream {upstream} does not know CLIENT (an older proxy): its audit log names "
+                          "this proxy, not the clients it acts for", upstream=self.where)
+            return
+        now = self.clock.seconds()
+        if self._client_warned is not None and now - self._client_warned < self.CLIENT_WARN_EVERY:
+            return
+        self._client_warned = now
+        self.log.warn("upstream {upstream} answered CLIENT with {result}: its audit log names this proxy, "
+                      "not the clients it acts for{hint}", upstream=self.where, result=result,
+                      hint=" (give this proxy's identity there relay = true)" if result == errors.BAD_PIN else "")
 
     def _value(self, result):
         """One answer line's result: the answer's bytes or a CardError."""

@@ -41,16 +41,22 @@ class _Call:
     a line that was malformed); ``batch``: the Deferred fires with a list
     of per-command results (see :meth:`TcpBackend.transmit_batch`);
     ``heartbeat``: the liveness check of its connection (its answer and
-    failure go nowhere; ``watch`` is then its deadline)."""
+    failure go nowhere; ``watch`` is then its deadline); ``client``: who
+    a card request is for (``(peer, identity name, front end)``, or None:
+    the proxy's own), told to the upstream with CLIENT (relay.py) before
+    it when its connection last told another; ``control``: that CLIENT
+    request itself (its failure goes nowhere)."""
 
     __slots__ = ("backend", "ids", "key", "data", "readers", "batch", "d", "state", "conn",
-                 "results", "bad", "watch", "heartbeat")
+                 "results", "bad", "watch", "heartbeat", "client", "control")
 
-    def __init__(self, backend, ids, key, data, readers=False, batch=False, heartbeat=False):
+    def __init__(self, backend, ids, key, data, readers=False, batch=False, heartbeat=False, client=None,
+                 control=False):
         self.backend, self.ids, self.key, self.data = backend, ids, key, data
         self.readers, self.batch, self.heartbeat = readers, batch, heartbeat
+        self.client, self.control = client, control
         self.d = Deferred(self._cancel)
-        if heartbeat:
+        if heartbeat or control:
             self.d.addErrback(lambda f: None)  # a lost connection says all there is to say
         self.state, self.conn, self.results = _QUEUED, None, []
         self.bad = None  # why an answer line was malformed, for the log
@@ -84,12 +90,13 @@ class _OneByOne:
     """A batch sent as one upstream request per command, one after another
     (an upstream that cannot take several commands in one request)."""
 
-    __slots__ = ("backend", "key", "commands", "results", "current", "stepping", "deferred")
+    __slots__ = ("backend", "key", "commands", "results", "current", "stepping", "deferred", "client")
 
-    def __init__(self, backend, key, commands):
+    def __init__(self, backend, key, commands, client=None):
         self.backend = backend
         self.key = key
         self.commands = commands
+        self.client = client
         self.results = []
         self.current = None
         self.stepping = False
@@ -104,7 +111,8 @@ class _OneByOne:
         try:
             while len(self.results) < len(self.commands):
                 try:
-                    d = self.backend._submit(self.key, [self.commands[len(self.results)]])
+                    d = self.backend._submit(self.key, [self.commands[len(self.results)]],
+                                             client=self.client)
                 except CardError as e:  # down or stopped: so are the rest
                     self.results.extend([e] * (len(self.commands) - len(self.results)))
                     break
@@ -176,6 +184,8 @@ class _UpstreamProtocol(Protocol):
         self.beat = None  # DelayedCall: the next heartbeat
         self._buf = b""
         self._skipping = False  # discarding the rest of an over-long line
+        self.client = None  # the client the upstream was last told of (CLIENT), on this connection
+        self.refused = False  # the upstream answered CLIENT with an error here: not sent again on it
 
     def connectionMade(self):
         transport = self.transport
@@ -225,6 +235,14 @@ class _UpstreamProtocol(Protocol):
         call.watch = backend.clock.callLater(backend.heartbeat_timeout, backend._missed, self, call)
 
     def send(self, call):
+        client = call.client
+        if client is not None and client != self.client and not self.refused and self.backend.relaying \
+                and self.backend.persistent is True:
+            self.client = client  # sticky on the upstream's side: told once per change
+            self._send(self.backend._client_call(client))
+        self._send(call)
+
+    def _send(self, call):
         call.state = _SENT
         call.conn = self
         self.calls.append(call)

@@ -116,7 +116,10 @@ class Core:
       ``--metrics`` at scrape time;
     * ``readiness``: ``ops.Readiness`` (``/readyz``);
     * ``header_timeout``: seconds an HTTP client has to send a whole
-      request head (``--header-timeout``).
+      request head (``--header-timeout``), and a balancer a PROXY header;
+    * ``proxy_from``: the networks (``ipaddress``) whose connections may
+      start with a PROXY header on ``haproxy:`` listeners
+      (``--proxy-protocol-from``; ``proxy_protocol.py``).
     """
 
     # (the parts are not in the repr: they are large, and some hold secrets)
@@ -129,6 +132,7 @@ class Core:
     stats = attr.ib(factory=dict, repr=False)
     readiness = attr.ib(default=None, repr=False)
     header_timeout = attr.ib(default=10.0, converter=float)
+    proxy_from = attr.ib(default=None, repr=False)
 
     @property
     def access(self):
@@ -156,13 +160,23 @@ class Core:
     def listen(self, description, factory, option):
         """A Listener on the endpoint string ``description`` (given by the
         command-line ``option``) serving ``factory``'s connections under
-        the shared limits."""
+        the shared limits.  ``haproxy:DESCRIPTION`` reads a PROXY header
+        first (``proxy_protocol.py``): the front end sees the client's
+        address."""
         from twisted.internet.endpoints import serverFromString
         from twisted.internet.interfaces import IProtocolNegotiationFactory
 
+        from .. import proxy_protocol
         from ..tls import half_closing, negotiate_alpn
 
-        endpoint = half_closing(serverFromString(self.reactor, description))
+        behind_balancer, inner = proxy_protocol.strip_prefix(description)
+        endpoint = half_closing(serverFromString(self.reactor, inner))
         negotiate_alpn(endpoint, factory.acceptableProtocols()
                        if IProtocolNegotiationFactory.providedBy(factory) else ())
+        if behind_balancer:
+            trusted = self.proxy_from
+            if trusted is None:
+                trusted = proxy_protocol.trusted_networks(proxy_protocol.DEFAULT_TRUSTED)
+            endpoint = proxy_protocol.proxy_endpoint(endpoint, trusted, self.reactor, self.header_timeout,
+                                                     self.limits.client_log)
         return Listener(endpoint, self.limits.wrap(factory), description, option)

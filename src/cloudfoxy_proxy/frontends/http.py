@@ -542,6 +542,13 @@ class HttpSite(Site):
     challenge = ((b"www-authenticate", b'Bearer realm="cloudfoxy-proxy"'),)
 
 
+def _finish(request, body):
+    """One body, with its Content-Length (not chunked, like an answer given at once)."""
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
 def answer_later(request, d, write, failed):
     """Finish ``request`` when ``d`` fires: ``write(result)`` returns the
     body bytes, ``failed(failure)`` the body of an error (having set the
@@ -555,16 +562,14 @@ def answer_later(request, d, write, failed):
 
     def done(result):
         if not gone:
-            request.write(write(result))
-            request.finish()
+            _finish(request, write(result))
 
     def error(failure):
         if gone and failure.check(CancelledError):
             return
         body = failed(failure)
         if not gone:
-            request.write(body)
-            request.finish()
+            _finish(request, body)
 
     request.notifyFinish().addErrback(disconnected)
     d.addCallbacks(done, error)

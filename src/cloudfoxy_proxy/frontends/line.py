@@ -208,6 +208,9 @@ class LineProtocol(Protocol):
         d, self._inflight = self._inflight, None
         if d is not None:
             d.cancel()
+        card = self.session.card if self.session is not None else None
+        if card is not None:  # HOLD: the card session ends with its connection
+            card.close("connection lost")
         self._framer.clear()
         if self._charged:
             self._charged, _ = self.factory.buffers.charge(0, self._charged)

@@ -232,6 +232,20 @@ class BridgedCard:
             raise CardError(result, f"APDU to {self.reader!r} gave {result}")
         return answer
 
+    def hold(self):
+        """``exclusive=1``: the bridge's card session (:meth:`Dispatcher.hold`,
+        no idle timeout; on a ``tcp://`` reader held at the upstream too); a
+        Deferred for it (the one already held, if any)."""
+        if self.session.card is not None:
+            return succeed(self.session.card)
+        return self.dispatcher.hold(self.reader, self.session)
+
+    def let_go(self):
+        """End the bridge's card session, if any."""
+        card = self.session.card
+        if card is not None:
+            card.close("vpcd disconnected")
+
     def forget(self):
         """The card failed or went away: the next connection starts with a reset."""
         self.atr = None
@@ -524,11 +538,33 @@ class VpcdBridge(Service):
         problem = self.available()
         if problem is not None:
             return fail(CardError(errors.NO_CARD, problem))
+        if self.exclusive and self.card.session.card is None:
+            return self.card.hold().addCallback(self._session_open)
+        return self._ready_card()
+
+    def _ready_card(self):
         if self.card.fresh:
             return succeed(self.card.atr)
         return self.card.reset()
 
+    def _session_open(self, session):
+        """``exclusive``: the bridge holds the card (a card session) from
+        before it connects until it disconnects; a session that ends
+        otherwise (its upstream lost it) shows pcscd a removal."""
+        session.ended.addCallback(self._session_ended, session)
+        return self._ready_card()
+
+    def _session_ended(self, reason, session):
+        if reason == "vpcd disconnected" or self.protocol is None:
+            return
+        self.log.info("vpcd bridge {where}: card session on {reader} ended ({reason}); showing "
+                      "pcscd a removal", where=self.where, reader=self.card.reader, reason=reason)
+        self.card.forget()
+        self.protocol.abort()
+
     def attempt_failed(self, failure):
+        if self.protocol is None:
+            self.card.let_go()  # not connected: no reservation
         if failure.check(CardError):
             self._note(failure.value.reason or str(failure.value))
         elif not failure.check(CancelledError):
@@ -559,7 +595,8 @@ class VpcdBridge(Service):
         except CardError:
             return
         self._held = reader
-        if reader.holder is None:  # (a second bridge on the card does not hold it)
+        # (a second bridge on the card does not hold it; an exclusive one holds a card session)
+        if reader.holder is None or reader.holder is self.card.session:
             reader.holder = self.card.session
             reader.held_since = self.clock.seconds()
             reader.exclusive = self.exclusive
@@ -567,8 +604,10 @@ class VpcdBridge(Service):
     def _let_go(self):
         reader, self._held = self._held, None
         if reader is not None and reader.holder is self.card.session:
-            reader.holder = None
             reader.exclusive = False
+            if self.card.session.card is None:
+                reader.holder = None
+        self.card.let_go()
 
     def _card_reset(self, reader, session):
         """Another client is about to reset the card: show pcscd a removal
