@@ -171,9 +171,12 @@ class EtcdClient:
 
         d = self._post(path, body, each)
         d.addCallback(lambda _: messages[0] if messages else self._fail("etcd sent an empty answer"))
-        d.addTimeout(self.timeout, self.clock)
+        d.addTimeout(self.timeout, self.clock, onTimeoutCancel=lambda _result, _t: self._late(path))
         d.addErrback(self._error, path)
         return d
+
+    def _late(self, path):
+        return Failure(EtcdError(f"etcd at {self.base} did not answer {path} within {self.timeout:g} s"))
 
     def stream(self, path, body, each):
         """``POST {base}{path}`` and ``each(result)`` for every streamed
@@ -199,11 +202,18 @@ class EtcdClient:
 
         done = Deferred(cancel)
         request = self._post(path, body, one, holder=holder)
-        timer = self.clock.callLater(self.timeout, lambda: "body" in holder or request.cancel())
+        def late():
+            if "body" not in holder:
+                holder["late"] = True
+                request.cancel()
+
+        timer = self.clock.callLater(self.timeout, late)
 
         def end(result):
             if timer.active():
                 timer.cancel()
+            if holder.get("late"):
+                result = self._late(path)
             if isinstance(result, Failure):
                 if not done.called:
                     done.errback(self._as_error(result, path))
@@ -245,6 +255,9 @@ class EtcdClient:
             return failure.value
         if failure.check(TimeoutError, CancelledError):
             return EtcdError(f"etcd at {self.base} did not answer {path} within {self.timeout:g} s")
+        reasons = getattr(failure.value, "reasons", None)  # twisted.web's ResponseFailed and kin
+        if reasons:
+            failure = reasons[0]
         why = failure.getErrorMessage() or failure.type.__name__
         return EtcdError(f"etcd at {self.base} unreachable ({why[:200]})")
 
