@@ -475,3 +475,22 @@ class RegistrationTests(GatewayTestCase):
         self.fake.down = False
         yield until(lambda: b"fp/owners/rack1" in self.fake.kv)
         self.assertEqual(exits, [])
+
+
+class ServiceTreeTests(SynchronousTestCase):
+    def test_membership_services_and_sighup(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from cloudfoxy_proxy import tap
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('backend = ["emulated:?cards=1", "etcd://127.0.0.1:2379/fp"]\n')
+        o = Options()
+        o.parseOptions(["--config", path, "--register", "etcd://127.0.0.1:2379/fp", "--owner-id", "r1"])
+        top = tap.makeService(o, MemoryReactorClock())
+        kinds = [type(s).__name__ for s in top]
+        self.assertEqual(kinds.count("EtcdWatch"), 1)
+        self.assertEqual(kinds.count("EtcdRegistration"), 1)
+        self.assertEqual(len(top.core.backends), 1)  # emulated:, not etcd:
+        self.assertEqual([r.__self__.__class__ for r in top.reopeners], [membership.ConfigReload])

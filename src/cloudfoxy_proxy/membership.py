@@ -267,6 +267,10 @@ class ConfigReload:
                       kept=len(self.upstreams.urls(CONFIG)) - len(added))
 
 
+class _Relist(EtcdError):
+    """The watch was cancelled (compacted): list again now, no back-off."""
+
+
 class _Backoff:
     """Delays after failures: RETRY_MIN doubling up to RETRY_MAX; ``reset`` on success."""
 
@@ -411,8 +415,8 @@ class EtcdWatch(Service):
 
     def _event(self, result):
         if result.get("compact_revision") not in (None, "0", 0) or result.get("canceled"):
-            raise EtcdError(f"the watch was cancelled (compacted at revision "
-                            f"{result.get('compact_revision')}); listing again")
+            raise _Relist(f"the watch was cancelled (compacted at revision "
+                          f"{result.get('compact_revision')}); listing again")
         if result.get("created"):
             self._backoff.reset()
         changed = False
@@ -441,13 +445,13 @@ class EtcdWatch(Service):
         self._restart("the watch stream ended")
 
     def _failed(self, failure):
-        self._restart(failure.getErrorMessage())
+        self._restart(failure.getErrorMessage(), relist=failure.check(_Relist) is not None)
 
-    def _restart(self, why):
+    def _restart(self, why, relist=False):
         self._stop_watch()
         if not self.running:
             return
-        if "listing again" in why:
+        if relist:
             delay = RETRY_MIN
             log.info("{where}: {why}", where=self.name, why=why)
         else:
