@@ -50,6 +50,16 @@ class Upstream(ManualBackend):
         return super().transmit(key, apdu)
 
 
+def temp_file(case):
+    """A path in a directory of its own, removed after the test."""
+    import shutil
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="foxyproxy-test-")
+    case.addCleanup(shutil.rmtree, home, True)
+    return f"{home}/front.toml"
+
+
 def results(d):
     out = []
     d.addCallback(lambda lines: out.extend(r for _, r in lines))
@@ -161,7 +171,7 @@ class ConfigReloadTests(SynchronousTestCase):
         self.set = membership.UpstreamSet(self.top, self.core)
         self.top.startService()
         self.addCleanup(self.top.stopService)
-        self.path = self.mktemp()
+        self.path = temp_file(self)
         self.write(["emulated:?cards=1&prefix=A"])
         self.set.set_source(membership.CONFIG, ["emulated:?cards=1&prefix=A"])
         self.reload = membership.ConfigReload(self.path, self.set)
@@ -483,7 +493,7 @@ class ServiceTreeTests(SynchronousTestCase):
 
         from cloudfoxy_proxy import tap
 
-        path = self.mktemp()
+        path = temp_file(self)
         with open(path, "w") as f:
             f.write('backend = ["emulated:?cards=1", "etcd://127.0.0.1:2379/fp"]\n')
         o = Options()
