@@ -117,6 +117,16 @@ class DropTests(SynchronousTestCase):
         self.assertIs(self.registry.get("Slow A (2)").backend, again)
         self.assertIs(self.registry.get("Slow A").backend, self.upstream)
 
+    def test_an_owner_at_a_new_address_gets_its_names(self):
+        first = Upstream(where="tcp://10.0.0.1:4001", names=("rack1/Card",))
+        first.owner_id = "rack1"
+        first.start(self.registry)
+        self.registry.drop(first)
+        moved = Upstream(where="tcp://10.0.0.2:4001", names=("rack1/Card",))
+        moved.owner_id = "rack1"
+        moved.start(self.registry)
+        self.assertIs(self.registry.get("rack1/Card").backend, moved)
+
     def test_drop_of_an_unknown_backend(self):
         self.assertEqual(self.registry.drop(Upstream()), 0)
         self.assertEqual(len(self.registry.readers), 2)

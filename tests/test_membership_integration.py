@@ -137,7 +137,13 @@ def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_
         config.write_text("backend = [%s]\n" % ", ".join(f'"tcp://{HOST}:{o.port}"' for o in owners))
 
     write(a, b)
-    front = proxy_factory("--config", str(config))
+    front = proxy_factory("--config", str(config), "--metrics", f"tcp:0:interface={HOST}", listeners=2)
+    status_port = front.ports["StatusSite"][0]
+
+    def status_backends():
+        with urllib.request.urlopen(f"http://{HOST}:{status_port}/status.json", timeout=5) as r:
+            return sorted((b["name"].split(" ")[0], b["readers"]) for b in json.load(r)["backends"])
+
     wait_for(lambda: readers(front) == ["A 00", "B 00"], timeout=10, what="A and B on the front")
     connected = front.log().count(f"connected to upstream tcp://{HOST}:{a.port}")
 
@@ -156,6 +162,7 @@ def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_
         write(a, c)
         front.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: readers(front) == ["A 00", "C 00"], timeout=10, what="B dropped and C added")
+        assert status_backends() == [(f"tcp://{HOST}:{a.port}", 1), (f"tcp://{HOST}:{c.port}", 1)]
         before = len(answers)
         wait_for(lambda: len(answers) > before + 50, timeout=10, what="the client to go on")
         # a bad file: the running set stays, one line says why

@@ -187,6 +187,9 @@ class UpstreamSet:
         service = BackendService(backend, self.core.registry)
         self.members[url] = _Member(backend, service, {source})
         self.core.backends.append(backend)
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.backend_added(backend)  # /metrics and the status page
         self.log.info("upstream {url} added ({source})", url=url, source=source)
         try:
             service.setServiceParent(self.top)  # starts it when the proxy runs
@@ -195,11 +198,18 @@ class UpstreamSet:
             return False
         return True
 
+    def _metrics(self):
+        dispatcher = getattr(self.core, "dispatcher", None)
+        return getattr(dispatcher, "metrics", None)
+
     def _drop(self, url):
         member = self.members.pop(url)
         self.core.registry.drop(member.backend)
         if member.backend in self.core.backends:
             self.core.backends.remove(member.backend)
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.backend_dropped(member.backend)
         self.log.info("upstream {url} dropped", url=url)
         if member.service.parent is not None:
             d = member.service.disownServiceParent()  # stops the backend: its calls in flight C086

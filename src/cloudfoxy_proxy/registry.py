@@ -214,6 +214,17 @@ class Reader:
         return f"<Reader {self.name!r}>"
 
 
+def place(backend):
+    """Where a backend's cards are, for names of dropped backends
+    (ReaderRegistry.drop): its upstream's owner id when it knows one
+    (``owner_id``: the same owner at a new address has the same cards),
+    else its address (``where``, e.g. ``tcp://host:4001``), else None."""
+    owner = getattr(backend, "owner_id", None)
+    if owner:
+        return ("owner", owner)
+    return getattr(backend, "where", None)
+
+
 class ReaderRegistry:
     """All readers of all backends.
 
@@ -230,7 +241,7 @@ class ReaderRegistry:
         self._names = {}  # canonical name -> Reader (every name ever given)
         self._current = {}  # id(backend) -> [Reader] listed now
         self._reported = set()  # id(backend) of those that have reported at least once
-        #: (where, key, asked name) -> canonical name, of dropped backends' readers
+        #: (place, key, asked name) -> canonical name, of dropped backends' readers
         #: (their names stay reserved: see drop)
         self._retired = {}
         self._b64 = {}  # canonical name -> its base64 (names never change)
@@ -350,7 +361,7 @@ class ReaderRegistry:
         requests already queued for one are answered by the backend, which
         the caller stops (``C086``).  Their names stay reserved: no other
         card is ever given one of them, only a reader of a backend at the
-        same place (``backend.where``) reporting the same upstream reader
+        same place (:func:`place`) reporting the same upstream reader
         under the same name (the same upstream come back) gets its name
         again.  Returns how many readers left the listing."""
         bid = id(backend)
@@ -359,7 +370,7 @@ class ReaderRegistry:
         readers = self._current.pop(bid, [])
         self._order = [b for b in self._order if b is not backend]
         self._reported.discard(bid)
-        where = getattr(backend, "where", None)
+        where = place(backend)
         for (known_bid, key), reader in list(self._known.items()):
             if known_bid != bid:
                 continue
@@ -378,8 +389,8 @@ class ReaderRegistry:
     def _name_for(self, backend, info):
         """A new reader's canonical name: its old one when it is a dropped
         backend's reader come back (see :meth:`drop`), else unique."""
-        where = getattr(backend, "where", None)
-        if self._retired and where is not None:
+        where = place(backend) if self._retired else None
+        if where is not None:
             name = self._retired.pop((where, info.key, info.name), None)
             if name is not None:
                 return name
