@@ -23,40 +23,60 @@ pytestmark = pytest.mark.integration
 SELECT_MF = "00A4000C023F00"
 
 
-@pytest.fixture
-def etcd():
-    """A running etcd on loopback; its client URL."""
-    assert shutil.which("etcd"), "etcd is missing: apt-get install etcd-server (tests/debian-packages.txt)"
-    home = tempfile.mkdtemp(prefix="foxyproxy-etcd-")
-    client, peer = free_port(), free_port()
-    url = f"http://{HOST}:{client}"
-    log = open(os.path.join(home, "etcd.log"), "wb")
-    proc = subprocess.Popen(
-        ["etcd", "--name", "test", "--data-dir", os.path.join(home, "data"),
-         "--listen-client-urls", url, "--advertise-client-urls", url,
-         "--listen-peer-urls", f"http://{HOST}:{peer}", "--initial-advertise-peer-urls",
-         f"http://{HOST}:{peer}", "--initial-cluster", f"test=http://{HOST}:{peer}"],
-        stdout=log, stderr=subprocess.STDOUT)
+class Etcd:
+    """An etcd process on loopback ports with its own data directory; it
+    can be stopped and started again (the same data, the same ports)."""
 
-    def answers():
+    def __init__(self):
+        assert shutil.which("etcd"), "etcd is missing: apt-get install etcd-server (tests/debian-packages.txt)"
+        self.home = tempfile.mkdtemp(prefix="foxyproxy-etcd-")
+        self.client, self.peer = free_port(), free_port()
+        self.url = f"http://{HOST}:{self.client}"
+        self.proc = None
+
+    def start(self):
+        peer = f"http://{HOST}:{self.peer}"
+        self.log = open(os.path.join(self.home, "etcd.log"), "ab")
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "test", "--data-dir", os.path.join(self.home, "data"),
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"test={peer}"], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self.answers, timeout=30, what="etcd to answer")
+        return self
+
+    def answers(self):
         try:
-            urllib.request.urlopen(url + "/v3/kv/range", data=b'{"key": "AA=="}', timeout=1).read()
+            urllib.request.urlopen(self.url + "/v3/kv/range", data=b'{"key": "AA=="}', timeout=1).read()
             return True
         except OSError:
             return False
 
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.log.close()
+
+
+@pytest.fixture
+def etcd_server():
+    server = Etcd().start()
     try:
-        wait_for(answers, timeout=30, what="etcd to answer")
-        yield url
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-        shutil.rmtree(home, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(server.home, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd(etcd_server):
+    """A running etcd on loopback; its client URL."""
+    return etcd_server.url
 
 
 def etcd_get(url, key):
@@ -179,3 +199,26 @@ def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_
     with front.client() as conn:
         assert conn.results(f">C 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
         assert conn.results(f">B 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C083"]
+
+
+def test_etcd_down_keeps_the_owners_and_the_watch_comes_back(etcd_server, proxy_factory):
+    etcd = etcd_server.url
+    owner = proxy_factory("--owner-id", "rack4", "--register", etcd_url(etcd, "?ttl=20"))
+    front = proxy_factory("--backend", etcd_url(etcd))
+    wait_for(lambda: readers(front) == EMULATED, timeout=10, what="the owner's readers on the front")
+    upstream = f"connected to upstream tcp://{HOST}:{owner.port}"
+    connected = front.log().count(upstream)
+    etcd_server.stop()
+    deadline = time.monotonic() + 4  # a few failed tries (back-off 0.5, 1, 2 s) and liveness checks
+    with front.client() as c:
+        while time.monotonic() < deadline:
+            assert c.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
+            time.sleep(0.05)
+    assert readers(front) == EMULATED  # the current owners stay
+    assert front.log().count("the current owners stay") == 1  # once a minute, not once a try
+    etcd_server.start()  # the same data: the owner's key and lease are still there
+    wait_for(lambda: "etcd answers again" in front.log(), timeout=40, what="the front to reach etcd again")
+    assert readers(front) == EMULATED
+    assert front.log().count(upstream) == connected  # the owner's connections were never touched
+    owner.stop()
+    wait_for(lambda: readers(front) == [], timeout=10, what="the watch to see the owner leave")
