@@ -535,6 +535,7 @@ class EtcdRegistration(Service):
         self.exit = exit or self._exit
         self.lease = None
         self.claimed_once = False
+        self._waited = 0  # tries while the listener had no address
         self._retry = None
         self._loop = None
         self._backoff = _Backoff()
@@ -559,8 +560,13 @@ class EtcdRegistration(Service):
         if not self.running:
             return
         url = self.url()
-        if url is None:
-            self._retry = self.clock.callLater(0.1, self._register)  # not listening yet
+        if url is None:  # not listening yet (or not on TCP: then advertise= is needed)
+            self._waited += 1
+            if self._waited == 50:
+                log.warn("registration at {where}: the first line-protocol listener (-p) has no TCP "
+                         "address yet; give ?advertise=tcp://HOST:PORT if it never will",
+                         where=self.source.where)
+            self._retry = self.clock.callLater(0.1 if self._waited < 50 else 5.0, self._register)
             return
         value = json.dumps({"id": self.owner_id, "url": url}).encode("utf-8")
         key = self.source.key(self.owner_id)

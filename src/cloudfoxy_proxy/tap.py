@@ -407,6 +407,10 @@ class Options(usage.Options):
             if not membership.OWNER_ID.fullmatch(self["owner-id"]):
                 raise usage.UsageError(f"--register: the host name {self['owner-id']!r} is not a valid "
                                        "owner id; give --owner-id NAME")
+            if self["register-source"].advertise is None and not self["endpoints"][0].startswith(
+                    ("tcp:", "tcp6:", "systemd:")):
+                raise usage.UsageError(f"--register {self['register']!r}: -p {self['port']!r} has no TCP "
+                                       "address to advertise; add ?advertise=tcp://HOST:PORT")
 
     def _validate_ram(self):
         """--ram, --ram-token-file, --ram-daemon and friends (docs/ramoverhttp.md)."""
