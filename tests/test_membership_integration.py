@@ -182,7 +182,7 @@ def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_
         write(a, c)
         front.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: readers(front) == ["A 00", "C 00"], timeout=10, what="B dropped and C added")
-        assert status_backends() == [(f"tcp://{HOST}:{a.port}", 1), (f"tcp://{HOST}:{c.port}", 1)]
+        assert status_backends() == sorted([(f"tcp://{HOST}:{a.port}", 1), (f"tcp://{HOST}:{c.port}", 1)])
         before = len(answers)
         wait_for(lambda: len(answers) > before + 50, timeout=10, what="the client to go on")
         # a bad file: the running set stays, one line says why
@@ -222,3 +222,35 @@ def test_etcd_down_keeps_the_owners_and_the_watch_comes_back(etcd_server, proxy_
     assert front.log().count(upstream) == connected  # the owner's connections were never touched
     owner.stop()
     wait_for(lambda: readers(front) == [], timeout=10, what="the watch to see the owner leave")
+
+
+def test_an_owner_joins_and_leaves_through_etcd_while_a_client_runs(etcd, proxy_factory):
+    first = proxy_factory("--owner-id", "rack5", "--register", etcd_url(etcd))
+    front = proxy_factory("--backend", etcd_url(etcd))
+    wait_for(lambda: readers(front) == EMULATED, timeout=10, what="the first owner on the front")
+    answers, stop = [], threading.Event()
+
+    def client():
+        with LineClient(HOST, front.port) as conn:
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline and len(answers) < 100000:
+                answers.extend(conn.results(f">Emulated 01|\n>1:APDU:{SELECT_MF}|\n\n"))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_for(lambda: len(answers) > 50, timeout=10, what="the client to run")
+        second = proxy_factory("--owner-id", "rack6", "--register", etcd_url(etcd),
+                               "--backend", "emulated:?cards=1&prefix=B ")
+        wait_for(lambda: readers(front) == ["B 00"] + EMULATED, timeout=10, what="the second owner")
+        with front.client() as c:
+            assert c.results(f">B 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
+        second.stop()
+        wait_for(lambda: readers(front) == EMULATED, timeout=10, what="the second owner to leave")
+        before = len(answers)
+        wait_for(lambda: len(answers) > before + 50, timeout=10, what="the client to go on")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert set(answers) == {"9000"}
+    assert first.proc.poll() is None
