@@ -299,9 +299,10 @@ class _DownLog:
     """"etcd is unreachable" at most once a DOWN_LOG_EVERY seconds, and
     "reachable again" once when it is."""
 
-    def __init__(self, clock, what):
+    def __init__(self, clock, what, then):
         self.clock = clock
         self.what = what
+        self.then = then
         self.down_since = None
         self._next = 0.0
         self._quiet = 0
@@ -317,7 +318,7 @@ class _DownLog:
         self._quiet = 0
         self._next = now + DOWN_LOG_EVERY
         log.warn("{what}: {error}; {then}{more}", what=self.what, error=error,
-                 then="the current owners stay; trying again", more=more)
+                 then=self.then, more=more)
 
     def ok(self):
         if self.down_since is not None:
@@ -351,7 +352,7 @@ class EtcdWatch(Service):
         self._watch = None
         self._check = None
         self._backoff = _Backoff()
-        self._down = _DownLog(clock, f"owners from {source.where}")
+        self._down = _DownLog(clock, f"owners from {source.where}", "the current owners stay; trying again")
         self._over = None  # the owner count last logged as over max_members
         self._bad_next = 0.0
 
@@ -539,7 +540,8 @@ class EtcdRegistration(Service):
         self._retry = None
         self._loop = None
         self._backoff = _Backoff()
-        self._down = _DownLog(clock, f"registration at {source.where}")
+        self._down = _DownLog(clock, f"registration at {source.where}",
+                              "this proxy serves on; trying again")
 
     def startService(self):
         Service.startService(self)
