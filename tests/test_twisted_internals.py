@@ -32,9 +32,11 @@ class InternalsTests(SynchronousTestCase):
         internals.raise_listen_errors(service)
         self.assertIs(service._raiseSynchronously, True)
         self.assertFalse(internals.listening(service))
+        self.assertIsNone(internals.listening_port(service))
         service.privilegedStartService()
         service.startService()
         self.assertTrue(internals.listening(service))
+        self.assertEqual(internals.listening_port(service).getHost().type, "TCP")
         service.stopService()
 
     def test_forget_exit_signal(self):

@@ -95,6 +95,18 @@ class Metrics:
         #: the audit.AuditLog of --audit-log, or None (its counts are read at scrape time)
         self.audit = None
 
+    def backend_added(self, backend):
+        """An upstream added at run time (membership.UpstreamSet): its series from now on."""
+        if id(backend) not in self.backend_names:
+            self.backends.append(backend)
+            self.backend_names[id(backend)] = backend.description
+
+    def backend_dropped(self, backend):
+        """An upstream dropped at run time: its series end."""
+        if backend in self.backends:
+            self.backends.remove(backend)
+            self.backend_names.pop(id(backend), None)
+
     def queue_timeout(self, reader):
         """A request or card session got no turn on ``reader`` within
         ``--queue-timeout`` (counted apart from its C086 results)."""

@@ -216,6 +216,17 @@ class Reader:
         return f"<Reader {self.name!r}>"
 
 
+def place(backend):
+    """Where a backend's cards are, for names of dropped backends
+    (ReaderRegistry.drop): its upstream's owner id when it knows one
+    (``owner_id``: the same owner at a new address has the same cards),
+    else its address (``where``, e.g. ``tcp://host:4001``), else None."""
+    owner = getattr(backend, "owner_id", None)
+    if owner:
+        return ("owner", owner)
+    return getattr(backend, "where", None)
+
+
 class ReaderRegistry:
     """All readers of all backends.
 
@@ -232,6 +243,9 @@ class ReaderRegistry:
         self._names = {}  # canonical name -> Reader (every name ever given)
         self._current = {}  # id(backend) -> [Reader] listed now
         self._reported = set()  # id(backend) of those that have reported at least once
+        #: (place, key, asked name) -> canonical name, of dropped backends' readers
+        #: (their names stay reserved: see drop)
+        self._retired = {}
         self._b64 = {}  # canonical name -> its base64 (names never change)
         self._order = []  # backends in the order they first reported
         self._listeners = []
@@ -294,7 +308,7 @@ class ReaderRegistry:
         for info in infos:
             reader = known.get((bid, info.key))
             if reader is None:
-                reader = Reader(self._unique(info.name), backend, info.key, CardQueue(self.max_queue))
+                reader = Reader(self._name_for(backend, info), backend, info.key, CardQueue(self.max_queue))
                 known[(bid, info.key)] = reader
                 self._names[reader.name] = reader
             if reader.info != info:
@@ -325,7 +339,7 @@ class ReaderRegistry:
         encoded = self._b64
         for info in infos:
             if (bid, info.key) not in known:
-                reader = Reader(self._unique(info.name), backend, info.key, CardQueue(self.max_queue))
+                reader = Reader(self._name_for(backend, info), backend, info.key, CardQueue(self.max_queue))
                 known[(bid, info.key)] = reader
                 self._names[reader.name] = reader
                 encoded[reader.name] = b64name(reader.name)
@@ -341,6 +355,49 @@ class ReaderRegistry:
             self.log.info("{count} readers {what}: {names} and {more} more", count=len(names),
                           what=what, names=", ".join(names[:self.LOG_NAMES]),
                           more=len(names) - self.LOG_NAMES)
+
+    def drop(self, backend):
+        """Forget ``backend`` (membership: an upstream removed at run time):
+        its readers leave the listing at once (a reader line naming one
+        answers ``C083``), a card session held on one of them ends, and
+        requests already queued for one are answered by the backend, which
+        the caller stops (``C086``).  Their names stay reserved: no other
+        card is ever given one of them, only a reader of a backend at the
+        same place (:func:`place`) reporting the same upstream reader
+        under the same name (the same upstream come back) gets its name
+        again.  Returns how many readers left the listing."""
+        bid = id(backend)
+        if bid not in self._current and backend not in self._order:
+            return 0
+        readers = self._current.pop(bid, [])
+        self._order = [b for b in self._order if b is not backend]
+        self._reported.discard(bid)
+        where = place(backend)
+        for (known_bid, key), reader in list(self._known.items()):
+            if known_bid != bid:
+                continue
+            del self._known[(known_bid, key)]  # id() may be reused by a later backend
+            if where is not None and reader.info is not None:
+                self._retired[(where, key, reader.info.name)] = reader.name
+            holder = reader.holder
+            card = getattr(holder, "card", None) if holder is not None else None
+            if card is not None and card.reader is reader:
+                card.close("backend dropped")
+            reader.present = False
+        self._log_names("removed", [r.name for r in readers])
+        self._rebuild()
+        return len(readers)
+
+    def _name_for(self, backend, info):
+        """A new reader's canonical name: its old one when it is a dropped
+        backend's reader come back (see :meth:`drop`), else unique."""
+        where = place(backend) if self._retired else None
+        if where is not None:
+            name = self._retired.pop((where, info.key, info.name), None)
+            if name is not None:
+                return name
+        return self._unique(info.name)
+
     def reported(self, backend):
         """True once ``backend`` has called :meth:`update` (readiness)."""
         return id(backend) in self._current

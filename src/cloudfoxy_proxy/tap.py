@@ -5,7 +5,7 @@ import sys
 
 from twisted.python import usage
 
-from . import backends, config_file, frontends, limits, logs, ops
+from . import backends, config_file, frontends, limits, logs, membership, ops
 from .backends.service import BackendService
 from .dispatch import Dispatcher
 from .frontends.base import Core
@@ -153,6 +153,11 @@ class Options(usage.Options):
          "/healthz and /readyz stay open; env FOXYPROXY_METRICS_TOKEN."],
         ["config", None, None,
          "TOML file with options under their command-line names; the command line overrides it."],
+        ["register", None, None,
+         "etcd://HOST:PORT/PREFIX[?advertise=tcp://HOST:PORT&ttl=SECONDS]: register this proxy as "
+         "owner --owner-id under a lease, for fronts watching PREFIX (docs/tcp.md)."],
+        ["owner-id", None, None,
+         "This proxy's id as an owner (1..63 of A-Z a-z 0-9 . _ -); default: the host name."],
         ["log-format", None, "text", "text (human-readable) or json (one JSON object per line)."],
         ["drain-timeout", None, "5",
          "On SIGTERM, seconds in-flight requests may finish before they are answered C086."],
@@ -373,12 +378,16 @@ class Options(usage.Options):
         settings = backends.BackendSettings(
             token=self["token"], password=self["password"], command_timeout=self["command-timeout"])
         makers = []
-        for url in self["backend"] or [DEFAULT_BACKEND]:
+        self._validate_membership()
+        static = [u for u in self["backend"] if not membership.is_etcd(u)]
+        for url in static if self["etcd-watches"] else static or [DEFAULT_BACKEND]:
             try:
                 makers.append(backends.from_url(url, settings))
             except ValueError as e:
                 raise usage.UsageError(f"--backend {url!r}: {e}") from None
         self["backend-makers"] = makers
+        self["backend-urls"] = static if self["etcd-watches"] else static or [DEFAULT_BACKEND]
+        self["backend-settings"] = settings
         self["ca-cert-list"] = []
         if self["ca-certs"]:
             from .signing.certs import load_ca_certs
@@ -387,6 +396,36 @@ class Options(usage.Options):
                 self["ca-cert-list"] = load_ca_certs(self["ca-certs"])
             except ValueError as e:
                 raise usage.UsageError(f"--ca-certs: {e}") from None
+
+    def _validate_membership(self):
+        """``--backend etcd://...``, ``--register`` and ``--owner-id`` (docs/tcp.md, "Membership")."""
+        import socket
+
+        self["etcd-watches"] = []
+        for url in self["backend"]:
+            if membership.is_etcd(url):
+                try:
+                    self["etcd-watches"].append(membership.watch_source(url))
+                except ValueError as e:
+                    raise usage.UsageError(f"--backend {url!r}: {e}") from None
+        if self["owner-id"] is not None and not membership.OWNER_ID.fullmatch(self["owner-id"]):
+            raise usage.UsageError(f"--owner-id {self['owner-id']!r}: use 1 to 63 characters of "
+                                   "A-Z a-z 0-9 . _ -")
+        if self["owner-id"] is None:
+            self["owner-id"] = socket.gethostname()
+        self["register-source"] = None
+        if self["register"] is not None:
+            try:
+                self["register-source"] = membership.register_source(self["register"])
+            except ValueError as e:
+                raise usage.UsageError(f"--register {self['register']!r}: {e}") from None
+            if not membership.OWNER_ID.fullmatch(self["owner-id"]):
+                raise usage.UsageError(f"--register: the host name {self['owner-id']!r} is not a valid "
+                                       "owner id; give --owner-id NAME")
+            if self["register-source"].advertise is None and not self["endpoints"][0].startswith(
+                    ("tcp:", "tcp6:", "systemd:")):
+                raise usage.UsageError(f"--register {self['register']!r}: -p {self['port']!r} has no TCP "
+                                       "address to advertise; add ?advertise=tcp://HOST:PORT")
 
     def _validate_ram(self):
         """--ram, --ram-token-file, --ram-daemon and friends (docs/ramoverhttp.md)."""
@@ -534,10 +573,15 @@ def makeService(config, reactor=None):
         from .proxy_protocol import trusted_networks
 
         core.proxy_from = trusted_networks(config["proxy-protocol-from"])
-    for make in config["backend-makers"]:
+    upstreams = membership.UpstreamSet(top, core, config.get("backend-settings") or backends.BackendSettings())
+    for url, make in zip(config.get("backend-urls") or [None] * len(config["backend-makers"]),
+                         config["backend-makers"]):
         backend = make(reactor)
         core.backends.append(backend)
-        BackendService(backend, registry).setServiceParent(top)
+        service = BackendService(backend, registry)
+        service.setServiceParent(top)
+        if url is not None:
+            upstreams.adopt(url, backend, service, membership.CONFIG)
     if config.get("audit-log"):
         from .audit import AuditLog
 
@@ -577,4 +621,13 @@ def makeService(config, reactor=None):
             listening += [(d, o, frontend.name) for d, o in frontend.listeners(settings)]
             frontend.make_service(settings, core).setServiceParent(top)
     warn_open_listeners(listening, dispatcher.access)
+    # Membership (docs/tcp.md): SIGHUP re-reads --config's backends; etcd watches and registration.
+    if config.get("config"):
+        top.reopeners.append(membership.ConfigReload(
+            config["config"], upstreams, getattr(config, "given", ())).reload)
+    for source in config.get("etcd-watches") or ():
+        membership.EtcdWatch(source, upstreams, reactor).setServiceParent(top)
+    if config.get("register-source") is not None:
+        membership.EtcdRegistration(config["register-source"], config["owner-id"], reactor,
+                                    listener=lambda: membership.line_listener(top)).setServiceParent(top)
     return top

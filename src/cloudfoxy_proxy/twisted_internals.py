@@ -29,6 +29,11 @@ def listening(service):
     return d.result is not None and not isinstance(d.result, Failure)
 
 
+def listening_port(service):
+    """The IListeningPort of a StreamServerEndpointService that listens, or None."""
+    return service._waitingForPort.result if listening(service) else None
+
+
 def forget_exit_signal(reactor, signum):
     """twistd re-raises the signal that stopped the reactor once it has run
     down (``_exitSignal``), so the process dies of it; after an orderly
