@@ -22,6 +22,9 @@ RESET, APDU, READERS, LIST, ENUM, ALIASES, CHAIN, SIGN, PERSONALIZE, EMPTYLINE =
 COMMANDS = frozenset(
     (RESET, APDU, READERS, LIST, ENUM, ALIASES, CHAIN, SIGN, PERSONALIZE, EMPTYLINE)
 )
+#: A proxy's owner id, asked by a front (docs/protocol.md "### OWNER").
+OWNER = "OWNER"
+COMMANDS = COMMANDS | {OWNER}
 #: Commands that run on one card, under that card's queue.
 CARD_COMMANDS = frozenset((RESET, APDU, SIGN))
 

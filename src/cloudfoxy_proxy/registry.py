@@ -339,6 +339,13 @@ class ReaderRegistry:
             self.log.info("{count} readers {what}: {names} and {more} more", count=len(names),
                           what=what, names=", ".join(names[:self.LOG_NAMES]),
                           more=len(names) - self.LOG_NAMES)
+    def taken(self, backend, names):
+        """The names among ``names`` that were given to a reader of another
+        backend (listed now or earlier: a name, once given, stays that
+        reader's)."""
+        given = self._names
+        return [n for n in names if n in given and given[n].backend is not backend]
+
     def reported(self, backend):
         """True once ``backend`` has called :meth:`update` (readiness)."""
         return id(backend) in self._current

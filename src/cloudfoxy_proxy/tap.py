@@ -140,6 +140,9 @@ class Options(usage.Options):
          "File with the X-Auth-Token for cloudfoxy+http(s) backends; env FOXYPROXY_TOKEN."],
         ["password-file", None, None,
          "File with the reader-line password for tcp:// and tls:// backends; env FOXYPROXY_PASSWORD."],
+        ["owner-id", None, None,
+         "This proxy's id as an owner (1-63 of A-Z a-z 0-9 . _ -; default: the host name): it answers "
+         "OWNER with it, and fronts (tcp:// backends) name its readers ID/READER."],
         ["ca-certs", None, None, "File or directory of issuer certificates used to complete CHAIN."],
         ["api", None, None, "Serve the HTTP/JSON and WebSocket API (docs/api.md) on this endpoint."],
         ["api-token-file", None, None,
@@ -316,6 +319,13 @@ class Options(usage.Options):
             "client-password-file", self["client-password-file"], "FOXYPROXY_CLIENT_PASSWORD")
         self["token"] = read_secret("token-file", self["token-file"], "FOXYPROXY_TOKEN")
         self["password"] = read_secret("password-file", self["password-file"], "FOXYPROXY_PASSWORD")
+        from .owners import check_owner_id, default_owner_id
+
+        try:
+            self["owner-id"] = (default_owner_id() if self["owner-id"] is None
+                                else check_owner_id(self["owner-id"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--owner-id: {e}") from None
         self["rest-token"] = None
         if self["rest"] is not None:
             self["rest"] = check_endpoint("rest", self["rest"])
@@ -548,6 +558,7 @@ def makeService(config, reactor=None):
                 "--trace-unredacted: PINs, PUKs and secure-channel data are written IN CLEAR to "
                 "{files}; for lab use only, never with real users' cards", files=", ".join(config["trace"]))
     top.dispatcher = dispatcher
+    dispatcher.owner_id = config.get("owner-id")
     top.readiness = core.readiness = ops.Readiness(top, registry, core.backends, reactor)
     if dispatcher.audit is not None:
         top.readiness.checks.append(dispatcher.audit.reasons)  # not ready while records are lost

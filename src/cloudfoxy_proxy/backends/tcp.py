@@ -5,9 +5,14 @@
 ``tls://HOST:PORT?ca=FILE&cert=FILE&key=FILE&prefix=NAME&...``
 
 The upstream is a CloudFoxy TCP endpoint or another proxy (chaining).  Its
-readers come from its ``READERS`` answer and appear here as ``PREFIX`` +
-their upstream name (at most ``readers_max`` of them, names of at most
-MAX_NAME bytes).  RESET and APDU go upstream with ids of our own, a
+readers come from its ``READERS`` answer, asked together with ``OWNER``
+(docs/protocol.md "### OWNER"), and appear here as ``<owner id>/`` + their
+upstream name, or ``PREFIX`` + that name when the URL gives ``prefix=`` or
+the upstream has no owner id (``C081``: foxyproxy 2.10); at most
+``readers_max`` of them, names of at most MAX_NAME bytes.  An upstream
+whose owner id another upstream of this process has, or whose names are
+another backend's, is refused (owners.OwnerClaims): at start-up the
+process stops with one line, later its readers are not listed.  RESET and APDU go upstream with ids of our own, a
 client request's run of them as one upstream request (:meth:`transmit_batch`,
 so they stay back to back on the card), over a small pool of persistent
 connections (ClientService each, reconnecting with back-off).  See docs/tcp.md.
@@ -73,6 +78,7 @@ from .. import errors
 from ..interfaces import IBackend, ReaderInfo, settle
 from ..errors import CardError
 from ..logs import Logger
+from ..owners import claims as owner_claims, is_owner_id
 from ..parser import COMMANDS
 from ..secrets import read_secret
 from .tcp_pool import UpstreamPool
@@ -161,7 +167,7 @@ def from_url(url, settings=BackendSettings()):
     keepalive = (int_param(params, "keepalive_idle", KEEPALIVE[0], 1, 32767),
                  int_param(params, "keepalive_interval", KEEPALIVE[1], 1, 32767),
                  int_param(params, "keepalive_count", KEEPALIVE[2], 1, 127))
-    prefix = params.get("prefix", "")
+    prefix = params.get("prefix")  # None: name the readers by the upstream's owner id
     if "password_file" in params:
         password = read_secret("password_file", params["password_file"])
     else:
@@ -205,14 +211,18 @@ class TcpBackend(UpstreamPool):
     off; ``from_url`` gives HEARTBEAT) and ``heartbeat_timeout``: the
     liveness check of idle connections of a persistent upstream;
     ``keepalive``: (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) in seconds,
-    seconds and probes, or None (the system's defaults).
+    seconds and probes, or None (the system's defaults).  ``prefix``: put
+    before every upstream reader name; None (the URL gives no ``prefix=``):
+    ``<owner id>/``, or nothing for an upstream without one.  ``owner``: the
+    upstream's owner id once its readers are listed (None: none, or not
+    known yet); it is fixed for the life of the backend.
     """
 
     endpoint = attr.ib()
     clock = attr.ib()
     where = attr.ib(default="upstream")
     password = attr.ib(default=None, repr=False)
-    prefix = attr.ib(default="")
+    prefix = attr.ib(default=None)
     connections = attr.ib(default=4)
     refresh = attr.ib(default=10.0)
     timeout = attr.ib(default=15.0)
@@ -249,6 +259,10 @@ class TcpBackend(UpstreamPool):
     #: times a usable connection came back after every one was lost (metrics)
     reconnects = attr.ib(init=False, default=0, repr=False)
     _connected_before = attr.ib(init=False, default=False, repr=False)
+    owner = attr.ib(init=False, default=None)
+    _named = attr.ib(init=False, default=False, repr=False)  # owner fixed by a first listing
+    _claims = attr.ib(init=False, default=None, repr=False)  # owners.OwnerClaims of the registry
+    _refused = attr.ib(init=False, default=None, repr=False)  # why the last listing was not used
 
     log = Logger()
 
@@ -273,6 +287,8 @@ class TcpBackend(UpstreamPool):
 
     def start(self, registry):
         self._registry = registry
+        self._claims = owner_claims(registry)
+        self._claims.begin(self)
         self._updates = ReaderUpdates(registry, self, self.clock)
         self._running = True
         for _ in range(self.connections):
@@ -288,6 +304,8 @@ class TcpBackend(UpstreamPool):
 
     def stop(self):
         self._running = False
+        if self._claims is not None:
+            self._claims.release(self)
         if self._updates is not None:
             self._updates.stop()
         if self._loop is not None and self._loop.running:
@@ -389,8 +407,9 @@ class TcpBackend(UpstreamPool):
                 self._warn_malformed(call)
             results = call.results
             if call.readers:
-                if results and results[0] is not None:
-                    call.d.callback(results[0])
+                n = len(call.ids)  # OWNER and READERS, or READERS alone
+                if len(results) >= n and results[n - 1] is not None:
+                    call.d.callback((results[0], results[1]) if n == 2 else results[0])
                 else:
                     call.d.errback(CardError(errors.UPSTREAM, call.bad or "no READERS answer"))
             else:
@@ -449,16 +468,25 @@ class TcpBackend(UpstreamPool):
         d.addBoth(self._refreshed)
 
     def _readers_call(self, heartbeat=False):
-        """A READERS request (for no reader in particular)."""
-        cid = self._id()
-        data = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") \
-            + b"|\n>" + cid + b":READERS|\n\n"
-        return _Call(self, [cid], None, data, readers=True, heartbeat=heartbeat)
+        """An OWNER and READERS request (for no reader in particular); a
+        heartbeat asks READERS alone."""
+        head = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") + b"|\n"
+        ids = [self._id()] if heartbeat else [self._id(), self._id()]
+        commands = [b"READERS"] if heartbeat else [b"OWNER", b"READERS"]
+        data = head + b"".join(b">" + i + b":" + c + b"|\n" for i, c in zip(ids, commands)) + b"\n"
+        return _Call(self, ids, None, data, readers=True, heartbeat=heartbeat)
+
+    def _attempt_failed(self, reason):
+        if self._claims is not None:
+            self._claims.settled(self)  # down at start: a conflict later is no start-up error
+        return UpstreamPool._attempt_failed(self, reason)
 
     def _refreshed(self, _):
         self._refreshing = None
 
     def _readers_failed(self, failure):
+        if self._claims is not None:
+            self._claims.settled(self)
         self.log.warn("reading the readers of {upstream} failed: {why}",
                       upstream=self.where, why=failure.getErrorMessage())
         self._again_soon()
@@ -474,9 +502,22 @@ class TcpBackend(UpstreamPool):
         self._soon = self.clock.callLater(delay, self._refresh)
 
     def _got_readers(self, result):
+        """An answer to :meth:`_readers_call`: ``(OWNER's result, READERS'
+        result)``, or READERS' alone (no owner id)."""
+        try:
+            self._listed(*(result if isinstance(result, tuple) else (errors.FAILED, result)))
+        finally:
+            if self._claims is not None:
+                self._claims.settled(self)
+
+    def _listed(self, answer, result):
         if result is None or errors.is_error(result):
             self.log.warn("upstream {upstream} answered READERS with {result}",
                           upstream=self.where, result=result)
+            self._again_soon()
+            return
+        owner = self._owner_answer(answer)
+        if owner is None:
             self._again_soon()
             return
         names = []
@@ -512,9 +553,65 @@ class TcpBackend(UpstreamPool):
             self._soon_delay = EMPTY_RETRY
         else:
             self._again_soon()  # e.g. an upstream proxy still finding its cards
-        if names == self.listing or self._registry is None:
+        if self._registry is None or (names == self.listing and owner == (self.owner or "")):
             return
+        why = self._refusal(owner, names)
+        if why is not None:
+            self._refuse(why)
+            return
+        if self._refused is not None:
+            self.log.info("upstream {upstream}: its readers are listed again", upstream=self.where)
+            self._refused = None
+        self.owner, self._named = owner or None, True
         self.listing = names
         self._lines = {}
-        prefix = self.prefix
+        prefix = self._prefix(owner)
         self._updates.update(names, lambda n: ReaderInfo(n, prefix + n))
+
+    def _prefix(self, owner):
+        """What goes before the upstream's reader names here."""
+        if self.prefix is not None:
+            return self.prefix
+        return owner + "/" if owner else ""
+
+    def _owner_answer(self, answer):
+        """The owner id in OWNER's result, ``""`` for an upstream without one
+        (``C081``: foxyproxy 2.10, an older proxy; ``C085``: not allowed to
+        ask), or None when it cannot be told yet (an error, junk)."""
+        if is_owner_id(answer):
+            return answer
+        if answer == errors.FAILED or answer == errors.BAD_PIN:
+            return ""
+        if answer != self._refused:
+            self._refused = answer
+            self.log.warn("upstream {upstream} answered OWNER with {answer!r}, not an owner id: "
+                          "asking again", upstream=self.where, answer=str(answer)[:80])
+        return None
+
+    def _refusal(self, owner, names):
+        """Why the upstream's readers (owner id ``owner``, names ``names``)
+        cannot be listed, or None; claims ``owner`` when they can."""
+        if self._named and owner != (self.owner or ""):
+            self.listing = ()
+            self._updates.update(())  # another owner at this address: none of its readers
+            return (f"it now answers OWNER with {owner or 'no id'!r}, not {self.owner or 'no id'!r}: its "
+                    "readers are not listed until it answers as before (restart this proxy to take the new owner)")
+        prefix = self._prefix(owner)
+        taken = self._registry.taken(self, [prefix + n for n in names])
+        if taken:
+            more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+            return (f"reader name(s) {', '.join(repr(t) for t in taken[:3])}{more} are another "
+                    "backend's already")
+        holder = self._claims.claim(self, owner) if owner else None
+        if holder is not None:
+            return f"owner id {owner!r} is already that of {holder.where} (two upstreams with one owner id)"
+        return None
+
+    def _refuse(self, why):
+        """Do not list this listing (a conflict): fatal at start-up
+        (owners.OwnerClaims), else one log line per reason."""
+        message = f"backend {self.where}: {why}"
+        if self._claims.refused(self, message) or why == self._refused:
+            return
+        self._refused = why
+        self.log.warn("{message}; its readers are not listed", message=message)

@@ -292,6 +292,12 @@ class _UpstreamProtocol(Protocol):
             if n < len(head.ids) and cid == head.ids[n]:
                 head.results.append(result.strip().decode("utf-8", "replace"))
                 return
+            if head.readers and n == 0 and len(head.ids) == 2 and cid == head.ids[1]:
+                # OWNER and READERS to an upstream that answers only a
+                # request's last command (foxyproxy 2.10): it has no id.
+                head.results.append(errors.FAILED)
+                head.results.append(result.strip().decode("utf-8", "replace"))
+                return
             if any(cid in call.ids for call in self.calls if call is not head):
                 # The upstream skipped ahead: its answers no longer match ours.
                 self._violation(f"an answer to {cid[:40]!r} before the one to {head.id!r}")
