@@ -65,7 +65,7 @@ def stop_process(message):
 
     sys.stderr.write(f"twistd foxyproxy: {message}\n")
     sys.stderr.flush()
-    log.critical("{message}: stopping", message=message)
+    log.critical("{refusal}: stopping", refusal=message)
     atexit.register(_exit_1)  # after twistd's own clean-up (pid file, logs)
     if reactor.running:
         reactor.stop()
@@ -109,6 +109,10 @@ class OwnerClaims:
         the id from now on), else the backend that holds it."""
         holder = self._owners.setdefault(owner, backend)
         return None if holder is backend else holder
+
+    def holder(self, owner):
+        """The backend that holds ``owner``, or None."""
+        return self._owners.get(owner)
 
     def owner_of(self, backend):
         """The owner id ``backend`` holds, or None."""

@@ -596,15 +596,17 @@ class TcpBackend(UpstreamPool):
             self._updates.update(())  # another owner at this address: none of its readers
             return (f"it now answers OWNER with {owner or 'no id'!r}, not {self.owner or 'no id'!r}: its "
                     "readers are not listed until it answers as before (restart this proxy to take the new owner)")
+        holder = self._claims.holder(owner) if owner else None
+        if holder is not None and holder is not self:
+            return f"owner id {owner!r} is already that of {holder.where} (two upstreams with one owner id)"
         prefix = self._prefix(owner)
         taken = self._registry.taken(self, [prefix + n for n in names])
         if taken:
             more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
             return (f"reader name(s) {', '.join(repr(t) for t in taken[:3])}{more} are another "
                     "backend's already")
-        holder = self._claims.claim(self, owner) if owner else None
-        if holder is not None:
-            return f"owner id {owner!r} is already that of {holder.where} (two upstreams with one owner id)"
+        if owner:
+            self._claims.claim(self, owner)
         return None
 
     def _refuse(self, why):
@@ -614,4 +616,4 @@ class TcpBackend(UpstreamPool):
         if self._claims.refused(self, message) or why == self._refused:
             return
         self._refused = why
-        self.log.warn("{message}; its readers are not listed", message=message)
+        self.log.warn("{refusal}; its readers are not listed", refusal=message)
