@@ -63,8 +63,9 @@ def stop_process(message):
     in the log), then the reactor stops and the process exits with status 1."""
     from twisted.internet import reactor
 
-    sys.stderr.write(f"twistd foxyproxy: {message}\n")
-    sys.stderr.flush()
+    err = sys.__stderr__ or sys.stderr  # twistd sends sys.stderr to the log
+    err.write(f"twistd foxyproxy: {message}\n")
+    err.flush()
     log.critical("{refusal}: stopping", refusal=message)
     atexit.register(_exit_1)  # after twistd's own clean-up (pid file, logs)
     if reactor.running:
@@ -72,8 +73,11 @@ def stop_process(message):
 
 
 def _exit_1():
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:
+            pass
     os._exit(1)
 
 

@@ -517,9 +517,6 @@ class TcpBackend(UpstreamPool):
             self._again_soon()
             return
         owner = self._owner_answer(answer)
-        if owner is None:
-            self._again_soon()
-            return
         names = []
         cap = self._cap
         cap.begin()
@@ -575,18 +572,17 @@ class TcpBackend(UpstreamPool):
         return owner + "/" if owner else ""
 
     def _owner_answer(self, answer):
-        """The owner id in OWNER's result, ``""`` for an upstream without one
-        (``C081``: foxyproxy 2.10, an older proxy; ``C085``: not allowed to
-        ask), or None when it cannot be told yet (an error, junk)."""
+        """The owner id in OWNER's result, else ``""``: an upstream without
+        one (``C081``: foxyproxy 2.10, an older proxy; anything else that is
+        not an id is said once in the log)."""
         if is_owner_id(answer):
             return answer
-        if answer == errors.FAILED or answer == errors.BAD_PIN:
-            return ""
-        if answer != self._refused:
+        if answer != errors.FAILED and not self._named and answer != self._refused:
             self._refused = answer
             self.log.warn("upstream {upstream} answered OWNER with {answer!r}, not an owner id: "
-                          "asking again", upstream=self.where, answer=str(answer)[:80])
-        return None
+                          "its readers are named as an upstream's without one", upstream=self.where,
+                          answer=str(answer)[:80])
+        return ""
 
     def _refusal(self, owner, names):
         """Why the upstream's readers (owner id ``owner``, names ``names``)
