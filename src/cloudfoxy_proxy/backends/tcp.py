@@ -70,7 +70,7 @@ import collections
 from urllib.parse import parse_qsl, urlsplit
 
 import attr
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import fail, gatherResults
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
@@ -406,7 +406,10 @@ class TcpBackend(UpstreamPool):
             if call.bad is not None:
                 self._warn_malformed(call)
             results = call.results
-            if call.readers:
+            if call.raw:
+                call.d.callback([results[i] if i < len(results) and results[i] is not None
+                                 else errors.UPSTREAM for i in range(len(call.ids))])
+            elif call.readers:
                 n = len(call.ids)  # OWNER and READERS, or READERS alone
                 if len(results) >= n and results[n - 1] is not None:
                     call.d.callback((results[0], results[1]) if n == 2 else results[0])
@@ -446,6 +449,35 @@ class TcpBackend(UpstreamPool):
         self.log.warn("upstream {upstream} sent a malformed answer for reader {reader!r} ({why}): "
                       "C086 for that request{more}", upstream=self.where, reader=call.key,
                       why=call.bad, more=f" ({more} more since the last warning)" if more else "")
+
+    def ask(self, commands, reader=None, pin=None):
+        """Commands the upstream answers itself (ENUM, ALIASES, CHAIN,
+        SIGN: its certificate index, docs/tcp.md "Certificates at the
+        owner") as one upstream request: ``commands`` are
+        ``NAME[:DATA[:OBJECT]]`` texts, ``reader`` the reader line's
+        text (an upstream reader name, or a certificate alias or subject
+        without ``:``; None: ``*``), ``pin`` what follows the upstream
+        password on it.  A Deferred firing with one result string per
+        command (the answer, or a C08x code: ``C086`` for a lost or
+        malformed answer); CardError ``C086`` at once when the upstream is
+        down."""
+        if not self._running:
+            return fail(CardError(errors.UPSTREAM, "backend stopped"))
+        conn = self._pick(None)
+        if conn is None and self._down:
+            return fail(CardError(errors.UPSTREAM, f"upstream {self.where} unreachable"))
+        text = "*" if reader is None else reader
+        for part in (self.password, pin):
+            if part:
+                text += ":" + part
+        ids = [self._id() for _ in commands]
+        lines = [b">" + cid + b":" + command.encode("utf-8") + b"|\n" for cid, command in zip(ids, commands)]
+        call = _Call(self, ids, None, b">" + text.encode("utf-8") + b"|\n" + b"".join(lines) + b"\n", raw=True)
+        if conn is not None:
+            conn.send(call)
+        else:
+            self._wait(call)
+        return call.d
 
     # -- readers ----------------------------------------------------------
 

@@ -39,16 +39,17 @@ class _Call:
     """One upstream request: its bytes, our ids of its commands (in order),
     its Deferred.  ``results`` collects one text per answer line (None for
     a line that was malformed); ``batch``: the Deferred fires with a list
-    of per-command results (see :meth:`TcpBackend.transmit_batch`);
+    of per-command results (see :meth:`TcpBackend.transmit_batch`); ``raw``:
+    with a list of the result strings (:meth:`TcpBackend.ask`);
     ``heartbeat``: the liveness check of its connection (its answer and
     failure go nowhere; ``watch`` is then its deadline)."""
 
     __slots__ = ("backend", "ids", "key", "data", "readers", "batch", "d", "state", "conn",
-                 "results", "bad", "watch", "heartbeat")
+                 "results", "bad", "watch", "heartbeat", "raw")
 
-    def __init__(self, backend, ids, key, data, readers=False, batch=False, heartbeat=False):
+    def __init__(self, backend, ids, key, data, readers=False, batch=False, heartbeat=False, raw=False):
         self.backend, self.ids, self.key, self.data = backend, ids, key, data
-        self.readers, self.batch, self.heartbeat = readers, batch, heartbeat
+        self.readers, self.batch, self.heartbeat, self.raw = readers, batch, heartbeat, raw
         self.d = Deferred(self._cancel)
         if heartbeat:
             self.d.addErrback(lambda f: None)  # a lost connection says all there is to say
