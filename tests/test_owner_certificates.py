@@ -160,3 +160,16 @@ class OwnerCertificateTests(SynchronousTestCase):
         self.registry.update(other, [ReaderInfo("Old 00", "Old 00")])
         self.clock.advance(0)
         self.assertTrue(sent)  # the arrival probe: SELECTs through the hop
+
+    def test_owner_that_cannot_answer_keeps_what_it_said(self):
+        from twisted.logger import globalLogPublisher, formatEvent
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.backend.ask = lambda commands, reader=None, pin=None: succeed([errors.UPSTREAM] * len(commands))
+        for _ in range(3):
+            self.assertEqual(self.command("ENUM"), f"{b64('rack1/P 00')}|{b64('rack1/P 01')}")
+        self.assertEqual(self.registry.resolve("P 00 Auth").name, "rack1/P 00")
+        said = [formatEvent(e) for e in events if "asking the certificates" in formatEvent(e)]
+        self.assertEqual(len(said), 1, said)  # once until it answers again

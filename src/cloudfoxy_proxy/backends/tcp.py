@@ -460,7 +460,7 @@ class TcpBackend(UpstreamPool):
         password on it.  A Deferred firing with one result string per
         command (the answer, or a C08x code: ``C086`` for a lost or
         malformed answer); CardError ``C086`` at once when the upstream is
-        down."""
+        down, TimeoutError after ``timeout`` seconds."""
         if not self._running:
             return fail(CardError(errors.UPSTREAM, "backend stopped"))
         conn = self._pick(None)
@@ -477,7 +477,7 @@ class TcpBackend(UpstreamPool):
             conn.send(call)
         else:
             self._wait(call)
-        return call.d
+        return call.d.addTimeout(self.timeout, self.clock)  # TimeoutError; the late answer is discarded
 
     # -- readers ----------------------------------------------------------
 

@@ -195,6 +195,7 @@ class CertIndex(Service):
         self._mirrors = {}  # backend -> upstream.Mirror (an owner's certificates)
         self._mirror_call = None  # DelayedCall: ask the owners whose readers arrived
         self._mirror_due = set()
+        self._owners_failing = set()  # backends whose owner could not be asked (logged once)
 
     def start(self):
         """Watch the registry (probing the cards it already has)."""
@@ -332,6 +333,7 @@ class CertIndex(Service):
         return d
 
     def _owner_said(self, found, backend):
+        self._owners_failing.discard(backend)
         for reader in self.registry.readers:
             if reader.backend is not backend:
                 continue
@@ -342,7 +344,11 @@ class CertIndex(Service):
                 self._store(state, None, certs)
 
     def _owner_failed(self, failure, backend):
-        self.log.info("asking the certificates of {upstream} failed: {why}",
+        if backend in self._owners_failing:
+            return  # said once until it answers again
+        self._owners_failing.add(backend)
+        self.log.info("asking the certificates of {upstream} failed: {why} (ENUM, ALIASES and "
+                      "CHAIN answer from what it said last)",
                       upstream=getattr(backend, "where", backend), why=failure.getErrorMessage())
 
     def _owners(self):

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.python.failure import Failure
 
 from .. import errors
+from ..errors import CardError
 from ..logs import Logger
 from .profiles import CardCertificate
 
@@ -74,6 +75,16 @@ def chain(result):
         return []
 
 
+def _checked(results):
+    """``results`` of :meth:`TcpBackend.ask`, unless one says the owner
+    could not answer (``C086``, ``C090``): then CardError, and what was
+    learnt before stays."""
+    for result in results:
+        if result in (errors.UPSTREAM, errors.INTERNAL):
+            raise CardError(result, f"the owner answered {result}")
+    return results
+
+
 class Mirror:
     """The certificates of one upstream (``backend``, a TcpBackend with an
     owner id), by upstream reader name.  :meth:`refresh` gives a Deferred
@@ -109,7 +120,7 @@ class Mirror:
 
     @inlineCallbacks
     def _run(self):
-        enum, listed = yield self.backend.ask(["ENUM", "ALIASES"])
+        enum, listed = _checked((yield self.backend.ask(["ENUM", "ALIASES"])))
         readers = list(dict.fromkeys(names(enum)))
         aliases = names(listed)
         cache = {r: self._cache[r] for r in readers if r in self._cache}
@@ -118,7 +129,7 @@ class Mirror:
             fetch = [r for r in readers if r not in cache and r not in firsts]
             if fetch:
                 answers = yield gatherResults([self.backend.ask(["CHAIN"], reader=reader_text(r)) for r in fetch])
-                for r, [answer] in zip(fetch, answers):
+                for r, [answer] in zip(fetch, map(_checked, answers)):
                     firsts[r] = chain(answer)
             starts = self._split(readers, aliases, cache, firsts)
             lost = [r for r, s in starts.items() if s is None and r in cache]
@@ -138,13 +149,13 @@ class Mirror:
                 continue
             leaf_chain = firsts.get(r)
             if leaf_chain is None:
-                [answer] = yield self.backend.ask(["CHAIN"], reader=reader_text(r))
+                [answer] = _checked((yield self.backend.ask(["CHAIN"], reader=reader_text(r))))
                 leaf_chain = chain(answer)
             chains = [leaf_chain]
             others = [a for a in block[1:] if safe_line(a)]
             if others:
                 answers = yield gatherResults([self.backend.ask(["CHAIN"], reader=a) for a in others])
-                chains += [chain(answer) for [answer] in answers]
+                chains += [chain(answer) for [answer] in map(_checked, answers)]
             certs, issuers = [], []
             for got in chains:
                 if not got:
