@@ -4,6 +4,7 @@ OWNER line command, and tcp:// backends naming an owner's readers
 
 import socket
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.python import usage
@@ -232,3 +233,27 @@ class TwoUpstreamTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.answer(e2, "rack1", names=("Other 00",))
         self.assertIn("rack1/Other 00", self.names())
+
+
+class OwnerMeansPersistentTests(Base):
+    """Only a proxy answers OWNER with an id, and it keeps connections."""
+
+    prefix = None
+    persistent = None
+
+    def test_owner_id_means_pipelining_at_once(self):
+        conn = self.endpoint.succeed()
+        conn.owner = "rack1"
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, b64("Emulated 00"))
+        self.assertIs(self.backend.persistent, True)
+        conn.lose(ConnectionDone())  # at once after its first answer: an owner restarting, not FoxyProxy 2.10
+        self.assertIs(self.backend.persistent, True)
+
+    def test_no_id_still_learns(self):
+        conn = self.endpoint.succeed()
+        [(_, cid, _)] = conn.requests()
+        conn.answer(cid, b64("Emulated 00"))
+        self.assertIsNone(self.backend.persistent)
+        conn.lose(ConnectionDone())
+        self.assertIs(self.backend.persistent, False)

@@ -592,6 +592,17 @@ class TcpBackend(UpstreamPool):
             self.log.info("upstream {upstream}: its readers are listed again", upstream=self.where)
             self._refused = None
         self.owner, self._named = owner or None, True
+        if owner and self.persistent is not True:
+            # Only a proxy like this one answers OWNER with an id, and it keeps
+            # connections: pipeline now rather than learn it (a quick restart
+            # of the owner must not look like "one request per connection").
+            self.log.info("upstream {upstream} is owner {owner}: pipelining requests",
+                          upstream=self.where, owner=owner)
+            self.persistent = True
+            self._unpark()
+            for conn in self._live:
+                conn.spent = False
+            self._flush()
         self.listing = names
         self._lines = {}
         prefix = self._prefix(owner)
