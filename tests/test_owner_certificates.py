@@ -147,6 +147,8 @@ class OwnerCertificateTests(SynchronousTestCase):
         d = self.index.sign(reader, "rack1/P 00", "1234", digest, "SHA256")
         self.successResultOf(d)
         self.assertEqual(self.backend.asked[-1], ((f"SIGN:{digest}:SHA256",), "P 00", "1234"))
+        self.successResultOf(self.index.sign(reader, "P 00 Signing", "1234", digest))
+        self.assertEqual(self.backend.asked[-1][1], self.sign1.subject.rfc4514_string())  # the owner finds it
         f = self.failureResultOf(self.index.sign(reader, "P 00 Signing", "9999", digest), CardError)
         self.assertEqual(f.value.code, errors.BAD_PIN)
         self.assertRaises(CardError, self.index.sign, reader, "P 00 Signing", "1234", "abc")  # C084 here

@@ -263,6 +263,7 @@ class TcpBackend(UpstreamPool):
     _named = attr.ib(init=False, default=False, repr=False)  # owner fixed by a first listing
     _claims = attr.ib(init=False, default=None, repr=False)  # owners.OwnerClaims of the registry
     _refused = attr.ib(init=False, default=None, repr=False)  # why the last listing was not used
+    _odd_owner = attr.ib(init=False, default=None, repr=False)  # an OWNER answer logged as no id
 
     log = Logger()
 
@@ -620,8 +621,8 @@ class TcpBackend(UpstreamPool):
         not an id is said once in the log)."""
         if is_owner_id(answer):
             return answer
-        if answer != errors.FAILED and not self._named and answer != self._refused:
-            self._refused = answer
+        if answer != errors.FAILED and not self._named and answer != self._odd_owner:
+            self._odd_owner = answer
             self.log.warn("upstream {upstream} answered OWNER with {answer!r}, not an owner id: "
                           "its readers are named as an upstream's without one", upstream=self.where,
                           answer=str(answer)[:80])

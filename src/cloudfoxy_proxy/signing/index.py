@@ -569,17 +569,16 @@ class CertIndex(Service):
         return self._sign(state, text, pin, tag, digest)
 
     def _sign_at_owner(self, reader, text, pin, data, algorithm):
-        """SIGN on an owner's card: the owner's SIGN, on a reader line that
-        names the same certificate there (the upstream reader for its first
-        certificate, else the certificate's subject or alias)."""
+        """SIGN on an owner's card: the owner's SIGN.  A reader line that
+        named a certificate (alias, subject) names it to the owner too (its
+        subject, else its alias), so the owner signs with that certificate
+        wherever it is now, or answers that it is gone; one that named the
+        reader names the upstream reader (its card's first certificate)."""
         state = self._cards.get(reader)
+        named = [c for c in (state.certs if state is not None else ()) if text in c.names]
         line = reader_text(reader.key)
-        try:
-            _state, cert = reader_entry(state, reader, text)
-        except CardError:
-            cert = None  # the owner knows better: its SIGN answers
-        if cert is not None and state.certs and cert is not state.certs[0]:
-            line = next((n for n in (cert.subject, cert.alias) if safe_line(n)), None)
+        if named:
+            line = next((n for n in (named[0].subject, named[0].alias) if safe_line(n)), None)
             if line is None:
                 raise CardError(errors.FAILED, "the certificate has no name a reader line can carry")
         command = "SIGN:" + "".join(data.split()) + (":" + algorithm.strip() if algorithm.strip() else "")
