@@ -8,6 +8,7 @@ import time
 import pytest
 
 from support import HOST, free_port
+from test_tcp_integration import foxyproxy_upstream  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -138,3 +139,17 @@ def test_old_upstream_keeps_todays_names(proxy_factory):
         wait_listing(front, ["Old 00"])
     finally:
         listener.close()
+
+
+def test_foxyproxy_210_upstream_keeps_its_names(proxy_factory, foxyproxy_upstream):
+    """FoxyProxy 2.10 answers only the last command of a request (READERS),
+    never OWNER: no owner id, its readers keep their names."""
+    front = proxy_factory("--backend", url(foxyproxy_upstream))
+    deadline = time.monotonic() + 30
+    while len(listing(front)) < 2:
+        assert time.monotonic() < deadline, front.log()
+        time.sleep(0.1)
+    names = listing(front)
+    assert all(n.startswith("Foxy NET ") for n in names), names
+    with front.client() as c:
+        assert c.request(f">{names[0]}|\n>1:APDU:00A4000C023F00|\n\n") == [("1", "9000")]
