@@ -215,6 +215,21 @@ class TwoUpstreamTests(SynchronousTestCase):
         self.assertEqual(self.names(), ["rack1/Emulated 00"])  # b's readers are not listed
         self.assertIsNone(b2.owner)
 
+    def test_prefixes_given_allow_one_owner_id_twice(self):
+        """Several proxies on one host share the default id; prefix= names them apart."""
+        (_, e1), (_, e2) = self.backend("tcp://a:4001", prefix="A "), self.backend("tcp://b:4001", prefix="B ")
+        self.answer(e1, "host1")
+        self.answer(e2, "host1")
+        self.assertEqual(self.fatal, [])
+        self.assertEqual(self.names(), ["A Emulated 00", "B Emulated 00"])
+
+    def test_name_collision_at_start_is_fatal(self):
+        (_, e1), (_, e2) = self.backend("tcp://a:4001", prefix="X "), self.backend("tcp://b:4001", prefix="X ")
+        self.answer(e1, "C081")
+        self.answer(e2, "C081")
+        self.assertEqual(self.fatal, ["backend tcp://b:4001: reader name(s) 'X Emulated 00' are another "
+                                      "backend's already"])
+
     def test_name_collision_refuses_the_newcomer(self):
         other = object()
         self.registry.update(other, [ReaderInfo("x", "rack1/Emulated 00")])

@@ -10,9 +10,10 @@ readers come from its ``READERS`` answer, asked together with ``OWNER``
 upstream name, or ``PREFIX`` + that name when the URL gives ``prefix=`` or
 the upstream has no owner id (``C081``: foxyproxy 2.10); at most
 ``readers_max`` of them, names of at most MAX_NAME bytes.  An upstream
-whose owner id another upstream of this process has, or whose names are
-another backend's, is refused (owners.OwnerClaims): at start-up the
-process stops with one line, later its readers are not listed.  RESET and APDU go upstream with ids of our own, a
+named by an owner id another upstream of this process has, or whose names
+are another backend's, is refused (owners.OwnerClaims): at start-up the
+process stops with one line, later its readers are not listed.  RESET and
+APDU go upstream with ids of our own, a
 client request's run of them as one upstream request (:meth:`transmit_batch`,
 so they stay back to back on the card), over a small pool of persistent
 connections (ClientService each, reconnecting with back-off).  See docs/tcp.md.
@@ -636,7 +637,8 @@ class TcpBackend(UpstreamPool):
             self._updates.update(())  # another owner at this address: none of its readers
             return (f"it now answers OWNER with {owner or 'no id'!r}, not {self.owner or 'no id'!r}: its "
                     "readers are not listed until it answers as before (restart this proxy to take the new owner)")
-        holder = self._claims.holder(owner) if owner else None
+        by_owner = owner and self.prefix is None  # names made of the owner id: one upstream per id
+        holder = self._claims.holder(owner) if by_owner else None
         if holder is not None and holder is not self:
             return f"owner id {owner!r} is already that of {holder.where} (two upstreams with one owner id)"
         prefix = self._prefix(owner)
@@ -645,7 +647,7 @@ class TcpBackend(UpstreamPool):
             more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
             return (f"reader name(s) {', '.join(repr(t) for t in taken[:3])}{more} are another "
                     "backend's already")
-        if owner:
+        if by_owner:
             self._claims.claim(self, owner)
         return None
 
