@@ -272,3 +272,26 @@ class OwnerMeansPersistentTests(Base):
         self.assertIsNone(self.backend.persistent)
         conn.lose(ConnectionDone())
         self.assertIs(self.backend.persistent, False)
+
+
+class OwnerAccessTests(SynchronousTestCase):
+    def test_readers_implies_owner_and_simple_mode_needs_no_password(self):
+        import hashlib
+        import os
+        import tempfile
+
+        from cloudfoxy_proxy.access import Access, load_credentials
+
+        fd, path = tempfile.mkstemp(suffix=".toml")
+        with os.fdopen(fd, "w") as f:
+            f.write(f'[[client]]\nname = "front"\nsecret_sha256 = "{hashlib.sha256(b"s").hexdigest()}"\n'
+                    'commands = ["READERS", "APDU"]\n'
+                    f'[[client]]\nname = "apdu-only"\nsecret_sha256 = "{hashlib.sha256(b"t").hexdigest()}"\n'
+                    'commands = ["APDU"]\n')
+        self.addCleanup(os.unlink, path)
+        access = load_credentials(path)
+        front, _ = access.check("s", "line")
+        self.assertIn("OWNER", front.commands)
+        self.assertNotIn("OWNER", access.check("t", "line")[0].commands)
+        simple = Access(simple=[("pw", "line")])
+        self.assertIn("OWNER", simple.open_commands["line"])
