@@ -9,8 +9,9 @@ whatever order the owners answered in.
 
 * :func:`check_owner_id` / :func:`default_owner_id`: what an id may be;
 * :class:`OwnerClaims`: one per reader registry (:func:`claims`), the
-  owner ids the process's upstream backends answered, so that a second
-  upstream with an id already taken is refused; a conflict found while
+  owner ids that name the process's upstream backends' readers, so that a
+  second upstream named by an id already taken is refused (as is one whose
+  reader names another backend has); a conflict found while
   the process is still starting (before every upstream configured at
   start has answered or failed once) stops it with one line on stderr
   (:func:`stop_process`), later the newcomer is refused with a log line.
@@ -117,13 +118,6 @@ class OwnerClaims:
     def holder(self, owner):
         """The backend that holds ``owner``, or None."""
         return self._owners.get(owner)
-
-    def owner_of(self, backend):
-        """The owner id ``backend`` holds, or None."""
-        for owner, holder in self._owners.items():
-            if holder is backend:
-                return owner
-        return None
 
     def refused(self, backend, message):
         """``backend`` does not list an upstream's readers (``message`` says
