@@ -2,8 +2,8 @@
 """What one tcp:// hop costs: client -> A against client -> B -> A.
 
 Starts two ``twistd foxyproxy`` processes on free loopback ports: A with
-emulated cards, B with ``--backend tcp://127.0.0.1:<A>`` (no prefix, so
-the reader names are the same on both).  Then, for A directly and for B:
+emulated cards, B with ``--backend tcp://127.0.0.1:<A>?prefix=`` (an empty
+prefix rather than A's owner id, so the reader names are the same on both).  Then, for A directly and for B:
 
 1. one client, ``--count`` sequential APDUs (one request each, after
    ``--warmup`` unmeasured ones): per-APDU latency p50/p99 and APDUs/s;
@@ -136,7 +136,7 @@ def main(argv=None):
     a.start()
     b = None
     try:
-        b = ProxyProcess("--backend", f"tcp://{HOST}:{a.port}?connections={args.connections}", *quiet)
+        b = ProxyProcess("--backend", f"tcp://{HOST}:{a.port}?connections={args.connections}&prefix=", *quiet)
         b.start()
         wait_for_readers(b.port)
         results = {"sequential": {}, "concurrent": {}}

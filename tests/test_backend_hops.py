@@ -148,6 +148,8 @@ class ScriptedUpstream:
                     continue
                 if command.startswith("READERS"):
                     out.append(f">{cid}:{self.listing}")
+                elif command.startswith("OWNER"):
+                    out.append(f">{cid}:C081")  # no owner id: its readers keep their names
                 elif reader == "Bad":
                     out.append(JUNK[self.junk % len(JUNK)].format(id=cid))
                     self.junk += 1

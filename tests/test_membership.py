@@ -119,11 +119,11 @@ class DropTests(SynchronousTestCase):
 
     def test_an_owner_at_a_new_address_gets_its_names(self):
         first = Upstream(where="tcp://10.0.0.1:4001", names=("rack1/Card",))
-        first.owner_id = "rack1"
+        first.owner = "rack1"
         first.start(self.registry)
         self.registry.drop(first)
         moved = Upstream(where="tcp://10.0.0.2:4001", names=("rack1/Card",))
-        moved.owner_id = "rack1"
+        moved.owner = "rack1"
         moved.start(self.registry)
         self.assertIs(self.registry.get("rack1/Card").backend, moved)
 

@@ -60,13 +60,17 @@ class FakeEndpoint:
 class Conn:
     """One fake upstream connection: read what we sent, answer it."""
 
-    def __init__(self, proto, transport):
+    def __init__(self, proto, transport, owner="C081"):
         self.proto = proto
         self.transport = transport
         self.seen = 0
+        #: what OWNER is answered with (C081: an upstream with no owner id)
+        self.owner = owner
+        self.owner_ids = {}  # READERS id -> the id of the OWNER asked with it
 
     def requests(self):
-        """The requests written since the last call: [(reader_line, id, command)]."""
+        """The requests written since the last call: [(reader_line, id, command)];
+        OWNER asked with READERS is one READERS entry (``answer`` answers both)."""
         data = self.transport.value()[self.seen:]
         self.seen += len(data)
         out = []
@@ -74,6 +78,9 @@ class Conn:
             if not chunk:
                 continue
             lines = chunk.decode().split("\n")
+            if len(lines) == 3 and lines[1].endswith(":OWNER|") and lines[2].endswith(":READERS|"):
+                self.owner_ids[lines[2][1:].partition(":")[0]] = lines[1][1:].partition(":")[0]
+                del lines[1]
             assert len(lines) == 2, chunk
             assert lines[0].startswith(">") and lines[0].endswith("|"), lines
             assert lines[1].startswith(">") and lines[1].endswith("|"), lines
@@ -83,7 +90,9 @@ class Conn:
         return out
 
     def answer(self, cid, result):
-        self.proto.dataReceived(f">{cid}:{result}\n@@\n".encode())
+        oid = self.owner_ids.pop(cid, None)
+        owner = f">{oid}:{self.owner}\n" if oid is not None and self.owner is not None else ""
+        self.proto.dataReceived(f"{owner}>{cid}:{result}\n@@\n".encode())
 
     def lose(self, why=None):
         self.proto.connectionLost(Failure(why or ConnectionLost("gone")))
@@ -202,7 +211,7 @@ class FramingTests(Base):
         conn.requests()
         self.backend.transmit("Emulated 00", b"\x00\x84\x00\x00\x08")
         self.assertEqual(conn.transport.value()[conn.seen:],
-                         b">Emulated 00|\n>2:APDU:0084000008|\n\n")
+                         b">Emulated 00|\n>3:APDU:0084000008|\n\n")  # 1, 2: OWNER, READERS
 
     def test_answer_split_across_reads_and_crlf(self):
         conn = self.connect()
@@ -574,7 +583,7 @@ class FromUrlTests(SynchronousTestCase):
         b = self.make("tcp://127.0.0.1:4001")
         verifyObject(IBackend, b)
         self.assertEqual((b.where, b.connections, b.refresh, b.prefix, b.password, b.tls),
-                         ("tcp://127.0.0.1:4001", 4, 10.0, "", None, False))
+                         ("tcp://127.0.0.1:4001", 4, 10.0, None, None, False))  # None: by owner id
         self.assertEqual(self.make("tcp://[::1]").where, "tcp://[::1]:4001")
 
     def test_settings_are_validated(self):

@@ -42,7 +42,7 @@ FRONTENDS = ("line", "rest", "api", "ram", "metrics")
 #: Commands an identity's ``commands`` may list (docs/protocol.md "Commands").
 KNOWN_COMMANDS = frozenset(COMMANDS - {"EMPTYLINE"})
 #: Commands simple mode answers without a password (as before identities).
-OPEN_IN_SIMPLE_MODE = frozenset(("READERS", "LIST", "ENUM", "ALIASES", "CHAIN", "PERSONALIZE"))
+OPEN_IN_SIMPLE_MODE = frozenset(("READERS", "LIST", "ENUM", "ALIASES", "CHAIN", "PERSONALIZE", "OWNER"))
 
 
 class Identity:
@@ -251,6 +251,8 @@ def load_credentials(path, allow_anonymous=False):
         commands = _strings(client, "commands", where)
         if commands is not None:
             commands = [c.upper() for c in commands]
+            if "READERS" in commands:
+                commands.append("OWNER")  # a front asks it with READERS (docs/protocol.md "### OWNER")
             wrong = sorted(set(commands) - KNOWN_COMMANDS)
             if wrong:
                 raise ValueError(f"{where}: unknown command {wrong[0]!r} in commands "

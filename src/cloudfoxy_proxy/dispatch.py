@@ -18,7 +18,7 @@ from .interfaces import MAX_ATR, MAX_RESPONSE, MIN_ATR, bad_result
 from .errors import CardError
 from .logs import Logger, RateLimitedLog
 from .parser import (
-    ALIASES, CHAIN, ENUM, LIST, PERSONALIZE, READERS, Request,
+    ALIASES, CHAIN, ENUM, LIST, OWNER, PERSONALIZE, READERS, Request,
 )
 from .parser import CLIENT
 from .registry import QueueFull, b64name
@@ -125,6 +125,8 @@ class Dispatcher:
         self.trace = None
         #: requests answered later, in start order (``give_up`` on shutdown)
         self.pending = {}
+        #: this proxy's ``--owner-id``, the answer to OWNER (None: C081)
+        self.owner_id = None
 
     def execute(self, request, session, unresolved=None):
         """Response lines (``(id, result)`` pairs) or a Deferred for them;
@@ -231,6 +233,8 @@ class Dispatcher:
             if sees is None:
                 return self.registry.listing
             return "|".join(b64name(r.name) for r in self.registry.readers if sees(r))
+        if name == OWNER:
+            return self.owner_id or errors.FAILED
         if name == PERSONALIZE:
             session.tag = command.data[:100]  # a client tag, not a store for client bytes
             self.client_log.info("client {peer} personalized as {tag!r}", peer=session.peer,

@@ -29,9 +29,8 @@ from twisted.internet.task import LoopingCall
 from .backends import BackendSettings, float_param, int_param, query
 from .etcd import EtcdClient, EtcdError, b64 as _b64, range_end as _end, unb64
 from .logs import Logger
+from .owners import is_owner_id
 
-#: What an owner id may be (docs/protocol.md, OWNER).
-OWNER_ID = re.compile(r"[A-Za-z0-9._-]{1,63}")
 #: Owners a front takes from etcd unless ``max_members=`` says otherwise.
 MAX_MEMBERS = 256
 #: Seconds between liveness checks of etcd while a watch is open.
@@ -482,7 +481,7 @@ class EtcdWatch(Service):
         except ValueError:
             data = None
         url = owner_url(data.get("url")) if isinstance(data, dict) else None
-        if (not OWNER_ID.fullmatch(owner) or not isinstance(data, dict) or data.get("id") != owner
+        if (not is_owner_id(owner) or not isinstance(data, dict) or data.get("id") != owner
                 or url is None):
             now = self.clock.seconds()
             if now >= self._bad_next:

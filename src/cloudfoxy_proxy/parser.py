@@ -25,6 +25,9 @@ COMMANDS = frozenset(
 #: Between proxies: on whose behalf the next requests are (relay.py).
 CLIENT = "CLIENT"
 COMMANDS = COMMANDS | {CLIENT}
+#: A proxy's owner id, asked by a front (docs/protocol.md "### OWNER").
+OWNER = "OWNER"
+COMMANDS = COMMANDS | {OWNER}
 #: Commands that run on one card, under that card's queue.
 CARD_COMMANDS = frozenset((RESET, APDU, SIGN))
 #: A line-protocol connection's card session (docs/protocol.md "HOLD and

@@ -219,9 +219,9 @@ class Reader:
 def place(backend):
     """Where a backend's cards are, for names of dropped backends
     (ReaderRegistry.drop): its upstream's owner id when it knows one
-    (``owner_id``: the same owner at a new address has the same cards),
+    (``owner``: the same owner at a new address has the same cards),
     else its address (``where``, e.g. ``tcp://host:4001``), else None."""
-    owner = getattr(backend, "owner_id", None)
+    owner = getattr(backend, "owner", None)
     if owner:
         return ("owner", owner)
     return getattr(backend, "where", None)
@@ -397,6 +397,12 @@ class ReaderRegistry:
             if name is not None:
                 return name
         return self._unique(info.name)
+    def taken(self, backend, names):
+        """The names among ``names`` that were given to a reader of another
+        backend (listed now or earlier: a name, once given, stays that
+        reader's)."""
+        given = self._names
+        return [n for n in names if n in given and given[n].backend is not backend]
 
     def reported(self, backend):
         """True once ``backend`` has called :meth:`update` (readiness)."""

@@ -142,6 +142,9 @@ class Options(usage.Options):
          "File with the X-Auth-Token for cloudfoxy+http(s) backends; env FOXYPROXY_TOKEN."],
         ["password-file", None, None,
          "File with the reader-line password for tcp:// and tls:// backends; env FOXYPROXY_PASSWORD."],
+        ["owner-id", None, None,
+         "This proxy's id as an owner (1-63 of A-Z a-z 0-9 . _ -; default: the host name): it answers "
+         "OWNER with it, and fronts (tcp:// backends) name its readers ID/READER."],
         ["ca-certs", None, None, "File or directory of issuer certificates used to complete CHAIN."],
         ["api", None, None, "Serve the HTTP/JSON and WebSocket API (docs/api.md) on this endpoint."],
         ["api-token-file", None, None,
@@ -156,8 +159,6 @@ class Options(usage.Options):
         ["register", None, None,
          "etcd://HOST:PORT/PREFIX[?advertise=tcp://HOST:PORT&ttl=SECONDS]: register this proxy as "
          "owner --owner-id under a lease, for fronts watching PREFIX (docs/tcp.md)."],
-        ["owner-id", None, None,
-         "This proxy's id as an owner (1..63 of A-Z a-z 0-9 . _ -); default: the host name."],
         ["log-format", None, "text", "text (human-readable) or json (one JSON object per line)."],
         ["drain-timeout", None, "5",
          "On SIGTERM, seconds in-flight requests may finish before they are answered C086."],
@@ -336,6 +337,13 @@ class Options(usage.Options):
             "client-password-file", self["client-password-file"], "FOXYPROXY_CLIENT_PASSWORD")
         self["token"] = read_secret("token-file", self["token-file"], "FOXYPROXY_TOKEN")
         self["password"] = read_secret("password-file", self["password-file"], "FOXYPROXY_PASSWORD")
+        from .owners import check_owner_id, default_owner_id
+
+        try:
+            self["owner-id"] = (default_owner_id() if self["owner-id"] is None
+                                else check_owner_id(self["owner-id"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--owner-id: {e}") from None
         self["rest-token"] = None
         if self["rest"] is not None:
             self["rest"] = check_endpoint("rest", self["rest"])
@@ -399,8 +407,6 @@ class Options(usage.Options):
 
     def _validate_membership(self):
         """``--backend etcd://...``, ``--register`` and ``--owner-id`` (docs/tcp.md, "Membership")."""
-        import socket
-
         self["etcd-watches"] = []
         for url in self["backend"]:
             if membership.is_etcd(url):
@@ -408,20 +414,12 @@ class Options(usage.Options):
                     self["etcd-watches"].append(membership.watch_source(url))
                 except ValueError as e:
                     raise usage.UsageError(f"--backend {url!r}: {e}") from None
-        if self["owner-id"] is not None and not membership.OWNER_ID.fullmatch(self["owner-id"]):
-            raise usage.UsageError(f"--owner-id {self['owner-id']!r}: use 1 to 63 characters of "
-                                   "A-Z a-z 0-9 . _ -")
-        if self["owner-id"] is None:
-            self["owner-id"] = socket.gethostname()
         self["register-source"] = None
         if self["register"] is not None:
             try:
                 self["register-source"] = membership.register_source(self["register"])
             except ValueError as e:
                 raise usage.UsageError(f"--register {self['register']!r}: {e}") from None
-            if not membership.OWNER_ID.fullmatch(self["owner-id"]):
-                raise usage.UsageError(f"--register: the host name {self['owner-id']!r} is not a valid "
-                                       "owner id; give --owner-id NAME")
             if self["register-source"].advertise is None and not self["endpoints"][0].startswith(
                     ("tcp:", "tcp6:", "systemd:")):
                 raise usage.UsageError(f"--register {self['register']!r}: -p {self['port']!r} has no TCP "
@@ -612,6 +610,7 @@ def makeService(config, reactor=None):
                 "--trace-unredacted: PINs, PUKs and secure-channel data are written IN CLEAR to "
                 "{files}; for lab use only, never with real users' cards", files=", ".join(config["trace"]))
     top.dispatcher = dispatcher
+    dispatcher.owner_id = config.get("owner-id")
     top.readiness = core.readiness = ops.Readiness(top, registry, core.backends, reactor)
     if dispatcher.audit is not None:
         top.readiness.checks.append(dispatcher.audit.reasons)  # not ready while records are lost

@@ -5,9 +5,15 @@
 ``tls://HOST:PORT?ca=FILE&cert=FILE&key=FILE&prefix=NAME&...``
 
 The upstream is a CloudFoxy TCP endpoint or another proxy (chaining).  Its
-readers come from its ``READERS`` answer and appear here as ``PREFIX`` +
-their upstream name (at most ``readers_max`` of them, names of at most
-MAX_NAME bytes).  RESET and APDU go upstream with ids of our own, a
+readers come from its ``READERS`` answer, asked together with ``OWNER``
+(docs/protocol.md "### OWNER"), and appear here as ``<owner id>/`` + their
+upstream name, or ``PREFIX`` + that name when the URL gives ``prefix=`` or
+the upstream has no owner id (``C081``: foxyproxy 2.10); at most
+``readers_max`` of them, names of at most MAX_NAME bytes.  An upstream
+named by an owner id another upstream of this process has, or whose names
+are another backend's, is refused (owners.OwnerClaims): at start-up the
+process stops with one line, later its readers are not listed.  RESET and
+APDU go upstream with ids of our own, a
 client request's run of them as one upstream request (:meth:`transmit_batch`,
 so they stay back to back on the card), over a small pool of persistent
 connections (ClientService each, reconnecting with back-off).  See docs/tcp.md.
@@ -65,7 +71,7 @@ import collections
 from urllib.parse import parse_qsl, urlsplit
 
 import attr
-from twisted.internet.defer import gatherResults, succeed
+from twisted.internet.defer import fail, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
@@ -73,6 +79,7 @@ from .. import errors
 from ..interfaces import IBackend, ReaderInfo, settle
 from ..errors import CardError
 from ..logs import Logger
+from ..owners import claims as owner_claims, is_owner_id
 from ..parser import COMMANDS
 from ..secrets import read_secret
 from .tcp_hold import HeldCard
@@ -162,7 +169,7 @@ def from_url(url, settings=BackendSettings()):
     keepalive = (int_param(params, "keepalive_idle", KEEPALIVE[0], 1, 32767),
                  int_param(params, "keepalive_interval", KEEPALIVE[1], 1, 32767),
                  int_param(params, "keepalive_count", KEEPALIVE[2], 1, 127))
-    prefix = params.get("prefix", "")
+    prefix = params.get("prefix")  # None: name the readers by the upstream's owner id
     if "password_file" in params:
         password = read_secret("password_file", params["password_file"])
     else:
@@ -206,14 +213,18 @@ class TcpBackend(UpstreamPool):
     off; ``from_url`` gives HEARTBEAT) and ``heartbeat_timeout``: the
     liveness check of idle connections of a persistent upstream;
     ``keepalive``: (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) in seconds,
-    seconds and probes, or None (the system's defaults).
+    seconds and probes, or None (the system's defaults).  ``prefix``: put
+    before every upstream reader name; None (the URL gives no ``prefix=``):
+    ``<owner id>/``, or nothing for an upstream without one.  ``owner``: the
+    upstream's owner id once its readers are listed (None: none, or not
+    known yet); it is fixed for the life of the backend.
     """
 
     endpoint = attr.ib()
     clock = attr.ib()
     where = attr.ib(default="upstream")
     password = attr.ib(default=None, repr=False)
-    prefix = attr.ib(default="")
+    prefix = attr.ib(default=None)
     connections = attr.ib(default=4)
     refresh = attr.ib(default=10.0)
     timeout = attr.ib(default=15.0)
@@ -258,6 +269,11 @@ class TcpBackend(UpstreamPool):
     #: audits this proxy, not its clients); CLIENT is not sent to it again
     relaying = attr.ib(init=False, default=True, repr=False)
     _client_warned = attr.ib(init=False, default=None, repr=False)  # when C085 was last logged
+    owner = attr.ib(init=False, default=None)
+    _named = attr.ib(init=False, default=False, repr=False)  # owner fixed by a first listing
+    _claims = attr.ib(init=False, default=None, repr=False)  # owners.OwnerClaims of the registry
+    _refused = attr.ib(init=False, default=None, repr=False)  # why the last listing was not used
+    _odd_owner = attr.ib(init=False, default=None, repr=False)  # an OWNER answer logged as no id
 
     log = Logger()
 
@@ -282,6 +298,8 @@ class TcpBackend(UpstreamPool):
 
     def start(self, registry):
         self._registry = registry
+        self._claims = owner_claims(registry)
+        self._claims.begin(self)
         self._updates = ReaderUpdates(registry, self, self.clock)
         self._running = True
         for _ in range(self.connections):
@@ -297,6 +315,8 @@ class TcpBackend(UpstreamPool):
 
     def stop(self):
         self._running = False
+        if self._claims is not None:
+            self._claims.release(self)
         if self._updates is not None:
             self._updates.stop()
         if self._loop is not None and self._loop.running:
@@ -449,9 +469,13 @@ class TcpBackend(UpstreamPool):
             if call.bad is not None:
                 self._warn_malformed(call)
             results = call.results
-            if call.readers:
-                if results and results[0] is not None:
-                    call.d.callback(results[0])
+            if call.raw:
+                call.d.callback([results[i] if i < len(results) and results[i] is not None
+                                 else errors.UPSTREAM for i in range(len(call.ids))])
+            elif call.readers:
+                n = len(call.ids)  # OWNER and READERS, or READERS alone
+                if len(results) >= n and results[n - 1] is not None:
+                    call.d.callback((results[0], results[1]) if n == 2 else results[0])
                 else:
                     call.d.errback(CardError(errors.UPSTREAM, call.bad or "no READERS answer"))
             else:
@@ -522,6 +546,35 @@ class TcpBackend(UpstreamPool):
                       "C086 for that request{more}", upstream=self.where, reader=call.key,
                       why=call.bad, more=f" ({more} more since the last warning)" if more else "")
 
+    def ask(self, commands, reader=None, pin=None):
+        """Commands the upstream answers itself (ENUM, ALIASES, CHAIN,
+        SIGN: its certificate index, docs/tcp.md "Certificates at the
+        owner") as one upstream request: ``commands`` are
+        ``NAME[:DATA[:OBJECT]]`` texts, ``reader`` the reader line's
+        text (an upstream reader name, or a certificate alias or subject
+        without ``:``; None: ``*``), ``pin`` what follows the upstream
+        password on it.  A Deferred firing with one result string per
+        command (the answer, or a C08x code: ``C086`` for a lost or
+        malformed answer); CardError ``C086`` at once when the upstream is
+        down, TimeoutError after ``timeout`` seconds."""
+        if not self._running:
+            return fail(CardError(errors.UPSTREAM, "backend stopped"))
+        conn = self._pick(None)
+        if conn is None and self._down:
+            return fail(CardError(errors.UPSTREAM, f"upstream {self.where} unreachable"))
+        text = "*" if reader is None else reader
+        for part in (self.password, pin):
+            if part:
+                text += ":" + part
+        ids = [self._id() for _ in commands]
+        lines = [b">" + cid + b":" + command.encode("utf-8") + b"|\n" for cid, command in zip(ids, commands)]
+        call = _Call(self, ids, None, b">" + text.encode("utf-8") + b"|\n" + b"".join(lines) + b"\n", raw=True)
+        if conn is not None:
+            conn.send(call)
+        else:
+            self._wait(call)
+        return call.d.addTimeout(self.timeout, self.clock)  # TimeoutError; the late answer is discarded
+
     # -- readers ----------------------------------------------------------
 
     def _refresh(self):
@@ -543,16 +596,25 @@ class TcpBackend(UpstreamPool):
         d.addBoth(self._refreshed)
 
     def _readers_call(self, heartbeat=False):
-        """A READERS request (for no reader in particular)."""
-        cid = self._id()
-        data = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") \
-            + b"|\n>" + cid + b":READERS|\n\n"
-        return _Call(self, [cid], None, data, readers=True, heartbeat=heartbeat)
+        """An OWNER and READERS request (for no reader in particular); a
+        heartbeat asks READERS alone."""
+        head = b">*" + (b":" + self.password.encode("utf-8") if self.password else b"") + b"|\n"
+        ids = [self._id()] if heartbeat else [self._id(), self._id()]
+        commands = [b"READERS"] if heartbeat else [b"OWNER", b"READERS"]
+        data = head + b"".join(b">" + i + b":" + c + b"|\n" for i, c in zip(ids, commands)) + b"\n"
+        return _Call(self, ids, None, data, readers=True, heartbeat=heartbeat)
+
+    def _attempt_failed(self, reason):
+        if self._claims is not None:
+            self._claims.settled(self)  # down at start: a conflict later is no start-up error
+        return UpstreamPool._attempt_failed(self, reason)
 
     def _refreshed(self, _):
         self._refreshing = None
 
     def _readers_failed(self, failure):
+        if self._claims is not None:
+            self._claims.settled(self)
         self.log.warn("reading the readers of {upstream} failed: {why}",
                       upstream=self.where, why=failure.getErrorMessage())
         self._again_soon()
@@ -568,11 +630,21 @@ class TcpBackend(UpstreamPool):
         self._soon = self.clock.callLater(delay, self._refresh)
 
     def _got_readers(self, result):
+        """An answer to :meth:`_readers_call`: ``(OWNER's result, READERS'
+        result)``, or READERS' alone (no owner id)."""
+        try:
+            self._listed(*(result if isinstance(result, tuple) else (errors.FAILED, result)))
+        finally:
+            if self._claims is not None:
+                self._claims.settled(self)
+
+    def _listed(self, answer, result):
         if result is None or errors.is_error(result):
             self.log.warn("upstream {upstream} answered READERS with {result}",
                           upstream=self.where, result=result)
             self._again_soon()
             return
+        owner = self._owner_answer(answer)
         names = []
         cap = self._cap
         cap.begin()
@@ -606,9 +678,79 @@ class TcpBackend(UpstreamPool):
             self._soon_delay = EMPTY_RETRY
         else:
             self._again_soon()  # e.g. an upstream proxy still finding its cards
-        if names == self.listing or self._registry is None:
+        if self._registry is None or (names == self.listing and owner == (self.owner or "")):
             return
+        why = self._refusal(owner, names)
+        if why is not None:
+            self._refuse(why)
+            return
+        if self._refused is not None:
+            self.log.info("upstream {upstream}: its readers are listed again", upstream=self.where)
+            self._refused = None
+        self.owner, self._named = owner or None, True
+        if owner and self.persistent is not True:
+            # Only a proxy like this one answers OWNER with an id, and it keeps
+            # connections: pipeline now rather than learn it (a quick restart
+            # of the owner must not look like "one request per connection").
+            self.log.info("upstream {upstream} is owner {owner}, so it keeps connections open: "
+                          "pipelining requests",
+                          upstream=self.where, owner=owner)
+            self.persistent = True
+            self._unpark()
+            for conn in self._live:
+                conn.spent = False
+            self._flush()
         self.listing = names
         self._lines = {}
-        prefix = self.prefix
+        prefix = self._prefix(owner)
         self._updates.update(names, lambda n: ReaderInfo(n, prefix + n))
+
+    def _prefix(self, owner):
+        """What goes before the upstream's reader names here."""
+        if self.prefix is not None:
+            return self.prefix
+        return owner + "/" if owner else ""
+
+    def _owner_answer(self, answer):
+        """The owner id in OWNER's result, else ``""``: an upstream without
+        one (``C081``: foxyproxy 2.10, an older proxy; anything else that is
+        not an id is said once in the log)."""
+        if is_owner_id(answer):
+            return answer
+        if answer != errors.FAILED and not self._named and answer != self._odd_owner:
+            self._odd_owner = answer
+            self.log.warn("upstream {upstream} answered OWNER with {answer!r}, not an owner id: "
+                          "its readers are named as an upstream's without one", upstream=self.where,
+                          answer=str(answer)[:80])
+        return ""
+
+    def _refusal(self, owner, names):
+        """Why the upstream's readers (owner id ``owner``, names ``names``)
+        cannot be listed, or None; claims ``owner`` when they can."""
+        if self._named and owner != (self.owner or ""):
+            self.listing = ()
+            self._updates.update(())  # another owner at this address: none of its readers
+            return (f"it now answers OWNER with {owner or 'no id'!r}, not {self.owner or 'no id'!r}: its "
+                    "readers are not listed until it answers as before (restart this proxy to take the new owner)")
+        by_owner = owner and self.prefix is None  # names made of the owner id: one upstream per id
+        holder = self._claims.holder(owner) if by_owner else None
+        if holder is not None and holder is not self:
+            return f"owner id {owner!r} is already that of {holder.where} (two upstreams with one owner id)"
+        prefix = self._prefix(owner)
+        taken = self._registry.taken(self, [prefix + n for n in names])
+        if taken:
+            more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
+            return (f"reader name(s) {', '.join(repr(t) for t in taken[:3])}{more} are another "
+                    "backend's already")
+        if by_owner:
+            self._claims.claim(self, owner)
+        return None
+
+    def _refuse(self, why):
+        """Do not list this listing (a conflict): fatal at start-up
+        (owners.OwnerClaims), else one log line per reason."""
+        message = f"backend {self.where}: {why}"
+        if self._claims.refused(self, message) or why == self._refused:
+            return
+        self._refused = why
+        self.log.warn("{refusal}; its readers are not listed", refusal=message)

@@ -283,7 +283,7 @@ class UpstreamPool:
             closes_after_answer = (
                 conn.answers == 1 and reason.check(ConnectionDone) is not None
                 and now - conn.first_answer_at < PROBE_DELAY)
-            if closes_after_answer and self.persistent is not False:
+            if closes_after_answer and self.persistent is not False and self.owner is None:
                 self.log.info("upstream {upstream} closes the connection after each answer: "
                               "a new connection for every request", upstream=self.where)
                 self.persistent = False

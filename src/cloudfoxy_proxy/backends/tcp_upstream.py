@@ -39,7 +39,8 @@ class _Call:
     """One upstream request: its bytes, our ids of its commands (in order),
     its Deferred.  ``results`` collects one text per answer line (None for
     a line that was malformed); ``batch``: the Deferred fires with a list
-    of per-command results (see :meth:`TcpBackend.transmit_batch`);
+    of per-command results (see :meth:`TcpBackend.transmit_batch`); ``raw``:
+    with a list of the result strings (:meth:`TcpBackend.ask`);
     ``heartbeat``: the liveness check of its connection (its answer and
     failure go nowhere; ``watch`` is then its deadline); ``client``: who
     a card request is for (``(peer, identity name, front end)``, or None:
@@ -48,12 +49,12 @@ class _Call:
     request itself (its failure goes nowhere)."""
 
     __slots__ = ("backend", "ids", "key", "data", "readers", "batch", "d", "state", "conn",
-                 "results", "bad", "watch", "heartbeat", "client", "control")
+                 "results", "bad", "watch", "heartbeat", "client", "control", "raw")
 
     def __init__(self, backend, ids, key, data, readers=False, batch=False, heartbeat=False, client=None,
-                 control=False):
+                 control=False, raw=False):
         self.backend, self.ids, self.key, self.data = backend, ids, key, data
-        self.readers, self.batch, self.heartbeat = readers, batch, heartbeat
+        self.readers, self.batch, self.heartbeat, self.raw = readers, batch, heartbeat, raw
         self.client, self.control = client, control
         self.d = Deferred(self._cancel)
         if heartbeat or control:
@@ -308,6 +309,12 @@ class _UpstreamProtocol(Protocol):
             n = len(head.results)
             cid = cid.strip()
             if n < len(head.ids) and cid == head.ids[n]:
+                head.results.append(result.strip().decode("utf-8", "replace"))
+                return
+            if head.readers and n == 0 and len(head.ids) == 2 and cid == head.ids[1]:
+                # OWNER and READERS to an upstream that answers only a
+                # request's last command (foxyproxy 2.10): it has no id.
+                head.results.append(errors.FAILED)
                 head.results.append(result.strip().decode("utf-8", "replace"))
                 return
             if any(cid in call.ids for call in self.calls if call is not head):

@@ -21,6 +21,11 @@ uninterrupted sequence bounded by the command timeout.  A PIN the card has
 just rejected is never presented to it again in a row: the index keeps a
 keyed hash of the last wrong PIN per card (forgotten on success, RESET and
 card change) and answers ``C085`` without touching the card.
+
+The cards of a ``tcp://`` / ``tls://`` upstream with an owner id are its
+owner's to probe (signing/upstream.py): they are never probed through the
+hop; ENUM, ALIASES and CHAIN first ask each such owner's index (one
+request, no card command) and SIGN on such a reader is the owner's SIGN.
 """
 
 import base64
@@ -40,6 +45,7 @@ from ..logs import Logger
 from .certs import build_chain, der_bytes
 from .profiles import HASH_NAMES, HASHES, PROFILES, PinBlocked, WrongPin
 from ..registry import QueueFull, b64name
+from .upstream import Mirror, remote, reader_text, safe_line
 
 
 #: Arrival probes run at once; the other arrived cards wait in arrival
@@ -72,7 +78,7 @@ class _CardState:
     """What the index knows about the card in one reader."""
 
     __slots__ = ("reader", "present", "atr", "generation", "profile", "certs", "probed",
-                 "queued", "running", "again", "wrong_pin", "dirty", "failed")
+                 "queued", "running", "again", "wrong_pin", "dirty", "failed", "issuers")
 
     def __init__(self, reader):
         self.reader = reader
@@ -88,12 +94,14 @@ class _CardState:
         self.wrong_pin = None  # keyed hash of the PIN the card last rejected
         self.dirty = False  # reset by a client since the last probe
         self.failed = False  # the last probe failed: no lazy probe until the card comes again
+        self.issuers = ()  # x509 issuer certificates its owner's CHAIN gave (an owner's card)
 
     def forget(self):
         self.generation += 1
         self.failed = False
         self.profile = None
         self.certs = ()
+        self.issuers = ()
         self.probed = False
         self.wrong_pin = None
 
@@ -184,6 +192,10 @@ class CertIndex(Service):
         self.started = False
         #: a trace.Tracer for the index's own APDUs (``--trace``), or None
         self.trace = None
+        self._mirrors = {}  # backend -> upstream.Mirror (an owner's certificates)
+        self._mirror_call = None  # DelayedCall: ask the owners whose readers arrived
+        self._mirror_due = set()
+        self._owners_failing = set()  # backends whose owner could not be asked (logged once)
 
     def start(self):
         """Watch the registry (probing the cards it already has)."""
@@ -212,6 +224,15 @@ class CertIndex(Service):
             listed.add(reader)
             state = self._state(reader)
             atr = reader.info.atr if reader.info is not None else None
+            if remote(reader):  # its owner probes it
+                if reader.present and not state.present:
+                    state.present = True
+                    self._mirror_due.add(reader.backend)
+                    if self._mirror_call is None:
+                        self._mirror_call = self.clock.callLater(0, self._ask_owners)
+                elif not reader.present and state.present:
+                    self._departed(state)
+                continue
             if reader.present and (not state.present or atr != state.atr):
                 self._arrived(state, atr)
             elif not reader.present and state.present:
@@ -250,6 +271,9 @@ class CertIndex(Service):
     def stop(self):
         """Cancel pending arrival probes (for an orderly shutdown)."""
         self._arrivals.clear()
+        call, self._mirror_call = self._mirror_call, None
+        if call is not None and call.active():
+            call.cancel()
         call, self._arrival_call = self._arrival_call, None
         if call is not None and call.active():
             call.cancel()
@@ -287,12 +311,56 @@ class CertIndex(Service):
         """The present, never-probed cards that nobody holds: the lazy probes
         ENUM, ALIASES and CHAIN wait for."""
         return [s.reader for s in self._present_states()
-                if not (s.probed or s.failed or s.queued or s.running) and self.free(s.reader)]
+                if not (s.probed or s.failed or s.queued or s.running or remote(s.reader))
+                and self.free(s.reader)]
+
+    # Owners' certificates (signing/upstream.py) ------------------------------------
+    def _ask_owners(self):
+        self._mirror_call = None
+        due, self._mirror_due = self._mirror_due, set()
+        for backend in due:
+            self.ask_owner(backend)
+
+    def ask_owner(self, backend):
+        """Learn the certificates of ``backend``'s owner (its ENUM, ALIASES
+        and CHAIN): a Deferred that fires (with None) when the index knows
+        them, or knows that the owner could not be asked (logged)."""
+        mirror = self._mirrors.get(backend)
+        if mirror is None:
+            mirror = self._mirrors[backend] = Mirror(backend)
+        d = mirror.refresh()
+        d.addCallbacks(self._owner_said, self._owner_failed, (backend,), None, (backend,))
+        return d
+
+    def _owner_said(self, found, backend):
+        self._owners_failing.discard(backend)
+        for reader in self.registry.readers:
+            if reader.backend is not backend:
+                continue
+            state = self._state(reader)
+            certs, issuers = found.get(reader.key, ((), ()))
+            if tuple(certs) != state.certs or not state.probed:
+                state.issuers = tuple(issuers)
+                self._store(state, None, certs)
+
+    def _owner_failed(self, failure, backend):
+        if backend in self._owners_failing:
+            return  # said once until it answers again
+        self._owners_failing.add(backend)
+        self.log.info("asking the certificates of {upstream} failed: {why} (ENUM, ALIASES and "
+                      "CHAIN answer from what it said last)",
+                      upstream=getattr(backend, "where", backend), why=failure.getErrorMessage())
+
+    def _owners(self):
+        """The backends of the present readers whose owner probes them."""
+        return list(dict.fromkeys(s.reader.backend for s in self._present_states() if remote(s.reader)))
 
     # Probing -----------------------------------------------------------------------
     def probe(self, reader):
         """Probe the card in ``reader`` in a turn of its own; a Deferred
         that fires (with None) when the index is up to date."""
+        if remote(reader):
+            return succeed(None)  # its owner probes it
         state = self._state(reader)
         if state.queued:
             return succeed(None)  # the queued probe runs after whatever caused this one
@@ -455,7 +523,8 @@ class CertIndex(Service):
             state, cert = self.lookup(text, sees)
         except CardError as e:
             return e.code
-        pool = [c.cert for c in state.certs if c.cert is not None and c is not cert] + self.ca_certs
+        pool = [c.cert for c in state.certs if c.cert is not None and c is not cert] + list(
+            state.issuers) + self.ca_certs
         return ":".join(base64.b64encode(der_bytes(c)).decode("ascii") for c in build_chain(cert.cert, pool))
 
     def command(self, name, command, request, sees=None):
@@ -463,8 +532,10 @@ class CertIndex(Service):
         Deferred for it when cards nobody holds have not been probed yet
         (they are probed first, each in its own turn on its queue)."""
         due = self._due()
-        if due:
-            d = DeferredList([self.probe(reader) for reader in due], consumeErrors=True)
+        owners = self._owners()
+        if due or owners:
+            d = DeferredList([self.probe(reader) for reader in due] + [self.ask_owner(b) for b in owners],
+                             consumeErrors=True)
             return d.addCallback(lambda _: self._command(name, command, request, sees))
         return self._command(name, command, request, sees)
 
@@ -487,6 +558,8 @@ class CertIndex(Service):
             raise CardError(errors.NO_CARD)
         if not pin:
             raise CardError(errors.BAD_PIN, "no PIN on the reader line")
+        if remote(reader):
+            return self._sign_at_owner(reader, text, pin, data, algorithm)
         state = self._state(reader)
         tag = hmac.new(self._secret, pin.encode("utf-8"), hashlib.sha256).digest()
         if state.wrong_pin is not None and hmac.compare_digest(state.wrong_pin, tag):
@@ -494,6 +567,23 @@ class CertIndex(Service):
                           reader=reader.name)
             raise CardError(errors.BAD_PIN, "the same wrong PIN again")
         return self._sign(state, text, pin, tag, digest)
+
+    def _sign_at_owner(self, reader, text, pin, data, algorithm):
+        """SIGN on an owner's card: the owner's SIGN.  A reader line that
+        named a certificate (alias, subject) names it to the owner too (its
+        subject, else its alias), so the owner signs with that certificate
+        wherever it is now, or answers that it is gone; one that named the
+        reader names the upstream reader (its card's first certificate)."""
+        state = self._cards.get(reader)
+        named = [c for c in (state.certs if state is not None else ()) if text in c.names]
+        line = reader_text(reader.key)
+        if named:
+            line = next((n for n in (named[0].subject, named[0].alias) if safe_line(n)), None)
+            if line is None:
+                raise CardError(errors.FAILED, "the certificate has no name a reader line can carry")
+        command = "SIGN:" + "".join(data.split()) + (":" + algorithm.strip() if algorithm.strip() else "")
+        d = reader.backend.ask([command], reader=line, pin=pin)
+        return d.addCallback(_signature)
 
     def _sign_failed(self, state, error):
         # The reason names status words and steps, never the PIN.
@@ -539,6 +629,17 @@ class CertIndex(Service):
         self.log.info("SIGN on {reader} with {alias!r}: {hash}", reader=state.reader.name,
                       alias=cert.alias, hash=HASHES[len(digest)][0])
         return signature
+
+
+def _signature(results):
+    """The owner's SIGN result as signature bytes; raises CardError."""
+    [result] = results
+    if errors.is_error(result):
+        raise CardError(result, f"the owner answered SIGN with {result}")
+    try:
+        return bytes.fromhex(result)
+    except ValueError:
+        raise CardError(errors.UPSTREAM, "the owner's SIGN answer is not hex") from None
 
 
 def reader_entry(state, reader, text):
