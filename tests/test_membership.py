@@ -249,7 +249,7 @@ class OptionTests(SynchronousTestCase):
                 (["--backend", "etcd://127.0.0.1:2379/fp?prefix=x"], "unknown parameter"),
                 (["--register", "etcd://127.0.0.1:2379/fp?ttl=1"], "ttl=1"),
                 (["--register", "etcd://127.0.0.1:2379/fp?advertise=tcp://h:1?x=1"], "advertise="),
-                (["--owner-id", "a/b"], "--owner-id 'a/b'"),
+                (["--owner-id", "a/b"], "--owner-id: 'a/b' is not an owner id"),
                 (["-p", "unix:/tmp/x.sock", "--register", "etcd://127.0.0.1:2379/fp"], "add ?advertise=")):
             with self.assertRaises(usage.UsageError) as e:
                 self.parse(*argv)

@@ -97,7 +97,9 @@ def etcd_url(base, extra=""):
     return f"etcd://{base[len('http://'):]}/fp{extra}"
 
 
-EMULATED = ["Emulated 00", "Emulated 01", "Emulated 02", "Emulated 03"]
+def emulated(owner):
+    """The front's names of an owner's four emulated cards (docs/tcp.md, "Owner-stable names")."""
+    return [f"{owner}/Emulated 0{i}" for i in range(4)]
 
 
 def test_owner_joins_answers_and_leaves_on_sigterm(etcd, proxy_factory):
@@ -106,7 +108,7 @@ def test_owner_joins_answers_and_leaves_on_sigterm(etcd, proxy_factory):
     # the default address: the owner's first line-protocol listener
     assert wait_for(lambda: etcd_get(etcd, "fp/owners/rack1"), timeout=10) == {
         "id": "rack1", "url": f"tcp://{HOST}:{owner.port}"}
-    wait_for(lambda: readers(front) == EMULATED, timeout=10, what="the owner's readers on the front")
+    wait_for(lambda: readers(front) == emulated("rack1"), timeout=10, what="the owner's readers on the front")
     with front.client() as c:
         assert c.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
     owner.stop()  # SIGTERM: the lease is revoked, not left to expire (ttl=30)
@@ -121,7 +123,7 @@ def test_owner_joins_answers_and_leaves_on_sigterm(etcd, proxy_factory):
 def test_killed_owner_goes_after_its_ttl(etcd, proxy_factory):
     owner = proxy_factory("--owner-id", "rack2", "--register", etcd_url(etcd, "?ttl=3"))
     front = proxy_factory("--backend", etcd_url(etcd))
-    wait_for(lambda: readers(front) == EMULATED, timeout=10, what="the owner's readers on the front")
+    wait_for(lambda: readers(front) == emulated("rack2"), timeout=10, what="the owner's readers on the front")
     owner.kill()
     assert etcd_get(etcd, "fp/owners/rack2") is not None  # the lease outlives the process ...
     killed = time.monotonic()
@@ -150,7 +152,8 @@ def test_second_owner_with_a_live_id_is_refused(etcd, proxy_factory):
 
 
 def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_path):
-    a, b, c = (proxy_factory("--backend", f"emulated:?cards=1&prefix={p} ") for p in "ABC")
+    # three owners on one host: each its own --owner-id (the default, the host name, would be one id)
+    a, b, c = (proxy_factory("--owner-id", p, "--backend", "emulated:?cards=1&prefix=card ") for p in "ABC")
     config = tmp_path / "front.toml"
 
     def write(*owners):
@@ -164,7 +167,7 @@ def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_
         with urllib.request.urlopen(f"http://{HOST}:{status_port}/status.json", timeout=5) as r:
             return sorted((b["name"].split(" ")[0], b["readers"]) for b in json.load(r)["backends"])
 
-    wait_for(lambda: readers(front) == ["A 00", "B 00"], timeout=10, what="A and B on the front")
+    wait_for(lambda: readers(front) == ["A/card 00", "B/card 00"], timeout=10, what="A and B on the front")
     connected = front.log().count(f"connected to upstream tcp://{HOST}:{a.port}")
 
     answers, stop = [], threading.Event()
@@ -173,7 +176,7 @@ def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_
         with LineClient(HOST, front.port) as conn:
             deadline = time.monotonic() + 60
             while not stop.is_set() and time.monotonic() < deadline and len(answers) < 100000:
-                answers.extend(conn.results(f">A 00|\n>1:APDU:{SELECT_MF}|\n\n"))
+                answers.extend(conn.results(f">A/card 00|\n>1:APDU:{SELECT_MF}|\n\n"))
 
     thread = threading.Thread(target=client)
     thread.start()
@@ -181,7 +184,7 @@ def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_
         wait_for(lambda: len(answers) > 50, timeout=10, what="the client to run")
         write(a, c)
         front.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: readers(front) == ["A 00", "C 00"], timeout=10, what="B dropped and C added")
+        wait_for(lambda: readers(front) == ["A/card 00", "C/card 00"], timeout=10, what="B dropped and C added")
         assert status_backends() == sorted([(f"tcp://{HOST}:{a.port}", 1), (f"tcp://{HOST}:{c.port}", 1)])
         before = len(answers)
         wait_for(lambda: len(answers) > before + 50, timeout=10, what="the client to go on")
@@ -190,22 +193,22 @@ def test_sighup_adds_and_drops_upstreams_while_a_client_runs(proxy_factory, tmp_
         front.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "not used, the backends stay as they are" in front.log(), timeout=10,
                  what="the bad file's log line")
-        assert readers(front) == ["A 00", "C 00"]
+        assert readers(front) == ["A/card 00", "C/card 00"]
     finally:
         stop.set()
         thread.join(30)
     assert answers and set(answers) == {"9000"}  # not one error for the unchanged upstream
     assert front.log().count(f"connected to upstream tcp://{HOST}:{a.port}") == connected  # its connections stayed
     with front.client() as conn:
-        assert conn.results(f">C 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
-        assert conn.results(f">B 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C083"]
+        assert conn.results(f">C/card 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
+        assert conn.results(f">B/card 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C083"]
 
 
 def test_etcd_down_keeps_the_owners_and_the_watch_comes_back(etcd_server, proxy_factory):
     etcd = etcd_server.url
     owner = proxy_factory("--owner-id", "rack4", "--register", etcd_url(etcd, "?ttl=20"))
     front = proxy_factory("--backend", etcd_url(etcd))
-    wait_for(lambda: readers(front) == EMULATED, timeout=10, what="the owner's readers on the front")
+    wait_for(lambda: readers(front) == emulated("rack4"), timeout=10, what="the owner's readers on the front")
     upstream = f"connected to upstream tcp://{HOST}:{owner.port}"
     connected = front.log().count(upstream)
     etcd_server.stop()
@@ -214,11 +217,11 @@ def test_etcd_down_keeps_the_owners_and_the_watch_comes_back(etcd_server, proxy_
         while time.monotonic() < deadline:
             assert c.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
             time.sleep(0.05)
-    assert readers(front) == EMULATED  # the current owners stay
+    assert readers(front) == emulated("rack4")  # the current owners stay
     assert front.log().count("the current owners stay") == 1  # once a minute, not once a try
     etcd_server.start()  # the same data: the owner's key and lease are still there
     wait_for(lambda: "etcd answers again" in front.log(), timeout=40, what="the front to reach etcd again")
-    assert readers(front) == EMULATED
+    assert readers(front) == emulated("rack4")
     assert front.log().count(upstream) == connected  # the owner's connections were never touched
     owner.stop()
     wait_for(lambda: readers(front) == [], timeout=10, what="the watch to see the owner leave")
@@ -227,7 +230,7 @@ def test_etcd_down_keeps_the_owners_and_the_watch_comes_back(etcd_server, proxy_
 def test_an_owner_joins_and_leaves_through_etcd_while_a_client_runs(etcd, proxy_factory):
     first = proxy_factory("--owner-id", "rack5", "--register", etcd_url(etcd))
     front = proxy_factory("--backend", etcd_url(etcd))
-    wait_for(lambda: readers(front) == EMULATED, timeout=10, what="the first owner on the front")
+    wait_for(lambda: readers(front) == emulated("rack5"), timeout=10, what="the first owner on the front")
     answers, stop = [], threading.Event()
 
     def client():
@@ -242,11 +245,11 @@ def test_an_owner_joins_and_leaves_through_etcd_while_a_client_runs(etcd, proxy_
         wait_for(lambda: len(answers) > 50, timeout=10, what="the client to run")
         second = proxy_factory("--owner-id", "rack6", "--register", etcd_url(etcd),
                                "--backend", "emulated:?cards=1&prefix=B ")
-        wait_for(lambda: readers(front) == ["B 00"] + EMULATED, timeout=10, what="the second owner")
+        wait_for(lambda: readers(front) == emulated("rack5") + ["rack6/B 00"], timeout=10, what="the second owner")
         with front.client() as c:
-            assert c.results(f">B 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
+            assert c.results(f">rack6/B 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
         second.stop()
-        wait_for(lambda: readers(front) == EMULATED, timeout=10, what="the second owner to leave")
+        wait_for(lambda: readers(front) == emulated("rack5"), timeout=10, what="the second owner to leave")
         before = len(answers)
         wait_for(lambda: len(answers) > before + 50, timeout=10, what="the client to go on")
     finally:
