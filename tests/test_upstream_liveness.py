@@ -140,14 +140,16 @@ class HeartbeatTests(Base):
 
 
 class UrlTests(SynchronousTestCase):
-    def test_defaults_find_a_silent_upstream_within_4_seconds(self):
+    def test_defaults_find_a_silent_upstream_within_3_seconds(self):
         b = tcp.from_url("tcp://h:4001", BackendSettings())(MemoryReactorClock())
-        self.assertEqual((b.heartbeat, b.heartbeat_timeout, b.keepalive), (2.0, 2.0, (2, 1, 3)))
+        self.assertEqual((b.heartbeat, b.heartbeat_timeout, b.keepalive, b.liveness),
+                         (1.0, 1.5, (2, 1, 3), True))
+        self.assertLessEqual(b.heartbeat + b.heartbeat_timeout, 3.0)
         b = tcp.from_url("tcp://h:4001?heartbeat=5&heartbeat_timeout=1.5&keepalive_idle=10&"
                          "keepalive_interval=2&keepalive_count=4", BackendSettings())(MemoryReactorClock())
         self.assertEqual((b.heartbeat, b.heartbeat_timeout, b.keepalive), (5.0, 1.5, (10, 2, 4)))
-        self.assertEqual(tcp.from_url("tcp://h?heartbeat=0", BackendSettings())(
-            MemoryReactorClock()).heartbeat, 0.0)
+        off = tcp.from_url("tcp://h?heartbeat=0", BackendSettings())(MemoryReactorClock())
+        self.assertEqual((off.heartbeat, off.liveness), (0.0, False))
 
     def test_bad_values_name_the_parameter(self):
         for query, word in (("heartbeat=0.01", "heartbeat="), ("heartbeat=x", "heartbeat"),

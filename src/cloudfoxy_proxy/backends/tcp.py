@@ -45,12 +45,16 @@ warnings).  A later connection that stays open switches back.
 
 Liveness (an upstream that goes silent without closing: NAT or firewall
 state dropped, a frozen peer): every ``heartbeat`` seconds an idle pooled
-connection of a persistent upstream carries a READERS request (answered by
-every line-protocol server, no card touched); one not answered within
-``heartbeat_timeout`` drops that connection *and every sibling to the same
-upstream* at once (their commands in flight get ``C086``, never re-sent)
-and they are dialled again, so a silent flow loss costs one short timeout,
-not one per connection.  TCP keepalive with ``keepalive_idle`` /
+connection of a persistent upstream, and a liveness connection of its own
+that never carries a command (so busy connections do not hide a silent
+upstream), carry a READERS request (answered by every line-protocol
+server, no card touched); one not answered within ``heartbeat_timeout``
+drops that connection *and every sibling to the same upstream* at once
+(their commands in flight get ``C086``, never re-sent) and they are
+dialled again, so a silent flow loss costs one short timeout, not one per
+connection.  Until the upstream answers again (or while it is
+unreachable) its readers are listed absent and commands to them get
+``C086`` at once.  TCP keepalive with ``keepalive_idle`` /
 ``keepalive_interval`` / ``keepalive_count`` (and TCP_USER_TIMEOUT for
 unacknowledged data) ends a connection whose peer host is gone.
 
@@ -89,11 +93,12 @@ LISTING_BYTES_PER_READER = 4 * -(-MAX_NAME // 3) + 1
 #: to ``refresh`` (an upstream proxy that has not found its own cards yet).
 EMPTY_RETRY = 0.5
 #: Liveness defaults (seconds; see docs/tcp.md "Liveness"): a heartbeat on an
-#: idle connection every HEARTBEAT, answered within HEARTBEAT_TIMEOUT; TCP
-#: keepalive (idle, interval, probes).  A silent upstream is found within
-#: HEARTBEAT + HEARTBEAT_TIMEOUT (4 s).
-HEARTBEAT = 2.0
-HEARTBEAT_TIMEOUT = 2.0
+#: idle connection (and on the liveness connection) every HEARTBEAT, answered
+#: within HEARTBEAT_TIMEOUT; TCP keepalive (idle, interval, probes).  A
+#: silent upstream is found within HEARTBEAT + HEARTBEAT_TIMEOUT (2.5 s),
+#: also while every pooled connection waits on a card.
+HEARTBEAT = 1.0
+HEARTBEAT_TIMEOUT = 1.5
 KEEPALIVE = (2, 1, 3)
 
 
@@ -182,7 +187,8 @@ def from_url(url, settings=BackendSettings()):
         return TcpBackend(endpoint=endpoint, clock=reactor, where=where, password=password,
                           prefix=prefix, connections=connections, refresh=refresh,
                           timeout=timeout, tls=tls, readers_max=readers_max, heartbeat=heartbeat,
-                          heartbeat_timeout=heartbeat_timeout, keepalive=keepalive)
+                          heartbeat_timeout=heartbeat_timeout, keepalive=keepalive,
+                          liveness=heartbeat > 0)
 
     return make
 
@@ -205,7 +211,14 @@ class TcpBackend(UpstreamPool):
     off; ``from_url`` gives HEARTBEAT) and ``heartbeat_timeout``: the
     liveness check of idle connections of a persistent upstream;
     ``keepalive``: (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) in seconds,
-    seconds and probes, or None (the system's defaults).
+    seconds and probes, or None (the system's defaults); ``liveness``
+    (``from_url``: on when ``heartbeat`` is): one more connection, opened
+    once the upstream is known to be persistent, that carries heartbeats
+    only, so a silent upstream is found within ``heartbeat +
+    heartbeat_timeout`` even while every pooled connection waits on a card.
+
+    ``upstream_state`` is ``"up"``, ``"down"`` or ``"silent"`` (readiness,
+    ``/status.json``); ``owner_id`` the upstream's owner id, or None.
     """
 
     endpoint = attr.ib()
@@ -222,9 +235,13 @@ class TcpBackend(UpstreamPool):
     heartbeat = attr.ib(default=0.0)
     heartbeat_timeout = attr.ib(default=HEARTBEAT_TIMEOUT)
     keepalive = attr.ib(default=None)
+    liveness = attr.ib(default=False)
     #: silent flow losses found by a missed heartbeat (metrics, tests)
     heartbeat_misses = attr.ib(init=False, default=0, repr=False)
     _silent = attr.ib(init=False, default=False, repr=False)  # missed, and none answered since
+    _sentinel_slot = attr.ib(init=False, default=None, repr=False)  # ClientService of the liveness connection
+    _sentinel = attr.ib(init=False, default=None, repr=False)  # the liveness connection, when up
+    _present = attr.ib(init=False, default=True, repr=False)  # readers listed present
     services = attr.ib(init=False, factory=list, repr=False)
     listing = attr.ib(init=False, default=None, repr=False)  # upstream names, as last read
     _live = attr.ib(init=False, factory=list, repr=False)  # ready connections, oldest first
@@ -251,6 +268,8 @@ class TcpBackend(UpstreamPool):
     _connected_before = attr.ib(init=False, default=False, repr=False)
 
     log = Logger()
+    #: the upstream's owner id (its OWNER answer), None while not known
+    owner_id = None
 
     def __attrs_post_init__(self):
         self._cap = ReaderCap(self.where, self.readers_max)
@@ -269,6 +288,33 @@ class TcpBackend(UpstreamPool):
         """True while at least one connection is usable."""
         return bool(self._live)
 
+    @property
+    def upstream_state(self):
+        """``"silent"``: a heartbeat was missed and nothing answered since;
+        ``"up"``: a connection is usable, the reader list has been read and
+        the upstream answered since it was last unreachable; else ``"down"``."""
+        if self._silent:
+            return "silent"
+        if self._live and self._present and self.listing is not None:
+            return "up"
+        return "down"
+
+    def _set_present(self, present):
+        """List every reader of this upstream present or absent (an
+        upstream that does not answer: its cards cannot be reached)."""
+        if present == self._present:
+            return
+        self._present = present
+        registry = self._registry
+        if registry is None or not registry.reported(self):
+            return
+        infos = [attr.evolve(r.info, present=present) for r in registry.readers
+                 if r.backend is self and r.info is not None]
+        if infos:
+            self.log.info("readers of upstream {upstream} listed {state}", upstream=self.where,
+                          state="present again" if present else "absent")
+            registry.update(self, infos)
+
     # -- IBackend ---------------------------------------------------------
 
     def start(self, registry):
@@ -279,6 +325,7 @@ class TcpBackend(UpstreamPool):
             slot = self._slot()
             self.services.append(slot)
             slot.startService()
+        self._start_sentinel()
         if self.refresh:
             self._loop = LoopingCall(self._refresh)
             self._loop.clock = self.clock
@@ -297,6 +344,9 @@ class TcpBackend(UpstreamPool):
         self._fail_queue("backend stopped")
         for d in list(self._opening):
             d.cancel()
+        sentinel, self._sentinel_slot = self._sentinel_slot, None
+        if sentinel is not None:
+            self.services.append(sentinel)  # stopped with the pool's slots below
         for conn in list(self._live):
             if conn.factory.slot is None:
                 conn.transport.loseConnection()  # one-off connections; slots close their own
@@ -349,6 +399,8 @@ class TcpBackend(UpstreamPool):
     def _submit(self, key, commands, batch=False):
         if not self._running:
             raise CardError(errors.UPSTREAM, "backend stopped")
+        if self._silent:
+            raise CardError(errors.UPSTREAM, f"upstream {self.where} does not answer")
         conn = self._pick(key)
         if conn is None and self._down:
             raise CardError(errors.UPSTREAM, f"upstream {self.where} unreachable")
@@ -366,6 +418,8 @@ class TcpBackend(UpstreamPool):
         if self._silent:
             self._silent = False
             self.log.info("upstream {upstream} answers again", upstream=self.where)
+        if not self._present:
+            self._set_present(True)
         if call.heartbeat:
             call.state = _DONE
             conn.arm()
@@ -459,8 +513,10 @@ class TcpBackend(UpstreamPool):
         self._refreshing = None
 
     def _readers_failed(self, failure):
-        self.log.warn("reading the readers of {upstream} failed: {why}",
-                      upstream=self.where, why=failure.getErrorMessage())
+        # While it is silent or unreachable, that has been said once already.
+        say = self.log.debug if self._silent or self._down else self.log.warn
+        say("reading the readers of {upstream} failed: {why}",
+            upstream=self.where, why=failure.getErrorMessage())
         self._again_soon()
 
     def _again_soon(self):
