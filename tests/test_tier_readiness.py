@@ -101,6 +101,7 @@ def test_ready_with_one_of_two_owners_and_no_flap_when_the_other_goes_silent():
     assert get(s, "foxyproxy_upstream_up", upstream="tcp://rack1:4001", owner="") == 1
     assert get(s, "foxyproxy_upstream_up", upstream="tcp://rack2:4001", owner="") == 0
     code, body, _ = render(site, "/status.json")
+    assert [b["state"] for b in json.loads(body)["backends"]] == ["up", "silent"]
     assert json.loads(body)["upstreams"] == [
         {"upstream": "tcp://rack1:4001", "owner": None, "state": "up", "readers": 2},
         {"upstream": "tcp://rack2:4001", "owner": None, "state": "silent", "readers": 2}]

@@ -137,6 +137,7 @@ def status(metrics, sampler, readiness, clock, sees=None):
         "reported": metrics.registry.reported(b),
         "upstream_errors": metrics.backend_upstream_errors(b),
         "reconnects": getattr(b, "reconnects", 0),
+        "state": getattr(b, "upstream_state", None),  # upstream proxies only: up, down, silent
     } for b in metrics.backends]
     upstreams = [{
         "upstream": getattr(b, "where", b.description),
