@@ -314,3 +314,23 @@ def test_haproxy_takes_a_front_out_during_its_announce_period(proxy_factory, tmp
         h.terminate()
         h.wait(10)
         out.close()
+
+
+from test_tcp_integration import foxyproxy_upstream  # noqa: E402,F401  (a fixture)
+
+
+def test_an_upstream_that_closes_after_every_answer_counts_as_up(proxy_factory, foxyproxy_upstream):  # noqa: F811
+    """foxyproxy 2.10 has no connection open between requests: it is up
+    while it answers, and a front on it stays ready."""
+    f = metrics_proxy(proxy_factory, "--backend", f"tcp://{HOST}:{foxyproxy_upstream}?prefix=F%20")
+    wait_for(lambda: http(f.metrics_port, "/readyz")[0] == 200, what="the front ready")
+    name = status_json(f)["readers"][0]["name"]
+    with f.client() as c:
+        for i in range(5):
+            assert c.results(f">{name}|\n>{i}:APDU:{SELECT_MF}|\n\n") == ["9000"]
+    for _ in range(10):  # between requests too
+        time.sleep(0.3)
+        assert http(f.metrics_port, "/readyz")[0] == 200
+    [state] = status_json(f)["upstreams"]
+    assert state["state"] == "up" and state["readers"] >= 1
+    assert "a new connection for every request" in f.log()

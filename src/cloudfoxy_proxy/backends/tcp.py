@@ -291,11 +291,12 @@ class TcpBackend(UpstreamPool):
     @property
     def upstream_state(self):
         """``"silent"``: a heartbeat was missed and nothing answered since;
-        ``"up"``: a connection is usable, the reader list has been read and
-        the upstream answered since it was last unreachable; else ``"down"``."""
+        ``"up"``: the reader list has been read, and the upstream answered
+        since it was last unreachable (an upstream that closes after every
+        answer has no connection between requests); else ``"down"``."""
         if self._silent:
             return "silent"
-        if self._live and self._present and self.listing is not None:
+        if not self._down and self._present and self.listing is not None:
             return "up"
         return "down"
 
