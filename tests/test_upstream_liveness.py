@@ -5,16 +5,18 @@ C086 and never re-sent, the URL parameters and TCP keepalive."""
 
 import socket
 
-from twisted.internet.error import ConnectionAborted
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.error import ConnectionAborted, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from test_metrics import get, samples
-from test_tcp_backend import NAMES, Base, outcome
+from test_tcp_backend import NAMES, Base, FakeEndpoint, b64, outcome
 
 from cloudfoxy_proxy import errors, metrics
 from cloudfoxy_proxy.backends import BackendSettings, tcp
 from cloudfoxy_proxy.backends.tcp_upstream import set_keepalive
+from cloudfoxy_proxy.registry import ReaderRegistry
 
 
 class HeartbeatTests(Base):
@@ -140,14 +142,16 @@ class HeartbeatTests(Base):
 
 
 class UrlTests(SynchronousTestCase):
-    def test_defaults_find_a_silent_upstream_within_4_seconds(self):
+    def test_defaults_find_a_silent_upstream_within_3_seconds(self):
         b = tcp.from_url("tcp://h:4001", BackendSettings())(MemoryReactorClock())
-        self.assertEqual((b.heartbeat, b.heartbeat_timeout, b.keepalive), (2.0, 2.0, (2, 1, 3)))
+        self.assertEqual((b.heartbeat, b.heartbeat_timeout, b.keepalive, b.liveness),
+                         (1.0, 1.5, (2, 1, 3), True))
+        self.assertLessEqual(b.heartbeat + b.heartbeat_timeout, 3.0)
         b = tcp.from_url("tcp://h:4001?heartbeat=5&heartbeat_timeout=1.5&keepalive_idle=10&"
                          "keepalive_interval=2&keepalive_count=4", BackendSettings())(MemoryReactorClock())
         self.assertEqual((b.heartbeat, b.heartbeat_timeout, b.keepalive), (5.0, 1.5, (10, 2, 4)))
-        self.assertEqual(tcp.from_url("tcp://h?heartbeat=0", BackendSettings())(
-            MemoryReactorClock()).heartbeat, 0.0)
+        off = tcp.from_url("tcp://h?heartbeat=0", BackendSettings())(MemoryReactorClock())
+        self.assertEqual((off.heartbeat, off.liveness), (0.0, False))
 
     def test_bad_values_name_the_parameter(self):
         for query, word in (("heartbeat=0.01", "heartbeat="), ("heartbeat=x", "heartbeat"),
@@ -177,3 +181,133 @@ def test_keepalive_options_on_the_socket_also_under_tls():
         assert (get(socket.TCP_KEEPIDLE), get(socket.TCP_KEEPINTVL), get(socket.TCP_KEEPCNT)) == (3, 2, 4)
         assert get(getattr(socket, "TCP_USER_TIMEOUT", 18)) == 11000
     assert not set_keepalive(object(), 1, 1, 1)  # no socket (a StringTransport): nothing to do
+
+
+class LivenessConnectionTests(Base):
+    """The liveness connection: heartbeats only, so a silent upstream is
+    found while every pooled connection waits on a card; until it answers
+    again its readers are absent and commands get C086 at once."""
+
+    connections = 2
+
+    def setUp(self):
+        super().setUp()
+        b = self.backend
+        b.heartbeat, b.heartbeat_timeout, b.liveness = 1.0, 1.5, True
+        b._start_sentinel()  # start() ran before liveness was on; persistent is known (True)
+
+    def tier(self):
+        """Two pooled connections (the list read on the first) and the liveness connection."""
+        pool = [self.connect(), self.connect(names=None)]
+        sentinel = self.endpoint.succeed()
+        self.assertIs(self.backend._sentinel.transport, sentinel.transport)
+        self.assertNotIn(self.backend._sentinel, self.backend._live)
+        return pool, sentinel
+
+    def present(self):
+        return [(r.name, r.present) for r in self.registry.readers]
+
+    def test_a_silent_upstream_is_found_while_every_pooled_connection_is_busy(self):
+        pool, sentinel = self.tier()
+        d0 = self.backend.transmit("Emulated 00", b"\x00\xd6\x00\x00\x01\x01")
+        d1 = self.backend.transmit("Emulated 01", b"\x00\xd6\x00\x00\x01\x02")
+        self.assertTrue(all(c.proto.calls for c in pool))  # both busy: no pooled heartbeat
+        sent = [r for c in pool for r in c.requests()]
+        self.assertEqual(len(sent), 2)
+        self.assertEqual(self.backend.upstream_state, "up")
+        self.clock.advance(1.0)
+        [(reader, beat, command)] = sentinel.requests()
+        self.assertEqual((reader, command), ("*", "READERS"))
+        sentinel.answer(beat, "")  # answered: the upstream lives, the cards are slow
+        self.clock.advance(1.0)
+        [(_, beat, _)] = sentinel.requests()
+        self.clock.advance(1.49)  # the upstream froze: no answer
+        self.assertNoResult(d0)
+        self.clock.advance(0.01)  # 2.5 s after the last answer: every connection goes
+        self.assertTrue(all(c.transport.disconnecting for c in pool + [sentinel]))
+        for c in pool + [sentinel]:
+            c.lose(ConnectionAborted())
+        self.assertEqual((outcome(d0), outcome(d1)), (errors.UPSTREAM, errors.UPSTREAM))
+        self.assertEqual(self.backend.heartbeat_misses, 1)
+        self.assertEqual(self.backend.upstream_state, "silent")
+        self.assertEqual(self.present(), [("B Emulated 00", False), ("B Emulated 01", False)])
+        # new commands: C086 at once, also once connections are up again (a
+        # frozen peer's kernel still accepts), and nothing is written
+        self.assertEqual(outcome(maybeDeferred(self.backend.transmit, "Emulated 00", b"\x00\xb0\x00\x00\x01")),
+                         errors.UPSTREAM)
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.endpoint.attempts), 3)
+        again = [self.endpoint.succeed() for _ in range(3)]
+        self.assertEqual(outcome(maybeDeferred(self.backend.transmit, "Emulated 00", b"\x00\xb0\x00\x00\x01")),
+                         errors.UPSTREAM)
+        self.assertEqual(outcome(maybeDeferred(self.backend.transmit_batch, "Emulated 00",
+                                               [("APDU", b"\x00\xb0\x00\x00\x01")])), errors.UPSTREAM)
+        written = [r for c in again for r in c.requests()]
+        self.assertTrue(all(command == "READERS" for _, _, command in written), written)
+        self.assertEqual(self.backend.upstream_state, "silent")
+        # it answers again: present again, commands go through
+        conn = next(c for c in again if c.proto.calls)
+        conn.answer(conn.proto.calls[0].id.decode(), "|".join(b64(n) for n in NAMES))
+        self.assertEqual(self.backend.upstream_state, "up")
+        self.assertEqual(self.present(), [("B Emulated 00", True), ("B Emulated 01", True)])
+        d = self.backend.transmit("Emulated 00", b"\x00\xb0\x00\x00\x01")
+        [busy] = [c for c in again if c.proto.calls and c.proto.calls[-1].key == "Emulated 00"]
+        [(_, cid, command)] = [r for r in busy.requests() if r[2].startswith("APDU")]
+        self.assertEqual(command, "APDU:00B0000001")
+        busy.answer(cid, "019000")
+        self.assertEqual(outcome(d), b"\x01\x90\x00")
+        self.assertEqual(len(self.logged("did not answer a heartbeat")), 1)
+        self.assertEqual(len(self.logged("listed absent")), 1)
+        self.assertEqual(len(self.logged("listed present again")), 1)
+
+    def test_a_slow_card_with_the_liveness_connection_answering_drops_nothing(self):
+        pool, sentinel = self.tier()
+        d = self.backend.transmit("Emulated 00", b"\x00\xa4\x00\x0c")
+        for _ in range(10):  # 10 s on the card; every pooled connection's heartbeats and the sentinel's answered
+            self.clock.advance(1.0)
+            for c in pool + [sentinel]:
+                for _, cid, command in c.requests():
+                    if command == "READERS":
+                        c.answer(cid, "")
+        self.assertFalse(any(c.transport.disconnecting for c in pool + [sentinel]))
+        [busy] = [c for c in pool if c.proto.calls]
+        busy.answer(busy.proto.calls[0].id.decode(), "9000")
+        self.assertEqual(outcome(d), b"\x90\x00")
+        self.assertEqual((self.backend.heartbeat_misses, self.backend.upstream_state), (0, "up"))
+
+    def test_an_unreachable_upstream_lists_its_readers_absent_until_it_is_back(self):
+        pool, sentinel = self.tier()
+        for c in pool + [sentinel]:
+            c.lose(ConnectionRefusedError("gone"))
+        self.clock.advance(1.0)
+        while self.endpoint.attempts:
+            self.endpoint.fail()
+        self.assertEqual(self.backend.upstream_state, "down")
+        self.assertEqual(self.present(), [("B Emulated 00", False), ("B Emulated 01", False)])
+        self.assertEqual(outcome(maybeDeferred(self.backend.transmit, "Emulated 00", b"\x00\xb0\x00\x00\x01")),
+                         errors.UPSTREAM)
+        self.clock.advance(1.0)
+        self.connect()  # back: the list is read again
+        self.assertEqual(self.backend.upstream_state, "up")
+        self.assertEqual(self.present(), [("B Emulated 00", True), ("B Emulated 01", True)])
+
+    def test_no_liveness_connection_until_the_upstream_is_known_to_keep_connections(self):
+        self._stop()
+        self.setUp_unknown()
+        conn = self.connect()
+        self.assertEqual(self.endpoint.attempts, [])  # one slot, no liveness connection yet
+        self.clock.advance(0.5)  # the connection stayed open after its answer: persistent
+        self.assertIs(self.backend.persistent, True)
+        self.assertEqual(len(self.endpoint.attempts), 1)
+        self.endpoint.succeed()
+        self.assertIsNotNone(self.backend._sentinel)
+        conn.requests()
+
+    def setUp_unknown(self):
+        self.registry = ReaderRegistry()
+        self.endpoint = FakeEndpoint()
+        self.backend = tcp.TcpBackend(
+            endpoint=self.endpoint, clock=self.clock, where="tcp://upstream:4001", prefix="B ",
+            connections=1, refresh=10.0, timeout=5.0, retry_delay=lambda failures: 1.0,
+            persistent=None, heartbeat=1.0, heartbeat_timeout=1.5, liveness=True)
+        self.backend.start(self.registry)

@@ -148,6 +148,11 @@ class Metrics:
         """The ReaderStats a reader is counted in (made on first use)."""
         return self.readers.get(reader) or self._stats_for(reader)
 
+    def upstreams(self):
+        """The backends that are upstream proxies (``tcp://``, ``tls://``:
+        they have an ``upstream_state``), in command-line order."""
+        return [b for b in self.backends if hasattr(b, "upstream_state")]
+
     def backend_readers(self, backend):
         return [r for r in self.registry.readers if r.backend is backend]
 
@@ -281,6 +286,14 @@ class Collector:
             if hasattr(backend, "heartbeat_misses"):
                 misses.add_metric([m.backend_names[id(backend)]], backend.heartbeat_misses)
         yield misses
+        up = GaugeMetricFamily("foxyproxy_upstream_up", "1 while the upstream proxy answers and its "
+                               "reader list is read (0: down or silent), by upstream and owner id.",
+                               labels=["upstream", "owner"])
+        for backend in m.upstreams():
+            up.add_metric([getattr(backend, "where", m.backend_names[id(backend)]),
+                           getattr(backend, "owner", None) or ""],
+                          1 if backend.upstream_state == "up" else 0)
+        yield up
         audit = m.audit
         if audit is not None:
             yield CounterMetricFamily("foxyproxy_audit_records", "Audit records written.",

@@ -4,6 +4,7 @@ stop, reopening logs on SIGHUP and the ``--log-format`` observer.
 See docs/deployment.md for how these fit a systemd unit.
 """
 
+import collections
 import gc
 import os
 import signal
@@ -96,16 +97,26 @@ class Readiness:
     placeholder) and every listener of ``top`` listens.  ``reasons()`` lists what is missing (empty when
     ready); ``on_ready`` callbacks run once, the first time it is.
 
+    Upstream proxies (backends with an ``upstream_state``: ``tcp://``,
+    ``tls://``) are counted instead, *now*: at least ``min_upstreams``
+    (``--ready-min-upstreams``) of them must be ``"up"`` and list readers,
+    so one owner down or silent does not take a front out of its
+    balancer while others serve (and N says how many must).
+
     ``checks``: more callables, each returning a list of reasons (strings)
     that hold *now*, e.g. ``audit.AuditLog.reasons`` (records being lost):
     unlike a backend's first report, these can make a ready proxy not
-    ready again, and ready once they pass."""
+    ready again, and ready once they pass.  ``stopping`` (set on SIGTERM
+    for ``--drain-announce``): a reason of its own while the proxy still
+    serves."""
 
-    def __init__(self, top, registry, backends, clock, poll=0.1):
+    def __init__(self, top, registry, backends, clock, poll=0.1, min_upstreams=1):
         self.top = top
         self.registry = registry
         self.backends = backends
         self.clock = clock
+        self.min_upstreams = min_upstreams
+        self.stopping = None  # a reason while announcing the stop
         self.ready = False
         self._reported = set()  # id() of backends that have reported their readers
         self._callbacks = []
@@ -127,9 +138,12 @@ class Readiness:
             self._loop.stop()
 
     def reasons(self):
-        missing = []
+        missing = [self.stopping] if self.stopping else []
+        upstreams = [b for b in self.backends if hasattr(b, "upstream_state")]
+        if upstreams:
+            missing.extend(self.upstream_reasons(upstreams))
         for backend in self.backends:
-            if id(backend) in self._reported:
+            if id(backend) in self._reported or hasattr(backend, "upstream_state"):
                 continue
             up = getattr(backend, "up", True)  # a property (tcp://, cloudfoxy+http://) or a method
             if callable(up):
@@ -145,6 +159,22 @@ class Readiness:
         for check in self.checks:
             missing.extend(check())
         return missing
+
+    def upstream_reasons(self, upstreams):
+        """[] when at least ``min_upstreams`` of ``upstreams`` are up and
+        list readers, else one reason naming each that is not."""
+        listed = collections.Counter(id(r.backend) for r in self.registry.readers)
+        serving, others = 0, []
+        for backend in upstreams:
+            state = backend.upstream_state
+            if state == "up" and listed[id(backend)]:
+                serving += 1
+            else:
+                others.append(f"{getattr(backend, 'where', backend.description)} {state if state != 'up' else 'lists no readers'}")
+        if serving >= self.min_upstreams:
+            return []
+        return [f"{serving} of {len(upstreams)} upstreams up with readers, "
+                f"--ready-min-upstreams {self.min_upstreams} needed ({', '.join(others)})"]
 
     def listeners(self):
         found = []
@@ -170,16 +200,23 @@ class Readiness:
 
 
 class ProxyService(MultiService):
-    """The service tree's top: on stop, first stops every listener, lets
-    requests in flight finish for up to ``drain_timeout`` seconds, answers
-    the rest ``C086``, then stops the backends and everything else.
-    Tells systemd READY=1 / STOPPING=1, and reopens the log file on
-    SIGHUP when ``logfile`` (a twisted.python.logfile.LogFile) is set."""
+    """The service tree's top: on stop, first announces it for
+    ``drain_announce`` seconds (``/readyz`` answers 503 while everything
+    still serves, so a balancer's health check sends new clients
+    elsewhere; a second SIGTERM ends the announcement at once), then stops
+    every listener, lets requests in flight finish for up to
+    ``drain_timeout`` seconds, answers the rest ``C086``, then stops the
+    backends and everything else.  Tells systemd READY=1 / STOPPING=1,
+    and reopens the log file on SIGHUP when ``logfile`` (a
+    twisted.python.logfile.LogFile) is set."""
 
-    def __init__(self, clock, drain_timeout=5.0):
+    def __init__(self, clock, drain_timeout=5.0, drain_announce=0.0):
         super().__init__()
         self.clock = clock
         self.drain_timeout = drain_timeout
+        self.drain_announce = drain_announce
+        #: installs a signal handler (``_on_signal``; tests replace it)
+        self.on_signal = _on_signal
         #: the frontends.base.Core every front end was built with (tap.py)
         self.core = None
         self.dispatcher = None
@@ -230,6 +267,30 @@ class ProxyService(MultiService):
             self.readiness.stop()
         if self._release is not None and self._release.active():
             self._release.cancel()
+        if self.drain_announce > 0 and self.readiness is not None:
+            return self._announce().addCallback(lambda _: self._stop_listeners())
+        return self._stop_listeners()
+
+    def _announce(self):
+        """``/readyz`` 503 for ``drain_announce`` seconds while every
+        listener still serves; a second SIGTERM cuts it short."""
+        seconds = self.drain_announce
+        self.readiness.stopping = f"stopping: the drain begins in {seconds:g}s (--drain-announce)"
+        log.info("stopping: /readyz answers 503 for {s:g}s while every client is still served; "
+                 "then the drain", s=seconds)
+        done = Deferred()
+        timer = self.clock.callLater(seconds, done.callback, None)
+
+        def now():
+            if timer.active():
+                timer.cancel()
+                log.info("stopping: a second SIGTERM ends the announcement; draining now")
+                done.callback(None)
+
+        self.on_signal(signal.SIGTERM, now)  # the reactor is stopping already: twistd's handler has done its part
+        return done
+
+    def _stop_listeners(self):
         listeners = [s for s in self if isinstance(s, StreamServerEndpointService) and s.running]
         d = DeferredList([maybeDeferred(s.stopService) for s in listeners])
         d.addCallback(lambda _: self._drain())

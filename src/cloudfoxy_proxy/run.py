@@ -217,9 +217,13 @@ class RequestRun:
         client, a ``C080`` another client got, a card swap): this command
         answers ``C080``, once; the next ones run (docs/backends.md,
         "Resets").  Only APDUs are checked: RESET and SIGN set up the
-        card's state themselves."""
+        card's state themselves.  An absent reader's backend answers (no
+        card, an owner that does not answer); the ``C080`` waits for the
+        first APDU once it is present again."""
         if self.session.seen.get(reader) == reader.generation:
             return False  # the common case
+        if not reader.present:
+            return False  # no card to tell about yet: the backend answers (no card, owner unreachable)
         if not changed_behind(reader, self.session):
             return False
         self._result(errors.NO_CARD)

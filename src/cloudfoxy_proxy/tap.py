@@ -162,6 +162,12 @@ class Options(usage.Options):
         ["log-format", None, "text", "text (human-readable) or json (one JSON object per line)."],
         ["drain-timeout", None, "5",
          "On SIGTERM, seconds in-flight requests may finish before they are answered C086."],
+        ["drain-announce", None, "0",
+         "On SIGTERM, seconds /readyz answers 503 while everything still serves (a balancer's "
+         "health check takes the proxy out), before the drain; a second SIGTERM cuts it short."],
+        ["ready-min-upstreams", None, "1",
+         "With tcp:// or tls:// backends: ready (/readyz 200) while at least this many of them are "
+         "up and list readers."],
         ["ram", None, None,
          "RAMOverHTTP server on this endpoint (ssl: for HTTPS): ram-client/ocf-cc.jar users "
          "attach their card at POST /rt/<secret>; it becomes reader 'RAM <NAME>'."],
@@ -321,6 +327,8 @@ class Options(usage.Options):
         self["max-buffered-bytes"] = self._number("max-buffered-bytes", int, 65536, 1 << 40)
         self["max-queue"] = self._number("max-queue", int, 1, 1000000)
         self["drain-timeout"] = self._number("drain-timeout", float, 0, 3600)
+        self["drain-announce"] = self._number("drain-announce", float, 0, 3600)
+        self["ready-min-upstreams"] = self._number("ready-min-upstreams", int, 0, 100000)
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format {self['log-format']!r}: use text or json")
         self["metrics-token"] = None
@@ -552,7 +560,7 @@ def makeService(config, reactor=None):
     use_monotonic_clock(reactor)
     logs.set_level(config["log-level"])
     raise_file_limit()
-    top = ops.ProxyService(reactor, config.get("drain-timeout", 5.0))
+    top = ops.ProxyService(reactor, config.get("drain-timeout", 5.0), config.get("drain-announce", 0.0))
     top.observer, top.logfile = ops.log_observer(config.get("log-format", "text"),
                                                  getattr(config, "parent", None))
     logs.SummaryService().setServiceParent(top)
@@ -611,7 +619,8 @@ def makeService(config, reactor=None):
                 "{files}; for lab use only, never with real users' cards", files=", ".join(config["trace"]))
     top.dispatcher = dispatcher
     dispatcher.owner_id = config.get("owner-id")
-    top.readiness = core.readiness = ops.Readiness(top, registry, core.backends, reactor)
+    top.readiness = core.readiness = ops.Readiness(
+        top, registry, core.backends, reactor, min_upstreams=config.get("ready-min-upstreams", 1))
     if dispatcher.audit is not None:
         top.readiness.checks.append(dispatcher.audit.reasons)  # not ready while records are lost
     listening = []

@@ -51,12 +51,16 @@ warnings).  A later connection that stays open switches back.
 
 Liveness (an upstream that goes silent without closing: NAT or firewall
 state dropped, a frozen peer): every ``heartbeat`` seconds an idle pooled
-connection of a persistent upstream carries a READERS request (answered by
-every line-protocol server, no card touched); one not answered within
-``heartbeat_timeout`` drops that connection *and every sibling to the same
-upstream* at once (their commands in flight get ``C086``, never re-sent)
-and they are dialled again, so a silent flow loss costs one short timeout,
-not one per connection.  TCP keepalive with ``keepalive_idle`` /
+connection of a persistent upstream, and a liveness connection of its own
+that never carries a command (so busy connections do not hide a silent
+upstream), carry a READERS request (answered by every line-protocol
+server, no card touched); one not answered within ``heartbeat_timeout``
+drops that connection *and every sibling to the same upstream* at once
+(their commands in flight get ``C086``, never re-sent) and they are
+dialled again, so a silent flow loss costs one short timeout, not one per
+connection.  Until the upstream answers again (or while it is
+unreachable) its readers are listed absent and commands to them get
+``C086`` at once.  TCP keepalive with ``keepalive_idle`` /
 ``keepalive_interval`` / ``keepalive_count`` (and TCP_USER_TIMEOUT for
 unacknowledged data) ends a connection whose peer host is gone.
 
@@ -97,11 +101,12 @@ LISTING_BYTES_PER_READER = 4 * -(-MAX_NAME // 3) + 1
 #: to ``refresh`` (an upstream proxy that has not found its own cards yet).
 EMPTY_RETRY = 0.5
 #: Liveness defaults (seconds; see docs/tcp.md "Liveness"): a heartbeat on an
-#: idle connection every HEARTBEAT, answered within HEARTBEAT_TIMEOUT; TCP
-#: keepalive (idle, interval, probes).  A silent upstream is found within
-#: HEARTBEAT + HEARTBEAT_TIMEOUT (4 s).
-HEARTBEAT = 2.0
-HEARTBEAT_TIMEOUT = 2.0
+#: idle connection (and on the liveness connection) every HEARTBEAT, answered
+#: within HEARTBEAT_TIMEOUT; TCP keepalive (idle, interval, probes).  A
+#: silent upstream is found within HEARTBEAT + HEARTBEAT_TIMEOUT (2.5 s),
+#: also while every pooled connection waits on a card.
+HEARTBEAT = 1.0
+HEARTBEAT_TIMEOUT = 1.5
 KEEPALIVE = (2, 1, 3)
 
 
@@ -190,7 +195,8 @@ def from_url(url, settings=BackendSettings()):
         return TcpBackend(endpoint=endpoint, clock=reactor, where=where, password=password,
                           prefix=prefix, connections=connections, refresh=refresh,
                           timeout=timeout, tls=tls, readers_max=readers_max, heartbeat=heartbeat,
-                          heartbeat_timeout=heartbeat_timeout, keepalive=keepalive)
+                          heartbeat_timeout=heartbeat_timeout, keepalive=keepalive,
+                          liveness=heartbeat > 0)
 
     return make
 
@@ -217,7 +223,14 @@ class TcpBackend(UpstreamPool):
     before every upstream reader name; None (the URL gives no ``prefix=``):
     ``<owner id>/``, or nothing for an upstream without one.  ``owner``: the
     upstream's owner id once its readers are listed (None: none, or not
-    known yet); it is fixed for the life of the backend.
+    known yet); it is fixed for the life of the backend.  ``liveness``
+    (``from_url``: on when ``heartbeat`` is): one more connection, opened
+    once the upstream is known to be persistent, that carries heartbeats
+    only, so a silent upstream is found within ``heartbeat +
+    heartbeat_timeout`` even while every pooled connection waits on a card.
+
+    ``upstream_state`` is ``"up"``, ``"down"`` or ``"silent"`` (readiness,
+    ``/status.json``); ``owner`` as above.
     """
 
     endpoint = attr.ib()
@@ -234,9 +247,13 @@ class TcpBackend(UpstreamPool):
     heartbeat = attr.ib(default=0.0)
     heartbeat_timeout = attr.ib(default=HEARTBEAT_TIMEOUT)
     keepalive = attr.ib(default=None)
+    liveness = attr.ib(default=False)
     #: silent flow losses found by a missed heartbeat (metrics, tests)
     heartbeat_misses = attr.ib(init=False, default=0, repr=False)
     _silent = attr.ib(init=False, default=False, repr=False)  # missed, and none answered since
+    _sentinel_slot = attr.ib(init=False, default=None, repr=False)  # ClientService of the liveness connection
+    _sentinel = attr.ib(init=False, default=None, repr=False)  # the liveness connection, when up
+    _present = attr.ib(init=False, default=True, repr=False)  # readers listed present
     services = attr.ib(init=False, factory=list, repr=False)
     listing = attr.ib(init=False, default=None, repr=False)  # upstream names, as last read
     _live = attr.ib(init=False, factory=list, repr=False)  # ready connections, oldest first
@@ -294,6 +311,34 @@ class TcpBackend(UpstreamPool):
         """True while at least one connection is usable."""
         return bool(self._live)
 
+    @property
+    def upstream_state(self):
+        """``"silent"``: a heartbeat was missed and nothing answered since;
+        ``"up"``: the reader list has been read, and the upstream answered
+        since it was last unreachable (an upstream that closes after every
+        answer has no connection between requests); else ``"down"``."""
+        if self._silent:
+            return "silent"
+        if not self._down and self._present and self.listing is not None:
+            return "up"
+        return "down"
+
+    def _set_present(self, present):
+        """List every reader of this upstream present or absent (an
+        upstream that does not answer: its cards cannot be reached)."""
+        if present == self._present:
+            return
+        self._present = present
+        registry = self._registry
+        if registry is None or not registry.reported(self):
+            return
+        infos = [attr.evolve(r.info, present=present) for r in registry.readers
+                 if r.backend is self and r.info is not None]
+        if infos:
+            self.log.info("readers of upstream {upstream} listed {state}", upstream=self.where,
+                          state="present again" if present else "absent")
+            registry.update(self, infos)
+
     # -- IBackend ---------------------------------------------------------
 
     def start(self, registry):
@@ -306,6 +351,7 @@ class TcpBackend(UpstreamPool):
             slot = self._slot()
             self.services.append(slot)
             slot.startService()
+        self._start_sentinel()
         if self.refresh:
             self._loop = LoopingCall(self._refresh)
             self._loop.clock = self.clock
@@ -329,6 +375,9 @@ class TcpBackend(UpstreamPool):
         for held in list(self._held):
             held.release()
         self._held.clear()
+        sentinel, self._sentinel_slot = self._sentinel_slot, None
+        if sentinel is not None:
+            self.services.append(sentinel)  # stopped with the pool's slots below
         for conn in list(self._live):
             if conn.factory.slot is None:
                 conn.transport.loseConnection()  # one-off connections; slots close their own
@@ -424,6 +473,8 @@ class TcpBackend(UpstreamPool):
     def _submit(self, key, commands, batch=False, client=None):
         if not self._running:
             raise CardError(errors.UPSTREAM, "backend stopped")
+        if self._silent:
+            raise CardError(errors.UPSTREAM, f"upstream {self.where} does not answer")
         conn = self._pick(key)
         if conn is None and self._down:
             raise CardError(errors.UPSTREAM, f"upstream {self.where} unreachable")
@@ -441,6 +492,8 @@ class TcpBackend(UpstreamPool):
         if self._silent:
             self._silent = False
             self.log.info("upstream {upstream} answers again", upstream=self.where)
+        if not self._present:
+            self._set_present(True)
         if call.control:
             call.state = _DONE
             self._client_answered(conn, call.results[0] if call.results else None)
@@ -615,8 +668,10 @@ class TcpBackend(UpstreamPool):
     def _readers_failed(self, failure):
         if self._claims is not None:
             self._claims.settled(self)
-        self.log.warn("reading the readers of {upstream} failed: {why}",
-                      upstream=self.where, why=failure.getErrorMessage())
+        # While it is silent or unreachable, that has been said once already.
+        say = self.log.debug if self._silent or self._down else self.log.warn
+        say("reading the readers of {upstream} failed: {why}",
+            upstream=self.where, why=failure.getErrorMessage())
         self._again_soon()
 
     def _again_soon(self):

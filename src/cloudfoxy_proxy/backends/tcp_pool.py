@@ -80,9 +80,9 @@ class UpstreamPool:
 
     # -- requests ---------------------------------------------------------
 
-    def _slot(self):
+    def _slot(self, sentinel=False):
         endpoint = _WatchedEndpoint(self.endpoint, self._attempt_failed)
-        factory = _UpstreamFactory(self)
+        factory = _UpstreamFactory(self, sentinel=sentinel)
         slot = _Slot(endpoint, factory, retryPolicy=lambda attempt: self._retry(slot),
                      clock=self.clock)
         endpoint.started = lambda: setattr(slot, "waiting", False)
@@ -124,6 +124,7 @@ class UpstreamPool:
                           upstream=self.where)
             self.persistent = True
             self._unpark()
+            self._start_sentinel()
         for c in self._live:
             c.spent = False
         self._flush()
@@ -145,18 +146,33 @@ class UpstreamPool:
 
     # -- liveness -------------------------------------------------------
 
+    def _start_sentinel(self):
+        """The liveness connection (``liveness``), once the upstream is known
+        to keep connections open (an idle connection would stall foxyproxy
+        2.10, which reads its connections one at a time)."""
+        if not (self.liveness and self.heartbeat and self._running and self.persistent is True):
+            return
+        if self._sentinel_slot is None:
+            self._sentinel_slot = self._slot(sentinel=True)
+            self._sentinel_slot.startService()
+
     def _missed(self, conn, call):
         """``conn`` did not answer its heartbeat within ``heartbeat_timeout``:
         the flow to the upstream is taken for silently lost (NAT or firewall
         state gone, a frozen peer), and what holds for one connection holds
         for its siblings through the same path.  All are dropped at once
         (their commands in flight get C086, never re-sent) and dialled
-        again."""
+        again; until the upstream answers again its readers are listed
+        absent and every command gets C086 at once (``_submit``), those
+        waiting for a connection too."""
         call.watch = None
         if conn.broken or call not in conn.calls or not self._running:
             return
         self.heartbeat_misses += 1
         siblings = [c for c in self._live if not c.broken and c.factory.slot is not None]
+        sentinel = self._sentinel
+        if sentinel is not None and not sentinel.broken:
+            siblings.append(sentinel)
         in_flight = sum(1 for c in siblings for k in c.calls if k.state == _SENT and not k.heartbeat)
         if not self._silent:  # once until a heartbeat is answered again
             self._silent = True
@@ -170,6 +186,8 @@ class UpstreamPool:
             c.broken = c.silent = True
         for c in siblings:
             c.transport.abortConnection()
+        self._fail_queue(f"upstream {self.where} does not answer")
+        self._set_present(False)
 
     def _fail_queue(self, reason):
         queue, self._queue = self._queue, collections.deque()
@@ -247,10 +265,14 @@ class UpstreamPool:
                           upstream=self.where, why=reason.getErrorMessage())
             self._unpark()  # the pool retries with back-off until it is back
         self._fail_queue(f"upstream {self.where} unreachable")
+        self._set_present(False)
 
     def _ready(self, conn):
         if not self._running:
             conn.transport.loseConnection()
+            return
+        if conn.factory.sentinel:
+            self._sentinel = conn  # heartbeats only: not in ``_live``, never picked
             return
         if not self._live and (self._down or self.listing is None):
             self.log.info("connected to upstream {upstream}", upstream=self.where)
@@ -272,6 +294,14 @@ class UpstreamPool:
     def _lost(self, conn, reason, calls):
         for call in calls:
             call.stop_watch()
+        if conn.factory.sentinel:
+            if self._sentinel is conn:
+                self._sentinel = None
+            for call in calls:
+                call.fail("liveness connection lost")  # its heartbeat: the failure goes nowhere
+            if not conn.ready:
+                self._attempt_failed(reason)
+            return
         if not conn.ready:
             # Connected but never usable (e.g. TLS verification failed).
             self._attempt_failed(reason)

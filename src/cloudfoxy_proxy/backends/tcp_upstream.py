@@ -411,13 +411,16 @@ class _TLSUpstreamProtocol(_UpstreamProtocol):
 
 class _UpstreamFactory(Factory):
     """Builds the protocol of one connection; ``slot`` is the ClientService
-    that keeps it (None: a one-off connection opened for a request)."""
+    that keeps it (None: a one-off connection opened for a request);
+    ``sentinel``: the upstream's liveness connection, which carries
+    heartbeats only (never a command; see ``TcpBackend.liveness``)."""
 
     noisy = False  # no "Starting factory" line for every connection attempt
 
-    def __init__(self, backend, slot=None):
+    def __init__(self, backend, slot=None, sentinel=False):
         self.backend = backend
         self.slot = slot
+        self.sentinel = sentinel
 
     def buildProtocol(self, addr):
         kind = _TLSUpstreamProtocol if self.backend.tls else _UpstreamProtocol

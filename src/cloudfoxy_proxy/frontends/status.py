@@ -7,8 +7,9 @@
   plain counters the reactor thread updates; see metrics.py).
 * ``/healthz``: 200 ``ok`` while the process serves.
 * ``/readyz``: 200 once every backend has reported and every listener
-  listens (ops.Readiness); 503 with ``{"ready": false, "reasons": [...]}``
-  otherwise.
+  listens, and while at least ``--ready-min-upstreams`` upstream proxies
+  are up (ops.Readiness); 503 with ``{"ready": false, "reasons": [...]}``
+  otherwise, also during ``--drain-announce`` after SIGTERM.
 * ``/`` and ``/status.json``: the status page (``status.html``, package
   data: HTML, CSS and a little JavaScript, no CDN, no framework, works
   offline) and the JSON it polls every second.
@@ -136,7 +137,14 @@ def status(metrics, sampler, readiness, clock, sees=None):
         "reported": metrics.registry.reported(b),
         "upstream_errors": metrics.backend_upstream_errors(b),
         "reconnects": getattr(b, "reconnects", 0),
+        "state": getattr(b, "upstream_state", None),  # upstream proxies only: up, down, silent
     } for b in metrics.backends]
+    upstreams = [{
+        "upstream": getattr(b, "where", b.description),
+        "owner": getattr(b, "owner", None),
+        "state": b.upstream_state,
+        "readers": len([r for r in metrics.backend_readers(b) if sees is None or sees(r)]),
+    } for b in metrics.upstreams()]
     frontends = [{
         "name": name,
         "connections": f.connections,
@@ -153,6 +161,7 @@ def status(metrics, sampler, readiness, clock, sees=None):
         "reasons": reasons,
         "readers": readers,
         "backends": backends,
+        "upstreams": upstreams,
         "frontends": frontends,
         "holders": holders,
         "unrouted_commands": metrics.none.commands,
