@@ -35,6 +35,9 @@ CLIENT = "127.0.0.77"  # the client whose address must reach the audit logs
 API_PORT, API_TOKEN = 8080, "tier-api-token-0123456789"
 MARKED = (0, 17, 49)  # cards of each owner that get a marker
 SCENARIO_TIMEOUT = 240
+#: how a test client reaches one front directly: from the balancer's
+#: address, with a PROXY header naming CLIENT
+DIRECT = {"client": CLIENT}
 
 
 def name(owner, i):
@@ -59,11 +62,6 @@ class Scenario:
         except Exception:  # noqa: BLE001 (reported to the test as data)
             self.facts[key] = {"error": traceback.format_exc()[-4000:], "logs": self.tier.tail(chars=1500)}
         self.facts[key]["seconds"] = round(time.monotonic() - t0, 1)
-
-    def front_kw(self, front):
-        """How a test client reaches one front directly: as the balancer,
-        with a PROXY header naming CLIENT."""
-        return dict(client=CLIENT)
 
     # building
     def start_tier(self):
@@ -91,7 +89,7 @@ class Scenario:
 
     def front_readers(self, front):
         try:
-            return rig.readers(FRONTS[front], rig.LINE_PORT, **self.front_kw(front))
+            return rig.readers(FRONTS[front], rig.LINE_PORT, **DIRECT)
         except (OSError, RuntimeError, IndexError):
             return []
 
@@ -117,7 +115,7 @@ class Scenario:
         for front in fronts:
             for owner in owners:
                 for i in MARKED:
-                    got, raw = rig.read_marker(FRONTS[front], rig.LINE_PORT, name(owner, i), **self.front_kw(front))
+                    got, raw = rig.read_marker(FRONTS[front], rig.LINE_PORT, name(owner, i), **DIRECT)
                     out.append({"front": front, "reader": name(owner, i), "want": rig.marker_of(name(owner, i)).decode(),
                                 "got": got.decode(errors="replace") if got is not None else None, "raw": raw})
         return out
@@ -130,7 +128,7 @@ class Scenario:
     def mixed(self):
         deadline = time.monotonic() + 4.0
         probes = [rig.InterleaveProbe(FRONTS[f], rig.LINE_PORT, name("rack1", 1), deadline=deadline,
-                                      max_requests=4000, token=tok, **self.front_kw(f))
+                                      max_requests=4000, token=tok, **DIRECT)
                   for f, tok in (("front1", b"A"), ("front2", b"B"))]
         for p in probes:
             p.start()
@@ -169,9 +167,9 @@ class Scenario:
             others[key] = {"got": got, "after": round(time.monotonic() - t0, 2)}
 
         threads = [threading.Thread(target=other, args=(k, h, r), kwargs=kw) for k, h, r, kw in (
-            ("front2", FRONTS["front2"], card, self.front_kw("front2")),
-            ("front3", FRONTS["front3"], card, self.front_kw("front3")),
-            ("front1 line", FRONTS["front1"], card, self.front_kw("front1")),
+            ("front2", FRONTS["front2"], card, DIRECT),
+            ("front3", FRONTS["front3"], card, DIRECT),
+            ("front1 line", FRONTS["front1"], card, DIRECT),
             ("haproxy", rig.LB, card, {"source": CLIENT}),
             ("owner", OWNERS["rack1"], "Emulated 02", {}))]
         for t in threads:
@@ -182,7 +180,7 @@ class Scenario:
                                {"session": sid, "apdus": [rig.read_binary(rig.MARKER_OFFSET, 4)]})
         st3, closed = self.api("DELETE", f"/api/v1/sessions/{sid}")
         after = {}
-        for key, host, reader, kw in (("front2", FRONTS["front2"], card, self.front_kw("front2")),
+        for key, host, reader, kw in (("front2", FRONTS["front2"], card, DIRECT),
                                       ("owner", OWNERS["rack1"], "Emulated 02", {})):
             try:
                 after[key] = rig.one(host, rig.LINE_PORT, reader, ["00A4000C023F00"], timeout=8.0, **kw)
@@ -232,7 +230,7 @@ class Scenario:
             t0 = time.monotonic()
             try:
                 got = rig.one(FRONTS[front], rig.LINE_PORT, card, ["00A4000C023F00"], timeout=timeout,
-                              **self.front_kw(front))
+                              **DIRECT)
             except OSError as e:
                 got = [f"no answer: {type(e).__name__}"]
             out[front] = {"got": got, "after": round(time.monotonic() - t0, 2)}
