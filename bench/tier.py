@@ -7,7 +7,8 @@ line listener, ``--listen tcp:4003``, for clients that bypass HAProxy) and
 drives it with bench/loadgen.py (closed loop, every answer checked):
 
 * floor: clients straight to one owner (no balancer, no hop);
-* one front directly (the hop without HAProxy);
+* 1, 2 and 3 fronts with the clients spread over them directly (the hop
+  without HAProxy; one load generator thread per front);
 * front tier through HAProxy with 1, 2 and 3 fronts in rotation (the
   others set to maintenance on HAProxy's admin socket);
 * route by reader through HAProxy straight to the owners (no hop).
@@ -16,7 +17,7 @@ For each: APDUs/s, latency, and CPU per APDU of every process of the tier
 (owners, fronts in use, HAProxy: utime+stime deltas from /proc/PID/stat over
 the measured window), with the share of each kind.  The load generator
 runs on the same machine (its CPU is not counted), so APDUs/s is a floor of
-what the tier does.  Bounded: ``--warmup`` + ``--duration`` seconds per row.
+what the tier does.  Bounded: ``--warmup`` + ``--duration`` seconds per row (8 rows).
 Prints a markdown table (``--json``: the raw results too).
 
     .venv/bin/python bench/tier.py [--clients 50] [--duration 4] [--warmup 1]
@@ -31,6 +32,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -62,19 +64,30 @@ def haproxy_cmd(admin, command):
     return out.decode(errors="replace")
 
 
-def measure(host, port, readers, pids, args):
-    """loadgen over ``readers`` at host:port; CPU per APDU of ``pids``
-    ({name: pid}) summed by kind (the name before its digits)."""
-    r = loadgen.run(host, port, clients=args.clients, k=1, duration=args.duration, warmup=args.warmup,
-                    readers=readers, watch=pids, drain=5.0)
-    util = r.get("watch_cpu_util", {})
-    rate = r["apdus_per_s"]
+def measure(targets, readers, pids, args):
+    """loadgen over ``readers`` at ``targets`` ([(host, port)]: the clients
+    split evenly, one load generator thread each, started together); CPU
+    per APDU of ``pids`` ({name: pid}, over the first generator's measured
+    window) summed by kind (the name before its digits)."""
+    results = [None] * len(targets)
+
+    def one(i, host, port):
+        results[i] = loadgen.run(host, port, clients=args.clients // len(targets), k=1, duration=args.duration,
+                                 warmup=args.warmup, readers=readers, watch=pids if i == 0 else None, drain=5.0)
+    threads = [threading.Thread(target=one, args=(i, h, p)) for i, (h, p) in enumerate(targets)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(args.warmup + args.duration + 60)
+    util = results[0].get("watch_cpu_util", {})
+    rate = sum(r["apdus_per_s"] for r in results)
     kinds = {}
     for name, u in util.items():
         kind = name.rstrip("0123456789")
         kinds[kind] = kinds.get(kind, 0.0) + u
-    return {"apdus_per_s": rate, "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"],
-            "errors": r["errors"], "error_samples": r["error_samples"],
+    return {"apdus_per_s": rate, "p50": max(r["latency_ms"]["p50"] for r in results),
+            "p99": max(r["latency_ms"]["p99"] for r in results),
+            "errors": sum(r["errors"] for r in results), "error_samples": results[0]["error_samples"],
             "cpu_us_per_apdu": sum(util.values()) / rate * 1e6 if rate else None,
             "by_kind_us": {k: v / rate * 1e6 for k, v in kinds.items()} if rate else {},
             "cpu_util": {k: round(v, 3) for k, v in util.items()}}
@@ -113,11 +126,13 @@ def inside(args):
                   file=sys.stderr, flush=True)
 
         row("floor: clients straight to one owner", "client → owner",
-            measure(OWNERS["rack1"], rig.LINE_PORT, [f"Emulated {i:02d}" for i in range(2 * CARDS_PER_OWNER)],
+            measure([(OWNERS["rack1"], rig.LINE_PORT)], [f"Emulated {i:02d}" for i in range(2 * CARDS_PER_OWNER)],
                     {"owner1": owner_pids["owner1"]}, args))
-        row("one front, directly", "client → front → owners",
-            measure(FRONTS["front1"], PLAIN_PORT, tier_names(OWNERS),
-                    dict(owner_pids, front1=front_pids["front1"]), args))
+        for n in (1, 2, 3):
+            used = list(FRONTS)[:n]
+            pids = dict(owner_pids, **{f"front{i + 1}": front_pids[f"front{i + 1}"] for i in range(n)})
+            row(f"{n} front{'s' if n > 1 else ''}, clients directly", "client → front → owners",
+                measure([(FRONTS[f], PLAIN_PORT) for f in used], tier_names(OWNERS), pids, args))
         for n in (1, 2, 3):
             for i, front in enumerate(FRONTS):
                 haproxy_cmd(lb.admin, f"set server fronts/{front} state {'ready' if i < n else 'maint'}")
@@ -125,7 +140,7 @@ def inside(args):
             pids = dict(owner_pids, haproxy=lb.pid)
             pids.update({f"front{i + 1}": front_pids[f"front{i + 1}"] for i in range(n)})
             row(f"front tier, {n} front{'s' if n > 1 else ''}, through HAProxy", "client → HAProxy → front → owners",
-                measure(rig.LB, rig.TIER_PORT, tier_names(OWNERS), pids, args))
+                measure([(rig.LB, rig.TIER_PORT)], tier_names(OWNERS), pids, args))
         # route by reader: the doc's owners for it replace the tier
         for name in list(FRONTS) + list(OWNERS) + ["haproxy"]:
             tier.procs[name].stop()
@@ -138,7 +153,8 @@ def inside(args):
                      and len(rig.haproxy_servers(rlb.admin)) == 2, 20, "route HAProxy: owners UP", proc=rlb)
         pids = {"owner1": tier.procs["route-rack1"].pid, "owner2": tier.procs["route-rack2"].pid, "haproxy": rlb.pid}
         row("route by reader, through HAProxy", "client → HAProxy → owner",
-            measure(rig.LB, rig.ROUTE_PORT, [f"{o} {i:02d}" for i in range(CARDS_PER_OWNER) for o in OWNERS], pids, args))
+            measure([(rig.LB, rig.ROUTE_PORT)], [f"{o} {i:02d}" for i in range(CARDS_PER_OWNER) for o in OWNERS],
+                    pids, args))
     finally:
         tier.stop_all()
     return rows
