@@ -107,11 +107,11 @@ def in_flight(port, reader):
 
 def test_a_stopped_owner_is_found_within_3s_with_every_connection_busy(proxy_factory):
     # rack1's cards take 1.5 s per command, so commands are in flight on every pooled connection
-    a = owner(proxy_factory, "emulated:?cards=2&latency_ms=1500")
-    b = owner(proxy_factory, "emulated:?cards=2")
-    f = metrics_proxy(proxy_factory, "--no-signing",
-                      "--backend", f"tcp://{HOST}:{a.port}?prefix=rack1/&connections=2",
-                      "--backend", f"tcp://{HOST}:{b.port}?prefix=rack2/")
+    a = owner(proxy_factory, "emulated:?cards=2&latency_ms=1500", "--owner-id", "rack1")
+    b = owner(proxy_factory, "emulated:?cards=2", "--owner-id", "rack2")
+    f = metrics_proxy(proxy_factory, "--no-signing",  # names rack1/... and rack2/... by the owner ids
+                      "--backend", f"tcp://{HOST}:{a.port}?connections=2",
+                      "--backend", f"tcp://{HOST}:{b.port}")
     try:
         wait_for(lambda: http(f.metrics_port, "/readyz")[0] == 200, what="the front ready")
         with f.client() as c:
@@ -147,8 +147,8 @@ def test_a_stopped_owner_is_found_within_3s_with_every_connection_busy(proxy_fac
                 assert c.results(f">rack1/Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C086"]
                 assert time.monotonic() - began < 0.5
             s = scrape(f.metrics_port)
-            assert value(s, "foxyproxy_upstream_up", upstream=f"tcp://{HOST}:{a.port}", owner="") == 0
-            assert value(s, "foxyproxy_upstream_up", upstream=f"tcp://{HOST}:{b.port}", owner="") == 1
+            assert value(s, "foxyproxy_upstream_up", upstream=f"tcp://{HOST}:{a.port}", owner="rack1") == 0
+            assert value(s, "foxyproxy_upstream_up", upstream=f"tcp://{HOST}:{b.port}", owner="rack2") == 1
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
         resumed = time.monotonic()

@@ -747,14 +747,8 @@ class TcpBackend(UpstreamPool):
             # Only a proxy like this one answers OWNER with an id, and it keeps
             # connections: pipeline now rather than learn it (a quick restart
             # of the owner must not look like "one request per connection").
-            self.log.info("upstream {upstream} is owner {owner}, so it keeps connections open: "
-                          "pipelining requests",
-                          upstream=self.where, owner=owner)
-            self.persistent = True
-            self._unpark()
-            for conn in self._live:
-                conn.spent = False
-            self._flush()
+            self._keeps_connections("upstream {upstream} is owner {owner}, so it keeps connections "
+                                    "open: pipelining requests", owner=owner)
         self.listing = names
         self._lines = {}
         prefix = self._prefix(owner)

@@ -120,11 +120,20 @@ class UpstreamPool:
         if conn.broken or not self._running:
             return
         if not self.persistent:
-            self.log.info("upstream {upstream} keeps connections open: pipelining requests",
-                          upstream=self.where)
-            self.persistent = True
-            self._unpark()
-            self._start_sentinel()
+            self._keeps_connections("upstream {upstream} keeps connections open: pipelining requests")
+            return
+        for c in self._live:
+            c.spent = False
+        self._flush()
+
+    def _keeps_connections(self, message, **fields):
+        """The upstream is known to keep connections open (``message`` says
+        how it was learnt): pipeline over the pool, open the liveness
+        connection, and send what waits."""
+        self.log.info(message, upstream=self.where, **fields)
+        self.persistent = True
+        self._unpark()
+        self._start_sentinel()
         for c in self._live:
             c.spent = False
         self._flush()
