@@ -148,46 +148,61 @@ class Scenario:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode(errors="replace")
 
+    def try_others(self, attempts, timeout):
+        """{key: {"got", "after"}} of one SELECT MF per (key, host, reader,
+        kwargs) attempt, all at once, each given ``timeout`` seconds."""
+        out = {}
+
+        def other(key, host, reader, kw):
+            t0 = time.monotonic()
+            try:
+                got = rig.one(host, rig.LINE_PORT, reader, ["00A4000C023F00"], timeout=timeout, **kw)
+            except OSError as e:
+                got = [f"no answer: {type(e).__name__}"]
+            out[key] = {"got": got, "after": round(time.monotonic() - t0, 2)}
+        threads = [threading.Thread(target=other, args=a) for a in attempts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 5)
+        return out
+
     def session(self):
-        card = name("rack1", 2)
+        """An API session on front1 (card A) and a line-protocol HOLD on
+        front2 (card B), held at their owners: every other client, of any
+        front, HAProxy or the owner itself, is kept off both cards."""
+        card, held = name("rack1", 2), name("rack2", 4)
+        path = f"/api/v1/readers/{card.replace('/', '%2F').replace(' ', '%20')}/transmit"
         st, opened = self.api("POST", "/api/v1/sessions", {"reader": card, "idle_timeout": 30})
         if st != 200:
             return {"opened": [st, opened]}
         sid = opened["session"]
-        st1, first = self.api("POST", f"/api/v1/readers/{card.replace('/', '%2F').replace(' ', '%20')}/transmit",
-                              {"session": sid, "apdus": [rig.SELECT_EF]})
-        others = {}
-
-        def other(key, host, reader, **kw):
-            t0 = time.monotonic()
-            try:
-                got = rig.one(host, rig.LINE_PORT, reader, ["00A4000C023F00"], timeout=3.0, **kw)
-            except OSError as e:
-                got = [f"no answer: {type(e).__name__}"]
-            others[key] = {"got": got, "after": round(time.monotonic() - t0, 2)}
-
-        threads = [threading.Thread(target=other, args=(k, h, r), kwargs=kw) for k, h, r, kw in (
-            ("front2", FRONTS["front2"], card, DIRECT),
-            ("front3", FRONTS["front3"], card, DIRECT),
-            ("front1 line", FRONTS["front1"], card, DIRECT),
-            ("haproxy", rig.LB, card, {"source": CLIENT}),
-            ("owner", OWNERS["rack1"], "Emulated 02", {}))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-        st2, during = self.api("POST", f"/api/v1/readers/{card.replace('/', '%2F').replace(' ', '%20')}/transmit",
-                               {"session": sid, "apdus": [rig.read_binary(rig.MARKER_OFFSET, 4)]})
+        st1, first = self.api("POST", path, {"session": sid, "apdus": [rig.SELECT_EF]})
+        hold = rig.Line(FRONTS["front2"], rig.LINE_PORT, timeout=10, **DIRECT)
+        try:
+            hold_got = hold.request(held, [("1", "HOLD", "30"), ("2", "APDU", rig.SELECT_EF)])
+            others = self.try_others([
+                ("A via front2", FRONTS["front2"], card, DIRECT),
+                ("A via front3", FRONTS["front3"], card, DIRECT),
+                ("A via front1 line", FRONTS["front1"], card, DIRECT),
+                ("A via haproxy", rig.LB, card, {"source": CLIENT}),
+                ("A at its owner", OWNERS["rack1"], "Emulated 02", {}),
+                ("B via front1", FRONTS["front1"], held, DIRECT),
+                ("B via front2, another connection", FRONTS["front2"], held, DIRECT),
+                ("B via haproxy", rig.LB, held, {"source": CLIENT}),
+                ("B at its owner", OWNERS["rack2"], "Emulated 04", {})], timeout=3.0)
+            st2, during = self.api("POST", path, {"session": sid, "apdus": [rig.read_binary(rig.MARKER_OFFSET, 4)]})
+            hold_during = hold.request(None, [("3", "APDU", rig.read_binary(rig.MARKER_OFFSET, 4)), ("4", "RELEASE", None)])
+        finally:
+            hold.close()
         st3, closed = self.api("DELETE", f"/api/v1/sessions/{sid}")
-        after = {}
-        for key, host, reader, kw in (("front2", FRONTS["front2"], card, DIRECT),
-                                      ("owner", OWNERS["rack1"], "Emulated 02", {})):
-            try:
-                after[key] = rig.one(host, rig.LINE_PORT, reader, ["00A4000C023F00"], timeout=8.0, **kw)
-            except OSError as e:
-                after[key] = [f"no answer: {type(e).__name__}"]
+        after = self.try_others([("A via front2", FRONTS["front2"], card, DIRECT),
+                                 ("A at its owner", OWNERS["rack1"], "Emulated 02", {}),
+                                 ("B via front1", FRONTS["front1"], held, DIRECT),
+                                 ("B at its owner", OWNERS["rack2"], "Emulated 04", {})], timeout=8.0)
         return {"opened": [st, opened], "session_first": [st1, first], "session_during": [st2, during],
-                "closed": st3, "others": others, "after": after}
+                "closed": st3, "hold": hold_got, "hold_during": hold_during, "others": others,
+                "after": {k: v["got"] for k, v in after.items()}}
 
     # 5. the client's own address in the front's and the owner's audit lines
     def audit(self):
@@ -501,6 +516,7 @@ def test_no_mixed_requests_from_two_clients_on_two_fronts(tier):
 
 
 def test_session_on_one_front_excludes_every_other_client(tier):
+    """An API session on front1 and a line HOLD on front2."""
     got = facts_of(tier, "session")
     assert got["opened"][0] == 200, got["opened"]
     assert got["session_first"] == [200, {"atr": None, "responses": ["9000"]}], got["session_first"]
@@ -509,8 +525,12 @@ def test_session_on_one_front_excludes_every_other_client(tier):
     for who, other in got["others"].items():
         # nobody else's command ran on the held card: no answer within 3 s, or C086 (queue timeout)
         assert other["got"] in (["C086"], ["no answer: timeout"], ["no answer: TimeoutError"]), (who, other)
+    assert got["hold"] == [["1", "OK"], ["2", "9000"]], got["hold"]  # a line HOLD on front2
+    assert got["hold_during"] == [["3", "00000000" "9000"], ["4", "OK"]], got["hold_during"]
+    assert len(got["others"]) == 9
     assert got["closed"] == 200
-    assert got["after"] == {"front2": ["9000"], "owner": ["9000"]}, got["after"]
+    assert got["after"] == {k: ["9000"] for k in ("A via front2", "A at its owner", "B via front1", "B at its owner")}, \
+        got["after"]
 
 
 def test_client_address_in_front_and_owner_audit_lines(tier):
