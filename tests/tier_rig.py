@@ -596,6 +596,9 @@ class CounterClient(Worker):
                 if seen not in (value, value + 1):
                     self.stats["duplicate" if seen > value + 1 else "wrong"] += 1
                     self.note(f"after a lost answer the counter is {seen}, expected {value} or {value + 1}")
+                else:  # what became of the request whose answer was lost (or an error code)
+                    key = "uncertain_ran" if seen == value + 1 else "uncertain_not_run"
+                    self.stats[key] = self.stats.get(key, 0) + 1
                 value, uncertain = seen, False
             nxt = (value + 1).to_bytes(8, "big").hex().upper()
             got = self.exchange([SELECT_EF, read_binary(COUNTER_OFFSET, 8), update_binary(COUNTER_OFFSET, bytes.fromhex(nxt)),
