@@ -88,6 +88,12 @@ def test_an_api_session_on_a_front_excludes_every_other_client(proxy_factory, tm
     # the card ran the session's 2 commands and the 2 after it, never the 2 refused ones
     wait_for(lambda: card_results(o) == {"OK": 4, "C086": 2}, timeout=5,
              what=f"the owner's audit: {card_results(o)}")
+    # the session's requests at the owner name the API client they ran for (CLIENT before HOLD)
+    held = [r for r in map(json.loads, o.audit.read_text().splitlines())
+            if r.get("event") == "request" and r.get("reader") == "Emulated 00" and "OK" in r["results"]
+            and r.get("on_behalf_of", {}).get("frontend") == "api"]
+    assert len(held) == 2, o.audit.read_text()
+    assert all(r["on_behalf_of"]["peer"].startswith(f"{HOST}:") for r in held)
 
 
 def test_losing_the_front_releases_the_owners_hold(proxy_factory, tmp_path):

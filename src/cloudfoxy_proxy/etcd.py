@@ -18,7 +18,17 @@ import json
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, PotentialDataLoss
+
+
+def _body_ended(reason):
+    """True when a response body ended as HTTP says it may (twisted.web.client,
+    imported here, at the first etcd call: a proxy without etcd never loads it,
+    and the ``systemd:`` endpoint needs twisted.internet.endpoints unimported
+    at start, ops.name_inherited_sockets)."""
+    from twisted.web.client import PotentialDataLoss, ResponseDone
+
+    return reason.check(ResponseDone, PotentialDataLoss) is not None
+
 
 #: Bytes of one answer (or of one watch message) read at most.
 MAX_BODY = 1024 * 1024
@@ -112,7 +122,7 @@ class _Body(Protocol):
         self.buffer = b""
         if self.failed is not None:
             self.finished.errback(self.failed)
-        elif reason.check(ResponseDone, PotentialDataLoss):
+        elif _body_ended(reason):
             self.finished.callback(None)
         else:
             self.finished.errback(EtcdError(f"etcd's answer broke off ({reason.getErrorMessage()})"))

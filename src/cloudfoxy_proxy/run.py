@@ -229,15 +229,22 @@ class RequestRun:
         self._result(errors.NO_CARD)
         return True
 
-    def _call_backend(self, reader, command):
-        """Run one card command; False if its answer comes later."""
+    def _upstream(self, reader):
+        """Where this request's next card call goes: None for ``reader``'s
+        backend (told on whose behalf first, when it fronts another proxy:
+        relay.py), or the held card of the request's card session at an
+        upstream proxy (its own connection there, sessions.py)."""
         card = self.card
         if card is None or card.upstream is None:
-            backend = reader.backend
-            if reader.for_client is not None:  # an upstream proxy: on whose behalf (relay.py)
+            if reader.for_client is not None:
                 reader.for_client(self.session, self.identity)
-        else:  # a card session held at an upstream too: its own connection there (sessions.py)
-            backend = card.upstream
+            return None
+        return card.upstream
+
+    def _call_backend(self, reader, command):
+        """Run one card command; False if its answer comes later."""
+        upstream = self._upstream(reader)
+        backend = reader.backend if upstream is None else upstream
         try:
             if command.name == APDU:
                 result = backend.transmit(reader.key, command.apdu)
@@ -319,13 +326,8 @@ class RequestRun:
             else:
                 steps.append((APDU, command.apdu))
         self._batch_end = end
-        card = self.card
-        if card is None or card.upstream is None:
-            batch = reader.batch
-            if reader.for_client is not None:  # an upstream proxy: on whose behalf (relay.py)
-                reader.for_client(self.session, self.identity)
-        else:  # a card session held at an upstream too: its own connection there (sessions.py)
-            batch = card.upstream.transmit_batch
+        upstream = self._upstream(reader)
+        batch = reader.batch if upstream is None else upstream.transmit_batch
         try:
             result = batch(reader.key, steps)
         except CardError as e:

@@ -81,6 +81,8 @@ class CardSession:
             self._begin()
             return
         d = self.dispatcher
+        if self.reader.for_client is not None:  # the upstream's audit names the session's client (relay.py)
+            self.reader.for_client(self.session, self.session.identity)
         try:
             wait = hold(self.reader.key, self.idle_timeout, self._upstream_lost)
         except CardError as e:

@@ -423,12 +423,13 @@ class TcpBackend(UpstreamPool):
         cannot hold cards (``C081``: logged once; the session is then held
         on this proxy only), or failing with a CardError (docs/tcp.md
         "Card sessions through a front")."""
+        client, self._client = self._client, None  # for_client: the session's client
         if not self._running:
             raise CardError(errors.UPSTREAM, "backend stopped")
         if self.persistent is False:  # one request per connection: FoxyProxy 2.10
             self._hold_answered(False)
             return succeed(None)
-        held = HeldCard(self, key, idle_timeout, lost)
+        held = HeldCard(self, key, idle_timeout, lost, client if self.relaying else None)
         self._held.add(held)
         d = held.start()
         held.d.addBoth(self._hold_done, held)

@@ -56,11 +56,14 @@ class HeldCard:
     heartbeat = 0.0  # for _UpstreamProtocol: no pool heartbeat (ours is _beat)
     persistent = True
 
-    def __init__(self, backend, key, idle_timeout, lost):
+    def __init__(self, backend, key, idle_timeout, lost, client=None):
         self.backend = backend
         self.key = key
         self.idle_timeout = idle_timeout
         self.lost = lost
+        #: ``(peer, identity name, front end)`` of the session's client, told
+        #: to the upstream with CLIENT before HOLD (relay.py), or None
+        self.client = client
         self.clock = backend.clock
         self.keepalive = backend.keepalive
         self.tls = backend.tls
@@ -141,8 +144,19 @@ class HeldCard:
         self.conn = conn
         self.state = ASKING
         idle = 0 if self.idle_timeout is None else min(self.idle_timeout + IDLE_MARGIN, MAX_HOLD_IDLE)
+        if self.client is not None:  # on whose behalf this connection's requests run (sticky)
+            from ..relay import encode
+
+            told = self._call([b"CLIENT:" + encode(*self.client).encode("ascii")], control=True)
+            told.d.addCallback(self._client_answered).addErrback(lambda f: None)  # the HOLD says the rest
         call = self._call([b"HOLD:%s" % (b"%g" % idle)], control=True)
         call.d.addCallbacks(self._hold_answered, self._hold_failed)
+
+    def _client_answered(self, result):
+        if result != "OK":  # the session goes on; its requests are audited as this proxy's
+            self.log.info("upstream {upstream} answered CLIENT with {result} on a card session's "
+                          "connection: its audit log names this proxy there", upstream=self.where,
+                          result=result)
 
     def _hold_answered(self, result):
         if self.state != ASKING:
