@@ -242,3 +242,29 @@ class CacheTests(SynchronousTestCase):
         self.assertEqual(self.r._cache, {})
         self.assertEqual(self.r._cache_chars, 0)
         self.assertRaises(errors.CardError, self.r.resolve, "00 00")
+
+
+class Owner:
+    def __init__(self, owner):
+        self.owner = owner
+
+
+class ListingOrderTests(SynchronousTestCase):
+    def test_owners_in_id_order_whoever_reports_first(self):
+        """Fronts of a tier list the same READERS whatever order their
+        owners answered in: owners' readers by owner id, after the other
+        backends' (kept in the order they first reported)."""
+        listings = []
+        for order in ((0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)):
+            r = ReaderRegistry()
+            backends = [Owner("rack2"), B(), Owner("rack1"), B()]
+            names = ["rack2/Emulated 00", "Local 00", "rack1/Emulated 00", "Local 01"]
+            for i in order:
+                r.update(backends[i], [ReaderInfo(0, names[i])])
+            listings.append([x.name for x in r.readers])
+        others = {"Local 00", "Local 01"}
+        for listing in listings:
+            self.assertEqual(listing[2:], ["rack1/Emulated 00", "rack2/Emulated 00"])
+            self.assertEqual(set(listing[:2]), others)
+        self.assertEqual(listings[0][:2], ["Local 00", "Local 01"])  # first come among the others
+        self.assertEqual(listings[1][:2], ["Local 01", "Local 00"])

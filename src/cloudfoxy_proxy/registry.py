@@ -227,6 +227,11 @@ def place(backend):
     return getattr(backend, "where", None)
 
 
+def _listing_key(backend):
+    owner = getattr(backend, "owner", None)
+    return (1, owner) if owner else (0, "")
+
+
 class ReaderRegistry:
     """All readers of all backends.
 
@@ -425,7 +430,10 @@ class ReaderRegistry:
         return f"{name} ({n})"
 
     def _rebuild(self):
-        self.readers = [r for b in self._order for r in self._current.get(id(b), ())]
+        # Owners' readers in the order of their owner ids, after the other
+        # backends' (first come): the same READERS on every front of a tier
+        # whichever owner answered first (docs/scale-out.md).
+        self.readers = [r for b in sorted(self._order, key=_listing_key) for r in self._current.get(id(b), ())]
         encoded = self._b64
         names = []
         exact = {}
