@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -102,19 +103,31 @@ def emulated(owner):
     return [f"{owner}/Emulated 0{i}" for i in range(4)]
 
 
+def readyz(proxy):
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{proxy.ports['StatusSite'][0]}/readyz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def test_owner_joins_answers_and_leaves_on_sigterm(etcd, proxy_factory):
+    front = proxy_factory("--backend", etcd_url(etcd), "--metrics", f"tcp:0:interface={HOST}", listeners=2)
+    time.sleep(1)  # the front has listed the (empty) prefix
+    assert readyz(front) == 503  # no owner: not ready (--ready-min-upstreams 1)
     owner = proxy_factory("--owner-id", "rack1", "--register", etcd_url(etcd, "?ttl=30"))
-    front = proxy_factory("--backend", etcd_url(etcd))
     # the default address: the owner's first line-protocol listener
     assert wait_for(lambda: etcd_get(etcd, "fp/owners/rack1"), timeout=10) == {
         "id": "rack1", "url": f"tcp://{HOST}:{owner.port}"}
     wait_for(lambda: readers(front) == emulated("rack1"), timeout=10, what="the owner's readers on the front")
+    wait_for(lambda: readyz(front) == 200, timeout=5, what="the front ready with its owner")
     with front.client() as c:
         assert c.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
     owner.stop()  # SIGTERM: the lease is revoked, not left to expire (ttl=30)
     assert owner.proc.returncode == 0
     assert etcd_get(etcd, "fp/owners/rack1") is None
     wait_for(lambda: readers(front) == [], timeout=5, what="the front to drop the owner")
+    assert readyz(front) == 503
     with front.client() as c:
         assert c.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C083"]
     assert "lease revoked" in owner.log()

@@ -161,6 +161,22 @@ def test_other_backends_keep_the_first_report_rule():
     owner.backend.stop()
 
 
+def test_a_front_of_etcd_owners_is_not_ready_before_one_reported():
+    # --backend etcd://... only: no upstream yet is not "every backend reported"
+    clock = Clock()
+    registry = ReaderRegistry()
+    top = MultiService()
+    top.startService()
+    backends = []
+    readiness = ops.Readiness(top, registry, backends, clock, expects_upstreams=True)
+    assert readiness.reasons() == ["no upstream yet, --ready-min-upstreams 1 needed"]
+    owner = Owner("rack1", clock, registry)
+    backends.append(owner.backend)  # what membership does when etcd lists an owner
+    owner.come_up()
+    assert readiness.reasons() == []
+    owner.backend.stop()
+
+
 def announce_setup(announce=2.0):
     clock = Clock()
     registry = ReaderRegistry()

@@ -620,7 +620,8 @@ def makeService(config, reactor=None):
     top.dispatcher = dispatcher
     dispatcher.owner_id = config.get("owner-id")
     top.readiness = core.readiness = ops.Readiness(
-        top, registry, core.backends, reactor, min_upstreams=config.get("ready-min-upstreams", 1))
+        top, registry, core.backends, reactor, min_upstreams=config.get("ready-min-upstreams", 1),
+        expects_upstreams=bool(config.get("etcd-watches")))
     if dispatcher.audit is not None:
         top.readiness.checks.append(dispatcher.audit.reasons)  # not ready while records are lost
     listening = []
