@@ -5,10 +5,14 @@ The pieces:
 
 * :class:`Tracer`: the dispatcher's hook (``Dispatcher.trace``).
   ``RequestRun`` calls :meth:`Tracer.record` for each command result, the
-  certificate index :meth:`Tracer.exchange` for its own APDUs.  A record is
-  one tuple appended to a bounded list on the reactor thread; nothing is
-  formatted or written there.  When the list is full the record is
-  dropped and counted (:attr:`Tracer.dropped`), logged once a minute.
+  certificate index :meth:`Tracer.exchange` for its own APDUs; an APDU
+  answered at once (no metrics) comes from ``RequestRun``'s own hot path
+  through :meth:`Tracer.answered`.  A record's fields are appended to a
+  bounded flat list on the reactor thread (one ``extend``, so no object
+  per record outlives the call and tracing gives the garbage collector
+  no work); nothing is formatted or written there.  When the list is
+  full the record is dropped and counted (:attr:`Tracer.dropped`),
+  logged once a minute.
   Live watchers (:meth:`Tracer.watch`) get each record of their reader
   as a dict, redacted, on the reactor thread.
 * :class:`TraceService`: a thread that takes what the list holds every
@@ -21,6 +25,7 @@ The pieces:
   :class:`PcapngFile` (GSMTAP SIM frames for Wireshark/tshark).
 * :func:`as_dict` and :func:`read_records`: one record as the JSON object
   of a line, and the objects of a JSON-lines trace file.
+* :func:`records_of`: the record tuples of the queue's flat fields.
 
 A record tuple is ``(time, reader, frontend, identity, peer, event,
 command, result, seconds)``: ``time`` wall-clock seconds (float),
@@ -39,6 +44,7 @@ import os
 import struct
 import threading
 import time
+from math import floor
 from time import perf_counter
 from json.encoder import encode_basestring_ascii as _js
 
@@ -52,6 +58,8 @@ from .parser import APDU, RESET
 
 #: Records each file holds for the writer thread at most; more are dropped (counted).
 MAX_BUFFER = 100000
+#: Fields of a record (the module docstring's tuple) in :attr:`Tracer.queue`.
+FIELDS = 9
 #: Seconds between the writer thread's rounds.
 FLUSH_EVERY = 0.05
 #: Seconds between warnings about dropped records.
@@ -114,6 +122,14 @@ def _utc(when):
     return f"{_second[1]}.{int((when - whole) * 1e6):06d}Z"
 
 
+def records_of(fields):
+    """The records (tuples) of ``fields``, a flat list of :data:`FIELDS`
+    fields a record (:attr:`Tracer.queue`).  One tuple object is reused
+    while nothing else holds it (``zip``): unpack each record, as the
+    writers' loops do, and the batch allocates nothing per record."""
+    return zip(*(iter(fields),) * FIELDS)
+
+
 def read_records(lines):
     """The objects of a JSON-lines trace (an iterable of text lines);
     ValueError naming the line for one that is not a trace record."""
@@ -139,6 +155,12 @@ def open_append(path, binary):
     except OSError:
         pass  # not ours: appending is still allowed
     return os.fdopen(fd, "ab" if binary else "a", **({} if binary else {"encoding": "utf-8"}))
+
+
+#: "000" to "999": the digits of a number below 1000, three of them.
+_DIGITS = tuple(f"{n:03d}" for n in range(1000))
+#: "0" to "999".
+_INTS = tuple(str(n) for n in range(1000))
 
 
 class JsonLinesFile:
@@ -174,6 +196,7 @@ class JsonLinesFile:
             names_of.clear()
         commands = self._commands
         meaning = errors.MEANING
+        digits, ints = _DIGITS, _INTS
         second, head = self._second
         out = []
         add = out.append
@@ -183,17 +206,23 @@ class JsonLinesFile:
                 names = names_of[(reader, frontend, identity, peer)] = (
                     f'"reader":{_js(reader)},"frontend":{_js(frontend)},'
                     f'"identity":{"null" if identity is None else _js(identity)},"peer":{_js(peer)},"event":')
-            whole = int(when)
+            whole = floor(when)  # floor: cheaper than int() on a float, the same for a time
             if second != whole:
                 second, head = whole, time.strftime('{"time":"%Y-%m-%dT%H:%M:%S.', time.gmtime(whole))
+            # the microseconds and milliseconds as digits from tables: several
+            # times cheaper than formatting the numbers
+            us = floor((when - whole) * 1e6)
+            took = floor(seconds * 1e6 + 0.5)
+            ms = took // 1000
             if event == RESET:
-                add(f'{head}{int((when - whole) * 1e6):06d}Z",{names}"reset","ms":{seconds * 1000:.3f},'
-                    f'"{"result" if len(result) == 4 and result in meaning else "atr"}":"{result}"}}\n')
+                add(f'{head}{digits[us // 1000]}{digits[us % 1000]}Z",{names}"reset","ms":'
+                    f'{ms}.{digits[took % 1000]},"{"result" if len(result) == 4 and result in meaning else "atr"}":"{result}"}}\n')
                 continue
             shown = commands.get(command)
             if shown is None:
                 shown = self._command(command)
-            add(f'{head}{int((when - whole) * 1e6):06d}Z",{names}"apdu","ms":{seconds * 1000:.3f},{shown},'
+            add(f'{head}{digits[us // 1000]}{digits[us % 1000]}Z",{names}"apdu","ms":'
+                f'{ints[ms] if ms < 1000 else ms}.{digits[took % 1000]},{shown},'
                 f'"{"result" if len(result) == 4 and result in meaning else "response"}":"{result}"}}\n')
         self._second = second, head
         return "".join(out)
@@ -283,7 +312,7 @@ class PcapngFile:
             heads = heads_of.get(n)
             if heads is None:
                 heads = heads_of[n] = _epb_heads(n)
-            us = round(when * 1e6)
+            us = floor(when * 1e6 + 0.5)  # rounded; floor: cheaper than round() or int()
             add((heads[0], stamp(us >> 32, us & 0xFFFFFFFF), heads[1], command, response, heads[2]))
         return b"".join(out)
 
@@ -376,8 +405,9 @@ class Tracer:
         self.patterns = list(patterns)
         self.unredacted = unredacted
         self.max_buffer = max_buffer
-        #: records (tuples) the writer thread has not taken yet; a list, not
-        #: a deque: the writer takes them with a slice and a slice deletion
+        #: the fields of the records the writer thread has not taken yet,
+        #: :data:`FIELDS` a record, flat (see the module docstring); a list,
+        #: not a deque: the writer takes them with a slice and a slice deletion
         self.queue = []
         self.dropped = 0
         self.files = 0  # TraceServices writing the queue (0: records go to watchers only)
@@ -385,6 +415,14 @@ class Tracer:
         self._selected = {}  # Reader -> bool
         #: wall-clock time minus perf_counter: records take one clock reading
         self.wall = time.time() - perf_counter()
+
+    @property
+    def max_buffer(self):
+        return self._room // FIELDS
+
+    @max_buffer.setter
+    def max_buffer(self, records):
+        self._room = records * FIELDS  # the queue's length at most
 
     def traces(self, reader):
         """True when ``reader`` (a registry Reader) is traced."""
@@ -423,8 +461,34 @@ class Tracer:
                   session.peer, name, command.apdu, value, seconds)
         if self.files:
             queue = self.queue
-            if len(queue) < self.max_buffer:
-                queue.append(record)
+            if len(queue) < self._room:
+                queue.extend(record)
+            else:
+                self.dropped += 1
+        if self.watchers:
+            self._tell(record)
+
+    def answered(self, run, reader, command, response):
+        """The hot path of tracing, from ``RequestRun``'s own (no metrics):
+        ``run`` holding ``reader`` got ``response`` (the response APDU,
+        upper-case hex) to ``command`` (the command APDU, bytes); kept when
+        ``reader`` is traced, and ``run.started`` moves on."""
+        selected = self._selected.get(reader)
+        if selected is None:
+            selected = self.traces(reader)
+        if not selected:
+            return
+        now = perf_counter()
+        identity = run.identity
+        session = run.session
+        record = (now + self.wall, reader.name, session.frontend,
+                  identity.name if identity is not None and identity.__class__ is not str else None,
+                  session.peer, APDU, command, response, now - run.started)
+        run.started = now
+        if self.files:
+            queue = self.queue
+            if len(queue) < self._room:
+                queue.extend(record)
             else:
                 self.dropped += 1
         if self.watchers:
@@ -460,8 +524,8 @@ class Tracer:
         watchers."""
         if self.files:
             queue = self.queue
-            if len(queue) < self.max_buffer:
-                queue.append(record)
+            if len(queue) < self._room:
+                queue.extend(record)
             else:
                 self.dropped += 1
         if self.watchers:
@@ -560,8 +624,9 @@ class TraceService(Service):
     def flush(self):
         """Write what the queue holds now (the writer thread's round), one
         write per file.  Taking the records is a slice and a slice
-        deletion of a list, each atomic under the GIL, so the reactor
-        thread appends meanwhile without a lock."""
+        deletion of a list, each atomic under the GIL, as is the reactor
+        thread's ``extend`` of a record's fields, so the reactor thread
+        adds records meanwhile without a lock."""
         if self._reopen:
             self._reopen = False
             for f in self.files:
@@ -570,14 +635,14 @@ class TraceService(Service):
                 except OSError as e:
                     self._say(f"trace: cannot reopen {f.path}: {e.strerror}; still writing the old file")
         queue = self.tracer.queue
-        n = len(queue)
+        n = len(queue)  # whole records: each went in with one extend
         if not n:
             return
-        records = queue[:n]
+        fields = queue[:n]
         del queue[:n]
         for f in self.files:
             try:
-                f.write(records)
+                f.write(records_of(fields))
             except Exception as e:  # the writer thread goes on whatever happens
                 self._say(f"trace: cannot write {f.path}: {e!r}")
 
