@@ -230,8 +230,9 @@ class RequestRun:
                 value = result.hex().upper()
                 self.lines.append((command.id, value))
                 self.i += 1
-                if d.trace is not None:  # --trace: its own hot path, one call
-                    d.trace.answered(self, reader, command.apdu, value)
+                trace = d.trace
+                if trace is not None:  # --trace: its own hot path, one call
+                    trace.answered(self, reader, command.apdu, value)
             else:
                 self._result(result.hex().upper())
             return True

@@ -52,6 +52,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
 from . import errors
+from .access import Identity
 from .apdu import SECRET_INS, SM_CLASSES, secret_span
 from .logs import Logger
 from .parser import APDU, RESET
@@ -215,8 +216,8 @@ class JsonLinesFile:
             took = floor(seconds * 1e6 + 0.5)
             ms = took // 1000
             if event == RESET:
-                add(f'{head}{digits[us // 1000]}{digits[us % 1000]}Z",{names}"reset","ms":'
-                    f'{ms}.{digits[took % 1000]},"{"result" if len(result) == 4 and result in meaning else "atr"}":"{result}"}}\n')
+                add(f'{head}{digits[us // 1000]}{digits[us % 1000]}Z",{names}"reset","ms":{ms}.{digits[took % 1000]},'
+                    f'"{"result" if len(result) == 4 and result in meaning else "atr"}":"{result}"}}\n')
                 continue
             shown = commands.get(command)
             if shown is None:
@@ -404,13 +405,13 @@ class Tracer:
     def __init__(self, patterns=(), unredacted=False, max_buffer=MAX_BUFFER):
         self.patterns = list(patterns)
         self.unredacted = unredacted
+        self._files = 0
         self.max_buffer = max_buffer
         #: the fields of the records the writer thread has not taken yet,
         #: :data:`FIELDS` a record, flat (see the module docstring); a list,
         #: not a deque: the writer takes them with a slice and a slice deletion
         self.queue = []
         self.dropped = 0
-        self.files = 0  # TraceServices writing the queue (0: records go to watchers only)
         self.watchers = {}  # reader name -> [callables taking a record dict]
         self._selected = {}  # Reader -> bool
         #: wall-clock time minus perf_counter: records take one clock reading
@@ -418,11 +419,22 @@ class Tracer:
 
     @property
     def max_buffer(self):
-        return self._room // FIELDS
+        return self._max_buffer
 
     @max_buffer.setter
     def max_buffer(self, records):
-        self._room = records * FIELDS  # the queue's length at most
+        self._max_buffer = records
+        self._room = records * FIELDS if self._files else 0  # the queue's length at most
+
+    @property
+    def files(self):
+        """TraceServices writing the queue (0: records go to live watchers only)."""
+        return self._files
+
+    @files.setter
+    def files(self, n):
+        self._files = n
+        self.max_buffer = self._max_buffer
 
     def traces(self, reader):
         """True when ``reader`` (a registry Reader) is traced."""
@@ -457,14 +469,13 @@ class Tracer:
         identity = run.identity
         session = run.session
         record = (now + self.wall, reader.name, session.frontend,
-                  identity.name if identity is not None and identity.__class__ is not str else None,
+                  identity.name if identity.__class__ is Identity else None,
                   session.peer, name, command.apdu, value, seconds)
-        if self.files:
-            queue = self.queue
-            if len(queue) < self._room:
-                queue.extend(record)
-            else:
-                self.dropped += 1
+        queue = self.queue
+        if len(queue) < self._room:  # no room while no file is written (files == 0)
+            queue.extend(record)
+        elif self.files:
+            self.dropped += 1
         if self.watchers:
             self._tell(record)
 
@@ -473,24 +484,20 @@ class Tracer:
         ``run`` holding ``reader`` got ``response`` (the response APDU,
         upper-case hex) to ``command`` (the command APDU, bytes); kept when
         ``reader`` is traced, and ``run.started`` moves on."""
-        selected = self._selected.get(reader)
-        if selected is None:
-            selected = self.traces(reader)
-        if not selected:
+        if not self._selected.get(reader) and not self.traces(reader):
             return
         now = perf_counter()
         identity = run.identity
         session = run.session
         record = (now + self.wall, reader.name, session.frontend,
-                  identity.name if identity is not None and identity.__class__ is not str else None,
+                  identity.name if identity.__class__ is Identity else None,  # or None, or a result code
                   session.peer, APDU, command, response, now - run.started)
         run.started = now
-        if self.files:
-            queue = self.queue
-            if len(queue) < self._room:
-                queue.extend(record)
-            else:
-                self.dropped += 1
+        queue = self.queue
+        if len(queue) < self._room:  # no room while no file is written (files == 0)
+            queue.extend(record)
+        elif self.files:
+            self.dropped += 1
         if self.watchers:
             self._tell(record)
 
@@ -522,12 +529,11 @@ class Tracer:
         """Keep one record (the module docstring's tuple) for the writer,
         or drop and count it when ``max_buffer`` are waiting; tell live
         watchers."""
-        if self.files:
-            queue = self.queue
-            if len(queue) < self._room:
-                queue.extend(record)
-            else:
-                self.dropped += 1
+        queue = self.queue
+        if len(queue) < self._room:  # no room while no file is written (files == 0)
+            queue.extend(record)
+        elif self.files:
+            self.dropped += 1
         if self.watchers:
             self._tell(record)
 
