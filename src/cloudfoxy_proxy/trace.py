@@ -10,16 +10,15 @@ The pieces:
   through :meth:`Tracer.answered`.  A record's fields are appended to a
   bounded flat list on the reactor thread (one ``extend``, so no object
   per record outlives the call and tracing gives the garbage collector
-  no work); nothing is formatted or written there.  When the list is
-  full the record is dropped and counted (:attr:`Tracer.dropped`),
-  logged once a minute.
+  no work).  When the list is full the record is dropped and counted
+  (:attr:`Tracer.dropped`), logged once a minute.
   Live watchers (:meth:`Tracer.watch`) get each record of their reader
   as a dict, redacted, on the reactor thread.
-* :class:`TraceService`: a thread that takes what the list holds every
-  :data:`FLUSH_EVERY` seconds, formats it for each file in one loop and
-  writes it with one ``write`` per file (the GIL is released while the
-  disk works: a slow disk delays the writer, never the card); files are
-  reopened on SIGHUP (:meth:`reopen`).
+* :class:`TraceService`: every :data:`FLUSH_EVERY` seconds the reactor
+  formats what the list holds for each file in one loop per file, and a
+  thread of its own writes each file's text with one ``write`` (the GIL
+  is released while the disk works: a slow disk delays the writer, never
+  the card); files are reopened on SIGHUP (:meth:`reopen`).
 * Formats: :class:`JsonLinesFile` (one JSON object per exchange, the
   source of ``foxyproxy-trace`` and of ``emulated:?replay=``) and
   :class:`PcapngFile` (GSMTAP SIM frames for Wireshark/tshark).
@@ -61,7 +60,7 @@ from .parser import APDU, RESET
 MAX_BUFFER = 100000
 #: Fields of a record (the module docstring's tuple) in :attr:`Tracer.queue`.
 FIELDS = 9
-#: Seconds between the writer thread's rounds.
+#: Seconds between the rounds that format and write the records.
 FLUSH_EVERY = 0.05
 #: Seconds between warnings about dropped records.
 DROP_WARN_EVERY = 60.0
@@ -239,9 +238,13 @@ class JsonLinesFile:
         text = self._commands[command] = f'"command":"{command.hex().upper()}"'
         return text
 
-    def write(self, records):
-        """Append ``records`` (tuples) with one write."""
-        self.file.write(self.lines(records))
+    def format(self, records):
+        """``records`` as the text :meth:`put` appends (:meth:`lines`)."""
+        return self.lines(records)
+
+    def put(self, text):
+        """Append ``text`` (:meth:`format`) with one write."""
+        self.file.write(text)
         self.file.flush()
 
     def close(self):
@@ -317,12 +320,14 @@ class PcapngFile:
             add((heads[0], stamp(us >> 32, us & 0xFFFFFFFF), heads[1], command, response, heads[2]))
         return b"".join(out)
 
-    def write(self, records):
-        """Append ``records`` (tuples) with one write."""
-        frames = self.frames(records)
-        if frames:
-            self.file.write(frames)
-            self.file.flush()
+    def format(self, records):
+        """``records`` as the bytes :meth:`put` appends (:meth:`frames`)."""
+        return self.frames(records)
+
+    def put(self, frames):
+        """Append ``frames`` (:meth:`format`) with one write."""
+        self.file.write(frames)
+        self.file.flush()
 
     def close(self):
         if self.file is not None:
@@ -451,7 +456,8 @@ class Tracer:
         """``run`` (a run.RequestRun, ``i`` at the command) got ``value``
         (its result line); keeps it when it is a RESET or APDU that ran on
         a traced card.  Moves ``run.started`` on when metrics do not.
-        The hot path of tracing: a few attribute reads and :meth:`add`."""
+        (An APDU answered at once without metrics comes through
+        :meth:`answered` instead.)"""
         command = run.request.commands[run.i]
         name = command.name
         if (name != APDU and name != RESET) or not run.holding or command.error is not None:
@@ -564,9 +570,17 @@ class Tracer:
 
 
 class TraceService(Service):
-    """Writes ``tracer``'s records to ``files`` (:func:`trace_file`) from a
-    thread of its own; logs dropped records at most once a minute on
-    ``clock``; :meth:`reopen` (SIGHUP) opens the files again."""
+    """Writes ``tracer``'s records to ``files`` (:func:`trace_file`):
+    every ``flush_every`` seconds the reactor formats what the queue holds
+    (:meth:`format`), and a thread of its own writes it (the GIL is
+    released while the disk works: a slow disk delays the writer, never
+    the card); logs dropped records at most once a minute on ``clock``;
+    :meth:`reopen` (SIGHUP) opens the files again.
+
+    The records are formatted on the reactor thread, which made them,
+    rather than in the writer thread: a batch read where it is still in
+    the cache, and objects freed by the thread that allocated them, cost
+    the process less CPU than every record crossing to the other core."""
 
     log = Logger()
 
@@ -576,8 +590,14 @@ class TraceService(Service):
         self.clock = clock
         self.flush_every = flush_every
         self._stop = threading.Event()
+        self._wake = threading.Event()  # formatted chunks are waiting
+        #: batches formatted, not written yet: ([(file, chunk)], records)
+        #: (appended by the reactor, taken by the writer with a slice)
+        self._pending = []
+        self._writing = threading.Lock()  # one writer of the files at a time: the thread or flush()
         self._reopen = False
         self._thread = None
+        self._format = None
         self._warn = None
         self._warned_dropped = 0
         self._quiet_until = 0.0
@@ -589,6 +609,9 @@ class TraceService(Service):
         self.tracer.files += 1
         self._thread = threading.Thread(target=self._run, name="foxyproxy-trace", daemon=True)
         self._thread.start()
+        self._format = LoopingCall(self.format)
+        self._format.clock = self.clock
+        self._format.start(self.flush_every, now=False)
         self._warn = LoopingCall(self.warn_dropped)
         self._warn.clock = self.clock
         self._warn.start(DROP_WARN_EVERY, now=False)
@@ -596,9 +619,12 @@ class TraceService(Service):
     def stopService(self):
         Service.stopService(self)
         self.tracer.files -= 1
-        if self._warn is not None and self._warn.running:
-            self._warn.stop()
+        for call in (self._format, self._warn):
+            if call is not None and call.running:
+                call.stop()
+        self.format()
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
         if self._thread is None or not self._thread.is_alive():
@@ -619,41 +645,79 @@ class TraceService(Service):
                           total=dropped)
             self._warned_dropped = dropped
 
-    def _run(self):
-        stop = self._stop
-        while True:
-            stopping = stop.wait(self.flush_every)
-            self.flush()
-            if stopping:
-                return
-
-    def flush(self):
-        """Write what the queue holds now (the writer thread's round), one
-        write per file.  Taking the records is a slice and a slice
-        deletion of a list, each atomic under the GIL, as is the reactor
-        thread's ``extend`` of a record's fields, so the reactor thread
-        adds records meanwhile without a lock."""
-        if self._reopen:
-            self._reopen = False
-            for f in self.files:
-                try:
-                    f.open()
-                except OSError as e:
-                    self._say(f"trace: cannot reopen {f.path}: {e.strerror}; still writing the old file")
-        queue = self.tracer.queue
+    def format(self):
+        """The reactor's round: what the queue holds now, formatted for each
+        file and left for the writer thread.  When the writer has
+        ``tracer.max_buffer`` records still to write (a slow disk), these
+        records are dropped and counted instead."""
+        tracer = self.tracer
+        queue = tracer.queue
         n = len(queue)  # whole records: each went in with one extend
         if not n:
             return
         fields = queue[:n]
         del queue[:n]
+        records = n // FIELDS
+        if sum(waiting for _chunks, waiting in self._pending[:]) + records > tracer.max_buffer:
+            tracer.dropped += records
+            return
+        chunks = []
         for f in self.files:
             try:
-                f.write(records_of(fields))
-            except Exception as e:  # the writer thread goes on whatever happens
-                self._say(f"trace: cannot write {f.path}: {e!r}")
+                chunk = f.format(records_of(fields))
+            except Exception as e:  # a bug: the other files and the card go on
+                self._say(f"trace: cannot format records for {f.path}: {e!r}")
+                continue
+            if chunk:
+                chunks.append((f, chunk))
+        self._pending.append((chunks, records))
+        self._wake.set()
+
+    def _run(self):
+        stop, wake = self._stop, self._wake
+        while True:
+            wake.wait(self.flush_every)
+            wake.clear()
+            stopping = stop.is_set()
+            self.write()
+            if stopping:
+                return
+
+    def flush(self):
+        """Format and write what the queue holds now, and every batch not
+        written yet, in the calling thread."""
+        self.format()
+        self.write()
+
+    def write(self):
+        """Write the formatted batches (the writer thread's round), one
+        write per file and batch; first open the files again if
+        :meth:`reopen` asked.  Taking the batches (and the reactor thread
+        taking the records) is a slice and a slice deletion of a list,
+        each atomic under the GIL, as are the reactor thread's ``append``
+        of a batch and ``extend`` of a record's fields, so neither waits
+        for the other."""
+        with self._writing:
+            if self._reopen:
+                self._reopen = False
+                for f in self.files:
+                    try:
+                        f.open()
+                    except OSError as e:
+                        self._say(f"trace: cannot reopen {f.path}: {e.strerror}; still writing the old file")
+            pending = self._pending
+            n = len(pending)
+            batches = pending[:n]
+            del pending[:n]
+            for chunks, _records in batches:
+                for f, chunk in chunks:
+                    try:
+                        f.put(chunk)
+                    except Exception as e:  # the writer thread goes on whatever happens
+                        self._say(f"trace: cannot write {f.path}: {e!r}")
 
     def _say(self, text):
-        """Log ``text`` from the writer thread, at most once a minute."""
+        """Log ``text`` (from either thread), at most once a minute."""
         now = time.monotonic()
         if now < self._quiet_until:
             return
