@@ -16,7 +16,9 @@
 
 Prints ``| load | off | jsonl | pcapng | overhead % |``: medians, every
 round in brackets, the overhead of each format against "off" of the same
-run (and the machine's floor for the real-process load).  Every load is
+run (and the machine's floor for the real-process load), and the median
+of each round's own ratio to the "off" run just before it (steadier than
+the ratio of medians while other work shares the machine).  Every load is
 bounded in time; every process is started here and stopped by its PID.
 Usage::
 
@@ -144,8 +146,10 @@ def main(argv=None):
 
     def overhead(runs):
         off = statistics.median(runs["off"])
-        return " / ".join(f"{k} {(statistics.median(runs[k]) - off) / off * 100:+.1f} %"
-                          f" ({statistics.median(runs[k]) - off:+.2f} µs)" for k in ("jsonl", "pcapng"))
+        return " / ".join(
+            f"{k} {(statistics.median(runs[k]) - off) / off * 100:+.1f} % ({statistics.median(runs[k]) - off:+.2f} µs; "
+            f"per round {statistics.median(on / o - 1 for on, o in zip(runs[k], runs['off'])) * 100:+.1f} %)"
+            for k in ("jsonl", "pcapng"))
 
     print("\n| load | off | jsonl | pcapng | overhead % |")
     print("|---|---|---|---|---|")
