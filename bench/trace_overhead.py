@@ -147,8 +147,8 @@ def main(argv=None):
     def overhead(runs):
         off = statistics.median(runs["off"])
         return " / ".join(
-            f"{k} {(statistics.median(runs[k]) - off) / off * 100:+.1f} % ({statistics.median(runs[k]) - off:+.2f} µs; "
-            f"per round {statistics.median(on / o - 1 for on, o in zip(runs[k], runs['off'])) * 100:+.1f} %)"
+            f"{k} {(statistics.median(runs[k]) - off) / off * 100:+.1f} % "
+            f"({statistics.median(runs[k]) - off:+.2f} µs; per round {statistics.median(on / o - 1 for on, o in zip(runs[k], runs['off'])) * 100:+.1f} %)"
             for k in ("jsonl", "pcapng"))
 
     print("\n| load | off | jsonl | pcapng | overhead % |")
