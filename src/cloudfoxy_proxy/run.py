@@ -265,9 +265,13 @@ class RequestRun:
             return True
         if type(result) is bytes and command.name == APDU and 2 <= len(result) <= MAX_RESPONSE:
             d = self.d
-            if d.trace is None and d.metrics is None:  # the hot path: _result, inline
-                self.lines.append((command.id, result.hex().upper()))
+            if d.metrics is None:  # the hot path: _result, inline
+                value = result.hex().upper()
+                self.lines.append((command.id, value))
                 self.i += 1
+                trace = d.trace
+                if trace is not None:  # --trace: its own hot path, one call
+                    trace.answered(self, reader, command.apdu, value)
             else:
                 self._result(result.hex().upper())
             return True

@@ -5,22 +5,26 @@ The pieces:
 
 * :class:`Tracer`: the dispatcher's hook (``Dispatcher.trace``).
   ``RequestRun`` calls :meth:`Tracer.record` for each command result, the
-  certificate index :meth:`Tracer.exchange` for its own APDUs.  A record is
-  one tuple appended to a bounded list on the reactor thread; nothing is
-  formatted or written there.  When the list is full the record is
-  dropped and counted (:attr:`Tracer.dropped`), logged once a minute.
+  certificate index :meth:`Tracer.exchange` for its own APDUs; an APDU
+  answered at once (no metrics) comes from ``RequestRun``'s own hot path
+  through :meth:`Tracer.answered`.  A record's fields are appended to a
+  bounded flat list on the reactor thread (one ``extend``, so no object
+  per record outlives the call and tracing gives the garbage collector
+  no work).  When the list is full the record is dropped and counted
+  (:attr:`Tracer.dropped`), logged once a minute.
   Live watchers (:meth:`Tracer.watch`) get each record of their reader
   as a dict, redacted, on the reactor thread.
-* :class:`TraceService`: a thread that takes what the list holds every
-  :data:`FLUSH_EVERY` seconds, formats it for each file in one loop and
-  writes it with one ``write`` per file (the GIL is released while the
-  disk works: a slow disk delays the writer, never the card); files are
-  reopened on SIGHUP (:meth:`reopen`).
+* :class:`TraceService`: every :data:`FLUSH_EVERY` seconds the reactor
+  formats what the list holds for each file in one loop per file, and a
+  thread of its own writes each file's text with one ``write`` (the GIL
+  is released while the disk works: a slow disk delays the writer, never
+  the card); files are reopened on SIGHUP (:meth:`reopen`).
 * Formats: :class:`JsonLinesFile` (one JSON object per exchange, the
   source of ``foxyproxy-trace`` and of ``emulated:?replay=``) and
   :class:`PcapngFile` (GSMTAP SIM frames for Wireshark/tshark).
 * :func:`as_dict` and :func:`read_records`: one record as the JSON object
   of a line, and the objects of a JSON-lines trace file.
+* :func:`records_of`: the record tuples of the queue's flat fields.
 
 A record tuple is ``(time, reader, frontend, identity, peer, event,
 command, result, seconds)``: ``time`` wall-clock seconds (float),
@@ -39,6 +43,7 @@ import os
 import struct
 import threading
 import time
+from math import floor
 from time import perf_counter
 from json.encoder import encode_basestring_ascii as _js
 
@@ -46,13 +51,16 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 
 from . import errors
+from .access import Identity
 from .apdu import SECRET_INS, SM_CLASSES, secret_span
 from .logs import Logger
 from .parser import APDU, RESET
 
 #: Records each file holds for the writer thread at most; more are dropped (counted).
 MAX_BUFFER = 100000
-#: Seconds between the writer thread's rounds.
+#: Fields of a record (the module docstring's tuple) in :attr:`Tracer.queue`.
+FIELDS = 9
+#: Seconds between the rounds that format and write the records.
 FLUSH_EVERY = 0.05
 #: Seconds between warnings about dropped records.
 DROP_WARN_EVERY = 60.0
@@ -114,6 +122,14 @@ def _utc(when):
     return f"{_second[1]}.{int((when - whole) * 1e6):06d}Z"
 
 
+def records_of(fields):
+    """The records (tuples) of ``fields``, a flat list of :data:`FIELDS`
+    fields a record (:attr:`Tracer.queue`).  One tuple object is reused
+    while nothing else holds it (``zip``): unpack each record, as the
+    writers' loops do, and the batch allocates nothing per record."""
+    return zip(*(iter(fields),) * FIELDS)
+
+
 def read_records(lines):
     """The objects of a JSON-lines trace (an iterable of text lines);
     ValueError naming the line for one that is not a trace record."""
@@ -139,6 +155,12 @@ def open_append(path, binary):
     except OSError:
         pass  # not ours: appending is still allowed
     return os.fdopen(fd, "ab" if binary else "a", **({} if binary else {"encoding": "utf-8"}))
+
+
+#: "000" to "999": the digits of a number below 1000, three of them.
+_DIGITS = tuple(f"{n:03d}" for n in range(1000))
+#: "0" to "999".
+_INTS = tuple(str(n) for n in range(1000))
 
 
 class JsonLinesFile:
@@ -174,6 +196,7 @@ class JsonLinesFile:
             names_of.clear()
         commands = self._commands
         meaning = errors.MEANING
+        digits, ints = _DIGITS, _INTS
         second, head = self._second
         out = []
         add = out.append
@@ -183,17 +206,23 @@ class JsonLinesFile:
                 names = names_of[(reader, frontend, identity, peer)] = (
                     f'"reader":{_js(reader)},"frontend":{_js(frontend)},'
                     f'"identity":{"null" if identity is None else _js(identity)},"peer":{_js(peer)},"event":')
-            whole = int(when)
+            whole = floor(when)  # floor: cheaper than int() on a float, the same for a time
             if second != whole:
                 second, head = whole, time.strftime('{"time":"%Y-%m-%dT%H:%M:%S.', time.gmtime(whole))
+            # the microseconds and milliseconds as digits from tables: several
+            # times cheaper than formatting the numbers
+            us = floor((when - whole) * 1e6)
+            took = floor(seconds * 1e6 + 0.5)
+            ms = took // 1000
             if event == RESET:
-                add(f'{head}{int((when - whole) * 1e6):06d}Z",{names}"reset","ms":{seconds * 1000:.3f},'
+                add(f'{head}{digits[us // 1000]}{digits[us % 1000]}Z",{names}"reset","ms":{ms}.{digits[took % 1000]},'
                     f'"{"result" if len(result) == 4 and result in meaning else "atr"}":"{result}"}}\n')
                 continue
             shown = commands.get(command)
             if shown is None:
                 shown = self._command(command)
-            add(f'{head}{int((when - whole) * 1e6):06d}Z",{names}"apdu","ms":{seconds * 1000:.3f},{shown},'
+            add(f'{head}{digits[us // 1000]}{digits[us % 1000]}Z",{names}"apdu","ms":'
+                f'{ints[ms] if ms < 1000 else ms}.{digits[took % 1000]},{shown},'
                 f'"{"result" if len(result) == 4 and result in meaning else "response"}":"{result}"}}\n')
         self._second = second, head
         return "".join(out)
@@ -209,9 +238,13 @@ class JsonLinesFile:
         text = self._commands[command] = f'"command":"{command.hex().upper()}"'
         return text
 
-    def write(self, records):
-        """Append ``records`` (tuples) with one write."""
-        self.file.write(self.lines(records))
+    def format(self, records):
+        """``records`` as the text :meth:`put` appends (:meth:`lines`)."""
+        return self.lines(records)
+
+    def put(self, text):
+        """Append ``text`` (:meth:`format`) with one write."""
+        self.file.write(text)
         self.file.flush()
 
     def close(self):
@@ -283,16 +316,18 @@ class PcapngFile:
             heads = heads_of.get(n)
             if heads is None:
                 heads = heads_of[n] = _epb_heads(n)
-            us = round(when * 1e6)
+            us = floor(when * 1e6 + 0.5)  # rounded; floor: cheaper than round() or int()
             add((heads[0], stamp(us >> 32, us & 0xFFFFFFFF), heads[1], command, response, heads[2]))
         return b"".join(out)
 
-    def write(self, records):
-        """Append ``records`` (tuples) with one write."""
-        frames = self.frames(records)
-        if frames:
-            self.file.write(frames)
-            self.file.flush()
+    def format(self, records):
+        """``records`` as the bytes :meth:`put` appends (:meth:`frames`)."""
+        return self.frames(records)
+
+    def put(self, frames):
+        """Append ``frames`` (:meth:`format`) with one write."""
+        self.file.write(frames)
+        self.file.flush()
 
     def close(self):
         if self.file is not None:
@@ -375,16 +410,36 @@ class Tracer:
     def __init__(self, patterns=(), unredacted=False, max_buffer=MAX_BUFFER):
         self.patterns = list(patterns)
         self.unredacted = unredacted
+        self._files = 0
         self.max_buffer = max_buffer
-        #: records (tuples) the writer thread has not taken yet; a list, not
-        #: a deque: the writer takes them with a slice and a slice deletion
+        #: the fields of the records the writer thread has not taken yet,
+        #: :data:`FIELDS` a record, flat (see the module docstring); a list,
+        #: not a deque: the writer takes them with a slice and a slice deletion
         self.queue = []
         self.dropped = 0
-        self.files = 0  # TraceServices writing the queue (0: records go to watchers only)
         self.watchers = {}  # reader name -> [callables taking a record dict]
         self._selected = {}  # Reader -> bool
         #: wall-clock time minus perf_counter: records take one clock reading
         self.wall = time.time() - perf_counter()
+
+    @property
+    def max_buffer(self):
+        return self._max_buffer
+
+    @max_buffer.setter
+    def max_buffer(self, records):
+        self._max_buffer = records
+        self._room = records * FIELDS if self._files else 0  # the queue's length at most
+
+    @property
+    def files(self):
+        """TraceServices writing the queue (0: records go to live watchers only)."""
+        return self._files
+
+    @files.setter
+    def files(self, n):
+        self._files = n
+        self.max_buffer = self._max_buffer
 
     def traces(self, reader):
         """True when ``reader`` (a registry Reader) is traced."""
@@ -401,7 +456,8 @@ class Tracer:
         """``run`` (a run.RequestRun, ``i`` at the command) got ``value``
         (its result line); keeps it when it is a RESET or APDU that ran on
         a traced card.  Moves ``run.started`` on when metrics do not.
-        The hot path of tracing: a few attribute reads and :meth:`add`."""
+        (An APDU answered at once without metrics comes through
+        :meth:`answered` instead.)"""
         command = run.request.commands[run.i]
         name = command.name
         if (name != APDU and name != RESET) or not run.holding or command.error is not None:
@@ -419,14 +475,35 @@ class Tracer:
         identity = run.identity
         session = run.session
         record = (now + self.wall, reader.name, session.frontend,
-                  identity.name if identity is not None and identity.__class__ is not str else None,
+                  identity.name if identity.__class__ is Identity else None,
                   session.peer, name, command.apdu, value, seconds)
-        if self.files:
-            queue = self.queue
-            if len(queue) < self.max_buffer:
-                queue.append(record)
-            else:
-                self.dropped += 1
+        queue = self.queue
+        if len(queue) < self._room:  # no room while no file is written (files == 0)
+            queue.extend(record)
+        elif self.files:
+            self.dropped += 1
+        if self.watchers:
+            self._tell(record)
+
+    def answered(self, run, reader, command, response):
+        """The hot path of tracing, from ``RequestRun``'s own (no metrics):
+        ``run`` holding ``reader`` got ``response`` (the response APDU,
+        upper-case hex) to ``command`` (the command APDU, bytes); kept when
+        ``reader`` is traced, and ``run.started`` moves on."""
+        if not self._selected.get(reader) and not self.traces(reader):
+            return
+        now = perf_counter()
+        identity = run.identity
+        session = run.session
+        record = (now + self.wall, reader.name, session.frontend,
+                  identity.name if identity.__class__ is Identity else None,  # or None, or a result code
+                  session.peer, APDU, command, response, now - run.started)
+        run.started = now
+        queue = self.queue
+        if len(queue) < self._room:  # no room while no file is written (files == 0)
+            queue.extend(record)
+        elif self.files:
+            self.dropped += 1
         if self.watchers:
             self._tell(record)
 
@@ -458,12 +535,11 @@ class Tracer:
         """Keep one record (the module docstring's tuple) for the writer,
         or drop and count it when ``max_buffer`` are waiting; tell live
         watchers."""
-        if self.files:
-            queue = self.queue
-            if len(queue) < self.max_buffer:
-                queue.append(record)
-            else:
-                self.dropped += 1
+        queue = self.queue
+        if len(queue) < self._room:  # no room while no file is written (files == 0)
+            queue.extend(record)
+        elif self.files:
+            self.dropped += 1
         if self.watchers:
             self._tell(record)
 
@@ -494,9 +570,17 @@ class Tracer:
 
 
 class TraceService(Service):
-    """Writes ``tracer``'s records to ``files`` (:func:`trace_file`) from a
-    thread of its own; logs dropped records at most once a minute on
-    ``clock``; :meth:`reopen` (SIGHUP) opens the files again."""
+    """Writes ``tracer``'s records to ``files`` (:func:`trace_file`):
+    every ``flush_every`` seconds the reactor formats what the queue holds
+    (:meth:`format`), and a thread of its own writes it (the GIL is
+    released while the disk works: a slow disk delays the writer, never
+    the card); logs dropped records at most once a minute on ``clock``;
+    :meth:`reopen` (SIGHUP) opens the files again.
+
+    The records are formatted on the reactor thread, which made them,
+    rather than in the writer thread: a batch read where it is still in
+    the cache, and objects freed by the thread that allocated them, cost
+    the process less CPU than every record crossing to the other core."""
 
     log = Logger()
 
@@ -506,8 +590,14 @@ class TraceService(Service):
         self.clock = clock
         self.flush_every = flush_every
         self._stop = threading.Event()
+        self._wake = threading.Event()  # formatted chunks are waiting
+        #: batches formatted, not written yet: ([(file, chunk)], records)
+        #: (appended by the reactor, taken by the writer with a slice)
+        self._pending = []
+        self._writing = threading.Lock()  # one writer of the files at a time: the thread or flush()
         self._reopen = False
         self._thread = None
+        self._format = None
         self._warn = None
         self._warned_dropped = 0
         self._quiet_until = 0.0
@@ -519,6 +609,9 @@ class TraceService(Service):
         self.tracer.files += 1
         self._thread = threading.Thread(target=self._run, name="foxyproxy-trace", daemon=True)
         self._thread.start()
+        self._format = LoopingCall(self.format)
+        self._format.clock = self.clock
+        self._format.start(self.flush_every, now=False)
         self._warn = LoopingCall(self.warn_dropped)
         self._warn.clock = self.clock
         self._warn.start(DROP_WARN_EVERY, now=False)
@@ -526,9 +619,12 @@ class TraceService(Service):
     def stopService(self):
         Service.stopService(self)
         self.tracer.files -= 1
-        if self._warn is not None and self._warn.running:
-            self._warn.stop()
+        for call in (self._format, self._warn):
+            if call is not None and call.running:
+                call.stop()
+        self.format()
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
         if self._thread is None or not self._thread.is_alive():
@@ -549,40 +645,79 @@ class TraceService(Service):
                           total=dropped)
             self._warned_dropped = dropped
 
+    def format(self):
+        """The reactor's round: what the queue holds now, formatted for each
+        file and left for the writer thread.  When the writer has
+        ``tracer.max_buffer`` records still to write (a slow disk), these
+        records are dropped and counted instead."""
+        tracer = self.tracer
+        queue = tracer.queue
+        n = len(queue)  # whole records: each went in with one extend
+        if not n:
+            return
+        fields = queue[:n]
+        del queue[:n]
+        records = n // FIELDS
+        if sum(waiting for _chunks, waiting in self._pending[:]) + records > tracer.max_buffer:
+            tracer.dropped += records
+            return
+        chunks = []
+        for f in self.files:
+            try:
+                chunk = f.format(records_of(fields))
+            except Exception as e:  # a bug: the other files and the card go on
+                self._say(f"trace: cannot format records for {f.path}: {e!r}")
+                continue
+            if chunk:
+                chunks.append((f, chunk))
+        self._pending.append((chunks, records))
+        self._wake.set()
+
     def _run(self):
-        stop = self._stop
+        stop, wake = self._stop, self._wake
         while True:
-            stopping = stop.wait(self.flush_every)
-            self.flush()
+            wake.wait(self.flush_every)
+            wake.clear()
+            stopping = stop.is_set()
+            self.write()
             if stopping:
                 return
 
     def flush(self):
-        """Write what the queue holds now (the writer thread's round), one
-        write per file.  Taking the records is a slice and a slice
-        deletion of a list, each atomic under the GIL, so the reactor
-        thread appends meanwhile without a lock."""
-        if self._reopen:
-            self._reopen = False
-            for f in self.files:
-                try:
-                    f.open()
-                except OSError as e:
-                    self._say(f"trace: cannot reopen {f.path}: {e.strerror}; still writing the old file")
-        queue = self.tracer.queue
-        n = len(queue)
-        if not n:
-            return
-        records = queue[:n]
-        del queue[:n]
-        for f in self.files:
-            try:
-                f.write(records)
-            except Exception as e:  # the writer thread goes on whatever happens
-                self._say(f"trace: cannot write {f.path}: {e!r}")
+        """Format and write what the queue holds now, and every batch not
+        written yet, in the calling thread."""
+        self.format()
+        self.write()
+
+    def write(self):
+        """Write the formatted batches (the writer thread's round), one
+        write per file and batch; first open the files again if
+        :meth:`reopen` asked.  Taking the batches (and the reactor thread
+        taking the records) is a slice and a slice deletion of a list,
+        each atomic under the GIL, as are the reactor thread's ``append``
+        of a batch and ``extend`` of a record's fields, so neither waits
+        for the other."""
+        with self._writing:
+            if self._reopen:
+                self._reopen = False
+                for f in self.files:
+                    try:
+                        f.open()
+                    except OSError as e:
+                        self._say(f"trace: cannot reopen {f.path}: {e.strerror}; still writing the old file")
+            pending = self._pending
+            n = len(pending)
+            batches = pending[:n]
+            del pending[:n]
+            for chunks, _records in batches:
+                for f, chunk in chunks:
+                    try:
+                        f.put(chunk)
+                    except Exception as e:  # the writer thread goes on whatever happens
+                        self._say(f"trace: cannot write {f.path}: {e!r}")
 
     def _say(self, text):
-        """Log ``text`` from the writer thread, at most once a minute."""
+        """Log ``text`` (from either thread), at most once a minute."""
         now = time.monotonic()
         if now < self._quiet_until:
             return
