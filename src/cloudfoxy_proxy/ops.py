@@ -108,7 +108,15 @@ class Readiness:
     unlike a backend's first report, these can make a ready proxy not
     ready again, and ready once they pass.  ``stopping`` (set on SIGTERM
     for ``--drain-announce``): a reason of its own while the proxy still
-    serves."""
+    serves.
+
+    ``upstream_tier`` (True for a front whose upstreams come and go: an
+    ``etcd://`` watch, or ``tcp://`` upstreams at start-up that SIGHUP may
+    drop): the upstream rule holds even while it has no upstream at all, so
+    a front whose owners all left is not ready (else it would be, with no
+    reader to serve)."""
+
+    upstream_tier = False
 
     def __init__(self, top, registry, backends, clock, poll=0.1, min_upstreams=1):
         self.top = top
@@ -140,7 +148,7 @@ class Readiness:
     def reasons(self):
         missing = [self.stopping] if self.stopping else []
         upstreams = [b for b in self.backends if hasattr(b, "upstream_state")]
-        if upstreams:
+        if upstreams or self.upstream_tier:
             missing.extend(self.upstream_reasons(upstreams))
         for backend in self.backends:
             if id(backend) in self._reported or hasattr(backend, "upstream_state"):
@@ -174,7 +182,7 @@ class Readiness:
         if serving >= self.min_upstreams:
             return []
         return [f"{serving} of {len(upstreams)} upstreams up with readers, "
-                f"--ready-min-upstreams {self.min_upstreams} needed ({', '.join(others)})"]
+                f"--ready-min-upstreams {self.min_upstreams} needed" + (f" ({', '.join(others)})" if others else "")]
 
     def listeners(self):
         found = []

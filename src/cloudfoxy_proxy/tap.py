@@ -621,6 +621,9 @@ def makeService(config, reactor=None):
     dispatcher.owner_id = config.get("owner-id")
     top.readiness = core.readiness = ops.Readiness(
         top, registry, core.backends, reactor, min_upstreams=config.get("ready-min-upstreams", 1))
+    # a front whose owners all left (etcd, SIGHUP) is not ready: ops.Readiness.upstream_tier
+    top.readiness.upstream_tier = bool(config.get("etcd-watches")) or any(
+        hasattr(b, "upstream_state") for b in core.backends)
     if dispatcher.audit is not None:
         top.readiness.checks.append(dispatcher.audit.reasons)  # not ready while records are lost
     listening = []
