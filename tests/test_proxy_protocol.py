@@ -85,7 +85,8 @@ class Behind:
         self.f = Front(**kw)
         self.clock = self.f.clock
         self.log = RateLimitedLog(self.clock, Logger(namespace="test.pp"))
-        self.factory = ProxyHeaderFactory(self.f.factory, trusted_networks(trusted), self.clock, timeout, self.log)
+        self.factory = ProxyHeaderFactory(self.f.factory, trusted_networks(trusted), self.clock, timeout, self.log,
+                                          self.f.limits)
 
     def connect(self, balancer="127.0.0.10", fd=10):
         peer = IPv4Address("TCP", balancer, 40000)
@@ -146,6 +147,34 @@ class WrapperTests(SynchronousTestCase):
         self.assertIn("--proxy-protocol-from", lines[0])
         proto.connectionLost(None)  # the wrapped protocol never saw it: nothing to undo
         self.assertEqual(b.f.limits.count, 0)
+
+    def test_connections_before_their_header_count_against_the_limits(self):
+        """Found by trying it: with --max-connections 5, 300 connections
+        from loopback that sent no header held 300 descriptors (each for
+        --header-timeout); the total and the descriptor ceiling now count
+        them, and one that completes its header or goes frees its place."""
+        b = Behind(max_connections=3, nofile=100, fd_reserve=20, count_fds=lambda: None)
+        first, t1 = b.connect()
+        first.dataReceived(v2() + SELECT)
+        self.assertEqual(take(t1), ">1:9000\n@@\n")  # admitted: 1 of 3
+        waiting = [b.connect(fd=11 + i) for i in range(2)]
+        self.assertEqual((b.factory.waiting, [t.aborted for _, t in waiting]), (2, [False, False]))
+        with capturedLogs() as events:
+            _, t = b.connect(fd=13)  # 1 admitted + 2 waiting: no room
+        self.assertTrue(t.aborted)
+        self.assertIn("no room", formatEvent(events[0]))
+        self.assertEqual(b.factory.waiting, 2)
+        proto, _ = waiting[0]
+        proto.connectionLost(None)  # gone before its header: its place is free again
+        self.assertEqual(b.factory.waiting, 1)
+        proto, t = waiting[1]
+        proto.dataReceived(v1() + SELECT)  # header read: admitted, no longer waiting
+        self.assertEqual((take(t), b.factory.waiting, b.f.limits.count), (">1:9000\n@@\n", 0, 2))
+        _, t = b.connect(fd=80)  # a descriptor at the ceiling (100 - 20 reserved)
+        self.assertTrue(t.aborted)
+        _, t = b.connect(fd=14)
+        self.assertFalse(t.aborted)
+        self.assertEqual(b.factory.waiting, 1)
 
     def test_trusted_network_given(self):
         b = Behind(trusted=["192.0.2.0/24"])
