@@ -95,6 +95,24 @@ class OwnerTests(SynchronousTestCase):
                          ("auth_failure", "plain", "CLIENT from an identity that may not relay"))
         self.assertNotIn("on_behalf_of", request)
 
+    def test_relay_with_a_commands_list_may_relay(self):
+        """Found by trying it: a front's identity with relay = true and the
+        commands docs/security.md lists for a front (no CLIENT among them:
+        it is not an identity's command to list) got C085 for CLIENT, with
+        no log at the owner and a hint at the front to set relay = true."""
+        h = Harness(load_credentials(write(f"""
+[[client]]
+name = "front"
+secret_sha256 = "{sha(RELAY_SECRET)}"
+readers = ["*"]
+commands = ["APDU", "RESET", "READERS", "HOLD", "RELEASE"]
+relay = true
+""")))
+        proto, t = h.connect(host="10.0.0.21")
+        data = encode("192.0.2.77:5000", "alice", "line")
+        self.assertEqual(h.send(proto, t, f">*:{RELAY_SECRET}|\n" + client_line(data)), ">2:OK\n@@\n")
+        self.assertEqual(h.send(proto, t, ">*|\n>3:PERSONALIZE:x|\n\n"), ">3:C085\n@@\n")  # still bounded
+
     def test_malformed_data_is_c084(self):
         proto, t = self.h.connect()
         self.assertEqual(self.h.send(proto, t, f">*:{RELAY_SECRET}|\n" + client_line("e30=")), ">2:C084\n@@\n")
