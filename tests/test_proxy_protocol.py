@@ -201,6 +201,22 @@ class WrapperTests(SynchronousTestCase):
         self.assertTrue(t.aborted)
         self.assertEqual([e for e in events if e.get("log_failure")], [])
 
+    def test_a_half_close_after_the_header_is_a_half_close(self):
+        """Found by trying it: ``nc -N`` (docs) through HAProxy got no
+        answer: the wrapper did not say it half-closes (the limits' guard
+        says so only once connected), so the client's FIN was a lost
+        connection."""
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+
+        b = Behind()
+        proto, t = b.connect()
+        proto.dataReceived(v1())
+        self.assertTrue(IHalfCloseableProtocol.providedBy(proto))
+        proto.dataReceived(SELECT)
+        IHalfCloseableProtocol(proto).readConnectionLost()  # what the TCP transport does on FIN
+        self.assertEqual(take(t), ">1:9000\n@@\n")
+        self.assertFalse(t.aborted)
+
     def test_local_header_keeps_the_balancer(self):
         b = Behind()
         proto, t = b.connect()

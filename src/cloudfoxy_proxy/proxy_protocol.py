@@ -51,7 +51,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from zope.interface import directlyProvides, implementer, providedBy
+from zope.interface import alsoProvides, directlyProvides, implementer, providedBy
 
 from .twisted_internals import proxy_header_parsers
 
@@ -227,10 +227,13 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._source, self._destination, rest = parsed
         self._connected = True
         inner = self.wrappedProtocol
-        extra = [IHalfCloseableProtocol] if IHalfCloseableProtocol.providedBy(inner) else []
-        directlyProvides(self, providedBy(self.transport), *extra)
+        directlyProvides(self, providedBy(self.transport))
         self.factory.registerProtocol(self)
         inner.makeConnection(self)
+        # asked once connected: a wrapper (limits' guard) says it half-closes in its makeConnection;
+        # else a client's half-close (nc -N) would be a lost connection, its answers never sent
+        if IHalfCloseableProtocol.providedBy(inner):
+            alsoProvides(self, IHalfCloseableProtocol)
         if rest and not self._closing:
             inner.dataReceived(rest)
 
