@@ -5,7 +5,8 @@ import socket
 
 import pytest
 
-from support import HOST, ProxyProcess
+from support import HOST
+from test_membership_integration import etcd, etcd_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -37,3 +38,23 @@ def test_a_client_that_half_closes_behind_a_proxy_header_gets_its_answers(proxy_
         if port == front.port:
             data = header + data
         assert half_closed_request(port, data).splitlines() == [">1:9000", "@@"], reader
+
+
+def test_an_owner_behind_a_balancer_registers_its_plain_listener(etcd, proxy_factory):
+    """Before: an owner whose first -p was haproxy: (route-by-reader behind
+    HAProxy) registered that port; every front dialled it with no PROXY
+    header and was closed, so the owner's cards never showed."""
+    from test_membership_integration import emulated, etcd_get, etcd_url, readers
+
+    from support import wait_for
+
+    owner = proxy_factory("--listen", f"tcp:0:interface={HOST}", "--owner-id", "rack9",
+                          "--register", etcd_url(etcd), port=f"haproxy:tcp:0:interface={HOST}", listeners=2)
+    front = proxy_factory("--backend", etcd_url(etcd))
+    value = wait_for(lambda: etcd_get(etcd, "fp/owners/rack9"), timeout=10)
+    plain = [p for p in owner.ports["LineFactory"] if f"tcp://{HOST}:{p}" == value["url"]]
+    assert plain, (value, owner.ports)
+    wait_for(lambda: readers(front) == emulated("rack9"), timeout=10, what="the owner's readers on the front")
+    with front.client() as c:
+        assert c.results(f">rack9/Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
+    assert "PROXY" not in owner.log()  # no front was closed for a missing header

@@ -428,10 +428,11 @@ class Options(usage.Options):
                 self["register-source"] = membership.register_source(self["register"])
             except ValueError as e:
                 raise usage.UsageError(f"--register {self['register']!r}: {e}") from None
-            if self["register-source"].advertise is None and not self["endpoints"][0].startswith(
-                    ("tcp:", "tcp6:", "systemd:")):
-                raise usage.UsageError(f"--register {self['register']!r}: -p {self['port']!r} has no TCP "
-                                       "address to advertise; add ?advertise=tcp://HOST:PORT")
+            if self["register-source"].advertise is None and not any(  # membership.line_listener's
+                    e.startswith(("tcp:", "tcp6:", "systemd:")) for e in self["endpoints"]):
+                raise usage.UsageError(f"--register {self['register']!r}: no -p or --listen is a plain TCP "
+                                       "address to advertise (haproxy:, ssl:, mtls: and unix: are not); "
+                                       "add ?advertise=tcp://HOST:PORT")
 
     def _validate_ram(self):
         """--ram, --ram-token-file, --ram-daemon and friends (docs/ramoverhttp.md)."""
