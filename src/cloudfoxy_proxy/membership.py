@@ -65,6 +65,8 @@ class EtcdSource:
         parts = urlsplit(url)
         self.url = url
         params = query(url, allowed)
+        if parts.scheme.lower() != "etcd":  # never read https:// as plain HTTP
+            raise ValueError("expected etcd://HOST:PORT/PREFIX (etcd's JSON gateway in clear: no https://)")
         if parts.username is not None or parts.password is not None:
             raise ValueError("credentials in the URL are not allowed")
         try:
