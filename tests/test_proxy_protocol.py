@@ -355,3 +355,32 @@ def test_every_listener_option_takes_haproxy(tmp_path):
             inner = inner.wrappedFactory
         assert isinstance(inner, GuardedFactory), port
     top.stopService()
+
+
+def test_haproxy_in_any_case_is_ours_and_given_once():
+    """Before: ``HAProxy:tcp:...`` reached Twisted's own haproxy endpoint
+    (a header believed from anyone: --proxy-protocol-from ignored), and
+    ``haproxy:haproxy:`` wanted two headers."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python import usage
+
+    from cloudfoxy_proxy import tap
+
+    o = tap.Options()
+    o.parseOptions(["--no-signing", "--proxy-protocol-from", "10.0.0.0/8", "-p", "HAProxy:tcp:4111",
+                    "--listen", "HAPROXY:4112"])
+    reactor = MemoryReactorClock()
+    top = tap.makeService(o, reactor)
+    top.privilegedStartService()
+    for port, factory, *_ in reactor.tcpServers:
+        assert isinstance(factory, ProxyHeaderFactory), port
+        assert factory.trusted == trusted_networks(["10.0.0.0/8"])
+    assert len(reactor.tcpServers) == 2
+    top.stopService()
+    o = tap.Options()
+    try:
+        o.parseOptions(["--listen", "haproxy:haproxy:tcp:4113"])
+    except usage.UsageError as e:
+        assert "haproxy: is given twice" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("haproxy:haproxy: was accepted")

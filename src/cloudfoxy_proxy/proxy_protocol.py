@@ -315,10 +315,15 @@ class ProxyHeaderEndpoint:
 
 
 def strip_prefix(description):
-    """``(True, inner description)`` for ``haproxy:INNER``, else
-    ``(False, description)``."""
-    if description.startswith(PREFIX):
-        return True, description[len(PREFIX):]
+    """``(True, inner description)`` for ``haproxy:INNER`` (any case:
+    ``HAProxy:`` must never reach Twisted's own ``haproxy`` endpoint, which
+    trusts a header from anyone), else ``(False, description)``; ValueError
+    for ``haproxy:haproxy:...`` (one header per connection)."""
+    if description[:len(PREFIX)].lower() == PREFIX:
+        inner = description[len(PREFIX):]
+        if inner[:len(PREFIX)].lower() == PREFIX:
+            raise ValueError("haproxy: is given twice (a connection has one PROXY header)")
+        return True, inner
     return False, description
 
 

@@ -26,7 +26,7 @@ def endpoint_string(value):
     """A bare port number means ``tcp:N``; TCP listeners get a backlog of
     DEFAULT_BACKLOG unless the string sets one."""
     value = value.strip()
-    if value.startswith("haproxy:"):  # behind a balancer (proxy_protocol.py): the same for what it wraps
+    if value[:len("haproxy:")].lower() == "haproxy:":  # behind a balancer (proxy_protocol.py), any case
         return "haproxy:" + endpoint_string(value[len("haproxy:"):])
     if value.isdigit():
         value = f"tcp:{value}"
@@ -41,6 +41,9 @@ def check_endpoint(option, value):
 
     description = endpoint_string(value)
     try:
+        from .proxy_protocol import strip_prefix
+
+        strip_prefix(description)  # haproxy: given twice
         serverFromString(reactor, description)
     except Exception as e:
         if description.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
