@@ -58,3 +58,20 @@ def test_an_owner_behind_a_balancer_registers_its_plain_listener(etcd, proxy_fac
     with front.client() as c:
         assert c.results(f">rack9/Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
     assert "PROXY" not in owner.log()  # no front was closed for a missing header
+
+
+def test_hold_again_through_a_front_keeps_the_card_at_the_owner(proxy_factory):
+    """Before: HOLD:1 then HOLD:30 on a front; 3 s later (1 + the 2 s
+    margin) the owner had let go of the card, and its own clients ran
+    commands on the card the front's client still held."""
+    import time
+
+    owner = proxy_factory("--owner-id", "rack1", "--queue-timeout", "2")
+    front = proxy_factory("--backend", f"tcp://{HOST}:{owner.port}")
+    with front.client() as holder, owner.client() as other:
+        assert holder.results(">rack1/Emulated 00|\n>1:HOLD:1|\n\n") == ["OK"]
+        assert holder.results(">rack1/Emulated 00|\n>1:HOLD:30|\n\n") == ["OK"]
+        time.sleep(4)
+        assert other.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["C086"]  # still held
+        assert holder.results(f">rack1/Emulated 00|\n>1:APDU:{SELECT_MF}|\n>2:RELEASE|\n\n") == ["9000", "OK"]
+        assert other.results(f">Emulated 00|\n>1:APDU:{SELECT_MF}|\n\n") == ["9000"]
