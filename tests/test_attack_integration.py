@@ -1,11 +1,12 @@
 """What a new user and an attacker found in issue 25's features, against
 real twistd processes on loopback (each test names what failed before)."""
 
+import base64
 import socket
 
 import pytest
 
-from support import HOST
+from support import HOST, wait_for
 from test_membership_integration import etcd, etcd_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
@@ -26,6 +27,12 @@ def half_closed_request(port, data, timeout=10.0):
             got += chunk
 
 
+def listed(proxy):
+    with proxy.client() as c:
+        [(_, names)] = c.request(">*|\n>1:READERS|\n\n")
+    return [base64.b64decode(n).decode() for n in names.split("|") if n]
+
+
 def test_a_client_that_half_closes_behind_a_proxy_header_gets_its_answers(proxy_factory):
     """Before: through HAProxy (send-proxy-v2) ``nc -N`` got nothing, on a
     front over tcp:// as on emulated cards: the FIN was taken as a lost
@@ -33,6 +40,9 @@ def test_a_client_that_half_closes_behind_a_proxy_header_gets_its_answers(proxy_
     owner = proxy_factory("--owner-id", "rack1")
     front = proxy_factory("--backend", f"tcp://{HOST}:{owner.port}", port=f"haproxy:tcp:0:interface={HOST}")
     header = f"PROXY TCP4 127.0.0.77 {HOST} 5555 {front.port}\r\n".encode()
+    listing = ">*|\n>1:READERS|\n\n".encode()
+    wait_for(lambda: "cmFjazEvRW11bGF0ZWQgMDA=" in half_closed_request(front.port, header + listing),
+             timeout=10, what="the owner's readers on the front")  # rack1/Emulated 00
     for reader, port in (("rack1/Emulated 00", front.port), ("Emulated 00", owner.port)):
         data = f">{reader}|\n>1:APDU:{SELECT_MF}|\n\n".encode()
         if port == front.port:
@@ -45,8 +55,6 @@ def test_an_owner_behind_a_balancer_registers_its_plain_listener(etcd, proxy_fac
     HAProxy) registered that port; every front dialled it with no PROXY
     header and was closed, so the owner's cards never showed."""
     from test_membership_integration import emulated, etcd_get, etcd_url, readers
-
-    from support import wait_for
 
     owner = proxy_factory("--listen", f"tcp:0:interface={HOST}", "--owner-id", "rack9",
                           "--register", etcd_url(etcd), port=f"haproxy:tcp:0:interface={HOST}", listeners=2)
@@ -68,6 +76,7 @@ def test_hold_again_through_a_front_keeps_the_card_at_the_owner(proxy_factory):
 
     owner = proxy_factory("--owner-id", "rack1", "--queue-timeout", "2")
     front = proxy_factory("--backend", f"tcp://{HOST}:{owner.port}")
+    wait_for(lambda: "rack1/Emulated 00" in listed(front), timeout=10, what="the owner's readers on the front")
     with front.client() as holder, owner.client() as other:
         assert holder.results(">rack1/Emulated 00|\n>1:HOLD:1|\n\n") == ["OK"]
         assert holder.results(">rack1/Emulated 00|\n>1:HOLD:30|\n\n") == ["OK"]
