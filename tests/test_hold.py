@@ -283,6 +283,28 @@ class FrontTests(SynchronousTestCase):
         self.assertEqual(got.value.state, "closed")
         self.assertIsNone(self.owner_reader().holder)
 
+    def test_a_new_idle_timeout_reaches_the_owner(self):
+        """Before: HOLD:3 then HOLD:60 on a front: the owner let go of the
+        card after 3 + 2 s while the front still held it, and the owner's
+        other clients ran commands on it."""
+        session, got = self.hold(idle=3.0)
+        card = got.value
+        card.set_idle_timeout(60.0)  # what line_hold does for HOLD again on the held card
+        self.pipe.flush()
+        self.assertEqual(self.owner_reader().holder.card.idle_timeout, 60.0 + 2.0)
+        self.clock.advance(10.0)
+        self.pipe.flush()
+        self.assertEqual(card.state, "held")
+        self.assertIsNotNone(self.owner_reader().holder)
+        self.direct.dataReceived(b">Emulated 00|\n>1:APDU:%s|\n\n" % SELECT_MF.encode())
+        self.assertEqual(take(self.dt), "")  # still excluded at the owner
+        card.set_idle_timeout(None)  # HOLD:0
+        self.pipe.flush()
+        self.assertIsNone(self.owner_reader().holder.card.idle_timeout)
+        card.close()
+        self.pipe.flush()
+        self.assertIsNone(self.owner_reader().holder)
+
     def test_the_owner_grants_after_its_queue(self):
         self.direct.dataReceived(b">Emulated 00|\n>1:HOLD:30|\n\n")
         self.assertEqual(take(self.dt), ">1:OK\n@@\n")

@@ -250,6 +250,9 @@ class OptionTests(SynchronousTestCase):
                 (["--register", "etcd://127.0.0.1:2379/fp?ttl=1"], "ttl=1"),
                 (["--register", "etcd://127.0.0.1:2379/fp?advertise=tcp://h:1?x=1"], "advertise="),
                 (["--owner-id", "a/b"], "--owner-id: 'a/b' is not an owner id"),
+                # before: accepted, and spoken to in clear (https:// too)
+                (["--register", "https://127.0.0.1:2379/fp"], "expected etcd://HOST:PORT/PREFIX"),
+                (["--register", "http://127.0.0.1:2379/fp"], "expected etcd://HOST:PORT/PREFIX"),
                 (["-p", "unix:/tmp/x.sock", "--register", "etcd://127.0.0.1:2379/fp"], "add ?advertise=")):
             with self.assertRaises(usage.UsageError) as e:
                 self.parse(*argv)

@@ -85,7 +85,8 @@ class Behind:
         self.f = Front(**kw)
         self.clock = self.f.clock
         self.log = RateLimitedLog(self.clock, Logger(namespace="test.pp"))
-        self.factory = ProxyHeaderFactory(self.f.factory, trusted_networks(trusted), self.clock, timeout, self.log)
+        self.factory = ProxyHeaderFactory(self.f.factory, trusted_networks(trusted), self.clock, timeout, self.log,
+                                          self.f.limits)
 
     def connect(self, balancer="127.0.0.10", fd=10):
         peer = IPv4Address("TCP", balancer, 40000)
@@ -147,6 +148,34 @@ class WrapperTests(SynchronousTestCase):
         proto.connectionLost(None)  # the wrapped protocol never saw it: nothing to undo
         self.assertEqual(b.f.limits.count, 0)
 
+    def test_connections_before_their_header_count_against_the_limits(self):
+        """Found by trying it: with --max-connections 5, 300 connections
+        from loopback that sent no header held 300 descriptors (each for
+        --header-timeout); the total and the descriptor ceiling now count
+        them, and one that completes its header or goes frees its place."""
+        b = Behind(max_connections=3, nofile=100, fd_reserve=20, count_fds=lambda: None)
+        first, t1 = b.connect()
+        first.dataReceived(v2() + SELECT)
+        self.assertEqual(take(t1), ">1:9000\n@@\n")  # admitted: 1 of 3
+        waiting = [b.connect(fd=11 + i) for i in range(2)]
+        self.assertEqual((b.factory.waiting, [t.aborted for _, t in waiting]), (2, [False, False]))
+        with capturedLogs() as events:
+            _, t = b.connect(fd=13)  # 1 admitted + 2 waiting: no room
+        self.assertTrue(t.aborted)
+        self.assertIn("no room", formatEvent(events[0]))
+        self.assertEqual(b.factory.waiting, 2)
+        proto, _ = waiting[0]
+        proto.connectionLost(None)  # gone before its header: its place is free again
+        self.assertEqual(b.factory.waiting, 1)
+        proto, t = waiting[1]
+        proto.dataReceived(v1() + SELECT)  # header read: admitted, no longer waiting
+        self.assertEqual((take(t), b.factory.waiting, b.f.limits.count), (">1:9000\n@@\n", 0, 2))
+        _, t = b.connect(fd=80)  # a descriptor at the ceiling (100 - 20 reserved)
+        self.assertTrue(t.aborted)
+        _, t = b.connect(fd=14)
+        self.assertFalse(t.aborted)
+        self.assertEqual(b.factory.waiting, 1)
+
     def test_trusted_network_given(self):
         b = Behind(trusted=["192.0.2.0/24"])
         proto, t = b.connect(balancer="192.0.2.5")
@@ -171,6 +200,22 @@ class WrapperTests(SynchronousTestCase):
             proto.dataReceived(b"PROXY TCP4 10.0.0.1 10.0.0.2 port 4001\r\n" + SELECT)
         self.assertTrue(t.aborted)
         self.assertEqual([e for e in events if e.get("log_failure")], [])
+
+    def test_a_half_close_after_the_header_is_a_half_close(self):
+        """Found by trying it: ``nc -N`` (docs) through HAProxy got no
+        answer: the wrapper did not say it half-closes (the limits' guard
+        says so only once connected), so the client's FIN was a lost
+        connection."""
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+
+        b = Behind()
+        proto, t = b.connect()
+        proto.dataReceived(v1())
+        self.assertTrue(IHalfCloseableProtocol.providedBy(proto))
+        proto.dataReceived(SELECT)
+        IHalfCloseableProtocol(proto).readConnectionLost()  # what the TCP transport does on FIN
+        self.assertEqual(take(t), ">1:9000\n@@\n")
+        self.assertFalse(t.aborted)
 
     def test_local_header_keeps_the_balancer(self):
         b = Behind()
@@ -310,3 +355,32 @@ def test_every_listener_option_takes_haproxy(tmp_path):
             inner = inner.wrappedFactory
         assert isinstance(inner, GuardedFactory), port
     top.stopService()
+
+
+def test_haproxy_in_any_case_is_ours_and_given_once():
+    """Before: ``HAProxy:tcp:...`` reached Twisted's own haproxy endpoint
+    (a header believed from anyone: --proxy-protocol-from ignored), and
+    ``haproxy:haproxy:`` wanted two headers."""
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python import usage
+
+    from cloudfoxy_proxy import tap
+
+    o = tap.Options()
+    o.parseOptions(["--no-signing", "--proxy-protocol-from", "10.0.0.0/8", "-p", "HAProxy:tcp:4111",
+                    "--listen", "HAPROXY:4112"])
+    reactor = MemoryReactorClock()
+    top = tap.makeService(o, reactor)
+    top.privilegedStartService()
+    for port, factory, *_ in reactor.tcpServers:
+        assert isinstance(factory, ProxyHeaderFactory), port
+        assert factory.trusted == trusted_networks(["10.0.0.0/8"])
+    assert len(reactor.tcpServers) == 2
+    top.stopService()
+    o = tap.Options()
+    try:
+        o.parseOptions(["--listen", "haproxy:haproxy:tcp:4113"])
+    except usage.UsageError as e:
+        assert "haproxy: is given twice" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("haproxy:haproxy: was accepted")

@@ -95,6 +95,41 @@ class OwnerTests(SynchronousTestCase):
                          ("auth_failure", "plain", "CLIENT from an identity that may not relay"))
         self.assertNotIn("on_behalf_of", request)
 
+    def test_relay_with_a_commands_list_may_relay(self):
+        """Found by trying it: a front's identity with relay = true and the
+        commands docs/security.md lists for a front (no CLIENT among them:
+        it is not an identity's command to list) got C085 for CLIENT, with
+        no log at the owner and a hint at the front to set relay = true."""
+        h = Harness(load_credentials(write(f"""
+[[client]]
+name = "front"
+secret_sha256 = "{sha(RELAY_SECRET)}"
+readers = ["*"]
+commands = ["APDU", "RESET", "READERS", "HOLD", "RELEASE"]
+relay = true
+""")))
+        proto, t = h.connect(host="10.0.0.21")
+        data = encode("192.0.2.77:5000", "alice", "line")
+        self.assertEqual(h.send(proto, t, f">*:{RELAY_SECRET}|\n" + client_line(data)), ">2:OK\n@@\n")
+        self.assertEqual(h.send(proto, t, ">*|\n>3:PERSONALIZE:x|\n\n"), ">3:C085\n@@\n")  # still bounded
+
+    def test_a_refused_client_ends_the_earlier_one(self):
+        """Before: after CLIENT alice, a malformed CLIENT (C084) left alice
+        sticky, so the requests that followed were audited as hers."""
+        proto, t = self.h.connect(host="10.0.0.21")
+        data = encode("192.0.2.77:5000", "alice", "line")
+        self.assertEqual(self.h.send(proto, t, f">*:{RELAY_SECRET}|\n" + client_line(data)), ">2:OK\n@@\n")
+        self.assertEqual(self.h.send(proto, t, ">*|\n" + client_line("e30=")), ">2:C084\n@@\n")
+        self.assertEqual(self.h.send(proto, t, ">Emulated 00|\n" + SELECT), ">1:9000\n@@\n")
+        [request] = [r for r in self.records() if r["event"] == "request"]
+        self.assertNotIn("on_behalf_of", request)
+
+    def test_long_fields_are_cut_not_refused(self):
+        data = encode("h" * 300 + ":1", "n" * 300, "line")
+        self.assertEqual(decode(data), {"peer": "h" * 256, "identity": "n" * 256, "frontend": "line"})
+        proto, t = self.h.connect(host="10.0.0.21")
+        self.assertEqual(self.h.send(proto, t, f">*:{RELAY_SECRET}|\n" + client_line(data)), ">2:OK\n@@\n")
+
     def test_malformed_data_is_c084(self):
         proto, t = self.h.connect()
         self.assertEqual(self.h.send(proto, t, f">*:{RELAY_SECRET}|\n" + client_line("e30=")), ">2:C084\n@@\n")

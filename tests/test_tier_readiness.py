@@ -161,22 +161,6 @@ def test_other_backends_keep_the_first_report_rule():
     owner.backend.stop()
 
 
-def test_a_front_of_etcd_owners_is_not_ready_before_one_reported():
-    # --backend etcd://... only: no upstream yet is not "every backend reported"
-    clock = Clock()
-    registry = ReaderRegistry()
-    top = MultiService()
-    top.startService()
-    backends = []
-    readiness = ops.Readiness(top, registry, backends, clock, expects_upstreams=True)
-    assert readiness.reasons() == ["no upstream yet, --ready-min-upstreams 1 needed"]
-    owner = Owner("rack1", clock, registry)
-    backends.append(owner.backend)  # what membership does when etcd lists an owner
-    owner.come_up()
-    assert readiness.reasons() == []
-    owner.backend.stop()
-
-
 def announce_setup(announce=2.0):
     clock = Clock()
     registry = ReaderRegistry()
@@ -248,3 +232,36 @@ def test_options():
             assert word in str(e)
         else:
             raise AssertionError(args)
+
+
+def test_a_front_whose_owners_all_left_is_not_ready():
+    """Found by trying it: an etcd front with no owner registered (or whose
+    owners all left, or were all dropped by SIGHUP) answered /readyz 200
+    with no reader to serve."""
+    clock, a, b, readiness, m, site = front(min_upstreams=1)
+    readiness.upstream_tier = True  # what tap sets for etcd watches and tcp:// upstreams
+    a.come_up()
+    assert readyz(site) == (200, [])
+    readiness.backends.remove(a.backend)  # what membership.UpstreamSet.drop does
+    readiness.backends.remove(b.backend)
+    assert readyz(site) == (503, ["0 of 0 upstreams up with readers, --ready-min-upstreams 1 needed"])
+    readiness.min_upstreams = 0  # the operator's choice: ready without owners
+    assert readyz(site) == (200, [])
+    a.lose_all()
+    a.backend.stop()
+    b.backend.stop()
+
+
+def test_tap_marks_fronts_of_etcd_and_tcp_upstreams_as_a_tier():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from cloudfoxy_proxy.tap import Options
+
+    for args, tier in ((["--backend", "etcd://127.0.0.1:2379/fp"], True),
+                       (["--backend", "tcp://127.0.0.1:4031"], True),
+                       (["--backend", "emulated:?cards=1"], False)):
+        o = Options()
+        o.parseOptions(args)
+        top = tap.makeService(o, MemoryReactorClock())
+        assert top.readiness.upstream_tier is tier, args
+    assert top.readiness.reasons() != []  # not started: the listener does not listen

@@ -266,6 +266,8 @@ def load_credentials(path, allow_anonymous=False):
         relay = client.get("relay", False)
         if not isinstance(relay, bool):
             raise ValueError(f"{where}: relay must be true or false")
+        if relay and commands is not None and "CLIENT" not in commands:
+            commands.append("CLIENT")  # what relay = true allows (relay.py), whatever commands lists
         identity = Identity(name, readers, commands, frontends, relay)
         digest = client.get("secret_sha256")
         cert = client.get("cert_sha256")

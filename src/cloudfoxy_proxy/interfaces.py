@@ -42,8 +42,9 @@ class IBackend(Interface):
     through a front").  It returns (or raises a CardError instead of) a
     Deferred firing with a held card -- an object with ``reset``,
     ``transmit`` and ``transmit_batch`` as here (the session's card
-    commands then go to it), ``release()`` (the session ended) and
-    ``description`` -- or with None when the source cannot hold cards (the
+    commands then go to it), ``release()`` (the session ended),
+    ``set_idle_timeout(seconds)`` (the session's idle timeout changed: keep
+    the card there as long) and ``description`` -- or with None when the source cannot hold cards (the
     session is then held on this proxy only), or failing with a CardError
     (``C086``: no turn there, unreachable).  ``idle_timeout`` is the
     session's (seconds, None: none); ``lost(why)`` is called if the held

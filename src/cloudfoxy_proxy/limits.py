@@ -145,6 +145,17 @@ class ConnectionLimits:
             mine[guard] = None
         return True
 
+    def room_before_admission(self, waiting, fd=None):
+        """True when one more connection that is not admitted yet (one
+        waiting for its PROXY header, proxy_protocol.py: ``waiting`` of
+        them are open already) fits under ``max_connections`` with the
+        admitted ones, and its descriptor ``fd`` (None: unknown) is below
+        the descriptor ceiling, so that connections before their header
+        cannot take the descriptors the admitted ones and backends need."""
+        if self.count + waiting >= self.max_connections:
+            return False
+        return self.fd_ceiling is None or fd is None or fd < self.fd_ceiling
+
     def _fds_short(self, fd):
         """True when one more connection would take the descriptors in
         use to the ceiling (``fd``: the new connection's descriptor)."""

@@ -65,6 +65,8 @@ class EtcdSource:
         parts = urlsplit(url)
         self.url = url
         params = query(url, allowed)
+        if parts.scheme.lower() != "etcd":  # never read https:// as plain HTTP
+            raise ValueError("expected etcd://HOST:PORT/PREFIX (etcd's JSON gateway in clear: no https://)")
         if parts.username is not None or parts.password is not None:
             raise ValueError("credentials in the URL are not allowed")
         try:
@@ -564,8 +566,9 @@ class EtcdRegistration(Service):
         if url is None:  # not listening yet (or not on TCP: then advertise= is needed)
             self._waited += 1
             if self._waited == 50:
-                log.warn("registration at {where}: the first line-protocol listener (-p) has no TCP "
-                         "address yet; give ?advertise=tcp://HOST:PORT if it never will",
+                log.warn("registration at {where}: no plain line-protocol listener (-p tcp:..., not "
+                         "haproxy:, ssl: or mtls:) has a TCP address yet; give ?advertise=tcp://HOST:PORT "
+                         "if it never will",
                          where=self.source.where)
             self._retry = self.clock.callLater(0.1 if self._waited < 50 else 5.0, self._register)
             return
@@ -670,8 +673,14 @@ class EtcdRegistration(Service):
 
 
 def line_listener(top):
-    """(host, port) of the first line-protocol listener (``--port``) of the
-    service tree ``top`` once it listens on TCP, else (None, None)."""
+    """(host, port) of the first plain line-protocol listener (``--port``,
+    then ``--listen``) of the service tree ``top`` once it listens on TCP,
+    else (None, None).
+    A ``haproxy:`` listener (it wants a PROXY header) and a TLS one are
+    skipped: a front dials the registered ``tcp://`` URL in clear, with no
+    header."""
+    from .proxy_protocol import ProxyHeaderEndpoint
+    from .tls import HalfClosingTLSEndpoint
     from .twisted_internals import listening_port
 
     from twisted.application.service import MultiService
@@ -682,7 +691,9 @@ def line_listener(top):
         if isinstance(service, MultiService):
             stack[:0] = list(service)
             continue
-        if getattr(service, "option", None) == "--port":
+        if getattr(service, "option", None) in ("--port", "--listen"):
+            if isinstance(getattr(service, "endpoint", None), (ProxyHeaderEndpoint, HalfClosingTLSEndpoint)):
+                continue  # not what a front's tcp:// speaks
             port = listening_port(service)
             address = port.getHost() if port is not None else None
             if address is not None and hasattr(address, "port"):

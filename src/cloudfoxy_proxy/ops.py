@@ -108,17 +108,22 @@ class Readiness:
     unlike a backend's first report, these can make a ready proxy not
     ready again, and ready once they pass.  ``stopping`` (set on SIGTERM
     for ``--drain-announce``): a reason of its own while the proxy still
-    serves.  ``expects_upstreams``: the backends are upstream proxies even
-    while there are none (a front whose owners come from an ``etcd://``
-    watch), so none at all is not ready either."""
+    serves.
 
-    def __init__(self, top, registry, backends, clock, poll=0.1, min_upstreams=1, expects_upstreams=False):
+    ``upstream_tier`` (True for a front whose upstreams come and go: an
+    ``etcd://`` watch, or ``tcp://`` upstreams at start-up that SIGHUP may
+    drop): the upstream rule holds even while it has no upstream at all, so
+    a front whose owners all left is not ready (else it would be, with no
+    reader to serve)."""
+
+    upstream_tier = False
+
+    def __init__(self, top, registry, backends, clock, poll=0.1, min_upstreams=1):
         self.top = top
         self.registry = registry
         self.backends = backends
         self.clock = clock
         self.min_upstreams = min_upstreams
-        self.expects_upstreams = expects_upstreams
         self.stopping = None  # a reason while announcing the stop
         self.ready = False
         self._reported = set()  # id() of backends that have reported their readers
@@ -143,7 +148,7 @@ class Readiness:
     def reasons(self):
         missing = [self.stopping] if self.stopping else []
         upstreams = [b for b in self.backends if hasattr(b, "upstream_state")]
-        if upstreams or self.expects_upstreams:
+        if upstreams or self.upstream_tier:
             missing.extend(self.upstream_reasons(upstreams))
         for backend in self.backends:
             if id(backend) in self._reported or hasattr(backend, "upstream_state"):
@@ -176,10 +181,8 @@ class Readiness:
                 others.append(f"{getattr(backend, 'where', backend.description)} {state if state != 'up' else 'lists no readers'}")
         if serving >= self.min_upstreams:
             return []
-        if not upstreams:
-            return [f"no upstream yet, --ready-min-upstreams {self.min_upstreams} needed"]
         return [f"{serving} of {len(upstreams)} upstreams up with readers, "
-                f"--ready-min-upstreams {self.min_upstreams} needed ({', '.join(others)})"]
+                f"--ready-min-upstreams {self.min_upstreams} needed" + (f" ({', '.join(others)})" if others else "")]
 
     def listeners(self):
         found = []

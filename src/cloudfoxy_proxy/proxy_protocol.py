@@ -22,7 +22,10 @@ decide who connects).  A connection from any other address, one that
 does not start with a valid header (garbage, a client talking straight to
 the port, a malformed address), or one whose header is not complete
 within ``timeout`` seconds (``--header-timeout``) is closed before the
-front end sees it, with one line in the rate-limited connection log.
+front end sees it, with one line in the rate-limited connection log; so
+is one that finds no room: connections still waiting for their header
+count, with the admitted ones, against ``--max-connections`` and the
+descriptor ceiling (``limits.ConnectionLimits.room_before_admission``).
 What a connection may hold before its header is complete is bounded by
 the protocol: 107 bytes (v1), 16 + 65535 (v2).
 
@@ -48,7 +51,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from zope.interface import directlyProvides, implementer, providedBy
+from zope.interface import alsoProvides, directlyProvides, implementer, providedBy
 
 from .twisted_internals import proxy_header_parsers
 
@@ -158,6 +161,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     _connected = False  # the wrapped protocol has been connected
     _closing = False
     _timer = None
+    _waiting = False  # counted in the factory's ``waiting``
 
     def makeConnection(self, transport):
         Protocol.makeConnection(self, transport)  # not the wrapped protocol's: after the header
@@ -169,6 +173,18 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if not is_trusted(real, factory.trusted):
             self._refuse(f"{getattr(real, 'host', real)} is not a trusted balancer (--proxy-protocol-from)")
             return
+        limits = factory.limits
+        if limits is not None:
+            try:
+                fd = self.transport.fileno()
+            except Exception:
+                fd = None
+            if not limits.room_before_admission(factory.waiting, fd if isinstance(fd, int) else None):
+                self._refuse(f"no room ({factory.waiting} connections waiting for their PROXY header, "
+                             f"{limits.count} open; --max-connections or file descriptors)")
+                return
+        factory.waiting += 1
+        self._waiting = True
         if factory.timeout:
             self._timer = factory.clock.callLater(factory.timeout, self._too_slow)
 
@@ -180,10 +196,13 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         peer = self.transport.getPeer()
         self.factory.log.warn("closing the PROXY-protocol connection of {peer}: {why}",
                               peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}", why=why)
-        self._stop_timer()
+        self._stop_waiting()
         self.abortConnection()
 
-    def _stop_timer(self):
+    def _stop_waiting(self):
+        if self._waiting:
+            self._waiting = False
+            self.factory.waiting -= 1
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -204,14 +223,17 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if parsed is None:
             return
         self._buffer = b""
-        self._stop_timer()
+        self._stop_waiting()
         self._source, self._destination, rest = parsed
         self._connected = True
         inner = self.wrappedProtocol
-        extra = [IHalfCloseableProtocol] if IHalfCloseableProtocol.providedBy(inner) else []
-        directlyProvides(self, providedBy(self.transport), *extra)
+        directlyProvides(self, providedBy(self.transport))
         self.factory.registerProtocol(self)
         inner.makeConnection(self)
+        # asked once connected: a wrapper (limits' guard) says it half-closes in its makeConnection;
+        # else a client's half-close (nc -N) would be a lost connection, its answers never sent
+        if IHalfCloseableProtocol.providedBy(inner):
+            alsoProvides(self, IHalfCloseableProtocol)
         if rest and not self._closing:
             inner.dataReceived(rest)
 
@@ -240,7 +262,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self.wrappedProtocol.writeConnectionLost()
 
     def connectionLost(self, reason):
-        self._stop_timer()
+        self._stop_waiting()
         self._buffer = b""
         if self._connected:
             self._connected = False
@@ -252,13 +274,18 @@ class ProxyHeaderFactory(WrappingFactory):
 
     ``trusted``: networks (``trusted_networks``) that may send it;
     ``clock``: an ``IReactorTime``; ``timeout``: seconds for the whole
-    header (0: none); ``log``: a ``logs.RateLimitedLog`` for refusals."""
+    header (0: none); ``log``: a ``logs.RateLimitedLog`` for refusals;
+    ``limits``: the ``limits.ConnectionLimits`` the connections are admitted
+    by once their header is read (None: no bound before that); ``waiting``:
+    how many are open before their header is complete."""
 
     protocol = ProxyHeaderProtocol
     noisy = False
 
-    def __init__(self, wrappedFactory, trusted, clock, timeout, log):
+    def __init__(self, wrappedFactory, trusted, clock, timeout, log, limits=None):
         super().__init__(wrappedFactory)
+        self.limits = limits
+        self.waiting = 0
         self.trusted = tuple(trusted)
         self.clock = clock
         self.timeout = timeout
@@ -288,19 +315,24 @@ class ProxyHeaderEndpoint:
 
 
 def strip_prefix(description):
-    """``(True, inner description)`` for ``haproxy:INNER``, else
-    ``(False, description)``."""
-    if description.startswith(PREFIX):
-        return True, description[len(PREFIX):]
+    """``(True, inner description)`` for ``haproxy:INNER`` (any case:
+    ``HAProxy:`` must never reach Twisted's own ``haproxy`` endpoint, which
+    trusts a header from anyone), else ``(False, description)``; ValueError
+    for ``haproxy:haproxy:...`` (one header per connection)."""
+    if description[:len(PREFIX)].lower() == PREFIX:
+        inner = description[len(PREFIX):]
+        if inner[:len(PREFIX)].lower() == PREFIX:
+            raise ValueError("haproxy: is given twice (a connection has one PROXY header)")
+        return True, inner
     return False, description
 
 
-def proxy_endpoint(endpoint, trusted, clock, timeout, log):
+def proxy_endpoint(endpoint, trusted, clock, timeout, log, limits=None):
     """``endpoint`` (already built from the description after ``haproxy:``,
     TLS ones as ``tls.HalfClosingTLSEndpoint``) with a PROXY header read
     first on each connection, before TLS when it is a TLS endpoint."""
     def wrap(factory):
-        return ProxyHeaderFactory(factory, trusted, clock, timeout, log)
+        return ProxyHeaderFactory(factory, trusted, clock, timeout, log, limits)
 
     if hasattr(endpoint, "under"):  # TLS: the header is in clear, before the handshake
         endpoint.under = wrap

@@ -35,7 +35,10 @@ FIELDS = ("peer", "identity", "frontend")
 def encode(peer, identity, frontend):
     """The CLIENT command's data (ASCII str) for a client: ``peer``
     (``host:port`` text), ``identity`` (a name or None), ``frontend`` (the
-    front end's name)."""
+    front end's name); each cut to MAX_FIELD characters, so the upstream
+    never refuses it for its length."""
+    peer, frontend = peer[:MAX_FIELD], frontend[:MAX_FIELD]
+    identity = None if identity is None else identity[:MAX_FIELD]
     text = json.dumps({"peer": peer, "identity": identity, "frontend": frontend},
                       separators=(",", ":"), ensure_ascii=False)
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
@@ -65,7 +68,10 @@ def decode(data):
 def client_command(dispatcher, command, session, identity):
     """The owner's answer to ``CLIENT`` (``Dispatcher.simple``): ``OK``
     after setting ``session.on_behalf_of``; ``C085`` (audited) when
-    ``identity`` may not relay; ``C084`` for malformed data."""
+    ``identity`` may not relay; ``C084`` for malformed data.  A refused
+    CLIENT ends what an earlier one said: the requests that follow are the
+    relaying proxy's own, never another client's."""
+    session.on_behalf_of = None
     if identity is None or not identity.relay:
         name = getattr(identity, "name", None)
         dispatcher.client_log.warn(

@@ -146,12 +146,17 @@ class CardSession:
             self._idle = self.dispatcher.clock.callLater(self.idle_timeout, self._idle_expired)
 
     def set_idle_timeout(self, seconds):
-        """A new idle timeout (seconds; None: none), counted from now."""
+        """A new idle timeout (seconds; None: none), counted from now; a
+        card held upstream too is asked to keep it as long (else the
+        upstream would let go of it at the old timeout while this side
+        still holds it)."""
         self.idle_timeout = seconds
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
         self.touch()
+        if self.upstream is not None:
+            self.upstream.set_idle_timeout(seconds)
 
     def _idle_expired(self):
         self._idle = None

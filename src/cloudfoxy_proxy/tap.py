@@ -26,7 +26,7 @@ def endpoint_string(value):
     """A bare port number means ``tcp:N``; TCP listeners get a backlog of
     DEFAULT_BACKLOG unless the string sets one."""
     value = value.strip()
-    if value.startswith("haproxy:"):  # behind a balancer (proxy_protocol.py): the same for what it wraps
+    if value[:len("haproxy:")].lower() == "haproxy:":  # behind a balancer (proxy_protocol.py), any case
         return "haproxy:" + endpoint_string(value[len("haproxy:"):])
     if value.isdigit():
         value = f"tcp:{value}"
@@ -41,6 +41,9 @@ def check_endpoint(option, value):
 
     description = endpoint_string(value)
     try:
+        from .proxy_protocol import strip_prefix
+
+        strip_prefix(description)  # haproxy: given twice
         serverFromString(reactor, description)
     except Exception as e:
         if description.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
@@ -428,10 +431,11 @@ class Options(usage.Options):
                 self["register-source"] = membership.register_source(self["register"])
             except ValueError as e:
                 raise usage.UsageError(f"--register {self['register']!r}: {e}") from None
-            if self["register-source"].advertise is None and not self["endpoints"][0].startswith(
-                    ("tcp:", "tcp6:", "systemd:")):
-                raise usage.UsageError(f"--register {self['register']!r}: -p {self['port']!r} has no TCP "
-                                       "address to advertise; add ?advertise=tcp://HOST:PORT")
+            if self["register-source"].advertise is None and not any(  # membership.line_listener's
+                    e.startswith(("tcp:", "tcp6:", "systemd:")) for e in self["endpoints"]):
+                raise usage.UsageError(f"--register {self['register']!r}: no -p or --listen is a plain TCP "
+                                       "address to advertise (haproxy:, ssl:, mtls: and unix: are not); "
+                                       "add ?advertise=tcp://HOST:PORT")
 
     def _validate_ram(self):
         """--ram, --ram-token-file, --ram-daemon and friends (docs/ramoverhttp.md)."""
@@ -620,8 +624,10 @@ def makeService(config, reactor=None):
     top.dispatcher = dispatcher
     dispatcher.owner_id = config.get("owner-id")
     top.readiness = core.readiness = ops.Readiness(
-        top, registry, core.backends, reactor, min_upstreams=config.get("ready-min-upstreams", 1),
-        expects_upstreams=bool(config.get("etcd-watches")))
+        top, registry, core.backends, reactor, min_upstreams=config.get("ready-min-upstreams", 1))
+    # a front whose owners all left (etcd, SIGHUP) is not ready: ops.Readiness.upstream_tier
+    top.readiness.upstream_tier = bool(config.get("etcd-watches")) or any(
+        hasattr(b, "upstream_state") for b in core.backends)
     if dispatcher.audit is not None:
         top.readiness.checks.append(dispatcher.audit.reasons)  # not ready while records are lost
     listening = []

@@ -143,14 +143,36 @@ class HeldCard:
             return
         self.conn = conn
         self.state = ASKING
-        idle = 0 if self.idle_timeout is None else min(self.idle_timeout + IDLE_MARGIN, MAX_HOLD_IDLE)
         if self.client is not None:  # on whose behalf this connection's requests run (sticky)
             from ..relay import encode
 
             told = self._call([b"CLIENT:" + encode(*self.client).encode("ascii")], control=True)
             told.d.addCallback(self._client_answered).addErrback(lambda f: None)  # the HOLD says the rest
-        call = self._call([b"HOLD:%s" % (b"%g" % idle)], control=True)
+        call = self._call([self._hold_command()], control=True)
         call.d.addCallbacks(self._hold_answered, self._hold_failed)
+
+    def _hold_command(self):
+        idle = 0 if self.idle_timeout is None else min(self.idle_timeout + IDLE_MARGIN, MAX_HOLD_IDLE)
+        return b"HOLD:%s" % (b"%g" % idle)
+
+    def set_idle_timeout(self, seconds):
+        """The session's idle timeout changed (its client's ``HOLD`` again):
+        ``HOLD`` again here with it, before any later command of the
+        session; an answer other than ``OK`` drops the connection (the
+        session ends: its card may no longer be held there)."""
+        self.idle_timeout = seconds
+        conn = self.conn
+        if self.state != HELD or conn is None or conn.broken:
+            return
+        call = self._call([self._hold_command()], control=True)
+        call.d.addCallback(self._held_again, conn).addErrback(lambda f: None)
+
+    def _held_again(self, result, conn):
+        if result != "OK" and not conn.broken and self.state == HELD:
+            self.log.warn("upstream {upstream} answered HOLD again with {result!r} for {reader!r}: "
+                          "dropping the card session", upstream=self.where, result=result, reader=self.key)
+            conn.broken = True
+            conn.transport.abortConnection()
 
     def _client_answered(self, result):
         if result != "OK":  # the session goes on; its requests are audited as this proxy's

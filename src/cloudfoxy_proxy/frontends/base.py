@@ -178,5 +178,5 @@ class Core:
             if trusted is None:
                 trusted = proxy_protocol.trusted_networks(proxy_protocol.DEFAULT_TRUSTED)
             endpoint = proxy_protocol.proxy_endpoint(endpoint, trusted, self.reactor, self.header_timeout,
-                                                     self.limits.client_log)
+                                                     self.limits.client_log, self.limits)
         return Listener(endpoint, self.limits.wrap(factory), description, option)
