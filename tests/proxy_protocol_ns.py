@@ -5,7 +5,7 @@ real HAProxy (TCP mode) on 192.0.2.10 in front of a real front proxy on
 ``tcp://`` (the front's identity there may relay).  The front listens with
 ``-p haproxy:tcp:`` (HAProxy: send-proxy-v2), ``--listen haproxy:tcp:``
 (send-proxy, v1) and ``--listen haproxy:ssl:`` (send-proxy-v2, TLS passed
-through), trusts 192.0.2.10 only (--proxy-protocol-from) and allows two
+through), trusts HAProxy's outgoing 127.0.0.10 only (--proxy-protocol-from) and allows two
 connections per peer.  Clients connect to HAProxy from their own addresses.
 Prints one JSON object (the last line of stdout): what each client got,
 the two audit logs and the front's log.
@@ -28,6 +28,10 @@ sys.path.insert(0, sys.argv[1])
 from support import LineClient, ProxyProcess, free_port  # noqa: E402
 
 LB, FRONT, OWNER = "192.0.2.10", "192.0.2.21", "192.0.2.31"
+#: HAProxy's own address towards the front (``source``): on loopback, as a
+#: balancer on the front's host is, so the loopback clients it names are
+#: the front's (a balancer on another host may not name loopback clients)
+LB_OUT = "127.0.0.10"
 REMOTE, STRANGER = "192.0.2.77", "192.0.2.99"
 SELECT = ">Emulated 00|\n>1:APDU:00A4000C023F00|\n\n"
 FRONT_SECRET, PLAIN_SECRET = "front-relay-secret-0123456789", "plain-secret-0123456789"
@@ -52,16 +56,16 @@ frontend metrics
     bind {lb}:{metrics}
     default_backend front_metrics
 backend front_v2
-    source {lb}
+    source {lb_out}
     server f {front}:{p_v2} send-proxy-v2
 backend front_v1
-    source {lb}
+    source {lb_out}
     server f {front}:{p_v1} send-proxy
 backend front_tls
-    source {lb}
+    source {lb_out}
     server f {front}:{p_tls} send-proxy-v2
 backend front_metrics
-    source {lb}
+    source {lb_out}
     server f {front}:{p_metrics} send-proxy-v2
 """
 
@@ -200,7 +204,7 @@ def main():
             "--listen", f"haproxy:tcp:{ports['v1']}:interface={FRONT}",
             "--listen", f"haproxy:ssl:{ports['tls']}:interface={FRONT}:privateKey={d}/key.pem:certKey={d}/cert.pem",
             "--backend", f"tcp://{OWNER}:{owner.port}", "--password-file", password, "--no-signing",
-            "--metrics", f"haproxy:tcp:{ports['metrics']}:interface={FRONT}", "--audit-log", front_audit, "--proxy-protocol-from", LB, "--max-connections-per-peer", "2",
+            "--metrics", f"haproxy:tcp:{ports['metrics']}:interface={FRONT}", "--audit-log", front_audit, "--proxy-protocol-from", LB_OUT, "--max-connections-per-peer", "2",
             port=f"haproxy:tcp:{ports['v2']}:interface={FRONT}", listeners=4).start()
         procs.append(front)
         deadline = time.time() + 20  # CLIENT goes only to an upstream known to keep connections
@@ -208,7 +212,7 @@ def main():
             time.sleep(0.1)
         lb_ports = {k: port_of(LB) for k in ("v2", "v1", "tls", "metrics")}
         with open(os.path.join(d, "haproxy.cfg"), "w") as f:
-            f.write(HAPROXY.format(lb=LB, front=FRONT, v2=lb_ports["v2"], v1=lb_ports["v1"], tls=lb_ports["tls"],
+            f.write(HAPROXY.format(lb=LB, lb_out=LB_OUT, front=FRONT, v2=lb_ports["v2"], v1=lb_ports["v1"], tls=lb_ports["tls"],
                                    metrics=lb_ports["metrics"], p_v2=ports["v2"], p_v1=ports["v1"],
                                    p_tls=ports["tls"], p_metrics=ports["metrics"]))
         lb = subprocess.Popen(["haproxy", "-f", os.path.join(d, "haproxy.cfg"), "-db"], cwd=d,

@@ -286,6 +286,23 @@ class WrapperTests(SynchronousTestCase):
         self.assertEqual(take(t2), ">1:9000\n@@\n")
 
 
+    def test_a_loopback_client_of_a_balancer_on_another_host_is_refused(self):
+        b = Behind(trusted=["192.0.2.0/24", "127.0.0.0/8"])
+        b.f.h.dispatcher.access.allow_anonymous = False  # open mode: loopback clients only
+        with capturedLogs() as events:
+            proto, t = b.connect(balancer="192.0.2.5")
+            proto.dataReceived(v2(src="127.0.0.1") + SELECT)  # the balancer's own loopback client
+        self.assertTrue(t.aborted)
+        self.assertNotIn(b"9000", t.value())
+        self.assertIn("names the loopback client 127.0.0.1", " ".join(formatEvent(e) for e in events))
+        proto2, t2 = b.connect(balancer="192.0.2.5", fd=11)  # its remote clients are fine
+        proto2.dataReceived(v2(src="10.9.8.7") + SELECT)
+        self.assertFalse(t2.aborted)
+        proto3, t3 = b.connect(balancer="127.0.0.10", fd=12)  # a balancer on this host: its loopback clients are ours
+        proto3.dataReceived(v2(src="127.0.0.99") + SELECT)
+        self.assertEqual(take(t3), ">1:9000\n@@\n")
+
+
 class OptionTests(SynchronousTestCase):
     def test_proxy_protocol_from_is_repeatable_and_checked(self):
         from twisted.python import usage

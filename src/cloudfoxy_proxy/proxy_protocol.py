@@ -18,7 +18,10 @@ The header is trusted only from a balancer's address: ``trusted``
 (``--proxy-protocol-from CIDR``, default loopback 127.0.0.0/8 and ::1) is
 checked against the address the connection really comes from; UNIX-socket
 connections are local and always trusted (the socket file's permissions
-decide who connects).  A connection from any other address, one that
+decide who connects).  A header naming a loopback client is believed
+only from a balancer on loopback itself (a client on a balancer's own
+host is not one of this host's, which protected mode trusts).  A
+connection from any other address, one that
 does not start with a valid header (garbage, a client talking straight to
 the port, a malformed address), or one whose header is not complete
 within ``timeout`` seconds (``--header-timeout``) is closed before the
@@ -139,6 +142,19 @@ def parse_header(data):
     return _address(info.source), _address(info.destination), rest
 
 
+def _is_loopback(address):
+    """True for an IP address (Twisted IPv4Address/IPv6Address) on loopback;
+    False for anything else (a UNIX socket's peer is local but not this)."""
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
 def _address(a):
     """A header's address checked, its host in the usual text form."""
     if getattr(a, "type", None) != "TCP":
@@ -223,6 +239,13 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if parsed is None:
             return
         self._buffer = b""
+        source = parsed[0]
+        if source is not None and _is_loopback(source) and not _is_loopback(self.transport.getPeer()):
+            # a client on the balancer's own host is not one of this host's
+            # loopback clients (protected mode, open-mode relays trust those)
+            self._refuse(f"the PROXY header names the loopback client {source.host} but the balancer "
+                         f"is on another host; run the balancer on this host or give the client's real address")
+            return
         self._stop_waiting()
         self._source, self._destination, rest = parsed
         self._connected = True
