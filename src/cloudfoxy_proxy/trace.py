@@ -179,6 +179,8 @@ class JsonLinesFile:
         self.path = path
         self.unredacted = unredacted
         self.file = None
+        #: (reader, frontend, identity, peer) -> [its last command APDU, its :meth:`_middle`]
+        self._names = {}
         #: (reader, frontend, identity, peer, command APDU) -> :meth:`_middle` (clients repeat their commands)
         self._middles = {}
         self._tails = {}  # a short response or result code -> :meth:`_tail`
@@ -192,20 +194,31 @@ class JsonLinesFile:
     def lines(self, records):
         """``records`` (tuples of this module's docstring) as their lines
         (one str, a newline after each line)."""
-        middles = self._middles
-        if len(middles) > 10000:
-            middles.clear()
+        names_of = self._names
+        if len(names_of) > 10000:
+            names_of.clear()
+            self._middles.clear()
         tails = self._tails
         if len(tails) > 4096:
             tails.clear()
         digits, sub_ms = _DIGITS, _SUB_MS
         second, head = self._second
+        last, tail = None, None  # the last response and its line end (mostly 9000 again)
         out = []
         add = out.extend  # the pieces of every line in one list, joined once: no str per line
+        # the caches are keyed so that no key hashes a new object (a command
+        # or response is a new object each time; names are the same objects)
         for when, reader, frontend, identity, peer, event, command, result, seconds in records:
-            middle = middles.get((reader, frontend, identity, peer, command))
-            if middle is None:
+            try:
+                names = names_of[reader, frontend, identity, peer]  # [last command, its middle]
+            except KeyError:
+                names = names_of[reader, frontend, identity, peer] = [b"", None]
+            if names[0] == command:
+                middle = names[1]
+            else:
                 middle = self._middle(reader, frontend, identity, peer, event, command)
+                if event == APDU and middle[2]:
+                    names[0], names[1] = command, middle
             whole = floor(when)  # floor: cheaper than int() on a float, the same for a time
             if second != whole:
                 second, head = whole, time.strftime('{"time":"%Y-%m-%dT%H:%M:%S.', time.gmtime(whole))
@@ -213,9 +226,11 @@ class JsonLinesFile:
             # times cheaper than formatting the numbers
             us = floor((when - whole) * 1e6)
             took = floor(seconds * 1e6 + 0.5)
-            tail = tails.get(result) if event == APDU else None
-            if tail is None:
-                tail = self._tail(event, result)
+            if result != last or event != APDU:
+                tail = tails.get(result) if event == APDU else None
+                if tail is None:
+                    tail = self._tail(event, result)
+                last = result if event == APDU else None
             add((head, digits[us // 1000], digits[us % 1000], middle[0],
                  sub_ms[took] if took < 1000 else f"{took // 1000}.{digits[took % 1000]}", middle[1], tail))
         self._second = second, head
@@ -224,17 +239,20 @@ class JsonLinesFile:
     def _middle(self, reader, frontend, identity, peer, event, command):
         """The text of a line around its ``ms`` value: ``('Z",' and the
         ``reader`` to ``ms`` members, the ``command`` member with
-        ``redacted`` when data was left out)``; cached (per names and
-        command) unless it hid a secret."""
+        ``redacted`` when data was left out, True when it may be cached)``;
+        cached (per names and command) unless it hid a secret."""
+        key = (reader, frontend, identity, peer, command)
+        middle = self._middles.get(key)
+        if middle is not None:
+            return middle
         names = (f'Z","reader":{_js(reader)},"frontend":{_js(frontend)},'
                  f'"identity":{"null" if identity is None else _js(identity)},"peer":{_js(peer)},"event":')
         if event == RESET:
-            return names + '"reset","ms":', ""
+            return names + '"reset","ms":', "", False
         shown, hidden = redacted(command, self.unredacted)
         if hidden:
-            return names + '"apdu","ms":', f',"command":"{shown.hex().upper()}","redacted":{hidden}'
-        middle = self._middles[(reader, frontend, identity, peer, command)] = (
-            names + '"apdu","ms":', f',"command":"{command.hex().upper()}"')
+            return names + '"apdu","ms":', f',"command":"{shown.hex().upper()}","redacted":{hidden}', False
+        middle = self._middles[key] = names + '"apdu","ms":', f',"command":"{command.hex().upper()}"', True
         return middle
 
     def _tail(self, event, result):
