@@ -197,7 +197,6 @@ class JsonLinesFile:
         names_of = self._names
         if len(names_of) > 10000:
             names_of.clear()
-            self._middles.clear()
         tails = self._tails
         if len(tails) > 4096:
             tails.clear()
@@ -252,6 +251,8 @@ class JsonLinesFile:
         shown, hidden = redacted(command, self.unredacted)
         if hidden:
             return names + '"apdu","ms":', f',"command":"{shown.hex().upper()}","redacted":{hidden}', False
+        if len(self._middles) > 10000:
+            self._middles.clear()
         middle = self._middles[key] = names + '"apdu","ms":', f',"command":"{command.hex().upper()}"', True
         return middle
 
