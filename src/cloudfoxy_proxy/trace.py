@@ -331,16 +331,20 @@ class PcapngFile:
         stamp = _TIMESTAMP
         out = []
         add = out.extend
+        last = response = None  # the last response (mostly 9000 again) and its bytes
         for when, _reader, _frontend, _identity, _peer, event, command, result, _seconds in records:
-            if event != APDU or (len(result) == 4 and result in meaning):
+            if event != APDU:
                 continue
+            if result != last:  # a new object each time: compared, not hashed, when it repeats
+                if len(result) == 4 and result in meaning:
+                    continue
+                last, response = result, bytes.fromhex(result)
             if not unredacted and len(command) > 4 and (
                     command[1] in SECRET_INS or command[0] in SM_CLASSES):  # secret_span's own test, inline
                 span = secret_span(command)
                 if span is not None:
                     start, n = span
                     command = command[:start] + bytes(n) + command[start + n:]
-            response = bytes.fromhex(result)
             n = len(command) + len(response)
             heads = heads_of.get(n)
             if heads is None:
