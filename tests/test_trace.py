@@ -19,7 +19,7 @@ from cloudfoxy_proxy.errors import CardError
 from cloudfoxy_proxy.parser import Request, make_command
 from cloudfoxy_proxy.registry import ReaderRegistry
 from cloudfoxy_proxy.trace import (
-    GSMTAP_PORT, TraceService, Tracer, as_dict, gsmtap_frame, read_records, trace_file,
+    GSMTAP_PORT, JsonLinesFile, TraceService, Tracer, as_dict, gsmtap_frame, read_records, trace_file,
 )
 from cloudfoxy_proxy import trace_view
 
@@ -386,3 +386,39 @@ def test_a_malformed_command_between_card_commands_is_not_a_card_exchange(tmp_pa
     assert results[1] == errors.MALFORMED
     service.flush()
     assert [r["command"] for r in lines(tmp_path)] == ["00A4000C023F00", "00B0000004"]
+
+
+def test_json_lines_caches_give_each_record_its_own_line():
+    """The formatter's caches (per names and command, per response) never
+    give a record another record's text: names alternating commands, a
+    VERIFY (redacted) between repeated commands, result codes after a
+    status word, resets, durations from 0 to over a second; every command
+    and response a new object, as the proxy's are."""
+    def fresh(hex_):
+        return bytes(bytearray.fromhex(hex_))
+
+    t = 1765000000.25
+    a = ("Emulated 00", "line", "alice", "127.0.0.1:5000")
+    b = ("Emulated 01", "api", None, "[::1]:6000")
+    records = []
+    for n, (names, event, command, result, seconds) in enumerate([
+            (a, "APDU", "00A4040000", "9000", 0.000123),
+            (b, "APDU", "00A4040000", "9000", 0.0),
+            (a, "APDU", "00B0000004", "010203049000", 0.0015),
+            (a, "APDU", "002000800431323334", "63C2", 0.000200),
+            (a, "APDU", "00B0000004", "C086", 1.5),
+            (b, "APDU", "00B0000004", "9000", 0.000999),
+            (a, "RESET", None, "3B8A8001466F7879456D7550495631", 0.002),
+            (a, "APDU", "00B0000004", "9000", 0.000050),
+            (b, "RESET", None, "C080", 0.01),
+            (a, "APDU", "002000800431323334", "9000", 0.000300),
+            (a, "APDU", "00A4040000", "9000", 0.000400)]):
+        records.append((t + n * 0.1234567, *names, event, None if command is None else fresh(command),
+                        (bytes.fromhex(result).hex().upper() if not errors.is_error(result) else result[:2] + result[2:]),
+                        seconds))
+    for unredacted in (False, True):
+        f = JsonLinesFile(os.devnull, unredacted)
+        text = f.lines(iter(records)) + f.lines(iter(records))  # the second batch from the caches
+        got = [json.loads(line) for line in text.splitlines()]
+        assert [list(o.items()) for o in got] == [list(as_dict(r, unredacted).items()) for r in records * 2]
+    assert "31323334" not in JsonLinesFile(os.devnull).lines(iter(records))

@@ -159,8 +159,8 @@ def open_append(path, binary):
 
 #: "000" to "999": the digits of a number below 1000, three of them.
 _DIGITS = tuple(f"{n:03d}" for n in range(1000))
-#: "0" to "999".
-_INTS = tuple(str(n) for n in range(1000))
+#: "0.000" to "0.999": a duration below 1 ms in microseconds, as milliseconds.
+_SUB_MS = tuple(f"0.{n:03d}" for n in range(1000))
 
 
 class JsonLinesFile:
@@ -169,9 +169,9 @@ class JsonLinesFile:
 
     :meth:`lines` formats a batch of records by hand: json.dumps of a dict
     costs several times more, and this runs for every APDU while tracing.
-    What repeats is cached: the ``reader`` to ``peer`` members of each
-    (reader, front end, identity, peer), the text of the second, and each
-    command's hex with its redaction."""
+    What repeats is cached: the ``reader`` to ``command`` members of each
+    (reader, front end, identity, peer, command), the text of the second,
+    and the end of a line with a short response."""
 
     binary = False
 
@@ -179,8 +179,11 @@ class JsonLinesFile:
         self.path = path
         self.unredacted = unredacted
         self.file = None
-        self._names = {}  # (reader, frontend, identity, peer) -> their JSON members
-        self._commands = {}  # command APDU -> its "command" member (clients repeat their commands)
+        #: (reader, frontend, identity, peer) -> [its last command APDU, its :meth:`_middle`]
+        self._names = {}
+        #: (reader, frontend, identity, peer, command APDU) -> :meth:`_middle` (clients repeat their commands)
+        self._middles = {}
+        self._tails = {}  # a short response or result code -> :meth:`_tail`
         self._second = (None, "")  # (whole second, its '{"time":"...' text)
 
     def open(self):
@@ -194,18 +197,27 @@ class JsonLinesFile:
         names_of = self._names
         if len(names_of) > 10000:
             names_of.clear()
-        commands = self._commands
-        meaning = errors.MEANING
-        digits, ints = _DIGITS, _INTS
+        tails = self._tails
+        if len(tails) > 4096:
+            tails.clear()
+        digits, sub_ms = _DIGITS, _SUB_MS
         second, head = self._second
+        last, tail = None, None  # the last response and its line end (mostly 9000 again)
         out = []
-        add = out.append
+        add = out.extend  # the pieces of every line in one list, joined once: no str per line
+        # the caches are keyed so that no key hashes a new object (a command
+        # or response is a new object each time; names are the same objects)
         for when, reader, frontend, identity, peer, event, command, result, seconds in records:
-            names = names_of.get((reader, frontend, identity, peer))
-            if names is None:
-                names = names_of[(reader, frontend, identity, peer)] = (
-                    f'"reader":{_js(reader)},"frontend":{_js(frontend)},'
-                    f'"identity":{"null" if identity is None else _js(identity)},"peer":{_js(peer)},"event":')
+            try:
+                names = names_of[reader, frontend, identity, peer]  # [last command, its middle]
+            except KeyError:
+                names = names_of[reader, frontend, identity, peer] = [b"", None]
+            if names[0] == command:
+                middle = names[1]
+            else:
+                middle = self._middle(reader, frontend, identity, peer, event, command)
+                if event == APDU and middle[2]:
+                    names[0], names[1] = command, middle
             whole = floor(when)  # floor: cheaper than int() on a float, the same for a time
             if second != whole:
                 second, head = whole, time.strftime('{"time":"%Y-%m-%dT%H:%M:%S.', time.gmtime(whole))
@@ -213,30 +225,47 @@ class JsonLinesFile:
             # times cheaper than formatting the numbers
             us = floor((when - whole) * 1e6)
             took = floor(seconds * 1e6 + 0.5)
-            ms = took // 1000
-            if event == RESET:
-                add(f'{head}{digits[us // 1000]}{digits[us % 1000]}Z",{names}"reset","ms":{ms}.{digits[took % 1000]},'
-                    f'"{"result" if len(result) == 4 and result in meaning else "atr"}":"{result}"}}\n')
-                continue
-            shown = commands.get(command)
-            if shown is None:
-                shown = self._command(command)
-            add(f'{head}{digits[us // 1000]}{digits[us % 1000]}Z",{names}"apdu","ms":'
-                f'{ints[ms] if ms < 1000 else ms}.{digits[took % 1000]},{shown},'
-                f'"{"result" if len(result) == 4 and result in meaning else "response"}":"{result}"}}\n')
+            if result != last or event != APDU:
+                tail = tails.get(result) if event == APDU else None
+                if tail is None:
+                    tail = self._tail(event, result)
+                last = result if event == APDU else None
+            add((head, digits[us // 1000], digits[us % 1000], middle[0],
+                 sub_ms[took] if took < 1000 else f"{took // 1000}.{digits[took % 1000]}", middle[1], tail))
         self._second = second, head
         return "".join(out)
 
-    def _command(self, command):
-        """The ``"command"`` member of ``command`` (with ``"redacted"``
-        when data was left out), cached unless it hid a secret."""
+    def _middle(self, reader, frontend, identity, peer, event, command):
+        """The text of a line around its ``ms`` value: ``('Z",' and the
+        ``reader`` to ``ms`` members, the ``command`` member with
+        ``redacted`` when data was left out, True when it may be cached)``;
+        cached (per names and command) unless it hid a secret."""
+        key = (reader, frontend, identity, peer, command)
+        middle = self._middles.get(key)
+        if middle is not None:
+            return middle
+        names = (f'Z","reader":{_js(reader)},"frontend":{_js(frontend)},'
+                 f'"identity":{"null" if identity is None else _js(identity)},"peer":{_js(peer)},"event":')
+        if event == RESET:
+            return names + '"reset","ms":', "", False
         shown, hidden = redacted(command, self.unredacted)
         if hidden:
-            return f'"command":"{shown.hex().upper()}","redacted":{hidden}'
-        if len(self._commands) > 4096:
-            self._commands.clear()
-        text = self._commands[command] = f'"command":"{command.hex().upper()}"'
-        return text
+            return names + '"apdu","ms":', f',"command":"{shown.hex().upper()}","redacted":{hidden}', False
+        if len(self._middles) > 10000:
+            self._middles.clear()
+        middle = self._middles[key] = names + '"apdu","ms":', f',"command":"{command.hex().upper()}"', True
+        return middle
+
+    def _tail(self, event, result):
+        """The last member of a line, ``"response"``, ``"atr"`` or
+        ``"result"`` (a result code), and its end; an APDU's cached when
+        ``result`` is short (status words, result codes: they repeat)."""
+        kind = ("result" if len(result) == 4 and result in errors.MEANING
+                else "atr" if event == RESET else "response")
+        tail = f',"{kind}":"{result}"}}\n'
+        if event == APDU and len(result) <= 16:
+            self._tails[result] = tail
+        return tail
 
     def format(self, records):
         """``records`` as the text :meth:`put` appends (:meth:`lines`)."""
@@ -302,16 +331,20 @@ class PcapngFile:
         stamp = _TIMESTAMP
         out = []
         add = out.extend
+        last = response = None  # the last response (mostly 9000 again) and its bytes
         for when, _reader, _frontend, _identity, _peer, event, command, result, _seconds in records:
-            if event != APDU or (len(result) == 4 and result in meaning):
+            if event != APDU:
                 continue
+            if result != last:  # a new object each time: compared, not hashed, when it repeats
+                if len(result) == 4 and result in meaning:
+                    continue
+                last, response = result, bytes.fromhex(result)
             if not unredacted and len(command) > 4 and (
                     command[1] in SECRET_INS or command[0] in SM_CLASSES):  # secret_span's own test, inline
                 span = secret_span(command)
                 if span is not None:
                     start, n = span
                     command = command[:start] + bytes(n) + command[start + n:]
-            response = bytes.fromhex(result)
             n = len(command) + len(response)
             heads = heads_of.get(n)
             if heads is None:
@@ -490,22 +523,21 @@ class Tracer:
         ``run`` holding ``reader`` got ``response`` (the response APDU,
         upper-case hex) to ``command`` (the command APDU, bytes); kept when
         ``reader`` is traced, and ``run.started`` moves on."""
-        if not self._selected.get(reader) and not self.traces(reader):
-            return
-        now = perf_counter()
-        identity = run.identity
-        session = run.session
-        record = (now + self.wall, reader.name, session.frontend,
-                  identity.name if identity.__class__ is Identity else None,  # or None, or a result code
-                  session.peer, APDU, command, response, now - run.started)
-        run.started = now
-        queue = self.queue
-        if len(queue) < self._room:  # no room while no file is written (files == 0)
-            queue.extend(record)
-        elif self.files:
-            self.dropped += 1
-        if self.watchers:
-            self._tell(record)
+        if self._selected.get(reader) or self.traces(reader):
+            now = perf_counter()
+            identity = run.identity
+            session = run.session
+            record = (now + self.wall, reader.name, session.frontend,
+                      identity.name if identity.__class__ is Identity else None,  # or None, or a result code
+                      session.peer, APDU, command, response, now - run.started)
+            run.started = now
+            queue = self.queue
+            if len(queue) < self._room:  # no room while no file is written (files == 0)
+                queue.extend(record)
+            elif self._files:
+                self.dropped += 1
+            if self.watchers:
+                self._tell(record)
 
     def exchange(self, reader, frontend, command, result, seconds):
         """An APDU the proxy sent itself (``frontend`` says who, e.g.
