@@ -200,6 +200,9 @@ def test_a_killed_owner_gives_c086_at_once_and_readiness_follows_min_upstreams(p
         assert time.monotonic() - began < 3.0
     assert upstream_states(f1)[f"tcp://{HOST}:{a.port}"] == "down"
     assert http(f1.metrics_port, "/readyz")[0] == 200  # one of two owners is enough for N=1
+    # f2 sends rack1 nothing: it learns of the kill from its connections' loss (within the liveness bound)
+    wait_for(lambda: http(f2.metrics_port, "/readyz")[0] == 503, timeout=3, interval=0.05,
+             what="f2 (N=2) not ready without rack1")
     code, body = http(f2.metrics_port, "/readyz")
     assert code == 503
     assert json.loads(body)["reasons"] == [
