@@ -242,11 +242,13 @@ class ProxyService(MultiService):
         super().setServiceParent(parent)
 
     def startService(self):
-        super().startService()
+        # the handlers first: once a listener listens, a client (logrotate) may
+        # send SIGHUP, whose default action would end the process
         if self.logfile is not None or self.reopeners:
             _on_signal(signal.SIGHUP, self.reopen_logs)
         if self.logfile is not None:
             _on_signal(signal.SIGUSR1, self.logfile.rotate)  # as twistd's own observer does
+        super().startService()
         if self.readiness is not None:
             self.readiness.on_ready(lambda: sd_notify("READY=1"))
             self.readiness.on_ready(self._release_later)
