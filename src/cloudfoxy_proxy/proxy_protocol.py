@@ -84,16 +84,23 @@ def is_trusted(address, networks):
     address inside one of ``networks``."""
     if isinstance(address, UNIXAddress):
         return True
+    ip = _ip(address)
+    return ip is not None and any(ip in net for net in networks)
+
+
+def _ip(address):
+    """The IP address (``ipaddress``; IPv4-mapped IPv6 as IPv4) of a Twisted
+    address, or None (a UNIX socket, no IP host)."""
     host = getattr(address, "host", None)
     if not isinstance(host, str):
-        return False
+        return None
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+    return ip
 
 
 class BadHeader(Exception):
@@ -145,14 +152,8 @@ def parse_header(data):
 def _is_loopback(address):
     """True for an IP address (Twisted IPv4Address/IPv6Address) on loopback;
     False for anything else (a UNIX socket's peer is local but not this)."""
-    host = getattr(address, "host", None)
-    if not isinstance(host, str):
-        return False
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+    ip = _ip(address)
+    return ip is not None and ip.is_loopback
 
 
 def _address(a):
